@@ -1,0 +1,42 @@
+# Single entry point: `make run` (main job) and `make test` (test suite) set up everything they need.
+# Install order follows ../shared/ENVIRONMENT.md: torch is pinned first so nothing pulls a CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.vmq-installed
+FM_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: venv data run test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install numpy triton==3.7.1 einops pyyaml safetensors tqdm huggingface_hub transformers \
+	    ninja packaging pillow torchao==0.18.0 onnx onnxscript onnxruntime pytest
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
+	    $(PIP) install --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
+	$(PIP) install --no-deps timm==1.0.31
+	$(PIP) install --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian; install it when we can (root, apt available), else say how.
+data:
+	@test -f $(FM_DIR)/t10k-labels-idx1-ubyte.gz || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) ; } || \
+	  echo "note: Fashion-MNIST not installed; run 'sudo apt-get install dataset-fashion-mnist'"
+
+run: venv data
+	$(PY) -m vmq_fx.cli main
+
+test: venv data
+	$(PY) -m pytest -q tests
+
+bench: venv
+	$(PY) bench/scan_cpu.py
+
+clean:
+	rm -rf $(VENV)

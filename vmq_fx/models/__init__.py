@@ -1,0 +1,21 @@
+"""Exportable Visual Mamba models (Vim, VMamba), named configurations and checkpoint loading."""
+from vmq_fx.models.checkpoint import CheckpointMismatchError, load_state_dict_strict, load_vim_checkpoint
+from vmq_fx.models.mamba import MambaMixer, RMSNorm
+from vmq_fx.models.registry import MODEL_CONFIGS, create_model, list_models
+from vmq_fx.models.vim import VimConfig, VisionMamba
+from vmq_fx.models.vmamba import VMamba, VMambaConfig
+
+__all__ = [
+    "CheckpointMismatchError",
+    "MODEL_CONFIGS",
+    "MambaMixer",
+    "RMSNorm",
+    "VMamba",
+    "VMambaConfig",
+    "VimConfig",
+    "VisionMamba",
+    "create_model",
+    "list_models",
+    "load_state_dict_strict",
+    "load_vim_checkpoint",
+]

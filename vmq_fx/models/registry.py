@@ -1,0 +1,60 @@
+"""Named model configurations and construction."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from vmq_fx.models.vim import VimConfig, VisionMamba
+from vmq_fx.models.vmamba import VMamba, VMambaConfig
+
+__all__ = ["MODEL_CONFIGS", "create_model", "list_models"]
+
+MODEL_CONFIGS: dict[str, VimConfig | VMambaConfig] = {
+    # The published Vim shapes (ImageNet, 224x224, patch 16, 197 tokens).
+    "vim_tiny": VimConfig(embed_dim=192, depth=24),
+    "vim_small": VimConfig(embed_dim=384, depth=24),
+    "vim_base": VimConfig(embed_dim=768, depth=24),
+    # 28x28 single-channel (Fashion-MNIST): 4x4 patches of 7 pixels + class token = 17 tokens.
+    "vim_fm_tiny": VimConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=8, num_classes=10),
+    # Vim-T's width and depth on 28x28 with 4-pixel patches (50 tokens): a GPU-sized reference.
+    "vim_fm_small": VimConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=24, num_classes=10),
+    # VMamba-T shape (dims 96, depths 2-2-5-2, d_state 1, ssm_ratio 1, MLP 4x), 224x224.
+    "vmamba_tiny": VMambaConfig(),
+    # 28x28 single-channel: 7x7 tokens of 4 pixels, then 4x4 after merging.
+    "vmamba_fm_tiny": VMambaConfig(
+        img_size=28, patch_size=4, in_chans=1, dims=(48, 96), depths=(2, 4), d_state=8, ssm_ratio=2.0,
+        mlp_ratio=2.0, gate=True, num_classes=10,
+    ),
+}
+
+_BUILDERS: dict[type, Callable[..., nn.Module]] = {VimConfig: VisionMamba, VMambaConfig: VMamba}
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`create_model`."""
+    return sorted(MODEL_CONFIGS)
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build a randomly initialized model from a named configuration.
+
+    Args:
+        name: one of :func:`list_models`.
+        **overrides: config fields to change, e.g. ``num_classes=10`` or ``drop_path_rate=0.1``.
+
+    Example:
+        >>> from vmq_fx.models import create_model
+        >>> create_model("vim_fm_tiny").config.num_tokens
+        17
+    """
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    cfg = MODEL_CONFIGS[name]
+    if overrides:
+        fields = set(type(cfg).__dataclass_fields__)
+        unknown = sorted(set(overrides) - fields)
+        if unknown:
+            raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
+        cfg = type(cfg)(**{**cfg.__dict__, **overrides})
+    return _BUILDERS[type(cfg)](cfg)

@@ -1,0 +1,333 @@
+"""``vmq::selective_scan``: the selective-scan (S6) recurrence of Mamba as one custom op.
+
+The op is the seam that makes Mamba models traceable: under ``torch.export`` it stays a single graph node (its fake
+implementation gives the output shapes), eagerly it runs a chunked pure-torch implementation that works on any
+device, and it carries an analytic backward so that scales upstream of it can be trained (JLSS).
+
+Semantics follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` for real ``A`` and input-dependent
+``B``/``C``::
+
+    delta' = softplus(delta + delta_bias) if delta_softplus else delta + delta_bias
+    h_t    = exp(delta'_t * A) * h_{t-1} + delta'_t * u_t * B_t
+    y_t    = <h_t, C_t> + D * u_t
+    out_t  = y_t * silu(z_t)                       (when z is given)
+
+Shapes: ``u, delta, z``: [batch, dim, L]; ``A``: [dim, N]; ``B, C``: [batch, N, L] or grouped [batch, G, N, L] with
+``dim % G == 0`` (channel ``d`` reads group ``d // (dim // G)``); ``D, delta_bias``: [dim].
+
+A GPU implementation (Triton) registers itself for CUDA tensors with ``selective_scan_op.register_kernel("cuda")``;
+the implementation here stays the CPU path and the fallback.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["selective_scan_fn", "selective_scan_op"]
+
+# Elements of one chunk's [T, batch, dim, N] work tensors. Bounds memory to a few tens of MB whatever L is.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+    def fail(msg: str):
+        raise ValueError(f"vmq.selective_scan: {msg}")
+
+    if u.dim() != 3:
+        fail(f"u must be [batch, dim, L], got shape {tuple(u.shape)}")
+    batch, dim, length = u.shape
+    if tuple(delta.shape) != tuple(u.shape):
+        fail(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+    if A.dim() != 2 or A.shape[0] != dim:
+        fail(f"A must be [dim={dim}, N], got {tuple(A.shape)}")
+    if A.is_complex():
+        fail("complex A is not supported (Visual Mamba models use real A)")
+    n = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.dim() == 3:
+            ok = t.shape[0] == batch and t.shape[1] == n and t.shape[2] == length
+        elif t.dim() == 4:
+            ok = t.shape[0] == batch and t.shape[2] == n and t.shape[3] == length and dim % t.shape[1] == 0
+        else:
+            ok = False
+        if not ok:
+            fail(
+                f"{name} must be [batch={batch}, N={n}, L={length}] or [batch, G, N, L] with G dividing dim={dim}, "
+                f"got {tuple(t.shape)} (input-independent B/C of shape [dim, N] are not supported)"
+            )
+    if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
+        fail(f"B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and tuple(t.shape) != (dim,):
+            fail(f"{name} must be [dim={dim}], got {tuple(t.shape)}")
+    if z is not None and tuple(z.shape) != tuple(u.shape):
+        fail(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
+    # float32 like mamba-ssm, but float64 inputs keep float64 so the op can be checked against float64 loops.
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _groups(u: Tensor, B: Tensor, C: Tensor) -> int:
+    if B.dim() == 4:
+        return B.shape[1]
+    if C.dim() == 4:
+        return C.shape[1]
+    return 1
+
+
+def _time_major(x: Tensor, groups: int, cdt: torch.dtype) -> Tensor:
+    """[batch, dim, L] -> [L, batch, G, H], contiguous so that each time step is one dense slice."""
+    b, d, length = x.shape
+    return x.to(cdt).reshape(b, groups, d // groups, length).permute(3, 0, 1, 2).contiguous()
+
+
+def _bc_time_major(t: Tensor, groups: int, cdt: torch.dtype) -> Tensor:
+    """B or C ([batch, N, L] or [batch, G, N, L]) -> [L, batch, G or 1, N]."""
+    t = t.to(cdt)
+    if t.dim() == 3:
+        t = t.unsqueeze(1)
+    return t.permute(3, 0, 1, 2).contiguous()
+
+
+def _chunk_len(batch: int, dim: int, n: int, length: int) -> int:
+    return max(1, min(length, _CHUNK_ELEMENTS // max(1, batch * dim * n)))
+
+
+class _Prepared:
+    """Inputs rearranged once into time-major [L, batch, G, H(, N)] float tensors."""
+
+    def __init__(self, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+        self.cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
+        self.batch, self.dim, self.length = u.shape
+        self.n = A.shape[1]
+        self.groups = _groups(u, B, C)
+        g, h = self.groups, self.dim // self.groups
+        self.u = _time_major(u, g, self.cdt)
+        raw = _time_major(delta, g, self.cdt)
+        if delta_bias is not None:
+            raw = raw + delta_bias.to(self.cdt).reshape(g, h)
+        self.delta_raw = raw
+        self.delta = F.softplus(raw) if delta_softplus else raw
+        self.A = A.to(self.cdt).reshape(g, h, self.n)
+        self.B = _bc_time_major(B, g, self.cdt)
+        self.C = _bc_time_major(C, g, self.cdt)
+        self.D = None if D is None else D.to(self.cdt).reshape(g, h)
+        self.z = None if z is None else _time_major(z, g, self.cdt)
+        self.chunk = _chunk_len(self.batch, self.dim, self.n, self.length)
+
+    def chunks(self):
+        return [(s, min(s + self.chunk, self.length)) for s in range(0, self.length, self.chunk)]
+
+    def decay_and_input(self, s: int, e: int) -> tuple[Tensor, Tensor]:
+        """exp(delta*A) and delta*u*B for steps [s, e): two [T, batch, G, H, N] tensors."""
+        dl = self.delta[s:e].unsqueeze(-1)
+        decay = torch.exp(dl * self.A)
+        inp = (dl * self.u[s:e].unsqueeze(-1)) * self.B[s:e].unsqueeze(3)
+        return decay, inp
+
+    def states(self, s: int, e: int, h0: Tensor) -> tuple[Tensor, Tensor]:
+        """(decay, states) for steps [s, e) starting from state h0; states[t] is h after step s + t."""
+        decay, hs = self.decay_and_input(s, e)
+        prev = h0
+        for t in range(e - s):
+            # In place: the delta*u*B buffer becomes the state history of the chunk.
+            hs[t].addcmul_(decay[t], prev)
+            prev = hs[t]
+        return decay, hs
+
+    def readout(self, s: int, e: int, hs: Tensor) -> Tensor:
+        """y_t = <h_t, C_t> + D u_t for steps [s, e): [T, batch, G, H]."""
+        y = torch.matmul(hs, self.C[s:e].unsqueeze(-1)).squeeze(-1)
+        if self.D is not None:
+            y = y + self.D * self.u[s:e]
+        return y
+
+    def zero_state(self) -> Tensor:
+        return self.u.new_zeros(self.batch, self.groups, self.dim // self.groups, self.n)
+
+    def to_channels_first(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """[L, batch, G, H] -> [batch, dim, L]."""
+        return x.permute(1, 2, 3, 0).reshape(self.batch, self.dim, self.length).to(dtype)
+
+
+def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    p = _Prepared(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out = torch.empty(p.length, p.batch, p.groups, p.dim // p.groups, dtype=p.cdt, device=u.device)
+    h = p.zero_state()
+    for s, e in p.chunks():
+        _, hs = p.states(s, e, h)
+        out[s:e] = p.readout(s, e, hs)
+        h = hs[-1].clone()
+    if p.z is not None:
+        out = out * F.silu(p.z)
+    return p.to_channels_first(out, u.dtype), h.reshape(p.batch, p.dim, p.n).to(A.dtype)
+
+
+@torch.library.custom_op("vmq::selective_scan", mutates_args=())
+def selective_scan_op(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    z: Optional[Tensor],
+    delta_bias: Optional[Tensor],
+    delta_softplus: bool,
+) -> tuple[Tensor, Tensor]:
+    """Selective scan; returns ``(out [batch, dim, L], last_state [batch, dim, N])``."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    with torch.no_grad():
+        return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@selective_scan_op.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype)
+
+
+def _to_groups(grad: Tensor, groups: int) -> Tensor:
+    """Sum a [T, batch, G, N] gradient over G when the B/C it belongs to is shared by all groups."""
+    return grad if grad.shape[2] == groups else grad.sum(dim=2, keepdim=True)
+
+
+def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor, needs_bc: tuple[bool, bool]):
+    """Reverse-mode scan. Returns gradients in compute dtype, time-major where the inputs were."""
+    g, h = p.groups, p.dim // p.groups
+    gout = _time_major(grad_out, g, p.cdt)
+    chunks = p.chunks()
+    # Pass 1: states at chunk starts, so pass 2 can rebuild each chunk's history without storing all of it.
+    starts, state = [], p.zero_state()
+    for s, e in chunks:
+        starts.append(state)
+        _, hs = p.states(s, e, state)
+        state = hs[-1].clone()
+
+    g_u = torch.zeros_like(p.u)
+    g_delta = torch.zeros_like(p.u)
+    g_z = None if p.z is None else torch.zeros_like(p.u)
+    g_A = torch.zeros_like(p.A)
+    g_B = torch.zeros_like(p.B) if needs_bc[0] else None
+    g_C = torch.zeros_like(p.C) if needs_bc[1] else None
+    g_D = None if p.D is None else torch.zeros_like(p.D)
+    carry = grad_last.to(p.cdt).reshape(p.batch, g, h, p.n)  # d loss / d h_t arriving from step t+1
+    for (s, e), h0 in zip(reversed(chunks), reversed(starts)):
+        decay, hs = p.states(s, e, h0)
+        gy = gout[s:e]
+        if p.z is not None:
+            y = p.readout(s, e, hs)
+            zc = p.z[s:e]
+            sig = torch.sigmoid(zc)
+            g_z[s:e] = gy * y * sig * (1 + zc * (1 - sig))
+            gy = gy * zc * sig
+        if p.D is not None:
+            g_D += (gy * p.u[s:e]).sum(dim=(0, 1))
+            g_u[s:e] += gy * p.D
+        if g_C is not None:
+            g_C[s:e] += _to_groups(torch.matmul(gy.unsqueeze(-2), hs).squeeze(-2), g_C.shape[2])
+        lam = gy.unsqueeze(-1) * p.C[s:e].unsqueeze(3)  # becomes d loss / d h_t in place
+        for t in range(e - s - 1, -1, -1):
+            lam[t] += carry
+            carry = decay[t] * lam[t]
+        prev = torch.cat([h0.unsqueeze(0), hs[:-1]], dim=0)
+        g_exponent = lam * prev * decay  # d loss / d (delta*A)
+        dl = p.delta[s:e]
+        g_delta[s:e] += (g_exponent * p.A).sum(-1)
+        g_A += (g_exponent * dl.unsqueeze(-1)).sum(dim=(0, 1))
+        lam_b = torch.matmul(lam, p.B[s:e].unsqueeze(3).transpose(-1, -2)).squeeze(-1)  # sum_n lam * B
+        g_delta[s:e] += lam_b * p.u[s:e]
+        g_u[s:e] += lam_b * dl
+        if g_B is not None:
+            g_B[s:e] += _to_groups((lam * (dl * p.u[s:e]).unsqueeze(-1)).sum(dim=3), g_B.shape[2])
+    return g_u, g_delta, g_A, g_B, g_C, g_D, g_z
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:8])
+    ctx.delta_softplus = inputs[8]
+
+
+def _grad_bc(grad: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+    """[L, batch, G|1, N] -> B/C's own layout and dtype."""
+    if grad is None:
+        return None
+    grad = grad.permute(1, 2, 3, 0)
+    return (grad.squeeze(1) if like.dim() == 3 else grad).to(like.dtype).contiguous()
+
+
+def _selective_scan_backward(ctx, grad_out, grad_last):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    p = _Prepared(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
+    if grad_out is None:
+        grad_out = torch.zeros_like(u)
+    if grad_last is None:
+        grad_last = torch.zeros(p.batch, p.dim, p.n, dtype=p.cdt, device=u.device)
+    with torch.no_grad():
+        g_u, g_delta, g_A, g_B, g_C, g_D, g_z = _backward(p, grad_out, grad_last, (needs[3], needs[4]))
+        if ctx.delta_softplus:
+            g_delta = g_delta * torch.sigmoid(p.delta_raw)
+        g_bias = None
+        if delta_bias is not None and needs[7]:
+            g_bias = g_delta.sum(dim=(0, 1)).reshape(p.dim).to(delta_bias.dtype)
+        return (
+            p.to_channels_first(g_u, u.dtype) if needs[0] else None,
+            p.to_channels_first(g_delta, delta.dtype) if needs[1] else None,
+            g_A.reshape(p.dim, p.n).to(A.dtype) if needs[2] else None,
+            _grad_bc(g_B, B),
+            _grad_bc(g_C, C),
+            g_D.reshape(p.dim).to(D.dtype) if D is not None and needs[5] else None,
+            p.to_channels_first(g_z, z.dtype) if z is not None and needs[6] else None,
+            g_bias,
+            None,
+        )
+
+
+selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_setup_context)
+
+
+def selective_scan_fn(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor] = None,
+    z: Optional[Tensor] = None,
+    delta_bias: Optional[Tensor] = None,
+    delta_softplus: bool = False,
+    return_last_state: bool = False,
+):
+    """Drop-in for ``mamba_ssm``'s ``selective_scan_fn`` that runs everywhere and exports as one node.
+
+    Args:
+        u: input, [batch, dim, L].
+        delta: time step before bias and softplus, [batch, dim, L].
+        A: state matrix, real, [dim, N].
+        B: input projection, [batch, N, L] or grouped [batch, G, N, L].
+        C: output projection, same forms as ``B``.
+        D: skip connection, [dim].
+        z: gate, [batch, dim, L]; the output is multiplied by ``silu(z)``.
+        delta_bias: added to ``delta`` before the softplus, [dim].
+        delta_softplus: apply softplus to ``delta + delta_bias``.
+        return_last_state: also return the final state [batch, dim, N].
+
+    Returns:
+        ``out`` of shape [batch, dim, L] in ``u``'s dtype, or ``(out, last_state)``.
+
+    Example:
+        >>> import torch
+        >>> from vmq_fx.ops import selective_scan_fn
+        >>> u = torch.randn(2, 8, 5); delta = torch.rand(2, 8, 5); A = -torch.rand(8, 4)
+        >>> B = torch.randn(2, 4, 5); C = torch.randn(2, 4, 5)
+        >>> selective_scan_fn(u, delta, A, B, C, delta_softplus=True).shape
+        torch.Size([2, 8, 5])
+    """
+    out, last_state = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out, last_state) if return_last_state else out
