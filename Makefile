@@ -30,7 +30,7 @@ data:
 	  echo "note: Fashion-MNIST not installed; run 'sudo apt-get install dataset-fashion-mnist'"
 
 run: venv data
-	$(PY) -m vmq_fx.cli main
+	$(VENV)/bin/vmq export vim_tiny --batch 2
 
 test: venv data
 	$(PY) -m pytest -q tests

@@ -1,0 +1,99 @@
+"""The ``vmq`` command.
+
+Subcommands:
+    vmq list                         models known by name
+    vmq export MODEL [--batch N]     export a model with torch.export, run both, print the comparison
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from vmq_fx.models import MODEL_CONFIGS
+
+    for name, cfg in sorted(MODEL_CONFIGS.items()):
+        print(f"{name:16s} {cfg}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import torch
+
+    from vmq_fx.export import export_model
+    from vmq_fx.models import create_model
+
+    torch.manual_seed(args.seed)
+    model = create_model(args.model).eval()
+    cfg = model.config
+    x = torch.randn(args.batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    t0 = time.perf_counter()
+    ep = export_model(model, x)
+    export_s = time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ref = model(x)
+        eager_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = ep.module()(x)
+        exported_s = time.perf_counter() - t0
+    counts = {}
+    for node in ep.graph.nodes:
+        if node.op == "call_function":
+            counts[str(node.target)] = counts.get(str(node.target), 0) + 1
+    params = sum(p.numel() for p in model.parameters())
+    rel = ((out - ref).norm() / ref.norm()).item()
+    rows = [
+        ("model", f"{args.model} ({params / 1e6:.1f} M parameters, {cfg.img_size}x{cfg.img_size}, batch {args.batch})"),
+        ("vmq.selective_scan nodes", counts.get("vmq.selective_scan.default", 0)),
+        ("aten.linear nodes", counts.get("aten.linear.default", 0)),
+        ("graph nodes (call_function)", sum(counts.values())),
+        ("torch.export time", f"{export_s:.1f} s"),
+        ("eager forward", f"{eager_s * 1e3:.0f} ms"),
+        ("exported forward", f"{exported_s * 1e3:.0f} ms"),
+        ("max |eager - exported|", f"{(out - ref).abs().max().item():.3g}"),
+        ("relative error (L2)", f"{rel:.3g}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    if args.output:
+        torch.export.save(ep, args.output)
+        print(f"saved exported program to {args.output}")
+    return 0 if rel < 1e-4 else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmq", description="Quantize and export Visual Mamba models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list known models").set_defaults(fn=_cmd_list)
+    e = sub.add_parser("export", help="export a model with torch.export and compare it with eager")
+    e.add_argument("model", help="model name (see `vmq list`)")
+    e.add_argument("--batch", type=int, default=2)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--output", help="save the ExportedProgram (.pt2)")
+    e.set_defaults(fn=_cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``vmq`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        # One line for people; the traceback is for developers (python -X dev / VMQ_DEBUG=1).
+        import os
+
+        if os.environ.get("VMQ_DEBUG"):
+            raise
+        print(f"vmq: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

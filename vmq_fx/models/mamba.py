@@ -128,8 +128,14 @@ class MambaMixer(nn.Module):
             delta_softplus=True,
         )
 
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        """hidden_states: [batch, L, d_model] -> [batch, L, d_model]."""
+    def forward(self, hidden_states: Tensor, inference_params=None) -> Tensor:
+        """hidden_states: [batch, L, d_model] -> [batch, L, d_model].
+
+        ``inference_params`` exists for call compatibility with mamba-ssm's ``Mamba``; step-by-step decoding with a
+        cache is not supported (vision models process whole sequences).
+        """
+        if inference_params is not None:
+            raise ValueError("MambaMixer: incremental decoding (inference_params) is not supported")
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
         y = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
         if self.bimamba:

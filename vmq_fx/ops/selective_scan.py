@@ -152,7 +152,7 @@ class _Prepared:
 
     def to_channels_first(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """[L, batch, G, H] -> [batch, dim, L]."""
-        return x.permute(1, 2, 3, 0).reshape(self.batch, self.dim, self.length).to(dtype)
+        return x.permute(1, 2, 3, 0).reshape(self.batch, self.dim, self.length).to(dtype).contiguous()
 
 
 def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
@@ -189,7 +189,7 @@ def selective_scan_op(
 @selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    return torch.empty_like(u), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype)
+    return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype)
 
 
 def _to_groups(grad: Tensor, groups: int) -> Tensor:

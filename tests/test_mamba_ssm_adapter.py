@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+from vmq_fx.models import MambaMixer
+from vmq_fx.passes import adapt_mamba_ssm
+
+
+@pytest.fixture()
+def mamba_simple(mamba_ssm_ref, monkeypatch):
+    import mamba_ssm.modules.mamba_simple as mamba_simple
+
+    # On CPU, mamba-ssm's slow path calls selective_scan_fn (CUDA); its pure-torch reference is the oracle.
+    monkeypatch.setattr(mamba_simple, "selective_scan_fn", mamba_ssm_ref)
+    return mamba_simple
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, mamba_cls):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 32)
+        self.blocks = torch.nn.ModuleList(mamba_cls(32, d_state=8, layer_idx=i) for i in range(2))
+        self.norm = torch.nn.LayerNorm(32)
+
+    def forward(self, x):
+        h = self.embed(x)
+        for blk in self.blocks:
+            h = h + blk(self.norm(h))
+        return h
+
+
+def test_adapted_mamba_matches_mamba_ssm_and_exports(mamba_simple):
+    torch.manual_seed(0)
+    net = _Net(mamba_simple.Mamba).eval()
+    x = torch.randn(2, 11, 3)
+    with torch.no_grad():
+        mixer_in = net.norm(net.embed(x))
+        ref_mixer = net.blocks[0](mixer_in)
+        ref = net(x)
+    sd = {k: v.clone() for k, v in net.state_dict().items()}
+    adapt_mamba_ssm(net)
+    assert all(isinstance(b, MambaMixer) for b in net.blocks)
+    assert set(net.state_dict()) == set(sd)  # same parameter names
+    with torch.no_grad():
+        torch.testing.assert_close(net.blocks[0](mixer_in), ref_mixer, atol=1e-5 * ref_mixer.abs().max(), rtol=1e-4)
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
+    ep = torch.export.export(net, (x,))
+    assert sum(n.target is torch.ops.vmq.selective_scan.default for n in ep.graph.nodes) == 2
+    torch.testing.assert_close(ep.module()(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_adapter_refuses_models_without_mamba():
+    with pytest.raises(ValueError, match="no mamba_ssm"):
+        adapt_mamba_ssm(torch.nn.Sequential(torch.nn.Linear(2, 2)))

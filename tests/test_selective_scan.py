@@ -1,0 +1,193 @@
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vmq_fx.ops.selective_scan as scan_mod
+from vmq_fx.ops import selective_scan_fn, selective_scan_op
+
+
+def scan_loop_f64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    """Independent float64 reference: one step at a time, groups indexed explicitly."""
+    u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
+    if delta_bias is not None:
+        delta = delta + delta_bias.double()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    batch, dim, length = u.shape
+
+    def per_channel(t, step):  # -> [batch, dim, N]
+        if t.dim() == 3:
+            return t[:, None, :, step].expand(batch, dim, t.shape[1])
+        group = torch.arange(dim) // (dim // t.shape[1])
+        return t[:, group, :, step]
+
+    h = torch.zeros(batch, dim, A.shape[1], dtype=torch.float64)
+    ys = []
+    for step in range(length):
+        dt = delta[:, :, step, None]
+        h = torch.exp(dt * A) * h + dt * u[:, :, step, None] * per_channel(B, step)
+        ys.append((h * per_channel(C, step)).sum(-1))
+    out = torch.stack(ys, dim=-1)
+    if D is not None:
+        out = out + D.double()[:, None] * u
+    if z is not None:
+        out = out * F.silu(z.double())
+    return out, h
+
+
+def make_inputs(batch=2, dim=8, length=13, n=4, groups_b=None, groups_c=None, dtype=torch.float32, seed=0,
+                with_d=True, with_z=True, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    bc = lambda groups: r(batch, n, length) if groups is None else r(batch, groups, n, length)  # noqa: E731
+    args = dict(
+        u=r(batch, dim, length),
+        delta=0.5 * r(batch, dim, length),
+        A=-(torch.rand(dim, n, generator=g) + 0.2),
+        B=bc(groups_b),
+        C=bc(groups_c),
+        D=r(dim) if with_d else None,
+        z=r(batch, dim, length) if with_z else None,
+        delta_bias=r(dim) if with_bias else None,
+    )
+    return {k: (v.to(dtype) if v is not None and k != "A" else v) for k, v in args.items()}
+
+
+SHAPES = [
+    dict(),  # B, C: [batch, N, L]
+    dict(groups_b=4, groups_c=4, dim=8),  # VMamba-style grouped B, C
+    dict(groups_b=2, dim=6, length=7),  # grouped B, shared C
+    dict(batch=1, dim=3, length=1, n=2),  # single step
+    dict(with_d=False, with_z=False, with_bias=False),
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("softplus", [True, False])
+def test_forward_matches_mamba_ssm_ref_and_float64_loop(shape, softplus, mamba_ssm_ref):
+    args = make_inputs(**shape)
+    out, last = selective_scan_fn(**args, delta_softplus=softplus, return_last_state=True)
+    ref_out, ref_last = mamba_ssm_ref(**args, delta_softplus=softplus, return_last_state=True)
+    loop_out, loop_last = scan_loop_f64(**args, delta_softplus=softplus)
+    assert out.shape == ref_out.shape and last.shape == ref_last.shape
+    scale = loop_out.abs().max()
+    torch.testing.assert_close(out.double(), loop_out, atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(last.double(), loop_last, atol=1e-5 * loop_last.abs().max(), rtol=1e-5)
+    torch.testing.assert_close(out, ref_out, atol=1e-5 * scale, rtol=1e-5)
+
+
+def test_float64_inputs_compute_in_float64():
+    args = {k: (v.double() if v is not None else None) for k, v in make_inputs(length=40).items()}
+    out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
+    loop_out, loop_last = scan_loop_f64(**args, delta_softplus=True)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, loop_out, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(last, loop_last, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs_match_ref(dtype, mamba_ssm_ref):
+    args = make_inputs(dtype=dtype, length=21)
+    out = selective_scan_fn(**args, delta_softplus=True)
+    ref = mamba_ssm_ref(**args, delta_softplus=True)
+    assert out.dtype == dtype
+    # Both compute in float32 and round once at the end: they may differ by one rounding step of the output.
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2 * ref.float().abs().max().item(), rtol=1e-2)
+
+
+def test_chunked_path_is_exact(monkeypatch):
+    args = make_inputs(length=37)
+    whole = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
+    monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 2 * 8 * 4 * 5)  # 5 steps per chunk, last chunk partial
+    chunked = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(chunked[0], whole[0], atol=0, rtol=0)
+    torch.testing.assert_close(chunked[1], whole[1], atol=0, rtol=0)
+
+
+def _loss(out, last):
+    # Weights every output so that a wrong gradient of any element shows.
+    w = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return (out * w).sum() + (last**2).sum()
+
+
+GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("chunk_elements", [None, 2 * 8 * 4 * 3])
+def test_gradients_match_float64_loop(shape, chunk_elements, monkeypatch):
+    if chunk_elements:
+        monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", chunk_elements)
+    base = {k: (v.double() if v is not None else None) for k, v in make_inputs(**shape).items()}
+    leaves = {k: v.clone().requires_grad_() for k, v in base.items() if v is not None}
+    ours = torch.autograd.grad(_loss(*selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True)),
+                               list(leaves.values()))
+    leaves2 = {k: v.clone().requires_grad_() for k, v in base.items() if v is not None}
+    ref = torch.autograd.grad(_loss(*scan_loop_f64(**leaves2, delta_softplus=True)), list(leaves2.values()))
+    for name, g_ours, g_ref in zip(leaves, ours, ref):
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-10, rtol=1e-9, msg=f"gradient of {name}")
+
+
+def test_gradients_match_mamba_ssm_ref_float32(mamba_ssm_ref):
+    base = make_inputs(groups_b=4, groups_c=4, length=17)
+    grads = []
+    for fn in (selective_scan_fn, mamba_ssm_ref):
+        leaves = {k: v.clone().requires_grad_() for k, v in base.items()}
+        loss = _loss(*fn(**leaves, delta_softplus=True, return_last_state=True))
+        grads.append(torch.autograd.grad(loss, list(leaves.values())))
+    for name, g_ours, g_ref in zip(base, *grads):
+        torch.testing.assert_close(g_ours, g_ref, atol=1e-4 * g_ref.abs().max().item(), rtol=1e-4, msg=name)
+
+
+def test_gradcheck_small():
+    args = {k: v.double().requires_grad_() for k, v in make_inputs(batch=1, dim=4, length=5, n=2,
+                                                                      groups_b=2).items()}
+    fn = lambda *a: selective_scan_fn(*a, delta_softplus=True, return_last_state=True)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, tuple(args.values()))
+
+
+def test_only_requested_gradients_are_computed():
+    args = make_inputs()
+    u = args["u"].clone().requires_grad_()
+    out = selective_scan_fn(**{**args, "u": u}, delta_softplus=True)
+    (g,) = torch.autograd.grad(out.sum(), [u])
+    assert g.shape == u.shape and torch.isfinite(g).all()
+
+
+def test_opcheck():
+    args = make_inputs(length=6)
+    torch.library.opcheck(selective_scan_op, tuple(args.values()) + (True,))
+
+
+def test_export_keeps_one_scan_node():
+    class M(torch.nn.Module):
+        def forward(self, u, delta, A, B, C):
+            return selective_scan_fn(u, delta, A, B, C, delta_softplus=True)
+
+    a = make_inputs(with_d=False, with_z=False, with_bias=False)
+    ex = (a["u"], a["delta"], a["A"], a["B"], a["C"])
+    ep = torch.export.export(M(), ex)
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert targets.count(torch.ops.vmq.selective_scan.default) == 1
+    assert set(targets) == {torch.ops.vmq.selective_scan.default, operator.getitem}  # nothing decomposed
+    torch.testing.assert_close(ep.module()(*ex), M()(*ex), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(u=torch.randn(2, 8)), "u must be"),
+        (dict(delta=torch.randn(2, 8, 12)), "delta must have"),
+        (dict(A=torch.randn(7, 4)), "A must be"),
+        (dict(B=torch.randn(8, 4)), "input-independent"),
+        (dict(C=torch.randn(2, 3, 4, 13)), "G dividing dim"),
+        (dict(D=torch.randn(5)), "D must be"),
+        (dict(z=torch.randn(2, 8, 3)), "z must have"),
+    ],
+)
+def test_bad_shapes_raise_clear_errors(change, message):
+    args = {**make_inputs(), **change}
+    with pytest.raises(ValueError, match=message):
+        selective_scan_fn(**args)
