@@ -67,6 +67,25 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0 if rel < 1e-4 else 1
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from vmq_fx.train import TrainConfig, train_reference
+
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    command = "vmq " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("vmq") else None
+    train_reference(args.model, args.out_dir, args.name or args.model.replace("_", "-"), cfg, args.data_dir,
+                    command=command)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from vmq_fx.evaluate import evaluate
+    from vmq_fx.models import load_reference
+
+    model = load_reference(args.model)
+    print(f"{args.model}: {evaluate(model, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmq", description="Quantize and export Visual Mamba models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -77,6 +96,23 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="save the ExportedProgram (.pt2)")
     e.set_defaults(fn=_cmd_export)
+    t = sub.add_parser("train", help="train a reference model on Fashion-MNIST (CPU)")
+    t.add_argument("model", help="model configuration name, e.g. vim_fm_tiny")
+    t.add_argument("--name", help="reference name of the result (default: the config name with dashes)")
+    t.add_argument("--out-dir", default="vmq_fx/models/reference")
+    t.add_argument("--epochs", type=float, default=3.0)
+    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    t.add_argument("--data-dir", help="Fashion-MNIST directory (default: $VMQ_DATA_DIR or the Debian location)")
+    t.set_defaults(fn=_cmd_train)
+    v = sub.add_parser("eval", help="top-1 of a shipped reference model on the Fashion-MNIST test set")
+    v.add_argument("model", help="reference model name, e.g. vim-fm-tiny")
+    v.add_argument("--limit", type=int, help="only the first N test images")
+    v.add_argument("--data-dir", help="Fashion-MNIST directory")
+    v.add_argument("--quiet", action="store_true")
+    v.set_defaults(fn=_cmd_eval)
     return p
 
 

@@ -1,6 +1,7 @@
 """Exportable Visual Mamba models (Vim, VMamba), named configurations and checkpoint loading."""
 from vmq_fx.models.checkpoint import CheckpointMismatchError, load_state_dict_strict, load_vim_checkpoint
 from vmq_fx.models.mamba import MambaMixer, RMSNorm
+from vmq_fx.models.reference import list_references, load_reference, reference_card
 from vmq_fx.models.registry import MODEL_CONFIGS, create_model, list_models
 from vmq_fx.models.vim import VimConfig, VisionMamba
 from vmq_fx.models.vmamba import VMamba, VMambaConfig
@@ -16,6 +17,9 @@ __all__ = [
     "VisionMamba",
     "create_model",
     "list_models",
+    "list_references",
+    "load_reference",
+    "reference_card",
     "load_state_dict_strict",
     "load_vim_checkpoint",
 ]

@@ -1,0 +1,165 @@
+import copy
+from collections import Counter
+
+import pytest
+import torch
+from torchao.quantization.pt2e.quantizer import ComposableQuantizer, Quantizer
+
+import vmq_fx
+from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
+from vmq_fx.models import create_model
+from vmq_fx.observers import NotCalibratedError
+from vmq_fx.quantizer import find_quantizable_linears
+
+qd = torch.ops.quantized_decomposed
+
+
+def _gm(name="vim_fm_tiny", **kw):
+    torch.manual_seed(0)
+    model = create_model(name, **kw).eval()
+    return model, vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
+
+
+@pytest.fixture(scope="module")
+def vim():
+    return _gm("vim_fm_tiny", depth=2)
+
+
+@pytest.fixture(scope="module")
+def vmamba():
+    return _gm("vmamba_fm_tiny", depths=(1, 1))
+
+
+def _targets(gm):
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_finds_mixer_linears_by_structure(vim, vmamba):
+    _, gm = vim
+    names = [layer.name for _, layer in find_quantizable_linears(gm)]
+    per_block = ["in_proj", "x_proj", "dt_proj", "x_proj_b", "dt_proj_b", "out_proj"]
+    assert names == [f"layers.{i}.mixer.{r}" for i in range(2) for r in per_block]
+    _, gm = vmamba
+    layers = [layer for _, layer in find_quantizable_linears(gm)]
+    roles = Counter(layer.role for layer in layers)
+    assert roles == {"in_proj": 2, "x_proj": 8, "dt_proj": 8, "out_proj": 2, "fc1": 2, "fc2": 2}
+    assert not any("head" in l.name or "downsample" in l.name for l in layers)  # noqa: E741
+
+
+def test_model_without_mamba_mixer_is_refused():
+    gm = torch.export.export(torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),)).module()
+    with pytest.raises(ValueError, match="no vmq.selective_scan node"):
+        prepare_pt2e(gm, VisualMambaQuantizer())
+
+
+@pytest.mark.parametrize("bits", [(1, 8), (8, 9), (4.0, 8)])
+def test_bit_widths_outside_2_to_8_are_refused(bits):
+    with pytest.raises(ValueError, match="must be an integer in 2..8"):
+        recipes.ptq4vm(*bits)
+
+
+def test_convert_before_calibration_is_refused(vim):
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.ptq4vm(8, 8)))
+    with pytest.raises(NotCalibratedError, match="run calibration"):
+        convert_pt2e(prepared)
+
+
+def test_calibration_with_other_token_count_is_refused(vim):
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.ptq4vm(8, 8)))
+    with pytest.raises(ValueError, match="token count is fixed at export"):
+        vmq_fx.calibrate(prepared, torch.randn(4, 1, 32, 32), progress=False)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        vmq_fx.calibrate(prepared, [], progress=False)
+
+
+@pytest.mark.parametrize("fixture", ["vim", "vmamba"])
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request):
+    torch.manual_seed(0)
+    model, gm = request.getfixturevalue(fixture)
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(w_bits, 8)))
+    n_linears = len(find_quantizable_linears(gm))
+    calib = torch.randn(16, 1, 28, 28)
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=3), progress=False)
+    assert report.blocks == (2 if fixture == "vim" else 2)
+    x = torch.randn(6, 1, 28, 28)
+    fake_q = prepared(x)
+    quantized = convert_pt2e(prepared)
+    t = _targets(quantized)
+    # One per-token quantize per quantized linear (axis 1), int weights folded to constants.
+    assert t[qd.quantize_per_channel.default] == n_linears
+    assert all(n.args[3] == 1 for n in quantized.graph.nodes if n.target is qd.quantize_per_channel.default)
+    q_out = quantized(x)
+    torch.testing.assert_close(q_out, fake_q, atol=1e-5 * fake_q.abs().max().item(), rtol=1e-4)
+    lowered = vmq_fx.lower(quantized)
+    t = _targets(lowered)
+    assert t[torch.ops.vmq.int8_linear.default] == n_linears
+    assert not any("quantize" in str(k) for k in t)
+    assert t[torch.ops.aten.linear.default] == (1 if fixture == "vim" else 2)  # head (+ patch merging) stay float
+    low_out = lowered(x)
+    # Integer accumulation is exact where the Q/DQ reference accumulates in float32: their ~1e-7 differences flip an
+    # occasional rounding level downstream, hence a bound above float rounding but far below a wrong scale or layout.
+    assert _rel(low_out, q_out) < 5e-3
+    assert torch.equal(low_out.argmax(-1), q_out.argmax(-1))
+    assert _rel(q_out, model(x)) < 0.2  # quantized, yet close to float
+
+
+def test_smoothing_folds_into_norm_exactly(vim):
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.ptq4vm(8, 8)))
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    quantized = convert_pt2e(prepared)
+    x = torch.randn(4, 1, 28, 28)
+    folded = vmq_fx.lower(copy.deepcopy(quantized), fold_smoothing=True)
+    fused = vmq_fx.lower(copy.deepcopy(quantized), fold_smoothing=False)
+    inv = lambda gm: sum(1 for n in gm.graph.nodes  # noqa: E731
+                         if n.target is torch.ops.vmq.int8_linear.default and n.args[1] is not None)
+    assert inv(fused) == 12 and inv(folded) == 10  # both in_proj smoothings went into the RMSNorm weights
+    assert not any(n.target is torch.ops.aten.div.Tensor and "smooth" in str(n.args[1]) for n in folded.graph.nodes)
+    # Folded and unfolded agree to float rounding (a rare level flip moves a logit by one step at most).
+    torch.testing.assert_close(folded(x), fused(x), atol=2e-3, rtol=1e-3)
+
+
+def test_per_tensor_baseline_graph(vim):
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.per_tensor_static(8, 8)))
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    quantized = convert_pt2e(prepared)
+    t = _targets(quantized)
+    assert t[qd.quantize_per_tensor.default] == 12 and t[qd.quantize_per_channel.default] == 0
+    x = torch.randn(4, 1, 28, 28)
+    assert _rel(vmq_fx.lower(quantized)(x), quantized(x)) < 5e-3
+
+
+class _HeadQuantizer(Quantizer):
+    """Another quantizer that annotates only the classifier head (per-tensor min-max)."""
+
+    def annotate(self, model):
+        from torchao.quantization.pt2e.observer import MinMaxObserver
+        from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
+
+        spec = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
+                                observer_or_fake_quant_ctr=MinMaxObserver)
+        for n in model.graph.nodes:
+            if n.target is torch.ops.aten.linear.default and str(n.args[1].target) == "head.weight":
+                n.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={n.args[0]: spec},
+                                                                           _annotated=True)
+        return model
+
+    def validate(self, model):
+        pass
+
+
+def test_composes_with_other_quantizers(vim):
+    quantizer = ComposableQuantizer([VisualMambaQuantizer(recipes.ptq4vm(8, 8)), _HeadQuantizer()])
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), quantizer)
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    quantized = convert_pt2e(prepared)
+    t = _targets(quantized)
+    assert t[qd.quantize_per_channel.default] == 12  # ours
+    assert t[qd.quantize_per_tensor.default] == 1  # the head, from the other quantizer
+    lowered = vmq_fx.lower(quantized)
+    assert _targets(lowered)[torch.ops.vmq.int8_linear.default] == 12

@@ -1,0 +1,129 @@
+"""Calibration of a model prepared with :class:`~vmq_fx.quantizer.VisualMambaQuantizer`.
+
+PTQ4VM's calibration has two passes over the calibration images:
+
+1. with the smoothing scales at 1, record each quantized linear's per-channel input maximum, then set
+   ``s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha)`` (SmoothQuant; clamped as in the authors' code);
+2. record the per-token statistics of the smoothed inputs ``x / s`` and the smoothed weights ``W * s``, and
+   initialize every step size by the Lp (p = 2.4) searches.
+
+Without smoothing (``recipe.smooth=False``) only the second pass runs.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import Tensor, fx
+from tqdm.auto import tqdm
+
+from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.quantizer import QuantizedLinear, quantized_linears
+
+__all__ = ["calibrate", "linear_quantizers", "smoothquant_scales"]
+
+_ACT_CLAMP, _WEIGHT_CLAMP, _SCALE_CLAMP = 1e-3, 1e-5, 1e-5
+
+
+def smoothquant_scales(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """``max|X_j|^alpha / max_i |W_ij|^(1 - alpha)`` per input channel j, with PTQ4VM's clamps."""
+    a = act_absmax.float().clamp(min=_ACT_CLAMP)
+    w = weight.detach().float().abs().amax(dim=0).clamp(min=_WEIGHT_CLAMP)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=_SCALE_CLAMP)
+
+
+def linear_quantizers(gm: fx.GraphModule) -> dict[str, tuple[QuantizedLinear, torch.nn.Module, torch.nn.Module]]:
+    """For each quantized linear of a prepared model: (layer, activation quantizer, weight quantizer)."""
+    layers = quantized_linears(gm)
+    out = {}
+    for node in gm.graph.nodes:
+        if node.name not in layers:
+            continue
+        mods = []
+        for arg in node.args[:2]:
+            if not (isinstance(arg, fx.Node) and arg.op == "call_module"):
+                raise ValueError(f"{layers[node.name].name}: expected an observer in front of the linear; was the "
+                                 "model prepared with prepare_pt2e and not converted yet?")
+            mods.append(gm.get_submodule(str(arg.target)))
+        out[node.name] = (layers[node.name], mods[0], mods[1])
+    return out
+
+
+def _batches(data, batch_size: int) -> list[Tensor]:
+    if isinstance(data, Tensor):
+        return list(data.split(batch_size))
+    out = []
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor):
+            raise TypeError(f"calibration data must yield tensors or (tensor, label) pairs, got {type(x).__name__}")
+        out.append(x)
+    return out
+
+
+def _check_inputs(gm: fx.GraphModule, batches: list[Tensor]) -> None:
+    if not batches or sum(len(b) for b in batches) == 0:
+        raise ValueError("calibration data is empty: pass calibration images (e.g. vmq_fx.data.calibration_images())")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    val = placeholders[0].meta.get("val") if placeholders else None
+    if val is None:
+        return
+    expected = tuple(val.shape[1:])
+    static_batch = val.shape[0] if isinstance(val.shape[0], int) else None
+    for b in batches:
+        if static_batch is not None and b.shape[0] != static_batch:
+            raise ValueError(
+                f"the model was exported with a static batch of {static_batch}, calibration batches have "
+                f"{b.shape[0]} images: export with a dynamic batch (vmq_fx.export_model)"
+            )
+        if tuple(b.shape[1:]) != expected:
+            raise ValueError(
+                f"calibration images have shape {tuple(b.shape)} but the model was exported for [batch, "
+                f"{', '.join(str(int(d)) for d in expected)}]: the token count is fixed at export"
+            )
+
+
+def _run(gm: fx.GraphModule, batches: list[Tensor], desc: str, progress: bool) -> None:
+    with torch.no_grad():
+        for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            gm(x)
+
+
+def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int = 64, progress: bool = True) -> None:
+    """Calibrate a prepared model in place: smoothing scales (if the recipe smooths) and initial step sizes.
+
+    Args:
+        prepared: the output of ``prepare_pt2e(gm, VisualMambaQuantizer(recipe))``.
+        data: calibration images, a tensor [N, C, H, W] or an iterable of tensors / (tensor, label) pairs.
+        batch_size: split size when ``data`` is one tensor.
+        progress: show progress bars.
+
+    Example:
+        >>> import torch, vmq_fx
+        >>> from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+        >>> gm = torch.export.export(vmq_fx.models.create_model("vim_fm_tiny").eval(),
+        ...                          (torch.randn(2, 1, 28, 28),)).module()
+        >>> prepared = prepare_pt2e(gm, vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.ptq4vm(8, 8)))
+        >>> vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    """
+    recipe = prepared.meta.get("vmq_recipe")
+    quantizers = linear_quantizers(prepared)
+    batches = _batches(data, batch_size)
+    _check_inputs(prepared, batches)
+    if recipe is not None and recipe.smooth:
+        _run(prepared, batches, "calibrate (smoothing)", progress)
+        for layer, act, weight in quantizers.values():
+            if not isinstance(act, PerTokenStaticFakeQuantize):
+                raise ValueError(f"{layer.name}: smoothing needs the per-token activation quantizer")
+            alpha = recipe.alpha if recipe.alpha is not None else (0.65 if layer.family == "vmamba" else 0.5)
+            s = prepared.get_parameter(layer.smooth_attr)
+            w = prepared.get_parameter(layer.name + ".weight")
+            with torch.no_grad():
+                s.copy_(smoothquant_scales(act.channel_absmax, w, alpha))
+            act.reset_statistics()
+            weight.reset_statistics()
+    _run(prepared, batches, "calibrate (step sizes)", progress)
+    for _, act, weight in quantizers.values():
+        for q in (act, weight):
+            if isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize)):
+                q.initialize()

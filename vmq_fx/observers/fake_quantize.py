@@ -1,0 +1,196 @@
+"""PTQ4VM's quantizers as PT2E observer / fake-quantize modules.
+
+Each module has two phases, the way PTQ4VM works:
+
+1. *Calibration* (``observer_enabled``): statistics are recorded, the input passes through unchanged.
+2. *Fake quantization* (after :meth:`initialize`): the input is quantized and dequantized with step sizes that are
+   ``nn.Parameter`` s, rounding with a straight-through estimator, so that JLSS can learn them.
+
+``convert_pt2e`` then turns each module into ``quantize_per_channel`` / ``dequantize_per_channel`` with the learned
+step sizes (``calculate_qparams``): per token position (``ch_axis=1``) for activations, per output channel
+(``ch_axis=0``) for weights.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
+
+from vmq_fx.observers.lp_search import round_ste, search_asymmetric_ranges, search_symmetric_clips
+
+__all__ = ["PerTokenStaticFakeQuantize", "PerChannelWeightFakeQuantize", "NotCalibratedError"]
+
+
+class NotCalibratedError(RuntimeError):
+    """A quantizer was asked for its parameters before any calibration data went through it."""
+
+
+class _TwoPhaseFakeQuantize(FakeQuantizeBase):
+    def __init__(self, dtype, quant_min, quant_max, qscheme, ch_axis, p, num_candidates):
+        super().__init__()
+        self.dtype = dtype
+        self.quant_min = int(quant_min)
+        self.quant_max = int(quant_max)
+        self.qscheme = qscheme
+        self.ch_axis = ch_axis
+        self.is_dynamic = False
+        self.p = p
+        self.num_candidates = num_candidates
+        self.scale = nn.Parameter(torch.empty(0), requires_grad=True)
+        self.register_buffer("zero_point", torch.empty(0, dtype=torch.int64))
+        self.disable_fake_quant()
+        self.enable_observer()
+
+    @property
+    def initialized(self) -> bool:
+        return self.scale.numel() > 0
+
+    def _fake_quant(self, x: Tensor, shape: tuple[int, ...]) -> Tensor:
+        scale = self.scale.reshape(shape)
+        zp = self.zero_point.reshape(shape).to(x.dtype)
+        # x * (1 / scale), as quantized_decomposed.quantize_per_channel computes it, so that the converted graph
+        # rounds every element to the same level as this fake quantization.
+        q = torch.clamp(round_ste(x * (1.0 / scale)) + zp, self.quant_min, self.quant_max)
+        return (q - zp) * scale
+
+    def calculate_qparams(self, **kwargs):
+        if not self.initialized:
+            raise NotCalibratedError(
+                f"{type(self).__name__} has no quantization parameters: run calibration (vmq_fx.calibrate) on the "
+                "prepared model before convert_pt2e"
+            )
+        return self.scale.detach().clone(), self.zero_point.clone()
+
+    def _set(self, scale: Tensor, zero_point: Tensor) -> None:
+        self.scale = nn.Parameter(scale.detach().float().clone())
+        self.zero_point = zero_point.to(torch.int64)
+        self.enable_fake_quant()
+        self.disable_observer()
+
+    def extra_repr(self) -> str:
+        return (f"dtype={self.dtype}, quant_min={self.quant_min}, quant_max={self.quant_max}, ch_axis={self.ch_axis}, "
+                f"initialized={self.initialized}")
+
+
+class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
+    """Per-token static (PTS) activation quantizer: one step size and zero point per token position.
+
+    Asymmetric, unsigned levels [0, 2^b - 1]. During calibration the input [batch, L, channels] is recorded pooled
+    over images and channels for each token position: exact per-token min / max, and up to ``max_samples`` values per
+    token (a uniform random subset when there are more) on which the Lp (p = 2.4) range search is scored. With the
+    default cap, 256 calibration images of up to 256 channels are kept whole; larger inputs are subsampled (an
+    approximation of the pooled Lp error, documented in the README).
+
+    It also records the per-channel maximum of |x|, which the SmoothQuant initialization of the smoothing scales uses.
+
+    Example:
+        >>> import torch
+        >>> from vmq_fx.observers import PerTokenStaticFakeQuantize
+        >>> fq = PerTokenStaticFakeQuantize(quant_max=255)
+        >>> _ = fq(torch.randn(4, 5, 8)); fq.initialize()
+        >>> fq.calculate_qparams()[0].shape
+        torch.Size([5])
+    """
+
+    def __init__(self, dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_channel_affine, ch_axis=1,
+                 is_dynamic=False, p: float = 2.4, num_candidates: int = 100, max_samples: int = 1 << 16, **kwargs):
+        super().__init__(dtype, quant_min, quant_max, qscheme, ch_axis, p, num_candidates)
+        if ch_axis != 1:
+            raise ValueError(f"PerTokenStaticFakeQuantize: the token axis must be 1 ([batch, L, C]), got {ch_axis}")
+        self.max_samples = max_samples
+        self.reset_statistics()
+
+    def reset_statistics(self) -> None:
+        self.min_val = self.max_val = self.channel_absmax = None
+        self._samples: list[Tensor] = []
+        self._count = 0
+
+    def _observe(self, x: Tensor) -> None:
+        if x.dim() != 3:
+            raise ValueError(f"per-token quantization expects [batch, L, channels] inputs, got {tuple(x.shape)}")
+        x = x.detach().float()
+        if self.min_val is not None and x.shape[1] != self.min_val.numel():
+            raise ValueError(f"calibration input has {x.shape[1]} tokens, earlier inputs had {self.min_val.numel()}")
+        tokens = x.transpose(0, 1).reshape(x.shape[1], -1)  # [L, batch * C]
+        lo, hi = tokens.amin(1), tokens.amax(1)
+        cmax = x.abs().amax(dim=(0, 1))
+        if self.min_val is None:
+            self.min_val, self.max_val, self.channel_absmax = lo, hi, cmax
+        else:
+            self.min_val = torch.minimum(self.min_val, lo)
+            self.max_val = torch.maximum(self.max_val, hi)
+            self.channel_absmax = torch.maximum(self.channel_absmax, cmax)
+        self._samples.append(tokens)
+        self._count += tokens.shape[1]
+        if self._count > 2 * self.max_samples:
+            self._compact()
+
+    def _compact(self) -> None:
+        pooled = torch.cat(self._samples, dim=1)
+        if pooled.shape[1] > self.max_samples:
+            idx = torch.randperm(pooled.shape[1], generator=torch.Generator().manual_seed(0))[: self.max_samples]
+            pooled = pooled[:, idx]
+        self._samples, self._count = [pooled], pooled.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observer_enabled[0] == 1:
+            self._observe(x)
+        if self.fake_quant_enabled[0] == 1:
+            if x.shape[1] != self.scale.numel():
+                raise ValueError(f"input has {x.shape[1]} tokens, the quantizer was calibrated for {self.scale.numel()}")
+            return self._fake_quant(x, (1, -1, 1))
+        return x
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Lp-search the step sizes and zero points from the recorded statistics; switch to fake quantization."""
+        if self.min_val is None:
+            raise NotCalibratedError("PerTokenStaticFakeQuantize.initialize: no calibration data was observed")
+        self._compact()
+        levels = self.quant_max - self.quant_min + 1
+        scale, zp = search_asymmetric_ranges(self._samples[0], self.min_val, self.max_val, levels, self.p,
+                                             self.num_candidates)
+        self._samples = []
+        self._set(scale, zp + self.quant_min)
+
+
+class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
+    """Symmetric per-output-channel weight quantizer with PTQ4VM's Lp (p = 2.4) clip search and a learnable step.
+
+    Levels [-2^(b-1), 2^(b-1) - 1]; the initial step of each row is ``clip / (2^(b-1) - 1)`` with the clip chosen among
+    100 fractions of ``max|w_row|``. The weight it sees is the smoothed weight ``W * s``.
+
+    Example:
+        >>> import torch
+        >>> from vmq_fx.observers import PerChannelWeightFakeQuantize
+        >>> fq = PerChannelWeightFakeQuantize(quant_min=-128, quant_max=127)
+        >>> _ = fq(torch.randn(6, 8)); fq.initialize()
+        >>> fq.calculate_qparams()[0].shape
+        torch.Size([6])
+    """
+
+    def __init__(self, dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
+                 ch_axis=0, is_dynamic=False, p: float = 2.4, num_candidates: int = 100, **kwargs):
+        super().__init__(dtype, quant_min, quant_max, qscheme, ch_axis, p, num_candidates)
+        if ch_axis != 0:
+            raise ValueError(f"PerChannelWeightFakeQuantize: output channels must be axis 0, got {ch_axis}")
+        self._weight: Tensor | None = None
+
+    def reset_statistics(self) -> None:
+        self._weight = None
+
+    def forward(self, w: Tensor) -> Tensor:
+        if self.observer_enabled[0] == 1:
+            self._weight = w.detach()
+        if self.fake_quant_enabled[0] == 1:
+            return self._fake_quant(w, (-1,) + (1,) * (w.dim() - 1))
+        return w
+
+    @torch.no_grad()
+    def initialize(self) -> None:
+        """Lp-search the per-row clip of the last observed weight; switch to fake quantization."""
+        if self._weight is None:
+            raise NotCalibratedError("PerChannelWeightFakeQuantize.initialize: no weight was observed")
+        scale = search_symmetric_clips(self._weight.flatten(1), self.quant_max, self.p, self.num_candidates)
+        self._weight = None
+        self._set(scale, torch.zeros_like(scale, dtype=torch.int64))
