@@ -30,7 +30,7 @@ data:
 	  echo "note: Fashion-MNIST not installed; run 'sudo apt-get install dataset-fashion-mnist'"
 
 run: venv data
-	$(VENV)/bin/vmq export vim_tiny --batch 2
+	$(VENV)/bin/vmq reference vim-fm-tiny
 
 test: venv data
 	$(PY) -m pytest -q tests

@@ -163,3 +163,19 @@ def test_composes_with_other_quantizers(vim):
     assert t[qd.quantize_per_tensor.default] == 1  # the head, from the other quantizer
     lowered = vmq_fx.lower(quantized)
     assert _targets(lowered)[torch.ops.vmq.int8_linear.default] == 12
+
+
+def test_per_token_dynamic_baseline(vim):
+    torch.manual_seed(0)
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.per_token_dynamic(8, 6)))
+    vmq_fx.calibrate(prepared, torch.randn(8, 1, 28, 28), progress=False)  # weights only: activations need none
+    x = torch.randn(4, 1, 28, 28)
+    fake_q = prepared(x)
+    quantized = convert_pt2e(prepared)
+    t = _targets(quantized)
+    assert t[torch.ops.torchao.choose_qparams_affine] == 12 and t[torch.ops.torchao.quantize_affine] == 12
+    torch.testing.assert_close(quantized(x), fake_q)
+    with pytest.raises(ValueError, match="per-token dynamic activations are not lowered"):
+        vmq_fx.lower(quantized)
+    with pytest.raises(ValueError, match="smoothing is initialized from per-token static"):
+        vmq_fx.PTQ4VMRecipe(act_granularity="per_token_dynamic", smooth=True)

@@ -100,7 +100,8 @@ def test_low_precision_inputs_match_ref(dtype, mamba_ssm_ref):
 def test_chunked_path_is_exact(monkeypatch):
     args = make_inputs(length=37)
     whole = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
-    monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 2 * 8 * 4 * 5)  # 5 steps per chunk, last chunk partial
+    monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 8 * 4)  # one image per batch slice
+    monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 8 * 4 * 5)  # 5 steps per chunk, last chunk partial
     chunked = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(chunked[0], whole[0], atol=0, rtol=0)
     torch.testing.assert_close(chunked[1], whole[1], atol=0, rtol=0)
@@ -116,10 +117,11 @@ GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("chunk_elements", [None, 2 * 8 * 4 * 3])
-def test_gradients_match_float64_loop(shape, chunk_elements, monkeypatch):
-    if chunk_elements:
-        monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", chunk_elements)
+@pytest.mark.parametrize("sliced", [False, True])
+def test_gradients_match_float64_loop(shape, sliced, monkeypatch):
+    if sliced:  # one image per batch slice, 3 steps per chunk: exercises both seams of the backward
+        monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 1)
+        monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 3 * 8 * 4)
     base = {k: (v.double() if v is not None else None) for k, v in make_inputs(**shape).items()}
     leaves = {k: v.clone().requires_grad_() for k, v in base.items() if v is not None}
     ours = torch.autograd.grad(_loss(*selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True)),

@@ -1,8 +1,12 @@
 """The ``vmq`` command.
 
 Subcommands:
-    vmq list                         models known by name
-    vmq export MODEL [--batch N]     export a model with torch.export, run both, print the comparison
+    vmq list                         models and shipped reference models
+    vmq reference NAME               the main job: evaluate a shipped model, export it, evaluate the exported
+                                     program, quantize it (W8A8, lowered to vmq::int8_linear), evaluate that
+    vmq eval NAME                    top-1 of a shipped reference model on the Fashion-MNIST test set
+    vmq export MODEL [--batch N]     export a model configuration with torch.export, run both, print the comparison
+    vmq train CONFIG                 train a reference model on Fashion-MNIST
 """
 from __future__ import annotations
 
@@ -14,10 +18,57 @@ __all__ = ["main"]
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
-    from vmq_fx.models import MODEL_CONFIGS
+    from vmq_fx.models import MODEL_CONFIGS, list_references, reference_card
 
+    print("model configurations (vmq export / vmq train):")
     for name, cfg in sorted(MODEL_CONFIGS.items()):
-        print(f"{name:16s} {cfg}")
+        print(f"  {name:16s} {cfg}")
+    print("shipped reference models (vmq reference / vmq eval):")
+    for name in list_references():
+        card = reference_card(name)
+        print(f"  {name:16s} {card['model']}, Fashion-MNIST test top-1 {card['test_top1']:.2f}%")
+    return 0
+
+
+def _cmd_reference(args: argparse.Namespace) -> int:
+    import torch
+
+    import vmq_fx
+    from vmq_fx.data import calibration_images
+    from vmq_fx.evaluate import evaluate
+    from vmq_fx.models import load_reference, reference_card
+
+    progress = not args.quiet
+    card = reference_card(args.name)
+    model = load_reference(args.name)
+    rows = []
+
+    def add(label, result, note=""):
+        rows.append((label, f"{result.top1:.2f}", f"{result.seconds:.1f}", note))
+        if progress:
+            print(f"{label}: {result}", flush=True)
+
+    add("FP32 eager", evaluate(model, data_dir=args.data_dir, progress=progress), f"model card: {card['test_top1']:.2f}")
+    calib = calibration_images(args.calib, data_dir=args.data_dir)
+    t0 = time.perf_counter()
+    ep = vmq_fx.export_model(model, calib[:2])
+    export_s = time.perf_counter() - t0
+    scans = sum(n.target is torch.ops.vmq.selective_scan.default for n in ep.graph.nodes)
+    add("FP32 torch.export", evaluate(ep.module(), data_dir=args.data_dir, progress=progress),
+        f"{scans} vmq.selective_scan nodes, export {export_s:.1f} s")
+    t0 = time.perf_counter()
+    prepared = vmq_fx.prepare_pt2e(ep.module(), vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.smoothquant_pts(8, 8)))
+    vmq_fx.calibrate(prepared, calib, progress=progress)
+    lowered = vmq_fx.lower(vmq_fx.convert_pt2e(prepared))
+    quant_s = time.perf_counter() - t0
+    n_int8 = sum(n.target is torch.ops.vmq.int8_linear.default for n in lowered.graph.nodes)
+    add("W8A8 SmoothQuant+PTS, lowered", evaluate(lowered, data_dir=args.data_dir, progress=progress),
+        f"{n_int8} vmq.int8_linear nodes, quantized in {quant_s:.1f} s")
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{args.name} on the Fashion-MNIST test set (10,000 images)")
+    print(f"{'model':<{width}}  top-1 %  eval s  notes")
+    for label, acc, secs, note in rows:
+        print(f"{label:<{width}}  {acc:>7}  {secs:>6}  {note}")
     return 0
 
 
@@ -90,6 +141,12 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmq", description="Quantize and export Visual Mamba models.")
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list known models").set_defaults(fn=_cmd_list)
+    r = sub.add_parser("reference", help="the main job on a shipped reference model")
+    r.add_argument("name", help="reference model name, e.g. vim-fm-tiny")
+    r.add_argument("--calib", type=int, default=256, help="calibration images (training split)")
+    r.add_argument("--data-dir", help="Fashion-MNIST directory")
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(fn=_cmd_reference)
     e = sub.add_parser("export", help="export a model with torch.export and compare it with eager")
     e.add_argument("model", help="model name (see `vmq list`)")
     e.add_argument("--batch", type=int, default=2)

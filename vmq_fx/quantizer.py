@@ -24,11 +24,11 @@ from torch import fx, nn
 from torchao.quantization.pt2e.observer import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
-from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenDynamicFakeQuantize, PerTokenStaticFakeQuantize
 
 __all__ = ["PTQ4VMRecipe", "QuantizedLinear", "VisualMambaQuantizer", "find_quantizable_linears", "recipes"]
 
-ActGranularity = Literal["per_token_static", "per_tensor_static"]
+ActGranularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
 _LAYERS_META = "vmq_quantized_linears"
 _SMOOTH_PREFIX = "vmq_smooth_"
 
@@ -40,8 +40,9 @@ class PTQ4VMRecipe:
     Args:
         w_bits: weight bits (2..8): symmetric per output channel, Lp-searched clip.
         a_bits: activation bits (2..8): asymmetric unsigned.
-        act_granularity: ``"per_token_static"`` (PTS: one step per token position) or ``"per_tensor_static"``
-            (one step for the whole tensor, min-max: the classic baseline).
+        act_granularity: ``"per_token_static"`` (PTS: one step per token position), ``"per_tensor_static"``
+            (one step for the whole tensor, min-max: the classic baseline) or ``"per_token_dynamic"`` (a min-max
+            range per image and token computed at run time: the dynamic baseline).
         smooth: insert SmoothQuant smoothing scales ``s`` (``x / s`` and ``W * s``) in front of each linear.
         alpha: SmoothQuant migration strength; ``None`` picks 0.5 for Vim and 0.65 for VMamba, as PTQ4VM.
         learn_all_projections: JLSS also learns x_proj / dt_proj parameters (the authors' code leaves them at init).
@@ -63,17 +64,20 @@ class PTQ4VMRecipe:
             bits = getattr(self, name)
             if not isinstance(bits, int) or not 2 <= bits <= 8:
                 raise ValueError(f"PTQ4VMRecipe: {name} must be an integer in 2..8, got {bits!r}")
-        if self.act_granularity not in ("per_token_static", "per_tensor_static"):
+        if self.act_granularity not in ("per_token_static", "per_tensor_static", "per_token_dynamic"):
             raise ValueError(f"PTQ4VMRecipe: unknown act_granularity {self.act_granularity!r}")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"PTQ4VMRecipe: alpha must be in [0, 1], got {self.alpha}")
+        if self.smooth and self.act_granularity != "per_token_static":
+            raise ValueError("PTQ4VMRecipe: smoothing is initialized from per-token static statistics; use "
+                             "smooth=False with other activation granularities")
         if self.p <= 0 or self.num_candidates < 1:
             raise ValueError("PTQ4VMRecipe: p and num_candidates must be positive")
 
     @property
     def name(self) -> str:
-        kind = {"per_tensor_static": "per-tensor", "per_token_static": "sq-pts" if self.smooth else "pts"}[
-            self.act_granularity]
+        kind = {"per_tensor_static": "per-tensor", "per_token_dynamic": "per-token-dynamic",
+                "per_token_static": "sq-pts" if self.smooth else "pts"}[self.act_granularity]
         return f"{kind}-w{self.w_bits}a{self.a_bits}"
 
     def weight_qspec(self) -> QuantizationSpec:
@@ -86,6 +90,9 @@ class PTQ4VMRecipe:
 
     def act_qspec(self) -> QuantizationSpec:
         qmax = 2**self.a_bits - 1
+        if self.act_granularity == "per_token_dynamic":
+            return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=qmax, qscheme=torch.per_channel_affine,
+                                    is_dynamic=True, observer_or_fake_quant_ctr=PerTokenDynamicFakeQuantize)
         if self.act_granularity == "per_tensor_static":
             return QuantizationSpec(dtype=torch.uint8, quant_min=0, quant_max=qmax, qscheme=torch.per_tensor_affine,
                                     observer_or_fake_quant_ctr=MinMaxObserver)
@@ -108,6 +115,12 @@ class recipes:  # noqa: N801 - a namespace, used as ``recipes.ptq4vm(...)``
     def smoothquant_pts(w_bits: int = 8, a_bits: int = 8, **kwargs) -> PTQ4VMRecipe:
         """Baseline: SmoothQuant + per-token static, no JLSS (same recipe as PTQ4VM; skip the learning step)."""
         return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, **kwargs)
+
+    @staticmethod
+    def per_token_dynamic(w_bits: int = 8, a_bits: int = 8, **kwargs) -> PTQ4VMRecipe:
+        """Baseline: per-token dynamic min-max activations (a reduction per image at run time), no smoothing."""
+        return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, act_granularity="per_token_dynamic", smooth=False,
+                            **kwargs)
 
     @staticmethod
     def per_tensor_static(w_bits: int = 8, a_bits: int = 8, **kwargs) -> PTQ4VMRecipe:

@@ -1,4 +1,14 @@
 """Observers and fake-quantize modules for PT2E: per-token static activations, Lp-searched per-channel weights."""
-from vmq_fx.observers.fake_quantize import NotCalibratedError, PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.observers.fake_quantize import (
+    NotCalibratedError,
+    PerChannelWeightFakeQuantize,
+    PerTokenDynamicFakeQuantize,
+    PerTokenStaticFakeQuantize,
+)
 
-__all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenStaticFakeQuantize"]
+__all__ = [
+    "NotCalibratedError",
+    "PerChannelWeightFakeQuantize",
+    "PerTokenDynamicFakeQuantize",
+    "PerTokenStaticFakeQuantize",
+]

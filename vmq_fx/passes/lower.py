@@ -109,6 +109,9 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
             length = x.meta["val"].shape[1]
             act_scale = torch.full((length,), float(scale_f))
             act_zp = torch.full((length,), int(zp_i), dtype=torch.int32)
+        elif dq_x.target in (torch.ops.torchao.dequantize_affine, torch.ops.torchao.dequantize_affine.default):
+            raise ValueError(f"{layer.name}: per-token dynamic activations are not lowered (vmq::int8_linear takes "
+                             "static scales); evaluate the convert_pt2e graph for this baseline")
         else:
             raise ValueError(f"{layer.name}: unsupported activation quantization pattern {dq_x.target}")
         w_int = _attr(gm, dq_w.args[0])

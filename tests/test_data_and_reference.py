@@ -1,0 +1,80 @@
+import os
+
+import pytest
+import torch
+
+from vmq_fx.data import DEFAULT_DATA_DIR, calibration_images, fashion_mnist, normalize
+from vmq_fx.evaluate import evaluate
+from vmq_fx.models import list_references, load_reference, reference_card
+
+HAVE_DATA = os.path.isfile(os.path.join(DEFAULT_DATA_DIR, "t10k-labels-idx1-ubyte.gz"))
+needs_data = pytest.mark.skipif(not HAVE_DATA, reason="Fashion-MNIST not installed (make data)")
+
+
+@needs_data
+def test_loader_reads_the_real_files():
+    images, labels = fashion_mnist("test")
+    assert images.shape == (10000, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (10000,) and labels.min() == 0 and labels.max() == 9
+    assert torch.equal(torch.bincount(labels), torch.full((10,), 1000))  # the test split is balanced
+    train_images, train_labels = fashion_mnist("train")
+    assert train_images.shape == (60000, 28, 28)
+    assert torch.equal(torch.bincount(train_labels), torch.full((10,), 6000))
+    x = normalize(images[:100])
+    assert x.shape == (100, 1, 28, 28) and abs(float(x.mean())) < 0.3
+
+
+@needs_data
+def test_calibration_subset_is_seeded_and_from_the_training_split():
+    a, b = calibration_images(32, seed=0), calibration_images(32, seed=0)
+    assert torch.equal(a, b) and not torch.equal(a, calibration_images(32, seed=1))
+    train = normalize(fashion_mnist("train")[0])
+    flat = train.flatten(1)
+    for img in a[:4]:
+        assert (flat == img.flatten()).all(dim=1).any()  # each calibration image is a training image
+
+
+def test_missing_data_says_how_to_install(tmp_path):
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist("test", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="unknown split"):
+        fashion_mnist("validation", data_dir=tmp_path)
+
+
+def test_corrupt_file_is_named(tmp_path):
+    for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (tmp_path / stem).write_bytes(b"\x00\x00\x08\x01garbage")
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte"):
+        fashion_mnist("test", data_dir=tmp_path)
+
+
+def test_environment_variable_overrides_location(tmp_path, monkeypatch):
+    monkeypatch.setenv("VMQ_DATA_DIR", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        fashion_mnist("test")
+
+
+@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny"])
+def test_reference_models_ship_and_load(name):
+    assert name in list_references()
+    card = reference_card(name)
+    for key in ("config", "test_top1", "command", "seed", "train", "versions"):
+        assert key in card
+    model = load_reference(name)
+    assert not model.training
+    again = load_reference(name)
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+
+
+@needs_data
+@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny"])
+def test_reference_accuracy_on_first_1000_test_images(name):
+    # An untrained 10-class model sits near 10%; the shipped ones must be far above.
+    result = evaluate(load_reference(name), limit=1000, progress=False)
+    assert result.top1 > 85.0, result
+
+
+def test_unknown_reference_lists_the_shipped_ones():
+    with pytest.raises(ValueError, match="vim-fm-tiny"):
+        load_reference("resnet-50")
