@@ -85,7 +85,7 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request):
     n_linears = len(find_quantizable_linears(gm))
     calib = torch.randn(16, 1, 28, 28)
     vmq_fx.calibrate(prepared, calib, progress=False)
-    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=3), progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=3, batch_size=8), progress=False)
     assert report.blocks == (2 if fixture == "vim" else 2)
     x = torch.randn(6, 1, 28, 28)
     fake_q = prepared(x)

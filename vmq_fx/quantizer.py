@@ -38,7 +38,8 @@ class PTQ4VMRecipe:
     """How the linears of a Visual Mamba model are quantized (PTQ4VM and the baselines it is compared with).
 
     Args:
-        w_bits: weight bits (2..8): symmetric per output channel, Lp-searched clip.
+        w_bits: weight bits (2..8): symmetric per output channel on [-qmax, qmax], qmax = 2^(w_bits-1) - 1 (as the
+            PTQ4VM code), Lp-searched clip.
         a_bits: activation bits (2..8): asymmetric unsigned.
         act_granularity: ``"per_token_static"`` (PTS: one step per token position), ``"per_tensor_static"``
             (one step for the whole tensor, min-max: the classic baseline) or ``"per_token_dynamic"`` (a min-max
@@ -83,7 +84,7 @@ class PTQ4VMRecipe:
     def weight_qspec(self) -> QuantizationSpec:
         qmax = 2 ** (self.w_bits - 1) - 1
         return QuantizationSpec(
-            dtype=torch.int8, quant_min=-qmax - 1, quant_max=qmax, qscheme=torch.per_channel_symmetric, ch_axis=0,
+            dtype=torch.int8, quant_min=-qmax, quant_max=qmax, qscheme=torch.per_channel_symmetric, ch_axis=0,
             observer_or_fake_quant_ctr=PerChannelWeightFakeQuantize.with_args(
                 ch_axis=0, p=self.p, num_candidates=self.num_candidates),
         )

@@ -159,19 +159,19 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
 class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
     """Symmetric per-output-channel weight quantizer with PTQ4VM's Lp (p = 2.4) clip search and a learnable step.
 
-    Levels [-2^(b-1), 2^(b-1) - 1]; the initial step of each row is ``clip / (2^(b-1) - 1)`` with the clip chosen among
+    Levels [-qmax, qmax] with qmax = 2^(b-1) - 1 (the narrow range of the PTQ4VM code); the initial step of each row is ``clip / (2^(b-1) - 1)`` with the clip chosen among
     100 fractions of ``max|w_row|``. The weight it sees is the smoothed weight ``W * s``.
 
     Example:
         >>> import torch
         >>> from vmq_fx.observers import PerChannelWeightFakeQuantize
-        >>> fq = PerChannelWeightFakeQuantize(quant_min=-128, quant_max=127)
+        >>> fq = PerChannelWeightFakeQuantize(quant_min=-127, quant_max=127)
         >>> _ = fq(torch.randn(6, 8)); fq.initialize()
         >>> fq.calculate_qparams()[0].shape
         torch.Size([6])
     """
 
-    def __init__(self, dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_channel_symmetric,
+    def __init__(self, dtype=torch.int8, quant_min=-127, quant_max=127, qscheme=torch.per_channel_symmetric,
                  ch_axis=0, is_dynamic=False, p: float = 2.4, num_candidates: int = 100, **kwargs):
         super().__init__(dtype, quant_min, quant_max, qscheme, ch_axis, p, num_candidates)
         if ch_axis != 0:

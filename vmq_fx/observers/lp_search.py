@@ -19,14 +19,14 @@ def _lp(err: Tensor, p: float, dim: int) -> Tensor:
 @torch.no_grad()
 def search_symmetric_clips(w: Tensor, qmax: int, p: float = 2.4, num_candidates: int = 100) -> Tensor:
     """Per row of ``w`` [rows, cols]: the clip ``max|w_row| * i / num_candidates`` (i = 1..num_candidates) whose
-    symmetric quantization to [-qmax - 1, qmax] has the least Lp error. Returns scales [rows] (clip / qmax)."""
+    symmetric quantization to [-qmax, qmax] has the least Lp error. Returns scales [rows] (clip / qmax)."""
     w = w.float()
     absmax = w.abs().amax(dim=1).clamp(min=1e-8)
     best_err = torch.full_like(absmax, float("inf"))
     best_scale = absmax / qmax
     for i in range(1, num_candidates + 1):
         scale = (absmax * (i / num_candidates) / qmax)[:, None]
-        q = (w / scale).round().clamp(-qmax - 1, qmax) * scale
+        q = (w / scale).round().clamp(-qmax, qmax) * scale
         err = _lp(w - q, p, dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -92,6 +92,9 @@ class _Stop(Exception):
     pass
 
 
+_BATCH = object()  # stands for "the batch size" among a block's captured arguments
+
+
 def _block_index_of(paths: list[str], blocks: list[str]) -> int | None:
     for path in reversed(paths):
         if path in blocks:
@@ -102,30 +105,26 @@ def _block_index_of(paths: list[str], blocks: list[str]) -> int | None:
 def _split_by_block(gm: fx.GraphModule, blocks: list[str]) -> fx.GraphModule:
     """Partitions: 0 (before the first block), 2k+1 (block k), 2k+2 (between block k and k+1, and after the last)."""
     part: dict[fx.Node, int] = {}
-    current = 0
-    pending: list[fx.Node] = []
+    deferred: list[fx.Node] = []
+    last = 0
     for node in gm.graph.nodes:
         if node.op in ("placeholder", "output"):
+            continue
+        if node.op in ("get_attr", "call_module"):
+            # Constants and the observers prepare_pt2e inserted carry no module path: they go with their users.
+            deferred.append(node)
             continue
         paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
         k = _block_index_of(paths, blocks)
         if k is not None:
-            current = 2 * k + 1
-            part[node] = current
-        else:
-            pending.append(node)
-    # Nodes without a block (observers prepare inserted, constants, glue between blocks) go with their earliest
-    # user when that is in a block, else with the glue partition after the block that precedes them.
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
-    for node in reversed(pending):
+            part[node] = 2 * k + 1
+        else:  # computation outside the blocks: the glue partition after the block that precedes it
+            part[node] = last + 1 if last % 2 == 1 else last
+        last = max(last, part[node])
+    for node in reversed(deferred):
         users = [part[u] for u in node.users if u in part]
-        if users:
-            part[node] = min(users)
-        else:
-            before = [part[n] for n in part if order[n] < order[node]]
-            prev = max(before) if before else 0
-            part[node] = prev + 1 if prev % 2 == 1 else prev
-    return split_module(gm, gm, lambda n: part[n], keep_original_order=True)
+        part[node] = min(users) if users else last
+    return split_module(gm, gm, lambda n: part[n])
 
 
 def _block_paths(gm: fx.GraphModule) -> list[str]:
@@ -145,6 +144,13 @@ def _loss(fp: list[Tensor], q: list[Tensor]) -> Tensor:
 def _set_fake_quant(quantizers, enabled: bool) -> None:
     for q in quantizers:
         q.enable_fake_quant(enabled)
+
+
+def _get_attr(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _float_outputs(out) -> list[Tensor]:
@@ -186,14 +192,31 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
     split = _split_by_block(prepared, blocks)
     submods = {int(name[len("submod_"):]): mod for name, mod in split.named_children() if name.startswith("submod_")}
 
-    def capture(k: int, fake_quant: bool) -> tuple[tuple, list[Tensor]]:
-        """Inputs and float outputs of block k on all images, with fake quantization on or off."""
+    def call_spec(k: int) -> list[tuple[str, object]]:
+        """How block k's submodule is called: ("attr", name) for a constant or parameter of the prepared model (passed
+        live, so learning reaches it), ("data", index) for an activation computed by earlier partitions."""
+        call = next(n for n in split.graph.nodes if n.op == "call_module" and n.target == f"submod_{2 * k + 1}")
+        spec, data = [], 0
+        for a in call.args:
+            if isinstance(a, fx.Node) and a.op == "get_attr":
+                spec.append(("attr", str(a.target)))
+            else:
+                spec.append(("data", data))
+                data += 1
+        return spec
+
+    def capture(k: int, fake_quant: bool) -> tuple[list[Tensor], list[Tensor]]:
+        """Block k's activation inputs and float outputs on all images, with fake quantization on or off."""
         _set_fake_quant(all_q, fake_quant)
         mod = submods[2 * k + 1]
+        data_pos = [i for i, (kind, _) in enumerate(call_spec(k)) if kind == "data"]
         ins, outs = [], []
 
         def pre(_, args):
-            ins.append(tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
+            batch = next(a.shape[0] for a in args if isinstance(a, Tensor))
+            # A symbolic size passed between partitions can only be the batch (the one dynamic dimension).
+            ins.append([args[i].detach() if isinstance(args[i], Tensor) else
+                        (_BATCH if args[i] == batch else args[i]) for i in data_pos])
 
         def post(_, __, out):
             outs.append([t.detach() for t in _float_outputs(out)])
@@ -211,17 +234,17 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
             for h in hooks:
                 h.remove()
             _set_fake_quant(all_q, True)
-        cat_in = tuple(torch.cat([b[i] for b in ins]) if isinstance(ins[0][i], Tensor) else ins[0][i]
-                       for i in range(len(ins[0])))
-        cat_out = [torch.cat([b[i] for b in outs]) for i in range(len(outs[0]))]
-        return cat_in, cat_out
+        return ([torch.cat([b[i] for b in ins]) if isinstance(ins[0][i], Tensor) else ins[0][i]
+                 for i in range(len(data_pos))],
+                [torch.cat([b[i] for b in outs]) for i in range(len(outs[0]))])
 
     gen = torch.Generator().manual_seed(cfg.seed)
     before, after = [], []
     for k, block in enumerate(blocks):
-        fp_in, fp_out = capture(k, fake_quant=False)
+        _, fp_out = capture(k, fake_quant=False)
         q_in, _ = capture(k, fake_quant=True)
         mod = submods[2 * k + 1]
+        spec = call_spec(k)
         groups: dict[str, list[nn.Parameter]] = {"weight": [], "act": [], "smooth": []}
         for layer, act, weight in quantizers.values():
             if layer.block != block:
@@ -239,8 +262,15 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
         n = len(images)
 
         def block_loss(idx=None) -> Tensor:
-            args = tuple(a[idx] if isinstance(a, Tensor) and idx is not None else a for a in q_in)
-            target = [t[idx] if idx is not None else t for t in fp_out]
+            batch = n if idx is None else len(idx)
+
+            def data(v):
+                if v is _BATCH:
+                    return batch
+                return v if idx is None or not isinstance(v, Tensor) else v[idx]
+
+            args = [_get_attr(split, ref) if kind == "attr" else data(q_in[ref]) for kind, ref in spec]
+            target = [t if idx is None else t[idx] for t in fp_out]
             return _loss(target, _float_outputs(mod(*args)))
 
         with torch.no_grad():
@@ -267,7 +297,6 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
                 p.requires_grad_(True)
         with torch.no_grad():
             after.append(block_loss().item())
-        del fp_in
     report = JLSSReport(len(blocks), before, after, time.perf_counter() - t0)
     if progress:
         print(report)
