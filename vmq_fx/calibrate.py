@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
 from vmq_fx.quantizer import QuantizedLinear, quantized_linears
 
-__all__ = ["calibrate", "linear_quantizers", "smoothquant_scales"]
+__all__ = ["calibrate", "linear_quantizers", "smoothquant_scales", "split_batches"]
 
 _ACT_CLAMP, _WEIGHT_CLAMP, _SCALE_CLAMP = 1e-3, 1e-5, 1e-5
 
@@ -49,7 +49,9 @@ def linear_quantizers(gm: fx.GraphModule) -> dict[str, tuple[QuantizedLinear, to
     return out
 
 
-def _batches(data, batch_size: int) -> list[Tensor]:
+def split_batches(data, batch_size: int) -> list[Tensor]:
+    """Calibration data as a list of image batches: a tensor is split, an iterable's items (or their first
+    element, for (image, label) pairs) are taken as they are."""
     if isinstance(data, Tensor):
         return list(data.split(batch_size))
     out = []
@@ -108,7 +110,7 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     """
     recipe = prepared.meta.get("vmq_recipe")
     quantizers = linear_quantizers(prepared)
-    batches = _batches(data, batch_size)
+    batches = split_batches(data, batch_size)
     _check_inputs(prepared, batches)
     if recipe is not None and recipe.smooth:
         _run(prepared, batches, "calibrate (smoothing)", progress)

@@ -14,6 +14,7 @@ so learning updates the prepared model in place.
 """
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
-from vmq_fx.calibrate import _batches, linear_quantizers
+from vmq_fx.calibrate import linear_quantizers, split_batches
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
 
 __all__ = ["JLSSConfig", "JLSSReport", "jlss"]
@@ -146,11 +147,23 @@ def _set_fake_quant(quantizers, enabled: bool) -> None:
         q.enable_fake_quant(enabled)
 
 
-def _get_attr(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _block_loss(split: fx.GraphModule, mod: nn.Module, spec, q_in: list, fp_out: list[Tensor], idx) -> Tensor:
+    """Loss of one block on the cached quantized-path inputs (all, or the mini-batch ``idx``) against the FP outputs.
+    Parameters are read from ``split`` at call time so that gradients reach the prepared model's own."""
+    batch = len(_first_tensor(q_in)) if idx is None else len(idx)
+
+    def data(v):
+        if v is _BATCH:
+            return batch
+        return v if idx is None or not isinstance(v, Tensor) else v[idx]
+
+    args = [operator.attrgetter(ref)(split) if kind == "attr" else data(q_in[ref]) for kind, ref in spec]
+    target = [t if idx is None else t[idx] for t in fp_out]
+    return _loss(target, _float_outputs(mod(*args)))
+
+
+def _first_tensor(q_in: list) -> Tensor:
+    return next(v for v in q_in if isinstance(v, Tensor))
 
 
 def _float_outputs(out) -> list[Tensor]:
@@ -187,7 +200,7 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
         raise ValueError("jlss: the prepared model is not calibrated; run vmq_fx.calibrate(prepared, data) first")
     family = next(iter(quantizers.values()))[0].family
     cfg = config.resolved(family, bool(recipe and recipe.learn_all_projections))
-    images = torch.cat(_batches(calibration_data, 256))
+    images = torch.cat(split_batches(calibration_data, 256))
     blocks = _block_paths(prepared)
     split = _split_by_block(prepared, blocks)
     submods = {int(name[len("submod_"):]): mod for name, mod in split.named_children() if name.startswith("submod_")}
@@ -261,17 +274,8 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
                                 weight_decay=cfg.weight_decay)
         n = len(images)
 
-        def block_loss(idx=None) -> Tensor:
-            batch = n if idx is None else len(idx)
-
-            def data(v):
-                if v is _BATCH:
-                    return batch
-                return v if idx is None or not isinstance(v, Tensor) else v[idx]
-
-            args = [_get_attr(split, ref) if kind == "attr" else data(q_in[ref]) for kind, ref in spec]
-            target = [t if idx is None else t[idx] for t in fp_out]
-            return _loss(target, _float_outputs(mod(*args)))
+        def block_loss(idx=None, mod=mod, spec=spec, q_in=q_in, fp_out=fp_out) -> Tensor:
+            return _block_loss(split, mod, spec, q_in, fp_out, idx)
 
         with torch.no_grad():
             before.append(block_loss().item())

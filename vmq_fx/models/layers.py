@@ -1,7 +1,6 @@
 """Small layers shared by the model definitions."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["DropPath", "check_image_shape"]

@@ -15,6 +15,8 @@ For each linear that :class:`~vmq_fx.quantizer.VisualMambaQuantizer` quantized, 
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -30,11 +32,8 @@ _Q_PER_TENSOR = _qd.quantize_per_tensor.default
 _DQ_PER_TENSOR = _qd.dequantize_per_tensor.default
 
 
-def _get(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in str(target).split("."):
-        obj = getattr(obj, part)
-    return obj
+def _get(gm: fx.GraphModule, target) -> torch.Tensor:
+    return operator.attrgetter(str(target))(gm)
 
 
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor:
