@@ -43,7 +43,11 @@ def time_case(fn, args, backward):
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results/scan_cpu.md")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--note", default="", help="measurement conditions to record in the table header")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     ref = mamba_ssm_ref()
     cases = [("Vim-T (8, 384, 197, 16)", dict(batch=8, dim=384, length=197, n=16)),
              ("VMamba grouped (8, 4x96, 196, 8)", dict(batch=8, dim=384, length=196, n=8, groups=4))]
@@ -60,7 +64,8 @@ def main():
     lines = [
         "# CPU selective scan: vmq::selective_scan vs mamba-ssm selective_scan_ref",
         "",
-        f"Machine: {machine_line()}. Command: `python bench/scan_cpu.py`. Medians of 7 runs, same process.",
+        f"Machine: {machine_line()}. Command: `python bench/scan_cpu.py {' '.join(sys.argv[1:])}`. Medians of 7 "
+        f"runs, both implementations in the same process. {args.note}",
         "",
         "| shape (batch, d_inner, L, N) | pass | selective_scan_ref ms | vmq ms | speed-up | rel. error vs ref |",
         "|---|---|---|---|---|---|",
