@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -61,7 +62,7 @@ def main():
     header = [
         "# PTQ4VM accuracy on the Fashion-MNIST reference models", "",
         f"Machine: {machine_line()}. Command: `python bench/ptq4vm_accuracy.py "
-        f"{' '.join(sys.argv[1:])}`.",
+        f"{shlex.join(sys.argv[1:])}`.",
         f"Top-1 on {len(labels)} test images (convert_pt2e Q/DQ graph); {args.calib} calibration images from the "
         "training split (seed 0). JLSS: "
         f"{jcfg.steps or 'default (Vim 100, VMamba 400)'} steps per block, "

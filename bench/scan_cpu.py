@@ -8,6 +8,7 @@ softplus on, as Vim calls it. Also VMamba-style grouped B/C (4 directions). Medi
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def main():
     lines = [
         "# CPU selective scan: vmq::selective_scan vs mamba-ssm selective_scan_ref",
         "",
-        f"Machine: {machine_line()}. Command: `python bench/scan_cpu.py {' '.join(sys.argv[1:])}`. Medians of 7 "
+        f"Machine: {machine_line()}. Command: `python bench/scan_cpu.py {shlex.join(sys.argv[1:])}`. Medians of 7 "
         f"runs, both implementations in the same process. {args.note}",
         "",
         "| shape (batch, d_inner, L, N) | pass | selective_scan_ref ms | vmq ms | speed-up | rel. error vs ref |",
