@@ -43,8 +43,10 @@ def test_finds_mixer_linears_by_structure(vim, vmamba):
     names = [layer.name for _, layer in find_quantizable_linears(gm)]
     per_block = ["in_proj", "x_proj", "dt_proj", "x_proj_b", "dt_proj_b", "out_proj"]
     assert names == [f"layers.{i}.mixer.{r}" for i in range(2) for r in per_block]
+    assert {layer.family for _, layer in find_quantizable_linears(gm)} == {"vim"}
     _, gm = vmamba
     layers = [layer for _, layer in find_quantizable_linears(gm)]
+    assert {layer.family for layer in layers} == {"vmamba"}  # picks VMamba's alpha and JLSS defaults
     roles = Counter(layer.role for layer in layers)
     assert roles == {"in_proj": 2, "x_proj": 8, "dt_proj": 8, "out_proj": 2, "fc1": 2, "fc2": 2}
     assert not any("head" in l.name or "downsample" in l.name for l in layers)  # noqa: E741

@@ -16,7 +16,7 @@ Example:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -139,7 +139,6 @@ class QuantizedLinear:
     block: str  # module path of the block that holds it, e.g. "layers.3"
     family: str  # "vim" or "vmamba"
     smooth_attr: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _module_path_of_weight(node: fx.Node) -> str | None:
@@ -155,7 +154,9 @@ def _stack_paths(node: fx.Node) -> list[tuple[str, type]]:
 
 
 def _class_name(cls) -> str:
-    return cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    """Bare class name; nn_module_stack holds fully qualified strings ("vmq_fx.models.vmamba.SS2D") or classes."""
+    name = cls if isinstance(cls, str) else getattr(cls, "__qualname__", str(cls))
+    return name.rsplit(".", 1)[-1]
 
 
 def _role(path: str) -> str:
