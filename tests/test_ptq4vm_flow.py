@@ -103,6 +103,9 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request):
     assert t[torch.ops.vmq.int8_linear.default] == n_linears
     assert not any("quantize" in str(k) for k in t)
     assert t[torch.ops.aten.linear.default] == (1 if fixture == "vim" else 2)  # head (+ patch merging) stay float
+    # The float weights of the quantized linears are gone: only integer copies remain.
+    float_weights = {layer.name + ".weight" for _, layer in find_quantizable_linears(gm)}
+    assert not float_weights & {n for n, _ in lowered.named_parameters()}
     low_out = lowered(x)
     # Integer accumulation is exact where the Q/DQ reference accumulates in float32: their ~1e-7 differences flip an
     # occasional rounding level downstream, hence a bound above float rounding but far below a wrong scale or layout.

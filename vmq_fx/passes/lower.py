@@ -154,7 +154,12 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
 
 
 def _drop_unused_attributes(gm: fx.GraphModule) -> None:
+    """Delete parameters and buffers no get_attr reads, at any depth: the float weights that convert folded into
+    integer constants would otherwise stay in the lowered model."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name in [n for n, _ in list(gm.named_buffers(recurse=False)) + list(gm.named_parameters(recurse=False))]:
+    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [
+        n for n, _ in gm.named_buffers(remove_duplicate=False)]
+    for name in names:
         if name not in used:
-            delattr(gm, name)
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
