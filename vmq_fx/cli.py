@@ -115,7 +115,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if args.output:
         torch.export.save(ep, args.output)
         print(f"saved exported program to {args.output}")
-    return 0 if rel < 1e-4 else 1
+    if rel >= 1e-4:
+        print(f"vmq: error: exported program differs from eager (relative error {rel:.3g})", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
