@@ -26,11 +26,19 @@ from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantiza
 
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenDynamicFakeQuantize, PerTokenStaticFakeQuantize
 
-__all__ = ["PTQ4VMRecipe", "QuantizedLinear", "VisualMambaQuantizer", "find_quantizable_linears", "recipes"]
+__all__ = [
+    "SMOOTH_ATTR_PREFIX",
+    "PTQ4VMRecipe",
+    "QuantizedLinear",
+    "VisualMambaQuantizer",
+    "find_quantizable_linears",
+    "quantized_linears",
+    "recipes",
+]
 
 ActGranularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
 _LAYERS_META = "vmq_quantized_linears"
-_SMOOTH_PREFIX = "vmq_smooth_"
+SMOOTH_ATTR_PREFIX = "vmq_smooth_"  # attributes holding smoothing scales; lowering recognizes them by it
 
 
 @dataclass(frozen=True)
@@ -221,7 +229,7 @@ def quantized_linears(gm: fx.GraphModule) -> dict[str, QuantizedLinear]:
 def _insert_smoothing(gm: fx.GraphModule, node: fx.Node, layer: QuantizedLinear, index: int) -> None:
     """x -> x / s and W -> W * s in front of ``node``, with s = 1 until calibration sets it."""
     x, w = node.args[0], node.args[1]
-    attr = f"{_SMOOTH_PREFIX}{index}"
+    attr = f"{SMOOTH_ATTR_PREFIX}{index}"
     gm.register_parameter(attr, nn.Parameter(torch.ones(w.meta["val"].shape[1])))
     with gm.graph.inserting_before(node):
         s = gm.graph.get_attr(attr)

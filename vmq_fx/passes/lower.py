@@ -21,7 +21,7 @@ import torch
 from torch import fx
 
 from vmq_fx.ops.int8_linear import pack_int4
-from vmq_fx.quantizer import quantized_linears
+from vmq_fx.quantizer import SMOOTH_ATTR_PREFIX, quantized_linears
 
 __all__ = ["lower"]
 
@@ -50,7 +50,7 @@ def _register(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
 def _is_smooth_div(node, gm: fx.GraphModule) -> bool:
     return (isinstance(node, fx.Node) and node.target is torch.ops.aten.div.Tensor
             and isinstance(node.args[1], fx.Node) and node.args[1].op == "get_attr"
-            and str(node.args[1].target).startswith("vmq_smooth_"))
+            and str(node.args[1].target).startswith(SMOOTH_ATTR_PREFIX))
 
 
 def _fold_into_norm(gm: fx.GraphModule, div: fx.Node, index: int) -> bool:
@@ -124,7 +124,7 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
             div, x = x, x.args[0]
             if not (fold_smoothing and _fold_into_norm(gm, div, index)):
                 with graph.inserting_before(node):
-                    smooth = _register(gm, f"vmq_smooth_fused_{index}", _get(gm, div.args[1].target))
+                    smooth = _register(gm, f"vmq_q{index}_smooth", _get(gm, div.args[1].target))
         with graph.inserting_before(node):
             prefix = f"vmq_q{index}_"
             args = (
