@@ -54,10 +54,11 @@ def _cmd_reference(args: argparse.Namespace) -> int:
     ep = vmq_fx.export_model(model, calib[:2])
     export_s = time.perf_counter() - t0
     scans = sum(n.target is torch.ops.vmq.selective_scan.default for n in ep.graph.nodes)
-    add("FP32 torch.export", evaluate(ep.module(), data_dir=args.data_dir, progress=progress),
+    exported = ep.module()
+    add("FP32 torch.export", evaluate(exported, data_dir=args.data_dir, progress=progress),
         f"{scans} vmq.selective_scan nodes, export {export_s:.1f} s")
     t0 = time.perf_counter()
-    prepared = vmq_fx.prepare_pt2e(ep.module(), vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.smoothquant_pts(8, 8)))
+    prepared = vmq_fx.prepare_pt2e(exported, vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.smoothquant_pts(8, 8)))
     vmq_fx.calibrate(prepared, calib, progress=progress)
     lowered = vmq_fx.lower(vmq_fx.convert_pt2e(prepared))
     quant_s = time.perf_counter() - t0

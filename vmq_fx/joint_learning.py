@@ -218,11 +218,11 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
                 data += 1
         return spec
 
-    def capture(k: int, fake_quant: bool) -> tuple[list[Tensor], list[Tensor]]:
+    def capture(k: int, spec, fake_quant: bool) -> tuple[list[Tensor], list[Tensor]]:
         """Block k's activation inputs and float outputs on all images, with fake quantization on or off."""
         _set_fake_quant(all_q, fake_quant)
         mod = submods[2 * k + 1]
-        data_pos = [i for i, (kind, _) in enumerate(call_spec(k)) if kind == "data"]
+        data_pos = [i for i, (kind, _) in enumerate(spec) if kind == "data"]
         ins, outs = [], []
 
         def pre(_, args):
@@ -254,10 +254,10 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
     gen = torch.Generator().manual_seed(cfg.seed)
     before, after = [], []
     for k, block in enumerate(blocks):
-        _, fp_out = capture(k, fake_quant=False)
-        q_in, _ = capture(k, fake_quant=True)
-        mod = submods[2 * k + 1]
         spec = call_spec(k)
+        _, fp_out = capture(k, spec, fake_quant=False)
+        q_in, _ = capture(k, spec, fake_quant=True)
+        mod = submods[2 * k + 1]
         groups: dict[str, list[nn.Parameter]] = {"weight": [], "act": [], "smooth": []}
         for layer, act, weight in quantizers.values():
             if layer.block != block:
@@ -279,7 +279,8 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
 
         with torch.no_grad():
             before.append(block_loss().item())
-        frozen = [p for p in prepared.parameters() if p.requires_grad and all(p is not q for q in params)]
+        learned = {id(p) for p in params}
+        frozen = [p for p in prepared.parameters() if p.requires_grad and id(p) not in learned]
         for p in frozen:
             p.requires_grad_(False)
         try:
@@ -293,7 +294,7 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 opt.step()
                 with torch.no_grad():
-                    for p in groups["act"] + groups["weight"] + groups["smooth"]:
+                    for p in params:
                         p.clamp_(min=1e-8)
                 bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
         finally:

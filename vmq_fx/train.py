@@ -73,9 +73,10 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
     images, labels = fashion_mnist("train", data_dir)
     x_all = normalize(images)
     model = create_model(model_name, drop_path_rate=cfg.drop_path_rate)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "pos_embed" not in n
-                                                                and "cls_token" not in n)]
+    # Weight decay on matrices only; embeddings, norms, biases and SSM vectors are left alone.
+    decays = {n: p.dim() >= 2 and "pos_embed" not in n and "cls_token" not in n for n, p in model.named_parameters()}
+    decay = [p for n, p in model.named_parameters() if decays[n]]
+    no_decay = [p for n, p in model.named_parameters() if not decays[n]]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     steps_per_epoch = len(x_all) // cfg.batch_size
