@@ -6,21 +6,28 @@ from vmq_fx.calibrate import calibrate
 from vmq_fx.export import export_model
 from vmq_fx.joint_learning import JLSSConfig, jlss
 from vmq_fx.passes import adapt_mamba_ssm, lower
-from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, recipes
+from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe, recipes
+from vmq_fx.serialization import load_quantized, save_quantized
+from vmq_fx.vector_quantize import VQReport, vector_quantize
 
 __all__ = [
     "JLSSConfig",
     "PTQ4VMRecipe",
+    "VQRecipe",
+    "VQReport",
     "VisualMambaQuantizer",
     "adapt_mamba_ssm",
     "calibrate",
     "convert_pt2e",
     "export_model",
     "jlss",
+    "load_quantized",
     "lower",
     "models",
     "ops",
     "prepare_pt2e",
     "recipes",
+    "save_quantized",
+    "vector_quantize",
 ]
 __version__ = "0.1.0"

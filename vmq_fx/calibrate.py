@@ -1,5 +1,7 @@
 """Calibration of a model prepared with :class:`~vmq_fx.quantizer.VisualMambaQuantizer`.
 
+For a vector-quantization recipe, calibration records the weights and fits each layer's k-means codebook.
+
 PTQ4VM's calibration has two passes over the calibration images:
 
 1. with the smoothing scales at 1, record each quantized linear's per-channel input maximum, then set
@@ -17,7 +19,7 @@ import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
-from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize, VectorQuantizedWeight
 from vmq_fx.quantizer import QuantizedLinear, quantized_linears
 
 __all__ = ["calibrate", "linear_quantizers", "smoothquant_scales", "split_batches"]
@@ -32,15 +34,20 @@ def smoothquant_scales(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tens
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=_SCALE_CLAMP)
 
 
-def linear_quantizers(gm: fx.GraphModule) -> dict[str, tuple[QuantizedLinear, torch.nn.Module, torch.nn.Module]]:
-    """For each quantized linear of a prepared model: (layer, activation quantizer, weight quantizer)."""
+def linear_quantizers(gm: fx.GraphModule) -> dict[str, tuple[QuantizedLinear, torch.nn.Module | None, torch.nn.Module]]:
+    """For each quantized linear of a prepared model: (layer, activation quantizer or ``None`` for weight-only
+    recipes, weight quantizer)."""
     layers = quantized_linears(gm)
+    weight_only = gm.meta.get("vmq_recipe") is not None and gm.meta["vmq_recipe"].act_qspec() is None
     out = {}
     for node in gm.graph.nodes:
         if node.name not in layers:
             continue
         mods = []
-        for arg in node.args[:2]:
+        for i, arg in enumerate(node.args[:2]):
+            if i == 0 and weight_only:
+                mods.append(None)
+                continue
             if not (isinstance(arg, fx.Node) and arg.op == "call_module"):
                 raise ValueError(f"{layers[node.name].name}: expected an observer in front of the linear; was the "
                                  "model prepared with prepare_pt2e and not converted yet?")
@@ -125,7 +132,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
             act.reset_statistics()
             weight.reset_statistics()
     _run(prepared, batches, "calibrate (step sizes)", progress)
-    for _, act, weight in quantizers.values():
-        for q in (act, weight):
-            if isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize)):
-                q.initialize()
+    modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
+    initialize = [q for q in modules if isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize,
+                                                        VectorQuantizedWeight))]
+    for q in tqdm(initialize, desc="initialize quantizers", disable=not progress, leave=False):
+        q.initialize()

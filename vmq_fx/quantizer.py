@@ -24,12 +24,19 @@ from torch import fx, nn
 from torchao.quantization.pt2e.observer import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
-from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenDynamicFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.ops.vq_linear import code_bits
+from vmq_fx.observers import (
+    PerChannelWeightFakeQuantize,
+    PerTokenDynamicFakeQuantize,
+    PerTokenStaticFakeQuantize,
+    VectorQuantizedWeight,
+)
 
 __all__ = [
     "SMOOTH_ATTR_PREFIX",
     "PTQ4VMRecipe",
     "QuantizedLinear",
+    "VQRecipe",
     "VisualMambaQuantizer",
     "find_quantizable_linears",
     "quantized_linears",
@@ -37,6 +44,7 @@ __all__ = [
 ]
 
 ActGranularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
+VQMethod = Literal["kmeans", "convex", "incremental"]
 _LAYERS_META = "vmq_quantized_linears"
 SMOOTH_ATTR_PREFIX = "vmq_smooth_"  # attributes holding smoothing scales; lowering recognizes them by it
 
@@ -112,6 +120,93 @@ class PTQ4VMRecipe:
         )
 
 
+# (sub-vector length d, codebook size k) per bit width: log2(k) / d index bits per weight. 3 bits uses d = 2, k = 64
+# rather than the paper's d = 4, k = 4096: on the small layers of the reference models a 4096-entry codebook would
+# hold more entries than the layer has sub-vectors.
+VQ_SHAPES = {3: (2, 64), 2: (4, 256), 1: (8, 256)}
+
+
+@dataclass(frozen=True)
+class VQRecipe:
+    """ViM-VQ weight-only vector quantization of the same linears (activations stay floating point).
+
+    Args:
+        bits: index bits per weight, 1..3, picking ``(d, k)`` from ``VQ_SHAPES`` (3: d=2, k=64; 2: d=4, k=256;
+            1: d=8, k=256). ``None`` with explicit ``d`` and ``k``.
+        d, k: sub-vector length and codebook size (override ``bits``; both or neither).
+        n: candidate codewords per sub-vector (the convex hull).
+        method: ``"incremental"`` (ViM-VQ: convex-combination optimization with incremental confirmation),
+            ``"convex"`` (optimization, rounded to the largest ratio at the end) or ``"kmeans"`` (no optimization).
+        row_scale: one float16 scale per output row, rows clustered at unit RMS.
+        steps: optimization steps per block.
+        batch_size: calibration images per step.
+        lr_ratio, lr_codebook: Adam learning rates of the ratio logits and of the codebook.
+        reg: weight of the one-hot regularizer ``n * mean(r (1 - r))`` at the end of a block's schedule (it grows
+            linearly from 0).
+        reselect_every: steps between candidate re-selections (0: never).
+        confirm_start: fraction of the steps after which confirmation starts (incremental method).
+        confirm_rounds: confirmation rounds; round ``r`` of ``R`` leaves ``r / R`` of the sub-vectors confirmed.
+        kmeans_iters, seed: k-means initialization.
+    """
+
+    bits: int | None = 2
+    d: int | None = None
+    k: int | None = None
+    n: int = 4
+    method: VQMethod = "incremental"
+    row_scale: bool = True
+    steps: int = 100
+    batch_size: int = 64
+    lr_ratio: float = 5e-2
+    lr_codebook: float = 1e-3
+    reg: float = 1e-3
+    reselect_every: int = 20
+    confirm_start: float = 0.3
+    confirm_rounds: int = 8
+    kmeans_iters: int = 25
+    seed: int = 0
+
+    def __post_init__(self):
+        if (self.d is None) != (self.k is None):
+            raise ValueError("VQRecipe: give both d and k, or neither (then bits picks them)")
+        if self.d is None:
+            if self.bits not in VQ_SHAPES:
+                raise ValueError(f"VQRecipe: bits must be 1, 2 or 3 without an explicit (d, k), got {self.bits!r}")
+            d, k = VQ_SHAPES[self.bits]
+            object.__setattr__(self, "d", d)
+            object.__setattr__(self, "k", k)
+        if self.d < 1 or self.k < 2 or not 1 <= self.n <= self.k:
+            raise ValueError(f"VQRecipe: need d >= 1, k >= 2 and 1 <= n <= k, got d={self.d}, k={self.k}, n={self.n}")
+        if self.method not in ("kmeans", "convex", "incremental"):
+            raise ValueError(f"VQRecipe: method must be kmeans, convex or incremental, got {self.method!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.confirm_rounds < 1 or not 0 <= self.confirm_start < 1:
+            raise ValueError("VQRecipe: steps >= 0, batch_size >= 1, confirm_rounds >= 1 and 0 <= confirm_start < 1")
+
+    @property
+    def index_bits(self) -> float:
+        """Bits per weight spent on codeword indices (codebooks and row scales not included)."""
+        return code_bits(self.k) / self.d
+
+    @property
+    def name(self) -> str:
+        prefix = {"incremental": "vimvq", "convex": "vq-convex", "kmeans": "vq-kmeans"}[self.method]
+        return f"{prefix}-{self.index_bits:g}bit"
+
+    def weight_qspec(self) -> QuantizationSpec:
+        return QuantizationSpec(
+            dtype=torch.uint8, observer_or_fake_quant_ctr=VectorQuantizedWeight.with_args(
+                d=self.d, k=self.k, n=self.n, row_scale=self.row_scale, kmeans_iters=self.kmeans_iters,
+                seed=self.seed),
+        )
+
+    def act_qspec(self) -> None:
+        return None
+
+    @property
+    def smooth(self) -> bool:  # read by the quantizer; VQ inserts no smoothing
+        return False
+
+
 class recipes:  # noqa: N801 - a namespace, used as ``recipes.ptq4vm(...)``
     """Named recipes."""
 
@@ -136,6 +231,22 @@ class recipes:  # noqa: N801 - a namespace, used as ``recipes.ptq4vm(...)``
         """Baseline: per-tensor static min-max activations, no smoothing."""
         return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, act_granularity="per_tensor_static", smooth=False,
                             **kwargs)
+
+    @staticmethod
+    def vimvq(bits: int = 2, **kwargs) -> VQRecipe:
+        """ViM-VQ: k-means init, convex-combination optimization, incremental confirmation; run
+        :func:`vmq_fx.vector_quantize`."""
+        return VQRecipe(bits=bits, method="incremental", **kwargs)
+
+    @staticmethod
+    def vq_convex(bits: int = 2, **kwargs) -> VQRecipe:
+        """Ablation: convex-combination optimization, every sub-vector rounded to its largest ratio at the end."""
+        return VQRecipe(bits=bits, method="convex", **kwargs)
+
+    @staticmethod
+    def vq_kmeans(bits: int = 2, **kwargs) -> VQRecipe:
+        """Baseline: plain k-means VQ (each sub-vector to its nearest codeword, no optimization)."""
+        return VQRecipe(bits=bits, method="kmeans", **kwargs)
 
 
 @dataclass
@@ -249,7 +360,7 @@ class VisualMambaQuantizer(Quantizer):
     leaves nodes that another quantizer annotated alone.
 
     Args:
-        recipe: a :class:`PTQ4VMRecipe` (see :class:`recipes`).
+        recipe: a :class:`PTQ4VMRecipe` or a :class:`VQRecipe` (see :class:`recipes`).
 
     Example:
         >>> import torch
@@ -262,7 +373,7 @@ class VisualMambaQuantizer(Quantizer):
         >>> quantized = convert_pt2e(prepared)
     """
 
-    def __init__(self, recipe: PTQ4VMRecipe | None = None):
+    def __init__(self, recipe: PTQ4VMRecipe | VQRecipe | None = None):
         super().__init__()
         self.recipe = recipe or PTQ4VMRecipe()
 
@@ -286,9 +397,8 @@ class VisualMambaQuantizer(Quantizer):
             if node.name not in table or "quantization_annotation" in node.meta:
                 continue
             x, w = node.args[0], node.args[1]
-            node.meta["quantization_annotation"] = QuantizationAnnotation(
-                input_qspec_map={x: act, w: weight}, _annotated=True
-            )
+            qspecs = {w: weight} if act is None else {x: act, w: weight}
+            node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)
         return model
 
     def validate(self, model: fx.GraphModule) -> None:

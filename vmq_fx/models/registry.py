@@ -8,7 +8,7 @@ from torch import nn
 from vmq_fx.models.vim import VimConfig, VisionMamba
 from vmq_fx.models.vmamba import VMamba, VMambaConfig
 
-__all__ = ["MODEL_CONFIGS", "create_model", "list_models"]
+__all__ = ["MODEL_CONFIGS", "build_model", "create_model", "list_models"]
 
 MODEL_CONFIGS: dict[str, VimConfig | VMambaConfig] = {
     # The published Vim shapes (ImageNet, 224x224, patch 16, 197 tokens).
@@ -57,4 +57,11 @@ def create_model(name: str, **overrides) -> nn.Module:
         if unknown:
             raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
         cfg = type(cfg)(**{**cfg.__dict__, **overrides})
+    return build_model(cfg)
+
+
+def build_model(cfg: VimConfig | VMambaConfig) -> nn.Module:
+    """The model for a configuration object (randomly initialized)."""
+    if type(cfg) not in _BUILDERS:
+        raise TypeError(f"build_model: expected a VimConfig or VMambaConfig, got {type(cfg).__name__}")
     return _BUILDERS[type(cfg)](cfg)

@@ -1,4 +1,6 @@
-"""Observers and fake-quantize modules for PT2E: per-token static activations, Lp-searched per-channel weights."""
+"""Observers and fake-quantize modules for PT2E: per-token static activations, Lp-searched per-channel weights,
+vector-quantized weights."""
+from vmq_fx.observers.codebook import VectorQuantizedWeight, kmeans, nearest_codewords
 from vmq_fx.observers.fake_quantize import (
     NotCalibratedError,
     PerChannelWeightFakeQuantize,
@@ -11,4 +13,7 @@ __all__ = [
     "PerChannelWeightFakeQuantize",
     "PerTokenDynamicFakeQuantize",
     "PerTokenStaticFakeQuantize",
+    "VectorQuantizedWeight",
+    "kmeans",
+    "nearest_codewords",
 ]

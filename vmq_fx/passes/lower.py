@@ -1,4 +1,5 @@
-"""Lowering of a ``convert_pt2e`` Q/DQ graph to ``vmq::int8_linear``.
+"""Lowering of a ``convert_pt2e`` Q/DQ graph to ``vmq::int8_linear`` (and of vector-quantized linears to
+``vmq::vq_linear``).
 
 For each linear that :class:`~vmq_fx.quantizer.VisualMambaQuantizer` quantized, the converted graph holds::
 
@@ -12,6 +13,9 @@ For each linear that :class:`~vmq_fx.quantizer.VisualMambaQuantizer` quantized, 
 2. otherwise passes ``s`` to the op, which divides by it inside its quantize step (no separate pass over memory);
 3. replaces the pattern with one ``vmq::int8_linear`` node holding the integer weight (4-bit weights packed two per
    byte) and the per-token activation scales and zero points.
+
+A vector-quantized linear, ``linear(x, vq_dequantize(codes, codebook, row_scale), bias)``, becomes
+``vq_linear(x, codes, codebook, row_scale, bias)``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import operator
 import torch
 from torch import fx
 
+import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 from vmq_fx.ops.int8_linear import pack_int4
 from vmq_fx.quantizer import SMOOTH_ATTR_PREFIX, quantized_linears
 
@@ -30,6 +35,7 @@ _Q_PER_CHANNEL = _qd.quantize_per_channel.default
 _DQ_PER_CHANNEL = _qd.dequantize_per_channel.default
 _Q_PER_TENSOR = _qd.quantize_per_tensor.default
 _DQ_PER_TENSOR = _qd.dequantize_per_tensor.default
+_VQ_DEQUANTIZE = torch.ops.vmq.vq_dequantize.default
 
 
 def _get(gm: fx.GraphModule, target) -> torch.Tensor:
@@ -73,7 +79,8 @@ def _fold_into_norm(gm: fx.GraphModule, div: fx.Node, index: int) -> bool:
 
 
 def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphModule:
-    """Lower every quantized linear of a ``convert_pt2e`` output to ``vmq::int8_linear`` (in place).
+    """Lower every quantized linear of a ``convert_pt2e`` output to ``vmq::int8_linear`` / ``vmq::vq_linear``
+    (in place).
 
     Args:
         quantized: ``convert_pt2e(prepared)`` of a model prepared with ``VisualMambaQuantizer``.
@@ -81,7 +88,7 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
             the op's quantize step).
 
     Returns:
-        The lowered graph module; each quantized linear is one ``vmq.int8_linear`` node.
+        The lowered graph module; each quantized linear is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node.
 
     Example:
         >>> lowered = vmq_fx.lower(convert_pt2e(prepared))  # doctest: +SKIP
@@ -95,6 +102,16 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
         layer = layers[node.name]
         dq_x, dq_w = node.args[0], node.args[1]
         bias = node.args[2] if len(node.args) > 2 else None
+        if isinstance(dq_w, fx.Node) and dq_w.target is _VQ_DEQUANTIZE:
+            if isinstance(dq_x, fx.Node) and dq_x.op == "call_function" and "dequantize" in str(dq_x.target):
+                raise ValueError(f"{layer.name}: vector-quantized weights with quantized activations are not lowered")
+            with graph.inserting_before(node):
+                new = graph.call_function(torch.ops.vmq.vq_linear.default, (dq_x, *dq_w.args[:3], bias, dq_w.args[3]))
+            new.meta = dict(node.meta)
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            lowered += 1
+            continue
         if not (isinstance(dq_x, fx.Node) and isinstance(dq_w, fx.Node) and dq_w.target is _DQ_PER_CHANNEL):
             raise ValueError(f"{layer.name}: not a converted Q/DQ linear; run convert_pt2e before lower")
         q_x = dq_x.args[0]

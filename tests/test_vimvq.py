@@ -1,0 +1,261 @@
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+import vmq_fx
+from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
+from vmq_fx.models import CheckpointMismatchError, create_model
+from vmq_fx.observers import NotCalibratedError, VectorQuantizedWeight, kmeans, nearest_codewords
+from vmq_fx.ops import pack_codes, unpack_codes, vq_dequantize, vq_linear, vq_linear_reference
+from vmq_fx.ops.vq_linear import code_bits
+from vmq_fx.vector_quantize import _confirm_schedule
+
+VQ_DQ = torch.ops.vmq.vq_dequantize.default
+VQ_LINEAR = torch.ops.vmq.vq_linear.default
+
+
+def _targets(gm):
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+# -- k-means and candidates -------------------------------------------------------------------------------------------
+def test_kmeans_one_step_matches_direct_lloyd():
+    g = torch.Generator().manual_seed(1)
+    x = torch.cat([torch.randn(40, 3, generator=g) + 6 * c for c in torch.eye(3)])  # three clear clusters
+    codebook, assign = kmeans(x, 3, iters=1, seed=0)
+    init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:3]]
+    a0 = torch.cdist(x.double(), init.double()).argmin(1)
+    direct = torch.stack([x[a0 == j].double().mean(0) for j in range(3)])
+    torch.testing.assert_close(codebook.double(), direct, rtol=1e-5, atol=1e-5)
+    assert torch.equal(assign, torch.cdist(x.double(), codebook.double()).argmin(1))
+
+
+def test_kmeans_iterations_do_not_increase_inertia_and_cover_small_sets():
+    x = torch.randn(500, 4, generator=torch.Generator().manual_seed(0))
+
+    def inertia(cb, a):
+        return (x - cb[a]).pow(2).sum().item()
+
+    values = [inertia(*kmeans(x, 16, iters=i)) for i in (1, 3, 10, 30)]
+    assert all(b <= a + 1e-4 for a, b in zip(values, values[1:]))
+    cb, a = kmeans(x[:10], 16)  # k >= points: every point is a codeword
+    assert cb.shape == (16, 4) and torch.equal(cb[a], x[:10])
+
+
+def test_nearest_codewords_match_cdist_topk():
+    g = torch.Generator().manual_seed(0)
+    x, cb = torch.randn(300, 4, generator=g), torch.randn(50, 4, generator=g)
+    idx, dist = nearest_codewords(x, cb, 3)
+    ref = torch.cdist(x.double(), cb.double()).pow(2)
+    ref_d, ref_i = ref.topk(3, dim=1, largest=False)
+    assert torch.equal(idx, ref_i)
+    torch.testing.assert_close(dist.double(), ref_d, rtol=1e-4, atol=1e-4)
+
+
+def _vq(rows=24, cols=10, d=4, k=16, n=3, seed=0):
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed)) * torch.linspace(0.1, 3, rows)[:, None]
+    vq = VectorQuantizedWeight(d=d, k=k, n=n)
+    vq(w)
+    vq.initialize()
+    return vq, w
+
+
+def test_soft_state_scales_with_n_not_k():
+    vq, _ = _vq(rows=64, cols=32, d=4, k=256, n=3)
+    sub = 64 * 32 // 4
+    assert vq.logits.shape == (sub, 3) and vq.candidates.shape == (sub, 3)
+    assert all(sub * 256 > t.numel() for t in list(vq.buffers()) + list(vq.parameters()))
+
+
+def test_ratios_start_nearest_first_and_stay_on_the_simplex():
+    vq, w = _vq()
+    r = vq.ratios()
+    assert torch.equal(r.argmax(-1), torch.zeros(len(r), dtype=torch.long))  # the nearest codeword leads
+    opt = torch.optim.Adam([vq.logits, vq.codebook], lr=0.1)
+    for _ in range(20):
+        loss = (vq(w) - w * 1.3).pow(2).mean() + 0.1 * vq.one_hot_penalty()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        vq.reselect()
+        r = vq.ratios()
+        assert (r >= 0).all() and torch.allclose(r.sum(-1), torch.ones(len(r)), atol=1e-6)
+        # the soft value is a convex combination of its candidates: inside their bounding box
+        cand = vq.codebook[vq.candidates]
+        soft = vq.soft_subvectors()
+        assert (soft >= cand.amin(1) - 1e-5).all() and (soft <= cand.amax(1) + 1e-5).all()
+
+
+def test_confirmation_is_monotone_by_confidence_and_ends_all_hard():
+    vq, _ = _vq()
+    total = len(vq.confirmed)
+    before = vq.confirmed.clone()
+    for frac in (0.25, 0.5, 0.5, 0.9, 1.0):
+        top = vq.ratios().max(-1).values.masked_fill(vq.confirmed, -1)
+        codes_before = vq.codes[vq.confirmed].clone()
+        added = vq.confirm(frac)
+        assert int(vq.confirmed.sum()) == round(frac * total)
+        assert (vq.confirmed | ~before).all() and (vq.confirmed >= before).all()  # never un-confirms
+        assert torch.equal(vq.codes[before], codes_before)  # confirmed codes stay
+        new = vq.confirmed & ~before
+        if added and int((~vq.confirmed).sum()):
+            assert top[new].min() >= top[~vq.confirmed].max()  # the most confident went first
+        before = vq.confirmed.clone()
+    assert vq.confirmed.all()
+    torch.testing.assert_close(vq.weight(), vq.codebook[vq.codes].reshape(24, -1)[:, :10] * vq.row_scale[:, None])
+
+
+def test_confirm_schedule_grows_to_all_at_the_last_step():
+    sched = _confirm_schedule(recipes.vimvq(2, steps=100, confirm_rounds=4, confirm_start=0.5))
+    assert sorted(sched.items()) == [(62, 0.25), (75, 0.5), (87, 0.75), (100, 1.0)]
+
+
+# -- storage and the op -----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bits", [1, 2, 3, 5, 6, 8, 12])
+def test_pack_codes_round_trip(bits):
+    codes = torch.randint(0, 1 << bits, (7, 13), generator=torch.Generator().manual_seed(bits))
+    packed = pack_codes(codes, bits)
+    assert packed.dtype == torch.uint8 and packed.shape == (7, -(-13 * bits // 8))
+    assert torch.equal(unpack_codes(packed, bits, 13), codes)
+    with pytest.raises(ValueError, match="codes must lie in"):
+        pack_codes(codes + (1 << bits), bits)
+
+
+@pytest.mark.parametrize("rows,cols,d,k", [(300, 10, 4, 256), (5, 7, 2, 64), (9, 16, 8, 256), (3, 5, 1, 2)])
+def test_vq_linear_matches_dequantize_then_matmul(rows, cols, d, k):
+    g = torch.Generator().manual_seed(rows)
+    per_row = -(-cols // d)
+    codes = pack_codes(torch.randint(0, k, (rows, per_row), generator=g), code_bits(k))
+    codebook = torch.randn(k, d, generator=g).half()
+    scale = torch.rand(rows, generator=g).half() + 0.5
+    bias = torch.randn(rows, generator=g)
+    x = torch.randn(2, 17, cols, generator=g)  # odd token count
+    ref = vq_linear_reference(x, codes, codebook, scale, bias, cols)
+    out = vq_linear(x, codes, codebook, scale, bias, cols)
+    assert out.shape == (2, 17, rows) and out.dtype == x.dtype
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    w = vq_dequantize(codes, codebook, scale, cols)
+    torch.testing.assert_close(w.double() @ x.double().transpose(-1, -2), (ref - bias.double()).transpose(-1, -2),
+                               rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.vmq.vq_linear.default, (x, codes, codebook, scale, bias, cols))
+
+
+def test_vq_linear_rejects_codes_of_the_wrong_size():
+    with pytest.raises(ValueError, match="codes must be uint8"):
+        vq_linear(torch.randn(2, 8), torch.zeros(3, 1, dtype=torch.uint8), torch.randn(256, 4), torch.ones(3), None, 8)
+
+
+# -- recipes and bad input --------------------------------------------------------------------------------------------
+def test_recipe_bits_and_errors():
+    assert (recipes.vimvq(2).d, recipes.vimvq(2).k, recipes.vimvq(2).index_bits) == (4, 256, 2.0)
+    assert recipes.vimvq(3).index_bits == 3.0 and recipes.vimvq(1).index_bits == 1.0
+    assert recipes.vimvq(bits=None, d=4, k=4096).index_bits == 3.0
+    with pytest.raises(ValueError, match="bits must be 1, 2 or 3"):
+        recipes.vimvq(4)
+    with pytest.raises(ValueError, match="both d and k"):
+        recipes.vimvq(2, d=4)
+    with pytest.raises(ValueError, match="method"):
+        vmq_fx.VQRecipe(method="gptvq")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = create_model("vim_fm_tiny", depth=2).eval()
+    gm = vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
+    return model, gm, torch.randn(48, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+
+def test_vector_quantize_needs_calibration_and_a_vq_recipe(tiny):
+    _, gm, calib = tiny
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vimvq(2)))
+    with pytest.raises(ValueError, match="not calibrated"):
+        vmq_fx.vector_quantize(prepared, calib)
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        vmq_fx.calibrate(prepared, torch.empty(0, 1, 28, 28))
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    with pytest.raises(NotCalibratedError, match="vector_quantize"):
+        convert_pt2e(copy.deepcopy(prepared))  # codes not final yet
+    ptq = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(8, 8)))
+    with pytest.raises(ValueError, match="VQ recipe"):
+        vmq_fx.vector_quantize(ptq, calib)
+
+
+def test_end_to_end_vimvq_graph_numbers_and_save_load(tiny, tmp_path):
+    model, gm, calib = tiny
+    results = {}
+    for make in (recipes.vq_kmeans, recipes.vimvq):
+        prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(make(2, steps=24, batch_size=16)))
+        vmq_fx.calibrate(prepared, calib, progress=False)
+        report = vmq_fx.vector_quantize(prepared, calib, progress=False)
+        results[make.__name__] = report
+        x = torch.randn(3, 1, 28, 28)
+        fake = prepared(x)
+        quantized = convert_pt2e(prepared)
+        assert _targets(quantized)[VQ_DQ] == 12  # 6 linears per Vim block, weights only
+        assert not any("quantize_per" in str(t) for t in _targets(quantized))  # activations stay float
+        q_out = quantized(x)
+        torch.testing.assert_close(q_out, fake, rtol=1e-5, atol=1e-5)
+        lowered = vmq_fx.lower(quantized)
+        t = _targets(lowered)
+        assert t[VQ_LINEAR] == 12 and t[VQ_DQ] == 0 and t[torch.ops.aten.linear.default] == 1  # the head
+        assert torch.equal(lowered(x), q_out)
+        assert not any(k.endswith("in_proj.weight") for k in lowered.state_dict())  # float weights dropped
+        ref = model(x)
+        assert ((q_out - ref).norm() / ref.norm()).item() < 0.6  # 2-bit weights of a random model: close-ish
+    # the optimization lowers the block reconstruction loss of plain k-means
+    assert sum(results["vimvq"].loss_after) < 0.9 * sum(results["vimvq"].loss_kmeans)
+    assert results["vq_kmeans"].loss_after == pytest.approx(results["vq_kmeans"].loss_kmeans, rel=0.05)
+
+    path = tmp_path / "vim_vq2.safetensors"
+    vmq_fx.save_quantized(lowered, path, model.config)
+    loaded = vmq_fx.load_quantized(path)
+    x = torch.randn(5, 1, 28, 28)
+    assert torch.equal(loaded(x), lowered(x))
+
+
+def test_dt_proj_with_input_not_divisible_by_d_is_padded(tiny):
+    _, gm, calib = tiny  # dt_proj has K = dt_rank = 6, d = 8
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vq_kmeans(1)))
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    vmq_fx.vector_quantize(prepared, calib, progress=False)
+    lowered = vmq_fx.lower(convert_pt2e(prepared))
+    dt = next(n for n in lowered.graph.nodes if n.target is VQ_LINEAR and "dt_proj" in str(n.args[1].target))
+    assert dt.args[-1] == 6  # in_features; codes hold one padded 8-vector per row
+    assert tuple(getattr(lowered, str(dt.args[1].target)).shape) == (192, 1)
+
+
+def test_load_quantized_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        vmq_fx.load_quantized(tmp_path / "missing.safetensors")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="could not read"):
+        vmq_fx.load_quantized(bad)
+    from safetensors.torch import save_file
+
+    other = tmp_path / "other.safetensors"
+    save_file({"w": torch.zeros(1)}, str(other))
+    with pytest.raises(ValueError, match="not a vmq_fx quantized model"):
+        vmq_fx.load_quantized(other)
+
+
+def test_load_quantized_reports_mismatched_tensors(tiny, tmp_path):
+    model, gm, calib = tiny
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vq_kmeans(2)))
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    vmq_fx.vector_quantize(prepared, calib, progress=False)
+    lowered = vmq_fx.lower(convert_pt2e(prepared))
+    path = tmp_path / "m.safetensors"
+    vmq_fx.save_quantized(lowered, path, model.config)
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    tensors.pop(next(k for k in tensors if k.endswith("vq_codebook")))
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(CheckpointMismatchError, match="missing keys"):
+        vmq_fx.load_quantized(path)

@@ -1,0 +1,174 @@
+"""Block-by-block reconstruction on a prepared graph, shared by JLSS and ViM-VQ.
+
+The prepared graph is split into one submodule per block (module paths from ``nn_module_stack``) with
+``torch.fx.passes.split_module``; the submodules share the quantizer modules and parameters of the prepared model,
+so learning updates the prepared model in place. For block ``k``:
+
+* :meth:`BlockRunner.capture` runs the images up to block ``k`` and records its inputs and float outputs, with fake
+  quantization on (inputs from the already-quantized preceding blocks) or off (the floating-point target);
+* :meth:`BlockRunner.loss` is the mean over tokens of ``1 - cos`` between the target and the block's output on the
+  captured inputs (all of them or a mini-batch), with the live parameters of the prepared model.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+from torch.fx.passes.split_module import split_module
+
+from vmq_fx.calibrate import linear_quantizers
+
+__all__ = ["BlockRunner"]
+
+_BATCH = object()  # stands for "the batch size" among a block's captured arguments
+
+
+class _Stop(Exception):
+    pass
+
+
+def _block_index_of(paths: list[str], blocks: list[str]) -> int | None:
+    for path in reversed(paths):
+        if path in blocks:
+            return blocks.index(path)
+    return None
+
+
+def _split_by_block(gm: fx.GraphModule, blocks: list[str]) -> fx.GraphModule:
+    """Partitions: 0 (before the first block), 2k+1 (block k), 2k+2 (between block k and k+1, and after the last)."""
+    part: dict[fx.Node, int] = {}
+    deferred: list[fx.Node] = []
+    last = 0
+    for node in gm.graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        if node.op in ("get_attr", "call_module"):
+            # Constants and the observers prepare_pt2e inserted carry no module path: they go with their users.
+            deferred.append(node)
+            continue
+        paths = [p for p, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        k = _block_index_of(paths, blocks)
+        if k is not None:
+            part[node] = 2 * k + 1
+        else:  # computation outside the blocks: the glue partition after the block that precedes it
+            part[node] = last + 1 if last % 2 == 1 else last
+        last = max(last, part[node])
+    for node in reversed(deferred):
+        users = [part[u] for u in node.users if u in part]
+        part[node] = min(users) if users else last
+    return split_module(gm, gm, lambda n: part[n])
+
+
+def _loss(fp: list[Tensor], q: list[Tensor]) -> Tensor:
+    terms = [(1 - F.cosine_similarity(a, b, dim=-1)).mean() for a, b in zip(fp, q)]
+    return torch.stack(terms).mean()
+
+
+def _float_outputs(out) -> list[Tensor]:
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [t for t in outs if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 3]
+
+
+class BlockRunner:
+    """Runs a calibrated prepared model block by block.
+
+    Args:
+        prepared: a model prepared with :class:`~vmq_fx.quantizer.VisualMambaQuantizer` and calibrated.
+        images: the calibration images ``[N, C, H, W]``.
+    """
+
+    def __init__(self, prepared: fx.GraphModule, images: Tensor):
+        self.prepared = prepared
+        self.images = images
+        self.quantizers = linear_quantizers(prepared)
+        self._all_q = [m for _, a, w in self.quantizers.values() for m in (a, w) if m is not None]
+        self.blocks: list[str] = []
+        for layer, _, _ in self.quantizers.values():
+            if layer.block not in self.blocks:
+                self.blocks.append(layer.block)
+        self.split = _split_by_block(prepared, self.blocks)
+        self._submods = {int(name[len("submod_"):]): mod for name, mod in self.split.named_children()
+                         if name.startswith("submod_")}
+        self._specs = [self._spec(k) for k in range(len(self.blocks))]
+
+    def layers(self, k: int):
+        """(layer, activation quantizer, weight quantizer) of the linears of block ``k``."""
+        return [entry for entry in self.quantizers.values() if entry[0].block == self.blocks[k]]
+
+    def _spec(self, k: int) -> list[tuple[str, object]]:
+        """How block k's submodule is called: ("attr", name) for a constant or parameter of the prepared model (passed
+        live, so learning reaches it), ("data", index) for an activation computed by earlier partitions."""
+        call = next(n for n in self.split.graph.nodes if n.op == "call_module" and n.target == f"submod_{2 * k + 1}")
+        spec, data = [], 0
+        for a in call.args:
+            if isinstance(a, fx.Node) and a.op == "get_attr":
+                spec.append(("attr", str(a.target)))
+            else:
+                spec.append(("data", data))
+                data += 1
+        return spec
+
+    def _set_fake_quant(self, enabled: bool) -> None:
+        for q in self._all_q:
+            q.enable_fake_quant(enabled)
+
+    def capture(self, k: int, fake_quant: bool) -> tuple[list, list[Tensor]]:
+        """Block k's activation inputs and float outputs on all images, with fake quantization on or off."""
+        self._set_fake_quant(fake_quant)
+        mod = self._submods[2 * k + 1]
+        spec = self._specs[k]
+        data_pos = [i for i, (kind, _) in enumerate(spec) if kind == "data"]
+        ins, outs = [], []
+
+        def pre(_, args):
+            batch = next(a.shape[0] for a in args if isinstance(a, Tensor))
+            # A symbolic size passed between partitions can only be the batch (the one dynamic dimension).
+            ins.append([args[i].detach() if isinstance(args[i], Tensor) else
+                        (_BATCH if args[i] == batch else args[i]) for i in data_pos])
+
+        def post(_, __, out):
+            outs.append([t.detach() for t in _float_outputs(out)])
+            raise _Stop
+
+        hooks = [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+        try:
+            with torch.no_grad():
+                for x in self.images.split(64):
+                    try:
+                        self.split(x)
+                    except _Stop:
+                        pass
+        finally:
+            for h in hooks:
+                h.remove()
+            self._set_fake_quant(True)
+        return ([torch.cat([b[i] for b in ins]) if isinstance(ins[0][i], Tensor) else ins[0][i]
+                 for i in range(len(data_pos))],
+                [torch.cat([b[i] for b in outs]) for i in range(len(outs[0]))])
+
+    def loss(self, k: int, q_in: list, fp_out: list[Tensor], idx: Tensor | None = None) -> Tensor:
+        """Loss of block k on the captured quantized-path inputs (all, or the mini-batch ``idx``) against the FP
+        outputs. Parameters are read from the split model at call time so that gradients reach the prepared
+        model's own."""
+        first = next(v for v in q_in if isinstance(v, Tensor))
+        batch = len(first) if idx is None else len(idx)
+
+        def data(v):
+            if v is _BATCH:
+                return batch
+            return v if idx is None or not isinstance(v, Tensor) else v[idx]
+
+        args = [operator.attrgetter(ref)(self.split) if kind == "attr" else data(q_in[ref])
+                for kind, ref in self._specs[k]]
+        target = [t if idx is None else t[idx] for t in fp_out]
+        return _loss(target, _float_outputs(self._submods[2 * k + 1](*args)))
+
+    def frozen_except(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
+        """Switch off ``requires_grad`` of every other parameter of the prepared model; returns those to restore."""
+        learned = {id(p) for p in params}
+        frozen = [p for p in self.prepared.parameters() if p.requires_grad and id(p) not in learned]
+        for p in frozen:
+            p.requires_grad_(False)
+        return frozen

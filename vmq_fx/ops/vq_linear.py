@@ -1,0 +1,124 @@
+"""``vmq::vq_dequantize`` and ``vmq::vq_linear``: linears whose weight is vector-quantized (ViM-VQ).
+
+An ``[N, K]`` weight with sub-vector length ``d`` and a codebook of ``k`` codewords is stored as
+
+* ``codebook``  ``[k, d]`` (float16 in the saved model);
+* ``codes``     ``uint8 [N, ceil(S * b / 8)]``: row ``n``'s ``S = ceil(K / d)`` codeword indices of ``b =
+  ceil(log2 k)`` bits each, as a little-endian bitstream (:func:`pack_codes`), so a code costs exactly ``b`` bits;
+* ``row_scale`` ``[N]``: one scale per output row (the codebook is shared by rows of different magnitude).
+
+and decodes as ``W[n] = row_scale[n] * concat_s(codebook[code[n, s]])[:K]`` (the last sub-vector of a row is
+zero-padded when ``d`` does not divide ``K``). ``vq_linear(x, ...) = x @ W^T + bias``; its CPU implementation decodes
+``_ROWS`` output rows at a time, so no more than that slice of the float weight exists at once. A Triton kernel
+registers itself for CUDA with ``vq_linear.register_kernel("cuda")``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["code_bits", "pack_codes", "unpack_codes", "vq_dequantize", "vq_linear", "vq_linear_reference"]
+
+_ROWS = 256  # output rows decoded per slice by the CPU implementation
+
+
+def code_bits(k: int) -> int:
+    """Bits of one codeword index for a codebook of ``k`` entries."""
+    return max(1, math.ceil(math.log2(k)))
+
+
+def pack_codes(codes: Tensor, bits: int) -> Tensor:
+    """Integer codes ``[N, S]`` in ``[0, 2^bits)`` -> ``uint8 [N, ceil(S * bits / 8)]`` (bitstream per row)."""
+    if codes.dim() != 2:
+        raise ValueError(f"pack_codes: codes must be [rows, codes_per_row], got {tuple(codes.shape)}")
+    if codes.numel() and (codes.min() < 0 or codes.max() >= 1 << bits):
+        raise ValueError(f"pack_codes: codes must lie in [0, {1 << bits}) for {bits} bits")
+    rows, per_row = codes.shape
+    if bits == 8:
+        return codes.to(torch.uint8)
+    stream = ((codes.long()[..., None] >> torch.arange(bits)) & 1).reshape(rows, per_row * bits)
+    stream = torch.nn.functional.pad(stream, (0, -stream.shape[1] % 8))
+    return (stream.reshape(rows, -1, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: Tensor, bits: int, per_row: int) -> Tensor:
+    """Inverse of :func:`pack_codes`: ``uint8 [N, bytes]`` -> ``int64 [N, per_row]``."""
+    if bits == 8:
+        return packed[:, :per_row].long()
+    stream = ((packed.long()[..., None] >> torch.arange(8, device=packed.device)) & 1).reshape(packed.shape[0], -1)
+    stream = stream[:, : per_row * bits].reshape(packed.shape[0], per_row, bits)
+    return (stream << torch.arange(bits, device=packed.device)).sum(-1)
+
+
+def _check(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int) -> tuple[int, int]:
+    if codebook.dim() != 2:
+        raise ValueError(f"vmq.vq_linear: codebook must be [k, d], got {tuple(codebook.shape)}")
+    k, d = codebook.shape
+    bits, per_row = code_bits(k), -(-in_features // d)
+    if codes.dim() != 2 or codes.dtype != torch.uint8 or codes.shape[1] != -(-per_row * bits // 8):
+        raise ValueError(f"vmq.vq_linear: codes must be uint8 [N, {-(-per_row * bits // 8)}] for K={in_features}, "
+                         f"d={d}, k={k}; got {codes.dtype} {tuple(codes.shape)}")
+    if row_scale.shape != (codes.shape[0],):
+        raise ValueError(f"vmq.vq_linear: row_scale must be [N={codes.shape[0]}], got {tuple(row_scale.shape)}")
+    return bits, per_row
+
+
+def _decode(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int, bits: int, per_row: int) -> Tensor:
+    idx = unpack_codes(codes, bits, per_row)
+    w = codebook.float()[idx].reshape(codes.shape[0], -1)[:, :in_features]
+    return w * row_scale.float()[:, None]
+
+
+@torch.library.custom_op("vmq::vq_dequantize", mutates_args=())
+def vq_dequantize(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int) -> Tensor:
+    """The float32 ``[N, K]`` weight the codes stand for (the reference form that ``convert_pt2e`` writes)."""
+    bits, per_row = _check(codes, codebook, row_scale, in_features)
+    return _decode(codes, codebook, row_scale, in_features, bits, per_row)
+
+
+@vq_dequantize.register_fake
+def _(codes, codebook, row_scale, in_features):
+    _check(codes, codebook, row_scale, in_features)
+    return codebook.new_empty(codes.shape[0], in_features, dtype=torch.float32)
+
+
+@torch.library.custom_op("vmq::vq_linear", mutates_args=())
+def vq_linear(x: Tensor, codes: Tensor, codebook: Tensor, row_scale: Tensor, bias: Optional[Tensor],
+              in_features: int) -> Tensor:
+    """``x @ W^T + bias`` with ``W`` decoded from ``codes``/``codebook``/``row_scale``, ``_ROWS`` rows at a time."""
+    bits, per_row = _check(codes, codebook, row_scale, in_features)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"vmq.vq_linear: x has {x.shape[-1]} features, the weight {in_features}")
+    x2 = x.reshape(-1, in_features).float()
+    out = x2.new_empty(x2.shape[0], codes.shape[0])
+    for r in range(0, codes.shape[0], _ROWS):
+        w = _decode(codes[r:r + _ROWS], codebook, row_scale[r:r + _ROWS], in_features, bits, per_row)
+        torch.matmul(x2, w.t(), out=out[:, r:r + _ROWS])
+    if bias is not None:
+        out += bias.float()
+    return out.reshape(*x.shape[:-1], codes.shape[0]).to(x.dtype)
+
+
+@vq_linear.register_fake
+def _(x, codes, codebook, row_scale, bias, in_features):
+    _check(codes, codebook, row_scale, in_features)
+    return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+def vq_linear_reference(x, codes, codebook, row_scale, bias, in_features):
+    """Pure-torch float64 reference: decode the whole weight with a direct loop-free gather, then matmul."""
+    k, d = codebook.shape
+    bits, per_row = code_bits(k), -(-in_features // d)
+    # Independent of unpack_codes: read each code's bits one by one from the byte stream.
+    flat = codes.long()
+    idx = torch.zeros(codes.shape[0], per_row, dtype=torch.long)
+    for s in range(per_row):
+        for b in range(bits):
+            pos = s * bits + b
+            idx[:, s] |= ((flat[:, pos // 8] >> (pos % 8)) & 1) << b
+    w = codebook.double()[idx].reshape(codes.shape[0], -1)[:, :in_features] * row_scale.double()[:, None]
+    out = x.double() @ w.t()
+    return out if bias is None else out + bias.double()

@@ -1,0 +1,196 @@
+"""ViM-VQ: convex-combination optimization of vector-quantized weights with incremental confirmation, block by block.
+
+After :func:`vmq_fx.calibrate` has fit each layer's k-means codebook, for each block in order:
+
+* target: the floating-point block's output on floating-point inputs; input: the output of the already-quantized
+  preceding blocks (the reconstruction set-up of :class:`vmq_fx.blockwise.BlockRunner`);
+* loss: mean over tokens of ``1 - cos`` between target and output, plus ``reg * t / T`` times the one-hot penalty
+  ``n * mean(r (1 - r))`` of the unconfirmed ratios (``t`` the step, ``T`` the steps: the push grows over time);
+* learned: every layer's ratio logits and codebook, with Adam;
+* every ``reselect_every`` steps the unconfirmed sub-vectors get the ``n`` codewords nearest their current soft value
+  as new candidates (the hulls move);
+* ``"incremental"``: from ``confirm_start * T`` on, ``confirm_rounds`` rounds hard-assign the most confident
+  sub-vectors until all are hard at step ``T``; ``"convex"``: every sub-vector is rounded at step ``T``;
+  ``"kmeans"``: no optimization, nearest codewords.
+
+The codebooks end in float16, the precision ``convert_pt2e`` stores them in.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from vmq_fx.blockwise import BlockRunner
+from vmq_fx.calibrate import linear_quantizers, split_batches
+from vmq_fx.observers import VectorQuantizedWeight
+from vmq_fx.quantizer import VQRecipe
+
+__all__ = ["VQReport", "vector_quantize"]
+
+
+@dataclass(frozen=True)
+class VQReport:
+    """What :func:`vector_quantize` did: per-block loss after k-means and at the end, time and peak memory."""
+
+    method: str
+    blocks: int
+    layers: int
+    loss_kmeans: list[float]
+    loss_after: list[float]
+    seconds: float
+    peak_rss_bytes: int  # peak resident memory of the process while it ran
+
+    def __str__(self) -> str:
+        before, after = sum(self.loss_kmeans) / self.blocks, sum(self.loss_after) / self.blocks
+        return (f"ViM-VQ ({self.method}): {self.layers} layers in {self.blocks} blocks, {self.seconds:.1f} s, peak RSS "
+                f"{self.peak_rss_bytes / 2**20:.0f} MiB; mean block loss (1 - cos) k-means {before:.4g} -> {after:.4g}")
+
+
+class _PeakRSS:
+    """Samples the process's resident memory (``/proc/self/statm``) every 20 ms while active."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+        self._page = 4096
+        try:
+            import os
+
+            self._page = os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            pass
+
+    def _rss(self) -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                return int(f.read().split()[1]) * self._page
+        except OSError:  # not Linux: no sampling
+            return 0
+
+    def _loop(self):
+        while not self._stop.wait(0.02):
+            self.peak = max(self.peak, self._rss())
+
+    def __enter__(self):
+        self.peak = self._rss()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+
+def _confirm_schedule(recipe: VQRecipe) -> dict[int, float]:
+    """Step (1-based) -> fraction confirmed after it; the last round is at the last step with fraction 1."""
+    steps, rounds, start = recipe.steps, recipe.confirm_rounds, recipe.confirm_start
+    return {max(1, int(steps * (start + (1 - start) * r / rounds))): r / rounds for r in range(1, rounds + 1)}
+
+
+def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool = True) -> VQReport:
+    """Optimize the vector-quantized weights of a calibrated prepared model block by block (in place).
+
+    Args:
+        prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.vimvq(bits)))`` after :func:`vmq_fx.calibrate`
+            (which fits the k-means codebooks).
+        calibration_data: the calibration images (tensor ``[N, C, H, W]`` or iterable of batches).
+        progress: one progress bar per block.
+
+    Returns:
+        A :class:`VQReport`; afterwards every sub-vector is assigned and ``convert_pt2e`` writes the codes.
+
+    Example:
+        >>> import torch, vmq_fx
+        >>> from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
+        >>> gm = vmq_fx.export_model(vmq_fx.models.create_model("vim_fm_tiny", depth=2).eval(),
+        ...                          torch.randn(2, 1, 28, 28)).module()
+        >>> prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipes.vimvq(bits=2, steps=4, k=16, d=4)))
+        >>> calib = torch.randn(16, 1, 28, 28)
+        >>> vmq_fx.calibrate(prepared, calib, progress=False)
+        >>> report = vmq_fx.vector_quantize(prepared, calib, progress=False)
+        >>> quantized = convert_pt2e(prepared)
+    """
+    recipe = prepared.meta.get("vmq_recipe")
+    if not isinstance(recipe, VQRecipe):
+        raise ValueError("vector_quantize needs a model prepared with a VQ recipe (recipes.vimvq / vq_convex / "
+                         f"vq_kmeans), got {type(recipe).__name__}")
+    quantizers = linear_quantizers(prepared)
+    if not all(w.initialized for _, _, w in quantizers.values()):
+        raise ValueError("vector_quantize: the prepared model is not calibrated (no codebooks); run "
+                         "vmq_fx.calibrate(prepared, data) first")
+    images = torch.cat(split_batches(calibration_data, 256))
+    if len(images) == 0:
+        raise ValueError("vector_quantize: calibration data is empty")
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    schedule = _confirm_schedule(recipe)
+    optimize = recipe.method != "kmeans" and recipe.steps > 0
+    with _PeakRSS() as rss:
+        runner = BlockRunner(prepared, images)
+        loss_kmeans, loss_after = [], []
+        for k, block in enumerate(runner.blocks):
+            mods: list[VectorQuantizedWeight] = [w for _, _, w in runner.layers(k)]
+            _, fp_out = runner.capture(k, fake_quant=False)
+            q_in, _ = runner.capture(k, fake_quant=True)
+            loss_kmeans.append(_kmeans_loss(runner, k, mods, q_in, fp_out))
+            if optimize:
+                _optimize_block(runner, k, block, mods, q_in, fp_out, recipe, schedule, gen, progress)
+            for m in mods:
+                m.harden()
+                m.finalize()
+            with torch.no_grad():
+                loss_after.append(runner.loss(k, q_in, fp_out).item())
+    report = VQReport(recipe.method, len(runner.blocks), len(quantizers), loss_kmeans, loss_after,
+                      time.perf_counter() - t0, rss.peak)
+    if progress:
+        print(report)
+    return report
+
+
+@torch.no_grad()
+def _kmeans_loss(runner, k, mods, q_in, fp_out) -> float:
+    """Block loss with every sub-vector at its nearest codeword (the state ``initialize`` left the codes in)."""
+    saved = [m.confirmed.clone() for m in mods]
+    for m in mods:
+        m.confirmed.fill_(True)
+    loss = runner.loss(k, q_in, fp_out).item()
+    for m, confirmed in zip(mods, saved):
+        m.confirmed.copy_(confirmed)
+    return loss
+
+
+def _optimize_block(runner, k, block, mods, q_in, fp_out, recipe: VQRecipe, schedule, gen, progress) -> None:
+    logits = [m.logits for m in mods]
+    codebooks = [m.codebook for m in mods]
+    opt = torch.optim.Adam([{"params": logits, "lr": recipe.lr_ratio},
+                            {"params": codebooks, "lr": recipe.lr_codebook}])
+    frozen = runner.frozen_except(logits + codebooks)
+    n = len(runner.images)
+    try:
+        bar = tqdm(range(1, recipe.steps + 1), desc=f"ViM-VQ {block}", disable=not progress, leave=False)
+        for step in bar:
+            idx = None if recipe.batch_size >= n else torch.randperm(n, generator=gen)[: recipe.batch_size]
+            recon = runner.loss(k, q_in, fp_out, idx)
+            penalty = torch.stack([m.one_hot_penalty() for m in mods]).mean()
+            loss = recon + recipe.reg * step / recipe.steps * penalty
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if recipe.method == "incremental" and step in schedule:
+                for m in mods:
+                    m.confirm(schedule[step])
+            elif recipe.reselect_every and step % recipe.reselect_every == 0 and step < recipe.steps:
+                for m in mods:
+                    m.reselect()
+                    opt.state.pop(m.logits, None)  # the moments belonged to the old candidates
+            bar.set_postfix(loss=f"{recon.item():.4g}", refresh=False)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
