@@ -3,7 +3,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from vmq_fx import models, ops
 from vmq_fx.calibrate import calibrate
-from vmq_fx.export import export_model
+from vmq_fx.export import export_model, export_onnx
 from vmq_fx.joint_learning import JLSSConfig, jlss
 from vmq_fx.passes import adapt_mamba_ssm, lower
 from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe, recipes
@@ -20,6 +20,7 @@ __all__ = [
     "calibrate",
     "convert_pt2e",
     "export_model",
+    "export_onnx",
     "jlss",
     "load_quantized",
     "lower",

@@ -1,0 +1,163 @@
+import copy
+from collections import Counter
+
+import onnx
+import pytest
+import torch
+
+import vmq_fx
+from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
+from vmq_fx.data import calibration_images, fashion_mnist, normalize
+from vmq_fx.export import OnnxExportError, ort_session
+from vmq_fx.models import create_model, load_reference
+
+REL_BOUND = 1e-4  # FP logits, onnxruntime vs torch: float reassociation (Scan body, exp, reductions) only
+# Quantized models: an upstream float difference of ~1e-7 moves the few activations that sit on a rounding boundary
+# to the neighbouring level (torch's own lowered-vs-fake-quant agreement is of the same order, ~1e-3).
+QUANT_REL_BOUND = 3e-3
+
+
+def _ops(path):
+    return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def _run(path, x):
+    sess = ort_session(path)
+    return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+
+
+def _check(model, path, x, bound=REL_BOUND):
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    ref = model(x)
+    out = _run(path, x)
+    assert out.shape == ref.shape
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < bound, rel
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+    return rel
+
+
+@pytest.fixture(scope="module")
+def test_batch():
+    images, _ = fashion_mnist("test")
+    return normalize(images[:64])
+
+
+@pytest.fixture(scope="module")
+def vim_ref():
+    model = load_reference("vim-fm-tiny")
+    return model, vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
+
+
+@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny"])
+def test_fp_reference_models_export_with_one_scan_per_direction(name, tmp_path, test_batch):
+    model = load_reference(name)
+    res = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx")
+    ops = _ops(res.path)
+    scans = sum(n.target is torch.ops.vmq.selective_scan.default
+                for n in vmq_fx.export_model(model, test_batch[:2]).graph.nodes)
+    assert ops["Scan"] == scans and ops["Loop"] == 0  # one loop per scan (size vs L: the next test)
+    _check(model, res.path, test_batch)
+
+
+def test_scan_does_not_grow_with_sequence_length(tmp_path):
+    sizes = []
+    for img in (28, 56):  # 17 vs 65 tokens
+        torch.manual_seed(0)
+        model = create_model("vim_fm_tiny", depth=1, img_size=img).eval()
+        res = vmq_fx.export_onnx(model, torch.randn(2, 1, img, img), tmp_path / f"v{img}.onnx")
+        sizes.append((sum(_ops(res.path).values()), res.bytes - 4 * (img // 7) ** 2 * 96))  # minus pos_embed
+        _check(model, res.path, torch.randn(3, 1, img, img))
+    assert sizes[0][0] == sizes[1][0]
+    assert abs(sizes[0][1] - sizes[1][1]) < 2048
+
+
+class _Int8Linear(torch.nn.Module):
+    def __init__(self, k, n, w_bits, a_bits, smooth):
+        super().__init__()
+        g = torch.Generator().manual_seed(k + n + w_bits)
+        qmax = 2 ** (w_bits - 1) - 1
+        w = torch.randint(-qmax, qmax + 1, (n, k), generator=g, dtype=torch.int8)
+        self.register_buffer("w", vmq_fx.ops.pack_int4(w) if w_bits <= 4 else w)
+        self.register_buffer("w_scale", torch.rand(n, generator=g) * 0.01 + 1e-3)
+        self.register_buffer("act_scale", torch.rand(17, generator=g) * 0.05 + 0.01)
+        self.register_buffer("act_zp", torch.randint(0, 2**a_bits, (17,), generator=g, dtype=torch.int32))
+        self.register_buffer("smooth", torch.rand(k, generator=g) + 0.5 if smooth else None)
+        self.register_buffer("bias", torch.randn(n, generator=g))
+        self.bits = (w_bits, 2**a_bits - 1)
+
+    def forward(self, x):
+        return torch.ops.vmq.int8_linear(x, self.smooth, self.act_scale, self.act_zp, self.w, self.w_scale, self.bias,
+                                         0, self.bits[1], self.bits[0])
+
+
+@pytest.mark.parametrize("k,n,w_bits,a_bits,smooth", [(96, 40, 8, 8, True), (33, 7, 4, 8, False), (20, 9, 4, 4, True)])
+def test_int8_linear_translation_gives_the_same_levels(k, n, w_bits, a_bits, smooth, tmp_path):
+    m = _Int8Linear(k, n, w_bits, a_bits, smooth)
+    x = torch.randn(5, 17, k) * 2  # odd K, zero points, saturating values
+    res = vmq_fx.export_onnx(m, x[:2], tmp_path / "l.onnx")
+    assert _ops(res.path)["MatMulInteger"] == 1
+    onnx.checker.check_model(onnx.load(res.path), full_check=True)
+    torch.testing.assert_close(_run(res.path, x), m(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_lowered_w8a8_w4a8_match_in_onnxruntime(w_bits, vim_ref, tmp_path, test_batch):
+    _, gm = vim_ref
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(w_bits, 8)))
+    vmq_fx.calibrate(prepared, calibration_images(32), progress=False)
+    quantized = convert_pt2e(prepared)
+    n_linears = len(vmq_fx.quantizer.quantized_linears(quantized))
+    lowered = vmq_fx.lower(quantized)
+    res = vmq_fx.export_onnx(lowered, test_batch[:2], tmp_path / "q.onnx")
+    ops = _ops(res.path)
+    assert ops["MatMulInteger"] == n_linears == 48
+    assert ops["QuantizeLinear"] == n_linears and ops["DequantizeLinear"] == 0
+    _check(lowered, res.path, test_batch, QUANT_REL_BOUND)
+    weights = [t for t in onnx.load(res.path).graph.initializer if t.name.endswith("_weight") and "vmq_q" in t.name]
+    # int8 weights in the file, or 4-bit ones two per byte
+    assert {t.data_type for t in weights} == {onnx.TensorProto.INT8 if w_bits == 8 else onnx.TensorProto.UINT8}
+    assert len(weights) == 48 and [384, 96 if w_bits == 8 else 48] in [list(t.dims) for t in weights]
+
+
+def test_qdq_reference_graph_exports_and_runs(vim_ref, tmp_path, test_batch):
+    _, gm = vim_ref
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(8, 8)))
+    vmq_fx.calibrate(prepared, calibration_images(32), progress=False)
+    quantized = convert_pt2e(prepared)
+    res = vmq_fx.export_onnx(quantized, test_batch[:2], tmp_path / "qdq.onnx")
+    ops = _ops(res.path)
+    assert ops["QuantizeLinear"] == 48 and ops["DequantizeLinear"] == 96
+    _check(quantized, res.path, test_batch, QUANT_REL_BOUND)
+
+
+def test_vq_2bit_keeps_codes_in_the_file(vim_ref, tmp_path, test_batch):
+    model, gm = vim_ref
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vimvq(2, steps=2)))
+    calib = calibration_images(32)
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    vmq_fx.vector_quantize(prepared, calib, progress=False)
+    lowered = vmq_fx.lower(convert_pt2e(prepared))
+    res = vmq_fx.export_onnx(lowered, test_batch[:2], tmp_path / "vq.onnx")
+    ops = _ops(res.path)
+    assert ops["MatMul"] >= 48 and ops["MatMulInteger"] == 0
+    init = {t.name: t for t in onnx.load(res.path).graph.initializer}
+    assert not any(n.endswith("in_proj.weight") for n in init)  # no float weights of quantized layers
+    codes = [t for n, t in init.items() if n.endswith("vq_codes")]
+    assert len(codes) == 48 and all(t.data_type == onnx.TensorProto.UINT8 for t in codes)
+    fp = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx")
+    assert res.bytes < 0.35 * fp.bytes
+    _check(lowered, res.path, test_batch, QUANT_REL_BOUND)
+
+
+def test_op_without_translation_is_named(tmp_path):
+    class Odd(torch.nn.Module):
+        def forward(self, x):
+            return torch.ops.vmq_test.odd(x)
+
+    lib = torch.library.Library("vmq_test", "FRAGMENT")  # noqa: F841 - kept alive for the test
+    torch.library.define("vmq_test::odd", "(Tensor x) -> Tensor", lib=lib)
+    torch.library.impl("vmq_test::odd", "CPU", lambda x: x * 2, lib=lib)
+    torch.library.register_fake("vmq_test::odd", lambda x: torch.empty_like(x), lib=lib)
+    with pytest.raises(OnnxExportError, match="no ONNX translation for operator.*vmq_test.odd"):
+        vmq_fx.export_onnx(Odd(), torch.randn(2, 3), tmp_path / "odd.onnx")

@@ -1,0 +1,325 @@
+"""ONNX export of FP, Q/DQ and lowered Visual Mamba models (``torch.onnx.export(dynamo=True)`` + a translation table).
+
+How the vmq ops become standard ONNX (opset 18):
+
+* ``vmq::selective_scan`` -> one ``Scan`` whose body is a single recurrence step (``h = exp(dt * A) * h + dt * u * B``,
+  ``y = sum_n h * C``); the discretization inputs are sliced per token by the ``Scan``, so the file size and the export
+  time do not depend on the sequence length. The state is ``[batch, groups, channels/group, d_state]``; ``A`` rides
+  along as a loop-invariant state. Dynamic batch.
+* ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
+  the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
+  (uint8 x int8 -> int32)
+  -> subtract ``zero_point[t] * colsum(W)[n]`` -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
+  onnxruntime's ``MatMulInteger`` takes only a per-tensor activation zero point, hence the explicit correction.
+  4-bit weights stay packed two per byte in the file and are unpacked in the graph (``BitwiseAnd`` / ``BitShift``).
+* ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes and the float16 codebook stay in the file and
+  are decoded in the graph (bit extraction, ``Gather`` of codewords, row scales) before a ``MatMul``.
+* ``quantized_decomposed`` Q/DQ ops of a ``convert_pt2e`` graph -> ``QuantizeLinear`` / ``DequantizeLinear``
+  (torch's own translations).
+
+Rounding: ``QuantizeLinear`` divides by the scale, while torch's ``quantize_per_channel`` and the vmq ops multiply by
+its reciprocal. The lowered ``int8_linear`` translation multiplies too, so its integer levels are those of the torch
+op; the Q/DQ reference graph (torch's own translation) divides and can pick the neighbouring level for values within
+an ulp of a rounding boundary, so its logits agree to a looser bound (see the tests and ``bench/results/onnx.md``).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["OnnxExportError", "OnnxExportResult", "export_onnx", "onnx_translation_table", "ort_session"]
+
+_OPSET = 18
+
+
+class OnnxExportError(RuntimeError):
+    """The model holds an operator that has no ONNX translation (or the exporter failed on it)."""
+
+
+@dataclass(frozen=True)
+class OnnxExportResult:
+    path: str
+    seconds: float
+    bytes: int
+    op_counts: dict[str, int]
+
+
+def _ops():
+    try:
+        import onnx_ir as ir
+        from onnxscript import opset18 as op
+        from torch.onnx._internal.exporter._torchlib.ops.hop import call_op
+    except ImportError as e:  # optional dependency
+        raise ImportError("ONNX export needs onnx, onnxscript and onnxruntime: pip install 'vmq-fx[onnx]'") from e
+    return ir, op, call_op
+
+
+def _const(op, values, dtype):
+    ir, _, _ = _ops()
+    return op.Constant(value=ir.tensor(np.array(values, dtype=dtype)))
+
+
+_SCAN_BODIES = itertools.count()
+
+
+def _scan_body(ir):
+    """One recurrence step. Inputs: h [b,g,c,n], A [g,c,n], dt [b,g,c,1], du [b,g,c,1], B_t [b,g,1,n],
+    C_t [b,g,1,n]; outputs: h', A, y [b,g,c]. Every value gets a name unique in the model (ONNX is SSA across
+    subgraphs)."""
+    prefix = f"selective_scan_{next(_SCAN_BODIES)}_"
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    names = ("h", "A", "dt", "du", "B_t", "C_t")
+    ins = [ir.Value(name=prefix + n, type=f32, shape=ir.Shape([None] * (3 if n == "A" else 4))) for n in names]
+    h, a, dt, du, b_t, c_t = ins
+    count = itertools.count()
+
+    def node(op_type, *inputs, **attrs):
+        attributes = ir.convenience.convert_attributes(attrs) if attrs else ()
+        out = ir.Node("", op_type, inputs, attributes=attributes, num_outputs=1)
+        out.outputs[0].name = f"{prefix}{op_type.lower()}_{next(count)}"
+        return out
+
+    rate = node("Mul", dt, a)
+    decay = node("Exp", rate.outputs[0])
+    kept = node("Mul", decay.outputs[0], h)
+    inject = node("Mul", du, b_t)
+    h_new = node("Add", kept.outputs[0], inject.outputs[0])
+    read = node("Mul", h_new.outputs[0], c_t)
+    axes = node("Constant", value=ir.tensor(np.array([-1], dtype=np.int64)))
+    y = node("ReduceSum", read.outputs[0], axes.outputs[0], keepdims=0)
+    a_out = node("Identity", a)
+    nodes = [rate, decay, kept, inject, h_new, read, axes, y, a_out]
+    for v in (h_new.outputs[0], a_out.outputs[0], y.outputs[0]):
+        v.type = f32
+    return ir.Graph(ins, [h_new.outputs[0], a_out.outputs[0], y.outputs[0]], nodes=nodes, name="selective_scan_step")
+
+
+def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+    ir, op, call_op = _ops()
+    channels, d_state = A.shape[0], A.shape[1]
+    if not isinstance(channels, int) or not isinstance(d_state, int):
+        raise OnnxExportError("vmq.selective_scan: A must have static shape [channels, d_state] for ONNX export")
+    groups = B.shape[1] if len(B.shape) == 4 else 1
+    per_group = channels // groups
+    if delta_bias is not None:
+        delta = op.Add(delta, op.Unsqueeze(delta_bias, _const(op, [-1], np.int64)))
+    if delta_softplus:
+        delta = op.Softplus(delta)
+    du = op.Mul(delta, u)
+
+    def per_token(x):  # [b, channels, L] -> [L, b, g, c, 1]
+        x = op.Reshape(x, _const(op, [0, groups, per_group, -1], np.int64))
+        return op.Unsqueeze(op.Transpose(x, perm=[3, 0, 1, 2]), _const(op, [-1], np.int64))
+
+    def per_token_bc(x):  # [b, n, L] or [b, g, n, L] -> [L, b, g, 1, n]
+        if len(x.shape) == 3:
+            x = op.Unsqueeze(x, _const(op, [1], np.int64))
+        return op.Unsqueeze(op.Transpose(x, perm=[3, 0, 1, 2]), _const(op, [3], np.int64))
+
+    batch = op.Shape(u, start=0, end=1)
+    h0 = op.Expand(_const(op, 0.0, np.float32),
+                   op.Concat(batch, _const(op, [groups, per_group, d_state], np.int64), axis=0))
+    a_g = op.Reshape(A, _const(op, [groups, per_group, d_state], np.int64))
+    h, _, ys = call_op("Scan", h0, a_g, per_token(delta), per_token(du), per_token_bc(B), per_token_bc(C),
+                       _num_outputs=3, body=_scan_body(ir), num_scan_inputs=4)
+    y = op.Reshape(op.Transpose(ys, perm=[1, 2, 3, 0]), _const(op, [0, channels, -1], np.int64))
+    if D is not None:
+        y = op.Add(y, op.Mul(u, op.Unsqueeze(D, _const(op, [-1], np.int64))))
+    if z is not None:
+        y = op.Mul(y, op.Mul(z, op.Sigmoid(z)))
+    return y, op.Reshape(h, _const(op, [0, channels, d_state], np.int64))
+
+
+def _unpack_int4(op, w, k: int):
+    """uint8 [N, ceil(K/2)] (low nibble first) -> int8 [N, K] in [-8, 7]."""
+    lo = op.BitwiseAnd(w, _const(op, 15, np.uint8))
+    hi = op.BitShift(w, _const(op, 4, np.uint8), direction="RIGHT")
+    both = op.Concat(op.Unsqueeze(lo, _const(op, [-1], np.int64)),
+                     op.Unsqueeze(hi, _const(op, [-1], np.int64)), axis=-1)
+    both = op.Reshape(both, _const(op, [0, -1], np.int64))
+    both = op.Slice(both, _const(op, [0], np.int64), _const(op, [k], np.int64), _const(op, [1], np.int64))
+    signed = op.Sub(op.Cast(op.BitwiseXor(both, _const(op, 8, np.uint8)), to=6), _const(op, 8, np.int32))
+    return op.Cast(signed, to=3)  # int32 -> int8
+
+
+def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, bias, act_qmin, act_qmax, w_bits):
+    _, op, _ = _ops()
+    k = x.shape[-1]
+    if smooth is not None:
+        x = op.Div(x, smooth)
+    zp_u8 = op.Cast(act_zero_point, to=2)  # uint8
+    # x * (1 / scale) then QuantizeLinear with unit scales: the levels of the torch op, which multiplies by the
+    # reciprocal (QuantizeLinear itself divides, and would round a few boundary values the other way).
+    inv = op.Unsqueeze(op.Reciprocal(act_scale), _const(op, [-1], np.int64))
+    unit = op.Expand(_const(op, 1.0, np.float32), op.Shape(act_scale))
+    xq = op.QuantizeLinear(op.Mul(x, inv), unit, zp_u8, axis=1)
+    if act_qmin != 0 or act_qmax != 255:
+        xq = op.Clip(xq, _const(op, act_qmin, np.uint8), _const(op, act_qmax, np.uint8))
+    w8 = _unpack_int4(op, w, k) if w_bits <= 4 else w
+    acc = op.MatMulInteger(xq, op.Transpose(w8, perm=[1, 0]))
+    col_sum = op.ReduceSum(op.Cast(w8, to=6), _const(op, [1], np.int64), keepdims=0)  # [N] int32
+    correction = op.Mul(op.Unsqueeze(act_zero_point, _const(op, [-1], np.int64)), col_sum)  # [L, N]
+    out = op.Cast(op.Sub(acc, correction), to=1)
+    out = op.Mul(op.Mul(out, op.Unsqueeze(act_scale, _const(op, [-1], np.int64))), w_scale)
+    return out if bias is None else op.Add(out, bias)
+
+
+def _vq_weight(op, codes, codebook, row_scale, in_features: int):
+    k, d = codebook.shape
+    bits = max(1, int(np.ceil(np.log2(k))))
+    rows = codes.shape[0]
+    per_row = -(-in_features // d)
+    if bits == 8:
+        idx = op.Cast(codes, to=7)
+    else:
+        shifts = _const(op, list(range(8)), np.uint8)
+        stream = op.BitwiseAnd(op.BitShift(op.Unsqueeze(codes, _const(op, [-1], np.int64)), shifts,
+                                           direction="RIGHT"), _const(op, 1, np.uint8))
+        stream = op.Reshape(stream, _const(op, [rows, -1], np.int64))
+        stream = op.Slice(stream, _const(op, [0], np.int64), _const(op, [per_row * bits], np.int64),
+                          _const(op, [1], np.int64))
+        stream = op.Cast(op.Reshape(stream, _const(op, [rows, per_row, bits], np.int64)), to=7)
+        idx = op.ReduceSum(op.Mul(stream, _const(op, [1 << b for b in range(bits)], np.int64)),
+                           _const(op, [-1], np.int64), keepdims=0)
+    w = op.Reshape(op.Gather(op.Cast(codebook, to=1), idx, axis=0), _const(op, [rows, -1], np.int64))
+    if per_row * d != in_features:
+        w = op.Slice(w, _const(op, [0], np.int64), _const(op, [in_features], np.int64),
+                     _const(op, [1], np.int64))
+    return op.Mul(w, op.Unsqueeze(op.Cast(row_scale, to=1), _const(op, [-1], np.int64)))
+
+
+def _vq_dequantize(codes, codebook, row_scale, in_features):
+    _, op, _ = _ops()
+    return _vq_weight(op, codes, codebook, row_scale, in_features)
+
+
+def _vq_linear(x, codes, codebook, row_scale, bias, in_features):
+    _, op, _ = _ops()
+    out = op.MatMul(x, op.Transpose(_vq_weight(op, codes, codebook, row_scale, in_features), perm=[1, 0]))
+    return out if bias is None else op.Add(out, bias)
+
+
+def onnx_translation_table() -> dict:
+    """``{torch.ops.vmq.<op>.default: translation}`` for ``torch.onnx.export(custom_translation_table=...)``."""
+    import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
+
+    vmq = torch.ops.vmq
+    return {
+        vmq.selective_scan.default: _selective_scan,
+        vmq.int8_linear.default: _int8_linear,
+        vmq.vq_linear.default: _vq_linear,
+        vmq.vq_dequantize.default: _vq_dequantize,
+    }
+
+
+_STANDARD_NAMESPACES = {"aten", "prims", "quantized_decomposed", "higher_order"}
+
+
+def _untranslatable_ops(ep: torch.export.ExportedProgram, table: dict) -> list[str]:
+    bad = set()
+    for node in ep.graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        if node.target.namespace not in _STANDARD_NAMESPACES and node.target not in table:
+            bad.add(str(node.target))
+    return sorted(bad)
+
+
+def _strip_metadata(model) -> None:
+    """Drop the exporter's per-node debugging metadata (source stack traces, module stacks): it is most of the file
+    for small models."""
+    ir, _, _ = _ops()
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        node.metadata_props.clear()
+        node.doc_string = None
+
+
+def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, dynamic_batch: bool = True,
+                ) -> OnnxExportResult:
+    """Export an FP, ``convert_pt2e`` (Q/DQ) or lowered Visual Mamba model to an ONNX file.
+
+    Args:
+        model: an eager model, ``torch.export``-ed graph module, ``convert_pt2e`` output or :func:`vmq_fx.lower`
+            output.
+        example: an example image batch (batch of 2 or more when ``dynamic_batch``).
+        path: the ``.onnx`` file to write.
+        dynamic_batch: keep the batch dimension dynamic.
+
+    Returns:
+        An :class:`OnnxExportResult` with the path, the export time, the file size and the operator counts.
+
+    Raises:
+        OnnxExportError: the model holds an operator without ONNX translation (named in the message).
+
+    Example:
+        >>> import torch, tempfile, os, vmq_fx
+        >>> model = vmq_fx.models.create_model("vim_fm_tiny", depth=1).eval()
+        >>> path = os.path.join(tempfile.mkdtemp(), "vim.onnx")
+        >>> vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path).op_counts["Scan"]
+        2
+    """
+    import onnx
+
+    _ops()
+    t0 = time.perf_counter()
+    table = onnx_translation_table()
+    dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
+    if dynamic_batch and example.shape[0] < 2:
+        raise ValueError("export_onnx: trace a dynamic batch with an example batch of at least 2 (got 1)")
+    ep = torch.export.export(model, (example,), dynamic_shapes=dynamic)
+    bad = _untranslatable_ops(ep, table)
+    if bad:
+        raise OnnxExportError(f"no ONNX translation for operator(s) {', '.join(bad)}; vmq_fx translates "
+                              f"{', '.join(sorted(str(k) for k in table))} and the standard aten / quantized_decomposed "
+                              "ops")
+    try:
+        # No exporter optimization: its constant folding would decode packed 4-bit weights and VQ codes into
+        # int8 / float initializers and undo the small file. onnxruntime folds them in memory at load time.
+        program = torch.onnx.export(ep, (example,), dynamo=True, custom_translation_table=table,
+                                    opset_version=_OPSET, optimize=False, verbose=False)
+    except Exception as e:  # the exporter's innermost error names the op it could not translate
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise OnnxExportError(f"ONNX export failed: {type(root).__name__}: {str(root).splitlines()[0][:500]}") from e
+    _strip_metadata(program.model)
+    path = os.fspath(path)
+    program.save(path)
+    seconds = time.perf_counter() - t0
+    proto = onnx.load(path)
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return OnnxExportResult(path, seconds, os.path.getsize(path), counts)
+
+
+def ort_session(path: str | os.PathLike, threads: int | None = None):
+    """An onnxruntime CPU session for a file written by :func:`export_onnx`.
+
+    A ``convert_pt2e`` Q/DQ graph (activations through ``QuantizeLinear`` -> ``DequantizeLinear`` -> ``MatMul``) is
+    run with ``ORT_ENABLE_BASIC`` graph optimizations: at the default level onnxruntime fuses the per-token pattern
+    into ``MatMulIntegerToFloat``, which rejects per-row zero points at run time (an onnxruntime limitation).
+    Lowered graphs (``MatMulInteger``) and FP graphs run at the default level.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads (``None``: onnxruntime's default).
+    """
+    import onnx
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    produced = {out for n in graph.node for out in n.output}
+    activation_qdq = any(n.op_type == "DequantizeLinear" and n.input[0] in produced for n in graph.node)
+    if activation_qdq:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
