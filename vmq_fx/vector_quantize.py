@@ -44,18 +44,20 @@ class VQReport:
     loss_after: list[float]
     seconds: float
     peak_rss_bytes: int  # peak resident memory of the process while it ran
+    start_rss_bytes: int  # resident memory when it started: the peak minus this is what the optimization added
 
     def __str__(self) -> str:
         before, after = sum(self.loss_kmeans) / self.blocks, sum(self.loss_after) / self.blocks
         return (f"ViM-VQ ({self.method}): {self.layers} layers in {self.blocks} blocks, {self.seconds:.1f} s, peak RSS "
-                f"{self.peak_rss_bytes / 2**20:.0f} MiB; mean block loss (1 - cos) k-means {before:.4g} -> {after:.4g}")
+                f"+{(self.peak_rss_bytes - self.start_rss_bytes) / 2**20:.0f} MiB over the start; mean block loss "
+                f"(1 - cos) k-means {before:.4g} -> {after:.4g}")
 
 
 class _PeakRSS:
     """Samples the process's resident memory (``/proc/self/statm``) every 20 ms while active."""
 
     def __init__(self):
-        self.peak = 0
+        self.peak = self.start = 0
         self._stop = threading.Event()
         self._page = 4096
         try:
@@ -77,7 +79,7 @@ class _PeakRSS:
             self.peak = max(self.peak, self._rss())
 
     def __enter__(self):
-        self.peak = self._rss()
+        self.peak = self.start = self._rss()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
         return self
@@ -148,7 +150,7 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool =
             with torch.no_grad():
                 loss_after.append(runner.loss(k, q_in, fp_out).item())
     report = VQReport(recipe.method, len(runner.blocks), len(quantizers), loss_kmeans, loss_after,
-                      time.perf_counter() - t0, rss.peak)
+                      time.perf_counter() - t0, rss.peak, rss.start)
     if progress:
         print(report)
     return report
