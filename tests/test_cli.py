@@ -25,3 +25,41 @@ def test_errors_are_one_line_and_nonzero(capsys):
 def test_eval_prints_top1(capsys):
     assert main(["eval", "vim-fm-tiny", "--limit", "200", "--quiet"]) == 0
     assert "top-1" in capsys.readouterr().out
+
+
+def test_quantize_writes_model_onnx_and_report_and_export_onnx_reads_it(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", "vim-fm-tiny", "--recipe", "vq-kmeans-2bit", "--calib", "16", "--limit", "64",
+                 "--out-dir", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "vq-kmeans-2bit, ONNX (onnxruntime)" in printed
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.onnx", "report.md"}
+    assert "| FP32 |" in (out / "report.md").read_text()
+    assert main(["export-onnx", str(out / "model.safetensors"), "-o", str(tmp_path / "again.onnx")]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert float(line.rsplit(" ", 1)[1]) < 1e-3  # onnxruntime vs torch relative error
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "vim-fm-tiny", "--recipe", "ptq4vm-w9a8", "--out-dir", "x"], "w_bits must be an integer in 2..8"),
+    (["quantize", "vim-fm-tiny", "--recipe", "gptq-4bit", "--out-dir", "x"], "unknown recipe 'gptq-4bit'"),
+    (["quantize", "vim-huge", "--recipe", "vimvq-2bit", "--out-dir", "x"], "unknown model 'vim-huge'"),
+    (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--out-dir", "x", "--data-dir", "/nonexistent"],
+     "Fashion-MNIST"),
+    (["export-onnx", "vim-huge", "-o", "x.onnx"], "unknown model 'vim-huge'"),
+])
+def test_cli_errors_exit_nonzero_with_one_line(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_unreadable_checkpoint_is_named(tmp_path, capsys):
+    bad = tmp_path / "ckpt.pth"
+    bad.write_bytes(b"garbage")
+    assert main(["quantize", str(bad), "--config", "vim_fm_tiny", "--recipe", "vimvq-2bit", "--out-dir",
+                 str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "could not read checkpoint" in err and "ckpt.pth" in err
+    assert main(["quantize", str(bad), "--recipe", "vimvq-2bit", "--out-dir", str(tmp_path / "o")]) == 2
+    assert "needs --config" in capsys.readouterr().err

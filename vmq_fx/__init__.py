@@ -4,6 +4,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 from vmq_fx import models, ops
 from vmq_fx.calibrate import calibrate
 from vmq_fx.export import export_model, export_onnx
+from vmq_fx.flow import QuantizeResult, quantize
 from vmq_fx.joint_learning import JLSSConfig, jlss
 from vmq_fx.passes import adapt_mamba_ssm, lower
 from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe, recipes
@@ -13,6 +14,7 @@ from vmq_fx.vector_quantize import VQReport, vector_quantize
 __all__ = [
     "JLSSConfig",
     "PTQ4VMRecipe",
+    "QuantizeResult",
     "VQRecipe",
     "VQReport",
     "VisualMambaQuantizer",
@@ -27,6 +29,7 @@ __all__ = [
     "models",
     "ops",
     "prepare_pt2e",
+    "quantize",
     "recipes",
     "save_quantized",
     "vector_quantize",

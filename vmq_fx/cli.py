@@ -7,6 +7,8 @@ Subcommands:
     vmq eval NAME                    top-1 of a shipped reference model on the Fashion-MNIST test set
     vmq export MODEL [--batch N]     export a model configuration with torch.export, run both, print the comparison
     vmq train CONFIG                 train a reference model on Fashion-MNIST
+    vmq quantize MODEL --recipe R    quantize (PTQ4VM or ViM-VQ), lower, save, export to ONNX, report
+    vmq export-onnx MODEL -o F       ONNX export of a reference model or a saved quantized model, checked in onnxruntime
 """
 from __future__ import annotations
 
@@ -23,10 +25,131 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("model configurations (vmq export / vmq train):")
     for name, cfg in sorted(MODEL_CONFIGS.items()):
         print(f"  {name:16s} {cfg}")
-    print("shipped reference models (vmq reference / vmq eval):")
+    print("shipped reference models (vmq reference / vmq eval / vmq quantize):")
     for name in list_references():
         card = reference_card(name)
         print(f"  {name:16s} {card['model']}, Fashion-MNIST test top-1 {card['test_top1']:.2f}%")
+    from vmq_fx.quantizer import recipes
+
+    print("recipes (vmq quantize --recipe):")
+    for pattern in recipes.names():
+        print(f"  {pattern}")
+    return 0
+
+
+def _load_model(spec: str, config: str | None):
+    """A shipped reference model by name, or a checkpoint file (safetensors or torch) of ``config``."""
+    import os
+
+    from vmq_fx.models import create_model, list_references, load_reference, load_state_dict_strict
+
+    if spec in list_references():
+        return load_reference(spec)
+    if not os.path.exists(spec):
+        raise ValueError(f"unknown model {spec!r}: not a shipped reference model ({', '.join(list_references())}) "
+                         "and no such file")
+    if not config:
+        raise ValueError(f"{spec}: a checkpoint file needs --config (a configuration from `vmq list`)")
+    try:
+        if spec.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(spec)
+        else:
+            import torch
+
+            state = torch.load(spec, map_location="cpu", weights_only=True)
+            state = state.get("model", state) if isinstance(state, dict) else state
+    except Exception as e:  # unreadable file: name it
+        raise ValueError(f"could not read checkpoint {spec}: {str(e).splitlines()[0]}") from e
+    model = create_model(config)
+    load_state_dict_strict(model, state, source=spec)
+    return model.eval()
+
+
+def _top1(model, images, labels, progress: bool) -> float:
+    from vmq_fx.evaluate import predict
+
+    with __import__("torch").no_grad():
+        logits = predict(model, images, progress=progress)
+    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+
+
+def _onnx_top1(path, images, labels) -> float:
+    import torch
+
+    from vmq_fx.export import ort_session
+
+    sess = ort_session(path)
+    feed = sess.get_inputs()[0].name
+    logits = torch.cat([torch.from_numpy(sess.run(None, {feed: c.numpy()})[0]) for c in images.split(500)])
+    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import vmq_fx
+    from vmq_fx.data import calibration_images, fashion_mnist, normalize
+
+    recipe = vmq_fx.recipes.from_name(args.recipe)
+    model = _load_model(args.model, args.config)
+    progress = not args.quiet
+    images, labels = fashion_mnist("test", args.data_dir)
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    x_test = normalize(images)
+    calib = calibration_images(args.calib, data_dir=args.data_dir)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = vmq_fx.quantize(model, recipe, calib, optimize=not args.no_optimize, steps=args.steps, progress=progress)
+    saved = out / "model.safetensors"
+    vmq_fx.save_quantized(res.lowered, saved, model.config)
+    rows = [("FP32", _top1(model, x_test, labels, progress), "-"),
+            (f"{recipe.name}, lowered (torch)", _top1(res.lowered, x_test, labels, progress),
+             f"{saved.stat().st_size / 1024:.0f} KB safetensors, quantized in {res.seconds:.0f} s")]
+    if not args.no_onnx:
+        onnx_res = vmq_fx.export_onnx(res.lowered, x_test[:2], out / "model.onnx")
+        rows.append((f"{recipe.name}, ONNX (onnxruntime)", _onnx_top1(onnx_res.path, x_test, labels),
+                     f"{onnx_res.bytes / 1024:.0f} KB onnx, exported in {onnx_res.seconds:.1f} s"))
+    table = [f"| model | top-1 % ({len(labels)} test images) | notes |", "|---|---|---|"]
+    table += [f"| {name} | {acc:.2f} | {note} |" for name, acc, note in rows]
+    report = [f"# vmq quantize {args.model} --recipe {args.recipe}", "", *table, ""]
+    if res.report is not None:
+        report += [f"Optimization: {res.report}", ""]
+    report += [f"Files: `{saved.name}` (load with `vmq_fx.load_quantized`)"
+               + ("" if args.no_onnx else ", `model.onnx`"), ""]
+    (out / "report.md").write_text("\n".join(report))
+    print("\n".join(table))
+    print(f"wrote {out}/report.md, {saved.name}" + ("" if args.no_onnx else ", model.onnx"))
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    import vmq_fx
+    from vmq_fx.export import ort_session
+
+    if args.model.endswith(".safetensors") and os.path.isfile(args.model) and not args.config:
+        model = vmq_fx.load_quantized(args.model)
+        shape = next(n for n in model.graph.nodes if n.op == "placeholder").meta["val"].shape[1:]
+    else:
+        model = _load_model(args.model, args.config)
+        shape = (model.config.in_chans, model.config.img_size, model.config.img_size)
+    x = torch.randn(args.batch, *[int(d) for d in shape], generator=torch.Generator().manual_seed(0))
+    res = vmq_fx.export_onnx(model, x, args.output)
+    sess = ort_session(res.path)
+    out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+    with torch.no_grad():
+        ref = model(x)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    ops = ", ".join(f"{k} {v}" for k, v in sorted(res.op_counts.items()) if k in (
+        "Scan", "MatMulInteger", "QuantizeLinear", "DequantizeLinear", "MatMul", "Gather"))
+    print(f"wrote {res.path}: {res.bytes / 1024:.0f} KB in {res.seconds:.1f} s; {ops}")
+    print(f"onnxruntime vs torch on a batch of {args.batch}: relative error {rel:.2e}")
     return 0
 
 
@@ -174,6 +297,26 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--data-dir", help="Fashion-MNIST directory")
     v.add_argument("--quiet", action="store_true")
     v.set_defaults(fn=_cmd_eval)
+    q = sub.add_parser("quantize", help="quantize a model, save it, export it to ONNX and write a report")
+    q.add_argument("model", help="shipped reference model name, or a checkpoint file with --config")
+    q.add_argument("--recipe", required=True, help="e.g. ptq4vm-w8a8, ptq4vm-w4a8, vimvq-2bit (see `vmq list`)")
+    q.add_argument("--config", help="model configuration of a checkpoint file (see `vmq list`)")
+    q.add_argument("--calib", type=int, default=256, help="calibration images from the training split")
+    q.add_argument("--steps", type=int, help="optimization steps per block (JLSS / ViM-VQ; default: the recipe's)")
+    q.add_argument("--no-optimize", action="store_true", help="PTQ4VM recipes: skip JLSS (SmoothQuant + PTS)")
+    q.add_argument("--no-onnx", action="store_true", help="do not export model.onnx")
+    q.add_argument("--limit", type=int, help="evaluate on the first N test images only")
+    q.add_argument("--out-dir", required=True, help="output directory")
+    q.add_argument("--data-dir", help="Fashion-MNIST directory")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(fn=_cmd_quantize)
+    o = sub.add_parser("export-onnx", help="export a model or a saved quantized model to ONNX, check in onnxruntime")
+    o.add_argument("model", help="reference model name, a quantized .safetensors from `vmq quantize`, or a "
+                                 "checkpoint with --config")
+    o.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    o.add_argument("--config", help="model configuration of a checkpoint file")
+    o.add_argument("--batch", type=int, default=2, help="example batch (the exported batch stays dynamic)")
+    o.set_defaults(fn=_cmd_export_onnx)
     return p
 
 
@@ -182,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError, ImportError) as e:
         # One line for people; the traceback is for developers (python -X dev / VMQ_DEBUG=1).
         import os
 

@@ -16,6 +16,7 @@ Example:
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -247,6 +248,35 @@ class recipes:  # noqa: N801 - a namespace, used as ``recipes.ptq4vm(...)``
     def vq_kmeans(bits: int = 2, **kwargs) -> VQRecipe:
         """Baseline: plain k-means VQ (each sub-vector to its nearest codeword, no optimization)."""
         return VQRecipe(bits=bits, method="kmeans", **kwargs)
+
+    _BY_PREFIX = {"ptq4vm": "ptq4vm", "sq-pts": "smoothquant_pts", "per-tensor": "per_tensor_static",
+                  "per-token-dynamic": "per_token_dynamic", "vimvq": "vimvq", "vq-convex": "vq_convex",
+                  "vq-kmeans": "vq_kmeans"}
+
+    @staticmethod
+    def names() -> list[str]:
+        """Recipe name patterns accepted by :meth:`from_name`."""
+        return [f"{p}-w<W>a<A>" for p in ("ptq4vm", "sq-pts", "per-tensor", "per-token-dynamic")] + [
+            f"{p}-<1|2|3>bit" for p in ("vimvq", "vq-convex", "vq-kmeans")]
+
+    @staticmethod
+    def from_name(name: str, **kwargs) -> PTQ4VMRecipe | VQRecipe:
+        """A recipe from its command-line name: ``ptq4vm-w4a8``, ``sq-pts-w8a8``, ``per-tensor-w8a8``,
+        ``per-token-dynamic-w4a4``, ``vimvq-2bit``, ``vq-convex-3bit``, ``vq-kmeans-1bit``.
+
+        Example:
+            >>> recipes.from_name("vimvq-2bit").k
+            256
+        """
+        m = re.fullmatch(r"(.+)-w(\d)a(\d)", name) or re.fullmatch(r"(.+)-(\d)bit", name)
+        if not m or m.group(1) not in recipes._BY_PREFIX:
+            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(recipes.names())}")
+        make = getattr(recipes, recipes._BY_PREFIX[m.group(1)])
+        bits = [int(b) for b in m.groups()[1:]]
+        is_vq = m.group(1).startswith(("vimvq", "vq-"))
+        if is_vq != (len(bits) == 1):
+            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(recipes.names())}")
+        return make(*bits, **kwargs)
 
 
 @dataclass
