@@ -90,9 +90,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     import vmq_fx
+    from vmq_fx import report as plots
     from vmq_fx.data import calibration_images, fashion_mnist, normalize
 
-    recipe = vmq_fx.recipes.from_name(args.recipe)
+    chosen = [vmq_fx.recipes.from_name(name) for name in args.recipe]  # bad names fail before any work
     model = _load_model(args.model, args.config)
     progress = not args.quiet
     images, labels = fashion_mnist("test", args.data_dir)
@@ -102,26 +103,46 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     calib = calibration_images(args.calib, data_dir=args.data_dir)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    res = vmq_fx.quantize(model, recipe, calib, optimize=not args.no_optimize, steps=args.steps, progress=progress)
-    saved = out / "model.safetensors"
-    vmq_fx.save_quantized(res.lowered, saved, model.config)
-    rows = [("FP32", _top1(model, x_test, labels, progress), "-"),
-            (f"{recipe.name}, lowered (torch)", _top1(res.lowered, x_test, labels, progress),
-             f"{saved.stat().st_size / 1024:.0f} KB safetensors, quantized in {res.seconds:.0f} s")]
-    if not args.no_onnx:
-        onnx_res = vmq_fx.export_onnx(res.lowered, x_test[:2], out / "model.onnx")
-        rows.append((f"{recipe.name}, ONNX (onnxruntime)", _onnx_top1(onnx_res.path, x_test, labels),
-                     f"{onnx_res.bytes / 1024:.0f} KB onnx, exported in {onnx_res.seconds:.1f} s"))
-    table = [f"| model | top-1 % ({len(labels)} test images) | notes |", "|---|---|---|"]
-    table += [f"| {name} | {acc:.2f} | {note} |" for name, acc, note in rows]
-    report = [f"# vmq quantize {args.model} --recipe {args.recipe}", "", *table, ""]
-    if res.report is not None:
-        report += [f"Optimization: {res.report}", ""]
-    report += [f"Files: `{saved.name}` (load with `vmq_fx.load_quantized`)"
-               + ("" if args.no_onnx else ", `model.onnx`"), ""]
+    fp_top1 = _top1(model, x_test, labels, progress)
+    table = ["| model | top-1 % torch | top-1 % onnxruntime | quantization s | files |", "|---|---|---|---|---|",
+             f"| FP32 | {fp_top1:.2f} | - | - | - |"]
+    notes, figures, points = [], [], []
+    for name, recipe in zip(args.recipe, chosen):
+        res = vmq_fx.quantize(model, recipe, calib, optimize=not args.no_optimize, steps=args.steps,
+                              batch_size=args.batch_size, progress=progress, diagnostic_images=calib[:32])
+        sub = out / name
+        sub.mkdir(exist_ok=True)
+        vmq_fx.save_quantized(res.lowered, sub / "model.safetensors", model.config)
+        files = [f"{name}/model.safetensors ({(sub / 'model.safetensors').stat().st_size / 1024:.0f} KB)"]
+        top1 = _top1(res.lowered, x_test, labels, progress)
+        ort_top1 = "-"
+        if not args.no_onnx:
+            onnx_res = vmq_fx.export_onnx(res.lowered, x_test[:2], sub / "model.onnx")
+            ort_top1 = f"{_onnx_top1(onnx_res.path, x_test, labels):.2f}"
+            files.append(f"{name}/model.onnx ({onnx_res.bytes / 1024:.0f} KB)")
+        table.append(f"| {name} (lowered) | {top1:.2f} | {ort_top1} | {res.seconds:.0f} | {', '.join(files)} |")
+        points.append((name, getattr(recipe, "w_bits", None) or recipe.index_bits, top1))
+        if res.report is not None:
+            notes.append(f"- {name}: {res.report}")
+        png = f"layer_errors_{name}.png"
+        plots.plot_layer_errors(res.errors_init, res.errors_final, out / png,
+                                f"{args.model} {name}: per-layer output error on 32 calibration images")
+        figures.append(f"![{png}]({png})")
+        scales = plots.token_scales(res.prepared)
+        if scales:
+            png = f"token_scales_{name}.png"
+            plots.plot_token_scales(scales, out / png, f"{args.model} {name}: per-token activation step sizes")
+            figures.append(f"![{png}]({png})")
+    if len(points) > 1:
+        plots.plot_accuracy_vs_bits(points, fp_top1, out / "accuracy_vs_bits.png", f"{args.model}: top-1 vs bits")
+        figures.append("![accuracy_vs_bits.png](accuracy_vs_bits.png)")
+    report = [f"# vmq quantize {args.model} --recipe {' '.join(args.recipe)}", "",
+              f"Top-1 on {len(labels)} Fashion-MNIST test images; {args.calib} calibration images from the training "
+              "split. Quantization time: calibration + optimization + convert + lower, this machine. Load a model "
+              "with `vmq_fx.load_quantized(path)`.", "", *table, "", *notes, "", *figures, ""]
     (out / "report.md").write_text("\n".join(report))
     print("\n".join(table))
-    print(f"wrote {out}/report.md, {saved.name}" + ("" if args.no_onnx else ", model.onnx"))
+    print(f"wrote {out / 'report.md'}")
     return 0
 
 
@@ -299,10 +320,12 @@ def _parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=_cmd_eval)
     q = sub.add_parser("quantize", help="quantize a model, save it, export it to ONNX and write a report")
     q.add_argument("model", help="shipped reference model name, or a checkpoint file with --config")
-    q.add_argument("--recipe", required=True, help="e.g. ptq4vm-w8a8, ptq4vm-w4a8, vimvq-2bit (see `vmq list`)")
+    q.add_argument("--recipe", required=True, nargs="+",
+                   help="one or more, e.g. ptq4vm-w8a8 ptq4vm-w4a8 vimvq-2bit (see `vmq list`)")
     q.add_argument("--config", help="model configuration of a checkpoint file (see `vmq list`)")
     q.add_argument("--calib", type=int, default=256, help="calibration images from the training split")
     q.add_argument("--steps", type=int, help="optimization steps per block (JLSS / ViM-VQ; default: the recipe's)")
+    q.add_argument("--batch-size", type=int, help="images per optimization step (default: JLSS all, ViM-VQ 64)")
     q.add_argument("--no-optimize", action="store_true", help="PTQ4VM recipes: skip JLSS (SmoothQuant + PTS)")
     q.add_argument("--no-onnx", action="store_true", help="do not export model.onnx")
     q.add_argument("--limit", type=int, help="evaluate on the first N test images only")

@@ -17,6 +17,7 @@ The codebooks end in float16, the precision ``convert_pt2e`` stores them in.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -156,16 +157,24 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool =
     return report
 
 
+@contextlib.contextmanager
+def kmeans_assignment(modules: list[VectorQuantizedWeight]):
+    """Temporarily put every sub-vector of freshly initialized ``modules`` at its nearest codeword (the codes
+    ``initialize`` left), i.e. plain k-means VQ."""
+    saved = [m.confirmed.clone() for m in modules]
+    for m in modules:
+        m.confirmed.fill_(True)
+    try:
+        yield
+    finally:
+        for m, confirmed in zip(modules, saved):
+            m.confirmed.copy_(confirmed)
+
+
 @torch.no_grad()
 def _kmeans_loss(runner, k, mods, q_in, fp_out) -> float:
-    """Block loss with every sub-vector at its nearest codeword (the state ``initialize`` left the codes in)."""
-    saved = [m.confirmed.clone() for m in mods]
-    for m in mods:
-        m.confirmed.fill_(True)
-    loss = runner.loss(k, q_in, fp_out).item()
-    for m, confirmed in zip(mods, saved):
-        m.confirmed.copy_(confirmed)
-    return loss
+    with kmeans_assignment(mods):
+        return runner.loss(k, q_in, fp_out).item()
 
 
 def _optimize_block(runner, k, block, mods, q_in, fp_out, recipe: VQRecipe, schedule, gen, progress) -> None:

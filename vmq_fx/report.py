@@ -1,0 +1,137 @@
+"""Diagnostics of a quantization run and the plots of ``vmq quantize``'s report (matplotlib, imported lazily).
+
+* :func:`layer_errors`: per quantized linear, the relative error of its output in the fake-quantized model against
+  the same layer in the floating-point model, both run on the same images (the quantized model's layer sees the
+  quantized model's own input, so errors of earlier layers carry into it).
+* :func:`token_scales`: the per-token static activation step sizes of some layers.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor, fx
+
+from vmq_fx.calibrate import linear_quantizers
+from vmq_fx.observers import PerTokenStaticFakeQuantize
+from vmq_fx.quantizer import quantized_linears
+
+__all__ = ["layer_errors", "plot_accuracy_vs_bits", "plot_layer_errors", "plot_token_scales", "token_scales"]
+
+
+class _LinearRecorder(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names = names
+        self.outputs: dict[str, Tensor] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.outputs[n.name] = out.detach()
+        return out
+
+
+def _set_fake_quant(prepared: fx.GraphModule, enabled: bool) -> None:
+    for _, act, weight in linear_quantizers(prepared).values():
+        for q in (act, weight):
+            if q is not None:
+                q.enable_fake_quant(enabled)
+
+
+@torch.no_grad()
+def layer_errors(prepared: fx.GraphModule, images: Tensor) -> dict[str, float]:
+    """``{layer module path: ||y_q - y|| / ||y||}`` for every quantized linear of a calibrated prepared model."""
+    layers = quantized_linears(prepared)
+    runs = {}
+    for fake_quant in (False, True):
+        _set_fake_quant(prepared, fake_quant)
+        rec = _LinearRecorder(prepared, set(layers))
+        rec.run(images)
+        runs[fake_quant] = rec.outputs
+    _set_fake_quant(prepared, True)
+    return {layers[n].name: ((runs[True][n] - runs[False][n]).norm() / runs[False][n].norm().clamp_min(1e-12)).item()
+            for n in layers}
+
+
+def token_scales(prepared: fx.GraphModule, limit: int = 4) -> dict[str, Tensor]:
+    """Per-token activation step sizes of the first and last blocks' quantized linears (up to ``limit`` layers)."""
+    entries = [(layer, act) for layer, act, _ in linear_quantizers(prepared).values()
+               if isinstance(act, PerTokenStaticFakeQuantize) and act.initialized]
+    if not entries:
+        return {}
+    picked = entries[: limit // 2] + entries[-(limit - limit // 2):]
+    return {layer.name: act.scale.detach().clone() for layer, act in picked}
+
+
+def _plt():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # optional dependency
+        raise ImportError("the report's plots need matplotlib: pip install 'vmq-fx[report]'") from e
+    return plt
+
+
+def plot_layer_errors(before: dict[str, float], after: dict[str, float], path: str | os.PathLike, title: str) -> None:
+    """Per-layer relative output error before and after optimization (log scale)."""
+    plt = _plt()
+    names = list(before)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names)), 3.8))
+    ax.plot(range(len(names)), [before[n] for n in names], "o-", ms=3, label="after calibration (init)")
+    ax.plot(range(len(names)), [after[n] for n in names], "s-", ms=3, label="after optimization")
+    ax.set_yscale("log")
+    ax.set_xlabel("quantized linear (graph order)")
+    ax.set_ylabel("relative output error ||y_q - y|| / ||y||")
+    ax.set_title(title)
+    step = max(1, len(names) // 16)
+    ax.set_xticks(range(0, len(names), step))
+    ax.set_xticklabels([names[i].replace("layers.", "L").replace(".mixer", "") for i in range(0, len(names), step)],
+                       rotation=60, ha="right", fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_token_scales(scales: dict[str, Tensor], path: str | os.PathLike, title: str) -> None:
+    """Per-token activation step size against token position, one line per layer."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    for name, s in scales.items():
+        ax.plot(range(len(s)), s.numpy(), "o-", ms=3, label=name)
+    ax.set_xlabel("token position")
+    ax.set_ylabel("activation step size")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_accuracy_vs_bits(points: list[tuple[str, float, float]], fp_top1: float, path: str | os.PathLike,
+                          title: str) -> None:
+    """Top-1 against weight bits per recipe family; ``points`` are (recipe name, weight bits, top-1)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    families: dict[str, list[tuple[float, float, str]]] = {}
+    for name, bits, top1 in points:
+        families.setdefault(name.rsplit("-", 1)[0], []).append((bits, top1, name))
+    for family, pts in families.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=family)
+        for bits, top1, name in pts:
+            ax.annotate(name, (bits, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(fp_top1, color="gray", ls="--", label=f"FP32 ({fp_top1:.2f})")
+    ax.set_xlabel("weight bits (index bits for VQ)")
+    ax.set_ylabel("top-1 %")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
