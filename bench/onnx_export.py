@@ -80,7 +80,7 @@ def main():
             res = vmq_fx.export_onnx(m, x_test[:2], tmp / f"{name}-{variant.replace(' ', '')}.onnx")
             sess = ort_session(res.path, threads=args.threads or None)
             feed = sess.get_inputs()[0].name
-            lat = {b: median_seconds(lambda b=b: sess.run(None, {feed: x_test[:b].numpy()})) for b in (1, 64)}
+            lat = {b: median_seconds(lambda b=b, s=sess, f=feed: s.run(None, {f: x_test[:b].numpy()})) for b in (1, 64)}
             logits = torch.cat([torch.from_numpy(sess.run(None, {feed: chunk.numpy()})[0])
                                 for chunk in x_test.split(500)])
             with torch.no_grad():

@@ -27,15 +27,21 @@ def test_eval_prints_top1(capsys):
     assert "top-1" in capsys.readouterr().out
 
 
-def test_quantize_writes_model_onnx_and_report_and_export_onnx_reads_it(tmp_path, capsys):
+def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys):
     out = tmp_path / "q"
-    assert main(["quantize", "vim-fm-tiny", "--recipe", "vq-kmeans-2bit", "--calib", "16", "--limit", "64",
-                 "--out-dir", str(out), "--quiet"]) == 0
+    assert main(["quantize", "vim-fm-tiny", "--recipe", "vq-kmeans-2bit", "sq-pts-w8a8", "--calib", "16",
+                 "--limit", "64", "--out-dir", str(out), "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert "vq-kmeans-2bit, ONNX (onnxruntime)" in printed
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "model.onnx", "report.md"}
-    assert "| FP32 |" in (out / "report.md").read_text()
-    assert main(["export-onnx", str(out / "model.safetensors"), "-o", str(tmp_path / "again.onnx")]) == 0
+    assert "| vq-kmeans-2bit (lowered) |" in printed and "| sq-pts-w8a8 (lowered) |" in printed
+    assert {p.name for p in out.iterdir()} == {
+        "vq-kmeans-2bit", "sq-pts-w8a8", "report.md", "layer_errors_vq-kmeans-2bit.png", "layer_errors_sq-pts-w8a8.png",
+        "token_scales_sq-pts-w8a8.png", "accuracy_vs_bits.png"}
+    assert {p.name for p in (out / "sq-pts-w8a8").iterdir()} == {"model.safetensors", "model.onnx"}
+    report = (out / "report.md").read_text()
+    assert "| FP32 |" in report and "![accuracy_vs_bits.png](accuracy_vs_bits.png)" in report
+    assert (out / "accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["export-onnx", str(out / "vq-kmeans-2bit" / "model.safetensors"), "-o",
+                 str(tmp_path / "again.onnx")]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert float(line.rsplit(" ", 1)[1]) < 1e-3  # onnxruntime vs torch relative error
 

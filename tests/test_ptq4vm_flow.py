@@ -184,3 +184,14 @@ def test_per_token_dynamic_baseline(vim):
         vmq_fx.lower(quantized)
     with pytest.raises(ValueError, match="smoothing is initialized from per-token static"):
         vmq_fx.PTQ4VMRecipe(act_granularity="per_token_dynamic", smooth=True)
+
+
+def test_recipe_names_round_trip_and_jlss_flag():
+    for name in ("ptq4vm-w4a8", "sq-pts-w8a8", "per-tensor-w8a8", "per-token-dynamic-w4a4", "vimvq-2bit",
+                 "vq-convex-3bit", "vq-kmeans-1bit"):
+        assert recipes.from_name(name).name == name
+    assert recipes.ptq4vm(8, 8).jlss and not recipes.smoothquant_pts(8, 8).jlss
+    with pytest.raises(ValueError, match="unknown recipe 'ptq4vm-3bit'"):
+        recipes.from_name("ptq4vm-3bit")
+    with pytest.raises(ValueError, match="JLSS learns per-token static step sizes"):
+        vmq_fx.PTQ4VMRecipe(act_granularity="per_tensor_static", smooth=False)

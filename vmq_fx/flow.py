@@ -39,8 +39,9 @@ def quantize(model: nn.Module, recipe: PTQ4VMRecipe | VQRecipe, calibration_imag
              diagnostic_images: torch.Tensor | None = None) -> QuantizeResult:
     """Quantize a Vim / VMamba model with a recipe and lower it.
 
-    PTQ4VM recipes run :func:`vmq_fx.jlss` when ``optimize`` (SmoothQuant + PTS otherwise); VQ recipes always run
-    :func:`vmq_fx.vector_quantize` (the k-means recipe does no optimization there).
+    PTQ4VM recipes run :func:`vmq_fx.jlss` when the recipe has ``jlss`` and ``optimize`` is set (the baselines stop
+    after calibration); VQ recipes always run :func:`vmq_fx.vector_quantize` (the k-means recipe does no
+    optimization there).
 
     Args:
         model: an eager model in eval mode.
@@ -76,7 +77,7 @@ def quantize(model: nn.Module, recipe: PTQ4VMRecipe | VQRecipe, calibration_imag
     report = None
     if isinstance(recipe, VQRecipe):
         report = vector_quantize(prepared, calibration_images, progress=progress)
-    elif optimize and recipe.act_granularity == "per_token_static":
+    elif optimize and recipe.jlss:
         report = jlss(prepared, calibration_images, JLSSConfig(steps=steps, batch_size=batch_size), progress=progress)
     lowered = lower(convert_pt2e(copy.deepcopy(prepared)))
     seconds = time.perf_counter() - t0

@@ -64,6 +64,7 @@ class PTQ4VMRecipe:
         smooth: insert SmoothQuant smoothing scales ``s`` (``x / s`` and ``W * s``) in front of each linear.
         alpha: SmoothQuant migration strength; ``None`` picks 0.5 for Vim and 0.65 for VMamba, as PTQ4VM.
         learn_all_projections: JLSS also learns x_proj / dt_proj parameters (the authors' code leaves them at init).
+        jlss: the recipe includes JLSS (``vmq_fx.quantize`` runs it; PTQ4VM) or stops after calibration.
         p: exponent of the Lp error used by the range searches.
         num_candidates: candidates of the range searches.
     """
@@ -74,6 +75,7 @@ class PTQ4VMRecipe:
     smooth: bool = True
     alpha: float | None = None
     learn_all_projections: bool = False
+    jlss: bool = True
     p: float = 2.4
     num_candidates: int = 100
 
@@ -89,13 +91,17 @@ class PTQ4VMRecipe:
         if self.smooth and self.act_granularity != "per_token_static":
             raise ValueError("PTQ4VMRecipe: smoothing is initialized from per-token static statistics; use "
                              "smooth=False with other activation granularities")
+        if self.jlss and self.act_granularity != "per_token_static":
+            raise ValueError("PTQ4VMRecipe: JLSS learns per-token static step sizes; use jlss=False with "
+                             f"{self.act_granularity}")
         if self.p <= 0 or self.num_candidates < 1:
             raise ValueError("PTQ4VMRecipe: p and num_candidates must be positive")
 
     @property
     def name(self) -> str:
         kind = {"per_tensor_static": "per-tensor", "per_token_dynamic": "per-token-dynamic",
-                "per_token_static": "sq-pts" if self.smooth else "pts"}[self.act_granularity]
+                "per_token_static": ("ptq4vm" if self.jlss else "sq-pts") if self.smooth else "pts"}[
+            self.act_granularity]
         return f"{kind}-w{self.w_bits}a{self.a_bits}"
 
     def weight_qspec(self) -> QuantizationSpec:
@@ -218,20 +224,20 @@ class recipes:  # noqa: N801 - a namespace, used as ``recipes.ptq4vm(...)``
 
     @staticmethod
     def smoothquant_pts(w_bits: int = 8, a_bits: int = 8, **kwargs) -> PTQ4VMRecipe:
-        """Baseline: SmoothQuant + per-token static, no JLSS (same recipe as PTQ4VM; skip the learning step)."""
-        return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, **kwargs)
+        """Baseline: SmoothQuant + per-token static, no JLSS."""
+        return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, jlss=False, **kwargs)
 
     @staticmethod
     def per_token_dynamic(w_bits: int = 8, a_bits: int = 8, **kwargs) -> PTQ4VMRecipe:
         """Baseline: per-token dynamic min-max activations (a reduction per image at run time), no smoothing."""
         return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, act_granularity="per_token_dynamic", smooth=False,
-                            **kwargs)
+                            jlss=False, **kwargs)
 
     @staticmethod
     def per_tensor_static(w_bits: int = 8, a_bits: int = 8, **kwargs) -> PTQ4VMRecipe:
         """Baseline: per-tensor static min-max activations, no smoothing."""
         return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, act_granularity="per_tensor_static", smooth=False,
-                            **kwargs)
+                            jlss=False, **kwargs)
 
     @staticmethod
     def vimvq(bits: int = 2, **kwargs) -> VQRecipe:
