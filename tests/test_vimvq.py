@@ -259,3 +259,15 @@ def test_load_quantized_reports_mismatched_tensors(tiny, tmp_path):
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(CheckpointMismatchError, match="missing keys"):
         vmq_fx.load_quantized(path)
+
+
+def test_blockwise_loss_on_all_images_of_vmamba_blocks():
+    # VMamba blocks get the batch size as an int argument next to parameters: it must follow the batch given
+    torch.manual_seed(0)
+    model = create_model("vmamba_fm_tiny", depths=(1, 1)).eval()
+    gm = vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
+    prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipes.vq_kmeans(2)))
+    calib = torch.randn(80, 1, 28, 28)  # captured in chunks of 64 and 16, scored on all 80
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    report = vmq_fx.vector_quantize(prepared, calib, progress=False)
+    assert report.blocks == 2 and all(0 < v < 1 for v in report.loss_after)

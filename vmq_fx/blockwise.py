@@ -123,7 +123,7 @@ class BlockRunner:
         ins, outs = [], []
 
         def pre(_, args):
-            batch = next(a.shape[0] for a in args if isinstance(a, Tensor))
+            batch = next(args[i].shape[0] for i in data_pos if isinstance(args[i], Tensor))
             # A symbolic size passed between partitions can only be the batch (the one dynamic dimension).
             ins.append([args[i].detach() if isinstance(args[i], Tensor) else
                         (_BATCH if args[i] == batch else args[i]) for i in data_pos])
