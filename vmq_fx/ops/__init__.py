@@ -5,3 +5,23 @@ from vmq_fx.ops.vq_linear import pack_codes, unpack_codes, vq_dequantize, vq_lin
 
 __all__ = ["int8_linear", "int8_linear_reference", "pack_codes", "pack_int4", "selective_scan_fn",
            "selective_scan_op", "unpack_codes", "unpack_int4", "vq_dequantize", "vq_linear", "vq_linear_reference"]
+
+
+def _register_gpu_kernels() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            import warnings
+
+            warnings.warn("CUDA is available but Triton is not: the vmq ops run their pure-torch implementations on "
+                          "the GPU (slow); install triton for the kernels", stacklevel=2)
+            return
+        from vmq_fx.kernels import register
+
+        register()
+
+
+_register_gpu_kernels()

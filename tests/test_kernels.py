@@ -1,0 +1,111 @@
+"""Triton kernels against the ops' CPU implementations and float64 references, in Triton's interpreter (CPU)."""
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+
+from vmq_fx.kernels.int8_linear import int8_linear_triton  # noqa: E402
+from vmq_fx.kernels.selective_scan import selective_scan_triton  # noqa: E402
+from vmq_fx.kernels.vq_linear import vq_linear_triton  # noqa: E402
+from vmq_fx.ops import int8_linear_reference, pack_codes, pack_int4, vq_linear_reference  # noqa: E402
+from vmq_fx.ops.vq_linear import code_bits  # noqa: E402
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("batch,length,k,n,w_bits,a_bits,smooth,bias", [
+    (3, 17, 70, 45, 8, 8, True, True),    # M = 51, K and N not multiples of the 64 blocks
+    (1, 17, 33, 20, 4, 8, False, True),   # batch 1, odd K with packed int4
+    (2, 5, 64, 70, 4, 4, True, False),    # 4-bit activations (clamp at 15)
+    (40, 3, 16, 16, 8, 8, False, False),  # M = 120: the large-M tiles
+])
+def test_int8_linear_kernel(batch, length, k, n, w_bits, a_bits, smooth, bias):
+    g = _gen(k * n)
+    qmax_w, qmax_a = 2 ** (w_bits - 1) - 1, 2**a_bits - 1
+    w = torch.randint(-qmax_w, qmax_w + 1, (n, k), generator=g, dtype=torch.int8)
+    w_store = pack_int4(w) if w_bits <= 4 else w
+    args = (torch.randn(batch, length, k, generator=g) * 3,
+            torch.rand(k, generator=g) + 0.5 if smooth else None,
+            torch.rand(length, generator=g) * 0.05 + 0.01,
+            torch.randint(0, qmax_a + 1, (length,), generator=g, dtype=torch.int32),
+            w_store, torch.rand(n, generator=g) * 0.02 + 1e-3,
+            torch.randn(n, generator=g) if bias else None, 0, qmax_a, w_bits)
+    out = int8_linear_triton(*args)
+    torch.testing.assert_close(out, torch.ops.vmq.int8_linear(*args), rtol=1e-6, atol=1e-6)  # same levels
+    torch.testing.assert_close(out.double(), int8_linear_reference(*args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k_in,n,d,k", [
+    (1, 10, 70, 4, 256),   # GEMV-like batch 1, K padded to the sub-vector length
+    (70, 12, 33, 2, 64),   # 6-bit codes crossing byte boundaries
+    (17, 24, 9, 8, 2),     # 1-bit codes
+    (5, 9, 65, 1, 16),     # d = 1, 4-bit codes
+])
+def test_vq_linear_kernel(m, k_in, n, d, k):
+    g = _gen(m * n + k)
+    per_row = -(-k_in // d)
+    codes = pack_codes(torch.randint(0, k, (n, per_row), generator=g), code_bits(k))
+    codebook = torch.randn(k, d, generator=g).half()
+    scale = (torch.rand(n, generator=g) + 0.5).half()
+    bias = torch.randn(n, generator=g)
+    x = torch.randn(m, k_in, generator=g)
+    out = vq_linear_triton(x, codes, codebook, scale, bias, k_in)
+    torch.testing.assert_close(out, torch.ops.vmq.vq_linear(x, codes, codebook, scale, bias, k_in),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), vq_linear_reference(x, codes, codebook, scale, bias, k_in),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_int8_linear_kernel_rounds_ties_to_even():
+    # power-of-two scale and x on half levels: every x / scale is an exact tie, where rounding modes differ
+    g = _gen(3)
+    x = (torch.randint(-20, 20, (2, 17, 32), generator=g).float() + 0.5) * 0.0625
+    w = torch.randint(-127, 128, (16, 32), generator=g, dtype=torch.int8)
+    args = (x, None, torch.full((17,), 0.0625), torch.full((17,), 128, dtype=torch.int32), w, torch.ones(16), None,
+            0, 255, 8)
+    torch.testing.assert_close(int8_linear_triton(*args), torch.ops.vmq.int8_linear(*args), rtol=0, atol=0)
+
+
+def test_vq_linear_kernel_refuses_wide_codes():
+    with pytest.raises(ValueError, match="at most 8"):
+        vq_linear_triton(torch.randn(2, 4), torch.zeros(3, 2, dtype=torch.uint8), torch.randn(4096, 4), torch.ones(3),
+                         None, 4)
+
+
+@pytest.mark.parametrize("batch,ch,length,n,groups,extras", [
+    (2, 40, 13, 16, 0, True),    # channels not a multiple of the 32 block, odd L, D / z / bias / softplus
+    (1, 8, 1, 5, 0, False),      # L = 1, N not a power of two, no extras
+    (2, 40, 9, 4, 4, True),      # grouped B / C (VMamba's four directions)
+])
+def test_selective_scan_kernel(batch, ch, length, n, groups, extras):
+    g = _gen(ch * length + n)
+    u = torch.randn(batch, ch, length, generator=g)
+    delta = torch.randn(batch, ch, length, generator=g) * 0.5
+    A = -torch.rand(ch, n, generator=g) - 0.1
+    bc_shape = (batch, groups, n, length) if groups else (batch, n, length)
+    B, C = torch.randn(*bc_shape, generator=g), torch.randn(*bc_shape, generator=g)
+    D = torch.randn(ch, generator=g) if extras else None
+    z = torch.randn(batch, ch, length, generator=g) if extras else None
+    bias = torch.randn(ch, generator=g) * 0.1 if extras else None
+    out, last = selective_scan_triton(u, delta, A, B, C, D, z, bias, extras)
+    ref_out, ref_last = torch.ops.vmq.selective_scan(u, delta, A, B, C, D, z, bias, extras)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, ref_last, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_scan_kernel_matches_mamba_ssm_reference(mamba_ssm_ref):
+    g = _gen(7)
+    u, delta = torch.randn(2, 24, 11, generator=g), torch.randn(2, 24, 11, generator=g)
+    A = -torch.rand(24, 16, generator=g)
+    B, C = torch.randn(2, 16, 11, generator=g), torch.randn(2, 16, 11, generator=g)
+    D, z, bias = torch.randn(24, generator=g), torch.randn(2, 24, 11, generator=g), torch.randn(24, generator=g)
+    out, last = selective_scan_triton(u, delta, A, B, C, D, z, bias, True)
+    ref_out, ref_last = mamba_ssm_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
