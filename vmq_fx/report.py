@@ -80,7 +80,7 @@ def plot_layer_errors(before: dict[str, float], after: dict[str, float], path: s
     plt = _plt()
     names = list(before)
     fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names)), 3.8))
-    ax.plot(range(len(names)), [before[n] for n in names], "o-", ms=3, label="after calibration (init)")
+    ax.plot(range(len(names)), [before[n] for n in names], "o-", ms=3, label="initial (calibrated; VQ: plain k-means)")
     ax.plot(range(len(names)), [after[n] for n in names], "s-", ms=3, label="after optimization")
     ax.set_yscale("log")
     ax.set_xlabel("quantized linear (graph order)")
