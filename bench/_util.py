@@ -33,3 +33,17 @@ def mamba_ssm_ref():
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
     return selective_scan_ref
+
+
+def test_set(limit: int | None = None):
+    """Normalized Fashion-MNIST test images and labels (the first ``limit`` of them)."""
+    from vmq_fx.data import fashion_mnist, normalize
+
+    images, labels = fashion_mnist("test")
+    if limit:
+        images, labels = images[:limit], labels[:limit]
+    return normalize(images), labels
+
+
+def top1(logits, labels) -> float:
+    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()

@@ -17,14 +17,14 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line, median_seconds  # noqa: E402
+from _util import machine_line, median_seconds, test_set, top1  # noqa: E402
 
 import onnxruntime as ort  # noqa: E402
 import torch  # noqa: E402
 
 import vmq_fx  # noqa: E402
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
-from vmq_fx.data import calibration_images, fashion_mnist, normalize  # noqa: E402
+from vmq_fx.data import calibration_images  # noqa: E402
 from vmq_fx.evaluate import predict  # noqa: E402
 from vmq_fx.export import ort_session  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
@@ -51,10 +51,7 @@ def main():
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    images, labels = fashion_mnist("test")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    x_test = normalize(images)
+    x_test, labels = test_set(args.limit)
     calib = calibration_images(256)
     vq_steps = {} if args.vq_steps is None else {"steps": args.vq_steps}
     rows = []
@@ -84,14 +81,14 @@ def main():
             logits = torch.cat([torch.from_numpy(sess.run(None, {feed: chunk.numpy()})[0])
                                 for chunk in x_test.split(500)])
             with torch.no_grad():
-                torch_top1 = 100.0 * (predict(m, x_test).argmax(-1) == labels).float().mean().item()
-            top1 = 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+                torch_top1 = top1(predict(m, x_test), labels)
+            ort_top1 = top1(logits, labels)
             if lowered is None:
                 base = {"bytes": res.bytes, **lat}
             rows.append(
                 f"| {name} | {variant} | {res.bytes / 1024:.0f} | {base['bytes'] / res.bytes:.2f}x smaller "
                 f"| {res.seconds:.1f} | {lat[1] * 1e3:.2f} | {base[1] / lat[1]:.2f}x | {lat[64] * 1e3:.1f} "
-                f"| {base[64] / lat[64]:.2f}x | {top1:.2f} | {torch_top1:.2f} |")
+                f"| {base[64] / lat[64]:.2f}x | {ort_top1:.2f} | {torch_top1:.2f} |")
             Path(args.out).write_text("\n".join(header + rows) + "\n")
             print(rows[-1], flush=True)
 

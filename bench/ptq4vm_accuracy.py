@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line  # noqa: E402
+from _util import machine_line, test_set, top1  # noqa: E402
 
 import vmq_fx  # noqa: E402
 from vmq_fx import JLSSConfig, VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
-from vmq_fx.data import calibration_images, fashion_mnist, normalize  # noqa: E402
+from vmq_fx.data import calibration_images  # noqa: E402
 from vmq_fx.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
 
@@ -38,10 +38,6 @@ METHODS = [
     ("PTQ4VM (PTS + JLSS)", lambda w, a: recipes.ptq4vm(w, a), False),
     ("PTQ4VM, all projections", lambda w, a: recipes.ptq4vm(w, a, learn_all_projections=True), True),
 ]
-
-
-def top1(logits, labels) -> float:
-    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
 
 
 def main():
@@ -59,10 +55,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    images, labels = fashion_mnist("test")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    x_test = normalize(images)
+    x_test, labels = test_set(args.limit)
     calib = calibration_images(args.calib)
     jcfg = JLSSConfig(steps=args.jlss_steps, batch_size=args.jlss_batch)
     vmamba_jcfg = JLSSConfig(

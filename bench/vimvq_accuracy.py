@@ -17,22 +17,18 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line  # noqa: E402
+from _util import machine_line, test_set, top1  # noqa: E402
 
 import torch  # noqa: E402
 
 import vmq_fx  # noqa: E402
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
-from vmq_fx.data import calibration_images, fashion_mnist, normalize  # noqa: E402
+from vmq_fx.data import calibration_images  # noqa: E402
 from vmq_fx.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
 
 METHODS = [("k-means VQ", recipes.vq_kmeans), ("+ convex-combination opt.", recipes.vq_convex),
            ("+ incremental VQ (ViM-VQ)", recipes.vimvq)]
-
-
-def top1(logits, labels) -> float:
-    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
 
 
 def _bytes(tensors) -> int:
@@ -63,10 +59,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    images, labels = fashion_mnist("test")
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    x_test = normalize(images)
+    x_test, labels = test_set(args.limit)
     calib = calibration_images(args.calib)
     extra = {} if args.steps is None else {"steps": args.steps}
     default = recipes.vimvq(2, **extra)

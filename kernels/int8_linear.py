@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vmq_fx.kernels._common import round_half_even
+from vmq_fx.kernels._common import gemm_blocks, round_half_even
 
 __all__ = ["int8_linear_triton"]
 
@@ -60,18 +60,13 @@ def _int8_linear_kernel(x_ptr, smooth_ptr, scale_ptr, zp_ptr, w_ptr, wscale_ptr,
     tl.store(out_ptr + rm[:, None] * N + rn[None, :], out, mask=mm[:, None] & mn[None, :])
 
 
-def _blocks(m: int) -> tuple[int, int, int]:
-    # Small M (batch 1 x few tokens) is weight-bandwidth bound: narrow M tiles; large M: square tiles.
-    return (16, 64, 64) if m <= 64 else (64, 64, 64)
-
-
 def int8_linear_triton(x, smooth, act_scale, act_zero_point, w, w_scale, bias, act_qmin, act_qmax, w_bits):
     """Same signature and result as ``torch.ops.vmq.int8_linear``."""
     length, k = x.shape[-2], x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()
     m, n = x2.shape[0], w.shape[0]
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    bm, bn, bk = _blocks(m)
+    bm, bn, bk = gemm_blocks(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _int8_linear_kernel[grid](
         x2, smooth if smooth is not None else x2, act_scale.float().contiguous(),

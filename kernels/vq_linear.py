@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vmq_fx.kernels._common import gemm_blocks
 from vmq_fx.ops.vq_linear import code_bits
 
 __all__ = ["vq_linear_triton"]
@@ -56,7 +57,7 @@ def vq_linear_triton(x, codes, codebook, row_scale, bias, in_features):
     x2 = x.reshape(-1, in_features).contiguous()
     m, n = x2.shape[0], codes.shape[0]
     out = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    bm, bn, bk = (16, 64, 64) if m <= 64 else (64, 64, 64)
+    bm, bn, bk = gemm_blocks(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _vq_linear_kernel[grid](
         x2, codes.contiguous(), codebook.contiguous(), row_scale.contiguous(),

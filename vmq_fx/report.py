@@ -75,6 +75,17 @@ def _plt():
     return plt
 
 
+def _finish(plt, fig, ax, path, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_layer_errors(before: dict[str, float], after: dict[str, float], path: str | os.PathLike, title: str) -> None:
     """Per-layer relative output error before and after optimization (log scale)."""
     plt = _plt()
@@ -83,18 +94,12 @@ def plot_layer_errors(before: dict[str, float], after: dict[str, float], path: s
     ax.plot(range(len(names)), [before[n] for n in names], "o-", ms=3, label="initial (calibrated; VQ: plain k-means)")
     ax.plot(range(len(names)), [after[n] for n in names], "s-", ms=3, label="after optimization")
     ax.set_yscale("log")
-    ax.set_xlabel("quantized linear (graph order)")
-    ax.set_ylabel("relative output error ||y_q - y|| / ||y||")
-    ax.set_title(title)
     step = max(1, len(names) // 16)
     ax.set_xticks(range(0, len(names), step))
     ax.set_xticklabels([names[i].replace("layers.", "L").replace(".mixer", "") for i in range(0, len(names), step)],
                        rotation=60, ha="right", fontsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "quantized linear (graph order)", "relative output error ||y_q - y|| / ||y||", title,
+            legend_size=10)
 
 
 def plot_token_scales(scales: dict[str, Tensor], path: str | os.PathLike, title: str) -> None:
@@ -103,14 +108,7 @@ def plot_token_scales(scales: dict[str, Tensor], path: str | os.PathLike, title:
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for name, s in scales.items():
         ax.plot(range(len(s)), s.numpy(), "o-", ms=3, label=name)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("activation step size")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "token position", "activation step size", title, legend_size=7)
 
 
 def plot_accuracy_vs_bits(points: list[tuple[str, float, float]], fp_top1: float, path: str | os.PathLike,
@@ -127,11 +125,4 @@ def plot_accuracy_vs_bits(points: list[tuple[str, float, float]], fp_top1: float
         for bits, top1, name in pts:
             ax.annotate(name, (bits, top1), fontsize=7, xytext=(3, 3), textcoords="offset points")
     ax.axhline(fp_top1, color="gray", ls="--", label=f"FP32 ({fp_top1:.2f})")
-    ax.set_xlabel("weight bits (index bits for VQ)")
-    ax.set_ylabel("top-1 %")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _finish(plt, fig, ax, path, "weight bits (index bits for VQ)", "top-1 %", title)
