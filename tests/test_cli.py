@@ -17,7 +17,7 @@ def test_errors_are_one_line_and_nonzero(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("vmq: error: unknown model 'vim_huge'")
     assert main(["eval", "no-such-model"]) == 2
-    assert "unknown reference model" in capsys.readouterr().err
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_DATA_DIR, "t10k-labels-idx1-ubyte.gz")),
@@ -44,6 +44,12 @@ def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys):
                  str(tmp_path / "again.onnx")]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert float(line.rsplit(" ", 1)[1]) < 1e-3  # onnxruntime vs torch relative error
+    saved = str(out / "sq-pts-w8a8" / "model.safetensors")
+    assert main(["eval", saved, "--limit", "64", "--quiet"]) == 0
+    assert "top-1" in capsys.readouterr().out
+    assert main(["bench", "vim-fm-tiny", saved, "--batch", "1", "3", "--reps", "2"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[-1].startswith(saved) and rows[-1].count(" ms (") == 2  # ratios against the first model
 
 
 @pytest.mark.parametrize("argv,message", [

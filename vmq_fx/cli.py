@@ -9,6 +9,7 @@ Subcommands:
     vmq train CONFIG                 train a reference model on Fashion-MNIST
     vmq quantize MODEL --recipe R    quantize (PTQ4VM or ViM-VQ), lower, save, export to ONNX, report
     vmq export-onnx MODEL -o F       ONNX export of a reference model or a saved quantized model, checked in onnxruntime
+    vmq bench MODEL [MODEL ...]      forward latency (the first model is the baseline of the ratios)
 """
 from __future__ import annotations
 
@@ -146,20 +147,53 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export_onnx(args: argparse.Namespace) -> int:
-    import os
+def _input_shape(model) -> tuple[int, ...]:
+    if hasattr(model, "config"):
+        return (model.config.in_chans, model.config.img_size, model.config.img_size)
+    val = next(n for n in model.graph.nodes if n.op == "placeholder").meta["val"]
+    return tuple(int(d) for d in val.shape[1:])
 
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import statistics
+    import time
+
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = [(spec, _load_any(spec, None)) for spec in args.models]
+    print(f"median forward latency over {args.reps} runs (torch, {torch.get_num_threads()} threads)")
+    print(f"{'model':<48} " + " ".join(f"{'b=' + str(b):>10}" for b in args.batch))
+    base = None
+    for spec, model in models:
+        shape = _input_shape(model)
+        row = []
+        for b in args.batch:
+            x = torch.randn(b, *shape)
+            times = []
+            with torch.no_grad():
+                model(x)
+                for _ in range(args.reps):
+                    t0 = time.perf_counter()
+                    model(x)
+                    times.append(time.perf_counter() - t0)
+            row.append(statistics.median(times))
+        base = base or row
+        cells = " ".join(f"{t * 1e3:7.1f} ms" + (f" ({base[i] / t:.2f}x)" if spec != args.models[0] else "")
+                         for i, t in enumerate(row))
+        print(f"{spec:<48} {cells}")
+    return 0
+
+
+def _cmd_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
     import vmq_fx
     from vmq_fx.export import ort_session
 
-    if args.model.endswith(".safetensors") and os.path.isfile(args.model) and not args.config:
-        model = vmq_fx.load_quantized(args.model)
-        shape = next(n for n in model.graph.nodes if n.op == "placeholder").meta["val"].shape[1:]
-    else:
-        model = _load_model(args.model, args.config)
-        shape = (model.config.in_chans, model.config.img_size, model.config.img_size)
+    model = _load_any(args.model, args.config)
+    shape = _input_shape(model)
     x = torch.randn(args.batch, *[int(d) for d in shape], generator=torch.Generator().manual_seed(0))
     res = vmq_fx.export_onnx(model, x, args.output)
     sess = ort_session(res.path)
@@ -276,11 +310,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_any(spec: str, config: str | None):
+    """A saved quantized model (``vmq quantize`` output), a shipped reference model, or a checkpoint file."""
+    import os
+
+    if spec.endswith(".safetensors") and os.path.isfile(spec) and not config:
+        import vmq_fx
+
+        return vmq_fx.load_quantized(spec)
+    return _load_model(spec, config)
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     from vmq_fx.evaluate import evaluate
-    from vmq_fx.models import load_reference
 
-    model = load_reference(args.model)
+    model = _load_any(args.model, args.config)
     print(f"{args.model}: {evaluate(model, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)}")
     return 0
 
@@ -313,7 +357,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--data-dir", help="Fashion-MNIST directory (default: $VMQ_DATA_DIR or the Debian location)")
     t.set_defaults(fn=_cmd_train)
     v = sub.add_parser("eval", help="top-1 of a shipped reference model on the Fashion-MNIST test set")
-    v.add_argument("model", help="reference model name, e.g. vim-fm-tiny")
+    v.add_argument("model", help="reference model name (vim-fm-tiny), a quantized .safetensors from `vmq quantize`, "
+                                 "or a checkpoint with --config")
+    v.add_argument("--config", help="model configuration of a checkpoint file")
     v.add_argument("--limit", type=int, help="only the first N test images")
     v.add_argument("--data-dir", help="Fashion-MNIST directory")
     v.add_argument("--quiet", action="store_true")
@@ -340,6 +386,12 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--config", help="model configuration of a checkpoint file")
     o.add_argument("--batch", type=int, default=2, help="example batch (the exported batch stays dynamic)")
     o.set_defaults(fn=_cmd_export_onnx)
+    b = sub.add_parser("bench", help="forward latency of models (the first is the baseline of the ratios)")
+    b.add_argument("models", nargs="+", help="reference model names or quantized .safetensors files")
+    b.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    b.add_argument("--reps", type=int, default=7)
+    b.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 
