@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.split_module import split_module
 
-from vmq_fx.calibrate import linear_quantizers
+from vmq_fx.calibrate import linear_quantizers, set_fake_quant
 
 __all__ = ["BlockRunner"]
 
@@ -83,7 +83,6 @@ class BlockRunner:
         self.prepared = prepared
         self.images = images
         self.quantizers = linear_quantizers(prepared)
-        self._all_q = [m for _, a, w in self.quantizers.values() for m in (a, w) if m is not None]
         self.blocks: list[str] = []
         for layer, _, _ in self.quantizers.values():
             if layer.block not in self.blocks:
@@ -110,13 +109,9 @@ class BlockRunner:
                 data += 1
         return spec
 
-    def _set_fake_quant(self, enabled: bool) -> None:
-        for q in self._all_q:
-            q.enable_fake_quant(enabled)
-
     def capture(self, k: int, fake_quant: bool) -> tuple[list, list[Tensor]]:
         """Block k's activation inputs and float outputs on all images, with fake quantization on or off."""
-        self._set_fake_quant(fake_quant)
+        set_fake_quant(self.quantizers, fake_quant)
         mod = self._submods[2 * k + 1]
         spec = self._specs[k]
         data_pos = [i for i, (kind, _) in enumerate(spec) if kind == "data"]
@@ -143,7 +138,7 @@ class BlockRunner:
         finally:
             for h in hooks:
                 h.remove()
-            self._set_fake_quant(True)
+            set_fake_quant(self.quantizers, True)
         return ([torch.cat([b[i] for b in ins]) if isinstance(ins[0][i], Tensor) else ins[0][i]
                  for i in range(len(data_pos))],
                 [torch.cat([b[i] for b in outs]) for i in range(len(outs[0]))])

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize, VectorQuantizedWeight
 from vmq_fx.quantizer import QuantizedLinear, quantized_linears
 
-__all__ = ["calibrate", "linear_quantizers", "smoothquant_scales", "split_batches"]
+__all__ = ["calibrate", "linear_quantizers", "set_fake_quant", "smoothquant_scales", "split_batches"]
 
 _ACT_CLAMP, _WEIGHT_CLAMP, _SCALE_CLAMP = 1e-3, 1e-5, 1e-5
 
@@ -54,6 +54,14 @@ def linear_quantizers(gm: fx.GraphModule) -> dict[str, tuple[QuantizedLinear, to
             mods.append(gm.get_submodule(str(arg.target)))
         out[node.name] = (layers[node.name], mods[0], mods[1])
     return out
+
+
+def set_fake_quant(quantizers: dict, enabled: bool) -> None:
+    """Switch fake quantization of every quantizer in a :func:`linear_quantizers` table on or off."""
+    for _, act, weight in quantizers.values():
+        for q in (act, weight):
+            if q is not None:
+                q.enable_fake_quant(enabled)
 
 
 def split_batches(data, batch_size: int) -> list[Tensor]:

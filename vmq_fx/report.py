@@ -12,7 +12,7 @@ import os
 import torch
 from torch import Tensor, fx
 
-from vmq_fx.calibrate import linear_quantizers
+from vmq_fx.calibrate import linear_quantizers, set_fake_quant
 from vmq_fx.observers import PerTokenStaticFakeQuantize
 from vmq_fx.quantizer import quantized_linears
 
@@ -32,24 +32,18 @@ class _LinearRecorder(fx.Interpreter):
         return out
 
 
-def _set_fake_quant(prepared: fx.GraphModule, enabled: bool) -> None:
-    for _, act, weight in linear_quantizers(prepared).values():
-        for q in (act, weight):
-            if q is not None:
-                q.enable_fake_quant(enabled)
-
-
 @torch.no_grad()
 def layer_errors(prepared: fx.GraphModule, images: Tensor) -> dict[str, float]:
     """``{layer module path: ||y_q - y|| / ||y||}`` for every quantized linear of a calibrated prepared model."""
     layers = quantized_linears(prepared)
+    quantizers = linear_quantizers(prepared)
     runs = {}
     for fake_quant in (False, True):
-        _set_fake_quant(prepared, fake_quant)
+        set_fake_quant(quantizers, fake_quant)
         rec = _LinearRecorder(prepared, set(layers))
         rec.run(images)
         runs[fake_quant] = rec.outputs
-    _set_fake_quant(prepared, True)
+    set_fake_quant(quantizers, True)
     return {layers[n].name: ((runs[True][n] - runs[False][n]).norm() / runs[False][n].norm().clamp_min(1e-12)).item()
             for n in layers}
 
