@@ -306,7 +306,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
     command = "vmq " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("vmq") else None
     train_reference(args.model, args.out_dir, args.name or args.model.replace("_", "-"), cfg, args.data_dir,
-                    command=command)
+                    command=command, conditions=args.conditions)
     return 0
 
 
@@ -354,6 +354,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    t.add_argument("--conditions", help="note for the model card on how the run was made (what shared the CPU)")
     t.add_argument("--data-dir", help="Fashion-MNIST directory (default: $VMQ_DATA_DIR or the Debian location)")
     t.set_defaults(fn=_cmd_train)
     v = sub.add_parser("eval", help="top-1 of a shipped reference model on the Fashion-MNIST test set")

@@ -61,10 +61,11 @@ def _versions() -> dict[str, str]:
 
 
 def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: TrainConfig = TrainConfig(),
-                    data_dir=None, command: str | None = None) -> dict:
+                    data_dir=None, command: str | None = None, conditions: str | None = None) -> dict:
     """Train ``model_name`` on the Fashion-MNIST training split; write ``<card_name>.safetensors`` and ``.json``.
 
-    Returns the model card (also written to disk).
+    ``conditions`` is a free-text note for the card on how the run was made (e.g. what else shared the CPU), since the
+    times in the card depend on it. Returns the model card (also written to disk).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -128,6 +129,8 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
         "seed": cfg.seed,
         "versions": _versions(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
+        **({"conditions": conditions} if conditions else {}),
+        "reproduce": f"vmq eval {card_name}",
     }
     (out_dir / f"{card_name}.json").write_text(json.dumps(card, indent=2) + "\n")
     print(f"{card_name}: {result}; trained {train_s / 60:.1f} min")
