@@ -58,8 +58,9 @@ def test_environment_variable_overrides_location(tmp_path, monkeypatch):
 def test_reference_models_ship_and_load(name):
     assert name in list_references()
     card = reference_card(name)
-    for key in ("config", "test_top1", "command", "seed", "train", "versions"):
+    for key in ("config", "test_top1", "command", "seed", "train", "versions", "eval_seconds", "reproduce"):
         assert key in card
+    assert card["train"]["seconds"] > 0 and card["eval_seconds"] > 0
     model = load_reference(name)
     assert not model.training
     again = load_reference(name)
