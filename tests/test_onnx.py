@@ -18,11 +18,6 @@ REL_BOUND = 1e-4  # FP logits, onnxruntime vs torch: float reassociation (Scan b
 QUANT_NOISE_FRACTION = 0.1
 
 
-def _quant_bound(fp_model, quantized, x):
-    ref = fp_model(x)
-    return QUANT_NOISE_FRACTION * ((quantized(x) - ref).norm() / ref.norm()).item()
-
-
 def _ops(path):
     return Counter(n.op_type for n in onnx.load(str(path)).graph.node)
 
@@ -32,12 +27,19 @@ def _run(path, x):
     return torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
 
 
-def _check(model, path, x, bound=REL_BOUND):
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _check(model, path, x, bound=REL_BOUND, fp_model=None):
+    """ONNX vs torch; with ``fp_model``, the bound is a fraction of ``model``'s quantization error against it."""
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     ref = model(x)
+    if fp_model is not None:
+        bound = QUANT_NOISE_FRACTION * _rel(ref, fp_model(x))
     out = _run(path, x)
     assert out.shape == ref.shape
-    rel = ((out - ref).norm() / ref.norm()).item()
+    rel = _rel(out, ref)
     assert rel < bound, rel
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
     return rel
@@ -127,7 +129,7 @@ def test_lowered_w8a8_w4a8_match_in_onnxruntime(w_bits, name, tmp_path, test_bat
     ops = _ops(res.path)
     assert ops["MatMulInteger"] == n_linears == {"vim-fm-tiny": 48, "vmamba-fm-tiny": 72}[name]
     assert ops["QuantizeLinear"] == n_linears and ops["DequantizeLinear"] == 0
-    _check(lowered, res.path, test_batch, _quant_bound(model, lowered, test_batch))
+    _check(lowered, res.path, test_batch, fp_model=model)
     weights = [t for t in onnx.load(res.path).graph.initializer if t.name.endswith("_weight") and "vmq_q" in t.name]
     # int8 weights in the file, or 4-bit ones two per byte
     assert {t.data_type for t in weights} == {onnx.TensorProto.INT8 if w_bits == 8 else onnx.TensorProto.UINT8}
@@ -143,7 +145,7 @@ def test_qdq_reference_graph_exports_and_runs(tmp_path, test_batch):
     res = vmq_fx.export_onnx(quantized, test_batch[:2], tmp_path / "qdq.onnx")
     ops = _ops(res.path)
     assert ops["QuantizeLinear"] == 48 and ops["DequantizeLinear"] == 96
-    _check(quantized, res.path, test_batch, _quant_bound(model, quantized, test_batch))
+    _check(quantized, res.path, test_batch, fp_model=model)
 
 
 @pytest.mark.parametrize("name", REFERENCES)
@@ -165,7 +167,7 @@ def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch):
     assert len(codes) == n_linears and all(t.data_type == onnx.TensorProto.UINT8 for t in codes)
     fp = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx")
     assert res.bytes < 0.45 * fp.bytes
-    _check(lowered, res.path, test_batch, _quant_bound(model, lowered, test_batch))
+    _check(lowered, res.path, test_batch, fp_model=model)
 
 
 def test_op_without_translation_is_named(tmp_path):
