@@ -79,3 +79,30 @@ def test_reference_accuracy_on_first_1000_test_images(name):
 def test_unknown_reference_lists_the_shipped_ones():
     with pytest.raises(ValueError, match="vim-fm-tiny"):
         load_reference("resnet-50")
+
+
+def test_continued_training_rejects_a_checkpoint_of_another_model(tmp_path):
+    from vmq_fx.train import TrainConfig, train_reference
+
+    with pytest.raises(ValueError, match="is a 'vmamba_fm_tiny' model, not 'vim_fm_tiny'"):
+        train_reference("vim_fm_tiny", tmp_path, "x", TrainConfig(init_from="vmamba-fm-tiny"))
+    with pytest.raises(ValueError, match="neither a .safetensors file nor a shipped reference model"):
+        train_reference("vim_fm_tiny", tmp_path, "x", TrainConfig(init_from="vim-fm-huge"))
+    weights = tmp_path / "run.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="model card"):  # without its card the provenance would be lost
+        train_reference("vim_fm_tiny", tmp_path, "x", TrainConfig(init_from=str(weights)))
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_continued_training_starts_from_the_given_weights():
+    from vmq_fx.models import create_model
+    from vmq_fx.models.checkpoint import load_state_dict_strict
+    from vmq_fx.train import _load_init
+
+    state, card = _load_init("vim-fm-tiny", "vim_fm_tiny")
+    assert card == reference_card("vim-fm-tiny")
+    model = create_model("vim_fm_tiny")
+    load_state_dict_strict(model, state)
+    shipped = load_reference("vim-fm-tiny").state_dict()
+    assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())

@@ -303,7 +303,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from vmq_fx.train import TrainConfig, train_reference
 
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
+                      init_from=args.init_from)
     command = "vmq " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("vmq") else None
     train_reference(args.model, args.out_dir, args.name or args.model.replace("_", "-"), cfg, args.data_dir,
                     command=command, conditions=args.conditions)
@@ -354,6 +355,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    t.add_argument("--init-from", help="continue from a checkpoint written by `vmq train` (.safetensors with its "
+                                       ".json card beside it) or a shipped reference name; the new card embeds its card")
     t.add_argument("--conditions", help="note for the model card on how the run was made (what shared the CPU)")
     t.add_argument("--data-dir", help="Fashion-MNIST directory (default: $VMQ_DATA_DIR or the Debian location)")
     t.set_defaults(fn=_cmd_train)

@@ -1,4 +1,4 @@
-"""Training reference models from scratch on Fashion-MNIST (CPU), with a safetensors checkpoint and a model card."""
+"""Training reference models on Fashion-MNIST (CPU; from scratch or continuing a run): safetensors + model card."""
 from __future__ import annotations
 
 import json
@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from vmq_fx.data import fashion_mnist, normalize
 from vmq_fx.evaluate import evaluate
 from vmq_fx.models import create_model
+from vmq_fx.models.checkpoint import load_state_dict_strict
 
 __all__ = ["TrainConfig", "train_reference"]
 
@@ -34,6 +35,7 @@ class TrainConfig:
     drop_path_rate: float = 0.05
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    init_from: str | None = None  # continue from these weights (a new warm-up and cosine cycle), see _load_init
 
     def __post_init__(self):
         if self.epochs <= 0 or self.batch_size < 1 or self.lr <= 0:
@@ -60,20 +62,52 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _load_init(spec: str, model_name: str) -> tuple[dict, dict]:
+    """Weights and model card to continue training from: a ``.safetensors`` written by ``vmq train`` (its ``.json``
+    card beside it) or the name of a shipped reference model.
+
+    The card is required because the continued model's card embeds it: without it the result's provenance (the first
+    stage's command, seed and accuracy) would be lost.
+    """
+    from safetensors.torch import load_file
+
+    from vmq_fx.models.reference import REFERENCE_DIR, list_references
+
+    path = Path(spec)
+    if path.suffix != ".safetensors":
+        if spec not in list_references():
+            raise ValueError(f"init_from={spec!r}: neither a .safetensors file nor a shipped reference model "
+                             f"({', '.join(list_references())})")
+        path = REFERENCE_DIR / f"{spec}.safetensors"
+    card_path = path.with_suffix(".json")
+    if not path.is_file() or not card_path.is_file():
+        raise FileNotFoundError(f"init_from={spec!r}: needs {path} and its model card {card_path}")
+    card = json.loads(card_path.read_text())
+    if card.get("model") != model_name:
+        raise ValueError(f"init_from={spec!r} is a {card.get('model')!r} model, not {model_name!r}")
+    return load_file(str(path)), card
+
+
 def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: TrainConfig = TrainConfig(),
                     data_dir=None, command: str | None = None, conditions: str | None = None) -> dict:
     """Train ``model_name`` on the Fashion-MNIST training split; write ``<card_name>.safetensors`` and ``.json``.
 
     ``conditions`` is a free-text note for the card on how the run was made (e.g. what else shared the CPU), since the
-    times in the card depend on it. Returns the model card (also written to disk).
+    times in the card depend on it. With ``cfg.init_from`` the run continues from an earlier one's weights with a new
+    warm-up and cosine cycle; the card then embeds the earlier card and sums both runs in ``total_train``. Returns the
+    model card (also written to disk).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    model = create_model(model_name, drop_path_rate=cfg.drop_path_rate)
+    init_card = None
+    if cfg.init_from:  # before the data, so that a wrong checkpoint fails at once
+        state, init_card = _load_init(cfg.init_from, model_name)
+        load_state_dict_strict(model, state, source=cfg.init_from)
     images, labels = fashion_mnist("train", data_dir)
     x_all = normalize(images)
-    model = create_model(model_name, drop_path_rate=cfg.drop_path_rate)
     # Weight decay on matrices only; embeddings, norms, biases and SSM vectors are left alone.
     decays = {n: p.dim() >= 2 and "pos_embed" not in n and "cls_token" not in n for n, p in model.named_parameters()}
     decay = [p for n, p in model.named_parameters() if decays[n]]
@@ -124,6 +158,10 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
         "test_top1": round(result.top1, 2),
         "test_correct": result.correct,
         "train": {**asdict(cfg), "steps": total, "seconds": round(train_s, 1)},
+        **({"init_from": init_card,
+            "total_train": {"epochs": init_card.get("total_train", init_card["train"])["epochs"] + cfg.epochs,
+                            "seconds": round(init_card.get("total_train", init_card["train"])["seconds"] + train_s, 1)}}
+           if init_card else {}),
         "eval_seconds": round(result.seconds, 1),
         "command": command,
         "seed": cfg.seed,
