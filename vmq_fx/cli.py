@@ -14,6 +14,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 import time
 
@@ -305,7 +306,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, threads=args.threads,
                       init_from=args.init_from)
-    command = "vmq " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("vmq") else None
+    # shlex.join keeps the command copy-pasteable (the --conditions text has spaces)
+    command = "vmq " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("vmq") else None
     train_reference(args.model, args.out_dir, args.name or args.model.replace("_", "-"), cfg, args.data_dir,
                     command=command, conditions=args.conditions)
     return 0
