@@ -148,6 +148,8 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
     result = evaluate(model, "test", data_dir=data_dir, progress=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # A chain of continued runs: the earlier card already sums its own predecessors.
+    before = init_card.get("total_train", init_card["train"]) if init_card else None
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"{card_name}.safetensors"))
     card = {
         "name": card_name,
@@ -158,9 +160,8 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
         "test_top1": round(result.top1, 2),
         "test_correct": result.correct,
         "train": {**asdict(cfg), "steps": total, "seconds": round(train_s, 1)},
-        **({"init_from": init_card,
-            "total_train": {"epochs": init_card.get("total_train", init_card["train"])["epochs"] + cfg.epochs,
-                            "seconds": round(init_card.get("total_train", init_card["train"])["seconds"] + train_s, 1)}}
+        **({"init_from": init_card, "total_train": {"epochs": before["epochs"] + cfg.epochs,
+                                                    "seconds": round(before["seconds"] + train_s, 1)}}
            if init_card else {}),
         "eval_seconds": round(result.seconds, 1),
         "command": command,
