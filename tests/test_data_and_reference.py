@@ -106,3 +106,27 @@ def test_continued_training_starts_from_the_given_weights():
     load_state_dict_strict(model, state)
     shipped = load_reference("vim-fm-tiny").state_dict()
     assert all(torch.equal(v, shipped[k]) for k, v in model.state_dict().items())
+
+
+def test_continued_run_card_embeds_the_earlier_card(tmp_path, monkeypatch):
+    # Two steps on a few real-shaped images; the full-test evaluation is replaced so the test stays fast.
+    import json
+
+    import vmq_fx.train as train
+    from vmq_fx.evaluate import EvalResult
+
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(train, "fashion_mnist", lambda split, data_dir=None: (
+        torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=gen), torch.arange(256) % 10))
+    monkeypatch.setattr(train, "evaluate", lambda *a, **k: EvalResult(50.0, 5, 10, 0.5))
+    cfg = train.TrainConfig(epochs=1, warmup_steps=1, init_from="vim-fm-tiny")
+    card = train.train_reference("vim_fm_tiny", tmp_path, "cont", cfg, command="vmq train ...")
+    shipped = reference_card("vim-fm-tiny")
+    assert card["init_from"] == shipped and json.loads((tmp_path / "cont.json").read_text()) == card
+    assert card["total_train"]["epochs"] == shipped["total_train"]["epochs"] + 1  # a chain sums every stage
+    assert card["total_train"]["seconds"] > shipped["total_train"]["seconds"]
+    from safetensors.torch import load_file
+
+    after, before = load_file(str(tmp_path / "cont.safetensors")), load_reference("vim-fm-tiny").state_dict()
+    moved = [(after[k] - before[k]).norm() / before[k].norm() for k in before if before[k].is_floating_point()]
+    assert 0 < max(moved) < 0.1  # trained a little, starting from the shipped weights (not a fresh init)
