@@ -11,13 +11,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from vmq_fx.data import fashion_mnist, normalize
 from vmq_fx.evaluate import evaluate
 from vmq_fx.models import create_model
 from vmq_fx.models.checkpoint import load_state_dict_strict
+from vmq_fx.models.reference import REFERENCE_DIR, list_references
 
 __all__ = ["TrainConfig", "train_reference"]
 
@@ -69,10 +70,6 @@ def _load_init(spec: str, model_name: str) -> tuple[dict, dict]:
     The card is required because the continued model's card embeds it: without it the result's provenance (the first
     stage's command, seed and accuracy) would be lost.
     """
-    from safetensors.torch import load_file
-
-    from vmq_fx.models.reference import REFERENCE_DIR, list_references
-
     path = Path(spec)
     if path.suffix != ".safetensors":
         if spec not in list_references():
