@@ -20,6 +20,8 @@ $(STAMP): pyproject.toml Makefile
 	    $(PIP) install --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
 	$(PIP) install --no-deps timm==1.0.31
 	$(PIP) install --no-deps --no-build-isolation -e .
+	# Build the fused CPU kernels now (cached in ~/.cache/vmq_fx) rather than inside the first test or job.
+	$(PY) -c "from vmq_fx.ops.native import native_kernels; assert native_kernels() is not None"
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian; install it when we can (root, apt available), else say how.

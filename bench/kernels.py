@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vmq_fx.kernels.int8_linear import int8_linear_triton  # noqa: E402
 from vmq_fx.kernels.selective_scan import selective_scan_triton  # noqa: E402
 from vmq_fx.kernels.vq_linear import vq_linear_triton  # noqa: E402
-from vmq_fx.ops import pack_codes, pack_int4  # noqa: E402
+from vmq_fx.ops import pack_codes, pack_int4, unpack_int4  # noqa: E402
 from vmq_fx.ops.selective_scan import _forward as scan_torch  # noqa: E402
 from vmq_fx.ops.vq_linear import code_bits  # noqa: E402
 
@@ -75,7 +75,8 @@ def main():
                 xh, wh = x.half(), torch.randn(n, k, generator=g).half().to(dev)
                 t16 = _time(lambda xh=xh, wh=wh: xh @ wh.t(), args.smoke)
                 for name, w, bits in (() if b == 8 else (("int8 W8A8", w8, 8), ("int8 W4A8", w4, 4))):
-                    call = (x, None, *common, w, wscale, None, 0, 255, bits)
+                    w_sum = (unpack_int4(w, k) if bits <= 4 else w).int().sum(1, dtype=torch.int32)
+                    call = (x, None, *common, w, wscale, w_sum, None, 0, 255, bits)
                     ref = torch.ops.vmq.int8_linear(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in call])
                     torch.testing.assert_close(int8_linear_triton(*call).cpu(), ref, rtol=1e-4, atol=1e-3)
                     t = _time(lambda call=call: int8_linear_triton(*call), args.smoke)

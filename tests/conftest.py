@@ -19,3 +19,16 @@ def mamba_ssm_ref():
     from mamba_ssm.ops.selective_scan_interface import selective_scan_ref
 
     return selective_scan_ref
+
+
+@pytest.fixture(params=["fused", "torch"])
+def implementation(request, monkeypatch):
+    """Run a test on the fused C++ CPU kernels and again on the pure-torch fallback."""
+    import vmq_fx.ops.native as native_mod
+
+    if request.param == "torch":
+        monkeypatch.setattr(native_mod, "native_kernels", lambda: None)
+    else:
+        # The kernels must build here: a silent fallback would make the "fused" runs test the torch path twice.
+        assert native_mod.native_kernels() is not None, "the fused CPU kernels did not build (see the log)"
+    return request.param

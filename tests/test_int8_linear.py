@@ -1,45 +1,58 @@
 import pytest
 import torch
 
+import vmq_fx.ops.native as native_mod
+from int8_cases import int8_case
 from vmq_fx.ops import int8_linear, int8_linear_reference, pack_int4, unpack_int4
 
-
-def _case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(b, length, k, generator=g) * 3
-    qmax_w = 2 ** (w_bits - 1) - 1
-    w = torch.randint(-qmax_w - 1, qmax_w + 1, (n, k), generator=g, dtype=torch.int8)
-    a_qmax = 2**a_bits - 1
-    args = (
-        x,
-        torch.rand(k, generator=g) + 0.5 if smooth else None,  # smoothing scales
-        torch.rand(length, generator=g) * 0.05 + 0.01,
-        torch.randint(0, a_qmax + 1, (length,), generator=g, dtype=torch.int32),
-        pack_int4(w) if w_bits <= 4 else w,
-        torch.rand(n, generator=g) * 0.01 + 1e-3,
-        torch.randn(n, generator=g) if bias else None,
-        0,
-        a_qmax,
-        w_bits,
-    )
-    return args
+SHAPES = [(2, 17, 96, 40), (1, 5, 7, 3), (3, 50, 33, 65), (4, 1, 16, 16)]
+BITS = [(8, 8), (4, 8), (6, 6), (4, 4)]
 
 
-@pytest.mark.parametrize("shape", [(2, 17, 96, 40), (1, 5, 7, 3), (3, 50, 33, 65), (4, 1, 16, 16)])
-@pytest.mark.parametrize("w_bits, a_bits", [(8, 8), (4, 8), (6, 6), (4, 4)])
-def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bits):
-    args = _case(*shape, w_bits=w_bits, a_bits=a_bits)
-    out = int8_linear(*args)
-    ref = int8_linear_reference(*args)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("w_bits, a_bits", BITS)
+def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bits, implementation):
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits)
+    out = int8_linear(*op_args)
+    ref = int8_linear_reference(*ref_args)
     assert out.shape == ref.shape and out.dtype == torch.float32
-    # Integer accumulation is exact; only the float rescale rounds.
+    # The same levels on both sides, the integer product exact: only the float rescale rounds (~1e-7 relative). One
+    # activation level off on one element would be ~1e-3 of the output range here.
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
-def test_int8_linear_uses_an_integer_matmul():
-    args = _case(2, 17, 96, 40, w_bits=8)
+@pytest.mark.parametrize("w_bits, a_bits", BITS)
+def test_fused_and_torch_paths_agree(w_bits, a_bits, monkeypatch):
+    op_args, _ = int8_case(3, 50, 33, 65, w_bits=w_bits, a_bits=a_bits, seed=1)
+    x, smooth, scale, zp, qmin, qmax = op_args[0], op_args[1], op_args[2], op_args[3], op_args[8], op_args[9]
+    kernels = native_mod.native_kernels()
+    assert kernels is not None
+    # The same integer levels as quantize_per_channel's formula (the integer product is then exact) ...
+    shift = 128 if qmax > 127 else 0  # levels are stored in int8
+    levels = kernels.quantize_per_token(x.reshape(-1, x.shape[-1]), smooth, scale, zp, qmin, qmax, shift)
+    want = torch.clamp(torch.round(x / smooth * (1.0 / scale)[:, None]) + zp[:, None].float(), qmin, qmax)
+    assert torch.equal(levels.reshape(x.shape).float() + shift, want)
+    # ... and the rescale may differ by the rounding of one fused multiply-add.
+    fused = int8_linear(*op_args)
+    monkeypatch.setattr(native_mod, "native_kernels", lambda: None)
+    torch.testing.assert_close(fused, int8_linear(*op_args), rtol=1e-6, atol=1e-6 * fused.abs().max().item())
+
+
+def test_ties_round_to_even(implementation):
+    # Power-of-two scale and x on half levels: every x / scale is an exact tie, where rounding modes differ.
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-20, 20, (2, 17, 32), generator=g).float() + 0.5) * 0.0625
+    w = torch.randint(-127, 128, (16, 32), generator=g, dtype=torch.int8)
+    scale, zp = torch.full((17,), 0.0625), torch.full((17,), 128, dtype=torch.int32)
+    out = int8_linear(x, None, scale, zp, w, torch.ones(16), w.int().sum(1, dtype=torch.int32), None, 0, 255, 8)
+    ref = int8_linear_reference(x, None, scale, zp, w, torch.ones(16), None, 0, 255)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-9)
+
+
+def test_int8_linear_uses_an_integer_matmul(implementation):
+    op_args, _ = int8_case(2, 17, 96, 40, w_bits=8)
     with torch.profiler.profile() as prof:
-        int8_linear(*args)
+        int8_linear(*op_args)
     names = {e.key for e in prof.key_averages()}
     assert "aten::_int_mm" in names
 
@@ -53,9 +66,13 @@ def test_int4_pack_round_trip(k):
 
 
 def test_int8_linear_opcheck_and_shape_errors():
-    args = _case(2, 17, 16, 8, w_bits=8)
-    torch.library.opcheck(torch.ops.vmq.int8_linear.default, args)
-    bad = list(args)
+    op_args, _ = int8_case(2, 17, 16, 8, w_bits=8)
+    torch.library.opcheck(torch.ops.vmq.int8_linear.default, op_args)
+    bad = list(op_args)
     bad[2] = torch.ones(5)
     with pytest.raises(ValueError, match="act_scale"):
+        int8_linear(*bad)
+    bad = list(op_args)
+    bad[6] = torch.ones(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="column sums"):
         int8_linear(*bad)

@@ -11,7 +11,8 @@ if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
 from vmq_fx.kernels.int8_linear import int8_linear_triton  # noqa: E402
 from vmq_fx.kernels.selective_scan import selective_scan_triton  # noqa: E402
 from vmq_fx.kernels.vq_linear import vq_linear_triton  # noqa: E402
-from vmq_fx.ops import int8_linear_reference, pack_codes, pack_int4, vq_linear_reference  # noqa: E402
+from int8_cases import int8_case  # noqa: E402
+from vmq_fx.ops import int8_linear_reference, pack_codes, vq_linear_reference  # noqa: E402
 from vmq_fx.ops.vq_linear import code_bits  # noqa: E402
 
 
@@ -26,19 +27,11 @@ def _gen(seed):
     (40, 3, 16, 16, 8, 8, False, False),  # M = 120: the large-M tiles
 ])
 def test_int8_linear_kernel(batch, length, k, n, w_bits, a_bits, smooth, bias):
-    g = _gen(k * n)
-    qmax_w, qmax_a = 2 ** (w_bits - 1) - 1, 2**a_bits - 1
-    w = torch.randint(-qmax_w, qmax_w + 1, (n, k), generator=g, dtype=torch.int8)
-    w_store = pack_int4(w) if w_bits <= 4 else w
-    args = (torch.randn(batch, length, k, generator=g) * 3,
-            torch.rand(k, generator=g) + 0.5 if smooth else None,
-            torch.rand(length, generator=g) * 0.05 + 0.01,
-            torch.randint(0, qmax_a + 1, (length,), generator=g, dtype=torch.int32),
-            w_store, torch.rand(n, generator=g) * 0.02 + 1e-3,
-            torch.randn(n, generator=g) if bias else None, 0, qmax_a, w_bits)
+    args, ref_args = int8_case(batch, length, k, n, w_bits, a_bits, smooth, bias, seed=k * n)
     out = int8_linear_triton(*args)
     torch.testing.assert_close(out, torch.ops.vmq.int8_linear(*args), rtol=1e-6, atol=1e-6)  # same levels
-    torch.testing.assert_close(out.double(), int8_linear_reference(*args), rtol=1e-5, atol=1e-5)
+    ref = int8_linear_reference(*ref_args)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("m,k_in,n,d,k", [
@@ -67,8 +60,8 @@ def test_int8_linear_kernel_rounds_ties_to_even():
     g = _gen(3)
     x = (torch.randint(-20, 20, (2, 17, 32), generator=g).float() + 0.5) * 0.0625
     w = torch.randint(-127, 128, (16, 32), generator=g, dtype=torch.int8)
-    args = (x, None, torch.full((17,), 0.0625), torch.full((17,), 128, dtype=torch.int32), w, torch.ones(16), None,
-            0, 255, 8)
+    args = (x, None, torch.full((17,), 0.0625), torch.full((17,), 128, dtype=torch.int32), w, torch.ones(16),
+            w.int().sum(1, dtype=torch.int32), None, 0, 255, 8)
     torch.testing.assert_close(int8_linear_triton(*args), torch.ops.vmq.int8_linear(*args), rtol=0, atol=0)
 
 

@@ -10,6 +10,7 @@ from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.data import calibration_images, fashion_mnist, normalize
 from vmq_fx.export import OnnxExportError, ort_session
 from vmq_fx.models import create_model, load_reference
+from vmq_fx.ops.int8_linear import prepare_weight
 
 REL_BOUND = 1e-4  # FP logits, onnxruntime vs torch: float reassociation (Scan body, exp, reductions) only
 # Quantized models: an upstream float difference of ~1e-7 moves the few activations that sit on a rounding boundary
@@ -93,7 +94,9 @@ class _Int8Linear(torch.nn.Module):
         g = torch.Generator().manual_seed(k + n + w_bits)
         qmax = 2 ** (w_bits - 1) - 1
         w = torch.randint(-qmax, qmax + 1, (n, k), generator=g, dtype=torch.int8)
-        self.register_buffer("w", vmq_fx.ops.pack_int4(w) if w_bits <= 4 else w)
+        w_stored, w_sum = prepare_weight(w, w_bits)
+        self.register_buffer("w", w_stored)
+        self.register_buffer("w_sum", w_sum)
         self.register_buffer("w_scale", torch.rand(n, generator=g) * 0.01 + 1e-3)
         self.register_buffer("act_scale", torch.rand(17, generator=g) * 0.05 + 0.01)
         self.register_buffer("act_zp", torch.randint(0, 2**a_bits, (17,), generator=g, dtype=torch.int32))
@@ -102,8 +105,8 @@ class _Int8Linear(torch.nn.Module):
         self.bits = (w_bits, 2**a_bits - 1)
 
     def forward(self, x):
-        return torch.ops.vmq.int8_linear(x, self.smooth, self.act_scale, self.act_zp, self.w, self.w_scale, self.bias,
-                                         0, self.bits[1], self.bits[0])
+        return torch.ops.vmq.int8_linear(x, self.smooth, self.act_scale, self.act_zp, self.w, self.w_scale, self.w_sum,
+                                         self.bias, 0, self.bits[1], self.bits[0])
 
 
 @pytest.mark.parametrize("k,n,w_bits,a_bits,smooth", [(96, 40, 8, 8, True), (33, 7, 4, 8, False), (20, 9, 4, 4, True)])

@@ -4,8 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import vmq_fx.ops.native as native_mod
 import vmq_fx.ops.selective_scan as scan_mod
 from vmq_fx.ops import selective_scan_fn, selective_scan_op
+
+
+@pytest.fixture(autouse=True)
+def _both_implementations(implementation):
+    """Every test here runs on the fused C++ kernel and on the pure-torch fallback (see conftest.py)."""
 
 
 def scan_loop_f64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
@@ -61,6 +67,9 @@ SHAPES = [
     dict(groups_b=2, dim=6, length=7),  # grouped B, shared C
     dict(batch=1, dim=3, length=1, n=2),  # single step
     dict(with_d=False, with_z=False, with_bias=False),
+    dict(batch=3, dim=40, length=19, n=16),  # two full 16-channel blocks and a partial one
+    dict(batch=2, dim=72, length=9, n=5, groups_b=2, groups_c=2),  # blocks cut at group edges, N not specialized
+    dict(batch=2, dim=32, length=11, n=1, groups_b=4, groups_c=4),  # VMamba v2: d_state 1
 ]
 
 
@@ -98,6 +107,7 @@ def test_low_precision_inputs_match_ref(dtype, mamba_ssm_ref):
 
 
 def test_chunked_path_is_exact(monkeypatch):
+    monkeypatch.setattr(native_mod, "native_kernels", lambda: None)  # the chunking is the pure-torch path's
     args = make_inputs(length=37)
     whole = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
     monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 8 * 4)  # one image per batch slice

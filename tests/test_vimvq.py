@@ -123,8 +123,9 @@ def test_pack_codes_round_trip(bits):
         pack_codes(codes + (1 << bits), bits)
 
 
-@pytest.mark.parametrize("rows,cols,d,k", [(300, 10, 4, 256), (5, 7, 2, 64), (9, 16, 8, 256), (3, 5, 1, 2)])
-def test_vq_linear_matches_dequantize_then_matmul(rows, cols, d, k):
+@pytest.mark.parametrize("rows,cols,d,k", [(300, 10, 4, 256), (5, 7, 2, 64), (9, 16, 8, 256), (3, 5, 1, 2),
+                                           (4, 30, 4, 4096), (6, 21, 3, 8)])  # 12- and 3-bit codes cross bytes
+def test_vq_linear_matches_dequantize_then_matmul(rows, cols, d, k, implementation):
     g = torch.Generator().manual_seed(rows)
     per_row = -(-cols // d)
     codes = pack_codes(torch.randint(0, k, (rows, per_row), generator=g), code_bits(k))

@@ -9,7 +9,7 @@ How the vmq ops become standard ONNX (opset 18):
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
   (uint8 x int8 -> int32)
-  -> subtract ``zero_point[t] * colsum(W)[n]`` -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
+  -> subtract ``zero_point[t] * w_sum[n]`` (the column sums the lowering stored) -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
   onnxruntime's ``MatMulInteger`` takes only a per-tensor activation zero point, hence the explicit correction.
   4-bit weights stay packed two per byte in the file and are unpacked in the graph (``BitwiseAnd`` / ``BitShift``).
 * ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes and the float16 codebook stay in the file and
@@ -148,7 +148,7 @@ def _unpack_int4(op, w, k: int):
     return op.Cast(signed, to=3)  # int32 -> int8
 
 
-def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, bias, act_qmin, act_qmax, w_bits):
+def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
     _, op, _ = _ops()
     k = x.shape[-1]
     if smooth is not None:
@@ -163,8 +163,7 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, bias, act_qmi
         xq = op.Clip(xq, _const(op, act_qmin, np.uint8), _const(op, act_qmax, np.uint8))
     w8 = _unpack_int4(op, w, k) if w_bits <= 4 else w
     acc = op.MatMulInteger(xq, op.Transpose(w8, perm=[1, 0]))
-    col_sum = op.ReduceSum(op.Cast(w8, to=6), _const(op, [1], np.int64), keepdims=0)  # [N] int32
-    correction = op.Mul(op.Unsqueeze(act_zero_point, _const(op, [-1], np.int64)), col_sum)  # [L, N]
+    correction = op.Mul(op.Unsqueeze(act_zero_point, _const(op, [-1], np.int64)), w_sum)  # [L, N]
     out = op.Cast(op.Sub(acc, correction), to=1)
     out = op.Mul(op.Mul(out, op.Unsqueeze(act_scale, _const(op, [-1], np.int64))), w_scale)
     return out if bias is None else op.Add(out, bias)

@@ -1,13 +1,16 @@
 """``vmq::int8_linear``: a linear layer with per-token static int activations and per-channel int weights.
 
     y[b, t, :] = ((q(x[b, t] / smooth) - zp[t]) @ W_int^T) * act_scale[t] * w_scale + bias
-    q(v)       = clamp(round(v / act_scale[t]) + zp[t], act_qmin, act_qmax)
+    q(v)       = clamp(round(v * (1 / act_scale[t])) + zp[t], act_qmin, act_qmax)      (round half to even)
 
-The CPU implementation quantizes the activation, runs a real integer matmul with int32 accumulation
-(``torch._int_mm``) and rescales in float. Unsigned activation levels [0, 255] are shifted by 128 into int8 and the
-shift is corrected with the weight's column sums, so the integer result is exact. 4-bit weights are stored two per
-byte (:func:`pack_int4`); the op unpacks them before the matmul. A Triton kernel registers itself for CUDA with
-``int8_linear.register_kernel("cuda")``.
+The integer product is exact: unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with
+int32 accumulation (``torch._int_mm``: oneDNN, VNNI where the CPU has it), and the shift and the zero points are
+corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
+(:func:`prepare_weight`). 4-bit weights are stored two per byte (:func:`pack_int4`) and unpacked in the kernel.
+
+Implementations: the fused C++ kernel of :mod:`vmq_fx.ops.native` on CPU (one pass to quantize, the integer GEMM,
+one pass to rescale); a Triton kernel on CUDA (``int8_linear.register_kernel("cuda")``); the pure-torch
+implementation below everywhere else. All give the same integer levels.
 """
 from __future__ import annotations
 
@@ -16,7 +19,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["int8_linear", "int8_linear_reference", "pack_int4", "unpack_int4"]
+from vmq_fx.ops import native
+
+__all__ = ["int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
 
 
 def pack_int4(w: Tensor) -> Tensor:
@@ -39,22 +44,24 @@ def unpack_int4(packed: Tensor, k: int | None = None) -> Tensor:
     return w if k is None else w[..., :k]
 
 
+def prepare_weight(w_int: Tensor, w_bits: int) -> tuple[Tensor, Tensor]:
+    """The stored weight of an integer linear and its column sums: ``(int8 [N, K] or packed int4, int32 [N])``.
+
+    Example:
+        >>> w, w_sum = prepare_weight(torch.tensor([[1, -2, 3]], dtype=torch.int8), w_bits=4)
+        >>> w.shape, w_sum.tolist()
+        (torch.Size([1, 2]), [2])
+    """
+    w_int = w_int.to(torch.int8)
+    w_sum = w_int.to(torch.int32).sum(dim=1, dtype=torch.int32)
+    return (pack_int4(w_int) if w_bits <= 4 else w_int.contiguous()), w_sum
+
+
 def _weight_int8(w: Tensor, w_bits: int, k: int) -> Tensor:
     return unpack_int4(w, k) if w_bits <= 4 else w
 
 
-def _quantize_act(x: Tensor, smooth: Optional[Tensor], act_scale: Tensor, act_zero_point: Tensor, qmin: int,
-                  qmax: int) -> Tensor:
-    """Float [.., L, K] -> integer levels as float; per token (axis -2)."""
-    if smooth is not None:
-        # Divide (not multiply by 1/s) so the levels round exactly as in the convert_pt2e reference graph.
-        x = x / smooth
-    # x * (1 / scale) like quantized_decomposed.quantize_per_channel, so both round the same way.
-    inv = (1.0 / act_scale)[:, None]
-    return torch.clamp(torch.round(x * inv) + act_zero_point[:, None].to(x.dtype), qmin, qmax)
-
-
-def _check(x, act_scale, act_zero_point, w, w_scale, w_bits):
+def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
     if x.dim() < 2:
         raise ValueError(f"vmq.int8_linear: x must be [..., L, K], got {tuple(x.shape)}")
     length, k = x.shape[-2], x.shape[-1]
@@ -62,9 +69,31 @@ def _check(x, act_scale, act_zero_point, w, w_scale, w_bits):
         raise ValueError(f"vmq.int8_linear: act_scale / act_zero_point must be [L={length}], got "
                          f"{tuple(act_scale.shape)} / {tuple(act_zero_point.shape)}")
     k_w = (k + 1) // 2 if w_bits <= 4 else k
-    if w.shape[1] != k_w or w_scale.shape != (w.shape[0],):
-        raise ValueError(f"vmq.int8_linear: weight {tuple(w.shape)} ({w_bits}-bit) and scale {tuple(w_scale.shape)} "
-                         f"do not fit x with K={k}")
+    if w.shape[1] != k_w or w_scale.shape != (w.shape[0],) or w_sum.shape != (w.shape[0],):
+        raise ValueError(f"vmq.int8_linear: weight {tuple(w.shape)} ({w_bits}-bit), scale {tuple(w_scale.shape)} and "
+                         f"column sums {tuple(w_sum.shape)} do not fit x with K={k}")
+
+
+def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
+    length, k = x.shape[-2], x.shape[-1]
+    x = x.float().reshape(-1, length, k)
+    if smooth is not None:
+        # Divide (not multiply by 1/s) so the levels round exactly as in the convert_pt2e reference graph.
+        x = x / smooth
+    # x * (1 / scale) like quantized_decomposed.quantize_per_channel, so both round the same way.
+    inv = (1.0 / act_scale.float())[:, None]
+    xq = torch.clamp(torch.round(x * inv) + act_zero_point[:, None].float(), act_qmin, act_qmax)
+    # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
+    shift = 128 if act_qmax > 127 else 0
+    x8 = (xq - shift).to(torch.int8).reshape(-1, k)
+    w8 = _weight_int8(w, w_bits, k)
+    acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
+    reps = x8.shape[0] // length
+    acc = acc - (act_zero_point.to(torch.int32) - shift).repeat(reps)[:, None] * w_sum.to(torch.int32)[None, :]
+    out = acc.float() * act_scale.float().repeat(reps)[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out
 
 
 @torch.library.custom_op("vmq::int8_linear", mutates_args=())
@@ -75,42 +104,43 @@ def int8_linear(
     act_zero_point: Tensor,
     w: Tensor,
     w_scale: Tensor,
+    w_sum: Tensor,
     bias: Optional[Tensor],
     act_qmin: int,
     act_qmax: int,
     w_bits: int,
 ) -> Tensor:
     """Quantize ``x`` per token, integer matmul with int8 (or packed int4) ``w``, rescale. See the module docstring."""
-    _check(x, act_scale, act_zero_point, w, w_scale, w_bits)
-    length, k = x.shape[-2], x.shape[-1]
-    lead = x.shape[:-2]
-    xq = _quantize_act(x.float(), smooth, act_scale.float(), act_zero_point, act_qmin, act_qmax)
-    # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
-    shift = 128 if act_qmax > 127 else 0
-    x8 = (xq - shift).to(torch.int8).reshape(-1, k)
-    w8 = _weight_int8(w, w_bits, k)
-    acc = torch._int_mm(x8, w8.t().contiguous()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
-    zp = (act_zero_point.to(torch.int32) - shift).repeat(x8.shape[0] // length)
-    acc = acc - zp[:, None] * w8.int().sum(dim=1)[None, :]
-    out = acc.float() * act_scale.float().repeat(x8.shape[0] // length)[:, None] * w_scale.float()[None, :]
-    if bias is not None:
-        out = out + bias.float()
-    return out.reshape(*lead, length, w.shape[0]).to(x.dtype)
+    _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits)
+    kernels = native.native_kernels() if x.device.type == "cpu" else None
+    if kernels is not None:
+        f32 = (lambda t: None if t is None else t.float().contiguous())  # noqa: E731
+        out = kernels.int8_linear(x, f32(smooth), f32(act_scale), act_zero_point.to(torch.int32).contiguous(),
+                                  w.contiguous(), w_sum.to(torch.int32).contiguous(), f32(w_scale), f32(bias),
+                                  act_qmin, act_qmax)
+    else:
+        out = _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax,
+                                 w_bits)
+    return out.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
 
 @int8_linear.register_fake
-def _(x, smooth, act_scale, act_zero_point, w, w_scale, bias, act_qmin, act_qmax, w_bits):
-    _check(x, act_scale, act_zero_point, w, w_scale, w_bits)
+def _(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
+    _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits)
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
-def int8_linear_reference(x, smooth, act_scale, act_zero_point, w, w_scale, bias, act_qmin, act_qmax, w_bits):
-    """Pure-torch float64 reference: dequantize activation and weight, then a float matmul."""
-    xq = _quantize_act(x.double(), None if smooth is None else smooth.double(), act_scale.double(),
-                       act_zero_point, act_qmin, act_qmax)
-    x_dq = (xq - act_zero_point[:, None].double()) * act_scale.double()[:, None]
-    w_dq = _weight_int8(w, w_bits, x.shape[-1]).double() * w_scale.double()[:, None]
-    out = x_dq @ w_dq.t()
-    if bias is not None:
-        out = out + bias.double()
-    return out
+def int8_linear_reference(x, smooth, act_scale, act_zero_point, w_int, w_scale, bias, act_qmin, act_qmax):
+    """Float64 reference written independently of the op: quantize per token as ``quantize_per_channel(axis=-2)``
+    specifies (the levels are computed in float32, as the spec rounds them), dequantize both operands, and multiply in
+    float64.
+
+    Args:
+        w_int: the integer weight [N, K] (not packed), values in the weight's level range.
+    """
+    xs = x.float() if smooth is None else x.float() / smooth.float()
+    levels = torch.round(xs * (1.0 / act_scale.float()).unsqueeze(-1)) + act_zero_point.float().unsqueeze(-1)
+    levels = levels.clamp(act_qmin, act_qmax).double()
+    x_dq = (levels - act_zero_point.double().unsqueeze(-1)) * act_scale.double().unsqueeze(-1)
+    out = torch.einsum("...k,nk->...n", x_dq, w_int.double() * w_scale.double().unsqueeze(-1))
+    return out if bias is None else out + bias.double()

@@ -8,9 +8,11 @@ An ``[N, K]`` weight with sub-vector length ``d`` and a codebook of ``k`` codewo
 * ``row_scale`` ``[N]``: one scale per output row (the codebook is shared by rows of different magnitude).
 
 and decodes as ``W[n] = row_scale[n] * concat_s(codebook[code[n, s]])[:K]`` (the last sub-vector of a row is
-zero-padded when ``d`` does not divide ``K``). ``vq_linear(x, ...) = x @ W^T + bias``; its CPU implementation decodes
-``_ROWS`` output rows at a time, so no more than that slice of the float weight exists at once. A Triton kernel
-registers itself for CUDA with ``vq_linear.register_kernel("cuda")``.
+zero-padded when ``d`` does not divide ``K``). ``vq_linear(x, ...) = x @ W^T + bias``.
+
+Implementations: on CPU the C++ kernel of :mod:`vmq_fx.ops.native` decodes the codes straight into the float weight
+(one pass, no index tensors) and multiplies once; a Triton kernel decodes inside the GEMM on CUDA
+(``vq_linear.register_kernel("cuda")``); the pure-torch fallback decodes ``_ROWS`` output rows at a time.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from vmq_fx.ops import native
 
 __all__ = ["code_bits", "pack_codes", "unpack_codes", "vq_dequantize", "vq_linear", "vq_linear_reference"]
 
@@ -76,6 +80,9 @@ def _decode(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int
 def vq_dequantize(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int) -> Tensor:
     """The float32 ``[N, K]`` weight the codes stand for (the reference form that ``convert_pt2e`` writes)."""
     bits, per_row = _check(codes, codebook, row_scale, in_features)
+    kernels = native.native_kernels() if codes.device.type == "cpu" else None
+    if kernels is not None:
+        return kernels.vq_dequantize(codes.contiguous(), codebook, row_scale, in_features, bits)
     return _decode(codes, codebook, row_scale, in_features, bits, per_row)
 
 
@@ -88,10 +95,14 @@ def _(codes, codebook, row_scale, in_features):
 @torch.library.custom_op("vmq::vq_linear", mutates_args=())
 def vq_linear(x: Tensor, codes: Tensor, codebook: Tensor, row_scale: Tensor, bias: Optional[Tensor],
               in_features: int) -> Tensor:
-    """``x @ W^T + bias`` with ``W`` decoded from ``codes``/``codebook``/``row_scale``, ``_ROWS`` rows at a time."""
+    """``x @ W^T + bias`` with ``W`` decoded from ``codes``/``codebook``/``row_scale``."""
     bits, per_row = _check(codes, codebook, row_scale, in_features)
     if x.shape[-1] != in_features:
         raise ValueError(f"vmq.vq_linear: x has {x.shape[-1]} features, the weight {in_features}")
+    kernels = native.native_kernels() if x.device.type == "cpu" else None
+    if kernels is not None:
+        out = kernels.vq_linear(x, codes.contiguous(), codebook, row_scale, bias, in_features, bits)
+        return out.to(x.dtype)
     x2 = x.reshape(-1, in_features).float()
     out = x2.new_empty(x2.shape[0], codes.shape[0])
     for r in range(0, codes.shape[0], _ROWS):

@@ -12,7 +12,7 @@ For each linear that :class:`~vmq_fx.quantizer.VisualMambaQuantizer` quantized, 
    no other user (exact: ``(n * g) / s == n * (g / s)`` up to float rounding);
 2. otherwise passes ``s`` to the op, which divides by it inside its quantize step (no separate pass over memory);
 3. replaces the pattern with one ``vmq::int8_linear`` node holding the integer weight (4-bit weights packed two per
-   byte) and the per-token activation scales and zero points.
+   byte), its column sums and the per-token activation scales and zero points.
 
 A vector-quantized linear, ``linear(x, vq_dequantize(codes, codebook, row_scale), bias)``, becomes
 ``vq_linear(x, codes, codebook, row_scale, bias)``.
@@ -25,7 +25,7 @@ import torch
 from torch import fx
 
 import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
-from vmq_fx.ops.int8_linear import pack_int4
+from vmq_fx.ops.int8_linear import prepare_weight
 from vmq_fx.quantizer import SMOOTH_ATTR_PREFIX, quantized_linears
 
 __all__ = ["lower"]
@@ -134,8 +134,7 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
         w_scale = _attr(gm, dq_w.args[1]).float()
         w_qmax = int(dq_w.args[5])
         w_bits = w_qmax.bit_length() + 1
-        if w_bits <= 4:
-            w_int = pack_int4(w_int)
+        w_stored, w_sum = prepare_weight(w_int, w_bits)
         index, smooth = lowered, None
         if _is_smooth_div(x, gm):
             div, x = x, x.args[0]
@@ -149,8 +148,9 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
                 smooth,
                 _register(gm, prefix + "act_scale", act_scale),
                 _register(gm, prefix + "act_zero_point", act_zp),
-                _register(gm, prefix + "weight", w_int),
+                _register(gm, prefix + "weight", w_stored),
                 _register(gm, prefix + "weight_scale", w_scale),
+                _register(gm, prefix + "weight_sum", w_sum),
                 bias,
                 int(qmin),
                 int(qmax),
