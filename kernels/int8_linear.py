@@ -73,7 +73,7 @@ def int8_linear_triton(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
         w_sum.to(torch.int32).contiguous(),
         bias.float().contiguous() if bias is not None else x2, out,
         m, n, k, length, w.stride(0), float(act_qmin), float(act_qmax), 128 if act_qmax > 127 else 0,
-        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, W4=w_bits <= 4,
+        HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, W4=w.dtype == torch.uint8,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )
     return out.reshape(*x.shape[:-1], n).to(x.dtype)

@@ -22,13 +22,14 @@ def mamba_ssm_ref():
 
 
 @pytest.fixture(params=["fused", "torch"])
-def implementation(request, monkeypatch):
+def implementation(request):
     """Run a test on the fused C++ CPU kernels and again on the pure-torch fallback."""
-    import vmq_fx.ops.native as native_mod
+    from vmq_fx.ops import native
 
     if request.param == "torch":
-        monkeypatch.setattr(native_mod, "native_kernels", lambda: None)
+        with native.disabled():
+            yield request.param
     else:
         # The kernels must build here: a silent fallback would make the "fused" runs test the torch path twice.
-        assert native_mod.native_kernels() is not None, "the fused CPU kernels did not build (see the log)"
-    return request.param
+        assert native.native_kernels() is not None, "the fused CPU kernels did not build (see the log)"
+        yield request.param

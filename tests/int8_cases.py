@@ -1,11 +1,12 @@
 """Random arguments of vmq::int8_linear shared by the op and kernel tests (not a test module)."""
 import torch
 
-from vmq_fx.ops.int8_linear import prepare_weight
+from vmq_fx.ops.int8_linear import pack_int4, prepare_weight
 
 
-def int8_case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0):
-    """(op arguments, reference arguments): the reference gets the unpacked integer weight, not the op's stored form."""
+def int8_case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0, packed=None):
+    """(op arguments, reference arguments): the reference gets the plain integer weight; the op's weight is packed
+    two per byte for 4-bit weights unless ``packed=False`` (the stored form; the lowering's is int8)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, length, k, generator=g) * 3
     qmax_w = 2 ** (w_bits - 1) - 1
@@ -16,7 +17,9 @@ def int8_case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0)
     zp = torch.randint(0, a_qmax + 1, (length,), generator=g, dtype=torch.int32)
     w_scale = torch.rand(n, generator=g) * 0.01 + 1e-3
     beta = torch.randn(n, generator=g) if bias else None
-    w_stored, w_sum = prepare_weight(w_int, w_bits)
+    w_stored, w_sum = prepare_weight(w_int)
+    if (w_bits <= 4) if packed is None else packed:
+        w_stored = pack_int4(w_stored)
     op_args = (x, s, act_scale, zp, w_stored, w_scale, w_sum, beta, 0, a_qmax, w_bits)
     ref_args = (x, s, act_scale, zp, w_int, w_scale, beta, 0, a_qmax)
     return op_args, ref_args

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-import vmq_fx.ops.native as native_mod
+from vmq_fx.ops import native
 from int8_cases import int8_case
 from vmq_fx.ops import int8_linear, int8_linear_reference, pack_int4, unpack_int4
 
@@ -10,9 +10,10 @@ BITS = [(8, 8), (4, 8), (6, 6), (4, 4)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("w_bits, a_bits", BITS)
-def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bits, implementation):
-    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits)
+@pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 8, False), (6, 6, False),
+                                                    (4, 4, True)])
+def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bits, packed, implementation):
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed)
     out = int8_linear(*op_args)
     ref = int8_linear_reference(*ref_args)
     assert out.shape == ref.shape and out.dtype == torch.float32
@@ -22,10 +23,10 @@ def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bit
 
 
 @pytest.mark.parametrize("w_bits, a_bits", BITS)
-def test_fused_and_torch_paths_agree(w_bits, a_bits, monkeypatch):
+def test_fused_and_torch_paths_agree(w_bits, a_bits):
     op_args, _ = int8_case(3, 50, 33, 65, w_bits=w_bits, a_bits=a_bits, seed=1)
     x, smooth, scale, zp, qmin, qmax = op_args[0], op_args[1], op_args[2], op_args[3], op_args[8], op_args[9]
-    kernels = native_mod.native_kernels()
+    kernels = native.native_kernels()
     assert kernels is not None
     # The same integer levels as quantize_per_channel's formula (the integer product is then exact) ...
     shift = 128 if qmax > 127 else 0  # levels are stored in int8
@@ -34,8 +35,9 @@ def test_fused_and_torch_paths_agree(w_bits, a_bits, monkeypatch):
     assert torch.equal(levels.reshape(x.shape).float() + shift, want)
     # ... and the rescale may differ by the rounding of one fused multiply-add.
     fused = int8_linear(*op_args)
-    monkeypatch.setattr(native_mod, "native_kernels", lambda: None)
-    torch.testing.assert_close(fused, int8_linear(*op_args), rtol=1e-6, atol=1e-6 * fused.abs().max().item())
+    with native.disabled():
+        reference = int8_linear(*op_args)
+    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6 * fused.abs().max().item())
 
 
 def test_ties_round_to_even(implementation):
@@ -75,4 +77,8 @@ def test_int8_linear_opcheck_and_shape_errors():
     bad = list(op_args)
     bad[6] = torch.ones(3, dtype=torch.int32)
     with pytest.raises(ValueError, match="column sums"):
+        int8_linear(*bad)
+    bad = list(op_args)
+    bad[4] = pack_int4(torch.zeros(8, 16, dtype=torch.int8))  # packed 4-bit storage with w_bits=8
+    with pytest.raises(ValueError, match="packed"):
         int8_linear(*bad)

@@ -94,7 +94,9 @@ class _Int8Linear(torch.nn.Module):
         g = torch.Generator().manual_seed(k + n + w_bits)
         qmax = 2 ** (w_bits - 1) - 1
         w = torch.randint(-qmax, qmax + 1, (n, k), generator=g, dtype=torch.int8)
-        w_stored, w_sum = prepare_weight(w, w_bits)
+        w_stored, w_sum = prepare_weight(w)
+        if w_bits <= 4:
+            w_stored = vmq_fx.ops.pack_int4(w_stored)  # the stored form, unpacked in the ONNX graph
         self.register_buffer("w", w_stored)
         self.register_buffer("w_sum", w_sum)
         self.register_buffer("w_scale", torch.rand(n, generator=g) * 0.01 + 1e-3)
@@ -137,7 +139,9 @@ def test_lowered_w8a8_w4a8_match_in_onnxruntime(w_bits, name, tmp_path, test_bat
     # int8 weights in the file, or 4-bit ones two per byte
     assert {t.data_type for t in weights} == {onnx.TensorProto.INT8 if w_bits == 8 else onnx.TensorProto.UINT8}
     assert len(weights) == n_linears
-    assert all(list(t.dims) == list(getattr(lowered, t.name).shape) for t in weights)  # stored as lowered
+    k_stored = {t.name: -(-getattr(lowered, t.name).shape[1] // 2) if w_bits == 4 else getattr(lowered, t.name).shape[1]
+                for t in weights}
+    assert all(list(t.dims) == [getattr(lowered, t.name).shape[0], k_stored[t.name]] for t in weights)
 
 
 def test_qdq_reference_graph_exports_and_runs(tmp_path, test_batch):

@@ -2,6 +2,7 @@ import copy
 from collections import Counter
 
 import pytest
+from safetensors.torch import load_file
 import torch
 from torchao.quantization.pt2e.quantizer import ComposableQuantizer, Quantizer
 
@@ -80,7 +81,7 @@ def test_calibration_with_other_token_count_is_refused(vim):
 
 @pytest.mark.parametrize("fixture", ["vim", "vmamba"])
 @pytest.mark.parametrize("w_bits", [8, 4])
-def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request):
+def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path):
     torch.manual_seed(0)
     model, gm = request.getfixturevalue(fixture)
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(w_bits, 8)))
@@ -112,6 +113,17 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request):
     assert _rel(low_out, q_out) < 5e-3
     assert torch.equal(low_out.argmax(-1), q_out.argmax(-1))
     assert _rel(q_out, model(x)) < 0.2  # quantized, yet close to float
+    # Saved and loaded: the same numbers; 4-bit weights run as int8 and are stored two per byte.
+    path = tmp_path / "q.safetensors"
+    vmq_fx.save_quantized(lowered, path, model.config)
+    weights = [n.args[4].target for n in lowered.graph.nodes if n.target is torch.ops.vmq.int8_linear.default]
+    stored = load_file(path)
+    for name in weights:
+        runtime = lowered.get_buffer(name)
+        assert runtime.dtype == torch.int8
+        want = (runtime.shape[0], -(-runtime.shape[1] // 2)) if w_bits == 4 else tuple(runtime.shape)
+        assert tuple(stored[name].shape) == want and stored[name].dtype == (torch.uint8 if w_bits == 4 else torch.int8)
+    assert torch.equal(vmq_fx.load_quantized(path)(x), low_out)
 
 
 def test_smoothing_folds_into_norm_exactly(vim):

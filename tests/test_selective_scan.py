@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vmq_fx.ops.native as native_mod
+from vmq_fx.ops import native
 import vmq_fx.ops.selective_scan as scan_mod
 from vmq_fx.ops import selective_scan_fn, selective_scan_op
 
@@ -107,12 +107,12 @@ def test_low_precision_inputs_match_ref(dtype, mamba_ssm_ref):
 
 
 def test_chunked_path_is_exact(monkeypatch):
-    monkeypatch.setattr(native_mod, "native_kernels", lambda: None)  # the chunking is the pure-torch path's
     args = make_inputs(length=37)
-    whole = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
-    monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 8 * 4)  # one image per batch slice
-    monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 8 * 4 * 5)  # 5 steps per chunk, last chunk partial
-    chunked = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
+    with native.disabled():  # the chunking is the pure-torch implementation's
+        whole = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
+        monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 8 * 4)  # one image per batch slice
+        monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 8 * 4 * 5)  # 5 steps per chunk, last chunk partial
+        chunked = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(chunked[0], whole[0], atol=0, rtol=0)
     torch.testing.assert_close(chunked[1], whole[1], atol=0, rtol=0)
 
@@ -203,3 +203,13 @@ def test_bad_shapes_raise_clear_errors(change, message):
     args = {**make_inputs(), **change}
     with pytest.raises(ValueError, match=message):
         selective_scan_fn(**args)
+
+
+def test_extreme_time_steps_match_float64_loop():
+    # softplus tails (delta + bias far below 0 and above its pass-through at 20) and decays that underflow to 0
+    args = make_inputs(batch=2, dim=20, length=15, n=16)
+    args["delta"] = torch.linspace(-60, 60, args["delta"].numel()).reshape(args["delta"].shape)
+    out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
+    loop_out, loop_last = scan_loop_f64(**args, delta_softplus=True)
+    torch.testing.assert_close(out.double(), loop_out, atol=1e-5 * loop_out.abs().max(), rtol=1e-5)
+    torch.testing.assert_close(last.double(), loop_last, atol=1e-5 * loop_last.abs().max(), rtol=1e-5)

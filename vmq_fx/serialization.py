@@ -24,12 +24,14 @@ from vmq_fx.models.registry import build_model
 from vmq_fx.models.vim import VimConfig
 from vmq_fx.models.vmamba import VMambaConfig
 from vmq_fx.observers import VectorQuantizedWeight
+from vmq_fx.ops.int8_linear import pack_int4, unpack_int4
 from vmq_fx.passes import lower
+from vmq_fx.passes.int4_storage import int4_weight_names
 from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe
 
 __all__ = ["load_quantized", "save_quantized"]
 
-_FORMAT = "vmq_fx.lowered/1"
+_FORMAT = "vmq_fx.lowered/2"  # /2: integer linears carry their column sums; 4-bit weights are listed as packed
 _CONFIGS = {c.__name__: c for c in (VimConfig, VMambaConfig)}
 _RECIPES = {c.__name__: c for c in (PTQ4VMRecipe, VQRecipe)}
 
@@ -68,7 +70,10 @@ def save_quantized(lowered: fx.GraphModule, path: str | os.PathLike, config: Vim
         raise ValueError("save_quantized: the model is not lowered (no vmq.int8_linear / vmq.vq_linear node); run "
                          "vmq_fx.lower(convert_pt2e(prepared)) first")
     tensors = {k: v.detach().contiguous() for k, v in lowered.state_dict().items()}
-    meta = {"format": _FORMAT, "config": _encode(config), "recipe": _encode(recipe)}
+    packed = int4_weight_names(lowered)  # 4-bit weights go to the file two per byte
+    for name in packed:
+        tensors[name] = pack_int4(tensors[name])
+    meta = {"format": _FORMAT, "config": _encode(config), "recipe": _encode(recipe), "int4_packed": json.dumps(packed)}
     save_file(tensors, os.fspath(path), metadata=meta)
 
 
@@ -103,9 +108,15 @@ def load_quantized(path: str | os.PathLike) -> fx.GraphModule:
     except Exception as e:  # not a safetensors file: name it, keep the cause
         raise ValueError(f"could not read {path} as safetensors: {e}") from e
     if meta.get("format") != _FORMAT:
-        raise ValueError(f"{path}: not a vmq_fx quantized model (format {meta.get('format')!r}, expected {_FORMAT!r})")
+        old = str(meta.get("format", "")).startswith("vmq_fx.lowered/")
+        raise ValueError(f"{path}: not a vmq_fx quantized model of this version (format {meta.get('format')!r}, "
+                         f"expected {_FORMAT!r})" + ("; quantize the model again with this version" if old else ""))
     config = _decode(meta["config"], _CONFIGS, "model config")
     recipe = _decode(meta["recipe"], _RECIPES, "recipe")
     gm = _structure(config, recipe)
+    own = gm.state_dict()
+    for name in json.loads(meta.get("int4_packed", "[]")):
+        if name in tensors and name in own:
+            tensors[name] = unpack_int4(tensors[name], own[name].shape[1])
     load_state_dict_strict(gm, tensors, source=path)
     return gm

@@ -1,10 +1,45 @@
-// The vmq_fx CPU extension: one Python module, one registration function per kernel family.
+// The vmq_fx CPU extension. register_cpu_kernels() makes the C++ kernels the CPU implementations of the vmq ops in
+// torch's dispatcher (over the pure-torch implementations the ops are defined with), so that a call from a graph
+// module goes straight to C++; deregister_cpu_kernels() removes them again (tests, and the benchmarks' comparison
+// with the pure-torch path).
 #include <torch/extension.h>
 
-void register_selective_scan(pybind11::module& m);
-void register_quant_linear(pybind11::module& m);
+#include <memory>
+
+#include "kernels.h"
+
+namespace {
+
+std::unique_ptr<torch::Library> cpu_impls, autograd_impls;
+
+void register_cpu_kernels() {
+  if (cpu_impls) return;
+  cpu_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::CPU, __FILE__, __LINE__);
+  cpu_impls->impl("selective_scan", TORCH_FN(vmq_fx::selective_scan_cpu));
+  cpu_impls->impl("int8_linear", TORCH_FN(vmq_fx::int8_linear_cpu));
+  cpu_impls->impl("vq_linear", TORCH_FN(vmq_fx::vq_linear_cpu));
+  cpu_impls->impl("vq_dequantize", TORCH_FN(vmq_fx::vq_dequantize_cpu));
+  // The quantized linears are not differentiable: skip the (Python) autograd layer on CPU. The scan keeps its
+  // autograd formula (vmq_fx/ops/selective_scan.py), whose backward calls selective_scan_backward below.
+  autograd_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::AutogradCPU,
+                                                    __FILE__, __LINE__);
+  for (const char* op : {"int8_linear", "vq_linear", "vq_dequantize"})
+    autograd_impls->impl(op, torch::CppFunction::makeFallthrough());
+}
+
+void deregister_cpu_kernels() {
+  cpu_impls.reset();
+  autograd_impls.reset();
+}
+
+bool cpu_kernels_registered() { return cpu_impls != nullptr; }
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  register_selective_scan(m);
-  register_quant_linear(m);
+  m.def("register_cpu_kernels", &register_cpu_kernels);
+  m.def("deregister_cpu_kernels", &deregister_cpu_kernels);
+  m.def("cpu_kernels_registered", &cpu_kernels_registered);
+  m.def("selective_scan_backward", &vmq_fx::selective_scan_backward_cpu);
+  m.def("quantize_per_token", &vmq_fx::quantize_per_token_cpu);
 }

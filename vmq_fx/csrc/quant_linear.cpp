@@ -10,6 +10,8 @@
 // rows that is multiplied at once; no integer unpacking tensor is materialized.
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -17,6 +19,49 @@
 #include <cstring>
 
 namespace {
+
+typedef float VF __attribute__((vector_size(64)));
+typedef int32_t VI __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+
+inline VF loadf(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline VI loadi(const int32_t* p) {
+  VI v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Round half to even, as torch.round: adding and subtracting 1.5 * 2^23 rounds in the FPU's default mode. Exact for
+// |v| < 2^22; larger values are far outside every level range and only need to stay large, which they do.
+inline VF round_even(VF v) {
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+// One row of levels: q = clamp(round(x[k] (/ smooth[k]) * inv) + z, lo, hi) - shift, as int8.
+inline void quantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float shift,
+                         int64_t K, int8_t* q) {
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    VF v = loadf(row + k);
+    if (smooth) v = v / loadf(smooth + k);
+    v = round_even(v * inv) + z;
+    v = v < lo ? VF{} + lo : v;
+    v = v > hi ? VF{} + hi : v;
+    const VI levels = __builtin_convertvector(v - shift, VI);
+    for (int j = 0; j < kLanes; ++j) q[k + j] = static_cast<int8_t>(levels[j]);
+  }
+  for (; k < K; ++k) {
+    float v = smooth ? row[k] / smooth[k] : row[k];
+    v = std::nearbyint(v * inv) + z;
+    q[k] = static_cast<int8_t>(std::min(std::max(v, lo), hi) - shift);
+  }
+}
 
 at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tensor>& smooth,
                               const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
@@ -32,24 +77,26 @@ at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tens
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t t = m % L;
-      const float inv = 1.0f / scale[t];  // as quantize_per_channel: x * (1 / scale)
-      const float z = static_cast<float>(zp[t]);
-      const float* row = xp + m * K;
-      int8_t* q = op + m * K;
-      if (sp) {
-        for (int64_t k = 0; k < K; ++k) {
-          float v = std::nearbyint((row[k] / sp[k]) * inv) + z;
-          q[k] = static_cast<int8_t>(std::min(std::max(v, lo), hi) - sh);
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          float v = std::nearbyint(row[k] * inv) + z;
-          q[k] = static_cast<int8_t>(std::min(std::max(v, lo), hi) - sh);
-        }
-      }
+      // as quantize_per_channel: x * (1 / scale)
+      quantize_row(xp + m * K, sp, 1.0f / scale[t], static_cast<float>(zp[t]), lo, hi, sh, K, op + m * K);
     }
   });
   return out;
+}
+
+// out = float(acc - z * w_sum) * s * w_scale (+ bias), one row.
+inline void rescale_row(const int32_t* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
+                        const float* bias, int64_t N, float* out) {
+  int64_t n = 0;
+  for (; n + kLanes <= N; n += kLanes) {
+    VF v = __builtin_convertvector(loadi(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n);
+    if (bias) v = v + loadf(bias + n);
+    std::memcpy(out + n, &v, sizeof(v));
+  }
+  for (; n < N; ++n) {
+    float v = static_cast<float>(acc[n] - z * w_sum[n]) * s * w_scale[n];
+    out[n] = bias ? v + bias[n] : v;
+  }
 }
 
 at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
@@ -67,14 +114,42 @@ at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
   return out;
 }
 
-at::Tensor int8_linear(const at::Tensor& x, const c10::optional<at::Tensor>& smooth, const at::Tensor& act_scale,
-                       const at::Tensor& zero_point, const at::Tensor& w, const at::Tensor& w_sum,
-                       const at::Tensor& w_scale, const c10::optional<at::Tensor>& bias, int64_t qmin, int64_t qmax) {
+// float32 contiguous (a no-op for what the lowering stores).
+at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+c10::optional<at::Tensor> f32(const c10::optional<at::Tensor>& t) {
+  return t ? c10::optional<at::Tensor>(f32(*t)) : c10::nullopt;
+}
+
+}  // namespace
+
+namespace vmq_fx {
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth_in, const at::Tensor& scale_in,
+                           const at::Tensor& zp_in, const at::Tensor& w_in, const at::Tensor& w_scale_in,
+                           const at::Tensor& w_sum_in, const std::optional<at::Tensor>& bias_in, int64_t qmin,
+                           int64_t qmax, int64_t w_bits) {
+  // The contract of vmq::int8_linear, with the messages of the Python implementation (ValueError in Python).
+  TORCH_CHECK_VALUE(x.dim() >= 2, "vmq.int8_linear: x must be [..., L, K], got ", x.sizes());
+  const int64_t length = x.size(-2), k_in = x.size(-1);
+  TORCH_CHECK_VALUE(scale_in.dim() == 1 && scale_in.size(0) == length && zp_in.dim() == 1 && zp_in.size(0) == length,
+                    "vmq.int8_linear: act_scale / act_zero_point must be [L=", length, "], got ", scale_in.sizes(),
+                    " / ", zp_in.sizes());
+  const bool packed = w_in.scalar_type() == at::kByte;  // 4-bit weights two per byte (the stored form)
+  TORCH_CHECK_VALUE(!packed || w_bits <= 4, "vmq.int8_linear: a packed (uint8) weight holds 4-bit values, but w_bits=",
+                    w_bits);
+  const int64_t k_w = packed ? (k_in + 1) / 2 : k_in;
+  TORCH_CHECK_VALUE(w_in.dim() == 2 && w_in.size(1) == k_w && w_scale_in.dim() == 1 &&
+                        w_scale_in.size(0) == w_in.size(0) && w_sum_in.dim() == 1 && w_sum_in.size(0) == w_in.size(0),
+                    "vmq.int8_linear: weight ", w_in.sizes(), " (", w_bits, "-bit), scale ", w_scale_in.sizes(),
+                    " and column sums ", w_sum_in.sizes(), " do not fit x with K=", k_in);
+  const auto smooth = f32(smooth_in), bias = f32(bias_in);
+  const at::Tensor act_scale = f32(scale_in), w_scale = f32(w_scale_in), w = w_in.contiguous();
+  const at::Tensor zero_point = zp_in.to(at::kInt).contiguous(), w_sum = w_sum_in.to(at::kInt).contiguous();
   const int64_t K = x.size(-1), L = act_scale.size(0);
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
   const int64_t shift = qmax > 127 ? 128 : 0;  // unsigned levels are moved into int8
-  const at::Tensor w8 = w.scalar_type() == at::kChar ? w : unpack_int4(w, K);
+  const at::Tensor w8 = packed ? unpack_int4(w, K) : w;
   const int64_t N = w8.size(0);
   const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
   // at::_int_mm needs more than 16 rows; tiny inputs take the exact int32 product instead.
@@ -90,21 +165,17 @@ at::Tensor int8_linear(const at::Tensor& x, const c10::optional<at::Tensor>& smo
   at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const int64_t t = m % L;
-      const int32_t z = zp[t] - static_cast<int32_t>(shift);
-      const float s = as[t];
-      const int32_t* a = ap + m * N;
-      float* o = op + m * N;
-      if (bp) {
-        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n] - z * ws[n]) * s * wsc[n] + bp[n];
-      } else {
-        for (int64_t n = 0; n < N; ++n) o[n] = static_cast<float>(a[n] - z * ws[n]) * s * wsc[n];
-      }
+      rescale_row(ap + m * N, zp[t] - static_cast<int32_t>(shift), as[t], ws, wsc, bp, N, op + m * N);
     }
   });
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  return out.view(sizes);
+  return out.view(sizes).to(x.scalar_type());
 }
+
+}  // namespace vmq_fx
+
+namespace {
 
 // Rows [r0, r1) of the VQ weight, decoded into dst [r1 - r0, K] (row-major float32).
 void vq_decode_rows(const uint8_t* codes, int64_t bytes_per_row, const float* codebook, int64_t d,
@@ -132,9 +203,27 @@ void vq_decode_rows(const uint8_t* codes, int64_t bytes_per_row, const float* co
   }
 }
 
-at::Tensor vq_dequantize(const at::Tensor& codes, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K,
-                         int64_t bits) {
-  const int64_t N = codes.size(0);
+int64_t code_bits(int64_t k) {
+  int64_t bits = 1;
+  while ((int64_t(1) << bits) < k) ++bits;
+  return bits;
+}
+
+// The contract of the VQ ops, with the messages of the Python implementation (ValueError in Python).
+void check_vq(const at::Tensor& codes, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K) {
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "vmq.vq_linear: codebook must be [k, d], got ", codebook.sizes());
+  const int64_t k = codebook.size(0), d = codebook.size(1), bits = code_bits(k), per_row = (K + d - 1) / d;
+  const int64_t bytes = (per_row * bits + 7) / 8;
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == bytes,
+                    "vmq.vq_linear: codes must be uint8 [N, ", bytes, "] for K=", K, ", d=", d, ", k=", k, "; got ",
+                    codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK_VALUE(row_scale.dim() == 1 && row_scale.size(0) == codes.size(0), "vmq.vq_linear: row_scale must be [N=",
+                    codes.size(0), "], got ", row_scale.sizes());
+}
+
+at::Tensor decode(const at::Tensor& codes_in, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K) {
+  const at::Tensor codes = codes_in.contiguous();
+  const int64_t N = codes.size(0), bits = code_bits(codebook.size(0));
   const at::Tensor cb = codebook.to(at::kFloat).contiguous(), rs = row_scale.to(at::kFloat).contiguous();
   auto w = at::empty({N, K}, cb.options());
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
@@ -144,21 +233,34 @@ at::Tensor vq_dequantize(const at::Tensor& codes, const at::Tensor& codebook, co
   return w;
 }
 
-at::Tensor vq_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
-                     const at::Tensor& row_scale, const c10::optional<at::Tensor>& bias, int64_t K, int64_t bits) {
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
-  const at::Tensor w = vq_dequantize(codes, codebook, row_scale, K, bits);
+}  // namespace
+
+namespace vmq_fx {
+
+at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook, const at::Tensor& row_scale,
+                             int64_t in_features) {
+  check_vq(codes, codebook, row_scale, in_features);
+  return decode(codes, codebook, row_scale, in_features);
+}
+
+at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                         const at::Tensor& row_scale, const std::optional<at::Tensor>& bias, int64_t in_features) {
+  check_vq(codes, codebook, row_scale, in_features);
+  TORCH_CHECK_VALUE(x.size(-1) == in_features, "vmq.vq_linear: x has ", x.size(-1), " features, the weight ",
+                    in_features);
+  const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  const at::Tensor w = decode(codes, codebook, row_scale, in_features);
   at::Tensor out = bias ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
   auto sizes = x.sizes().vec();
   sizes.back() = codes.size(0);
-  return out.view(sizes);
+  return out.view(sizes).to(x.scalar_type());
 }
 
-}  // namespace
-
-void register_quant_linear(pybind11::module& m) {
-  m.def("int8_linear", &int8_linear, "per-token quantize + int8 GEMM + rescale");
-  m.def("quantize_per_token", &quantize_per_token, "per-token static quantization to int8 (levels - shift)");
-  m.def("vq_dequantize", &vq_dequantize, "decode a VQ weight to float32 [N, K]");
-  m.def("vq_linear", &vq_linear, "x @ decode(codes)^T + bias");
+at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::Tensor>& smooth,
+                                  const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin,
+                                  int64_t qmax, int64_t shift) {
+  return quantize_per_token(x2.to(at::kFloat).contiguous(), f32(smooth), f32(act_scale),
+                            zero_point.to(at::kInt).contiguous(), qmin, qmax, shift);
 }
+
+}  // namespace vmq_fx

@@ -1,5 +1,7 @@
 // Fused CPU selective scan (forward and backward) for vmq::selective_scan.
 //
+// delta_bias and the softplus are applied in the kernel (and differentiated there), so delta is read once.
+//
 // One task owns a block of W channels (the SIMD lanes: 16 floats or 8 doubles) of one batch element. Its inputs are
 // first copied into time-major [L][W] buffers (whatever the strides of the caller's tensors), then the recurrence runs
 // with the state of every lane and every one of the N states held in registers:
@@ -16,7 +18,12 @@
 // machine has (the extension is compiled on the machine that runs it).
 #include <torch/extension.h>
 
+#include "kernels.h"
+
 #include <ATen/Parallel.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -51,28 +58,45 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// exp for 16 floats: Cody-Waite range reduction to r in [-ln2/2, ln2/2] and Cephes' degree-6 polynomial
-// (relative error ~1e-7 over the float range); branch-free so that it vectorizes.
-inline Lanes<float>::V vexp(Lanes<float>::V x) {
+// 2^y for 16 floats: y = k + f with k an integer and |f| <= 1/2, a degree-6 polynomial for 2^f (Chebyshev fit,
+// relative error ~1e-7 in float arithmetic), scaled by 2^k. The recurrence's decay exp(dt * A) is computed as
+// 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply fewer per state update. With AVX-512 the rounding
+// and the scaling are one instruction each (vrndscaleps, vscalefps, which also saturates to 0 and inf).
+inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   using V = Lanes<float>::V;
+#if defined(__AVX512F__)
+  const __m512 k = _mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const V f = y - (V)k;
+#else
   using I = Lanes<float>::I;
-  const V lo = V{} - 87.3f, hi = V{} + 88.3f;
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
+  const V lo = V{} - 126.0f, hi = V{} + 127.0f;
+  y = y < lo ? lo : y;
+  y = y > hi ? hi : y;
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  V k = (x * 1.44269504088896341f + magic) - magic;
-  V r = x - k * 0.693359375f;
-  r = r + k * 2.12194440e-4f;
-  V p = V{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
+  const V k = (y + magic) - magic;
+  const V f = y - k;
+#endif
+  V p = V{} + 1.5469732170458883e-4f;
+  p = p * f + 1.3400432653725147e-3f;
+  p = p * f + 9.6180252730846405e-3f;
+  p = p * f + 5.5503271520137787e-2f;
+  p = p * f + 2.4022650718688965e-1f;
+  p = p * f + 6.9314718246459961e-1f;
+  p = p * f + 1.0f;
+#if defined(__AVX512F__)
+  return (V)_mm512_scalef_ps((__m512)p, k);
+#else
   I e = (__builtin_convertvector(k, I) + 127) << 23;
   return p * (V)e;
+#endif
 }
+
+constexpr float kLog2e = 1.44269504088896341f;
+
+inline Lanes<float>::V vexp(Lanes<float>::V x) { return vexp2(x * kLog2e); }
+
+// The decay exp(dt * A) from dt and A pre-scaled by decay_scale<T>(): 2^x for floats, exp for doubles.
+inline Lanes<float>::V vdecay(Lanes<float>::V x) { return vexp2(x); }
 
 // Doubles (used to check the kernel against float64 references): the library exp per lane.
 inline Lanes<double>::V vexp(Lanes<double>::V x) {
@@ -81,10 +105,46 @@ inline Lanes<double>::V vexp(Lanes<double>::V x) {
   return out;
 }
 
+inline Lanes<double>::V vdecay(Lanes<double>::V x) { return vexp(x); }
+
+template <typename T>
+constexpr T decay_scale() {
+  return sizeof(T) == 4 ? T(kLog2e) : T(1);
+}
+
 template <typename V>
 inline V vsigmoid(V x) {
   using T = typename std::remove_reference<decltype(x[0])>::type;
   return T(1) / (T(1) + vexp(-x));
+}
+
+// softplus as torch computes it (x above 20 passes through), for 16 floats: max(x, 0) + log1p(exp(-|x|)), with
+// log1p(y) = log(1 + y) * y / ((1 + y) - 1) (exact for tiny y) and log on [1, 2] by atanh's series after halving
+// the upper part of the range (|s| <= 0.172: five terms give ~1e-8).
+inline Lanes<float>::V vsoftplus(Lanes<float>::V x) {
+  using V = Lanes<float>::V;
+  const V zero = V{};
+  const V ax = x < zero ? -x : x;
+  const V y = vexp(-ax);
+  const V u = y + 1.0f;
+  const V big = u > 1.41421356f ? V{} + 1.0f : zero;  // halve [sqrt 2, 2] so that log's argument is near 1
+  const V m = u * (1.0f - 0.5f * big);
+  const V s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
+  V poly = s2 * (1.0f / 9) + 1.0f / 7;
+  poly = poly * s2 + 1.0f / 5;
+  poly = poly * s2 + 1.0f / 3;
+  poly = poly * s2 + 1.0f;
+  const V log_u = big * 0.693147180559945f + 2.0f * s * poly;
+  const V d = u - 1.0f;
+  const V l1p = d == zero ? y : log_u * (y / d);
+  const V sp = (x > zero ? x : zero) + l1p;
+  return x > 20.0f ? x : sp;
+}
+
+inline Lanes<double>::V vsoftplus(Lanes<double>::V x) {
+  Lanes<double>::V out;
+  for (int i = 0; i < Lanes<double>::W; ++i) out[i] = x[i] > 20.0 ? x[i] : std::log1p(std::exp(x[i]));
+  return out;
 }
 
 // A [batch, channels, L] tensor viewed through its strides.
@@ -98,9 +158,14 @@ struct Strided3 {
   // rows [c0, c0 + n) of batch b -> buf[t * W + lane]; lanes past n are zero.
   template <int W>
   void pack(int64_t b, int64_t c0, int n, int64_t length, T* buf) const {
-    std::fill(buf, buf + length * W, T(0));
+    if (n < W) std::fill(buf, buf + length * W, T(0));
+    const T* base = p + b * sb + c0 * sc;
+    if (sc == 1) {  // channels contiguous (a transposed [batch, L, channels] tensor): one row of lanes per step
+      for (int64_t t = 0; t < length; ++t) std::memcpy(buf + t * W, base + t * st, n * sizeof(T));
+      return;
+    }
     for (int c = 0; c < n; ++c) {
-      const T* row = p + b * sb + (c0 + c) * sc;
+      const T* row = base + c * sc;
       for (int64_t t = 0; t < length; ++t) buf[t * W + c] = row[t * st];
     }
   }
@@ -148,7 +213,7 @@ struct Block {
 
   int64_t length, n;
   const T *dt, *u, *bt, *ct;  // [L][W], [L][W], [L][N], [L][N]
-  const V* a;                 // [N] lanes of A
+  const V* a;                 // [N] lanes of A * decay_scale<T>()
 
   // Forward; y[t] (before D and the gate) and the final state. With `decay` / `hs` non-null the per-step decays
   // and states are kept for the backward ([L][N] vectors each).
@@ -165,7 +230,7 @@ struct Block {
       const T* c = ct + t * N;
       V acc = V{};
       for (int64_t i = 0; i < N; ++i) {
-        const V e = vexp(d * a[i]);
+        const V e = vdecay(d * a[i]);
         hp[i] = e * hp[i] + du * b[i];
         acc += hp[i] * c[i];
         if (decay) {
@@ -191,19 +256,37 @@ void dispatch_state(int64_t n, F&& f) {
   }
 }
 
+// delta (+ delta_bias, softplus) for lanes of channels [c0, c0 + lanes): raw values in buf -> dt in place; with
+// `sig` non-null also sigmoid(raw) (the derivative of softplus) for the backward.
 template <typename T>
-std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
+void discretize(T* buf, const T* bias, int64_t c0, int lanes, int64_t length, bool softplus, T* sig) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  V bv = V{};
+  if (bias)
+    for (int c = 0; c < lanes; ++c) bv[c] = bias[c0 + c];
+  for (int64_t t = 0; t < length; ++t) {
+    const V raw = load<V>(buf + t * W) + bv;
+    if (sig) store(sig + t * W, vsigmoid(raw));
+    store(buf + t * W, softplus ? vsoftplus(raw) : raw);
+  }
+}
+
+template <typename T>
+std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
-                                     const c10::optional<at::Tensor>& z) {
+                                     const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                                     bool softplus) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const Shapes s = shapes_of<T>(u, A, B);
   auto out = at::empty({s.batch, s.dim, s.length}, u.options());
   auto last = at::empty({s.batch, s.dim, s.n_state}, u.options());
-  const Strided3<T> su(u), sdt(dt);
+  const Strided3<T> su(u), sdt(delta);
   const Strided3<T> sz = z ? Strided3<T>(*z) : Strided3<T>();
   const T* Ap = A.data_ptr<T>();
   const T* Dp = D ? D->data_ptr<T>() : nullptr;
+  const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
   T* outp = out.data_ptr<T>();
   T* lastp = last.data_ptr<T>();
   const int64_t tasks = s.batch * s.groups * s.blocks_per_group;
@@ -224,10 +307,11 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& dt, 
       }
       su.template pack<W>(b, c0, lanes, L, ubuf.data());
       sdt.template pack<W>(b, c0, lanes, L, dbuf.data());
+      if (biasp || softplus) discretize<T>(dbuf.data(), biasp, c0, lanes, L, softplus, nullptr);
       for (int64_t i = 0; i < N; ++i) {
         V v = V{};
         for (int c = 0; c < lanes; ++c) v[c] = Ap[(c0 + c) * N + i];
-        a[i] = v;
+        a[i] = v * decay_scale<T>();
       }
       dispatch_state<T>(N, [&](auto ns) {
         Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), ubuf.data(), bbuf.data(), cbuf.data(), a.data()};
@@ -254,32 +338,35 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& dt, 
 }
 
 template <typename T>
-std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
+std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                       const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
-                                      const c10::optional<at::Tensor>& z, const at::Tensor& gout,
-                                      const at::Tensor& glast) {
+                                      const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
+                                      bool softplus, const at::Tensor& gout, const at::Tensor& glast) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const Shapes s = shapes_of<T>(u, A, B);
   const int64_t L = s.length, N = s.n_state;
   auto opts = u.options();
   auto gu = at::empty({s.batch, s.dim, L}, opts);
-  auto gdt = at::empty({s.batch, s.dim, L}, opts);
+  auto gdelta = at::empty({s.batch, s.dim, L}, opts);
+  auto gbias = at::empty({s.batch, s.dim}, opts);  // per batch element; summed below
   auto gz = z ? at::empty({s.batch, s.dim, L}, opts) : at::Tensor();
   auto gA = at::empty({s.batch, s.dim, N}, opts);  // per batch element; summed by the caller
   auto gD = at::empty({s.batch, s.dim}, opts);
   auto gB = at::empty({s.batch, s.groups, L, N}, opts);  // time-major; the caller transposes
   auto gC = at::empty({s.batch, s.groups, L, N}, opts);
-  const Strided3<T> su(u), sdt(dt), sg(gout);
+  const Strided3<T> su(u), sdt(delta), sg(gout);
   const Strided3<T> sz = z ? Strided3<T>(*z) : Strided3<T>();
   const T* Ap = A.data_ptr<T>();
   const T* Dp = D ? D->data_ptr<T>() : nullptr;
+  const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
   const T* glp = glast.data_ptr<T>();
   const int64_t gl_sb = glast.stride(0), gl_sc = glast.stride(1), gl_sn = glast.stride(2);
   at::parallel_for(0, s.batch * s.groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<T> ubuf(L * W), dbuf(L * W), ybuf(L * W), zbuf(z ? L * W : 0), gbuf(L * W), bbuf(L * N),
-        cbuf(L * N), gu_buf(L * W), gdt_buf(L * W), gz_buf(z ? L * W : 0);
-    std::vector<V> a(N), h(N), carry(N), gA_acc(N), decay(L * N), hs(L * N), gB_acc(L * N), gC_acc(L * N);
+        cbuf(L * N), gu_buf(L * W), gdt_buf(L * W), gz_buf(z ? L * W : 0), sig(softplus ? L * W : 0);
+    std::vector<V> a(N), a_scaled(N), h(N), carry(N), gA_acc(N), decay(L * N), hs(L * N), gB_acc(L * N),
+        gC_acc(L * N);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.groups, g = task % s.groups;
       pack_bc(B, b, g, N, L, bbuf.data());
@@ -291,6 +378,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& dt,
         const int lanes = static_cast<int>(std::min<int64_t>(W, (g + 1) * s.per_group - c0));
         su.template pack<W>(b, c0, lanes, L, ubuf.data());
         sdt.template pack<W>(b, c0, lanes, L, dbuf.data());
+        if (biasp || softplus) discretize<T>(dbuf.data(), biasp, c0, lanes, L, softplus, softplus ? sig.data() : nullptr);
         sg.template pack<W>(b, c0, lanes, L, gbuf.data());
         if (z) sz.template pack<W>(b, c0, lanes, L, zbuf.data());
         for (int64_t i = 0; i < N; ++i) {
@@ -300,17 +388,19 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& dt,
             cv[c] = glp[b * gl_sb + (c0 + c) * gl_sc + i * gl_sn];
           }
           a[i] = v;
+          a_scaled[i] = v * decay_scale<T>();
           carry[i] = cv;
           gA_acc[i] = V{};
         }
         dispatch_state<T>(N, [&](auto ns) {
-          Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), ubuf.data(), bbuf.data(), cbuf.data(), a.data()};
+          Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), ubuf.data(), bbuf.data(), cbuf.data(),
+                                            a_scaled.data()};
           blk.forward(ybuf.data(), h.data(), decay.data(), hs.data());
         });
         V dv = V{};
         if (Dp)
           for (int c = 0; c < lanes; ++c) dv[c] = Dp[c0 + c];
-        V gD_acc = V{};
+        V gD_acc = V{}, gbias_acc = V{};
         for (int64_t t = L - 1; t >= 0; --t) {
           const V uu = load<V>(&ubuf[t * W]);
           const V d = load<V>(&dbuf[t * W]);
@@ -345,18 +435,22 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& dt,
           }
           g_dt += g_du * uu;
           g_u += g_du * d;
+          if (softplus) g_dt = g_dt * load<V>(&sig[t * W]);  // d softplus / d raw
+          gbias_acc += g_dt;
           store(&gu_buf[t * W], g_u);
           store(&gdt_buf[t * W], g_dt);
         }
         T* gup = gu.data_ptr<T>() + (b * s.dim + c0) * L;
         unpack<T, W>(gu_buf.data(), lanes, L, gup, L);
-        unpack<T, W>(gdt_buf.data(), lanes, L, gdt.data_ptr<T>() + (b * s.dim + c0) * L, L);
+        unpack<T, W>(gdt_buf.data(), lanes, L, gdelta.data_ptr<T>() + (b * s.dim + c0) * L, L);
         if (z) unpack<T, W>(gz_buf.data(), lanes, L, gz.data_ptr<T>() + (b * s.dim + c0) * L, L);
         T* gAp = gA.data_ptr<T>() + (b * s.dim + c0) * N;
         T* gDp = gD.data_ptr<T>() + b * s.dim + c0;
+        T* gbp = gbias.data_ptr<T>() + b * s.dim + c0;
         for (int c = 0; c < lanes; ++c) {
           for (int64_t i = 0; i < N; ++i) gAp[c * N + i] = gA_acc[i][c];
           gDp[c] = gD_acc[c];
+          gbp[c] = gbias_acc[c];
         }
       }
       T* gBp = gB.data_ptr<T>() + (b * s.groups + g) * L * N;
@@ -372,43 +466,111 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& dt,
       }
     }
   });
-  return {gu, gdt, gA.sum(0), gB, gC, D ? gD.sum(0) : at::Tensor(), gz};
+  return {gu, gdelta, gA.sum(0), gB, gC, D ? gD.sum(0) : at::Tensor(), gz,
+          delta_bias ? gbias.sum(0) : at::Tensor()};
 }
 
-void check(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-           const at::Tensor& C) {
-  TORCH_CHECK(u.device().is_cpu(), "vmq_fx cpu scan: CPU tensors only");
-  TORCH_CHECK(u.dim() == 3 && dt.sizes() == u.sizes(), "u, dt: [batch, dim, L]");
-  TORCH_CHECK(B.dim() == 4 && C.dim() == 4 && B.sizes() == C.sizes(), "B, C: [batch, G, N, L]");
-  TORCH_CHECK(A.dim() == 2 && A.is_contiguous(), "A: contiguous [dim, N]");
-  TORCH_CHECK(u.scalar_type() == dt.scalar_type() && u.scalar_type() == A.scalar_type() &&
-                  u.scalar_type() == B.scalar_type() && u.scalar_type() == C.scalar_type(),
-              "one dtype for all inputs");
+// The contract of vmq::selective_scan, with the messages of the Python implementation (ValueError in Python).
+void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                  const std::optional<at::Tensor>& delta_bias) {
+  TORCH_CHECK_VALUE(u.dim() == 3, "vmq.selective_scan: u must be [batch, dim, L], got shape ", u.sizes());
+  const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
+  TORCH_CHECK_VALUE(delta.sizes() == u.sizes(), "vmq.selective_scan: delta must have u's shape ", u.sizes(),
+                    ", got ", delta.sizes());
+  TORCH_CHECK_VALUE(A.dim() == 2 && A.size(0) == dim, "vmq.selective_scan: A must be [dim=", dim, ", N], got ",
+                    A.sizes());
+  TORCH_CHECK_VALUE(!A.is_complex(), "vmq.selective_scan: complex A is not supported (Visual Mamba models use real A)");
+  const int64_t n = A.size(1);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"B", B}, {"C", C}}) {
+    const bool ok = t.dim() == 3   ? t.size(0) == batch && t.size(1) == n && t.size(2) == length
+                    : t.dim() == 4 ? t.size(0) == batch && t.size(2) == n && t.size(3) == length &&
+                                         t.size(1) > 0 && dim % t.size(1) == 0
+                                   : false;
+    TORCH_CHECK_VALUE(ok, "vmq.selective_scan: ", name, " must be [batch=", batch, ", N=", n, ", L=", length,
+                      "] or [batch, G, N, L] with G dividing dim=", dim, ", got ", t.sizes(),
+                      " (input-independent B/C of shape [dim, N] are not supported)");
+  }
+  TORCH_CHECK_VALUE(!(B.dim() == 4 && C.dim() == 4 && B.size(1) != C.size(1)),
+                    "vmq.selective_scan: B and C must have the same number of groups, got ", B.size(1), " and ",
+                    C.size(1));
+  TORCH_CHECK_VALUE(!D || (D->dim() == 1 && D->size(0) == dim), "vmq.selective_scan: D must be [dim=", dim,
+                    "], got ", D ? D->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!delta_bias || (delta_bias->dim() == 1 && delta_bias->size(0) == dim),
+                    "vmq.selective_scan: delta_bias must be [dim=", dim, "], got ",
+                    delta_bias ? delta_bias->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!z || z->sizes() == u.sizes(), "vmq.selective_scan: z must have u's shape ", u.sizes(), ", got ",
+                    z ? z->sizes() : at::IntArrayRef{});
 }
 
-std::vector<at::Tensor> selective_scan_fwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
-                                           const at::Tensor& B, const at::Tensor& C,
-                                           const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z) {
-  check(u, dt, A, B, C);
-  if (u.scalar_type() == at::kDouble) return forward_impl<double>(u, dt, A, B, C, D, z);
-  TORCH_CHECK(u.scalar_type() == at::kFloat, "float32 or float64 inputs");
-  return forward_impl<float>(u, dt, A, B, C, D, z);
-}
+// The kernels' view of the inputs: one compute dtype (float64 if any input is, else float32, as mamba-ssm), B and C
+// as [batch, G, N, L] (a shared [batch, N, L] broadcast over the groups without a copy), vectors contiguous.
+struct Prepared {
+  at::ScalarType cdt;
+  at::Tensor u, delta, A, B, C;
+  std::optional<at::Tensor> D, z, delta_bias;
+};
 
-std::vector<at::Tensor> selective_scan_bwd(const at::Tensor& u, const at::Tensor& dt, const at::Tensor& A,
-                                           const at::Tensor& B, const at::Tensor& C,
-                                           const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                                           const at::Tensor& gout, const at::Tensor& glast) {
-  check(u, dt, A, B, C);
-  if (u.scalar_type() == at::kDouble) return backward_impl<double>(u, dt, A, B, C, D, z, gout, glast);
-  TORCH_CHECK(u.scalar_type() == at::kFloat, "float32 or float64 inputs");
-  return backward_impl<float>(u, dt, A, B, C, D, z, gout, glast);
+Prepared prepare(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                 const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                 const std::optional<at::Tensor>& delta_bias) {
+  bool f64 = false;
+  for (const at::Tensor* t : {&u, &delta, &A, &B, &C}) f64 |= t->scalar_type() == at::kDouble;
+  for (const auto* t : {&D, &z, &delta_bias}) f64 |= t->has_value() && (*t)->scalar_type() == at::kDouble;
+  const at::ScalarType cdt = f64 ? at::kDouble : at::kFloat;
+  const int64_t groups = B.dim() == 4 ? B.size(1) : C.dim() == 4 ? C.size(1) : 1;
+  auto grouped = [&](const at::Tensor& t) {
+    const at::Tensor c = t.to(cdt);
+    return c.dim() == 3 ? c.unsqueeze(1).expand({-1, groups, -1, -1}) : c;
+  };
+  auto vec = [&](const std::optional<at::Tensor>& t) -> std::optional<at::Tensor> {
+    if (!t) return std::nullopt;
+    return t->to(cdt).contiguous();
+  };
+  std::optional<at::Tensor> zc;
+  if (z) zc = z->to(cdt);
+  return {cdt, u.to(cdt), delta.to(cdt), A.to(cdt).contiguous(), grouped(B), grouped(C), vec(D), zc,
+          vec(delta_bias)};
 }
 
 }  // namespace
 
-void register_selective_scan(pybind11::module& m) {
-  m.def("selective_scan_fwd", &selective_scan_fwd, "fused selective scan forward: (out, last_state)");
-  m.def("selective_scan_bwd", &selective_scan_bwd,
-        "fused selective scan backward: (du, ddt, dA, dB [b,G,L,N], dC [b,G,L,N], dD, dz)");
+namespace vmq_fx {
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta,
+                                                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                                      const std::optional<at::Tensor>& D,
+                                                      const std::optional<at::Tensor>& z,
+                                                      const std::optional<at::Tensor>& delta_bias, bool softplus) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias);
+  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  const auto r = p.cdt == at::kDouble
+                     ? forward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus)
+                     : forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus);
+  return {r[0].to(u.scalar_type()), r[1].to(A.scalar_type())};
 }
+
+std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                    const at::Tensor& B, const at::Tensor& C,
+                                                    const std::optional<at::Tensor>& D,
+                                                    const std::optional<at::Tensor>& z,
+                                                    const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                                    const at::Tensor& grad_out, const at::Tensor& grad_last) {
+  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  const auto g = p.cdt == at::kDouble
+                     ? backward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus,
+                                             grad_out.to(p.cdt), grad_last.to(p.cdt))
+                     : backward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus,
+                                            grad_out.to(p.cdt), grad_last.to(p.cdt));
+  auto bc = [](const at::Tensor& grad, const at::Tensor& like) {  // [b, G, L, N] -> like's layout and dtype
+    at::Tensor t = grad.transpose(2, 3);
+    return (like.dim() == 3 ? t.sum(1) : t).to(like.scalar_type()).contiguous();
+  };
+  auto like = [](const at::Tensor& grad, const std::optional<at::Tensor>& t) {
+    return t ? grad.to(t->scalar_type()) : at::Tensor();
+  };
+  return {g[0].to(u.scalar_type()), g[1].to(delta.scalar_type()), g[2].to(A.scalar_type()), bc(g[3], B),
+          bc(g[4], C), like(g[5], D), like(g[6], z), like(g[7], delta_bias)};
+}
+
+}  // namespace vmq_fx

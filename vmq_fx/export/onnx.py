@@ -24,6 +24,7 @@ an ulp of a rounding boundary, so its logits agree to a looser bound (see the te
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import time
@@ -161,7 +162,7 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, 
     xq = op.QuantizeLinear(op.Mul(x, inv), unit, zp_u8, axis=1)
     if act_qmin != 0 or act_qmax != 255:
         xq = op.Clip(xq, _const(op, act_qmin, np.uint8), _const(op, act_qmax, np.uint8))
-    w8 = _unpack_int4(op, w, k) if w_bits <= 4 else w
+    w8 = _unpack_int4(op, w, k) if w.dtype == _ops()[0].DataType.UINT8 else w
     acc = op.MatMulInteger(xq, op.Transpose(w8, perm=[1, 0]))
     correction = op.Mul(op.Unsqueeze(act_zero_point, _const(op, [-1], np.int64)), w_sum)  # [L, N]
     out = op.Cast(op.Sub(acc, correction), to=1)
@@ -265,6 +266,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     """
     _ops()
     t0 = time.perf_counter()
+    from vmq_fx.passes.int4_storage import int4_weight_names, pack_int4_weights
+
+    if isinstance(model, torch.fx.GraphModule) and int4_weight_names(model):
+        model = pack_int4_weights(copy.deepcopy(model))  # 4-bit weights go to the file two per byte
     table = onnx_translation_table()
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     if dynamic_batch and example.shape[0] < 2:

@@ -3,6 +3,11 @@ from vmq_fx.ops.int8_linear import int8_linear, int8_linear_reference, pack_int4
 from vmq_fx.ops.selective_scan import selective_scan_fn, selective_scan_op
 from vmq_fx.ops.vq_linear import pack_codes, unpack_codes, vq_dequantize, vq_linear, vq_linear_reference
 
+from vmq_fx.ops import native
+
+# After the op definitions above: the C++ kernels replace their pure-torch CPU implementations where they build.
+native.enable()
+
 __all__ = ["int8_linear", "int8_linear_reference", "pack_codes", "pack_int4", "selective_scan_fn",
            "selective_scan_op", "unpack_codes", "unpack_int4", "vq_dequantize", "vq_linear", "vq_linear_reference"]
 

@@ -6,11 +6,16 @@
 The integer product is exact: unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with
 int32 accumulation (``torch._int_mm``: oneDNN, VNNI where the CPU has it), and the shift and the zero points are
 corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
-(:func:`prepare_weight`). 4-bit weights are stored two per byte (:func:`pack_int4`) and unpacked in the kernel.
+(:func:`prepare_weight`).
+
+The weight is int8 ``[N, K]`` whatever ``w_bits`` is (the form that runs without per-call work), or, for weights of
+4 bits or fewer, uint8 ``[N, ceil(K / 2)]`` packed two per byte (:func:`pack_int4`), the form files store: saved
+models and ONNX files keep 4-bit weights packed and unpack them when loaded.
 
 Implementations: the fused C++ kernel of :mod:`vmq_fx.ops.native` on CPU (one pass to quantize, the integer GEMM,
-one pass to rescale); a Triton kernel on CUDA (``int8_linear.register_kernel("cuda")``); the pure-torch
-implementation below everywhere else. All give the same integer levels.
+one pass to rescale), registered in the dispatcher over the pure-torch implementation below (which stays the
+reference and the fallback); a Triton kernel on CUDA (``int8_linear.register_kernel("cuda")``). All give the same
+integer levels.
 """
 from __future__ import annotations
 
@@ -18,8 +23,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-from vmq_fx.ops import native
 
 __all__ = ["int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
 
@@ -44,21 +47,25 @@ def unpack_int4(packed: Tensor, k: int | None = None) -> Tensor:
     return w if k is None else w[..., :k]
 
 
-def prepare_weight(w_int: Tensor, w_bits: int) -> tuple[Tensor, Tensor]:
-    """The stored weight of an integer linear and its column sums: ``(int8 [N, K] or packed int4, int32 [N])``.
+def prepare_weight(w_int: Tensor) -> tuple[Tensor, Tensor]:
+    """The weight of an integer linear as the op runs it, and its column sums: ``(int8 [N, K], int32 [N])``.
 
     Example:
-        >>> w, w_sum = prepare_weight(torch.tensor([[1, -2, 3]], dtype=torch.int8), w_bits=4)
-        >>> w.shape, w_sum.tolist()
-        (torch.Size([1, 2]), [2])
+        >>> w, w_sum = prepare_weight(torch.tensor([[1, -2, 3]]))
+        >>> w.dtype, w_sum.tolist()
+        (torch.int8, [2])
     """
-    w_int = w_int.to(torch.int8)
-    w_sum = w_int.to(torch.int32).sum(dim=1, dtype=torch.int32)
-    return (pack_int4(w_int) if w_bits <= 4 else w_int.contiguous()), w_sum
+    w_int = w_int.to(torch.int8).contiguous()
+    return w_int, w_int.to(torch.int32).sum(dim=1, dtype=torch.int32)
 
 
-def _weight_int8(w: Tensor, w_bits: int, k: int) -> Tensor:
-    return unpack_int4(w, k) if w_bits <= 4 else w
+def is_packed(w: Tensor) -> bool:
+    """Whether an ``int8_linear`` weight is in the packed 4-bit form."""
+    return w.dtype == torch.uint8
+
+
+def _weight_int8(w: Tensor, k: int) -> Tensor:
+    return unpack_int4(w, k) if is_packed(w) else w
 
 
 def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
@@ -68,7 +75,9 @@ def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
     if act_scale.shape != (length,) or act_zero_point.shape != (length,):
         raise ValueError(f"vmq.int8_linear: act_scale / act_zero_point must be [L={length}], got "
                          f"{tuple(act_scale.shape)} / {tuple(act_zero_point.shape)}")
-    k_w = (k + 1) // 2 if w_bits <= 4 else k
+    if is_packed(w) and w_bits > 4:
+        raise ValueError(f"vmq.int8_linear: a packed (uint8) weight holds 4-bit values, but w_bits={w_bits}")
+    k_w = (k + 1) // 2 if is_packed(w) else k
     if w.shape[1] != k_w or w_scale.shape != (w.shape[0],) or w_sum.shape != (w.shape[0],):
         raise ValueError(f"vmq.int8_linear: weight {tuple(w.shape)} ({w_bits}-bit), scale {tuple(w_scale.shape)} and "
                          f"column sums {tuple(w_sum.shape)} do not fit x with K={k}")
@@ -86,7 +95,7 @@ def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
     # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
     shift = 128 if act_qmax > 127 else 0
     x8 = (xq - shift).to(torch.int8).reshape(-1, k)
-    w8 = _weight_int8(w, w_bits, k)
+    w8 = _weight_int8(w, k)
     acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
     reps = x8.shape[0] // length
     acc = acc - (act_zero_point.to(torch.int32) - shift).repeat(reps)[:, None] * w_sum.to(torch.int32)[None, :]
@@ -110,17 +119,10 @@ def int8_linear(
     act_qmax: int,
     w_bits: int,
 ) -> Tensor:
-    """Quantize ``x`` per token, integer matmul with int8 (or packed int4) ``w``, rescale. See the module docstring."""
+    """Quantize ``x`` per token, integer matmul with int8 (or packed 4-bit) ``w``, rescale. See the module docstring."""
     _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits)
-    kernels = native.native_kernels() if x.device.type == "cpu" else None
-    if kernels is not None:
-        f32 = (lambda t: None if t is None else t.float().contiguous())  # noqa: E731
-        out = kernels.int8_linear(x, f32(smooth), f32(act_scale), act_zero_point.to(torch.int32).contiguous(),
-                                  w.contiguous(), w_sum.to(torch.int32).contiguous(), f32(w_scale), f32(bias),
-                                  act_qmin, act_qmax)
-    else:
-        out = _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax,
-                                 w_bits)
+    out = _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax,
+                             w_bits)
     return out.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
 
 

@@ -1,4 +1,9 @@
-"""The compiled CPU kernels of vmq_fx (fused selective scan, integer and VQ linear helpers).
+"""The compiled CPU kernels of vmq_fx: fused selective scan (forward and backward), integer and VQ linears.
+
+:func:`enable` (called when :mod:`vmq_fx.ops` is imported) registers them in torch's dispatcher as the CPU
+implementations of ``vmq::selective_scan``, ``vmq::int8_linear``, ``vmq::vq_linear`` and ``vmq::vq_dequantize``, over
+the pure-torch implementations the ops are defined with: a call from an exported graph goes straight to C++.
+:func:`disabled` switches back to the pure-torch implementations for a while (tests, benchmarks).
 
 They are C++ (``vmq_fx/csrc``) built with torch's own extension tooling (``torch.utils.cpp_extension.load``: ninja and
 the system C++ compiler) the first time a process needs them, for the CPU it runs on (``-march=native``), and cached
@@ -7,11 +12,12 @@ route: it needs nothing beyond what installing torch already brings on Linux (a 
 thread pool (``torch.set_num_threads`` applies), and it compiles for the exact CPU instead of shipping one binary per
 instruction set.
 
-When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op falls back to its pure-torch implementation
-and one line says why.
+When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op keeps its pure-torch implementation and one
+line says why.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -23,12 +29,13 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["native_kernels"]
+__all__ = ["disabled", "enable", "native_kernels"]
 
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("module.cpp", "selective_scan.cpp", "quant_linear.cpp")
+_HEADERS = ("kernels.h",)
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
 
 
@@ -43,14 +50,16 @@ def _cpu_signature() -> str:
 
 
 def _build_dir() -> Path:
-    key = "\n".join([torch.__version__, sys.version, _cpu_signature(), " ".join(_FLAGS)])
+    # torch rebuilds when a listed source changes, not a header: the sources' text is part of the directory name.
+    code = "".join((_CSRC / f).read_text() for f in _SOURCES + _HEADERS)
+    key = "\n".join([torch.__version__, sys.version, _cpu_signature(), " ".join(_FLAGS), code])
     root = Path(os.environ.get("VMQ_FX_CACHE") or Path.home() / ".cache" / "vmq_fx")
     return root / f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 @functools.cache
-def native_kernels() -> ModuleType | None:
-    """The compiled kernel module, or ``None`` (with one logged warning saying why) when it cannot be had."""
+def _build() -> ModuleType | None:
+    """The compiled module, or ``None`` (with one logged warning saying why) when it cannot be had."""
     if os.environ.get("VMQ_FX_NATIVE", "1") == "0":
         log.warning("vmq_fx: VMQ_FX_NATIVE=0: using the pure-torch CPU implementations (slower)")
         return None
@@ -69,3 +78,39 @@ def native_kernels() -> ModuleType | None:
         log.warning("vmq_fx: the fused CPU kernels could not be built (%s); using the pure-torch implementations "
                     "(slower). Set VMQ_DEBUG=1 and see torch.utils.cpp_extension's output for details.", reason)
         return None
+
+
+def enable() -> bool:
+    """Register the C++ kernels as the CPU implementations of the vmq ops (building them first if needed).
+
+    Returns whether they are active. Idempotent.
+    """
+    module = _build()
+    if module is not None:
+        module.register_cpu_kernels()
+    return module is not None
+
+
+def native_kernels() -> ModuleType | None:
+    """The compiled module while its kernels are the ops' CPU implementations, else ``None``."""
+    module = _build()
+    return module if module is not None and module.cpu_kernels_registered() else None
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the vmq ops on their pure-torch implementations inside the block.
+
+    Example:
+        >>> from vmq_fx.ops import native
+        >>> with native.disabled():
+        ...     assert native.native_kernels() is None
+    """
+    module = native_kernels()
+    if module is not None:
+        module.deregister_cpu_kernels()
+    try:
+        yield
+    finally:
+        if module is not None:
+            module.register_cpu_kernels()

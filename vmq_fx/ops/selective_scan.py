@@ -16,7 +16,7 @@ Shapes: ``u, delta, z``: [batch, dim, L]; ``A``: [dim, N]; ``B, C``: [batch, N, 
 ``dim % G == 0`` (channel ``d`` reads group ``d // (dim // G)``); ``D, delta_bias``: [dim].
 
 Implementations: on CPU tensors the fused C++ kernel of :mod:`vmq_fx.ops.native` (state in registers, forward and
-backward); a GPU implementation (Triton) registers itself for CUDA tensors with
+backward), registered in the dispatcher over the implementation below; a GPU implementation (Triton) registers itself for CUDA tensors with
 ``selective_scan_op.register_kernel("cuda")``; the chunked pure-torch implementation below is the reference and the
 fallback when the C++ kernels cannot be built.
 """
@@ -194,52 +194,6 @@ def _forward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
     return p.to_channels_first(out, u.dtype), h.reshape(p.batch, p.dim, p.n).to(A.dtype)
 
 
-def _fused_kernels(u: Tensor):
-    """The C++ kernels when they apply (CPU tensors, kernels built), else ``None``."""
-    return native.native_kernels() if u.device.type == "cpu" else None
-
-
-def _as_groups(t: Tensor, groups: int, cdt: torch.dtype) -> Tensor:
-    """B or C as [batch, G, N, L] (a shared [batch, N, L] is broadcast over the groups without a copy)."""
-    t = t.to(cdt)
-    return t.unsqueeze(1).expand(-1, groups, -1, -1) if t.dim() == 3 else t
-
-
-def _fused_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    """(pre-softplus delta, kernel arguments): delta bias and softplus are applied here, the recurrence in C++."""
-    cdt = _compute_dtype(u, delta, A, B, C, D, z, delta_bias)
-    raw = delta.to(cdt)
-    if delta_bias is not None:
-        raw = raw + delta_bias.to(cdt)[:, None]
-    dt = F.softplus(raw) if delta_softplus else raw
-    groups = _groups(u, B, C)
-    args = (u.to(cdt), dt, A.to(cdt).contiguous(), _as_groups(B, groups, cdt), _as_groups(C, groups, cdt),
-            None if D is None else D.to(cdt).contiguous(), None if z is None else z.to(cdt))
-    return raw, args
-
-
-def _fused_forward(kernels, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
-    _, args = _fused_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    out, last = kernels.selective_scan_fwd(*args)
-    return out.to(u.dtype), last.to(A.dtype)
-
-
-def _fused_backward(kernels, u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last):
-    """Gradients of (u, delta, A, B, C, D, z, delta_bias) in the inputs' dtypes and layouts."""
-    raw, args = _fused_args(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    cdt = args[0].dtype
-    g_u, g_dt, g_A, g_B, g_C, g_D, g_z = kernels.selective_scan_bwd(*args, grad_out.to(cdt), grad_last.to(cdt))
-    g_delta = g_dt * torch.sigmoid(raw) if delta_softplus else g_dt
-
-    def bc(grad: Tensor, like: Tensor) -> Tensor:  # [b, G, L, N] -> like's layout
-        grad = grad.transpose(2, 3)
-        return (grad.sum(1) if like.dim() == 3 else grad).to(like.dtype).contiguous()
-
-    return (g_u.to(u.dtype), g_delta.to(delta.dtype), g_A.to(A.dtype), bc(g_B, B), bc(g_C, C),
-            None if D is None else g_D.to(D.dtype), None if z is None else g_z.to(z.dtype),
-            None if delta_bias is None else g_delta.sum(dim=(0, 2)).to(delta_bias.dtype))
-
-
 @torch.library.custom_op("vmq::selective_scan", mutates_args=())
 def selective_scan_op(
     u: Tensor,
@@ -255,9 +209,6 @@ def selective_scan_op(
     """Selective scan; returns ``(out [batch, dim, L], last_state [batch, dim, N])``."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     with torch.no_grad():
-        kernels = _fused_kernels(u)
-        if kernels is not None:
-            return _fused_forward(kernels, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
         return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
@@ -361,11 +312,11 @@ def _selective_scan_backward(ctx, grad_out, grad_last):
         grad_out = torch.zeros_like(u)
     if grad_last is None:
         grad_last = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype, device=u.device)
-    kernels = _fused_kernels(u)
+    kernels = native.native_kernels() if u.device.type == "cpu" else None
     if kernels is not None:
         with torch.no_grad():
-            grads = _fused_backward(kernels, u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus, grad_out,
-                                    grad_last)
+            grads = kernels.selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                                    grad_out, grad_last)
         return tuple(g if g is not None and needs[i] else None for i, g in enumerate(grads)) + (None,)
     parts = []
     with torch.no_grad():

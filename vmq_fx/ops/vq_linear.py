@@ -10,9 +10,10 @@ An ``[N, K]`` weight with sub-vector length ``d`` and a codebook of ``k`` codewo
 and decodes as ``W[n] = row_scale[n] * concat_s(codebook[code[n, s]])[:K]`` (the last sub-vector of a row is
 zero-padded when ``d`` does not divide ``K``). ``vq_linear(x, ...) = x @ W^T + bias``.
 
-Implementations: on CPU the C++ kernel of :mod:`vmq_fx.ops.native` decodes the codes straight into the float weight
-(one pass, no index tensors) and multiplies once; a Triton kernel decodes inside the GEMM on CUDA
-(``vq_linear.register_kernel("cuda")``); the pure-torch fallback decodes ``_ROWS`` output rows at a time.
+Implementations: on CPU the C++ kernel of :mod:`vmq_fx.ops.native` (registered in the dispatcher over the pure-torch
+one) decodes the codes straight into the float weight (one pass, no index tensors) and multiplies once; a Triton
+kernel decodes inside the GEMM on CUDA (``vq_linear.register_kernel("cuda")``); the pure-torch implementation, the
+reference and the fallback, decodes ``_ROWS`` output rows at a time.
 """
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-
-from vmq_fx.ops import native
 
 __all__ = ["code_bits", "pack_codes", "unpack_codes", "vq_dequantize", "vq_linear", "vq_linear_reference"]
 
@@ -80,9 +79,6 @@ def _decode(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int
 def vq_dequantize(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int) -> Tensor:
     """The float32 ``[N, K]`` weight the codes stand for (the reference form that ``convert_pt2e`` writes)."""
     bits, per_row = _check(codes, codebook, row_scale, in_features)
-    kernels = native.native_kernels() if codes.device.type == "cpu" else None
-    if kernels is not None:
-        return kernels.vq_dequantize(codes.contiguous(), codebook, row_scale, in_features, bits)
     return _decode(codes, codebook, row_scale, in_features, bits, per_row)
 
 
@@ -99,10 +95,6 @@ def vq_linear(x: Tensor, codes: Tensor, codebook: Tensor, row_scale: Tensor, bia
     bits, per_row = _check(codes, codebook, row_scale, in_features)
     if x.shape[-1] != in_features:
         raise ValueError(f"vmq.vq_linear: x has {x.shape[-1]} features, the weight {in_features}")
-    kernels = native.native_kernels() if x.device.type == "cpu" else None
-    if kernels is not None:
-        out = kernels.vq_linear(x, codes.contiguous(), codebook, row_scale, bias, in_features, bits)
-        return out.to(x.dtype)
     x2 = x.reshape(-1, in_features).float()
     out = x2.new_empty(x2.shape[0], codes.shape[0])
     for r in range(0, codes.shape[0], _ROWS):

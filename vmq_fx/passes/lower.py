@@ -11,11 +11,12 @@ For each linear that :class:`~vmq_fx.quantizer.VisualMambaQuantizer` quantized, 
 1. folds the smoothing division into the preceding norm's weight when ``x`` is ``mul(normalized, norm_weight)`` with
    no other user (exact: ``(n * g) / s == n * (g / s)`` up to float rounding);
 2. otherwise passes ``s`` to the op, which divides by it inside its quantize step (no separate pass over memory);
-3. replaces the pattern with one ``vmq::int8_linear`` node holding the integer weight (4-bit weights packed two per
-   byte), its column sums and the per-token activation scales and zero points.
+3. replaces the pattern with one ``vmq::int8_linear`` node holding the integer weight (int8 whatever its bit width),
+   its column sums and the per-token activation scales and zero points.
 
 A vector-quantized linear, ``linear(x, vq_dequantize(codes, codebook, row_scale), bias)``, becomes
-``vq_linear(x, codes, codebook, row_scale, bias)``.
+``vq_linear(x, codes, codebook, row_scale, bias)``. Finally :func:`vmq_fx.passes.simplify.simplify` folds constants and
+drops no-op nodes.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from torch import fx
 
 import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 from vmq_fx.ops.int8_linear import prepare_weight
+from vmq_fx.passes.simplify import drop_unused_attributes, simplify
 from vmq_fx.quantizer import SMOOTH_ATTR_PREFIX, quantized_linears
 
 __all__ = ["lower"]
@@ -134,7 +136,7 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
         w_scale = _attr(gm, dq_w.args[1]).float()
         w_qmax = int(dq_w.args[5])
         w_bits = w_qmax.bit_length() + 1
-        w_stored, w_sum = prepare_weight(w_int, w_bits)
+        w_stored, w_sum = prepare_weight(w_int)
         index, smooth = lowered, None
         if _is_smooth_div(x, gm):
             div, x = x, x.args[0]
@@ -164,19 +166,7 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
     if lowered != len(layers):
         raise ValueError(f"lowered {lowered} of {len(layers)} quantized linears: the graph was changed after convert")
     graph.eliminate_dead_code()
-    _drop_unused_attributes(gm)
+    drop_unused_attributes(gm)
     graph.lint()
     gm.recompile()
-    return gm
-
-
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
-    """Delete parameters and buffers no get_attr reads, at any depth: the float weights that convert folded into
-    integer constants would otherwise stay in the lowered model."""
-    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    names = [n for n, _ in gm.named_parameters(remove_duplicate=False)] + [
-        n for n, _ in gm.named_buffers(remove_duplicate=False)]
-    for name in names:
-        if name not in used:
-            owner, _, attr = name.rpartition(".")
-            delattr(gm.get_submodule(owner) if owner else gm, attr)
+    return simplify(gm)

@@ -1,0 +1,42 @@
+// CPU kernels of the vmq ops (signatures follow the op schemas defined in vmq_fx/ops).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace vmq_fx {
+
+std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta,
+                                                      const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+                                                      const std::optional<at::Tensor>& D,
+                                                      const std::optional<at::Tensor>& z,
+                                                      const std::optional<at::Tensor>& delta_bias, bool softplus);
+
+// Gradients of (u, delta, A, B, C, D, z, delta_bias) in the inputs' dtypes and layouts (undefined where absent).
+std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                    const at::Tensor& B, const at::Tensor& C,
+                                                    const std::optional<at::Tensor>& D,
+                                                    const std::optional<at::Tensor>& z,
+                                                    const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                                    const at::Tensor& grad_out, const at::Tensor& grad_last);
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth, const at::Tensor& act_scale,
+                           const at::Tensor& act_zero_point, const at::Tensor& w, const at::Tensor& w_scale,
+                           const at::Tensor& w_sum, const std::optional<at::Tensor>& bias, int64_t act_qmin,
+                           int64_t act_qmax, int64_t w_bits);
+
+at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook, const at::Tensor& row_scale,
+                             int64_t in_features);
+
+at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                         const at::Tensor& row_scale, const std::optional<at::Tensor>& bias, int64_t in_features);
+
+// The activation levels of int8_linear (levels - shift, as int8), for tests.
+at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::Tensor>& smooth,
+                                  const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin,
+                                  int64_t qmax, int64_t shift);
+
+}  // namespace vmq_fx
