@@ -77,12 +77,12 @@ def _top1(model, images, labels, progress: bool) -> float:
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
 
 
-def _onnx_top1(path, images, labels) -> float:
+def _onnx_top1(path, images, labels, threads: int = 0) -> float:
     import torch
 
     from vmq_fx.export import ort_session
 
-    sess = ort_session(path)
+    sess = ort_session(path, threads=threads)
     feed = sess.get_inputs()[0].name
     logits = torch.cat([torch.from_numpy(sess.run(None, {feed: c.numpy()})[0]) for c in images.split(500)])
     return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
@@ -120,7 +120,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         ort_top1 = "-"
         if not args.no_onnx:
             onnx_res = vmq_fx.export_onnx(res.lowered, x_test[:2], sub / "model.onnx")
-            ort_top1 = f"{_onnx_top1(onnx_res.path, x_test, labels):.2f}"
+            ort_top1 = f"{_onnx_top1(onnx_res.path, x_test, labels, args.threads):.2f}"
             files.append(f"{name}/model.onnx ({onnx_res.bytes / 1024:.0f} KB)")
         table.append(f"| {name} (lowered) | {top1:.2f} | {ort_top1} | {res.seconds:.0f} | {', '.join(files)} |")
         points.append((name, getattr(recipe, "w_bits", None) or recipe.index_bits, top1))
@@ -161,8 +161,6 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     models = [(spec, _load_any(spec, None)) for spec in args.models]
     print(f"median forward latency over {args.reps} runs (torch, {torch.get_num_threads()} threads)")
     print(f"{'model':<48} " + " ".join(f"{'b=' + str(b):>10}" for b in args.batch))
@@ -197,7 +195,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     shape = _input_shape(model)
     x = torch.randn(args.batch, *[int(d) for d in shape], generator=torch.Generator().manual_seed(0))
     res = vmq_fx.export_onnx(model, x, args.output)
-    sess = ort_session(res.path)
+    sess = ort_session(res.path, threads=args.threads)
     out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
         ref = model(x)
@@ -332,9 +330,20 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _threads(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (the default) or a positive number of threads, got {n}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vmq", description="Quantize and export Visual Mamba models.")
-    sub = p.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--threads", type=_threads, default=0,
+                        help="CPU threads for torch and onnxruntime (0: their defaults, all cores)")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=lambda **kw: argparse.ArgumentParser(
+        parents=[common], **kw))
     sub.add_parser("list", help="list known models").set_defaults(fn=_cmd_list)
     r = sub.add_parser("reference", help="the main job on a shipped reference model")
     r.add_argument("name", help="reference model name, e.g. vim-fm-tiny")
@@ -356,7 +365,6 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     t.add_argument("--init-from", help="continue from a checkpoint written by `vmq train` (.safetensors with its "
                                        ".json card beside it) or a shipped reference name; the new card embeds its card")
     t.add_argument("--conditions", help="note for the model card on how the run was made (what shared the CPU)")
@@ -396,7 +404,6 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("models", nargs="+", help="reference model names or quantized .safetensors files")
     b.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     b.add_argument("--reps", type=int, default=7)
-    b.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     b.set_defaults(fn=_cmd_bench)
     return p
 
@@ -404,6 +411,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vmq`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError, TypeError, ImportError) as e:

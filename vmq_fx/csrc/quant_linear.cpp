@@ -17,8 +17,20 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
+
+// Per-thread scratch for the temporaries of one call (the quantized activation, the int32 accumulators, a decoded VQ
+// weight): reused across calls instead of allocated each time. Fresh allocations of this size are mmap-ed and
+// page-faulted on every call with glibc's allocator, which cost as much as the arithmetic for small inputs.
+at::Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
+  thread_local at::Tensor buffers[3];
+  at::Tensor& buf = buffers[slot];
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
+  if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) buf = at::empty({bytes}, at::kByte);
+  return buf.narrow(0, 0, bytes).view(dtype).view(sizes);
+}
 
 typedef float VF __attribute__((vector_size(64)));
 typedef int32_t VI __attribute__((vector_size(64)));
@@ -67,7 +79,7 @@ at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tens
                               const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
                               int64_t shift) {
   const int64_t M = x2.size(0), K = x2.size(1), L = act_scale.size(0);
-  auto out = at::empty({M, K}, x2.options().dtype(at::kChar));
+  auto out = scratch(0, {M, K}, at::kChar);
   const float* xp = x2.data_ptr<float>();
   const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
   const float* scale = act_scale.data_ptr<float>();
@@ -153,7 +165,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const int64_t N = w8.size(0);
   const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
   // at::_int_mm needs more than 16 rows; tiny inputs take the exact int32 product instead.
-  const at::Tensor acc = M > 16 ? at::_int_mm(xq, w8.t()) : at::matmul(xq.to(at::kInt), w8.t().to(at::kInt));
+  at::Tensor acc = scratch(1, {M, N}, at::kInt);
+  if (M > 16) {
+    at::_int_mm_out(acc, xq, w8.t());
+  } else {
+    acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
+  }
   auto out = at::empty({M, N}, x2.options());
   const int32_t* ap = acc.data_ptr<int32_t>();
   const int32_t* zp = zero_point.data_ptr<int32_t>();
@@ -177,29 +194,58 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
 
 namespace {
 
-// Rows [r0, r1) of the VQ weight, decoded into dst [r1 - r0, K] (row-major float32).
-void vq_decode_rows(const uint8_t* codes, int64_t bytes_per_row, const float* codebook, int64_t d,
-                    const float* row_scale, int64_t K, int64_t bits, int64_t r0, int64_t r1, float* dst) {
-  const int64_t per_row = (K + d - 1) / d;
-  const uint32_t mask = (1u << bits) - 1u;
+// The codeword indices of one row: a little-endian bitstream of `bits`-bit codes (8 bits: plain bytes).
+void row_codes(const uint8_t* c, int64_t bytes, int64_t per_row, int64_t bits, int32_t* idx) {
+  if (bits == 8) {
+    for (int64_t j = 0; j < per_row; ++j) idx[j] = c[j];
+    return;
+  }
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  for (int64_t j = 0; j < per_row; ++j) {
+    const int64_t pos = j * bits, byte = pos >> 3;
+    uint64_t window = 0;  // a code of at most 16 bits starting anywhere in a byte lies in the next 8 bytes
+    if (byte + 8 <= bytes) {
+      std::memcpy(&window, c + byte, 8);
+    } else {
+      for (int64_t q = 0; byte + q < bytes; ++q) window |= uint64_t(c[byte + q]) << (8 * q);
+    }
+    idx[j] = static_cast<int32_t>((window >> (pos & 7)) & mask);
+  }
+}
+
+// Rows [r0, r1) of the VQ weight, decoded into dst [r1 - r0, K] (row-major float32). D > 0: the sub-vector length
+// known at compile time (one vector load and store per code); D = 0: any length d.
+template <int D>
+void decode_rows(const uint8_t* codes, int64_t bytes, const float* codebook, int64_t d, const float* row_scale,
+                 int64_t K, int64_t bits, int64_t r0, int64_t r1, float* dst) {
+  const int64_t dd = D ? D : d, per_row = (K + dd - 1) / dd, full = K / dd;
+  std::vector<int32_t> idx(bits == 8 ? 0 : per_row);
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* c = codes + r * bytes_per_row;
+    const uint8_t* c = codes + r * bytes;
+    if (bits != 8) row_codes(c, bytes, per_row, bits, idx.data());
+    auto code = [&](int64_t j) -> int64_t { return bits == 8 ? c[j] : idx[j]; };
     const float s = row_scale[r];
     float* o = dst + (r - r0) * K;
-    for (int64_t j = 0; j < per_row; ++j) {
-      uint32_t idx;
-      if (bits == 8) {
-        idx = c[j];
-      } else {
-        const int64_t pos = j * bits, byte = pos >> 3;
-        uint32_t window = 0;  // up to 3 bytes hold a code of at most 16 bits that starts anywhere in a byte
-        for (int64_t q = 0; q < 3 && byte + q < bytes_per_row; ++q) window |= uint32_t(c[byte + q]) << (8 * q);
-        idx = (window >> (pos & 7)) & mask;
-      }
-      const float* cw = codebook + idx * d;
-      const int64_t k0 = j * d, n = std::min(d, K - k0);
-      for (int64_t q = 0; q < n; ++q) o[k0 + q] = cw[q] * s;
+    for (int64_t j = 0; j < full; ++j) {
+      const float* cw = codebook + code(j) * dd;
+      float* oj = o + j * dd;
+      for (int64_t q = 0; q < dd; ++q) oj[q] = cw[q] * s;
     }
+    if (full < per_row) {  // the zero-padded tail of the last sub-vector is not part of the weight
+      const float* cw = codebook + code(full) * dd;
+      for (int64_t q = 0; full * dd + q < K; ++q) o[full * dd + q] = cw[q] * s;
+    }
+  }
+}
+
+void vq_decode_rows(const uint8_t* codes, int64_t bytes, const float* codebook, int64_t d, const float* row_scale,
+                    int64_t K, int64_t bits, int64_t r0, int64_t r1, float* dst) {
+  switch (d) {
+    case 1: return decode_rows<1>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    case 2: return decode_rows<2>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    case 4: return decode_rows<4>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    case 8: return decode_rows<8>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    default: return decode_rows<0>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
   }
 }
 
@@ -221,11 +267,12 @@ void check_vq(const at::Tensor& codes, const at::Tensor& codebook, const at::Ten
                     codes.size(0), "], got ", row_scale.sizes());
 }
 
-at::Tensor decode(const at::Tensor& codes_in, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K) {
+at::Tensor decode(const at::Tensor& codes_in, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K,
+                  bool temporary) {
   const at::Tensor codes = codes_in.contiguous();
   const int64_t N = codes.size(0), bits = code_bits(codebook.size(0));
   const at::Tensor cb = codebook.to(at::kFloat).contiguous(), rs = row_scale.to(at::kFloat).contiguous();
-  auto w = at::empty({N, K}, cb.options());
+  auto w = temporary ? scratch(2, {N, K}, at::kFloat) : at::empty({N, K}, cb.options());
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     vq_decode_rows(codes.data_ptr<uint8_t>(), codes.size(1), cb.data_ptr<float>(), cb.size(1), rs.data_ptr<float>(),
                    K, bits, begin, end, w.data_ptr<float>() + begin * K);
@@ -240,7 +287,7 @@ namespace vmq_fx {
 at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook, const at::Tensor& row_scale,
                              int64_t in_features) {
   check_vq(codes, codebook, row_scale, in_features);
-  return decode(codes, codebook, row_scale, in_features);
+  return decode(codes, codebook, row_scale, in_features, /*temporary=*/false);
 }
 
 at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
@@ -249,7 +296,7 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK_VALUE(x.size(-1) == in_features, "vmq.vq_linear: x has ", x.size(-1), " features, the weight ",
                     in_features);
   const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
-  const at::Tensor w = decode(codes, codebook, row_scale, in_features);
+  const at::Tensor w = decode(codes, codebook, row_scale, in_features, /*temporary=*/true);
   at::Tensor out = bias ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
   auto sizes = x.sizes().vec();
   sizes.back() = codes.size(0);
@@ -260,7 +307,8 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
                                   const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin,
                                   int64_t qmax, int64_t shift) {
   return quantize_per_token(x2.to(at::kFloat).contiguous(), f32(smooth), f32(act_scale),
-                            zero_point.to(at::kInt).contiguous(), qmin, qmax, shift);
+                            zero_point.to(at::kInt).contiguous(), qmin, qmax, shift)
+      .clone();  // out of the scratch buffer
 }
 
 }  // namespace vmq_fx

@@ -1,0 +1,328 @@
+"""CPU latency: the fused kernels against the pure-torch path, quantized models against FP32, torch and onnxruntime.
+
+    python bench/cpu_latency.py [--threads 1 2] [--reps 7] [--out bench/results/cpu_latency.md] [--quick]
+
+One process per table (the command starts them one after the other, never two at once); inside a table every
+number is a median of ``--reps`` runs after warm-up, variants interleaved round by round so that a slow minute of this
+shared CPU hits all of them, and ratios are taken within the table. Tables:
+
+* ``scan``: ``vmq::selective_scan`` at Vim-T shapes (d_inner 384, L 197, N 16, with D, z, delta bias, softplus),
+  forward and forward + backward: the fused C++ kernel, the pure-torch implementation it replaced
+  (``native.disabled()``), mamba-ssm's ``selective_scan_ref``; state updates per second; one thread with a second
+  busy process on the other core.
+* ``linears``: the four Vim-T projections at batch 1 and 8 (M = 197 and 1576 rows): fp32 ``F.linear`` against
+  ``vmq::int8_linear`` (W8A8, W4A8) and ``vmq::vq_linear`` (3- and 2-bit).
+* ``models``: vim-fm-tiny (batch 1, 64) and vim_tiny 224x224 (batch 1, 8; random weights): FP32 eager, FP32 on the
+  pure-torch scan (what the project ran before the fused kernels), and the lowered W8A8, W4A8, VQ 3-bit and VQ 2-bit
+  models, in torch and in onnxruntime.
+* ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused and the
+  pure-torch scan.
+* ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32 and W8A8), by operator.
+
+Quantized models for latency only: SmoothQuant + per-token static (no JLSS) and k-means VQ with 3 iterations, on
+random calibration images; the kernels and shapes are those of the tuned models.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import machine_line, mamba_ssm_ref  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import vmq_fx  # noqa: E402
+from vmq_fx import recipes  # noqa: E402
+from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
+
+TABLES = ("scan", "linears", "models", "train", "profile")
+VIM_T = dict(d_model=192, d_inner=384, length=197, d_state=16, dt_rank=12)
+
+
+def interleaved(variants: dict, reps: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per variant: ``rounds`` rounds, each timing every variant ``reps`` times in turn."""
+    times = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up (and build caches) once
+        fn()
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+@contextlib.contextmanager
+def busy_neighbour():
+    """A second process spinning on the CPU for the duration (what a shared machine does to a benchmark)."""
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def ms(t: float) -> str:
+    return f"{t * 1e3:.2f}" if t < 0.01 else f"{t * 1e3:.1f}"
+
+
+# -- scan --------------------------------------------------------------------------------------------------------------
+def scan_inputs(batch, seed=0):
+    d, length, n = VIM_T["d_inner"], VIM_T["length"], VIM_T["d_state"]
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    # Layouts as in the model: delta, z and B / C are transposed views of [batch, L, channels] tensors.
+    return dict(u=r(batch, d, length), delta=(0.5 * r(batch, length, d)).transpose(1, 2),
+                A=-(torch.rand(d, n, generator=g) + 0.2), B=r(batch, length, n).transpose(1, 2),
+                C=r(batch, length, n).transpose(1, 2), D=r(d), z=r(batch, length, d).transpose(1, 2),
+                delta_bias=r(d))
+
+
+def scan_variants(batch, backward):
+    args = scan_inputs(batch)
+    ref = mamba_ssm_ref()
+
+    def call(fn, disabled=False):
+        leaves = {k: v.clone().requires_grad_() for k, v in args.items()} if backward else args
+
+        def run():
+            with native.disabled() if disabled else contextlib.nullcontext():
+                if backward:
+                    fn(**leaves, delta_softplus=True).sum().backward()
+                else:
+                    with torch.no_grad():
+                        fn(**leaves, delta_softplus=True)
+        return run
+
+    return {"fused": call(selective_scan_fn), "pure torch": call(selective_scan_fn, disabled=True),
+            "mamba-ssm ref": call(ref)}
+
+
+def table_scan(args) -> list[str]:
+    d, length, n = VIM_T["d_inner"], VIM_T["length"], VIM_T["d_state"]
+    out = ["## Selective scan (Vim-T shapes: d_inner 384, L 197, N 16, one direction of one block)", "",
+           "| threads | batch | pass | fused ms | pure-torch ms | mamba-ssm ref ms | fused vs pure torch | "
+           "fused M updates/s |", "|---|---|---|---|---|---|---|---|"]
+    conditions = [(t, False) for t in args.threads] + [(1, True)]
+    for threads, busy in conditions:
+        torch.set_num_threads(threads)
+        for batch in (1, 8):
+            for backward in (False, True):
+                with busy_neighbour() if busy else contextlib.nullcontext():
+                    t = interleaved(scan_variants(batch, backward), args.reps)
+                updates = batch * d * length * n
+                label = f"{threads}" + (" + busy neighbour" if busy else "")
+                out.append(f"| {label} | {batch} | {'fwd+bwd' if backward else 'fwd'} | {ms(t['fused'])} | "
+                           f"{ms(t['pure torch'])} | {ms(t['mamba-ssm ref'])} | "
+                           f"{t['pure torch'] / t['fused']:.1f}x | "
+                           f"{updates / t['fused'] / 1e6:.0f}" + (" (fwd+bwd)" if backward else "") + " |")
+                print(out[-1], file=sys.stderr, flush=True)
+    out += ["", "State updates: batch x d_inner x L x N per call (Vim-T b=8: 9.7 M; the whole model's 48 scans: 465 M)."]
+    return out
+
+
+# -- linears -----------------------------------------------------------------------------------------------------------
+def _quantized_linear_args(k, n, gen):
+    from vmq_fx.ops import pack_codes
+    from vmq_fx.ops.int8_linear import prepare_weight
+    from vmq_fx.ops.vq_linear import code_bits
+
+    length = VIM_T["length"]
+    act = (torch.rand(length, generator=gen) * 0.05 + 0.01, torch.randint(0, 256, (length,), generator=gen,
+                                                                          dtype=torch.int32))
+    w_scale = torch.rand(n, generator=gen) * 1e-2
+    int8 = {}
+    for bits in (8, 4):
+        qmax = 2 ** (bits - 1) - 1
+        w, w_sum = prepare_weight(torch.randint(-qmax, qmax + 1, (n, k), generator=gen))
+        int8[bits] = (None, *act, w, w_scale, w_sum, None, 0, 255, bits)
+    vq = {}
+    for bits, (d, kk) in ((3, (2, 64)), (2, (4, 256))):
+        codes = pack_codes(torch.randint(0, kk, (n, -(-k // d)), generator=gen), code_bits(kk))
+        vq[bits] = (codes, torch.randn(kk, d, generator=gen).half(), torch.ones(n).half(), None, k)
+    return int8, vq
+
+
+def table_linears(args) -> list[str]:
+    gen = torch.Generator().manual_seed(0)
+    dm, di, r, n = VIM_T["d_model"], VIM_T["d_inner"], VIM_T["dt_rank"], VIM_T["d_state"]
+    layers = [("in_proj", dm, 2 * di), ("x_proj", di, r + 2 * n), ("dt_proj", r, di), ("out_proj", di, dm)]
+    out = ["## Linears alone (Vim-T projections; time per call, ratio = fp32 / quantized)", "",
+           "| threads | batch (M rows) | layer (K -> N) | fp32 ms | W8A8 | W4A8 | VQ 3-bit | VQ 2-bit |",
+           "|---|---|---|---|---|---|---|---|"]
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in (1, 8):
+            for name, k, nn_ in layers:
+                x = torch.randn(batch, VIM_T["length"], k, generator=gen)
+                w = torch.randn(nn_, k, generator=gen)
+                int8, vq = _quantized_linear_args(k, nn_, gen)
+                variants = {"fp32": lambda x=x, w=w: F.linear(x, w)}
+                for bits, a in int8.items():
+                    variants[f"W{bits}A8"] = lambda x=x, a=a: torch.ops.vmq.int8_linear(x, *a)
+                for bits, a in vq.items():
+                    variants[f"VQ{bits}"] = lambda x=x, a=a: torch.ops.vmq.vq_linear(x, *a)
+                with torch.no_grad():
+                    t = interleaved(variants, args.reps)
+                cells = [f"{ms(t[v])} ({t['fp32'] / t[v]:.2f}x)" for v in ("W8A8", "W4A8", "VQ3", "VQ2")]
+                out.append(f"| {threads} | {batch} ({batch * VIM_T['length']}) | {name} ({k} -> {nn_}) | "
+                           f"{ms(t['fp32'])} | " + " | ".join(cells) + " |")
+                print(out[-1], file=sys.stderr, flush=True)
+    return out
+
+
+# -- models ------------------------------------------------------------------------------------------------------------
+def quantized_models(model, example_shape):
+    calib = torch.randn(8, *example_shape, generator=torch.Generator().manual_seed(0))
+    chosen = [("W8A8", recipes.smoothquant_pts(8, 8)), ("W4A8", recipes.smoothquant_pts(4, 8)),
+              ("VQ 3-bit", recipes.vq_kmeans(3, kmeans_iters=3)), ("VQ 2-bit", recipes.vq_kmeans(2, kmeans_iters=3))]
+    return {name: vmq_fx.quantize(model, recipe, calib, progress=False).lowered for name, recipe in chosen}
+
+
+def table_models(args) -> list[str]:
+    from vmq_fx.export import ort_session
+
+    specs = [("vim-fm-tiny", lambda: vmq_fx.models.load_reference("vim-fm-tiny"), (1, 28, 28), (1, 64)),
+             ("vim_tiny 224x224", lambda: vmq_fx.models.create_model("vim_tiny").eval(), (3, 224, 224), (1, 8))]
+    if args.quick:
+        specs = specs[:1]
+    out = ["## Whole models (median ms per forward; ratio = FP32 eager / variant, same process and threads)", "",
+           "| model | runtime | threads | batch | FP32 | FP32, pure-torch scan | W8A8 | W4A8 | VQ 3-bit | VQ 2-bit |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    tmp = Path(tempfile.mkdtemp())
+    for label, build, shape, batches in specs:
+        torch.manual_seed(0)
+        model = build()
+        models = {"FP32": model, **quantized_models(model, shape)}
+        onnx_paths = {}
+        for name, m in models.items():
+            onnx_paths[name] = vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx".replace(" ", "")).path
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            sessions = {name: ort_session(path, threads=threads) for name, path in onnx_paths.items()}
+            for batch in batches:
+                x = torch.randn(batch, *shape)
+                feed = {next(iter(sessions.values())).get_inputs()[0].name: x.numpy()}
+
+                def eager(m):
+                    return lambda: m(x)
+
+                def pure_torch():
+                    with native.disabled():
+                        model(x)
+
+                with torch.no_grad():
+                    t = interleaved({"FP32": eager(model), "FP32 pure": pure_torch,
+                                     **{k: eager(m) for k, m in models.items() if k != "FP32"}}, args.reps)
+                o = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.reps)
+
+                def cells(times, base, keys):
+                    return " | ".join(f"{ms(times[k])} ({base / times[k]:.2f}x)" for k in keys)
+
+                quant = ["W8A8", "W4A8", "VQ 3-bit", "VQ 2-bit"]
+                out.append(f"| {label} | torch | {threads} | {batch} | {ms(t['FP32'])} | "
+                           f"{ms(t['FP32 pure'])} ({t['FP32'] / t['FP32 pure']:.2f}x) | "
+                           + cells(t, t["FP32"], quant) + " |")
+                out.append(f"| {label} | onnxruntime | {threads} | {batch} | {ms(o['FP32'])} | - | "
+                           + cells(o, o["FP32"], quant) + " |")
+                print("\n".join(out[-2:]), file=sys.stderr, flush=True)
+    return out
+
+
+# -- train -------------------------------------------------------------------------------------------------------------
+def table_train(args) -> list[str]:
+    out = ["## One training step of vim-fm-tiny (batch 128: forward, backward, AdamW)", "",
+           "| threads | fused scan ms | pure-torch scan ms | speed-up |", "|---|---|---|---|"]
+    model = vmq_fx.models.create_model("vim_fm_tiny", drop_path_rate=0.05).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x, y = torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,))
+
+    def step(disabled):
+        def run():
+            with native.disabled() if disabled else contextlib.nullcontext():
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        return run
+
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        t = interleaved({"fused": step(False), "pure": step(True)}, max(3, args.reps // 2))
+        out.append(f"| {threads} | {ms(t['fused'])} | {ms(t['pure'])} | {t['pure'] / t['fused']:.2f}x |")
+        print(out[-1], file=sys.stderr, flush=True)
+    return out
+
+
+# -- profile -----------------------------------------------------------------------------------------------------------
+def table_profile(args) -> list[str]:
+    torch.set_num_threads(args.threads[0])
+    torch.manual_seed(0)
+    model = vmq_fx.models.create_model("vim_tiny").eval()
+    w8a8 = quantized_models(model, (3, 224, 224))["W8A8"] if not args.quick else None
+    x = torch.randn(8, 3, 224, 224)
+    out = [f"## Where the time goes: vim_tiny 224x224, batch 8, {args.threads[0]} thread(s) (torch profiler, self "
+           "time by operator)", ""]
+    for label, m in (("FP32", model), ("W8A8 lowered", w8a8)):
+        if m is None:
+            continue
+        with torch.no_grad():
+            m(x)
+            with torch.profiler.profile() as prof:
+                m(x)
+        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        total = sum(e.self_cpu_time_total for e in events)
+        out += [f"{label}: {total / 1e3:.0f} ms in all", "", "| operator | calls | self ms | share |",
+                "|---|---|---|---|"]
+        out += [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | {100 * e.self_cpu_time_total / total:.0f} % |"
+                for e in events[:10]]
+        out.append("")
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--reps", type=int, default=5, help="timed runs per variant and round (3 rounds)")
+    p.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
+    p.add_argument("--quick", action="store_true", help="vim-fm-tiny only (a smoke run)")
+    p.add_argument("--note", default="", help="what else ran on the machine, for the header")
+    p.add_argument("--out", default="bench/results/cpu_latency.md")
+    p.add_argument("--table", help=argparse.SUPPRESS)  # internal: run one table in this process
+    args = p.parse_args()
+    if args.table:
+        print("\n".join(globals()[f"table_{args.table}"](args)))
+        return
+    sections = []
+    for name in args.tables:  # one fresh process per table, one after the other
+        cmd = [sys.executable, __file__, "--table", name, "--threads", *map(str, args.threads), "--reps",
+               str(args.reps)] + (["--quick"] if args.quick else [])
+        t0 = time.perf_counter()
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress goes to stderr, as it comes
+        if res.returncode:
+            sys.exit(f"table {name} failed (exit {res.returncode})")
+        start = res.stdout.index("## ")  # after whatever libraries printed on import
+        sections += res.stdout[start:].splitlines() + ["", f"({name}: {time.perf_counter() - t0:.0f} s)", ""]
+    header = ["# CPU latency", "",
+              f"Machine: {machine_line()}. Command: `python bench/cpu_latency.py {shlex.join(sys.argv[1:])}`.",
+              "One process per table, run one after the other; medians of 3 interleaved rounds of the runs per "
+              f"variant; ratios within a table. {args.note}", ""]
+    Path(args.out).write_text("\n".join(header + sections) + "\n")
+    print("\n".join(header + sections))
+
+
+if __name__ == "__main__":
+    main()
