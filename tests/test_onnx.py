@@ -188,3 +188,11 @@ def test_op_without_translation_is_named(tmp_path):
     torch.library.register_fake("vmq_test::odd", lambda x: torch.empty_like(x), lib=lib)
     with pytest.raises(OnnxExportError, match="no ONNX translation for operator.*vmq_test.odd"):
         vmq_fx.export_onnx(Odd(), torch.randn(2, 3), tmp_path / "odd.onnx")
+
+
+def test_same_model_exports_the_same_bytes(tmp_path):
+    model = create_model("vim_fm_tiny", depth=1).eval()
+    x = torch.randn(2, 1, 28, 28)
+    first = vmq_fx.export_onnx(model, x, tmp_path / "a.onnx").path
+    second = vmq_fx.export_onnx(model, x, tmp_path / "b.onnx").path
+    assert open(first, "rb").read() == open(second, "rb").read()

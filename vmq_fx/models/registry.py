@@ -17,6 +17,8 @@ MODEL_CONFIGS: dict[str, VimConfig | VMambaConfig] = {
     "vim_base": VimConfig(embed_dim=768, depth=24),
     # 28x28 single-channel (Fashion-MNIST): 4x4 patches of 7 pixels + class token = 17 tokens.
     "vim_fm_tiny": VimConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=8, num_classes=10),
+    # Vim's sequence at 224x224 on 28x28: 2x2 patches, 196 patches + the middle class token = 197 tokens (index 98).
+    "vim_fm_197": VimConfig(img_size=28, patch_size=2, in_chans=1, embed_dim=64, depth=6, num_classes=10),
     # Vim-T's width and depth on 28x28 with 4-pixel patches (50 tokens): a GPU-sized reference.
     "vim_fm_small": VimConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=24, num_classes=10),
     # VMamba-T shape (dims 96, depths 2-2-5-2, d_state 1, ssm_ratio 1, MLP 4x), 224x224.
