@@ -1,13 +1,7 @@
 import pytest
 import torch
 
-from vmq_fx.models import (
-    CheckpointMismatchError,
-    VimConfig,
-    create_model,
-    list_models,
-    load_vim_checkpoint,
-)
+from vmq_fx.models import VimConfig, create_model, list_models
 
 SCAN = torch.ops.vmq.selective_scan.default
 
@@ -78,44 +72,6 @@ def test_vim_backward_direction_reads_flipped_sequence():
     torch.testing.assert_close(f[:, :6], f2[:, :6])  # the forward scan alone is causal
 
 
-def test_checkpoint_round_trip(tmp_path):
-    model = create_model("vim_fm_tiny")
-    path = tmp_path / "vim.pth"
-    torch.save({"model": model.state_dict()}, path)
-    loaded = load_vim_checkpoint(path, "vim_fm_tiny")
-    for k, v in model.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v)
-
-
-def test_checkpoint_mismatch_lists_keys(tmp_path):
-    sd = create_model("vim_fm_tiny").state_dict()
-    sd["layers.0.mixer.extra"] = torch.zeros(1)
-    del sd["norm_f.weight"]
-    sd["head.weight"] = torch.zeros(5, 96)
-    path = tmp_path / "bad.pth"
-    torch.save({"model": sd}, path)
-    with pytest.raises(CheckpointMismatchError) as info:
-        load_vim_checkpoint(path, "vim_fm_tiny")
-    msg = str(info.value)
-    assert "norm_f.weight" in msg and "layers.0.mixer.extra" in msg and "head.weight: checkpoint (5, 96)" in msg
-
-
-def test_checkpoint_of_another_architecture(tmp_path):
-    path = tmp_path / "vmamba.pth"
-    torch.save({"model": create_model("vmamba_fm_tiny").state_dict()}, path)
-    with pytest.raises(CheckpointMismatchError, match="another architecture"):
-        load_vim_checkpoint(path, "vim_fm_tiny")
-
-
-def test_checkpoint_wrong_container_and_missing_file(tmp_path):
-    path = tmp_path / "plain.pth"
-    torch.save(create_model("vim_fm_tiny").state_dict(), path)
-    with pytest.raises(CheckpointMismatchError, match="'model' state dict"):
-        load_vim_checkpoint(path, "vim_fm_tiny")
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
-        load_vim_checkpoint(tmp_path / "nope.pth")
-
-
 @pytest.mark.parametrize("name", ["vim_fm_tiny", "vmamba_fm_tiny"])
 def test_wrong_image_size_is_a_clear_error(name):
     model = create_model(name)
@@ -130,4 +86,5 @@ def test_unknown_model_and_bad_config():
         create_model("vim_fm_tiny", width=3)
     with pytest.raises(ValueError, match="does not tile"):
         VimConfig(img_size=28, patch_size=5)
-    assert {"vim_tiny", "vim_small", "vim_base", "vmamba_tiny", "vim_fm_tiny", "vmamba_fm_tiny"} <= set(list_models())
+    assert {"vim_tiny", "vim_small", "vim_base", "vmambav2v_tiny", "vmambav2_tiny", "vim_fm_tiny",
+            "vmamba_fm_tiny"} <= set(list_models())

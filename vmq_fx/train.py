@@ -151,7 +151,7 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
     card = {
         "name": card_name,
         "model": model_name,
-        "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(model.config).items()},
+        "config": json.loads(json.dumps(asdict(model.config))),  # as the card file holds it (tuples as lists)
         "dataset": "Fashion-MNIST (Debian dataset-fashion-mnist), train split 60,000 / test split 10,000",
         "normalization": {"mean": 0.2860, "std": 0.3530},
         "test_top1": round(result.top1, 2),

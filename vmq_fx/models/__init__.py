@@ -1,5 +1,7 @@
 """Exportable Visual Mamba models (Vim, VMamba), named configurations and checkpoint loading."""
-from vmq_fx.models.checkpoint import CheckpointMismatchError, load_state_dict_strict, load_vim_checkpoint
+from vmq_fx.models.checkpoint import (CheckpointMismatchError, infer_config, load_checkpoint, load_state_dict_strict,
+                                     read_state_dict)
+from vmq_fx.models.preprocess import Preprocess
 from vmq_fx.models.mamba import MambaMixer, RMSNorm
 from vmq_fx.models.reference import list_references, load_reference, reference_card
 from vmq_fx.models.registry import MODEL_CONFIGS, create_model, list_models
@@ -21,5 +23,8 @@ __all__ = [
     "load_reference",
     "reference_card",
     "load_state_dict_strict",
-    "load_vim_checkpoint",
+    "load_checkpoint",
+    "read_state_dict",
+    "infer_config",
+    "Preprocess",
 ]

@@ -5,10 +5,16 @@ from typing import Callable
 
 from torch import nn
 
+from vmq_fx.models.preprocess import FASHION_MNIST
 from vmq_fx.models.vim import VimConfig, VisionMamba
 from vmq_fx.models.vmamba import VMamba, VMambaConfig
 
 __all__ = ["MODEL_CONFIGS", "build_model", "create_model", "list_models"]
+
+def _vmamba_v2(dim: int, depths: tuple[int, ...], ssm_ratio: float) -> VMambaConfig:
+    return VMambaConfig(dims=tuple(dim * 2**i for i in range(4)), depths=depths, d_state=1, ssm_ratio=ssm_ratio,
+                        mlp_ratio=4.0, gate=False, patch_embed="v2", downsample="v3", conv_bias=False)
+
 
 MODEL_CONFIGS: dict[str, VimConfig | VMambaConfig] = {
     # The published Vim shapes (ImageNet, 224x224, patch 16, 197 tokens).
@@ -16,17 +22,24 @@ MODEL_CONFIGS: dict[str, VimConfig | VMambaConfig] = {
     "vim_small": VimConfig(embed_dim=384, depth=24),
     "vim_base": VimConfig(embed_dim=768, depth=24),
     # 28x28 single-channel (Fashion-MNIST): 4x4 patches of 7 pixels + class token = 17 tokens.
-    "vim_fm_tiny": VimConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=8, num_classes=10),
+    "vim_fm_tiny": VimConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=8, num_classes=10,
+                             preprocess=FASHION_MNIST),
     # Vim's sequence at 224x224 on 28x28: 2x2 patches, 196 patches + the middle class token = 197 tokens (index 98).
-    "vim_fm_197": VimConfig(img_size=28, patch_size=2, in_chans=1, embed_dim=64, depth=6, num_classes=10),
+    "vim_fm_197": VimConfig(img_size=28, patch_size=2, in_chans=1, embed_dim=64, depth=6, num_classes=10,
+                            preprocess=FASHION_MNIST),
     # Vim-T's width and depth on 28x28 with 4-pixel patches (50 tokens): a GPU-sized reference.
-    "vim_fm_small": VimConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=24, num_classes=10),
-    # VMamba-T shape (dims 96, depths 2-2-5-2, d_state 1, ssm_ratio 1, MLP 4x), 224x224.
-    "vmamba_tiny": VMambaConfig(),
+    "vim_fm_small": VimConfig(img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=24, num_classes=10,
+                              preprocess=FASHION_MNIST),
+    # The released VMamba v2 / v2v models (MzeroMiko/VMamba configs vmambav2_*_224 / vmambav2v_*_224: d_state 1,
+    # patch embedding v2, downsampling v3, depthwise convolution without bias, no z gate), 224x224.
+    **{f"vmambav2_{size}": _vmamba_v2(dim, depths, ssm_ratio=2.0) for size, dim, depths in (
+        ("tiny", 96, (2, 2, 5, 2)), ("small", 96, (2, 2, 15, 2)), ("base", 128, (2, 2, 15, 2)))},
+    **{f"vmambav2v_{size}": _vmamba_v2(dim, depths, ssm_ratio=1.0) for size, dim, depths in (
+        ("tiny", 96, (2, 2, 8, 2)), ("small", 96, (2, 2, 20, 2)), ("base", 128, (2, 2, 20, 2)))},
     # 28x28 single-channel: 7x7 tokens of 4 pixels, then 4x4 after merging.
     "vmamba_fm_tiny": VMambaConfig(
         img_size=28, patch_size=4, in_chans=1, dims=(48, 96), depths=(2, 4), d_state=8, ssm_ratio=2.0,
-        mlp_ratio=2.0, gate=True, num_classes=10,
+        mlp_ratio=2.0, gate=True, num_classes=10, preprocess=FASHION_MNIST,
     ),
 }
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from vmq_fx.models.layers import DropPath, check_image_shape
 from vmq_fx.models.mamba import MambaMixer, RMSNorm
+from vmq_fx.models.preprocess import Preprocess, default_preprocess
 
 __all__ = ["VimConfig", "VisionMamba", "VimBlock"]
 
@@ -33,6 +34,7 @@ class VimConfig:
         d_state: SSM state size.
         num_classes: classifier outputs.
         drop_path_rate: stochastic depth at the last block (linearly increasing).
+        preprocess: how input images are prepared (default: the ImageNet evaluation transform at ``img_size``).
     """
 
     img_size: int = 224
@@ -44,8 +46,10 @@ class VimConfig:
     d_state: int = 16
     num_classes: int = 1000
     drop_path_rate: float = 0.0
+    preprocess: Preprocess | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "preprocess", default_preprocess(self.preprocess, self.img_size, self.in_chans))
         stride = self.stride or self.patch_size
         if min(self.img_size, self.patch_size, stride, self.in_chans, self.embed_dim, self.depth, self.d_state,
                self.num_classes) < 1:

@@ -5,9 +5,16 @@ reversed) -> per-direction ``x_proj``/``dt_proj`` -> one grouped selective scan 
 (B and C as [batch, 4, N, L]) -> cross-merge -> LayerNorm ``out_norm`` -> optional SiLU(z) gate -> ``out_proj``.
 Stages of VSS blocks (SS2D + MLP) are joined by patch merging.
 
-Differences from the MzeroMiko/VMamba code, chosen for quantization: the per-direction projections are four
-``nn.Linear`` modules (``x_proj.{k}``, ``dt_proj.{k}``) instead of one stacked ``x_proj_weight`` parameter, so that each
-is its own linear node on a [batch, L, channels] tensor; tokens stay as [batch, L, channels] between layers.
+Both generations of the MzeroMiko/VMamba code are covered: the first (patch embedding by one strided convolution,
+patch merging by 2x2 concatenation) and the released v2 / v2v models (``patch_embed="v2"``: two 3x3 stride-2
+convolutions with LayerNorm and GELU between; ``downsample="v3"``: a 3x3 stride-2 convolution and LayerNorm;
+depthwise convolution without bias; ``d_state`` 1; no z gate, the ``v05_noz`` forward type).
+
+Differences from that code, chosen for quantization: the per-direction projections are four ``nn.Linear`` modules
+(``x_proj.{k}``, ``dt_proj.{k}``) instead of the stacked ``x_proj_weight`` / ``dt_projs_weight`` / ``dt_projs_bias``
+parameters, so that each is its own linear node on a [batch, L, channels] tensor (:func:`vmq_fx.models.load_checkpoint`
+splits the stacked ones); tokens stay as [batch, L, channels] between layers; the classifier's norm and head are
+``norm`` and ``head`` (the released checkpoints' ``classifier.norm`` / ``classifier.head``).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 
 from vmq_fx.models.layers import DropPath, check_image_shape
 from vmq_fx.models.mamba import init_a_log, init_dt_bias
+from vmq_fx.models.preprocess import Preprocess, default_preprocess
 from vmq_fx.ops import selective_scan_fn
 
 __all__ = ["VMambaConfig", "VMamba", "SS2D", "VSSBlock"]
@@ -43,6 +51,14 @@ class VMambaConfig:
         gate: multiply the scan output by SiLU(z) (``in_proj`` then produces x and z).
         num_classes: classifier outputs.
         drop_path_rate: stochastic depth at the last block (linearly increasing).
+        patch_embed: ``"v1"`` (one ``patch_size`` strided convolution + LayerNorm) or ``"v2"`` (two 3x3 stride-2
+            convolutions, LayerNorm and GELU between, LayerNorm after; ``patch_size`` 4).
+        downsample: ``"v1"`` (patch merging: 2x2 concatenation, LayerNorm, linear) or ``"v3"`` (3x3 stride-2
+            convolution + LayerNorm).
+        d_conv: kernel of the depthwise convolution in SS2D.
+        conv_bias: bias on that convolution.
+        dt_rank: rank of the delta projection (``None``: ``ceil(dim / 16)``).
+        preprocess: how input images are prepared (default: the ImageNet evaluation transform at ``img_size``).
     """
 
     img_size: int = 224
@@ -56,8 +72,24 @@ class VMambaConfig:
     gate: bool = False
     num_classes: int = 1000
     drop_path_rate: float = 0.0
+    patch_embed: str = "v1"
+    downsample: str = "v1"
+    d_conv: int = 3
+    conv_bias: bool = True
+    dt_rank: int | None = None
+    preprocess: Preprocess | None = None
 
     def __post_init__(self):
+        object.__setattr__(self, "dims", tuple(self.dims))
+        object.__setattr__(self, "depths", tuple(self.depths))
+        object.__setattr__(self, "preprocess", default_preprocess(self.preprocess, self.img_size, self.in_chans))
+        if self.patch_embed not in ("v1", "v2") or self.downsample not in ("v1", "v3"):
+            raise ValueError(f"VMambaConfig: patch_embed must be v1 or v2 and downsample v1 or v3, got "
+                             f"{self.patch_embed!r} / {self.downsample!r}")
+        if self.patch_embed == "v2" and self.patch_size != 4:
+            raise ValueError("VMambaConfig: patch_embed v2 (two stride-2 convolutions) has patch_size 4")
+        if self.d_conv < 1 or (self.dt_rank is not None and self.dt_rank < 1):
+            raise ValueError(f"VMambaConfig: d_conv and dt_rank must be positive, got {self.d_conv}, {self.dt_rank}")
         if len(self.dims) != len(self.depths) or not self.dims:
             raise ValueError(f"VMambaConfig: dims {self.dims} and depths {self.depths} must have the same length")
         if min(self.dims) < 1 or min(self.depths) < 1 or self.d_state < 1 or self.ssm_ratio <= 0:
@@ -68,8 +100,9 @@ class VMambaConfig:
             raise ValueError(f"VMambaConfig: invalid mlp_ratio or drop_path_rate in {self}")
 
     def resolutions(self) -> list[int]:
-        """Side of the token grid in each stage (patch merging pads odd sides)."""
-        side, out = self.img_size // self.patch_size, []
+        """Side of the token grid in each stage (patch merging pads odd sides; the v3 convolution rounds up too)."""
+        side = self.img_size // self.patch_size if self.patch_embed == "v1" else math.ceil(self.img_size / 4)
+        out = []
         for _ in self.dims:
             out.append(side)
             side = math.ceil(side / 2)
@@ -95,7 +128,7 @@ class SS2D(nn.Module):
     """2D selective scan over a [batch, H*W, dim] token grid."""
 
     def __init__(self, dim: int, side: int, d_state: int, ssm_ratio: float, gate: bool, d_conv: int = 3,
-                 dt_rank: int | str = "auto"):
+                 dt_rank: int | str = "auto", conv_bias: bool = True):
         super().__init__()
         self.side = side
         self.d_state = d_state
@@ -103,7 +136,8 @@ class SS2D(nn.Module):
         self.dt_rank = math.ceil(dim / 16) if dt_rank == "auto" else int(dt_rank)
         self.gate = gate
         self.in_proj = nn.Linear(dim, self.d_inner * (2 if gate else 1), bias=False)
-        self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, d_conv, padding=(d_conv - 1) // 2, groups=self.d_inner)
+        self.conv2d = nn.Conv2d(self.d_inner, self.d_inner, d_conv, padding=(d_conv - 1) // 2, groups=self.d_inner,
+                                bias=conv_bias)
         self.x_proj = nn.ModuleList(
             nn.Linear(self.d_inner, self.dt_rank + 2 * d_state, bias=False) for _ in range(_DIRECTIONS)
         )
@@ -165,7 +199,8 @@ class VSSBlock(nn.Module):
     def __init__(self, dim: int, side: int, cfg: VMambaConfig, drop_path: float):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
-        self.op = SS2D(dim, side, cfg.d_state, cfg.ssm_ratio, cfg.gate)
+        self.op = SS2D(dim, side, cfg.d_state, cfg.ssm_ratio, cfg.gate, d_conv=cfg.d_conv,
+                       dt_rank=cfg.dt_rank or "auto", conv_bias=cfg.conv_bias)
         self.drop_path = DropPath(drop_path)
         self.mlp = None
         if cfg.mlp_ratio > 0:
@@ -197,6 +232,43 @@ class _PatchMerging(nn.Module):
         return self.reduction(self.norm(x.flatten(1, 2)))
 
 
+class _ChannelsLastNorm(nn.LayerNorm):
+    """LayerNorm over the channels of a [batch, C, H, W] map."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _PatchEmbedV2(nn.Sequential):
+    """[batch, C, H, W] -> [batch, H/4*W/4, dim]: conv 3x3/2, LayerNorm, GELU, conv 3x3/2, LayerNorm. The indices of
+    the released models' ``patch_embed`` (0, 2, 5, 7; the permutes of the original are identities here)."""
+
+    def __init__(self, in_chans: int, dim: int):
+        super().__init__(
+            nn.Conv2d(in_chans, dim // 2, 3, stride=2, padding=1), nn.Identity(), _ChannelsLastNorm(dim // 2),
+            nn.Identity(), nn.GELU(), nn.Conv2d(dim // 2, dim, 3, stride=2, padding=1), nn.Identity(),
+            nn.LayerNorm(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self[4](self[2](self[0](x)))
+        return self[7](self[5](x).flatten(2).transpose(1, 2))
+
+
+class _DownsampleV3(nn.Sequential):
+    """[batch, side*side, C] -> [batch, ceil(side/2)^2, out]: conv 3x3/2 + LayerNorm (the released models'
+    ``downsample.1`` and ``downsample.3``)."""
+
+    def __init__(self, dim: int, out_dim: int, side: int):
+        super().__init__(nn.Identity(), nn.Conv2d(dim, out_dim, 3, stride=2, padding=1), nn.Identity(),
+                         nn.LayerNorm(out_dim))
+        self.side = side
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, _, c = x.shape
+        x = self[1](x.transpose(1, 2).reshape(b, c, self.side, self.side))
+        return self[3](x.flatten(2).transpose(1, 2))
+
+
 class _Stage(nn.Module):
     def __init__(self, blocks: list[VSSBlock], downsample: nn.Module | None):
         super().__init__()
@@ -223,15 +295,21 @@ class VMamba(nn.Module):
     def __init__(self, cfg: VMambaConfig):
         super().__init__()
         self.config = cfg
-        self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dims[0], cfg.patch_size, stride=cfg.patch_size)
-        self.patch_norm = nn.LayerNorm(cfg.dims[0])
+        if cfg.patch_embed == "v1":
+            self.patch_embed = nn.Conv2d(cfg.in_chans, cfg.dims[0], cfg.patch_size, stride=cfg.patch_size)
+            self.patch_norm = nn.LayerNorm(cfg.dims[0])
+        else:
+            self.patch_embed = _PatchEmbedV2(cfg.in_chans, cfg.dims[0])
         rates = torch.linspace(0, cfg.drop_path_rate, sum(cfg.depths)).tolist()
         sides = cfg.resolutions()
         stages, i = [], 0
         for s, (dim, depth) in enumerate(zip(cfg.dims, cfg.depths)):
             blocks = [VSSBlock(dim, sides[s], cfg, rates[i + j]) for j in range(depth)]
             i += depth
-            down = _PatchMerging(dim, cfg.dims[s + 1], sides[s]) if s + 1 < len(cfg.dims) else None
+            down = None
+            if s + 1 < len(cfg.dims):
+                make = _PatchMerging if cfg.downsample == "v1" else _DownsampleV3
+                down = make(dim, cfg.dims[s + 1], sides[s])
             stages.append(_Stage(blocks, down))
         self.layers = nn.ModuleList(stages)
         self.norm = nn.LayerNorm(cfg.dims[-1])
@@ -243,7 +321,10 @@ class VMamba(nn.Module):
         """x: [batch, in_chans, img_size, img_size] -> logits [batch, num_classes]."""
         cfg = self.config
         check_image_shape(x, cfg.in_chans, cfg.img_size, "VMamba")
-        x = self.patch_norm(self.patch_embed(x).flatten(2).transpose(1, 2))
+        if cfg.patch_embed == "v1":
+            x = self.patch_norm(self.patch_embed(x).flatten(2).transpose(1, 2))
+        else:
+            x = self.patch_embed(x)
         for stage in self.layers:
             x = stage(x)
         return self.head(self.norm(x).mean(dim=1))
