@@ -19,6 +19,8 @@ $(STAMP): pyproject.toml Makefile
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
 	    $(PIP) install --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
 	$(PIP) install --no-deps timm==1.0.31
+	# Tests only: 20 labelled ImageNet photos ship inside this wheel (foolbox/data/imagenet_*.jpg).
+	$(PIP) install --no-deps foolbox==3.3.4
 	$(PIP) install --no-deps --no-build-isolation -e .
 	# Build the fused CPU kernels now (cached in ~/.cache/vmq_fx) rather than inside the first test or job.
 	$(PY) -c "from vmq_fx.ops.native import native_kernels; assert native_kernels() is not None"

@@ -1,32 +1,72 @@
+import argparse
 import os
+import shutil
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from vmq_fx.cli import main
 from vmq_fx.data import DEFAULT_DATA_DIR
+from vmq_fx.images import imagenet_synsets
+from vmq_fx.models import create_model
+
+FASHION_MNIST = os.path.isfile(os.path.join(os.environ.get("VMQ_DATA_DIR") or DEFAULT_DATA_DIR,
+                                            "t10k-labels-idx1-ubyte.gz"))
+needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST, reason="Fashion-MNIST not installed (make data)")
+
+
+def _one_error_line(capsys, code, *needles):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and all(n in err[0] for n in needles), err
+    return err[0]
 
 
 def test_list_shows_configs_and_references(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "vim_tiny" in out and "vmamba_fm_tiny" in out and "vim-fm-tiny" in out
+    assert "vim_tiny" in out and "vmambav2v_tiny" in out and "vim-fm-tiny" in out and "197 tokens" in out
 
 
 def test_errors_are_one_line_and_nonzero(capsys):
-    assert main(["export", "vim_huge"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("vmq: error: unknown model 'vim_huge'")
-    assert main(["eval", "no-such-model"]) == 2
-    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    _one_error_line(capsys, main(["export", "vim_huge"]), "vmq: error: unknown model 'vim_huge'")
+    _one_error_line(capsys, main(["eval", "no-such-model"]), "unknown model 'no-such-model'")
 
 
-@pytest.mark.skipif(not os.path.isfile(os.path.join(DEFAULT_DATA_DIR, "t10k-labels-idx1-ubyte.gz")),
-                    reason="Fashion-MNIST not installed (make data)")
+@pytest.mark.parametrize("argv,message", [
+    (["quantize", "vim-fm-tiny", "--recipe", "ptq4vm-w9a8", "--out-dir", "x"], "w_bits must be an integer in 2..8"),
+    (["quantize", "vim-fm-tiny", "--recipe", "gptq-4bit", "--out-dir", "x"], "unknown recipe 'gptq-4bit'"),
+    (["quantize", "vim-huge", "--recipe", "vimvq-2bit", "--out-dir", "x"], "unknown model 'vim-huge'"),
+    (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--out-dir", "x", "--steps", "-3"],
+     "--steps: must be at least 0, got -3"),
+    (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--out-dir", "x", "--calib-dir", "/nonexistent"],
+     "--calib-dir: no folder /nonexistent"),
+    (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--out-dir", "x", "--data-dir", "/nonexistent"],
+     "Fashion-MNIST"),
+    (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--out-dir", "/etc/hostname"], "is not a folder"),
+    (["bench", "vim-fm-tiny", "--batch", "0"], "--batch: must be at least 1, got 0"),
+    (["export-onnx", "vim-huge", "-o", "x.onnx"], "unknown model 'vim-huge'"),
+    (["eval", "vim-fm-tiny", "--threads", "-1"], "--threads: must be at least 0"),
+])
+def test_cli_errors_exit_nonzero_with_one_line(argv, message, capsys):
+    _one_error_line(capsys, main(argv), message)
+
+
+def test_unreadable_checkpoint_is_named(tmp_path, capsys):
+    bad = tmp_path / "ckpt.pth"
+    bad.write_bytes(b"garbage")
+    _one_error_line(capsys, main(["quantize", str(bad), "--recipe", "vimvq-2bit", "--out-dir", str(tmp_path / "o")]),
+                    "could not read", "ckpt.pth")
+
+
+@needs_fashion_mnist
 def test_eval_prints_top1(capsys):
     assert main(["eval", "vim-fm-tiny", "--limit", "200", "--quiet"]) == 0
     assert "top-1" in capsys.readouterr().out
 
 
+@needs_fashion_mnist
 def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "vim-fm-tiny", "--recipe", "vq-kmeans-2bit", "sq-pts-w8a8", "--calib", "16",
@@ -52,26 +92,133 @@ def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys):
     assert rows[-1].startswith(saved) and rows[-1].count(" ms (") == 2  # ratios against the first model
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["quantize", "vim-fm-tiny", "--recipe", "ptq4vm-w9a8", "--out-dir", "x"], "w_bits must be an integer in 2..8"),
-    (["quantize", "vim-fm-tiny", "--recipe", "gptq-4bit", "--out-dir", "x"], "unknown recipe 'gptq-4bit'"),
-    (["quantize", "vim-huge", "--recipe", "vimvq-2bit", "--out-dir", "x"], "unknown model 'vim-huge'"),
-    (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--out-dir", "x", "--data-dir", "/nonexistent"],
-     "Fashion-MNIST"),
-    (["export-onnx", "vim-huge", "-o", "x.onnx"], "unknown model 'vim-huge'"),
-])
-def test_cli_errors_exit_nonzero_with_one_line(argv, message, capsys):
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+# -- real photographs: the 20 labelled ImageNet JPEGs that ship inside the foolbox wheel ---------------------------
+def _foolbox_photos() -> list[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        pytest.skip("foolbox's photos are not installed (pip install --no-deps foolbox==3.3.4; make venv does)")
+    return sorted(Path(next(iter(spec.submodule_search_locations))).joinpath("data").glob("imagenet_*.jpg"))
 
 
-def test_unreadable_checkpoint_is_named(tmp_path, capsys):
-    bad = tmp_path / "ckpt.pth"
-    bad.write_bytes(b"garbage")
-    assert main(["quantize", str(bad), "--config", "vim_fm_tiny", "--recipe", "vimvq-2bit", "--out-dir",
-                 str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "could not read checkpoint" in err and "ckpt.pth" in err
-    assert main(["quantize", str(bad), "--recipe", "vimvq-2bit", "--out-dir", str(tmp_path / "o")]) == 2
-    assert "needs --config" in capsys.readouterr().err
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """calib/: the 20 photos in one folder; val/<WordNet id>/: the same photos by class (ImageNet-val layout)."""
+    root = tmp_path_factory.mktemp("photos")
+    synsets = imagenet_synsets()
+    for f in _foolbox_photos():
+        cls = int(f.stem.split("_")[2])  # imagenet_<n>_<class index>.jpg
+        (root / "calib").mkdir(exist_ok=True)
+        shutil.copy(f, root / "calib")
+        (root / "val" / synsets[cls]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / "val" / synsets[cls])
+    return root
+
+
+def _checkpoint(path, model) -> Path:
+    """As the Vim / VMamba training scripts save them: weights, optimizer state, the argparse namespace."""
+    torch.manual_seed(0)
+    torch.save({"model": model.state_dict(), "epoch": 0, "args": argparse.Namespace(model="x", lr=1e-3)}, path)
+    return path
+
+
+def test_vim_tiny_checkpoint_evaluates_a_folder_of_photos_by_wordnet_id(photos, tmp_path, capsys):
+    model = create_model("vim_tiny").eval()
+    ckpt = _checkpoint(tmp_path / "vim_t.pth", model)
+    assert main(["eval", str(ckpt), "--eval-dir", str(photos / "val"), "--quiet", "--workers", "0"]) == 0
+    out = capsys.readouterr()
+    assert "top-1" in out.out and "/20)" in out.out
+    # The folders' WordNet ids are scored as their ImageNet class indices: a model that always answers the class of
+    # the first folder is right on exactly its photos.
+    first = sorted(p.name for p in (photos / "val").iterdir())[0]
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+        model.head.bias[imagenet_synsets().index(first)] = 1.0
+    ckpt = _checkpoint(tmp_path / "fixed.pth", model)
+    assert main(["eval", str(ckpt), "--eval-dir", str(photos / "val"), "--quiet", "--workers", "0"]) == 0
+    n_first = len(list((photos / "val" / first).iterdir()))
+    assert f"({n_first}/20)" in capsys.readouterr().out
+
+
+def test_vim_197_tokens_quantize_from_photos_ptq4vm_and_vq(photos, tmp_path, capsys):
+    # Vim-T's width and 197 tokens at 224x224 (two blocks instead of 24 keep the test fast); the configuration is
+    # inferred from the checkpoint's shapes.
+    ckpt = _checkpoint(tmp_path / "vim.pth", create_model("vim_tiny", depth=2))
+    out = tmp_path / "q"
+    assert main(["quantize", str(ckpt), "--recipe", "ptq4vm-w4a8", "vq-kmeans-2bit", "--steps", "2",
+                 "--calib-dir", str(photos / "calib"), "--calib", "12", "--eval-dir", str(photos / "val"),
+                 "--out-dir", str(out), "--quiet", "--workers", "0"]) == 0
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
+            for r in capsys.readouterr().out.splitlines() if r.startswith("| ")}
+    for name in ("ptq4vm-w4a8 (lowered)", "vq-kmeans-2bit (lowered)"):
+        torch_top1, ort_top1 = rows[name][0], rows[name][1]
+        assert torch_top1 == ort_top1  # onnxruntime agrees with torch on every photo's class
+    saved = load_file(out / "ptq4vm-w4a8" / "model.safetensors")
+    act_scales = [v for k, v in saved.items() if k.endswith("act_scale")]
+    assert len(act_scales) == 12 and all(v.shape == (197,) for v in act_scales)  # one step per token position
+    assert "Top-1 on 20 images" in (out / "report.md").read_text()
+
+
+def test_vmamba_v2v_quantize_without_labels_reports_agreement(photos, tmp_path, capsys):
+    # The released v2v layout (stacked per-direction projections, classifier.*) of a VMamba v2v with one block per
+    # stage; no labelled folder: the report measures agreement with the FP model on held-out photos.
+    from test_checkpoints import official_vmamba_layout
+
+    model = create_model("vmambav2v_tiny", depths=(1, 1, 1, 1)).eval()
+    path = tmp_path / "vmamba.pth"
+    torch.save({"model": official_vmamba_layout(model.state_dict()), "args": argparse.Namespace(cfg="v2v.yaml")},
+               path)
+    out = tmp_path / "q"
+    assert main(["quantize", str(path), "--recipe", "sq-pts-w8a8", "--calib-dir", str(photos / "calib"),
+                 "--calib", "12", "--out-dir", str(out), "--quiet", "--workers", "0"]) == 0
+    report = (out / "report.md").read_text()
+    assert "agreement with the FP32 model" in report and "8 held-out images" in report
+    row = next(r for r in report.splitlines() if r.startswith("| sq-pts-w8a8"))
+    torch_cell, ort_cell = (c.strip() for c in row.split("|")[2:4])
+    assert float(torch_cell.split()[0]) >= 50.0 and "dB" in torch_cell and "dB" in ort_cell
+
+
+def test_bad_image_folders_are_one_line_errors(photos, tmp_path, capsys):
+    ckpt = _checkpoint(tmp_path / "vim.pth", create_model("vim_tiny", depth=1))
+    base = ["quantize", str(ckpt), "--recipe", "sq-pts-w8a8", "--out-dir", str(tmp_path / "o"), "--quiet"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _one_error_line(capsys, main(base + ["--calib-dir", str(empty)]), "holds no images")
+    _one_error_line(capsys, main(base), "needs your images: --calib-dir")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(photos / "calib", corrupt)
+    (corrupt / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    _one_error_line(capsys, main(base + ["--calib-dir", str(corrupt), "--calib", "40"]), "broken.jpg")
+    _one_error_line(capsys, main(base + ["--calib-dir", str(photos / "calib"), "--eval-dir", str(photos / "calib")]),
+                    "has no class subfolders")
+    small = tmp_path / "small"
+    small.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("RGB", (32, 32)).save(small / f"{i}.png")
+    _one_error_line(capsys, main(base + ["--calib-dir", str(small)]), "32x32", "224x224")
+    many = tmp_path / "many"
+    for i in range(12):
+        (many / f"class{i}").mkdir(parents=True)
+        shutil.copy(next((photos / "calib").iterdir()), many / f"class{i}")
+    fm = _checkpoint(tmp_path / "fm.pth", create_model("vim_fm_tiny"))
+    _one_error_line(capsys, main(["eval", str(fm), "--eval-dir", str(many), "--quiet"]),
+                    "12 class folders but the model has 10 classes")
+
+
+def test_grayscale_rgba_and_cmyk_photos_are_converted(photos, tmp_path):
+    from PIL import Image
+
+    from vmq_fx.images import ImageFiles, calibration_batch
+
+    folder = tmp_path / "modes"
+    folder.mkdir()
+    src = Image.open(next((photos / "calib").iterdir()))
+    src.convert("L").save(folder / "gray.png")
+    src.convert("RGBA").save(folder / "rgba.png")
+    src.convert("CMYK").save(folder / "cmyk.jpg")
+    batch = calibration_batch(ImageFiles.open(folder, create_model("vim_tiny").config.preprocess))
+    assert batch.shape == (3, 3, 224, 224) and torch.isfinite(batch).all()

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
@@ -78,3 +79,55 @@ def test_step_sizes_get_straight_through_gradients():
     assert fq.scale.requires_grad
     fq(w).pow(2).sum().backward()
     assert fq.scale.grad is not None and fq.scale.grad.abs().sum() > 0
+
+
+def _stream(rows=40, seed=0):
+    """Batches whose range grows (so that the histograms double their bins) with rare large outliers."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, 3000, generator=g) * (1 + 2 * torch.rand(rows, 1, generator=g)),
+            torch.randn(rows, 3000, generator=g) * 3 + 1,
+            torch.cat([torch.randn(rows, 5990, generator=g) * 2, 30 * torch.randn(rows, 10, generator=g)], 1)]
+
+
+def test_row_histograms_count_every_value_in_its_bin():
+    from vmq_fx.observers.lp_search import RowHistograms
+
+    batches = _stream()
+    h = RowHistograms(256)
+    for b in batches:
+        h.add(b)
+    x = torch.cat(batches, 1)
+    assert bool((h.start <= x.amin(1)).all()) and bool((h.start + h.width * 256 > x.amax(1)).all())
+    # An independent count with the final edges (float64): every value in the bin whose [left, right) holds it. Values
+    # within float32 rounding of an edge may land on either side.
+    edges = h.start.double()[:, None] + h.width.double()[:, None] * torch.arange(257, dtype=torch.float64)
+    x64 = x.double()
+    direct = torch.stack([((x64 >= edges[:, i, None]) & (x64 < edges[:, i + 1, None])).sum(1) for i in range(256)], 1)
+    assert torch.equal(h.counts.sum(1), direct.sum(1).float())
+    near_edge = ((x64[:, :, None] - edges[:, None, :]).abs() < 1e-5 * h.width.double()[:, None, None]).sum((1, 2))
+    assert bool(((h.counts - direct.float()).abs().sum(1) <= 2 * near_edge.float()).all())
+    assert int(near_edge.sum()) < x.numel() // 100  # the exceptions are few
+
+
+@pytest.mark.parametrize("levels", [256, 16])
+def test_histogram_search_is_within_a_stated_tolerance_of_the_exact_search(levels, implementation):
+    """The range chosen on 2048-bin histograms against the exact search on all values: its Lp error (measured on all
+    values) is within 10 % of the exact optimum on every token and 1 % on average. A histogram missing the outliers
+    (or a subsample of 4096 values, the previous implementation's cap) misses by orders of magnitude."""
+    from vmq_fx.observers.lp_search import RowHistograms, search_asymmetric_ranges
+
+    batches = _stream()
+    x = torch.cat(batches, 1)
+    lo, hi = x.amin(1), x.amax(1)
+    h = RowHistograms(2048)
+    for b in batches:
+        h.add_tokens(b.t()[:, :, None], b.amin(1), b.amax(1))  # as [batch, L, channels]
+    exact = search_asymmetric_ranges(x, lo, hi, levels)
+    approx = h.search(lo, hi, levels)
+
+    def lp(scale, zp):
+        q = ((x / scale[:, None]).round() + zp[:, None]).clamp(0, levels - 1)
+        return (x - (q - zp[:, None]) * scale[:, None]).abs().pow(2.4).sum(1)
+
+    ratio = lp(*approx) / lp(*exact)
+    assert float(ratio.max()) < 1.10 and float(ratio.mean()) < 1.01, (ratio.max(), ratio.mean())

@@ -128,7 +128,12 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     batches = split_batches(data, batch_size)
     _check_inputs(prepared, batches)
     if recipe is not None and recipe.smooth:
+        acts = [act for _, act, _ in quantizers.values() if isinstance(act, PerTokenStaticFakeQuantize)]
+        for act in acts:  # this pass needs the channel maxima only
+            act.record_distribution = False
         _run(prepared, batches, "calibrate (smoothing)", progress)
+        for act in acts:
+            act.record_distribution = True
         for layer, act, weight in quantizers.values():
             if not isinstance(act, PerTokenStaticFakeQuantize):
                 raise ValueError(f"{layer.name}: smoothing needs the per-token activation quantizer")

@@ -1,32 +1,42 @@
 """The ``vmq`` command.
 
 Subcommands:
-    vmq list                         models and shipped reference models
-    vmq reference NAME               the main job: evaluate a shipped model, export it, evaluate the exported
-                                     program, quantize it (W8A8, lowered to vmq::int8_linear), evaluate that
-    vmq eval NAME                    top-1 of a shipped reference model on the Fashion-MNIST test set
-    vmq export MODEL [--batch N]     export a model configuration with torch.export, run both, print the comparison
-    vmq train CONFIG                 train a reference model on Fashion-MNIST
-    vmq quantize MODEL --recipe R    quantize (PTQ4VM or ViM-VQ), lower, save, export to ONNX, report
-    vmq export-onnx MODEL -o F       ONNX export of a reference model or a saved quantized model, checked in onnxruntime
+    vmq list                         model configurations, shipped reference models, recipes
+    vmq quantize MODEL --recipe R    quantize (PTQ4VM or ViM-VQ), lower, save, export to ONNX, report; MODEL is a
+                                     shipped reference model (Fashion-MNIST) or a checkpoint with --calib-dir
+    vmq eval MODEL                   top-1 on Fashion-MNIST or a labelled folder (--eval-dir)
+    vmq export-onnx MODEL -o F       ONNX export of a model or a saved quantized model, checked in onnxruntime
     vmq bench MODEL [MODEL ...]      forward latency (the first model is the baseline of the ratios)
+    vmq reference NAME               evaluate a shipped model, export it, quantize it W8A8 and evaluate that
+    vmq export MODEL [--batch N]     export a model configuration with torch.export and compare with eager
+    vmq train CONFIG                 train a reference model on Fashion-MNIST
+
+Every argument is checked before any work starts; an error is one line (``VMQ_DEBUG=1`` shows the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import shlex
 import sys
 import time
+from pathlib import Path
 
 __all__ = ["main"]
+
+log = logging.getLogger("vmq_fx.cli")
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
     from vmq_fx.models import MODEL_CONFIGS, list_references, reference_card
 
-    print("model configurations (vmq export / vmq train):")
+    print("model configurations (--config of a checkpoint; vmq export / vmq train):")
     for name, cfg in sorted(MODEL_CONFIGS.items()):
-        print(f"  {name:16s} {cfg}")
+        shape = (f"embed_dim {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_tokens} tokens" if hasattr(cfg, "embed_dim")
+                 else f"dims {'-'.join(map(str, cfg.dims))}, depths {'-'.join(map(str, cfg.depths))}")
+        print(f"  {name:16s} {type(cfg).__name__[:-6]:6s} {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {shape}, "
+              f"{cfg.num_classes} classes")
     print("shipped reference models (vmq reference / vmq eval / vmq quantize):")
     for name in list_references():
         card = reference_card(name)
@@ -39,109 +49,111 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_model(spec: str, config: str | None):
-    """A shipped reference model by name, or a checkpoint file (safetensors or torch) of ``config``."""
-    import os
+def _is_quantized_file(path: str) -> bool:
+    if not path.endswith(".safetensors"):
+        return False
+    from safetensors import safe_open
 
-    from vmq_fx.models import create_model, list_references, load_reference, load_state_dict_strict
+    try:
+        with safe_open(path, framework="pt") as f:
+            return str((f.metadata() or {}).get("format", "")).startswith("vmq_fx.lowered/")
+    except Exception:  # not safetensors: read_state_dict names the problem
+        return False
 
+
+def _load_model(args: argparse.Namespace, quantized_ok: bool = False):
+    """The model ``args.model`` names: a shipped reference model, a checkpoint file (official Vim / VMamba or a
+    vmq_fx state dict; ``--config`` optional, ``--ema``, ``--img-size``), or, where ``quantized_ok``, a quantized model
+    saved by ``vmq quantize``."""
+    from vmq_fx.models import list_references, load_checkpoint, load_reference
+
+    spec = args.model
     if spec in list_references():
         return load_reference(spec)
     if not os.path.exists(spec):
         raise ValueError(f"unknown model {spec!r}: not a shipped reference model ({', '.join(list_references())}) "
                          "and no such file")
-    if not config:
-        raise ValueError(f"{spec}: a checkpoint file needs --config (a configuration from `vmq list`)")
-    try:
-        if spec.endswith(".safetensors"):
-            from safetensors.torch import load_file
+    if _is_quantized_file(spec):
+        if not quantized_ok:
+            raise ValueError(f"{spec} is a quantized model saved by vmq quantize; give the floating-point checkpoint")
+        import vmq_fx
 
-            state = load_file(spec)
-        else:
-            import torch
-
-            state = torch.load(spec, map_location="cpu", weights_only=True)
-            state = state.get("model", state) if isinstance(state, dict) else state
-    except Exception as e:  # unreadable file: name it
-        raise ValueError(f"could not read checkpoint {spec}: {str(e).splitlines()[0]}") from e
-    model = create_model(config)
-    load_state_dict_strict(model, state, source=spec)
-    return model.eval()
+        return vmq_fx.load_quantized(spec)
+    overrides = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
+    return load_checkpoint(spec, getattr(args, "config", None), use_ema=getattr(args, "ema", False), **overrides)
 
 
-def _top1(model, images, labels, progress: bool) -> float:
-    from vmq_fx.evaluate import predict
+def _workload(args: argparse.Namespace, model, progress: bool):
+    """Fashion-MNIST for the 28x28 reference models, else the user's folders."""
+    from vmq_fx.workload import FashionMNISTWorkload, FolderWorkload, fashion_mnist_model
 
-    with __import__("torch").no_grad():
-        logits = predict(model, images, progress=progress)
-    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
-
-
-def _onnx_top1(path, images, labels, threads: int = 0) -> float:
-    import torch
-
-    from vmq_fx.export import ort_session
-
-    sess = ort_session(path, threads=threads)
-    feed = sess.get_inputs()[0].name
-    logits = torch.cat([torch.from_numpy(sess.run(None, {feed: c.numpy()})[0]) for c in images.split(500)])
-    return 100.0 * (logits.argmax(-1) == labels).float().mean().item()
+    calib_dir = getattr(args, "calib_dir", None)
+    if calib_dir is None and getattr(args, "eval_dir", None) is None:
+        if not fashion_mnist_model(model):
+            size = model.config.img_size if hasattr(model, "config") else "its"
+            raise ValueError(f"a model of {size}x{size} images needs your images: --calib-dir DIR (a folder of "
+                             "images; add --eval-dir DIR, one subfolder per class, for accuracy)")
+        return FashionMNISTWorkload(getattr(args, "calib", 256), args.limit, args.data_dir,
+                                    seed=getattr(args, "calib_seed", 0))
+    if calib_dir is None:
+        raise ValueError("--eval-dir needs --calib-dir (the calibration images)")
+    cfg = model.config
+    return FolderWorkload(cfg.preprocess, cfg.num_classes, calib_dir, args.calib, args.calib_seed, args.eval_dir,
+                          args.limit, workers=args.workers, progress=progress)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     import vmq_fx
     from vmq_fx import report as plots
-    from vmq_fx.data import calibration_images, fashion_mnist, normalize
 
     chosen = [vmq_fx.recipes.from_name(name) for name in args.recipe]  # bad names fail before any work
-    model = _load_model(args.model, args.config)
     progress = not args.quiet
-    images, labels = fashion_mnist("test", args.data_dir)
-    if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
-    x_test = normalize(images)
-    calib = calibration_images(args.calib, data_dir=args.data_dir)
+    model = _load_model(args)
+    workload = _workload(args, model, progress)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    fp_top1 = _top1(model, x_test, labels, progress)
-    table = ["| model | top-1 % torch | top-1 % onnxruntime | quantization s | files |", "|---|---|---|---|---|",
-             f"| FP32 | {fp_top1:.2f} | - | - | - |"]
+    workload.set_reference(model)
+    fp = workload.score(model, progress)
+    table = [f"| model | {workload.metric}, torch | onnxruntime | quantization s | files |", "|---|---|---|---|---|",
+             f"| FP32 | {fp} | - | - | - |"]
     notes, figures, points = [], [], []
+    calib = workload.calibration
+    example = calib[:2]
     for name, recipe in zip(args.recipe, chosen):
+        log.info("%s: quantizing", name)
         res = vmq_fx.quantize(model, recipe, calib, optimize=not args.no_optimize, steps=args.steps,
                               batch_size=args.batch_size, progress=progress, diagnostic_images=calib[:32])
         sub = out / name
         sub.mkdir(exist_ok=True)
         vmq_fx.save_quantized(res.lowered, sub / "model.safetensors", model.config)
         files = [f"{name}/model.safetensors ({(sub / 'model.safetensors').stat().st_size / 1024:.0f} KB)"]
-        top1 = _top1(res.lowered, x_test, labels, progress)
-        ort_top1 = "-"
+        score = workload.score(res.lowered, progress)
+        ort = "-"
         if not args.no_onnx:
-            onnx_res = vmq_fx.export_onnx(res.lowered, x_test[:2], sub / "model.onnx")
-            ort_top1 = f"{_onnx_top1(onnx_res.path, x_test, labels, args.threads):.2f}"
+            onnx_res = vmq_fx.export_onnx(res.lowered, example, sub / "model.onnx")
+            ort = str(workload.score_onnx(onnx_res.path, args.threads))
             files.append(f"{name}/model.onnx ({onnx_res.bytes / 1024:.0f} KB)")
-        table.append(f"| {name} (lowered) | {top1:.2f} | {ort_top1} | {res.seconds:.0f} | {', '.join(files)} |")
-        points.append((name, getattr(recipe, "w_bits", None) or recipe.index_bits, top1))
+        table.append(f"| {name} (lowered) | {score} | {ort} | {res.seconds:.0f} | {', '.join(files)} |")
+        points.append((name, getattr(recipe, "w_bits", None) or recipe.index_bits, score.value))
         if res.report is not None:
             notes.append(f"- {name}: {res.report}")
         png = f"layer_errors_{name}.png"
         plots.plot_layer_errors(res.errors_init, res.errors_final, out / png,
-                                f"{args.model} {name}: per-layer output error on 32 calibration images")
+                                f"{Path(args.model).name} {name}: per-layer output error on 32 calibration images")
         figures.append(f"![{png}]({png})")
         scales = plots.token_scales(res.prepared)
         if scales:
             png = f"token_scales_{name}.png"
-            plots.plot_token_scales(scales, out / png, f"{args.model} {name}: per-token activation step sizes")
+            plots.plot_token_scales(scales, out / png, f"{Path(args.model).name} {name}: per-token activation step "
+                                                       "sizes")
             figures.append(f"![{png}]({png})")
     if len(points) > 1:
-        plots.plot_accuracy_vs_bits(points, fp_top1, out / "accuracy_vs_bits.png", f"{args.model}: top-1 vs bits")
+        plots.plot_accuracy_vs_bits(points, fp.value, out / "accuracy_vs_bits.png",
+                                    f"{Path(args.model).name}: {workload.metric.split(' (')[0]} vs bits")
         figures.append("![accuracy_vs_bits.png](accuracy_vs_bits.png)")
     report = [f"# vmq quantize {args.model} --recipe {' '.join(args.recipe)}", "",
-              f"Top-1 on {len(labels)} Fashion-MNIST test images; {args.calib} calibration images from the training "
-              "split. Quantization time: calibration + optimization + convert + lower, this machine. Load a model "
-              "with `vmq_fx.load_quantized(path)`.", "", *table, "", *notes, "", *figures, ""]
+              f"{workload.description} Quantization time: calibration + optimization + convert + lower, this machine. "
+              "Load a model with `vmq_fx.load_quantized(path)`.", "", *table, "", *notes, "", *figures, ""]
     (out / "report.md").write_text("\n".join(report))
     print("\n".join(table))
     print(f"wrote {out / 'report.md'}")
@@ -161,7 +173,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
-    models = [(spec, _load_any(spec, None)) for spec in args.models]
+    models = [(spec, _load_model(argparse.Namespace(model=spec), quantized_ok=True)) for spec in args.models]
     print(f"median forward latency over {args.reps} runs (torch, {torch.get_num_threads()} threads)")
     print(f"{'model':<48} " + " ".join(f"{'b=' + str(b):>10}" for b in args.batch))
     base = None
@@ -191,7 +203,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     import vmq_fx
     from vmq_fx.export import ort_session
 
-    model = _load_any(args.model, args.config)
+    model = _load_model(args, quantized_ok=True)
     shape = _input_shape(model)
     x = torch.randn(args.batch, *[int(d) for d in shape], generator=torch.Generator().manual_seed(0))
     res = vmq_fx.export_onnx(model, x, args.output)
@@ -311,58 +323,107 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_any(spec: str, config: str | None):
-    """A saved quantized model (``vmq quantize`` output), a shipped reference model, or a checkpoint file."""
-    import os
-
-    if spec.endswith(".safetensors") and os.path.isfile(spec) and not config:
-        import vmq_fx
-
-        return vmq_fx.load_quantized(spec)
-    return _load_model(spec, config)
-
-
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from vmq_fx.evaluate import evaluate
+    from vmq_fx.evaluate import evaluate, evaluate_folder
+    from vmq_fx.images import ImageFolder
 
-    model = _load_any(args.model, args.config)
-    print(f"{args.model}: {evaluate(model, limit=args.limit, data_dir=args.data_dir, progress=not args.quiet)}")
+    model = _load_model(args, quantized_ok=True)
+    progress = not args.quiet
+    if args.eval_dir:
+        cfg = model.config if hasattr(model, "config") else model.meta["vmq_config"]
+        folder = ImageFolder.open(args.eval_dir, cfg.num_classes, cfg.preprocess)
+        if args.limit:
+            folder.files, folder.labels = folder.files[:args.limit], folder.labels[:args.limit]
+        result = evaluate_folder(model, folder, workers=args.workers, progress=progress)
+    else:
+        if not _fashion_mnist_input(model):
+            raise ValueError(f"{args.model} does not take 28x28 Fashion-MNIST images: give --eval-dir DIR (one "
+                             "subfolder per class)")
+        result = evaluate(model, limit=args.limit, data_dir=args.data_dir, progress=progress)
+    print(f"{args.model}: {result}")
     return 0
 
 
-def _threads(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 (the default) or a positive number of threads, got {n}")
-    return n
+def _fashion_mnist_input(model) -> bool:
+    return _input_shape(model) == (1, 28, 28)
+
+
+def _count(minimum: int):
+    """An argparse type: an integer of at least ``minimum`` (checked when the command line is read)."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {n}")
+        return n
+    return parse
+
+
+def _out_dir(text: str) -> str:
+    if Path(text).exists() and not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return text
+
+
+def _folder(text: str) -> str:
+    if not Path(text).is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is not a folder" if Path(text).exists() else f"no folder {text}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (argparse's default prints the usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"vmq: error: {self.prog.split(' ', 1)[-1]}: {message}\n")
+
+
+def _model_args(p: argparse.ArgumentParser, quantized: bool) -> None:
+    what = "a quantized .safetensors from `vmq quantize`, " if quantized else ""
+    p.add_argument("model", help=f"a shipped reference model (vim-fm-tiny), {what}or a checkpoint file: official "
+                                 "Vim / VMamba .pth (as released or as their training scripts save it) or a state dict")
+    p.add_argument("--config", help="the checkpoint's configuration (see `vmq list`; default: inferred from its shapes)")
+    p.add_argument("--ema", action="store_true", help="load the checkpoint's model_ema weights")
+    p.add_argument("--img-size", type=_count(1), help="input size of a VMamba checkpoint (default 224)")
+
+
+def _image_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-dir", type=_folder, help="labelled images, one subfolder per class (ImageNet WordNet-id "
+                                                    "folders map to the 1000 ImageNet classes)")
+    p.add_argument("--workers", type=_count(0), help="image decoding processes (default: up to 4)")
+    p.add_argument("--limit", type=_count(1), help="score on the first N evaluation images only")
+    p.add_argument("--data-dir", help="Fashion-MNIST directory (the reference models; default: $VMQ_DATA_DIR or the "
+                                      "Debian location)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmq", description="Quantize and export Visual Mamba models.")
+    p = _Parser(prog="vmq", description="Quantize and export Visual Mamba models.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=_threads, default=0,
+    common.add_argument("--threads", type=_count(0), default=0,
                         help="CPU threads for torch and onnxruntime (0: their defaults, all cores)")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=lambda **kw: argparse.ArgumentParser(
-        parents=[common], **kw))
+    sub = p.add_subparsers(dest="command", required=True, parser_class=lambda **kw: _Parser(parents=[common], **kw))
     sub.add_parser("list", help="list known models").set_defaults(fn=_cmd_list)
-    r = sub.add_parser("reference", help="the main job on a shipped reference model")
+    r = sub.add_parser("reference", help="evaluate, export and quantize (W8A8) a shipped reference model")
     r.add_argument("name", help="reference model name, e.g. vim-fm-tiny")
-    r.add_argument("--calib", type=int, default=256, help="calibration images (training split)")
+    r.add_argument("--calib", type=_count(1), default=256, help="calibration images (training split)")
     r.add_argument("--data-dir", help="Fashion-MNIST directory")
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(fn=_cmd_reference)
-    e = sub.add_parser("export", help="export a model with torch.export and compare it with eager")
-    e.add_argument("model", help="model name (see `vmq list`)")
-    e.add_argument("--batch", type=int, default=2)
+    e = sub.add_parser("export", help="export a model configuration with torch.export and compare it with eager")
+    e.add_argument("model", help="model configuration (see `vmq list`)")
+    e.add_argument("--batch", type=_count(1), default=2)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--output", help="save the ExportedProgram (.pt2)")
     e.set_defaults(fn=_cmd_export)
     t = sub.add_parser("train", help="train a reference model on Fashion-MNIST (CPU)")
     t.add_argument("model", help="model configuration name, e.g. vim_fm_tiny")
     t.add_argument("--name", help="reference name of the result (default: the config name with dashes)")
-    t.add_argument("--out-dir", default="vmq_fx/models/reference")
+    t.add_argument("--out-dir", type=_out_dir, default="vmq_fx/models/reference")
     t.add_argument("--epochs", type=float, default=3.0)
-    t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--batch-size", type=_count(1), default=128)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--init-from", help="continue from a checkpoint written by `vmq train` (.safetensors with its "
@@ -370,61 +431,74 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--conditions", help="note for the model card on how the run was made (what shared the CPU)")
     t.add_argument("--data-dir", help="Fashion-MNIST directory (default: $VMQ_DATA_DIR or the Debian location)")
     t.set_defaults(fn=_cmd_train)
-    v = sub.add_parser("eval", help="top-1 of a shipped reference model on the Fashion-MNIST test set")
-    v.add_argument("model", help="reference model name (vim-fm-tiny), a quantized .safetensors from `vmq quantize`, "
-                                 "or a checkpoint with --config")
-    v.add_argument("--config", help="model configuration of a checkpoint file")
-    v.add_argument("--limit", type=int, help="only the first N test images")
-    v.add_argument("--data-dir", help="Fashion-MNIST directory")
-    v.add_argument("--quiet", action="store_true")
+    v = sub.add_parser("eval", help="top-1 on a labelled image folder, or on Fashion-MNIST for the reference models")
+    _model_args(v, quantized=True)
+    _image_args(v)
     v.set_defaults(fn=_cmd_eval)
     q = sub.add_parser("quantize", help="quantize a model, save it, export it to ONNX and write a report")
-    q.add_argument("model", help="shipped reference model name, or a checkpoint file with --config")
+    _model_args(q, quantized=False)
     q.add_argument("--recipe", required=True, nargs="+",
                    help="one or more, e.g. ptq4vm-w8a8 ptq4vm-w4a8 vimvq-2bit (see `vmq list`)")
-    q.add_argument("--config", help="model configuration of a checkpoint file (see `vmq list`)")
-    q.add_argument("--calib", type=int, default=256, help="calibration images from the training split")
-    q.add_argument("--steps", type=int, help="optimization steps per block (JLSS / ViM-VQ; default: the recipe's)")
-    q.add_argument("--batch-size", type=int, help="images per optimization step (default: JLSS all, ViM-VQ 64)")
+    q.add_argument("--calib-dir", type=_folder, help="a folder of your images to calibrate with (needed for any model "
+                                                    "but the shipped Fashion-MNIST ones)")
+    q.add_argument("--calib", type=_count(1), default=256, help="calibration images (drawn from --calib-dir, or the "
+                                                                 "Fashion-MNIST training split)")
+    q.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample")
+    _image_args(q)
+    q.add_argument("--steps", type=_count(0), help="optimization steps per block (JLSS / ViM-VQ; default: the "
+                                                   "recipe's)")
+    q.add_argument("--batch-size", type=_count(1), help="images per optimization step (default: JLSS all, ViM-VQ 64)")
     q.add_argument("--no-optimize", action="store_true", help="PTQ4VM recipes: skip JLSS (SmoothQuant + PTS)")
     q.add_argument("--no-onnx", action="store_true", help="do not export model.onnx")
-    q.add_argument("--limit", type=int, help="evaluate on the first N test images only")
-    q.add_argument("--out-dir", required=True, help="output directory")
-    q.add_argument("--data-dir", help="Fashion-MNIST directory")
-    q.add_argument("--quiet", action="store_true")
+    q.add_argument("--out-dir", type=_out_dir, required=True, help="output folder")
     q.set_defaults(fn=_cmd_quantize)
     o = sub.add_parser("export-onnx", help="export a model or a saved quantized model to ONNX, check in onnxruntime")
-    o.add_argument("model", help="reference model name, a quantized .safetensors from `vmq quantize`, or a "
-                                 "checkpoint with --config")
+    _model_args(o, quantized=True)
     o.add_argument("-o", "--output", required=True, help="the .onnx file to write")
-    o.add_argument("--config", help="model configuration of a checkpoint file")
-    o.add_argument("--batch", type=int, default=2, help="example batch (the exported batch stays dynamic)")
+    o.add_argument("--batch", type=_count(2), default=2, help="example batch (the exported batch stays dynamic)")
     o.set_defaults(fn=_cmd_export_onnx)
     b = sub.add_parser("bench", help="forward latency of models (the first is the baseline of the ratios)")
-    b.add_argument("models", nargs="+", help="reference model names or quantized .safetensors files")
-    b.add_argument("--batch", type=int, nargs="+", default=[1, 64])
-    b.add_argument("--reps", type=int, default=7)
+    b.add_argument("models", nargs="+", help="reference model names, checkpoints or quantized .safetensors files")
+    b.add_argument("--batch", type=_count(1), nargs="+", default=[1, 64])
+    b.add_argument("--reps", type=_count(1), default=7)
     b.set_defaults(fn=_cmd_bench)
     return p
 
 
+def _configure_logging(quiet: bool) -> None:
+    """vmq_fx's notes (kernel builds, inferred configurations, warnings) on stderr; warnings only with --quiet."""
+    logger = logging.getLogger("vmq_fx")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("vmq: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vmq`` console script; returns the exit status."""
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as e:  # argparse: --help (0) or a one-line error (2)
+        return int(e.code or 0)
+    _configure_logging(getattr(args, "quiet", False))
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     try:
         return args.fn(args)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError, ImportError) as e:
-        # One line for people; the traceback is for developers (python -X dev / VMQ_DEBUG=1).
-        import os
-
+    except (ValueError, OSError, RuntimeError, TypeError, ImportError) as e:
+        # One line for people; the traceback is for developers (VMQ_DEBUG=1).
         if os.environ.get("VMQ_DEBUG"):
             raise
-        print(f"vmq: error: {str(e).splitlines()[0]}", file=sys.stderr)
+        print(f"vmq: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
+              file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("vmq: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

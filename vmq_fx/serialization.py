@@ -119,4 +119,5 @@ def load_quantized(path: str | os.PathLike) -> fx.GraphModule:
         if name in tensors and name in own:
             tensors[name] = unpack_int4(tensors[name], own[name].shape[1])
     load_state_dict_strict(gm, tensors, source=path)
+    gm.meta["vmq_config"] = config
     return gm

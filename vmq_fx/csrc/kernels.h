@@ -39,4 +39,12 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
                                   const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin,
                                   int64_t qmax, int64_t shift);
 
+// Calibration statistics (vmq_fx/observers): per-token min / max and channel max |x| of [batch, L, C]; per-token
+// histogram counting; the Lp range search over histograms.
+std::vector<at::Tensor> token_stats(const at::Tensor& x);
+void histogram_add(const at::Tensor& x, at::Tensor& counts, const at::Tensor& start, const at::Tensor& width);
+std::vector<at::Tensor> search_ranges(const at::Tensor& counts, const at::Tensor& start, const at::Tensor& width,
+                                      const at::Tensor& lo, const at::Tensor& hi, int64_t levels, double p,
+                                      int64_t num_candidates);
+
 }  // namespace vmq_fx

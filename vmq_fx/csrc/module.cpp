@@ -42,4 +42,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_kernels_registered", &cpu_kernels_registered);
   m.def("selective_scan_backward", &vmq_fx::selective_scan_backward_cpu);
   m.def("quantize_per_token", &vmq_fx::quantize_per_token_cpu);
+  m.def("token_stats", &vmq_fx::token_stats);
+  m.def("histogram_add", &vmq_fx::histogram_add);
+  m.def("search_ranges", &vmq_fx::search_ranges);
 }

@@ -19,11 +19,9 @@
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -32,120 +30,7 @@
 
 namespace {
 
-template <typename T>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  static constexpr int W = 16;
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
-};
-template <>
-struct Lanes<double> {
-  static constexpr int W = 8;
-  typedef double V __attribute__((vector_size(64)));
-};
-
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-// 2^y for 16 floats: y = k + f with k an integer and |f| <= 1/2, a degree-6 polynomial for 2^f (Chebyshev fit,
-// relative error ~1e-7 in float arithmetic), scaled by 2^k. The recurrence's decay exp(dt * A) is computed as
-// 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply fewer per state update. With AVX-512 the rounding
-// and the scaling are one instruction each (vrndscaleps, vscalefps, which also saturates to 0 and inf).
-inline Lanes<float>::V vexp2(Lanes<float>::V y) {
-  using V = Lanes<float>::V;
-#if defined(__AVX512F__)
-  const __m512 k = _mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V f = y - (V)k;
-#else
-  using I = Lanes<float>::I;
-  const V lo = V{} - 126.0f, hi = V{} + 127.0f;
-  y = y < lo ? lo : y;
-  y = y > hi ? hi : y;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
-  const V k = (y + magic) - magic;
-  const V f = y - k;
-#endif
-  V p = V{} + 1.5469732170458883e-4f;
-  p = p * f + 1.3400432653725147e-3f;
-  p = p * f + 9.6180252730846405e-3f;
-  p = p * f + 5.5503271520137787e-2f;
-  p = p * f + 2.4022650718688965e-1f;
-  p = p * f + 6.9314718246459961e-1f;
-  p = p * f + 1.0f;
-#if defined(__AVX512F__)
-  return (V)_mm512_scalef_ps((__m512)p, k);
-#else
-  I e = (__builtin_convertvector(k, I) + 127) << 23;
-  return p * (V)e;
-#endif
-}
-
-constexpr float kLog2e = 1.44269504088896341f;
-
-inline Lanes<float>::V vexp(Lanes<float>::V x) { return vexp2(x * kLog2e); }
-
-// The decay exp(dt * A) from dt and A pre-scaled by decay_scale<T>(): 2^x for floats, exp for doubles.
-inline Lanes<float>::V vdecay(Lanes<float>::V x) { return vexp2(x); }
-
-// Doubles (used to check the kernel against float64 references): the library exp per lane.
-inline Lanes<double>::V vexp(Lanes<double>::V x) {
-  Lanes<double>::V out;
-  for (int i = 0; i < Lanes<double>::W; ++i) out[i] = std::exp(x[i]);
-  return out;
-}
-
-inline Lanes<double>::V vdecay(Lanes<double>::V x) { return vexp(x); }
-
-template <typename T>
-constexpr T decay_scale() {
-  return sizeof(T) == 4 ? T(kLog2e) : T(1);
-}
-
-template <typename V>
-inline V vsigmoid(V x) {
-  using T = typename std::remove_reference<decltype(x[0])>::type;
-  return T(1) / (T(1) + vexp(-x));
-}
-
-// softplus as torch computes it (x above 20 passes through), for 16 floats: max(x, 0) + log1p(exp(-|x|)), with
-// log1p(y) = log(1 + y) * y / ((1 + y) - 1) (exact for tiny y) and log on [1, 2] by atanh's series after halving
-// the upper part of the range (|s| <= 0.172: five terms give ~1e-8).
-inline Lanes<float>::V vsoftplus(Lanes<float>::V x) {
-  using V = Lanes<float>::V;
-  const V zero = V{};
-  const V ax = x < zero ? -x : x;
-  const V y = vexp(-ax);
-  const V u = y + 1.0f;
-  const V big = u > 1.41421356f ? V{} + 1.0f : zero;  // halve [sqrt 2, 2] so that log's argument is near 1
-  const V m = u * (1.0f - 0.5f * big);
-  const V s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  V poly = s2 * (1.0f / 9) + 1.0f / 7;
-  poly = poly * s2 + 1.0f / 5;
-  poly = poly * s2 + 1.0f / 3;
-  poly = poly * s2 + 1.0f;
-  const V log_u = big * 0.693147180559945f + 2.0f * s * poly;
-  const V d = u - 1.0f;
-  const V l1p = d == zero ? y : log_u * (y / d);
-  const V sp = (x > zero ? x : zero) + l1p;
-  return x > 20.0f ? x : sp;
-}
-
-inline Lanes<double>::V vsoftplus(Lanes<double>::V x) {
-  Lanes<double>::V out;
-  for (int i = 0; i < Lanes<double>::W; ++i) out[i] = x[i] > 20.0 ? x[i] : std::log1p(std::exp(x[i]));
-  return out;
-}
+using namespace vmq_fx;
 
 // A [batch, channels, L] tensor viewed through its strides.
 template <typename T>

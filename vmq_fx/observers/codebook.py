@@ -36,19 +36,25 @@ def nearest_codewords(x: Tensor, codebook: Tensor, n: int) -> tuple[Tensor, Tens
     idx, dist = [], []
     c2 = codebook.pow(2).sum(1)
     for chunk in x.split(_CHUNK):
-        d2 = (chunk.pow(2).sum(1, keepdim=True) - 2 * chunk @ codebook.t() + c2).clamp_min(0)
-        v, i = d2.topk(n, dim=1, largest=False)
+        # |x|^2 does not change the order: add it to the n kept distances only
+        d2 = torch.addmm(c2, chunk, codebook.t(), alpha=-2)
+        if n == 1:
+            v, i = d2.min(dim=1, keepdim=True)
+        else:
+            v, i = d2.topk(n, dim=1, largest=False)
         idx.append(i)
-        dist.append(v)
+        dist.append((v + chunk.pow(2).sum(1, keepdim=True)).clamp_min(0))
     return torch.cat(idx), torch.cat(dist)
 
 
 @torch.no_grad()
-def kmeans(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[Tensor, Tensor]:
+def kmeans(x: Tensor, k: int, iters: int = 25, seed: int = 0, max_points: int | None = 128 * 256
+           ) -> tuple[Tensor, Tensor]:
     """Lloyd's k-means of the rows of ``x`` ``[S, d]``.
 
     Initialized with ``k`` distinct random rows; an empty cluster is re-seeded with the point farthest from its
-    centroid. With ``k >= S`` every point is its own codeword (the rest of the codebook repeats points).
+    centroid. With ``k >= S`` every point is its own codeword (the rest of the codebook repeats points). The
+    centroids are fit on at most ``max_points`` rows drawn with ``seed`` (``None``: all); every row is then assigned.
 
     Returns:
         ``(codebook [k, d], assignment [S])`` with every point assigned to its nearest codeword of the returned
@@ -60,17 +66,18 @@ def kmeans(x: Tensor, k: int, iters: int = 25, seed: int = 0) -> tuple[Tensor, T
     if k >= s:
         extra = torch.randint(0, s, (k - s,), generator=gen)
         return torch.cat([x, x[extra]]), torch.arange(s)
-    codebook = x[torch.randperm(s, generator=gen)[:k]].clone()
+    fit = x if max_points is None or s <= max_points else x[torch.randperm(s, generator=gen)[:max_points]]
+    codebook = fit[torch.randperm(len(fit), generator=gen)[:k]].clone()
     for _ in range(iters):
-        assign, dist = nearest_codewords(x, codebook, 1)
+        assign, dist = nearest_codewords(fit, codebook, 1)
         assign, dist = assign[:, 0], dist[:, 0]
         counts = torch.bincount(assign, minlength=k)
-        sums = torch.zeros_like(codebook).index_add_(0, assign, x)
+        sums = torch.zeros_like(codebook).index_add_(0, assign, fit)
         empty = counts == 0
         codebook = torch.where(empty[:, None], codebook, sums / counts.clamp_min(1)[:, None])
         if empty.any():
             far = dist.topk(int(empty.sum())).indices
-            codebook[empty] = x[far]
+            codebook[empty] = fit[far]
     return codebook, nearest_codewords(x, codebook, 1)[0][:, 0]
 
 

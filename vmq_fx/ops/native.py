@@ -34,8 +34,8 @@ __all__ = ["disabled", "enable", "native_kernels"]
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("module.cpp", "selective_scan.cpp", "quant_linear.cpp")
-_HEADERS = ("kernels.h",)
+_SOURCES = ("module.cpp", "selective_scan.cpp", "quant_linear.cpp", "calibration.cpp")
+_HEADERS = ("kernels.h", "vec.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
 
 
