@@ -18,9 +18,9 @@ def register() -> None:
     from vmq_fx.kernels.int8_linear import int8_linear_triton
     from vmq_fx.kernels.selective_scan import selective_scan_triton
     from vmq_fx.kernels.vq_linear import vq_linear_triton
-    from vmq_fx.ops.int8_linear import int8_linear
+    from vmq_fx.ops.integer_linear import int8_linear
     from vmq_fx.ops.selective_scan import selective_scan_op
-    from vmq_fx.ops.vq_linear import vq_linear
+    from vmq_fx.ops.codebook_linear import vq_linear
 
     int8_linear.register_kernel("cuda")(int8_linear_triton)
     vq_linear.register_kernel("cuda")(vq_linear_triton)

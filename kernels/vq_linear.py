@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from vmq_fx.kernels._common import gemm_blocks
-from vmq_fx.ops.vq_linear import code_bits
+from vmq_fx.ops.codebook_linear import code_bits
 
 __all__ = ["vq_linear_triton"]
 

@@ -13,7 +13,7 @@ from vmq_fx.kernels.selective_scan import selective_scan_triton  # noqa: E402
 from vmq_fx.kernels.vq_linear import vq_linear_triton  # noqa: E402
 from int8_cases import int8_case  # noqa: E402
 from vmq_fx.ops import int8_linear_reference, pack_codes, vq_linear_reference  # noqa: E402
-from vmq_fx.ops.vq_linear import code_bits  # noqa: E402
+from vmq_fx.ops.codebook_linear import code_bits  # noqa: E402
 
 
 def _gen(seed):

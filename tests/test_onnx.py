@@ -10,7 +10,7 @@ from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.data import calibration_images, fashion_mnist, normalize
 from vmq_fx.export import OnnxExportError, ort_session
 from vmq_fx.models import create_model, load_reference
-from vmq_fx.ops.int8_linear import prepare_weight
+from vmq_fx.ops.integer_linear import prepare_weight
 
 REL_BOUND = 1e-4  # FP logits, onnxruntime vs torch: float reassociation (Scan body, exp, reductions) only
 # Quantized models: an upstream float difference of ~1e-7 moves the few activations that sit on a rounding boundary

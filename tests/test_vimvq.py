@@ -9,8 +9,8 @@ from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.models import CheckpointMismatchError, create_model
 from vmq_fx.observers import NotCalibratedError, VectorQuantizedWeight, kmeans, nearest_codewords
 from vmq_fx.ops import pack_codes, unpack_codes, vq_dequantize, vq_linear, vq_linear_reference
-from vmq_fx.ops.vq_linear import code_bits
-from vmq_fx.vector_quantize import _confirm_schedule
+from vmq_fx.ops.codebook_linear import code_bits
+from vmq_fx.vq import _confirm_schedule
 
 VQ_DQ = torch.ops.vmq.vq_dequantize.default
 VQ_LINEAR = torch.ops.vmq.vq_linear.default

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.split_module import split_module
 
-from vmq_fx.calibrate import linear_quantizers, set_fake_quant
+from vmq_fx.calibration import linear_quantizers, set_fake_quant
 
 __all__ = ["BlockRunner"]
 

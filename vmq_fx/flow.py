@@ -10,14 +10,14 @@ import torch
 from torch import fx, nn
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from vmq_fx.calibrate import calibrate, linear_quantizers
+from vmq_fx.calibration import calibrate, linear_quantizers
 from vmq_fx.export import export_model
 from vmq_fx.joint_learning import JLSSConfig, jlss
 from vmq_fx.passes import lower
 from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe
 from vmq_fx.observers import VectorQuantizedWeight
 from vmq_fx.report import layer_errors
-from vmq_fx.vector_quantize import kmeans_assignment, vector_quantize
+from vmq_fx.vq import kmeans_assignment, vector_quantize
 
 __all__ = ["QuantizeResult", "quantize"]
 

@@ -21,7 +21,7 @@ from torch import fx, nn
 from tqdm.auto import tqdm
 
 from vmq_fx.blockwise import BlockRunner
-from vmq_fx.calibrate import linear_quantizers, split_batches
+from vmq_fx.calibration import linear_quantizers, split_batches
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
 
 __all__ = ["JLSSConfig", "JLSSReport", "jlss"]

@@ -25,7 +25,7 @@ from torch import fx, nn
 from torchao.quantization.pt2e.observer import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
 
-from vmq_fx.ops.vq_linear import code_bits
+from vmq_fx.ops.codebook_linear import code_bits
 from vmq_fx.observers import (
     PerChannelWeightFakeQuantize,
     PerTokenDynamicFakeQuantize,

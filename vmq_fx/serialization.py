@@ -17,14 +17,14 @@ from safetensors.torch import save_file
 from torch import fx
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from vmq_fx.calibrate import calibrate, linear_quantizers
+from vmq_fx.calibration import calibrate, linear_quantizers
 from vmq_fx.export import export_model
 from vmq_fx.models.checkpoint import load_state_dict_strict
 from vmq_fx.models.registry import build_model
 from vmq_fx.models.vim import VimConfig
 from vmq_fx.models.vmamba import VMambaConfig
 from vmq_fx.observers import VectorQuantizedWeight
-from vmq_fx.ops.int8_linear import pack_int4, unpack_int4
+from vmq_fx.ops.integer_linear import pack_int4, unpack_int4
 from vmq_fx.passes import lower
 from vmq_fx.passes.int4_storage import int4_weight_names
 from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from vmq_fx.observers.fake_quantize import NotCalibratedError
-from vmq_fx.ops.vq_linear import code_bits, pack_codes
+from vmq_fx.ops.codebook_linear import code_bits, pack_codes
 
 __all__ = ["VectorQuantizedWeight", "kmeans", "nearest_codewords"]
 

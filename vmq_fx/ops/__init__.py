@@ -1,7 +1,7 @@
 """Custom ops of vmq_fx (``torch.ops.vmq.*``): schema, fake implementation, CPU implementation, autograd."""
-from vmq_fx.ops.int8_linear import int8_linear, int8_linear_reference, pack_int4, unpack_int4
+from vmq_fx.ops.integer_linear import int8_linear, int8_linear_reference, pack_int4, unpack_int4
 from vmq_fx.ops.selective_scan import selective_scan_fn, selective_scan_op
-from vmq_fx.ops.vq_linear import pack_codes, unpack_codes, vq_dequantize, vq_linear, vq_linear_reference
+from vmq_fx.ops.codebook_linear import pack_codes, unpack_codes, vq_dequantize, vq_linear, vq_linear_reference
 
 from vmq_fx.ops import native
 

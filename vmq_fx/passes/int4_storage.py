@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from vmq_fx.ops.int8_linear import is_packed, pack_int4
+from vmq_fx.ops.integer_linear import is_packed, pack_int4
 
 __all__ = ["int4_weight_names", "pack_int4_weights"]
 

@@ -18,7 +18,6 @@ The codebooks end in float16, the precision ``convert_pt2e`` stores them in.
 from __future__ import annotations
 
 import contextlib
-import threading
 import time
 from dataclasses import dataclass
 
@@ -27,7 +26,8 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from vmq_fx.blockwise import BlockRunner
-from vmq_fx.calibrate import linear_quantizers, split_batches
+from vmq_fx.memory import PeakRSS
+from vmq_fx.calibration import linear_quantizers, split_batches
 from vmq_fx.observers import VectorQuantizedWeight
 from vmq_fx.quantizer import VQRecipe
 
@@ -52,43 +52,6 @@ class VQReport:
         return (f"ViM-VQ ({self.method}): {self.layers} layers in {self.blocks} blocks, {self.seconds:.1f} s, peak RSS "
                 f"+{(self.peak_rss_bytes - self.start_rss_bytes) / 2**20:.0f} MiB over the start; mean block loss "
                 f"(1 - cos) k-means {before:.4g} -> {after:.4g}")
-
-
-class _PeakRSS:
-    """Samples the process's resident memory (``/proc/self/statm``) every 20 ms while active."""
-
-    def __init__(self):
-        self.peak = self.start = 0
-        self._stop = threading.Event()
-        self._page = 4096
-        try:
-            import os
-
-            self._page = os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            pass
-
-    def _rss(self) -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * self._page
-        except OSError:  # not Linux: no sampling
-            return 0
-
-    def _loop(self):
-        while not self._stop.wait(0.02):
-            self.peak = max(self.peak, self._rss())
-
-    def __enter__(self):
-        self.peak = self.start = self._rss()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
 
 
 def _confirm_schedule(recipe: VQRecipe) -> dict[int, float]:
@@ -135,7 +98,7 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool =
     gen = torch.Generator().manual_seed(recipe.seed)
     schedule = _confirm_schedule(recipe)
     optimize = recipe.method != "kmeans" and recipe.steps > 0
-    with _PeakRSS() as rss:
+    with PeakRSS() as rss:
         runner = BlockRunner(prepared, images)
         loss_kmeans, loss_after = [], []
         for k, block in enumerate(runner.blocks):

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
-from vmq_fx.ops.int8_linear import prepare_weight
+from vmq_fx.ops.integer_linear import prepare_weight
 from vmq_fx.passes.simplify import drop_unused_attributes, simplify
 from vmq_fx.quantizer import SMOOTH_ATTR_PREFIX, quantized_linears
 
