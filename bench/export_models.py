@@ -21,7 +21,7 @@ from vmq_fx.models import create_model  # noqa: E402
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="bench/results/export.md")
-    p.add_argument("--models", nargs="+", default=["vim_tiny", "vmamba_tiny", "vim_fm_tiny", "vmamba_fm_tiny"])
+    p.add_argument("--models", nargs="+", default=["vim_tiny", "vmambav2v_tiny", "vim_fm_tiny", "vmamba_fm_tiny"])
     args = p.parse_args()
     rows = []
     for name in args.models:

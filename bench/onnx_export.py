@@ -30,13 +30,13 @@ from vmq_fx.export import ort_session  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
 
 
-def _variants(gm, calib, vq_steps):
+def _variants(gm, calib, vq_schedule):
     yield "FP32", None
     for name, recipe in (("W8A8", recipes.smoothquant_pts(8, 8)), ("W4A8", recipes.smoothquant_pts(4, 8)),
-                         ("VQ 3-bit", recipes.vimvq(3, **vq_steps)), ("VQ 2-bit", recipes.vimvq(2, **vq_steps))):
+                         ("VQ 3-bit", recipes.vimvq(3, schedule=vq_schedule)), ("VQ 2-bit", recipes.vimvq(2, schedule=vq_schedule))):
         prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipe))
         vmq_fx.calibrate(prepared, calib, progress=False)
-        if isinstance(recipe, vmq_fx.VQRecipe):
+        if recipe.optimizer == "vimvq":
             vmq_fx.vector_quantize(prepared, calib, progress=False)
         yield name, vmq_fx.lower(convert_pt2e(prepared))
 
@@ -53,7 +53,7 @@ def main():
         torch.set_num_threads(args.threads)
     x_test, labels = test_set(args.limit)
     calib = calibration_images(256)
-    vq_steps = {} if args.vq_steps is None else {"steps": args.vq_steps}
+    vq_schedule = vmq_fx.Schedule(steps=args.vq_steps)
     rows = []
     header = [
         "# ONNX export and onnxruntime", "",
@@ -72,7 +72,7 @@ def main():
         model = load_reference(name)
         gm = vmq_fx.export_model(model, x_test[:2]).module()
         base = {}
-        for variant, lowered in _variants(gm, calib, vq_steps):
+        for variant, lowered in _variants(gm, calib, vq_schedule):
             m = model if lowered is None else lowered
             res = vmq_fx.export_onnx(m, x_test[:2], tmp / f"{name}-{variant.replace(' ', '')}.onnx")
             sess = ort_session(res.path, threads=args.threads or None)

@@ -25,9 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import machine_line, test_set, top1  # noqa: E402
 
 import vmq_fx  # noqa: E402
-from vmq_fx import JLSSConfig, VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
+from vmq_fx import Schedule, VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
 from vmq_fx.data import calibration_images  # noqa: E402
 from vmq_fx.evaluate import predict  # noqa: E402
+from vmq_fx.joint_learning import resolved_schedule  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
 
 BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
@@ -57,13 +58,13 @@ def main():
 
     x_test, labels = test_set(args.limit)
     calib = calibration_images(args.calib)
-    jcfg = JLSSConfig(steps=args.jlss_steps, batch_size=args.jlss_batch)
-    vmamba_jcfg = JLSSConfig(
+    jcfg = Schedule(steps=args.jlss_steps, batch_size=args.jlss_batch)
+    vmamba_jcfg = Schedule(
         steps=args.vmamba_jlss_steps if args.vmamba_jlss_steps is not None else args.jlss_steps,
         batch_size=args.vmamba_jlss_batch if args.vmamba_jlss_batch is not None else args.jlss_batch)
 
-    def schedule(cfg: JLSSConfig, family: str) -> str:
-        steps = cfg.steps if cfg.steps is not None else cfg.resolved(family, False).steps
+    def schedule(cfg: Schedule, family: str) -> str:
+        steps = resolved_schedule(cfg, family, "jlss")[0]
         return f"{family}: {steps} steps per block on {cfg.batch_size or 'all'} images per step"
     rows, notes = [], []
     header = [

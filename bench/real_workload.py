@@ -35,7 +35,7 @@ from vmq_fx.memory import PeakRSS  # noqa: E402
 from vmq_fx.models import create_model, load_checkpoint  # noqa: E402
 from vmq_fx.report import bits_per_weight  # noqa: E402
 
-REDUCED = dict(steps=4, batch_size=32)  # the optimization schedule run here (per block)
+REDUCED = vmq_fx.Schedule(steps=4, batch_size=32)  # the optimization schedule run here (per block)
 PAPERS = {"jlss_vim": (100, 256), "jlss_vmamba": (400, 256), "vimvq": (100, 64)}  # steps per block, batch
 
 
@@ -102,27 +102,27 @@ def bench_model(name: str, args, folder: Path, work: Path) -> list[str]:
              "parameters)", ""]
     results = []
     for label, recipe in (("sq-pts W8A8", recipes.smoothquant_pts(8, 8)), ("PTQ4VM W4A8", recipes.ptq4vm(4, 8)),
-                          ("ViM-VQ 2-bit", recipes.vimvq(2, **REDUCED))):
+                          ("ViM-VQ 2-bit", recipes.vimvq(2, schedule=REDUCED))):
         print(f"{name} {label}", file=sys.stderr, flush=True)
         rs = Stages()
         prepared = rs.run("prepare", lambda: prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipe)))
         rs.run("calibrate", lambda: vmq_fx.calibrate(prepared, calib, batch_size=32, progress=False))
         report, projection = None, ""
-        if isinstance(recipe, vmq_fx.VQRecipe):
+        if recipe.optimizer == "vimvq":
             report = rs.run("ViM-VQ (4 steps x 32 images per block)",
                             lambda: vmq_fx.vector_quantize(prepared, calib, progress=False))
             steps, batch = PAPERS["vimvq"]
-        elif recipe.jlss:
+        elif recipe.optimizer == "jlss":
             report = rs.run("JLSS (4 steps x 32 images per block)", lambda: vmq_fx.jlss(
-                prepared, calib, vmq_fx.JLSSConfig(**REDUCED), progress=False))
+                prepared, calib, REDUCED, progress=False))
             steps, batch = PAPERS["jlss_vim" if family == "vim" else "jlss_vmamba"]
         if report is not None:
             seconds, blocks = rs.rows[-1][1], report.blocks
             per_block = seconds / blocks
-            per_step = per_block / REDUCED["steps"]  # upper bound: includes each block's input capture
-            projected = per_step * batch / REDUCED["batch_size"] * steps * blocks
+            per_step = per_block / REDUCED.steps  # upper bound: includes each block's input capture
+            projected = per_step * batch / REDUCED.batch_size * steps * blocks
             projection = (f"{blocks} blocks, {per_block:.1f} s per block, at most {per_step:.2f} s per step of "
-                          f"{REDUCED['batch_size']} images (including each block's capture of its inputs); the "
+                          f"{REDUCED.batch_size} images (including each block's capture of its inputs); the "
                           f"paper's schedule ({steps} steps x {batch} images per block) projected at "
                           f"{projected / 60:.0f} min (step time taken as linear in the batch)")
         fake = prepared(held_out)
@@ -169,7 +169,7 @@ def main():
              f"{args.note}", "",
              f"Calibration: {args.calib} JPEGs cut from the foolbox wheel's 20 ImageNet photos (random crops and flips, "
              "seed 0), read with the model's preprocessing. Optimization schedules reduced to "
-             f"{REDUCED['steps']} steps x {REDUCED['batch_size']} images per block (the projection to the papers' "
+             f"{REDUCED.steps} steps x {REDUCED.batch_size} images per block (the projection to the papers' "
              "schedules is given). Random weights: the times, memory and sizes are those of the real shapes; the "
              "accuracy is not measured here.", ""]
     for name in args.models:

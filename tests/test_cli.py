@@ -147,12 +147,12 @@ def test_vim_197_tokens_quantize_from_photos_ptq4vm_and_vq(photos, tmp_path, cap
     # inferred from the checkpoint's shapes.
     ckpt = _checkpoint(tmp_path / "vim.pth", create_model("vim_tiny", depth=2))
     out = tmp_path / "q"
-    assert main(["quantize", str(ckpt), "--recipe", "ptq4vm-w4a8", "vq-kmeans-2bit", "--steps", "2",
+    assert main(["quantize", str(ckpt), "--recipe", "ptq4vm-w4a8", "vimvq-2bit", "--steps", "2",
                  "--calib-dir", str(photos / "calib"), "--calib", "12", "--eval-dir", str(photos / "val"),
                  "--out-dir", str(out), "--quiet", "--workers", "0"]) == 0
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
             for r in capsys.readouterr().out.splitlines() if r.startswith("| ")}
-    for name in ("ptq4vm-w4a8 (lowered)", "vq-kmeans-2bit (lowered)"):
+    for name in ("ptq4vm-w4a8 (lowered)", "vimvq-2bit (lowered)"):
         torch_top1, ort_top1 = rows[name][0], rows[name][1]
         assert torch_top1 == ort_top1  # onnxruntime agrees with torch on every photo's class
     saved = load_file(out / "ptq4vm-w4a8" / "model.safetensors")

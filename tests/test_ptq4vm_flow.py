@@ -88,7 +88,7 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path
     n_linears = len(find_quantizable_linears(gm))
     calib = torch.randn(16, 1, 28, 28)
     vmq_fx.calibrate(prepared, calib, progress=False)
-    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=3, batch_size=8), progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.Schedule(steps=3, batch_size=8), progress=False)
     assert report.blocks == (2 if fixture == "vim" else 2)
     x = torch.randn(6, 1, 28, 28)
     fake_q = prepared(x)
@@ -151,35 +151,81 @@ def test_per_tensor_baseline_graph(vim):
     assert _rel(vmq_fx.lower(quantized)(x), quantized(x)) < 5e-3
 
 
-class _HeadQuantizer(Quantizer):
-    """Another quantizer that annotates only the classifier head (per-tensor min-max)."""
+class _OtherQuantizer(Quantizer):
+    """Another quantizer: per-tensor min-max int8 activations and per-channel int8 weights of the linears whose
+    weight name ends with one of ``suffixes`` (as a backend's quantizer would annotate its partitions)."""
+
+    def __init__(self, *suffixes):
+        super().__init__()
+        self.suffixes = suffixes
 
     def annotate(self, model):
-        from torchao.quantization.pt2e.observer import MinMaxObserver
+        from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
         from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec
 
-        spec = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
-                                observer_or_fake_quant_ctr=MinMaxObserver)
+        self.act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
+                                    observer_or_fake_quant_ctr=MinMaxObserver)
+        self.weight = QuantizationSpec(dtype=torch.int8, quant_min=-127, quant_max=127, ch_axis=0,
+                                       qscheme=torch.per_channel_symmetric,
+                                       observer_or_fake_quant_ctr=PerChannelMinMaxObserver)
         for n in model.graph.nodes:
-            if n.target is torch.ops.aten.linear.default and str(n.args[1].target) == "head.weight":
-                n.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map={n.args[0]: spec},
-                                                                           _annotated=True)
+            if n.target is torch.ops.aten.linear.default and str(n.args[1].target).endswith(self.suffixes):
+                n.meta["quantization_annotation"] = QuantizationAnnotation(
+                    input_qspec_map={n.args[0]: self.act, n.args[1]: self.weight}, _annotated=True)
         return model
 
     def validate(self, model):
         pass
 
 
-def test_composes_with_other_quantizers(vim):
-    quantizer = ComposableQuantizer([VisualMambaQuantizer(recipes.ptq4vm(8, 8)), _HeadQuantizer()])
-    prepared = prepare_pt2e(copy.deepcopy(vim[1]), quantizer)
-    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+def test_composes_with_another_quantizer_that_claims_out_proj(vim, tmp_path):
+    """Another quantizer annotates out_proj (and the head) first; ours takes the rest and leaves those alone through
+    calibration, JLSS, convert, lowering and ONNX."""
+    other = _OtherQuantizer("out_proj.weight", "head.weight")
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), ComposableQuantizer([other, VisualMambaQuantizer(
+        recipes.ptq4vm(8, 8))]))
+    out_proj = [n for n in prepared.graph.nodes if n.target is torch.ops.aten.linear.default
+                and str(n.args[1].args[0].target if n.args[1].op == "call_module" else n.args[1].target).endswith(
+                    "out_proj.weight")]
+    assert len(out_proj) == 2  # one per block
+    for n in out_proj:  # the other quantizer's specs, not ours, and not counted as ours
+        assert n.meta["quantization_annotation"].input_qspec_map[n.args[0].args[0]] is other.act
+        assert "vmq_linear" not in n.meta
+    calib = torch.randn(16, 1, 28, 28)
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.Schedule(steps=2, batch_size=8), progress=False)
+    assert report.blocks == 2
     quantized = convert_pt2e(prepared)
     t = _targets(quantized)
-    assert t[qd.quantize_per_channel.default] == 12  # ours
-    assert t[qd.quantize_per_tensor.default] == 1  # the head, from the other quantizer
+    assert t[qd.quantize_per_channel.default] == 10  # ours: 6 linears per block but out_proj
+    assert t[qd.quantize_per_tensor.default] == 3  # the other's: 2 out_proj + head
     lowered = vmq_fx.lower(quantized)
-    assert _targets(lowered)[torch.ops.vmq.int8_linear.default] == 12
+    t = _targets(lowered)
+    assert t[torch.ops.vmq.int8_linear.default] == 10 and t[qd.quantize_per_tensor.default] == 3
+    x = torch.randn(4, 1, 28, 28)
+    assert _rel(lowered(x), quantized(x)) < 5e-3
+    res = vmq_fx.export_onnx(lowered, x[:2], tmp_path / "composed.onnx")
+    assert res.op_counts["MatMulInteger"] == 10 and res.op_counts["QuantizeLinear"] >= 13
+
+
+def test_mixed_precision_per_role_and_module_name(vim):
+    quantizer = (VisualMambaQuantizer(recipes.ptq4vm(4, 4)).set_role("dt_proj", recipes.ptq4vm(8, 8))
+                 .set_module_name("layers.*.mixer.x_proj_b", None))
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), quantizer)
+    layers = {layer.name: layer for layer in vmq_fx.quantizer.quantized_linears(prepared).values()}
+    assert not any(name.endswith("x_proj_b") for name in layers)  # left in float
+    assert {(layers[n].recipe.w_bits, layers[n].recipe.a_bits) for n in layers if layers[n].role == "dt_proj"} == {(8, 8)}
+    assert {(layers[n].recipe.w_bits, layers[n].recipe.a_bits) for n in layers if layers[n].role != "dt_proj"} == {(4, 4)}
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    lowered = vmq_fx.lower(convert_pt2e(prepared))
+    bits = sorted(n.args[10] for n in lowered.graph.nodes if n.target is torch.ops.vmq.int8_linear.default)
+    assert bits == [4] * 6 + [8] * 4  # per block: in_proj, x_proj, out_proj at 4; dt_proj, dt_proj_b at 8
+    assert sum(n.target is torch.ops.aten.linear.default for n in lowered.graph.nodes) == 2 + 1  # x_proj_b x2, head
+    with pytest.raises(ValueError, match="unknown role"):
+        VisualMambaQuantizer().set_role("gate_proj", None)
+    mixed = VisualMambaQuantizer(recipes.ptq4vm(8, 8)).set_role("fc1", recipes.vimvq(2))
+    with pytest.raises(ValueError, match="mixes integer"):
+        prepare_pt2e(copy.deepcopy(vim[1]), mixed)
 
 
 def test_per_token_dynamic_baseline(vim):
@@ -199,9 +245,14 @@ def test_per_token_dynamic_baseline(vim):
 
 
 def test_recipe_names_round_trip_and_jlss_flag():
-    for name in ("ptq4vm-w4a8", "sq-pts-w8a8", "per-tensor-w8a8", "per-token-dynamic-w4a4", "vimvq-2bit",
-                 "vq-convex-3bit", "vq-kmeans-1bit"):
+    for name in ("ptq4vm-w4a8", "sq-pts-w8a8", "pts-w8a8", "per-tensor-w8a8", "per-token-dynamic-w4a4", "vimvq-2bit",
+                 "vq-convex-3bit", "vq-kmeans-1bit", "ptq4vm-w4a4[alpha=0.6,steps=50]", "vimvq-1bit[n=2]"):
         assert recipes.from_name(name).name == name
+    # every recipe, not only the named ones, has a name that gives it back
+    for recipe in (vmq_fx.PTQ4VMRecipe(smooth=False), vmq_fx.PTQ4VMRecipe(learn_all_projections=True, lr_act=1e-3),
+                   recipes.vimvq(None, d=3, k=256), recipes.smoothquant_pts(6, 6, p=2.0),
+                   recipes.vq_convex(2, schedule=vmq_fx.Schedule(steps=7, batch_size=4, seed=3))):
+        assert recipes.from_name(recipe.name) == recipe, recipe.name
     assert recipes.ptq4vm(8, 8).jlss and not recipes.smoothquant_pts(8, 8).jlss
     with pytest.raises(ValueError, match="unknown recipe 'ptq4vm-3bit'"):
         recipes.from_name("ptq4vm-3bit")

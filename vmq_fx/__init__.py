@@ -5,20 +5,22 @@ _quiet.install()  # before torchao is imported: it logs harmless failures on CPU
 
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e  # noqa: E402
 
-from vmq_fx import models, ops  # noqa: E402
+from vmq_fx import models, ops, recipes  # noqa: E402
 from vmq_fx.calibration import calibrate  # noqa: E402
 from vmq_fx.export import export_model, export_onnx  # noqa: E402
 from vmq_fx.flow import QuantizeResult, quantize  # noqa: E402
-from vmq_fx.joint_learning import JLSSConfig, jlss  # noqa: E402
+from vmq_fx.joint_learning import JLSSReport, jlss  # noqa: E402
 from vmq_fx.passes import adapt_mamba_ssm, lower  # noqa: E402
-from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe, recipes  # noqa: E402
+from vmq_fx.quantizer import VisualMambaQuantizer  # noqa: E402
+from vmq_fx.recipes import PTQ4VMRecipe, Schedule, VQRecipe  # noqa: E402
 from vmq_fx.serialization import load_quantized, save_quantized  # noqa: E402
 from vmq_fx.vq import VQReport, vector_quantize  # noqa: E402
 
 __all__ = [
-    "JLSSConfig",
+    "JLSSReport",
     "PTQ4VMRecipe",
     "QuantizeResult",
+    "Schedule",
     "VQRecipe",
     "VQReport",
     "VisualMambaQuantizer",

@@ -9,7 +9,8 @@ PTQ4VM's calibration has two passes over the calibration images:
 2. record the per-token statistics of the smoothed inputs ``x / s`` and the smoothed weights ``W * s``, and
    initialize every step size by the Lp (p = 2.4) searches.
 
-Without smoothing (``recipe.smooth=False``) only the second pass runs.
+Without smoothing (``recipe.smooth=False``) only the second pass runs. Each linear follows its own recipe
+(``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
 """
 from __future__ import annotations
 
@@ -35,24 +36,23 @@ def smoothquant_scales(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tens
 
 
 def linear_quantizers(gm: fx.GraphModule) -> dict[str, tuple[QuantizedLinear, torch.nn.Module | None, torch.nn.Module]]:
-    """For each quantized linear of a prepared model: (layer, activation quantizer or ``None`` for weight-only
-    recipes, weight quantizer)."""
-    layers = quantized_linears(gm)
-    weight_only = gm.meta.get("vmq_recipe") is not None and gm.meta["vmq_recipe"].act_qspec() is None
+    """For each linear a :class:`~vmq_fx.quantizer.VisualMambaQuantizer` quantized in a prepared model, by node name:
+    (layer, activation quantizer or ``None`` for weight-only recipes, weight quantizer), read from the graph: the
+    observer modules in front of the linear."""
     out = {}
-    for node in gm.graph.nodes:
-        if node.name not in layers:
-            continue
+    for name, layer in quantized_linears(gm).items():
+        node = next(n for n in gm.graph.nodes if n.name == name)
+        weight_only = layer.recipe.act_qspec() is None
         mods = []
         for i, arg in enumerate(node.args[:2]):
             if i == 0 and weight_only:
                 mods.append(None)
                 continue
             if not (isinstance(arg, fx.Node) and arg.op == "call_module"):
-                raise ValueError(f"{layers[node.name].name}: expected an observer in front of the linear; was the "
-                                 "model prepared with prepare_pt2e and not converted yet?")
+                raise ValueError(f"{layer.name}: expected an observer in front of the linear; was the model prepared "
+                                 "with prepare_pt2e and not converted yet?")
             mods.append(gm.get_submodule(str(arg.target)))
-        out[node.name] = (layers[node.name], mods[0], mods[1])
+        out[name] = (layer, mods[0], mods[1])
     return out
 
 
@@ -123,27 +123,24 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         >>> prepared = prepare_pt2e(gm, vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.ptq4vm(8, 8)))
         >>> vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
     """
-    recipe = prepared.meta.get("vmq_recipe")
     quantizers = linear_quantizers(prepared)
     batches = split_batches(data, batch_size)
     _check_inputs(prepared, batches)
-    if recipe is not None and recipe.smooth:
-        acts = [act for _, act, _ in quantizers.values() if isinstance(act, PerTokenStaticFakeQuantize)]
-        for act in acts:  # this pass needs the channel maxima only
+    smoothed = [(layer, act, weight) for layer, act, weight in quantizers.values()
+                if isinstance(act, PerTokenStaticFakeQuantize) and act.smoothing]
+    if smoothed:
+        for _, act, _ in smoothed:  # this pass needs the channel maxima only
             act.record_distribution = False
         _run(prepared, batches, "calibrate (smoothing)", progress)
-        for act in acts:
+        for layer, act, weight in smoothed:
             act.record_distribution = True
-        for layer, act, weight in quantizers.values():
-            if not isinstance(act, PerTokenStaticFakeQuantize):
-                raise ValueError(f"{layer.name}: smoothing needs the per-token activation quantizer")
-            alpha = recipe.alpha if recipe.alpha is not None else (0.65 if layer.family == "vmamba" else 0.5)
-            s = prepared.get_parameter(layer.smooth_attr)
+            alpha = layer.recipe.alpha if layer.recipe.alpha is not None else (0.65 if layer.family == "vmamba" else 0.5)
             w = prepared.get_parameter(layer.name + ".weight")
-            with torch.no_grad():
-                s.copy_(smoothquant_scales(act.channel_absmax, w, alpha))
-            act.reset_statistics()
-            weight.reset_statistics()
+            weight.share_smooth(act.set_smooth(smoothquant_scales(act.channel_absmax, w, alpha)))
+        for _, act, weight in quantizers.values():
+            for q in (act, weight):
+                if q is not None:
+                    q.reset_statistics()
     _run(prepared, batches, "calibrate (step sizes)", progress)
     modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
     initialize = [q for q in modules if isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize,

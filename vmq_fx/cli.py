@@ -41,7 +41,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     for name in list_references():
         card = reference_card(name)
         print(f"  {name:16s} {card['model']}, Fashion-MNIST test top-1 {card['test_top1']:.2f}%")
-    from vmq_fx.quantizer import recipes
+    from vmq_fx import recipes
 
     print("recipes (vmq quantize --recipe):")
     for pattern in recipes.names():
@@ -102,11 +102,37 @@ def _workload(args: argparse.Namespace, model, progress: bool):
                           args.limit, workers=args.workers, progress=progress)
 
 
+def _quantizer(recipe, args: argparse.Namespace):
+    """The quantizer of one --recipe with the per-layer choices of --layer-recipe and --keep-float."""
+    import vmq_fx
+    from vmq_fx.quantizer import ROLES
+
+    quantizer = vmq_fx.VisualMambaQuantizer(recipe)
+    for item in args.layer_recipe or []:
+        where, sep, name = item.partition("=")
+        if not sep:
+            raise ValueError(f"--layer-recipe {item!r}: expected ROLE=RECIPE or MODULE_PATTERN=RECIPE")
+        layer_recipe = vmq_fx.recipes.from_name(name)
+        quantizer = (quantizer.set_role(where, layer_recipe) if where in ROLES
+                     else quantizer.set_module_name(where, layer_recipe))
+    for where in args.keep_float or []:
+        quantizer = quantizer.set_role(where, None) if where in ROLES else quantizer.set_module_name(where, None)
+    quantizer._check_one_kind()
+    return quantizer
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import vmq_fx
     from vmq_fx import report as plots
 
-    chosen = [vmq_fx.recipes.from_name(name) for name in args.recipe]  # bad names fail before any work
+    chosen = [_quantizer(vmq_fx.recipes.from_name(name), args) for name in args.recipe]  # bad input fails here
+    schedule = None
+    if args.steps is not None or args.batch_size is not None:
+        schedule = vmq_fx.Schedule(steps=args.steps, batch_size=args.batch_size)
+        plain = [n for n, q in zip(args.recipe, chosen) if {r.optimizer for r in q.spec.recipes()} == {None}]
+        if plain:
+            raise ValueError(f"--steps / --batch-size are for the optimization of JLSS / ViM-VQ; {', '.join(plain)} "
+                             "has none")
     progress = not args.quiet
     model = _load_model(args)
     workload = _workload(args, model, progress)
@@ -119,10 +145,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     notes, figures, points = [], [], []
     calib = workload.calibration
     example = calib[:2]
-    for name, recipe in zip(args.recipe, chosen):
+    for name, quantizer in zip(args.recipe, chosen):
         log.info("%s: quantizing", name)
-        res = vmq_fx.quantize(model, recipe, calib, optimize=not args.no_optimize, steps=args.steps,
-                              batch_size=args.batch_size, progress=progress, diagnostic_images=calib[:32])
+        res = vmq_fx.quantize(model, quantizer, calib, schedule=schedule, progress=progress,
+                              diagnostic_images=calib[:32])
         sub = out / name
         sub.mkdir(exist_ok=True)
         vmq_fx.save_quantized(res.lowered, sub / "model.safetensors", model.config)
@@ -134,7 +160,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             ort = str(workload.score_onnx(onnx_res.path, args.threads))
             files.append(f"{name}/model.onnx ({onnx_res.bytes / 1024:.0f} KB)")
         table.append(f"| {name} (lowered) | {score} | {ort} | {res.seconds:.0f} | {', '.join(files)} |")
-        points.append((name, getattr(recipe, "w_bits", None) or recipe.index_bits, score.value))
+        points.append((name, vmq_fx.report.bits_per_weight(res.lowered), score.value))
         if res.report is not None:
             notes.append(f"- {name}: {res.report}")
         png = f"layer_errors_{name}.png"
@@ -448,7 +474,11 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=_count(0), help="optimization steps per block (JLSS / ViM-VQ; default: the "
                                                    "recipe's)")
     q.add_argument("--batch-size", type=_count(1), help="images per optimization step (default: JLSS all, ViM-VQ 64)")
-    q.add_argument("--no-optimize", action="store_true", help="PTQ4VM recipes: skip JLSS (SmoothQuant + PTS)")
+    q.add_argument("--layer-recipe", nargs="+", metavar="WHERE=RECIPE",
+                   help="mixed precision: another recipe for a role (in_proj, x_proj, dt_proj, out_proj, fc1, fc2) or "
+                        "module paths (fnmatch pattern), e.g. dt_proj=ptq4vm-w8a8")
+    q.add_argument("--keep-float", nargs="+", metavar="WHERE",
+                   help="roles or module paths (fnmatch pattern) left in floating point, e.g. x_proj")
     q.add_argument("--no-onnx", action="store_true", help="do not export model.onnx")
     q.add_argument("--out-dir", type=_out_dir, required=True, help="output folder")
     q.set_defaults(fn=_cmd_quantize)

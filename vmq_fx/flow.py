@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -12,9 +11,10 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from vmq_fx.calibration import calibrate, linear_quantizers
 from vmq_fx.export import export_model
-from vmq_fx.joint_learning import JLSSConfig, jlss
+from vmq_fx.joint_learning import jlss
 from vmq_fx.passes import lower
-from vmq_fx.quantizer import PTQ4VMRecipe, VisualMambaQuantizer, VQRecipe
+from vmq_fx.quantizer import VisualMambaQuantizer
+from vmq_fx.recipes import Recipe, Schedule
 from vmq_fx.observers import VectorQuantizedWeight
 from vmq_fx.report import layer_errors
 from vmq_fx.vq import kmeans_assignment, vector_quantize
@@ -34,22 +34,22 @@ class QuantizeResult:
     errors_final: dict[str, float] | None = None  # ... and after optimization (see vmq_fx.report.layer_errors)
 
 
-def quantize(model: nn.Module, recipe: PTQ4VMRecipe | VQRecipe, calibration_images: torch.Tensor,
-             optimize: bool = True, steps: int | None = None, batch_size: int | None = None, progress: bool = True,
-             diagnostic_images: torch.Tensor | None = None) -> QuantizeResult:
-    """Quantize a Vim / VMamba model with a recipe and lower it.
+_OPTIMIZERS = {"jlss": jlss, "vimvq": vector_quantize}  # Recipe.optimizer -> the block-wise optimization
 
-    PTQ4VM recipes run :func:`vmq_fx.jlss` when the recipe has ``jlss`` and ``optimize`` is set (the baselines stop
-    after calibration); VQ recipes always run :func:`vmq_fx.vector_quantize` (the k-means recipe does no
-    optimization there).
+
+def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibration_images: torch.Tensor,
+             schedule: Schedule | None = None, progress: bool = True,
+             diagnostic_images: torch.Tensor | None = None) -> QuantizeResult:
+    """Quantize a Vim / VMamba model with a recipe (or a configured quantizer) and lower it: export, prepare,
+    calibrate, the recipe's optimization (:func:`vmq_fx.jlss` or :func:`vmq_fx.vector_quantize`; none for the
+    calibration-only baselines), convert, lower.
 
     Args:
         model: an eager model in eval mode.
-        recipe: see :class:`vmq_fx.recipes`.
+        recipe: see :mod:`vmq_fx.recipes`, or a :class:`~vmq_fx.quantizer.VisualMambaQuantizer` (mixed precision).
         calibration_images: ``[N, C, H, W]``.
-        optimize: run JLSS for PTQ4VM recipes.
-        steps: override the optimization steps per block (JLSS or ViM-VQ).
-        batch_size: override the images per optimization step (JLSS: all calibration images; ViM-VQ: 64).
+        schedule: steps, images per step and seed of the optimization, instead of the recipe's. Refused for recipes
+            without an optimization step (``sq-pts``, ``per-tensor``, ``vq-kmeans`` ...).
         progress: progress bars.
         diagnostic_images: when given, per-layer output errors are measured on them after calibration and after
             optimization (not counted in ``seconds``).
@@ -60,12 +60,14 @@ def quantize(model: nn.Module, recipe: PTQ4VMRecipe | VQRecipe, calibration_imag
         >>> res = vmq_fx.quantize(vmq_fx.models.load_reference("vim-fm-tiny"), vmq_fx.recipes.vimvq(2),
         ...                       calibration_images(256))  # doctest: +SKIP
     """
+    quantizer = recipe if isinstance(recipe, VisualMambaQuantizer) else VisualMambaQuantizer(recipe)
+    optimizers = {r.optimizer for r in quantizer.spec.recipes()}
+    if schedule is not None and optimizers == {None}:
+        names = ", ".join(r.name for r in quantizer.spec.recipes())
+        raise ValueError(f"quantize: {names} has no optimization step; steps / batch size / a schedule do not apply")
     t0 = time.perf_counter()
     gm = export_model(model, calibration_images[:2]).module()
-    if isinstance(recipe, VQRecipe):
-        recipe = dataclasses.replace(recipe, steps=recipe.steps if steps is None else steps,
-                                     batch_size=recipe.batch_size if batch_size is None else batch_size)
-    prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipe))
+    prepared = prepare_pt2e(gm, quantizer)
     calibrate(prepared, calibration_images, progress=progress)
     errors_init = None
     if diagnostic_images is not None:
@@ -75,11 +77,16 @@ def quantize(model: nn.Module, recipe: PTQ4VMRecipe | VQRecipe, calibration_imag
             errors_init = layer_errors(prepared, diagnostic_images)
         t0 += time.perf_counter() - t1
     report = None
-    if isinstance(recipe, VQRecipe):
-        report = vector_quantize(prepared, calibration_images, progress=progress)
-    elif optimize and recipe.jlss:
-        report = jlss(prepared, calibration_images, JLSSConfig(steps=steps, batch_size=batch_size), progress=progress)
+    for name in sorted(o for o in optimizers if o is not None):
+        report = _OPTIMIZERS[name](prepared, calibration_images, schedule=schedule, progress=progress)
+    if "vimvq" not in optimizers:  # plain k-means: the codes are the nearest codewords
+        for _, _, w in linear_quantizers(prepared).values():
+            if isinstance(w, VectorQuantizedWeight):
+                w.harden()
+                w.finalize()
     lowered = lower(convert_pt2e(copy.deepcopy(prepared)))
+    if hasattr(model, "config"):
+        lowered.meta["vmq_config"] = model.config  # what save_quantized rebuilds the graph from
     seconds = time.perf_counter() - t0
     errors_final = None if diagnostic_images is None else layer_errors(prepared, diagnostic_images)
     return QuantizeResult(prepared, lowered, seconds, report, errors_init, errors_final)

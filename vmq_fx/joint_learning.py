@@ -13,6 +13,7 @@ updates the prepared model in place.
 """
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -23,54 +24,11 @@ from tqdm.auto import tqdm
 from vmq_fx.blockwise import BlockRunner
 from vmq_fx.calibration import linear_quantizers, split_batches
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.recipes import Schedule
 
-__all__ = ["JLSSConfig", "JLSSReport", "jlss"]
+__all__ = ["JLSSReport", "jlss", "resolved_schedule"]
 
-
-@dataclass(frozen=True)
-class JLSSConfig:
-    """JLSS hyper-parameters; ``None`` fields take PTQ4VM's per-family defaults.
-
-    Args:
-        steps: optimization steps per block (Vim 100, VMamba 400).
-        lr_weight, lr_act, lr_smooth: learning rates (Vim 5e-4 / 5e-4 / 1e-2; VMamba 1e-4 for all three).
-        weight_decay: AdamW weight decay.
-        grad_clip: gradient-norm clip.
-        batch_size: calibration images per step (``None``: all of them, PTQ4VM's one batch of 256).
-        learn_all_projections: also learn x_proj / dt_proj parameters (``None``: the recipe's setting).
-        seed: seed of the mini-batch sampling.
-    """
-
-    steps: int | None = None
-    lr_weight: float | None = None
-    lr_act: float | None = None
-    lr_smooth: float | None = None
-    weight_decay: float = 1e-5
-    grad_clip: float = 2.0
-    batch_size: int | None = None
-    learn_all_projections: bool | None = None
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.steps is not None and self.steps < 0:
-            raise ValueError(f"JLSSConfig: steps must be >= 0, got {self.steps}")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError(f"JLSSConfig: batch_size must be positive, got {self.batch_size}")
-
-    def resolved(self, family: str, recipe_learn_all: bool) -> "JLSSConfig":
-        vim = family == "vim"
-        return JLSSConfig(
-            steps=self.steps if self.steps is not None else (100 if vim else 400),
-            lr_weight=self.lr_weight if self.lr_weight is not None else (5e-4 if vim else 1e-4),
-            lr_act=self.lr_act if self.lr_act is not None else (5e-4 if vim else 1e-4),
-            lr_smooth=self.lr_smooth if self.lr_smooth is not None else (1e-2 if vim else 1e-4),
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            batch_size=self.batch_size,
-            learn_all_projections=(self.learn_all_projections if self.learn_all_projections is not None
-                                   else recipe_learn_all),
-            seed=self.seed,
-        )
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -86,14 +44,38 @@ class JLSSReport:
                 f"{before:.4g} -> {after:.4g}")
 
 
-def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSConfig(), progress: bool = True,
+def resolved_schedule(schedule: Schedule, family: str, optimizer: str) -> tuple[int, int | None, int]:
+    """(steps, batch_size, seed) of a block-wise optimization: the schedule's, else the method's defaults (JLSS:
+    Vim 100 steps, VMamba 400, on all images, as PTQ4VM; ViM-VQ: 100 steps of 64 images)."""
+    if optimizer == "jlss":
+        steps, batch = (100 if family == "vim" else 400), None
+    else:
+        steps, batch = 100, 64
+    return (steps if schedule.steps is None else schedule.steps,
+            batch if schedule.batch_size is None else schedule.batch_size, schedule.seed)
+
+
+def _learned(layer, act, weight) -> dict[str, list[nn.Parameter]]:
+    """The JLSS parameters of one linear, by learning-rate group."""
+    if layer.role in ("x_proj", "dt_proj") and not layer.recipe.learn_all_projections:
+        return {}
+    groups = {"act": [act.scale], "weight": [weight.scale]}
+    if act.smooth is not None:
+        groups["smooth"] = [act.smooth]
+    return groups
+
+
+def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None = None, progress: bool = True,
          ) -> JLSSReport:
     """Learn smoothing scales and step sizes of a calibrated prepared model, block by block (in place).
+
+    Each linear learns with its recipe's learning rates (:meth:`vmq_fx.recipes.PTQ4VMRecipe.learning_rates`).
 
     Args:
         prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.ptq4vm(...)))`` after :func:`vmq_fx.calibrate`.
         calibration_data: the calibration images (tensor [N, C, H, W] or iterable of batches).
-        config: hyper-parameters (PTQ4VM's defaults per model family).
+        schedule: steps per block, images per step, seed (default: the global recipe's schedule, whose unset
+            fields take PTQ4VM's: 100 steps on Vim, 400 on VMamba, all images per step).
         progress: one progress bar per block.
 
     Returns:
@@ -101,63 +83,58 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig = JLSSCo
 
     Example:
         >>> report = vmq_fx.jlss(prepared, calibration_images)  # doctest: +SKIP
-        >>> print(report)  # doctest: +SKIP
-        JLSS: 8 blocks in 95.1 s; mean block loss (1 - cos) 0.0123 -> 0.0041
     """
     t0 = time.perf_counter()
-    recipe = prepared.meta.get("vmq_recipe")
     quantizers = linear_quantizers(prepared)
     all_q = [m for _, a, w in quantizers.values() for m in (a, w)]
     if not all(isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize)) for q in all_q):
-        raise ValueError("jlss needs the per-token static recipe (recipes.ptq4vm); per-tensor baselines have no "
-                         "learnable step sizes")
+        raise ValueError("jlss needs per-token static recipes (recipes.ptq4vm); per-tensor, per-token dynamic and VQ "
+                         "quantizers have no step sizes it learns")
     if not all(q.initialized for q in all_q):
         raise ValueError("jlss: the prepared model is not calibrated; run vmq_fx.calibrate(prepared, data) first")
-    family = next(iter(quantizers.values()))[0].family
-    cfg = config.resolved(family, bool(recipe and recipe.learn_all_projections))
+    first = next(iter(quantizers.values()))[0]
+    family = first.family
+    settings = prepared.meta.get("vmq_quantizer")
+    recipe = settings.global_recipe if settings is not None and settings.global_recipe is not None else first.recipe
+    steps, batch_size, seed = resolved_schedule(schedule or recipe.schedule, family, "jlss")
     images = torch.cat(split_batches(calibration_data, 256))
     runner = BlockRunner(prepared, images)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(seed)
     before, after = [], []
     for k, block in enumerate(runner.blocks):
         _, fp_out = runner.capture(k, fake_quant=False)
         q_in, _ = runner.capture(k, fake_quant=True)
-        groups: dict[str, list[nn.Parameter]] = {"weight": [], "act": [], "smooth": []}
+        param_groups = []
         for layer, act, weight in runner.layers(k):
-            if layer.role in ("x_proj", "dt_proj") and not cfg.learn_all_projections:
-                continue
-            groups["act"].append(act.scale)
-            groups["weight"].append(weight.scale)
-            if layer.smooth_attr:
-                groups["smooth"].append(prepared.get_parameter(layer.smooth_attr))
-        params = [p for ps in groups.values() for p in ps]
-        lrs = {"weight": cfg.lr_weight, "act": cfg.lr_act, "smooth": cfg.lr_smooth}
-        opt = torch.optim.AdamW([{"params": ps, "lr": lrs[g]} for g, ps in groups.items() if ps],
-                                weight_decay=cfg.weight_decay)
+            lrs = layer.recipe.learning_rates(family)
+            for kind, ps in _learned(layer, act, weight).items():
+                param_groups.append({"params": ps, "lr": lrs[kind], "weight_decay": layer.recipe.weight_decay})
+        params = [p for g in param_groups for p in g["params"]]
         n = len(images)
         with torch.no_grad():
             before.append(runner.loss(k, q_in, fp_out).item())
-        frozen = runner.frozen_except(params)
-        try:
-            bar = tqdm(range(cfg.steps), desc=f"JLSS {block}", disable=not progress, leave=False)
-            for _ in bar:
-                idx = None if cfg.batch_size is None or cfg.batch_size >= n else torch.randperm(
-                    n, generator=gen)[: cfg.batch_size]
-                loss = runner.loss(k, q_in, fp_out, idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                opt.step()
-                with torch.no_grad():
-                    for p in params:
-                        p.clamp_(min=1e-8)
-                bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        if params and steps:
+            opt = torch.optim.AdamW(param_groups)
+            frozen = runner.frozen_except(params)
+            try:
+                bar = tqdm(range(steps), desc=f"JLSS {block}", disable=not progress, leave=False)
+                for _ in bar:
+                    idx = None if batch_size is None or batch_size >= n else torch.randperm(
+                        n, generator=gen)[:batch_size]
+                    loss = runner.loss(k, q_in, fp_out, idx)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+                    opt.step()
+                    with torch.no_grad():
+                        for p in params:
+                            p.clamp_(min=1e-8)
+                    bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
         with torch.no_grad():
             after.append(runner.loss(k, q_in, fp_out).item())
     report = JLSSReport(len(runner.blocks), before, after, time.perf_counter() - t0)
-    if progress:
-        print(report)
+    log.info("%s", report)
     return report

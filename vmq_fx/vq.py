@@ -18,6 +18,7 @@ The codebooks end in float16, the precision ``convert_pt2e`` stores them in.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass
 
@@ -26,12 +27,15 @@ from torch import fx
 from tqdm.auto import tqdm
 
 from vmq_fx.blockwise import BlockRunner
+from vmq_fx.joint_learning import resolved_schedule
 from vmq_fx.memory import PeakRSS
 from vmq_fx.calibration import linear_quantizers, split_batches
 from vmq_fx.observers import VectorQuantizedWeight
-from vmq_fx.quantizer import VQRecipe
+from vmq_fx.recipes import Schedule, VQRecipe
 
-__all__ = ["VQReport", "vector_quantize"]
+__all__ = ["VQReport", "kmeans_assignment", "vector_quantize"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,19 +58,22 @@ class VQReport:
                 f"(1 - cos) k-means {before:.4g} -> {after:.4g}")
 
 
-def _confirm_schedule(recipe: VQRecipe) -> dict[int, float]:
+def _confirm_schedule(recipe: VQRecipe, steps: int) -> dict[int, float]:
     """Step (1-based) -> fraction confirmed after it; the last round is at the last step with fraction 1."""
-    steps, rounds, start = recipe.steps, recipe.confirm_rounds, recipe.confirm_start
+    rounds, start = recipe.confirm_rounds, recipe.confirm_start
     return {max(1, int(steps * (start + (1 - start) * r / rounds))): r / rounds for r in range(1, rounds + 1)}
 
 
-def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool = True) -> VQReport:
+def vector_quantize(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None = None,
+                    progress: bool = True) -> VQReport:
     """Optimize the vector-quantized weights of a calibrated prepared model block by block (in place).
 
     Args:
         prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.vimvq(bits)))`` after :func:`vmq_fx.calibrate`
             (which fits the k-means codebooks).
         calibration_data: the calibration images (tensor ``[N, C, H, W]`` or iterable of batches).
+        schedule: steps per block, images per step, seed (default: the global recipe's; unset fields: 100 steps of
+            64 images).
         progress: one progress bar per block.
 
     Returns:
@@ -77,17 +84,21 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool =
         >>> from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
         >>> gm = vmq_fx.export_model(vmq_fx.models.create_model("vim_fm_tiny", depth=2).eval(),
         ...                          torch.randn(2, 1, 28, 28)).module()
-        >>> prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipes.vimvq(bits=2, steps=4, k=16, d=4)))
+        >>> recipe = recipes.vimvq(None, k=16, d=4, schedule=recipes.Schedule(steps=4))
+        >>> prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipe))
         >>> calib = torch.randn(16, 1, 28, 28)
         >>> vmq_fx.calibrate(prepared, calib, progress=False)
         >>> report = vmq_fx.vector_quantize(prepared, calib, progress=False)
         >>> quantized = convert_pt2e(prepared)
     """
-    recipe = prepared.meta.get("vmq_recipe")
-    if not isinstance(recipe, VQRecipe):
-        raise ValueError("vector_quantize needs a model prepared with a VQ recipe (recipes.vimvq / vq_convex / "
-                         f"vq_kmeans), got {type(recipe).__name__}")
     quantizers = linear_quantizers(prepared)
+    kinds = {type(layer.recipe).__name__ for layer, _, _ in quantizers.values()}
+    if kinds != {"VQRecipe"}:
+        raise ValueError("vector_quantize needs a model prepared with a VQ recipe (recipes.vimvq / vq_convex / "
+                         f"vq_kmeans), got {', '.join(sorted(kinds))}")
+    settings = prepared.meta.get("vmq_quantizer")
+    first = next(iter(quantizers.values()))[0]
+    recipe = settings.global_recipe if settings is not None and settings.global_recipe is not None else first.recipe
     if not all(w.initialized for _, _, w in quantizers.values()):
         raise ValueError("vector_quantize: the prepared model is not calibrated (no codebooks); run "
                          "vmq_fx.calibrate(prepared, data) first")
@@ -95,9 +106,12 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool =
     if len(images) == 0:
         raise ValueError("vector_quantize: calibration data is empty")
     t0 = time.perf_counter()
-    gen = torch.Generator().manual_seed(recipe.seed)
-    schedule = _confirm_schedule(recipe)
-    optimize = recipe.method != "kmeans" and recipe.steps > 0
+    if recipe.optimizer is None and schedule is not None:
+        raise ValueError(f"vector_quantize: {recipe.name} has no optimization step; a schedule does not apply")
+    steps, batch_size, seed = resolved_schedule(schedule or recipe.schedule, first.family, "vimvq")
+    gen = torch.Generator().manual_seed(seed)
+    confirmation = _confirm_schedule(recipe, steps)
+    optimize = recipe.optimizer is not None and steps > 0
     with PeakRSS() as rss:
         runner = BlockRunner(prepared, images)
         loss_kmeans, loss_after = [], []
@@ -107,7 +121,8 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool =
             q_in, _ = runner.capture(k, fake_quant=True)
             loss_kmeans.append(_kmeans_loss(runner, k, mods, q_in, fp_out))
             if optimize:
-                _optimize_block(runner, k, block, mods, q_in, fp_out, recipe, schedule, gen, progress)
+                _optimize_block(runner, k, block, mods, q_in, fp_out, recipe, steps, batch_size, confirmation, gen,
+                                progress)
             for m in mods:
                 m.harden()
                 m.finalize()
@@ -115,8 +130,7 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, progress: bool =
                 loss_after.append(runner.loss(k, q_in, fp_out).item())
     report = VQReport(recipe.method, len(runner.blocks), len(quantizers), loss_kmeans, loss_after,
                       time.perf_counter() - t0, rss.peak, rss.start)
-    if progress:
-        print(report)
+    log.info("%s", report)
     return report
 
 
@@ -140,7 +154,8 @@ def _kmeans_loss(runner, k, mods, q_in, fp_out) -> float:
         return runner.loss(k, q_in, fp_out).item()
 
 
-def _optimize_block(runner, k, block, mods, q_in, fp_out, recipe: VQRecipe, schedule, gen, progress) -> None:
+def _optimize_block(runner, k, block, mods, q_in, fp_out, recipe: VQRecipe, steps: int, batch_size: int,
+                    confirmation: dict[int, float], gen, progress) -> None:
     logits = [m.logits for m in mods]
     codebooks = [m.codebook for m in mods]
     opt = torch.optim.Adam([{"params": logits, "lr": recipe.lr_ratio},
@@ -148,19 +163,19 @@ def _optimize_block(runner, k, block, mods, q_in, fp_out, recipe: VQRecipe, sche
     frozen = runner.frozen_except(logits + codebooks)
     n = len(runner.images)
     try:
-        bar = tqdm(range(1, recipe.steps + 1), desc=f"ViM-VQ {block}", disable=not progress, leave=False)
+        bar = tqdm(range(1, steps + 1), desc=f"ViM-VQ {block}", disable=not progress, leave=False)
         for step in bar:
-            idx = None if recipe.batch_size >= n else torch.randperm(n, generator=gen)[: recipe.batch_size]
+            idx = None if batch_size >= n else torch.randperm(n, generator=gen)[:batch_size]
             recon = runner.loss(k, q_in, fp_out, idx)
             penalty = torch.stack([m.one_hot_penalty() for m in mods]).mean()
-            loss = recon + recipe.reg * step / recipe.steps * penalty
+            loss = recon + recipe.reg * step / steps * penalty
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            if recipe.method == "incremental" and step in schedule:
+            if recipe.method == "incremental" and step in confirmation:
                 for m in mods:
-                    m.confirm(schedule[step])
-            elif recipe.reselect_every and step % recipe.reselect_every == 0 and step < recipe.steps:
+                    m.confirm(confirmation[step])
+            elif recipe.reselect_every and step % recipe.reselect_every == 0 and step < steps:
                 for m in mods:
                     m.reselect()
                     opt.state.pop(m.logits, None)  # the moments belonged to the old candidates

@@ -4,7 +4,7 @@ from vmq_fx.models.checkpoint import (CheckpointMismatchError, infer_config, loa
 from vmq_fx.models.preprocess import Preprocess
 from vmq_fx.models.mamba import MambaMixer, RMSNorm
 from vmq_fx.models.reference import list_references, load_reference, reference_card
-from vmq_fx.models.registry import MODEL_CONFIGS, create_model, list_models
+from vmq_fx.models.registry import MODEL_CONFIGS, create_model, list_models, with_overrides
 from vmq_fx.models.vim import VimConfig, VisionMamba
 from vmq_fx.models.vmamba import VMamba, VMambaConfig
 
@@ -27,4 +27,5 @@ __all__ = [
     "read_state_dict",
     "infer_config",
     "Preprocess",
+    "with_overrides",
 ]

@@ -21,7 +21,7 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from vmq_fx.models.registry import MODEL_CONFIGS, build_model
+from vmq_fx.models.registry import MODEL_CONFIGS, build_model, with_overrides
 from vmq_fx.models.vim import VimConfig
 from vmq_fx.models.vmamba import VMambaConfig
 
@@ -293,11 +293,6 @@ def load_checkpoint(path: str | os.PathLike, config: str | VimConfig | VMambaCon
         if (family == "vim") != isinstance(cfg, VimConfig):
             raise CheckpointMismatchError(f"{source} is a {'Vim' if family == 'vim' else 'VMamba'} checkpoint, but "
                                           f"the configuration given is a {type(cfg).__name__}")
-    if overrides:
-        if "preprocess" not in overrides and {"img_size", "in_chans"} & set(overrides):
-            overrides["preprocess"] = dataclasses.replace(cfg.preprocess, input_size=overrides.get(
-                "img_size", cfg.img_size), in_chans=overrides.get("in_chans", cfg.in_chans))
-        cfg = dataclasses.replace(cfg, **overrides)
-    model = build_model(cfg)
+    model = build_model(with_overrides(cfg, **overrides))
     load_state_dict_strict(model, state, source=source)
     return model.eval()

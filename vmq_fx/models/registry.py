@@ -1,6 +1,7 @@
 """Named model configurations and construction."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from torch import nn
@@ -9,7 +10,8 @@ from vmq_fx.models.preprocess import FASHION_MNIST
 from vmq_fx.models.vim import VimConfig, VisionMamba
 from vmq_fx.models.vmamba import VMamba, VMambaConfig
 
-__all__ = ["MODEL_CONFIGS", "build_model", "create_model", "list_models"]
+__all__ = ["MODEL_CONFIGS", "build_model", "create_model", "list_models", "with_overrides"]
+
 
 def _vmamba_v2(dim: int, depths: tuple[int, ...], ssm_ratio: float) -> VMambaConfig:
     return VMambaConfig(dims=tuple(dim * 2**i for i in range(4)), depths=depths, d_state=1, ssm_ratio=ssm_ratio,
@@ -65,14 +67,27 @@ def create_model(name: str, **overrides) -> nn.Module:
     """
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    cfg = MODEL_CONFIGS[name]
-    if overrides:
-        fields = set(type(cfg).__dataclass_fields__)
-        unknown = sorted(set(overrides) - fields)
-        if unknown:
-            raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
-        cfg = type(cfg)(**{**cfg.__dict__, **overrides})
-    return build_model(cfg)
+    return build_model(with_overrides(MODEL_CONFIGS[name], **overrides))
+
+
+def with_overrides(cfg: VimConfig | VMambaConfig, **overrides) -> VimConfig | VMambaConfig:
+    """``cfg`` with some fields changed. A new ``img_size`` keeps the preprocessing's statistics at the new size; a
+    new ``in_chans`` takes the default preprocessing for that many channels (unless ``preprocess`` is given).
+
+    Example:
+        >>> from vmq_fx.models import MODEL_CONFIGS
+        >>> with_overrides(MODEL_CONFIGS["vim_fm_tiny"], img_size=56).preprocess.input_size
+        56
+    """
+    fields = set(type(cfg).__dataclass_fields__)
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"{type(cfg).__name__} has no field(s) {unknown}; fields: {sorted(fields)}")
+    if "preprocess" not in overrides and overrides.get("in_chans", cfg.in_chans) != cfg.in_chans:
+        overrides["preprocess"] = None
+    elif "preprocess" not in overrides and overrides.get("img_size", cfg.img_size) != cfg.img_size:
+        overrides["preprocess"] = dataclasses.replace(cfg.preprocess, input_size=overrides["img_size"])
+    return dataclasses.replace(cfg, **overrides)
 
 
 def build_model(cfg: VimConfig | VMambaConfig) -> nn.Module:

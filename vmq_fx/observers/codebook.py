@@ -162,6 +162,23 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         self.enable_fake_quant()
         self.disable_observer()
 
+    @torch.no_grad()
+    def initialize_placeholder(self, shape: tuple[int, ...]) -> None:
+        """A zero codebook and all sub-vectors confirmed to codeword 0 for a weight of ``shape``, without data:
+        what rebuilding a saved model's graph needs (the saved codes and codebook replace them)."""
+        rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
+        self.shape = (rows, cols)
+        count = rows * -(-cols // self.d)
+        self.row_scale = torch.ones(rows)
+        self.codebook = nn.Parameter(torch.zeros(self.k, self.d))
+        self.candidates = torch.zeros(count, self.n, dtype=torch.long)
+        self.logits = nn.Parameter(torch.zeros(count, self.n))
+        self.codes = torch.zeros(count, dtype=torch.long)
+        self.confirmed = torch.ones(count, dtype=torch.bool)
+        self._weight = None
+        self.enable_fake_quant()
+        self.disable_observer()
+
     def _subvectors(self, w: Tensor) -> Tensor:
         pad = -w.shape[1] % self.d
         return torch.nn.functional.pad(w, (0, pad)).reshape(-1, self.d)

@@ -6,9 +6,14 @@ Each module has two phases, the way PTQ4VM works:
 2. *Fake quantization* (after :meth:`initialize`): the input is quantized and dequantized with step sizes that are
    ``nn.Parameter`` s, rounding with a straight-through estimator, so that JLSS can learn them.
 
-``convert_pt2e`` then turns each module into ``quantize_per_channel`` / ``dequantize_per_channel`` with the learned
-step sizes (``calculate_qparams``): per token position (``ch_axis=1``) for activations, per output channel
-(``ch_axis=0``) for weights.
+SmoothQuant smoothing is part of the pair of quantizers of a linear: once :func:`vmq_fx.calibrate` has given them a
+smoothing scale ``s`` (one ``nn.Parameter`` both hold), the activation quantizer works on ``x / s`` and the weight
+quantizer on ``W * s``, so that the linear computes ``q(x / s) @ q(W * s)^T``.
+
+``convert_pt2e`` then calls each module's :meth:`convert`, which writes its own nodes: for activations
+``[div(x, s)] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` with the learned per-token step sizes (the
+division tagged ``meta["vmq_smoothing"]``), for weights ``dequantize_per_channel(axis=0)`` of the integers of
+``W * s``.
 """
 from __future__ import annotations
 
@@ -21,11 +26,23 @@ from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 from vmq_fx.observers.lp_search import RowHistograms, round_ste, search_symmetric_clips
 from vmq_fx.ops import native
 
-__all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenDynamicFakeQuantize", "PerTokenStaticFakeQuantize"]
+__all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenDynamicFakeQuantize",
+           "PerTokenStaticFakeQuantize", "SMOOTHING_META"]
 
 
 class NotCalibratedError(RuntimeError):
     """A quantizer was asked for its parameters before any calibration data went through it."""
+
+
+_qd = torch.ops.quantized_decomposed
+SMOOTHING_META = "vmq_smoothing"  # the node.meta key of the div(x, s) a smoothing quantizer writes at convert
+
+
+def _constant(model: torch.fx.GraphModule, name: str, value: Tensor) -> torch.fx.Node:
+    model.register_buffer(name, value.detach().clone())
+    node = model.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
 
 
 class _TwoPhaseFakeQuantize(FakeQuantizeBase):
@@ -97,11 +114,14 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
     """
 
     def __init__(self, dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_channel_affine, ch_axis=1,
-                 is_dynamic=False, p: float = 2.4, num_candidates: int = 100, bins: int = 2048, **kwargs):
+                 is_dynamic=False, p: float = 2.4, num_candidates: int = 100, bins: int = 2048, smooth: bool = False,
+                 **kwargs):
         super().__init__(dtype, quant_min, quant_max, qscheme, ch_axis, p, num_candidates)
         if ch_axis != 1:
             raise ValueError(f"PerTokenStaticFakeQuantize: the token axis must be 1 ([batch, L, C]), got {ch_axis}")
         self.bins = bins
+        self.smoothing = smooth  # the recipe smooths: vmq_fx.calibrate gives this quantizer a scale
+        self.smooth: nn.Parameter | None = None
         # Off while only the channel maxima are wanted (the smoothing pass of vmq_fx.calibrate).
         self.record_distribution = True
         self.reset_statistics()
@@ -130,7 +150,22 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         if self.record_distribution:
             self._hist.add_tokens(x, lo, hi)
 
+    def initialize_placeholder(self, tokens: int, channels: int) -> None:
+        """Parameters of the right shapes without calibration data (unit steps, zero points 0, unit smoothing):
+        what rebuilding a saved model's graph needs."""
+        self._set(torch.ones(tokens), torch.zeros(tokens))
+        if self.smoothing:
+            self.set_smooth(torch.ones(channels))
+
+    def set_smooth(self, s: Tensor) -> nn.Parameter:
+        """Give the quantizer its smoothing scale (per input channel); returns the parameter, which the weight
+        quantizer of the same linear shares (:meth:`PerChannelWeightFakeQuantize.share_smooth`)."""
+        self.smooth = nn.Parameter(s.detach().float().clone())
+        return self.smooth
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.smooth is not None:
+            x = x / self.smooth
         if self.observer_enabled[0] == 1:
             self._observe(x)
         if self.fake_quant_enabled[0] == 1:
@@ -138,6 +173,28 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
                 raise ValueError(f"input has {x.shape[1]} tokens, the quantizer was calibrated for {self.scale.numel()}")
             return self._fake_quant(x, (1, -1, 1))
         return x
+
+    def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
+        """``[div(x, s)] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` in place of the module."""
+        scale, zp = self.calculate_qparams()
+        graph, base = model.graph, observer_node.name
+        x = observer_node.args[0]
+        with graph.inserting_before(observer_node):
+            if self.smooth is not None:
+                s = _constant(model, f"{base}_smooth", self.smooth)
+                x_val = x.meta.get("val")
+                x = graph.call_function(torch.ops.aten.div.Tensor, (x, s))
+                x.meta.update({"val": x_val, SMOOTHING_META: True,
+                               "nn_module_stack": observer_node.meta.get("nn_module_stack", {})})
+            args = (_constant(model, f"{base}_scale", scale), _constant(model, f"{base}_zero_point", zp), 1,
+                    self.quant_min, self.quant_max, torch.uint8)
+            q = graph.call_function(_qd.quantize_per_channel.default, (x,) + args)
+            dq = graph.call_function(_qd.dequantize_per_channel.default, (q,) + args)
+        for node in (q, dq):
+            node.meta["val"] = observer_node.meta.get("val")
+            node.meta["nn_module_stack"] = observer_node.meta.get("nn_module_stack", {})
+        observer_node.replace_all_uses_with(dq)
+        graph.erase_node(observer_node)
 
     @torch.no_grad()
     def initialize(self) -> None:
@@ -174,11 +231,22 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
         if ch_axis != 0:
             raise ValueError(f"PerChannelWeightFakeQuantize: output channels must be axis 0, got {ch_axis}")
         self._weight: Tensor | None = None
+        self.smooth: nn.Parameter | None = None
 
     def reset_statistics(self) -> None:
         self._weight = None
 
+    def initialize_placeholder(self, shape: tuple[int, ...]) -> None:
+        """Unit step sizes for a weight of ``shape``, without calibration data (rebuilding a saved model's graph)."""
+        self._set(torch.ones(shape[0]), torch.zeros(shape[0]))
+
+    def share_smooth(self, smooth: nn.Parameter) -> None:
+        """Work on ``W * smooth`` from now on (the smoothing parameter of the activation quantizer of the linear)."""
+        self.smooth = smooth
+
     def forward(self, w: Tensor) -> Tensor:
+        if self.smooth is not None:
+            w = w * self.smooth
         if self.observer_enabled[0] == 1:
             self._weight = w.detach()
         if self.fake_quant_enabled[0] == 1:
@@ -193,6 +261,32 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
         scale = search_symmetric_clips(self._weight.flatten(1), self.quant_max, self.p, self.num_candidates)
         self._weight = None
         self._set(scale, torch.zeros_like(scale, dtype=torch.int64))
+
+    def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
+        """``dequantize_per_channel(axis=0)`` of the integer ``W * s`` (a constant) in place of the module."""
+        scale, zp = self.calculate_qparams()
+        weight_node = observer_node.args[0]
+        if not (isinstance(weight_node, torch.fx.Node) and weight_node.op == "get_attr"):
+            raise ValueError(f"{observer_node.name}: the weight is not a constant ({weight_node})")
+        with torch.no_grad():
+            w = operator.attrgetter(str(weight_node.target))(model).float()
+            if self.smooth is not None:
+                w = w * self.smooth
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            # w * (1 / scale), as quantize_per_channel and the fake quantization round
+            w_int = torch.clamp(torch.round(w * (1.0 / scale).reshape(shape)), self.quant_min, self.quant_max)
+        graph, base = model.graph, observer_node.name
+        with graph.inserting_before(observer_node):
+            args = (_constant(model, f"{base}_scale", scale), _constant(model, f"{base}_zero_point", zp), 0,
+                    self.quant_min, self.quant_max, torch.int8)
+            dq = graph.call_function(_qd.dequantize_per_channel.default,
+                                     (_constant(model, f"{base}_int", w_int.to(torch.int8)),) + args)
+        dq.meta["val"] = observer_node.meta.get("val")
+        dq.meta["nn_module_stack"] = observer_node.meta.get("nn_module_stack", {})
+        observer_node.replace_all_uses_with(dq)
+        graph.erase_node(observer_node)
+        if not weight_node.users:
+            graph.erase_node(weight_node)
 
 
 class PerTokenDynamicFakeQuantize(FakeQuantizeBase):
