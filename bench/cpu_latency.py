@@ -152,7 +152,7 @@ def _quantized_linear_args(k, n, gen):
     vq = {}
     for bits, (d, kk) in ((3, (2, 64)), (2, (4, 256))):
         codes = pack_codes(torch.randint(0, kk, (n, -(-k // d)), generator=gen), code_bits(kk))
-        vq[bits] = (codes, torch.randn(kk, d, generator=gen).half(), torch.ones(n).half(), None, k)
+        vq[bits] = (codes, torch.randn(kk, d, generator=gen).half(), torch.full((n,), 192, dtype=torch.uint8), None, k)
     return int8, vq
 
 

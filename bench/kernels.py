@@ -86,7 +86,7 @@ def main():
                     if b == 64:
                         continue
                     codes = pack_codes(torch.randint(0, kk, (n, -(-k // d)), generator=g), code_bits(kk)).to(dev)
-                    cb, rs = torch.randn(kk, d, generator=g).half().to(dev), torch.ones(n).half().to(dev)
+                    cb, rs = torch.randn(kk, d, generator=g).half().to(dev), torch.full((n,), 192, dtype=torch.uint8).to(dev)
                     ref = torch.ops.vmq.vq_linear(x.cpu(), codes.cpu(), cb.cpu(), rs.cpu(), None, k)
                     torch.testing.assert_close(vq_linear_triton(x, codes, cb, rs, None, k).cpu(), ref, rtol=1e-3,
                                                atol=1e-3)

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from vmq_fx.kernels._common import gemm_blocks
-from vmq_fx.ops.codebook_linear import code_bits
+from vmq_fx.ops.codebook_linear import code_bits, decode_row_scale
 
 __all__ = ["vq_linear_triton"]
 
@@ -60,7 +60,7 @@ def vq_linear_triton(x, codes, codebook, row_scale, bias, in_features):
     bm, bn, bk = gemm_blocks(m)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn))
     _vq_linear_kernel[grid](
-        x2, codes.contiguous(), codebook.contiguous(), row_scale.contiguous(),
+        x2, codes.contiguous(), codebook.contiguous(), decode_row_scale(row_scale).contiguous(),
         bias.float().contiguous() if bias is not None else x2, out, m, n, in_features, codes.shape[1],
         D=d, BITS=bits, HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
     )

@@ -45,7 +45,7 @@ def test_vq_linear_kernel(m, k_in, n, d, k):
     per_row = -(-k_in // d)
     codes = pack_codes(torch.randint(0, k, (n, per_row), generator=g), code_bits(k))
     codebook = torch.randn(k, d, generator=g).half()
-    scale = (torch.rand(n, generator=g) + 0.5).half()
+    scale = torch.randint(150, 230, (n,), generator=g, dtype=torch.uint8)  # 8-bit row-scale codes
     bias = torch.randn(n, generator=g)
     x = torch.randn(m, k_in, generator=g)
     out = vq_linear_triton(x, codes, codebook, scale, bias, k_in)

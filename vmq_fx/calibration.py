@@ -21,9 +21,11 @@ from torch import Tensor, fx
 from tqdm.auto import tqdm
 
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize, VectorQuantizedWeight
+from vmq_fx.observers.codebook import initialize_codebook_group
 from vmq_fx.quantizer import QuantizedLinear, quantized_linears
 
-__all__ = ["calibrate", "linear_quantizers", "set_fake_quant", "smoothquant_scales", "split_batches"]
+__all__ = ["calibrate", "codebook_groups", "linear_quantizers", "set_fake_quant", "smoothquant_scales",
+           "split_batches"]
 
 _ACT_CLAMP, _WEIGHT_CLAMP, _SCALE_CLAMP = 1e-3, 1e-5, 1e-5
 
@@ -54,6 +56,24 @@ def linear_quantizers(gm: fx.GraphModule) -> dict[str, tuple[QuantizedLinear, to
             mods.append(gm.get_submodule(str(arg.target)))
         out[name] = (layer, mods[0], mods[1])
     return out
+
+
+def codebook_groups(quantizers: dict) -> dict[str, list[tuple[QuantizedLinear, VectorQuantizedWeight]]]:
+    """The vector-quantized linears of a :func:`linear_quantizers` table by the codebook they share, keyed by the
+    codebook's buffer name after convert: one group per block (``recipe.codebook == "block"``, linears of the same
+    recipe) or per linear."""
+    groups: dict[str, list] = {}
+    recipes: dict[str, object] = {}
+    for layer, _, weight in quantizers.values():
+        if not isinstance(weight, VectorQuantizedWeight):
+            continue
+        scope = layer.block if layer.recipe.codebook == "block" else layer.name
+        key = f"vq_codebook_{scope}".replace(".", "_")
+        while key in recipes and recipes[key] != layer.recipe:  # another recipe in the same block: its own codebook
+            key += "_"
+        recipes[key] = layer.recipe
+        groups.setdefault(key, []).append((layer, weight))
+    return groups
 
 
 def set_fake_quant(quantizers: dict, enabled: bool) -> None:
@@ -143,7 +163,9 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
                     q.reset_statistics()
     _run(prepared, batches, "calibrate (step sizes)", progress)
     modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
-    initialize = [q for q in modules if isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize,
-                                                        VectorQuantizedWeight))]
-    for q in tqdm(initialize, desc="initialize quantizers", disable=not progress, leave=False):
-        q.initialize()
+    initialize = [q.initialize for q in modules if isinstance(q, (PerTokenStaticFakeQuantize,
+                                                                  PerChannelWeightFakeQuantize))]
+    initialize += [lambda key=key, g=group: initialize_codebook_group([w for _, w in g], key)
+                   for key, group in codebook_groups(quantizers).items()]
+    for init in tqdm(initialize, desc="initialize quantizers", disable=not progress, leave=False):
+        init()

@@ -140,8 +140,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     workload.set_reference(model)
     fp = workload.score(model, progress)
-    table = [f"| model | {workload.metric}, torch | onnxruntime | quantization s | files |", "|---|---|---|---|---|",
-             f"| FP32 | {fp} | - | - | - |"]
+    table = [f"| model | {workload.metric}, torch | onnxruntime | bits per weight, all in | quantization s | files |",
+             "|---|---|---|---|---|---|", f"| FP32 | {fp} | - | 32 | - | - |"]
     notes, figures, points = [], [], []
     calib = workload.calibration
     example = calib[:2]
@@ -159,8 +159,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             onnx_res = vmq_fx.export_onnx(res.lowered, example, sub / "model.onnx")
             ort = str(workload.score_onnx(onnx_res.path, args.threads))
             files.append(f"{name}/model.onnx ({onnx_res.bytes / 1024:.0f} KB)")
-        table.append(f"| {name} (lowered) | {score} | {ort} | {res.seconds:.0f} | {', '.join(files)} |")
-        points.append((name, vmq_fx.report.bits_per_weight(res.lowered), score.value))
+        bits = vmq_fx.report.bits_per_weight(res.lowered)
+        table.append(f"| {name} (lowered) | {score} | {ort} | {bits:.2f} | {res.seconds:.0f} | {', '.join(files)} |")
+        points.append((name, bits, score.value))
         if res.report is not None:
             notes.append(f"- {name}: {res.report}")
         png = f"layer_errors_{name}.png"

@@ -36,7 +36,7 @@ from vmq_fx.observers import (
 )
 from vmq_fx.ops.codebook_linear import code_bits
 
-__all__ = ["PTQ4VMRecipe", "Recipe", "Schedule", "VQRecipe", "VQ_SHAPES", "from_name", "names", "per_tensor_static",
+__all__ = ["PTQ4VMRecipe", "Recipe", "Schedule", "VQRecipe", "from_name", "names", "per_tensor_static",
            "per_token_dynamic", "ptq4vm", "smoothquant_pts", "vimvq", "vq_convex", "vq_kmeans"]
 
 ActGranularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
@@ -187,24 +187,31 @@ class PTQ4VMRecipe(Recipe):
         )
 
 
-# (sub-vector length d, codebook size k) per bit width: log2(k) / d index bits per weight. 3 bits uses d = 2, k = 64
-# rather than the paper's d = 4, k = 4096: on the small layers of the reference models a 4096-entry codebook would
-# hold more entries than the layer has sub-vectors.
-VQ_SHAPES = {3: (2, 64), 2: (4, 256), 1: (8, 256)}
+CodebookScope = Literal["layer", "block"]
 
 
 @dataclass(frozen=True)
 class VQRecipe(Recipe):
     """ViM-VQ weight-only vector quantization of the same linears (activations stay floating point).
 
+    Bits per weight, all in, are the index bits plus the codebooks (float16) and the row scales (8 bits per output
+    row); :func:`vmq_fx.report.bits_per_weight` counts them on a lowered model. The defaults keep the all-in width
+    within about 0.25 bits of ``bits`` on small models too: one codebook per block, of the shape
+    :func:`~vmq_fx.observers.codebook.codebook_shape` picks for the block's size (a Vim-T block at 2 bits: d = 4,
+    k = 256; a 28x28 reference model's block: d = 2, k = 16).
+
     Args:
-        bits: index bits per weight, 1..3, picking ``(d, k)`` from ``VQ_SHAPES`` (3: d=2, k=64; 2: d=4, k=256;
-            1: d=8, k=256); ``None`` with explicit ``d`` and ``k`` (then ``bits`` is ``log2(k) / d``).
-        d, k: sub-vector length and codebook size (both or neither).
+        bits: index bits per weight, 1..3 (with automatic shapes), or ``None`` with explicit ``d`` and ``k`` (then
+            it is ``log2(k) / d``).
+        d, k: sub-vector length and codebook size for every codebook (both or neither: neither picks them per
+            codebook from ``bits`` and ``codebook_budget``).
+        codebook: ``"block"`` (the linears of a block share one codebook, learned while the block is optimized) or
+            ``"layer"`` (one per linear, as the ViM-VQ description).
+        codebook_budget: bits per weight a codebook may cost when its shape is chosen automatically.
         n: candidate codewords per sub-vector (the convex hull).
         method: ``"incremental"`` (ViM-VQ: convex-combination optimization with incremental confirmation),
             ``"convex"`` (optimization, rounded to the largest ratio at the end) or ``"kmeans"`` (no optimization).
-        row_scale: one float16 scale per output row, rows clustered at unit RMS.
+        row_scale: one scale per output row, rows clustered at unit RMS.
         lr_ratio, lr_codebook: Adam learning rates of the ratio logits and of the codebook.
         reg: weight of the one-hot regularizer ``n * mean(r (1 - r))`` at the end of a block's schedule (it grows
             linearly from 0).
@@ -218,6 +225,8 @@ class VQRecipe(Recipe):
     bits: float | None = 2
     d: int | None = None
     k: int | None = None
+    codebook: CodebookScope = "block"
+    codebook_budget: float = 0.125
     n: int = 4
     method: VQMethod = "incremental"
     row_scale: bool = True
@@ -232,20 +241,26 @@ class VQRecipe(Recipe):
 
     def __post_init__(self):
         if (self.d is None) != (self.k is None):
-            raise ValueError("VQRecipe: give both d and k, or neither (then bits picks them)")
+            raise ValueError("VQRecipe: give both d and k, or neither (then bits picks them per codebook)")
         if self.d is None:
-            if self.bits not in VQ_SHAPES:
+            if self.bits not in (1, 2, 3):
                 raise ValueError(f"VQRecipe: bits must be 1, 2 or 3 without an explicit (d, k), got {self.bits!r}")
-            d, k = VQ_SHAPES[int(self.bits)]
-            object.__setattr__(self, "d", d)
-            object.__setattr__(self, "k", k)
-        if self.d < 1 or self.k < 2 or not 1 <= self.n <= self.k:
-            raise ValueError(f"VQRecipe: need d >= 1, k >= 2 and 1 <= n <= k, got d={self.d}, k={self.k}, n={self.n}")
-        index_bits = round(code_bits(self.k) / self.d, 4)
-        if self.bits is not None and abs(float(self.bits) - index_bits) > 1e-3:
-            raise ValueError(f"VQRecipe: d={self.d}, k={self.k} spend {index_bits:g} bits per weight, not bits="
-                             f"{self.bits}; give bits=None with an explicit (d, k)")
-        object.__setattr__(self, "bits", int(index_bits) if index_bits == int(index_bits) else index_bits)
+            object.__setattr__(self, "bits", int(self.bits))
+        else:
+            if self.d < 1 or self.k < 2 or not 1 <= self.n <= self.k:
+                raise ValueError(f"VQRecipe: need d >= 1, k >= 2 and 1 <= n <= k, got d={self.d}, k={self.k}, "
+                                 f"n={self.n}")
+            index_bits = round(code_bits(self.k) / self.d, 4)
+            if self.bits is not None and abs(float(self.bits) - index_bits) > 1e-3:
+                raise ValueError(f"VQRecipe: d={self.d}, k={self.k} spend {index_bits:g} bits per weight, not bits="
+                                 f"{self.bits}; give bits=None with an explicit (d, k)")
+            object.__setattr__(self, "bits", int(index_bits) if index_bits == int(index_bits) else index_bits)
+        if self.codebook not in ("layer", "block"):
+            raise ValueError(f"VQRecipe: codebook must be 'layer' or 'block', got {self.codebook!r}")
+        if self.codebook_budget <= 0:
+            raise ValueError(f"VQRecipe: codebook_budget must be positive, got {self.codebook_budget}")
+        if not 1 <= self.n <= 256:
+            raise ValueError(f"VQRecipe: n must be in 1..256, got {self.n}")
         if self.method not in ("kmeans", "convex", "incremental"):
             raise ValueError(f"VQRecipe: method must be kmeans, convex or incremental, got {self.method!r}")
         if self.method == "kmeans" and self.schedule != Schedule():
@@ -258,16 +273,12 @@ class VQRecipe(Recipe):
     def optimizer(self) -> str | None:
         return None if self.method == "kmeans" else "vimvq"
 
-    @property
-    def index_bits(self) -> float:
-        """Bits per weight spent on codeword indices (codebooks and row scales not included)."""
-        return code_bits(self.k) / self.d
-
     def weight_qspec(self) -> QuantizationSpec:
         return QuantizationSpec(
             dtype=torch.uint8, observer_or_fake_quant_ctr=VectorQuantizedWeight.with_args(
-                d=self.d, k=self.k, n=self.n, row_scale=self.row_scale, kmeans_iters=self.kmeans_iters,
-                seed=self.kmeans_seed),
+                d=self.d, k=self.k, bits=self.bits if self.d is None else None,
+                codebook_budget=self.codebook_budget, n=self.n, row_scale=self.row_scale,
+                kmeans_iters=self.kmeans_iters, seed=self.kmeans_seed),
         )
 
     def act_qspec(self) -> None:
@@ -341,17 +352,18 @@ def _name_of(recipe: Recipe) -> str:
         base_args, families, head = (recipe.w_bits, recipe.a_bits), _INTEGER, f"w{recipe.w_bits}a{recipe.a_bits}"
         skip = {"w_bits", "a_bits"}
     else:
-        base_args, families, head = (None,), _VECTOR, f"{recipe.bits:g}bit"
+        base_args, families, head = (recipe.bits,), _VECTOR, f"{recipe.bits:g}bit"
         skip = {"bits"}
     own = _fields(recipe)
     best = None
     for prefix, make in families.items():
         try:
-            base = _fields(make(*base_args, **({"d": recipe.d, "k": recipe.k} if skip == {"bits"} else {})))
+            base = _fields(make(*base_args) if skip != {"bits"} or recipe.d is None else
+                           make(None, d=recipe.d, k=recipe.k))
         except ValueError:
             continue
         diff = {k: v for k, v in own.items() if k not in skip and base[k] != v}
-        if skip == {"bits"} and (recipe.d, recipe.k) != VQ_SHAPES.get(recipe.bits, (None, None)):
+        if skip == {"bits"} and recipe.d is not None:
             diff = {"d": recipe.d, "k": recipe.k, **{k: v for k, v in diff.items() if k not in ("d", "k")}}
         if best is None or len(diff) < len(best[1]):
             best = (prefix, diff)

@@ -23,13 +23,14 @@ from torch import fx
 from torchao.quantization.pt2e.observer import MinMaxObserver
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from vmq_fx.calibration import linear_quantizers
+from vmq_fx.calibration import codebook_groups, linear_quantizers
 from vmq_fx.export import export_model
 from vmq_fx.models.checkpoint import load_state_dict_strict
 from vmq_fx.models.registry import build_model
 from vmq_fx.models.vim import VimConfig
 from vmq_fx.models.vmamba import VMambaConfig
-from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize, VectorQuantizedWeight
+from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.observers.codebook import initialize_codebook_group
 from vmq_fx.ops.integer_linear import pack_int4, unpack_int4
 from vmq_fx.passes import lower
 from vmq_fx.passes.int4_storage import int4_weight_names
@@ -129,16 +130,21 @@ def _placeholder_parameters(prepared: fx.GraphModule) -> None:
     """Give every quantizer parameters of the right shapes (ones and zeros): the lowered graph's structure depends on
     the shapes only, and the saved tensors replace the values."""
     nodes = {n.name: n for n in prepared.graph.nodes}
-    for name, (layer, act, weight) in linear_quantizers(prepared).items():
-        x, w = (a.args[0].meta["val"] for a in nodes[name].args[:2])
+    quantizers = linear_quantizers(prepared)
+    weight_shapes = {}
+    for name, (layer, act, weight) in quantizers.items():
+        x, w = (a.args[0].meta["val"] if a.op == "call_module" else a.meta["val"] for a in nodes[name].args[:2])
+        weight_shapes[layer.name] = tuple(w.shape)
         if isinstance(act, PerTokenStaticFakeQuantize):
             act.initialize_placeholder(x.shape[1], x.shape[2])
             if act.smooth is not None:
                 weight.share_smooth(act.smooth)
         elif isinstance(act, MinMaxObserver):
             act.min_val, act.max_val = torch.tensor(0.0), torch.tensor(1.0)
-        if isinstance(weight, (PerChannelWeightFakeQuantize, VectorQuantizedWeight)):
+        if isinstance(weight, PerChannelWeightFakeQuantize):
             weight.initialize_placeholder(tuple(w.shape))
+    for key, group in codebook_groups(quantizers).items():
+        initialize_codebook_group([w for _, w in group], key, shapes=[weight_shapes[layer.name] for layer, _ in group])
 
 
 def _structure(config, spec: QuantizerSpec) -> fx.GraphModule:

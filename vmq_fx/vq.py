@@ -1,12 +1,12 @@
 """ViM-VQ: convex-combination optimization of vector-quantized weights with incremental confirmation, block by block.
 
-After :func:`vmq_fx.calibrate` has fit each layer's k-means codebook, for each block in order:
+After :func:`vmq_fx.calibrate` has fit the k-means codebooks (one per block, or per layer), for each block in order:
 
 * target: the floating-point block's output on floating-point inputs; input: the output of the already-quantized
   preceding blocks (the reconstruction set-up of :class:`vmq_fx.blockwise.BlockRunner`);
 * loss: mean over tokens of ``1 - cos`` between target and output, plus ``reg * t / T`` times the one-hot penalty
   ``n * mean(r (1 - r))`` of the unconfirmed ratios (``t`` the step, ``T`` the steps: the push grows over time);
-* learned: every layer's ratio logits and codebook, with Adam;
+* learned: every layer's ratio logits and the block's codebook(s), with Adam;
 * every ``reselect_every`` steps the unconfirmed sub-vectors get the ``n`` codewords nearest their current soft value
   as new candidates (the hulls move);
 * ``"incremental"``: from ``confirm_start * T`` on, ``confirm_rounds`` rounds hard-assign the most confident
@@ -157,7 +157,7 @@ def _kmeans_loss(runner, k, mods, q_in, fp_out) -> float:
 def _optimize_block(runner, k, block, mods, q_in, fp_out, recipe: VQRecipe, steps: int, batch_size: int,
                     confirmation: dict[int, float], gen, progress) -> None:
     logits = [m.logits for m in mods]
-    codebooks = [m.codebook for m in mods]
+    codebooks = list({id(m.codebook): m.codebook for m in mods}.values())  # a block's shared codebook once
     opt = torch.optim.Adam([{"params": logits, "lr": recipe.lr_ratio},
                             {"params": codebooks, "lr": recipe.lr_codebook}])
     frozen = runner.frozen_except(logits + codebooks)

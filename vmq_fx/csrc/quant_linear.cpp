@@ -263,15 +263,18 @@ void check_vq(const at::Tensor& codes, const at::Tensor& codebook, const at::Ten
   TORCH_CHECK_VALUE(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == bytes,
                     "vmq.vq_linear: codes must be uint8 [N, ", bytes, "] for K=", K, ", d=", d, ", k=", k, "; got ",
                     codes.scalar_type(), " ", codes.sizes());
-  TORCH_CHECK_VALUE(row_scale.dim() == 1 && row_scale.size(0) == codes.size(0), "vmq.vq_linear: row_scale must be [N=",
-                    codes.size(0), "], got ", row_scale.sizes());
+  TORCH_CHECK_VALUE(row_scale.dim() == 1 && row_scale.size(0) == codes.size(0) && row_scale.scalar_type() == at::kByte,
+                    "vmq.vq_linear: row_scale must be uint8 [N=", codes.size(0), "] (encode_row_scale), got ",
+                    row_scale.scalar_type(), " ", row_scale.sizes());
 }
 
 at::Tensor decode(const at::Tensor& codes_in, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K,
                   bool temporary) {
   const at::Tensor codes = codes_in.contiguous();
   const int64_t N = codes.size(0), bits = code_bits(codebook.size(0));
-  const at::Tensor cb = codebook.to(at::kFloat).contiguous(), rs = row_scale.to(at::kFloat).contiguous();
+  // 2^(code / 16 - 12), the same ATen ops as vmq_fx.ops.codebook_linear.decode_row_scale, so both decode alike
+  const at::Tensor cb = codebook.to(at::kFloat).contiguous();
+  const at::Tensor rs = at::exp2(row_scale.to(at::kFloat) * (1.0 / 16) + (-12.0)).contiguous();
   auto w = temporary ? scratch(2, {N, K}, at::kFloat) : at::empty({N, K}, cb.options());
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     vq_decode_rows(codes.data_ptr<uint8_t>(), codes.size(1), cb.data_ptr<float>(), cb.size(1), rs.data_ptr<float>(),

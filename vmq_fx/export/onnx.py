@@ -16,8 +16,9 @@ How the vmq ops become standard ONNX (opset 18):
   -> subtract ``zero_point[t] * w_sum[n]`` (the column sums the lowering stored) -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
   onnxruntime's ``MatMulInteger`` takes only a per-tensor activation zero point, hence the explicit correction.
   4-bit weights stay packed two per byte in the file and are unpacked in the graph (``BitwiseAnd`` / ``BitShift``).
-* ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes and the float16 codebook stay in the file and
-  are decoded in the graph (bit extraction, ``Gather`` of codewords, row scales) before a ``MatMul``.
+* ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes, the float16 codebook (one initializer for a
+  shared one) and the 8-bit row-scale codes stay in the file and are decoded in the graph (bit extraction, ``Gather``
+  of codewords, ``2^(code / 16 - 12)`` row scales) before a ``MatMul``.
 * ``quantized_decomposed`` Q/DQ ops of a ``convert_pt2e`` graph -> ``QuantizeLinear`` / ``DequantizeLinear``
   (torch's own translations).
 
@@ -192,7 +193,10 @@ def _vq_weight(op, codes, codebook, row_scale, in_features: int):
     if per_row * d != in_features:
         w = op.Slice(w, _const(op, [0], np.int64), _const(op, [in_features], np.int64),
                      _const(op, [1], np.int64))
-    return op.Mul(w, op.Unsqueeze(op.Cast(row_scale, to=1), _const(op, [-1], np.int64)))
+    # the 8-bit logarithmic row scale, 2^(code / 16 - 12) (vmq_fx.ops.codebook_linear.decode_row_scale)
+    scale = op.Pow(_const(op, 2.0, np.float32), op.Add(op.Mul(op.Cast(row_scale, to=1), _const(op, 1 / 16, np.float32)),
+                                                        _const(op, -12.0, np.float32)))
+    return op.Mul(w, op.Unsqueeze(scale, _const(op, [-1], np.int64)))
 
 
 def _vq_dequantize(codes, codebook, row_scale, in_features):

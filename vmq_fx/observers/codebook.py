@@ -4,14 +4,18 @@ convex combination of its ``n`` nearest codewords until it is confirmed to one o
 Phases:
 
 1. *Calibration* (``observer_enabled``): the weight that flows through is recorded.
-2. :meth:`VectorQuantizedWeight.initialize`: rows are scaled to unit RMS (``row_scale``), cut into sub-vectors of
-   length ``d`` and clustered by k-means into ``k`` codewords; every sub-vector gets its ``n`` nearest codewords as
-   candidates with ratio logits ``log(dist_n / dist_j)`` (nearest first). Fake quantization is switched on.
+2. :func:`initialize_codebook_group`: the quantizers of one group (one linear, or every linear of a block) share one
+   codebook. Rows are scaled to unit RMS (``row_scale``, in the 8-bit code of
+   :func:`~vmq_fx.ops.codebook_linear.encode_row_scale`), cut into sub-vectors of length ``d`` and clustered by
+   k-means into ``k`` codewords; every sub-vector gets its ``n`` nearest codewords as candidates with ratio logits
+   ``log(dist_n / dist_j)`` (nearest first). Fake quantization is switched on. Without an explicit ``(d, k)`` the
+   group's shape is :func:`codebook_shape`'s: the longest sub-vector whose codebook costs at most ``codebook_budget``
+   bits per weight of the group.
 3. Optimization (:func:`vmq_fx.vector_quantize`): the ratios ``softmax(logits)`` and the codebook are learned;
    :meth:`reselect` moves each hull to the codewords nearest the current soft value; :meth:`confirm` hard-assigns
    the most confident sub-vectors; :meth:`harden` assigns the rest.
 4. ``convert_pt2e`` calls :meth:`convert`, which writes ``vmq.vq_dequantize(codes, codebook, row_scale)`` in place
-   of the module (codebook and row scales in float16, codes bit-packed).
+   of the module (codebook in float16, codes bit-packed, row scales 8-bit; a shared codebook is one buffer).
 
 Memory: the soft state is ``[S, n]`` logits and an ``[S, n, d]`` gather for ``S`` sub-vectors; nothing of size
 ``[S, k]`` is kept (nearest-codeword searches run in chunks).
@@ -23,9 +27,30 @@ from torch import Tensor, nn
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from vmq_fx.observers.fake_quantize import NotCalibratedError
-from vmq_fx.ops.codebook_linear import code_bits, pack_codes
+from vmq_fx.ops.codebook_linear import code_bits, decode_row_scale, encode_row_scale, pack_codes
 
-__all__ = ["VectorQuantizedWeight", "kmeans", "nearest_codewords"]
+__all__ = ["VectorQuantizedWeight", "codebook_shape", "initialize_codebook_group", "kmeans", "nearest_codewords"]
+
+_MAX_CODE_BITS = 8  # automatic shapes keep codes to a byte (the Triton kernel's limit)
+
+
+def codebook_shape(bits: int, weights: int, budget: float) -> tuple[int, int]:
+    """``(d, k)`` for ``bits`` index bits per weight and a codebook shared by ``weights`` weights: the longest
+    sub-vector (d in 8, 4, 2, 1; k = 2^(bits * d) <= 256) whose float16 codebook costs at most ``budget`` bits per
+    weight; d = 1 (scalar codewords) when none does.
+
+    Example:
+        >>> codebook_shape(2, 264_192, 0.125)   # a Vim-T block: the paper's (4, 256)
+        (4, 256)
+        >>> codebook_shape(2, 71_232, 0.125)    # a vim-fm-tiny block
+        (2, 16)
+    """
+    if bits not in (1, 2, 3):
+        raise ValueError(f"codebook_shape: bits must be 1, 2 or 3, got {bits!r}")
+    for d in (8, 4, 2):
+        if bits * d <= _MAX_CODE_BITS and (1 << (bits * d)) * d * 16 <= budget * weights:
+            return d, 1 << (bits * d)
+    return 1, 1 << bits
 
 _CHUNK = 8192  # sub-vectors per distance computation: bounds the [chunk, k] distance matrix
 
@@ -91,10 +116,13 @@ class VectorQuantizedWeight(FakeQuantizeBase):
     """Vector-quantized weight with learnable convex-combination ratios and codebook (ViM-VQ).
 
     Args:
-        d: sub-vector length (along the input dimension; the last sub-vector of a row is zero-padded).
+        d: sub-vector length (along the input dimension; the last sub-vector of a row is zero-padded); with ``k``,
+            or neither (then the group's shape is chosen from ``bits`` and its size, :func:`codebook_shape`).
         k: codebook size.
+        bits: index bits per weight for the automatic shape.
+        codebook_budget: bits per weight the codebook may cost (automatic shape).
         n: candidate codewords per sub-vector (the convex hull).
-        row_scale: scale rows to unit RMS before clustering (one float16 per output row).
+        row_scale: scale rows to unit RMS before clustering (one 8-bit code per output row).
         kmeans_iters: Lloyd iterations of the initialization.
         seed: seed of the k-means initialization.
 
@@ -107,14 +135,19 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         (torch.Size([8, 12]), 24)
     """
 
-    def __init__(self, d: int = 4, k: int = 256, n: int = 4, row_scale: bool = True, kmeans_iters: int = 25,
-                 seed: int = 0, dtype=torch.uint8, **kwargs):
+    def __init__(self, d: int | None = None, k: int | None = None, bits: int | None = 2, codebook_budget: float = 0.125,
+                 n: int = 4, row_scale: bool = True, kmeans_iters: int = 25, seed: int = 0, dtype=torch.uint8,
+                 **kwargs):
         super().__init__()
-        if d < 1 or k < 2 or not 1 <= n <= k:
+        if (d is None) != (k is None) or (d is None and bits is None):
+            raise ValueError("VectorQuantizedWeight: give d and k, or bits for an automatic shape")
+        if d is not None and (d < 1 or k < 2 or not 1 <= n <= k):
             raise ValueError(f"VectorQuantizedWeight: need d >= 1, k >= 2 and 1 <= n <= k, got d={d}, k={k}, n={n}")
         self.d, self.k, self.n = d, k, n
+        self.auto_bits, self.codebook_budget = (bits if d is None else None), codebook_budget
         self.use_row_scale = row_scale
         self.kmeans_iters, self.seed = kmeans_iters, seed
+        self.codebook_key: str | None = None  # the buffer name of the codebook after convert (shared ones: one)
         self.dtype = dtype
         self.is_dynamic = False
         self.qscheme = None
@@ -133,44 +166,57 @@ class VectorQuantizedWeight(FakeQuantizeBase):
 
     @property
     def bits(self) -> int:
+        """Bits of one code."""
         return code_bits(self.k)
+
+    @property
+    def scales(self) -> Tensor:
+        """The decoded row scales (float32)."""
+        return decode_row_scale(self.row_scale)
 
     def reset_statistics(self) -> None:
         self._weight = None
 
     # -- phases ---------------------------------------------------------------------------------------------------
-    @torch.no_grad()
     def initialize(self) -> None:
-        """k-means codebook of the observed weight's sub-vectors; candidates and ratio logits; fake quant on."""
+        """A codebook of this weight alone (:func:`initialize_codebook_group` of one)."""
+        initialize_codebook_group([self])
+
+    def initialize_placeholder(self, shape: tuple[int, ...]) -> None:
+        """Placeholder parameters of a codebook of this weight alone (:func:`initialize_codebook_group`)."""
+        initialize_codebook_group([self], shapes=[shape])
+
+    @torch.no_grad()
+    def _normalized(self) -> Tensor:
+        """Record the observed weight's shape and 8-bit row scales; its sub-vectors at unit row RMS."""
         if self._weight is None:
             raise NotCalibratedError("VectorQuantizedWeight.initialize: no weight was observed; run calibration")
         w = self._weight.float().flatten(1)
-        rows, cols = w.shape
-        self.shape = (rows, cols)
-        scale = w.pow(2).mean(1).sqrt().clamp_min(1e-8) if self.use_row_scale else torch.ones(rows)
-        # float16 from the start, so the optimization sees the scale the saved model decodes with.
-        self.row_scale = scale.half().float()
-        sub = self._subvectors(w / self.row_scale[:, None])
-        codebook, _ = kmeans(sub, self.k, self.kmeans_iters, self.seed)
-        self.codebook = nn.Parameter(codebook)
+        self.shape = tuple(w.shape)
+        rms = w.pow(2).mean(1).sqrt() if self.use_row_scale else torch.ones(len(w))
+        # the 8-bit code from the start, so the optimization sees the scale the saved model decodes with
+        self.row_scale = encode_row_scale(rms.clamp_min(1e-30))
+        self._weight = None
+        return self._subvectors(w / self.scales[:, None])
+
+    @torch.no_grad()
+    def _start(self, codebook: nn.Parameter, sub: Tensor) -> None:
+        self.codebook = codebook
         cand, dist = nearest_codewords(sub, codebook, self.n)
         self.candidates = cand
         self.logits = nn.Parameter(_ratio_logits(dist))
         self.codes = cand[:, 0].clone()
         self.confirmed = torch.zeros(len(sub), dtype=torch.bool)
-        self._weight = None
         self.enable_fake_quant()
         self.disable_observer()
 
     @torch.no_grad()
-    def initialize_placeholder(self, shape: tuple[int, ...]) -> None:
-        """A zero codebook and all sub-vectors confirmed to codeword 0 for a weight of ``shape``, without data:
-        what rebuilding a saved model's graph needs (the saved codes and codebook replace them)."""
+    def _placeholder(self, codebook: nn.Parameter, shape: tuple[int, ...]) -> None:
         rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
         self.shape = (rows, cols)
         count = rows * -(-cols // self.d)
-        self.row_scale = torch.ones(rows)
-        self.codebook = nn.Parameter(torch.zeros(self.k, self.d))
+        self.row_scale = encode_row_scale(torch.ones(rows))
+        self.codebook = codebook
         self.candidates = torch.zeros(count, self.n, dtype=torch.long)
         self.logits = nn.Parameter(torch.zeros(count, self.n))
         self.codes = torch.zeros(count, dtype=torch.long)
@@ -199,7 +245,7 @@ class VectorQuantizedWeight(FakeQuantizeBase):
 
     def weight(self) -> Tensor:
         rows, cols = self.shape
-        return self.subvectors().reshape(rows, -1)[:, :cols] * self.row_scale[:, None]
+        return self.subvectors().reshape(rows, -1)[:, :cols] * self.scales[:, None]
 
     def forward(self, w: Tensor) -> Tensor:
         if self.observer_enabled[0] == 1:
@@ -257,7 +303,8 @@ class VectorQuantizedWeight(FakeQuantizeBase):
 
     # -- storage --------------------------------------------------------------------------------------------------
     def packed(self) -> dict[str, Tensor]:
-        """``codes`` (bit-packed uint8), ``codebook`` and ``row_scale`` (float16): what the quantized model stores."""
+        """``codes`` (bit-packed uint8), ``codebook`` (float16) and ``row_scale`` (8-bit codes): what the quantized
+        model stores."""
         if not self.initialized or not bool(self.confirmed.all()):
             raise NotCalibratedError(
                 "VectorQuantizedWeight: the codes are not final; run vmq_fx.calibrate and vmq_fx.vector_quantize "
@@ -265,7 +312,7 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         rows = self.shape[0]
         return {"codes": pack_codes(self.codes.reshape(rows, -1), self.bits),
                 "codebook": self.codebook.detach().half(),
-                "row_scale": self.row_scale.half()}
+                "row_scale": self.row_scale.clone()}
 
     def calculate_qparams(self, **kwargs):
         raise RuntimeError("a vector-quantized weight has a codebook, not a scale and zero point; see packed()")
@@ -277,8 +324,9 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         with graph.inserting_before(observer_node):
             attrs = []
             for key, value in self.packed().items():
-                name = f"{base}_vq_{key}"
-                model.register_buffer(name, value)
+                name = self.codebook_key if key == "codebook" and self.codebook_key else f"{base}_vq_{key}"
+                if not hasattr(model, name):  # a shared codebook: registered by the first of its quantizers
+                    model.register_buffer(name, value)
                 attrs.append(graph.get_attr(name))
             dq = graph.call_function(torch.ops.vmq.vq_dequantize.default, (*attrs, self.shape[1]))
         dq.meta["nn_module_stack"] = observer_node.meta.get("nn_module_stack", {})
@@ -289,4 +337,42 @@ class VectorQuantizedWeight(FakeQuantizeBase):
             graph.erase_node(weight_node)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, k={self.k}, n={self.n}, shape={self.shape}, initialized={self.initialized}"
+        return (f"d={self.d}, k={self.k}, n={self.n}, shape={self.shape}, codebook={self.codebook_key}, "
+                f"initialized={self.initialized}")
+
+
+@torch.no_grad()
+def initialize_codebook_group(modules: list[VectorQuantizedWeight], key: str | None = None,
+                              shapes: list[tuple[int, ...]] | None = None) -> None:
+    """Give ``modules`` one shared codebook: k-means over the sub-vectors of all their (row-normalized) weights,
+    then each module's candidates and ratio logits; fake quantization on.
+
+    Args:
+        modules: calibrated quantizers with the same settings.
+        key: the name of the shared codebook's buffer after ``convert_pt2e`` (``None`` for a single module: a name
+            of its own).
+        shapes: weight shapes instead of observed weights: placeholder parameters (zero codebook, all sub-vectors
+            confirmed to codeword 0), what rebuilding a saved model's graph needs.
+    """
+    first = modules[0]
+    settings = [(m.d, m.k, m.auto_bits, m.codebook_budget, m.n, m.use_row_scale) for m in modules]
+    if len(set(settings)) != 1:
+        raise ValueError("initialize_codebook_group: the quantizers of one codebook need the same settings")
+    if shapes is None and any(m._weight is None for m in modules):
+        raise NotCalibratedError("VectorQuantizedWeight.initialize: no weight was observed; run calibration")
+    sizes = [tuple(m._weight.shape) if shapes is None else tuple(s) for m, s in zip(modules, shapes or modules)]
+    if first.auto_bits is not None:
+        d, k = codebook_shape(first.auto_bits, sum(int(torch.tensor(s).prod()) for s in sizes), first.codebook_budget)
+        for m in modules:
+            m.d, m.k = d, k
+    for m in modules:
+        m.codebook_key = key if len(modules) > 1 else None
+    if shapes is not None:
+        codebook = nn.Parameter(torch.zeros(first.k, first.d))
+        for m, shape in zip(modules, shapes):
+            m._placeholder(codebook, shape)
+        return
+    subs = [m._normalized() for m in modules]
+    codebook = nn.Parameter(kmeans(torch.cat(subs), first.k, first.kmeans_iters, first.seed)[0])
+    for m, sub in zip(modules, subs):
+        m._start(codebook, sub)

@@ -5,9 +5,11 @@ An ``[N, K]`` weight with sub-vector length ``d`` and a codebook of ``k`` codewo
 * ``codebook``  ``[k, d]`` (float16 in the saved model);
 * ``codes``     ``uint8 [N, ceil(S * b / 8)]``: row ``n``'s ``S = ceil(K / d)`` codeword indices of ``b =
   ceil(log2 k)`` bits each, as a little-endian bitstream (:func:`pack_codes`), so a code costs exactly ``b`` bits;
-* ``row_scale`` ``[N]``: one scale per output row (the codebook is shared by rows of different magnitude).
+* ``row_scale`` ``uint8 [N]``: one scale per output row (the codebook is shared by rows of different magnitude) in an
+  8-bit logarithmic code, ``2^(c / 16 - 12)`` (:func:`decode_row_scale`): scales from 2^-12 to 2^3.94 in steps of
+  4.4 %, so a row scale costs 8 bits and needs no per-layer range.
 
-and decodes as ``W[n] = row_scale[n] * concat_s(codebook[code[n, s]])[:K]`` (the last sub-vector of a row is
+and decodes as ``W[n] = decode_row_scale(row_scale[n]) * concat_s(codebook[code[n, s]])[:K]`` (the last sub-vector of a row is
 zero-padded when ``d`` does not divide ``K``). ``vq_linear(x, ...) = x @ W^T + bias``.
 
 Implementations: on CPU the C++ kernel of :mod:`vmq_fx.ops.native` (registered in the dispatcher over the pure-torch
@@ -23,9 +25,29 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-__all__ = ["code_bits", "pack_codes", "unpack_codes", "vq_dequantize", "vq_linear", "vq_linear_reference"]
+__all__ = ["code_bits", "decode_row_scale", "encode_row_scale", "pack_codes", "unpack_codes", "vq_dequantize",
+           "vq_linear", "vq_linear_reference"]
 
 _ROWS = 256  # output rows decoded per slice by the CPU implementation
+# The row-scale code: scale = 2^(code * _RS_STEP + _RS_MIN_LOG2). The C++ kernel (csrc/quant_linear.cpp), the Triton
+# wrapper and the ONNX translation decode with the same constants.
+_RS_STEP, _RS_MIN_LOG2 = 1.0 / 16, -12.0
+
+
+def encode_row_scale(scale: Tensor) -> Tensor:
+    """Positive row scales -> their nearest 8-bit logarithmic codes (``uint8``), clamped to [2^-12, 2^3.94].
+
+    Example:
+        >>> decode_row_scale(encode_row_scale(torch.tensor([0.01, 0.5, 1.0])))
+        tensor([0.0100, 0.5000, 1.0000])
+    """
+    code = ((scale.float().clamp_min(1e-30).log2() - _RS_MIN_LOG2) / _RS_STEP).round()
+    return code.clamp(0, 255).to(torch.uint8)
+
+
+def decode_row_scale(code: Tensor) -> Tensor:
+    """``uint8`` row-scale codes -> float32 scales ``2^(code / 16 - 12)``."""
+    return torch.exp2(code.float() * _RS_STEP + _RS_MIN_LOG2)
 
 
 def code_bits(k: int) -> int:
@@ -64,15 +86,16 @@ def _check(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int)
     if codes.dim() != 2 or codes.dtype != torch.uint8 or codes.shape[1] != -(-per_row * bits // 8):
         raise ValueError(f"vmq.vq_linear: codes must be uint8 [N, {-(-per_row * bits // 8)}] for K={in_features}, "
                          f"d={d}, k={k}; got {codes.dtype} {tuple(codes.shape)}")
-    if row_scale.shape != (codes.shape[0],):
-        raise ValueError(f"vmq.vq_linear: row_scale must be [N={codes.shape[0]}], got {tuple(row_scale.shape)}")
+    if row_scale.shape != (codes.shape[0],) or row_scale.dtype != torch.uint8:
+        raise ValueError(f"vmq.vq_linear: row_scale must be uint8 [N={codes.shape[0]}] (encode_row_scale), got "
+                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
     return bits, per_row
 
 
 def _decode(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int, bits: int, per_row: int) -> Tensor:
     idx = unpack_codes(codes, bits, per_row)
     w = codebook.float()[idx].reshape(codes.shape[0], -1)[:, :in_features]
-    return w * row_scale.float()[:, None]
+    return w * decode_row_scale(row_scale)[:, None]
 
 
 @torch.library.custom_op("vmq::vq_dequantize", mutates_args=())
@@ -122,6 +145,7 @@ def vq_linear_reference(x, codes, codebook, row_scale, bias, in_features):
         for b in range(bits):
             pos = s * bits + b
             idx[:, s] |= ((flat[:, pos // 8] >> (pos % 8)) & 1) << b
-    w = codebook.double()[idx].reshape(codes.shape[0], -1)[:, :in_features] * row_scale.double()[:, None]
+    scale = torch.pow(2.0, row_scale.double() / 16.0 - 12.0)  # written out, not decode_row_scale
+    w = codebook.double()[idx].reshape(codes.shape[0], -1)[:, :in_features] * scale[:, None]
     out = x.double() @ w.t()
     return out if bias is None else out + bias.double()
