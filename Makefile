@@ -1,5 +1,5 @@
 # Single entry point: `make run` (main job) and `make test` (test suite) set up everything they need.
-# Install order follows ../shared/ENVIRONMENT.md: torch is pinned first so nothing pulls a CUDA build.
+# Install order (README, "Install"): torch is pinned first so that nothing else pulls a CUDA build of it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -40,7 +40,7 @@ run: venv data
 	    --out-dir out/vim-fm-tiny
 
 test: venv data
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q
 
 bench: venv
 	$(PY) bench/scan_cpu.py

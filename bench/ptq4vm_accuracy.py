@@ -1,19 +1,22 @@
-"""PTQ4VM accuracy table on the shipped reference models (full Fashion-MNIST test set, CPU).
+"""PTQ4VM accuracy with seeds on the shipped reference models (full Fashion-MNIST test set, CPU).
 
-    python bench/ptq4vm_accuracy.py [--models vim-fm-tiny vmamba-fm-tiny] [--jlss-steps N] [--jlss-batch N]
-        [--vmamba-jlss-steps N] [--vmamba-jlss-batch N] [--threads N] [--out ...]
+    python bench/ptq4vm_accuracy.py [--models vim-fm-tiny ...] [--bits w4a4 w4a8 ...] [--seeds 0 1 2]
+        [--methods per-tensor per-token-dynamic sq-pts ptq4vm ...] [--threads N] [--cache F.jsonl] [--out F.md]
 
-For every model: FP, then W8A8 / W6A6 / W4A8 / W4A4 for
-  per-tensor static (min-max) | per-token dynamic | SmoothQuant + PTS | PTQ4VM (PTS + JLSS) | PTQ4VM learning all
-  projections (x_proj / dt_proj too).
-Accuracy is measured on the convert_pt2e graph (the Q/DQ reference). For PTQ4VM at W8A8 and W4A8 the lowered
-integer model (vmq::int8_linear) is evaluated as well and compared with the fake-quantized prepared model.
-The table is rewritten after every row, so an interrupted run still leaves what it measured.
+A method is a recipe name without its bit widths (``ptq4vm``, ``sq-pts``, ``ptq4vm[lr_act=5e-5]`` ...; see
+``vmq_fx.recipes.from_name``), so the same script gives the main table and the JLSS ablation
+(``--methods sq-pts ptq4vm "ptq4vm[jlss_target=stream]" ... --out bench/results/jlss_ablation.md``). A calibration seed picks the 256 calibration images from the training split and seeds
+the optimization's sampling. Every run is evaluated on the convert_pt2e graph (Q/DQ; the lowered integer model agrees with
+it, tests/test_ptq4vm_flow.py) and appended to the cache (``.jsonl``), so that an interrupted or extended run measures only what is missing; the table is rendered
+from the cache after every run: top-1 as mean ± std over seeds, and paired differences (same seeds) against the
+baselines, with the verdict of ``_util.compare``. Agreement with FP (top-1 of the same image) and KL(FP || Q) of the
+logits are finer-grained than accuracy and are reported too.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
+import re
 import shlex
 import sys
 import time
@@ -22,97 +25,128 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line, test_set, top1  # noqa: E402
+from _util import ResultCache, compare, fmt_spread, machine_line, mean_std, test_set, top1  # noqa: E402
 
 import vmq_fx  # noqa: E402
-from vmq_fx import Schedule, VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
+from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e  # noqa: E402
 from vmq_fx.data import calibration_images  # noqa: E402
 from vmq_fx.evaluate import predict  # noqa: E402
-from vmq_fx.joint_learning import resolved_schedule  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
+from vmq_fx.recipes import from_name  # noqa: E402
 
-BITS = [(8, 8), (6, 6), (4, 8), (4, 4)]
-METHODS = [
-    ("per-tensor static", lambda w, a: recipes.per_tensor_static(w, a), None),
-    ("per-token dynamic", lambda w, a: recipes.per_token_dynamic(w, a), None),
-    ("SmoothQuant + PTS", lambda w, a: recipes.smoothquant_pts(w, a), None),
-    ("PTQ4VM (PTS + JLSS)", lambda w, a: recipes.ptq4vm(w, a), False),
-    ("PTQ4VM, all projections", lambda w, a: recipes.ptq4vm(w, a, learn_all_projections=True), True),
-]
+DEFAULT_METHODS = ["per-tensor", "per-token-dynamic", "sq-pts", "ptq4vm"]
+BASELINES = ["per-token-dynamic", "sq-pts"]  # paired differences of every other method against these
+
+
+def recipe_for(method: str, bits: str, seed: int):
+    base, _, extra = method.partition("[")
+    recipe = from_name(f"{base}-{bits}" + (f"[{extra}" if extra else ""))
+    if recipe.jlss:
+        recipe = dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, seed=seed))
+    return recipe
+
+
+def measure(name: str, method: str, bits: str, seed: int, calib_n: int, x_test, labels, fp_logits) -> dict:
+    model = load_reference(name)
+    recipe = recipe_for(method, bits, seed)
+    calib = calibration_images(calib_n, seed=seed)
+    t0 = time.perf_counter()
+    # The convert_pt2e graph (Q/DQ) is what every method shares; per-token dynamic is not lowered.
+    prepared = prepare_pt2e(vmq_fx.export_model(model, calib[:2]).module(), VisualMambaQuantizer(recipe))
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    report = vmq_fx.jlss(prepared, calib, progress=False) if recipe.jlss else None
+    quantized = convert_pt2e(prepared)
+    secs = time.perf_counter() - t0
+    logits = predict(quantized, x_test)
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True,
+                                    reduction="batchmean").item()
+    return {"model": name, "method": method, "bits": bits, "seed": seed, "calib": calib_n, "test": len(labels),
+            "recipe": recipe.name, "top1": top1(logits, labels),
+            "agree": 100.0 * (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item(), "kl": kl,
+            "seconds": secs,
+            "block_loss": None if report is None else [sum(report.loss_before) / report.blocks,
+                                                       sum(report.loss_after) / report.blocks]}
+
+
+def render(cache: ResultCache, args, fps: dict) -> str:
+    lines = [
+        f"# {args.title}", "",
+        f"Machine: {machine_line()}. Command: `python bench/ptq4vm_accuracy.py {shlex.join(sys.argv[1:])}`.", "",
+        f"Top-1 (%) of the convert_pt2e (Q/DQ) graph on the {args.limit or 10000} Fashion-MNIST test images, mean ± std over "
+        f"calibration seeds (seed s: {args.calib} training images drawn with seed s, JLSS mini-batches seeded with "
+        "s); `n`: seeds. Paired differences (same seeds) against the baselines: mean ± std of the per-seed "
+        "differences; a difference counts only when its mean exceeds both that std and each method's own std "
+        "(\"within spread\" otherwise). Agreement: same top-1 as FP32; KL: KL(FP32 || quantized) of the logits, "
+        "batch mean. JLSS loss: the mean block loss (1 - cos) before -> after. Time: quantization on this CPU.", "",
+    ]
+    for name in args.models:
+        if name not in fps:
+            continue
+        lines += [f"## {name} (FP32 {fps[name]:.2f} %)", "",
+                  "| bits | method | n | top-1 % | vs FP32 | vs " + " | vs ".join(BASELINES) +
+                  " | agreement % | KL | JLSS loss | time s |",
+                  "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|---|"]
+        for bits in args.bits:
+            by_method = {}
+            for method in args.methods:
+                recs = [r for r in cache.records if r["model"] == name and r["bits"] == bits
+                        and r["method"] == method and r["seed"] in args.seeds and r["test"] == (args.limit or 10000)]
+                if recs:
+                    by_method[method] = {r["seed"]: r for r in recs}
+            for method, recs in by_method.items():
+                acc = {s: r["top1"] for s, r in recs.items()}
+                cmp = [compare(acc, {s: r["top1"] for s, r in by_method[b].items()})
+                       if b in by_method and b != method else "-" for b in BASELINES]
+                losses = [r["block_loss"] for r in recs.values() if r["block_loss"]]
+                loss = (f"{mean_std(v[0] for v in losses)[0]:.4f} -> {mean_std(v[1] for v in losses)[0]:.4f}"
+                        if losses else "-")
+                lines.append(
+                    f"| {bits.upper()} | {method} | {len(acc)} | {fmt_spread(acc.values())} "
+                    f"| {mean_std(acc.values())[0] - fps[name]:+.2f} | " + " | ".join(cmp) +
+                    f" | {fmt_spread(r['agree'] for r in recs.values())} "
+                    f"| {mean_std(r['kl'] for r in recs.values())[0]:.4f} | {loss} "
+                    f"| {mean_std(r['seconds'] for r in recs.values())[0]:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["vim-fm-tiny", "vmamba-fm-tiny"])
+    p.add_argument("--bits", nargs="+", default=["w8a8", "w6a6", "w4a8", "w4a4"])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=256)
-    p.add_argument("--jlss-steps", type=int, default=None, help="default: PTQ4VM's (Vim 100, VMamba 400)")
-    p.add_argument("--jlss-batch", type=int, default=None, help="images per JLSS step (default: all)")
-    p.add_argument("--vmamba-jlss-steps", type=int, default=None, help="override --jlss-steps for VMamba models")
-    p.add_argument("--vmamba-jlss-batch", type=int, default=None, help="override --jlss-batch for VMamba models")
     p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--title", default="PTQ4VM accuracy with calibration seeds")
+    p.add_argument("--cache", default="bench/results/ptq4vm_accuracy.jsonl")
     p.add_argument("--out", default="bench/results/ptq4vm_accuracy.md")
     args = p.parse_args()
+    for bits in args.bits:
+        if not re.fullmatch(r"w\d+a\d+", bits):
+            p.error(f"--bits {bits!r}: expected w<W>a<A>, e.g. w4a4")
+    for method in args.methods:  # fail on a bad name before any work
+        recipe_for(method, args.bits[0], 0)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     x_test, labels = test_set(args.limit)
-    calib = calibration_images(args.calib)
-    jcfg = Schedule(steps=args.jlss_steps, batch_size=args.jlss_batch)
-    vmamba_jcfg = Schedule(
-        steps=args.vmamba_jlss_steps if args.vmamba_jlss_steps is not None else args.jlss_steps,
-        batch_size=args.vmamba_jlss_batch if args.vmamba_jlss_batch is not None else args.jlss_batch)
-
-    def schedule(cfg: Schedule, family: str) -> str:
-        steps = resolved_schedule(cfg, family, "jlss")[0]
-        return f"{family}: {steps} steps per block on {cfg.batch_size or 'all'} images per step"
-    rows, notes = [], []
-    header = [
-        "# PTQ4VM accuracy on the Fashion-MNIST reference models", "",
-        f"Machine: {machine_line()}. Command: `python bench/ptq4vm_accuracy.py "
-        f"{shlex.join(sys.argv[1:])}`.",
-        f"Top-1 on {len(labels)} test images (convert_pt2e Q/DQ graph); {args.calib} calibration images from the "
-        f"training split (seed 0). JLSS ({schedule(jcfg, 'vim')}; {schedule(vmamba_jcfg, 'vmamba')}; PTQ4VM's "
-        "schedule is Vim 100 / VMamba 400 steps on all 256 images). Quantization time: calibration + JLSS + convert, "
-        "this CPU.", "",
-        "| model | method | bits | top-1 % | delta vs FP | quantization s |", "|---|---|---|---|---|---|",
-    ]
-
-    def write():
-        body = header + rows + ([""] + notes if notes else [])
-        Path(args.out).write_text("\n".join(body) + "\n")
-
+    cache = ResultCache(args.cache)
+    fps = {}
     for name in args.models:
-        model = load_reference(name)
-        fp = top1(predict(model, x_test), labels)
-        rows.append(f"| {name} | FP32 | - | {fp:.2f} | - | - |")
-        write()
-        print(rows[-1], flush=True)
-        gm = vmq_fx.export_model(model, x_test[:2]).module()
-        cfg = vmamba_jcfg if type(model).__name__ == "VMamba" else jcfg
-        for method, make, learn_all in METHODS:
-            for w, a in BITS:
-                t0 = time.perf_counter()
-                prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(make(w, a)))
-                vmq_fx.calibrate(prepared, calib, progress=False)
-                if learn_all is not None:
-                    vmq_fx.jlss(prepared, calib, cfg, progress=False)
-                fq_logits = predict(prepared, x_test) if learn_all is False and a == 8 else None
-                quantized = convert_pt2e(prepared)
-                secs = time.perf_counter() - t0
-                acc = top1(predict(quantized, x_test), labels)
-                rows.append(f"| {name} | {method} | W{w}A{a} | {acc:.2f} | {acc - fp:+.2f} | {secs:.0f} |")
-                write()
-                print(rows[-1], flush=True)
-                if fq_logits is not None:
-                    low_logits = predict(vmq_fx.lower(quantized), x_test)
-                    agree = 100.0 * (low_logits.argmax(-1) == fq_logits.argmax(-1)).float().mean().item()
-                    rel = ((low_logits - fq_logits).norm() / fq_logits.norm()).item()
-                    notes.append(f"- {name} PTQ4VM W{w}A{a} lowered to vmq::int8_linear: top-1 "
-                                 f"{top1(low_logits, labels):.2f}%, same prediction as the fake-quantized prepared "
-                                 f"model on {agree:.2f}% of images, logits relative error {rel:.2e}.")
-                    write()
-                    print(notes[-1], flush=True)
+        fp_logits = predict(load_reference(name), x_test)
+        fps[name] = top1(fp_logits, labels)
+        for seed in args.seeds:  # seeds outermost: a partial run still gives every method on the same seeds
+            for bits in args.bits:
+                for method in args.methods:
+                    key = dict(model=name, method=method, bits=bits, seed=seed, calib=args.calib, test=len(labels))
+                    if cache.get(**key) is None:
+                        rec = cache.add(measure(name, method, bits, seed, args.calib, x_test, labels, fp_logits))
+                        print(f"{name} {bits} {method} seed {seed}: {rec['top1']:.2f} % ({rec['seconds']:.0f} s)",
+                              flush=True)
+                    Path(args.out).write_text(render(cache, args, fps))
+    Path(args.out).write_text(render(cache, args, fps))
 
 
 if __name__ == "__main__":

@@ -1,110 +1,141 @@
-"""ViM-VQ accuracy, size and cost table on the shipped reference models (full Fashion-MNIST test set, CPU).
+"""ViM-VQ accuracy and size with seeds on the shipped reference models (full Fashion-MNIST test set, CPU).
 
-    python bench/vimvq_accuracy.py [--models vim-fm-tiny vmamba-fm-tiny] [--bits 3 2 1] [--threads N] [--out ...]
+    python bench/vimvq_accuracy.py [--models vim-fm-tiny ...] [--bits 3 2 1] [--seeds 0 1 2]
+        [--methods vq-kmeans vq-convex vimvq] [--threads N] [--cache F.jsonl] [--out F.md]
 
-For every model and bit width: plain k-means VQ, + convex-combination optimization (rounded at the end), + incremental
-confirmation (the full method). Accuracy is measured on the lowered model (vmq::vq_linear), which computes the same
-weights as the convert_pt2e graph. Bits per weight count codes, codebooks and row scales of the quantized linears;
-model bytes count every tensor of the lowered model. The table is rewritten after every row.
+For every model, nominal bit width and calibration seed: plain k-means VQ, + convex-combination optimization (every
+sub-vector rounded to its largest ratio at the end), + incremental confirmation (ViM-VQ). A method is a recipe name
+without its bit width (``vimvq``, ``vq-kmeans[codebook=layer]`` ...). Accuracy is measured on the lowered model
+(vmq::vq_linear), what is saved and deployed. Bits per weight are all in (codes, codebooks, row scales) as
+``vmq_fx.report.bits_per_weight`` counts them; model bytes count every tensor of the lowered model. Runs are cached
+in a ``.jsonl`` (see ``bench/ptq4vm_accuracy.py``) and the table is rendered from it after every run.
 """
 from __future__ import annotations
 
 import argparse
-import copy
+import dataclasses
 import shlex
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line, test_set, top1  # noqa: E402
+import torch
 
-import torch  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import ResultCache, compare, fmt_spread, machine_line, mean_std, test_set, top1  # noqa: E402
 
 import vmq_fx  # noqa: E402
-from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
 from vmq_fx.data import calibration_images  # noqa: E402
 from vmq_fx.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
+from vmq_fx.recipes import from_name  # noqa: E402
+from vmq_fx.report import bits_per_weight  # noqa: E402
 
-METHODS = [("k-means VQ", recipes.vq_kmeans), ("+ convex-combination opt.", recipes.vq_convex),
-           ("+ incremental VQ (ViM-VQ)", recipes.vimvq)]
+DEFAULT_METHODS = ["vq-kmeans", "vq-convex", "vimvq"]
+BASELINE = "vq-kmeans"
+
+
+def recipe_for(method: str, bits: int, seed: int):
+    base, _, extra = method.partition("[")
+    recipe = from_name(f"{base}-{bits}bit" + (f"[{extra}" if extra else ""))
+    return dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, seed=seed))
 
 
 def _bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def vq_bits_per_weight(lowered) -> float:
-    """Bits of codes + codebooks + row scales per weight of the vector-quantized linears."""
-    bits = weights = 0
-    for node in lowered.graph.nodes:
-        if node.target is torch.ops.vmq.vq_linear.default:
-            codes, codebook, scale = (getattr(lowered, str(a.target)) for a in node.args[1:4])
-            bits += 8 * _bytes([codes, codebook, scale])
-            weights += codes.shape[0] * node.args[5]
-    return bits / weights
+def measure(name: str, method: str, bits: int, seed: int, calib_n: int, x_test, labels, fp_logits) -> dict:
+    model = load_reference(name)
+    recipe = recipe_for(method, bits, seed)
+    t0 = time.perf_counter()
+    res = vmq_fx.quantize(model, recipe, calibration_images(calib_n, seed=seed), progress=False)
+    secs = time.perf_counter() - t0
+    logits = predict(res.lowered, x_test)
+    return {"model": name, "method": method, "bits": bits, "seed": seed, "calib": calib_n, "test": len(labels),
+            "recipe": recipe.name, "top1": top1(logits, labels),
+            "agree": 100.0 * (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item(),
+            "bits_per_weight": bits_per_weight(res.lowered), "model_bytes": _bytes(res.lowered.state_dict().values()),
+            "seconds": secs}
+
+
+def render(cache: ResultCache, args, fps: dict) -> str:
+    lines = [
+        "# ViM-VQ accuracy with calibration seeds", "",
+        f"Machine: {machine_line()}. Command: `python bench/vimvq_accuracy.py {shlex.join(sys.argv[1:])}`.", "",
+        f"Top-1 (%) of the lowered model (vmq::vq_linear) on the {args.limit or 10000} Fashion-MNIST test images, "
+        f"mean ± std over calibration seeds (seed s: {args.calib} training images drawn with seed s, k-means and the "
+        "optimization's mini-batches seeded with s); `n`: seeds. Paired differences (same seeds) against plain "
+        "k-means: mean ± std of the per-seed differences; a difference counts only when its mean exceeds both that "
+        "std and each method's own std (\"within spread\" otherwise). Bits/weight: all in (codes + fp16 codebooks + "
+        "8-bit row scales) over the weights of the quantized linears; model: every tensor of the lowered model "
+        "(embedding, norms, head and SSM parameters stay fp32). Agreement: same top-1 as FP32. Time: quantization "
+        "on this CPU.", "",
+    ]
+    for name in args.models:
+        if name not in fps:
+            continue
+        fp, fp_bytes = fps[name]
+        lines += [f"## {name} (FP32 {fp:.2f} %, {fp_bytes / 2**10:.0f} KiB)", "",
+                  f"| bits | method | n | top-1 % | vs FP32 | vs {BASELINE} | bits/weight all in | model KiB "
+                  "| vs FP32 | agreement % | time s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for bits in args.bits:
+            by_method = {}
+            for method in args.methods:
+                recs = [r for r in cache.records if r["model"] == name and r["bits"] == bits
+                        and r["method"] == method and r["seed"] in args.seeds and r["test"] == (args.limit or 10000)]
+                if recs:
+                    by_method[method] = {r["seed"]: r for r in recs}
+            for method, recs in by_method.items():
+                acc = {s: r["top1"] for s, r in recs.items()}
+                vs = (compare(acc, {s: r["top1"] for s, r in by_method[BASELINE].items()})
+                      if BASELINE in by_method and method != BASELINE else "-")
+                size = mean_std(r["model_bytes"] for r in recs.values())[0]
+                lines.append(
+                    f"| {bits} | {method} | {len(acc)} | {fmt_spread(acc.values())} "
+                    f"| {mean_std(acc.values())[0] - fp:+.2f} | {vs} "
+                    f"| {mean_std(r['bits_per_weight'] for r in recs.values())[0]:.2f} | {size / 2**10:.0f} "
+                    f"| {fp_bytes / size:.1f}x smaller | {fmt_spread(r['agree'] for r in recs.values())} "
+                    f"| {mean_std(r['seconds'] for r in recs.values())[0]:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["vim-fm-tiny", "vmamba-fm-tiny"])
     p.add_argument("--bits", nargs="+", type=int, default=[3, 2, 1])
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--calib", type=int, default=256)
-    p.add_argument("--steps", type=int, default=None, help="optimization steps per block (default: the recipe's)")
     p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--cache", default="bench/results/vimvq_accuracy.jsonl")
     p.add_argument("--out", default="bench/results/vimvq_accuracy.md")
     args = p.parse_args()
+    for method in args.methods:  # fail on a bad name before any work
+        recipe_for(method, args.bits[0], 0)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     x_test, labels = test_set(args.limit)
-    calib = calibration_images(args.calib)
-    extra = {} if args.steps is None else {"steps": args.steps}
-    default = recipes.vimvq(2, **extra)
-    rows = []
-    header = [
-        "# ViM-VQ accuracy on the Fashion-MNIST reference models", "",
-        f"Machine: {machine_line()}. Command: `python bench/vimvq_accuracy.py {shlex.join(sys.argv[1:])}`.",
-        f"Top-1 on {len(labels)} test images, lowered model (vmq::vq_linear); {args.calib} calibration images from "
-        f"the training split (seed 0). (d, k) per bit width: 3 -> (2, 64), 2 -> (4, 256), 1 -> (8, 256); n = "
-        f"{default.n} candidates; {default.steps} steps per block, {default.batch_size} images per step. "
-        "bits/weight: codes + codebooks (fp16) + row scales (fp16) over the weights of the quantized linears. "
-        "Model bytes: every tensor of the lowered model (unquantized parts stay fp32). Time: calibration (k-means) "
-        "+ optimization + convert; peak RSS: the process while vector_quantize ran.", "",
-        "| model | method | bits | top-1 % | delta vs FP | bits/weight (incl. codebooks) | model bytes | vs FP32 "
-        "| vs FP16 | quantization s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-
-    def write():
-        Path(args.out).write_text("\n".join(header + rows) + "\n")
-
+    cache = ResultCache(args.cache)
+    fps = {}
     for name in args.models:
         model = load_reference(name)
-        fp = top1(predict(model, x_test), labels)
-        fp32 = _bytes(list(model.parameters()) + list(model.buffers()))
-        rows.append(f"| {name} | FP32 | 32 | {fp:.2f} | - | 32 | {fp32:,} | 1.00x | 2.00x | - | - |")
-        write()
-        print(rows[-1], flush=True)
-        gm = vmq_fx.export_model(model, x_test[:2]).module()
-        for bits in args.bits:
-            for method, make in METHODS:
-                t0 = time.perf_counter()
-                prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(make(bits, **extra)))
-                vmq_fx.calibrate(prepared, calib, progress=False)
-                report = vmq_fx.vector_quantize(prepared, calib, progress=False)
-                lowered = vmq_fx.lower(convert_pt2e(prepared))
-                secs = time.perf_counter() - t0
-                acc = top1(predict(lowered, x_test), labels)
-                size = _bytes(lowered.state_dict().values())
-                rows.append(
-                    f"| {name} | {method} | {bits} | {acc:.2f} | {acc - fp:+.2f} | {vq_bits_per_weight(lowered):.2f} "
-                    f"| {size:,} | {fp32 / size:.2f}x smaller | {fp32 / 2 / size:.2f}x smaller | {secs:.0f} "
-                    f"| {report.peak_rss_bytes / 2**20:.0f} |")
-                write()
-                print(rows[-1], flush=True)
+        fp_logits = predict(model, x_test)
+        fps[name] = (top1(fp_logits, labels), _bytes(list(model.state_dict().values())))
+        for seed in args.seeds:
+            for bits in args.bits:
+                for method in args.methods:
+                    key = dict(model=name, method=method, bits=bits, seed=seed, calib=args.calib, test=len(labels))
+                    if cache.get(**key) is None:
+                        rec = cache.add(measure(name, method, bits, seed, args.calib, x_test, labels, fp_logits))
+                        print(f"{name} {bits}-bit {method} seed {seed}: {rec['top1']:.2f} % "
+                              f"({rec['bits_per_weight']:.2f} bits/weight, {rec['seconds']:.0f} s)", flush=True)
+                    Path(args.out).write_text(render(cache, args, fps))
+    Path(args.out).write_text(render(cache, args, fps))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,3 @@
-import os
-
-# The Triton kernels are tested in Triton's interpreter on CPU tensors; the flag must be set before any kernel is
-# decorated (tests/test_kernels.py), and it changes nothing else.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import sys
 import types
 

@@ -8,13 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from vmq_fx.cli import main
-from vmq_fx.data import DEFAULT_DATA_DIR
 from vmq_fx.images import imagenet_synsets
 from vmq_fx.models import create_model
 
-FASHION_MNIST = os.path.isfile(os.path.join(os.environ.get("VMQ_DATA_DIR") or DEFAULT_DATA_DIR,
-                                            "t10k-labels-idx1-ubyte.gz"))
-needs_fashion_mnist = pytest.mark.skipif(not FASHION_MNIST, reason="Fashion-MNIST not installed (make data)")
 
 
 def _one_error_line(capsys, code, *needles):
@@ -60,13 +56,13 @@ def test_unreadable_checkpoint_is_named(tmp_path, capsys):
                     "could not read", "ckpt.pth")
 
 
-@needs_fashion_mnist
+@pytest.mark.fashion_mnist
 def test_eval_prints_top1(capsys):
     assert main(["eval", "vim-fm-tiny", "--limit", "200", "--quiet"]) == 0
     assert "top-1" in capsys.readouterr().out
 
 
-@needs_fashion_mnist
+@pytest.mark.fashion_mnist
 def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys):
     out = tmp_path / "q"
     assert main(["quantize", "vim-fm-tiny", "--recipe", "vq-kmeans-2bit", "sq-pts-w8a8", "--calib", "16",

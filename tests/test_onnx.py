@@ -174,7 +174,8 @@ def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch):
     assert len(codes) == n_linears and all(t.data_type == onnx.TensorProto.UINT8 for t in codes)
     fp = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx")
     assert res.bytes < 0.45 * fp.bytes
-    _check(lowered, res.path, test_batch, fp_model=model)
+    # VQ decoding rounds nothing (a gather, a scale and a float matmul): the float model's bound holds
+    _check(lowered, res.path, test_batch)
 
 
 def test_op_without_translation_is_named(tmp_path):

@@ -7,7 +7,10 @@ so learning updates the prepared model in place. For block ``k``:
 * :meth:`BlockRunner.capture` runs the images up to block ``k`` and records its inputs and float outputs, with fake
   quantization on (inputs from the already-quantized preceding blocks) or off (the floating-point target);
 * :meth:`BlockRunner.loss` is the mean over tokens of ``1 - cos`` between the target and the block's output on the
-  captured inputs (all of them or a mini-batch), with the live parameters of the prepared model.
+  captured inputs (all of them or a mini-batch), with the live parameters of the prepared model. The block's output
+  is its mixer's (``"mixer"``, PTQ4VM's loss; a VMamba block adds its residual inside, so there it is the block's
+  output) or the residual stream after the block (``"stream"``: Vim's residual plus the mixer output, what the next
+  block reads).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from torch import Tensor, fx, nn
 from torch.fx.passes.split_module import split_module
 
 from vmq_fx.calibration import linear_quantizers, set_fake_quant
+from vmq_fx.recipes import LossTarget
 
 __all__ = ["BlockRunner"]
 
@@ -66,9 +70,34 @@ def _loss(fp: list[Tensor], q: list[Tensor]) -> Tensor:
     return torch.stack(terms).mean()
 
 
-def _float_outputs(out) -> list[Tensor]:
-    outs = out if isinstance(out, (tuple, list)) else (out,)
-    return [t for t in outs if isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 3]
+def _as_tuple(out) -> tuple:
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _is_activation(t) -> bool:
+    return isinstance(t, Tensor) and t.is_floating_point() and t.dim() == 3
+
+
+def _own_outputs(submod: fx.GraphModule, spec: list[tuple[str, object]]) -> list[bool]:
+    """For each output of a block's submodule: whether it depends on the block's own parameters or quantizers (the
+    mixer's output) rather than on its data inputs alone (Vim's residual stream, which a block passes on)."""
+    placeholders = [n for n in submod.graph.nodes if n.op == "placeholder"]
+    own = {p for p, (kind, _) in zip(placeholders, spec) if kind == "attr"}
+    outputs = _as_tuple(next(n for n in submod.graph.nodes if n.op == "output").args[0])
+
+    def depends(node) -> bool:
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if not isinstance(n, fx.Node) or n in seen:
+                continue
+            seen.add(n)
+            if n in own or n.op in ("get_attr", "call_module"):
+                return True
+            stack.extend(n.all_input_nodes)
+        return False
+
+    return [depends(o) for o in outputs]
 
 
 class BlockRunner:
@@ -91,6 +120,7 @@ class BlockRunner:
         self._submods = {int(name[len("submod_"):]): mod for name, mod in self.split.named_children()
                          if name.startswith("submod_")}
         self._specs = [self._spec(k) for k in range(len(self.blocks))]
+        self._own = [_own_outputs(self._submods[2 * k + 1], self._specs[k]) for k in range(len(self.blocks))]
 
     def layers(self, k: int):
         """(layer, activation quantizer, weight quantizer) of the linears of block ``k``."""
@@ -124,7 +154,7 @@ class BlockRunner:
                         (_BATCH if args[i] == batch else args[i]) for i in data_pos])
 
         def post(_, __, out):
-            outs.append([t.detach() for t in _float_outputs(out)])
+            outs.append([t.detach() if _is_activation(t) else None for t in _as_tuple(out)])
             raise _Stop
 
         hooks = [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
@@ -141,11 +171,12 @@ class BlockRunner:
             set_fake_quant(self.quantizers, True)
         return ([torch.cat([b[i] for b in ins]) if isinstance(ins[0][i], Tensor) else ins[0][i]
                  for i in range(len(data_pos))],
-                [torch.cat([b[i] for b in outs]) for i in range(len(outs[0]))])
+                [None if outs[0][i] is None else torch.cat([b[i] for b in outs]) for i in range(len(outs[0]))])
 
-    def loss(self, k: int, q_in: list, fp_out: list[Tensor], idx: Tensor | None = None) -> Tensor:
+    def loss(self, k: int, q_in: list, fp_out: list, idx: Tensor | None = None, target: LossTarget = "mixer"
+             ) -> Tensor:
         """Loss of block k on the captured quantized-path inputs (all, or the mini-batch ``idx``) against the FP
-        outputs. Parameters are read from the split model at call time so that gradients reach the prepared
+        outputs, on the mixer's output or the residual stream after the block (``target``). Parameters are read from the split model at call time so that gradients reach the prepared
         model's own."""
         first = next(v for v in q_in if isinstance(v, Tensor))
         batch = len(first) if idx is None else len(idx)
@@ -157,8 +188,13 @@ class BlockRunner:
 
         args = [operator.attrgetter(ref)(self.split) if kind == "attr" else data(q_in[ref])
                 for kind, ref in self._specs[k]]
-        target = [t if idx is None else t[idx] for t in fp_out]
-        return _loss(target, _float_outputs(self._submods[2 * k + 1](*args)))
+        q_out = _as_tuple(self._submods[2 * k + 1](*args))
+        pairs = [(t if idx is None else t[idx], q) for t, q, own in zip(fp_out, q_out, self._own[k])
+                 if t is not None and own]
+        if target == "stream":
+            streams = [(t if idx is None else t[idx], q) for t, q in zip(fp_out, q_out) if t is not None]
+            pairs = [(sum(t for t, _ in streams), sum(q for _, q in streams))]
+        return _loss([t for t, _ in pairs], [q for _, q in pairs])
 
     def frozen_except(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
         """Switch off ``requires_grad`` of every other parameter of the prepared model; returns those to restore."""

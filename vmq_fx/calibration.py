@@ -138,8 +138,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     Example:
         >>> import torch, vmq_fx
         >>> from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-        >>> gm = torch.export.export(vmq_fx.models.create_model("vim_fm_tiny").eval(),
-        ...                          (torch.randn(2, 1, 28, 28),)).module()
+        >>> gm = vmq_fx.export_model(vmq_fx.models.create_model("vim_fm_tiny").eval(),
+        ...                          torch.randn(2, 1, 28, 28)).module()
         >>> prepared = prepare_pt2e(gm, vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.ptq4vm(8, 8)))
         >>> vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
     """

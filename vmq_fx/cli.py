@@ -124,8 +124,11 @@ def _quantizer(recipe, args: argparse.Namespace):
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import vmq_fx
     from vmq_fx import report as plots
+    from vmq_fx.flow import require_lowerable
 
     chosen = [_quantizer(vmq_fx.recipes.from_name(name), args) for name in args.recipe]  # bad input fails here
+    for quantizer in chosen:
+        require_lowerable(quantizer)
     schedule = None
     if args.steps is not None or args.batch_size is not None:
         schedule = vmq_fx.Schedule(steps=args.steps, batch_size=args.batch_size)
@@ -345,8 +348,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
                       init_from=args.init_from)
     # shlex.join keeps the command copy-pasteable (the --conditions text has spaces)
     command = "vmq " + shlex.join(sys.argv[1:]) if sys.argv[0].endswith("vmq") else None
-    train_reference(args.model, args.out_dir, args.name or args.model.replace("_", "-"), cfg, args.data_dir,
-                    command=command, conditions=args.conditions)
+    card = train_reference(args.model, args.out_dir, args.name or args.model.replace("_", "-"), cfg, args.data_dir,
+                           command=command, conditions=args.conditions)
+    print(f"{card['name']}: Fashion-MNIST test top-1 {card['test_top1']:.2f}% ({card['test_correct']}/10000); "
+          f"trained {card['train']['seconds'] / 60:.1f} min; wrote {args.out_dir}/{card['name']}.safetensors and .json")
     return 0
 
 

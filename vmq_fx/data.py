@@ -18,6 +18,7 @@ __all__ = [
     "DEFAULT_DATA_DIR",
     "FASHION_MNIST_CLASSES",
     "calibration_images",
+    "data_directory",
     "fashion_mnist",
     "normalize",
 ]
@@ -34,7 +35,8 @@ _FILES = {
 }
 
 
-def _resolve_dir(data_dir: str | os.PathLike | None) -> Path:
+def data_directory(data_dir: str | os.PathLike | None = None) -> Path:
+    """Where Fashion-MNIST is read from: ``data_dir``, else ``$VMQ_DATA_DIR``, else the Debian package's directory."""
     return Path(data_dir or os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
 
 
@@ -67,13 +69,13 @@ def fashion_mnist(split: str = "test", data_dir: str | os.PathLike | None = None
 
     Example:
         >>> from vmq_fx.data import fashion_mnist
-        >>> images, labels = fashion_mnist("test")  # doctest: +SKIP
-        >>> images.shape, labels.shape  # doctest: +SKIP
+        >>> images, labels = fashion_mnist("test")
+        >>> images.shape, labels.shape
         (torch.Size([10000, 28, 28]), torch.Size([10000]))
     """
     if split not in _FILES:
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
-    directory = _resolve_dir(data_dir)
+    directory = data_directory(data_dir)
     img_stem, lbl_stem, count = _FILES[split]
     images = _read_idx(_find(directory, img_stem), 2051, 3)
     labels = _read_idx(_find(directory, lbl_stem), 2049, 1)
@@ -93,7 +95,7 @@ def calibration_images(n: int = 256, seed: int = 0, data_dir: str | os.PathLike 
 
     Example:
         >>> from vmq_fx.data import calibration_images
-        >>> calibration_images(256).shape  # doctest: +SKIP
+        >>> calibration_images(256).shape
         torch.Size([256, 1, 28, 28])
     """
     if n < 1:

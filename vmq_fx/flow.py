@@ -37,6 +37,15 @@ class QuantizeResult:
 _OPTIMIZERS = {"jlss": jlss, "vimvq": vector_quantize}  # Recipe.optimizer -> the block-wise optimization
 
 
+def require_lowerable(quantizer: VisualMambaQuantizer) -> None:
+    """Refuse, before any work, recipes whose quantized model :func:`vmq_fx.lower` cannot produce."""
+    dynamic = [r.name for r in quantizer.spec.recipes() if getattr(r, "act_granularity", None) == "per_token_dynamic"]
+    if dynamic:
+        raise ValueError(f"{', '.join(dynamic)} computes activation ranges at run time, which vmq_fx does not lower "
+                         "(vmq::int8_linear takes static scales); evaluate this baseline on the convert_pt2e graph "
+                         "(prepare_pt2e, calibrate, convert_pt2e)")
+
+
 def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibration_images: torch.Tensor,
              schedule: Schedule | None = None, progress: bool = True,
              diagnostic_images: torch.Tensor | None = None) -> QuantizeResult:
@@ -58,13 +67,16 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
         >>> import vmq_fx
         >>> from vmq_fx.data import calibration_images
         >>> res = vmq_fx.quantize(vmq_fx.models.load_reference("vim-fm-tiny"), vmq_fx.recipes.vimvq(2),
-        ...                       calibration_images(256))  # doctest: +SKIP
+        ...                       calibration_images(64), vmq_fx.Schedule(steps=2, batch_size=16), progress=False)
+        >>> sorted({str(n.target) for n in res.lowered.graph.nodes if str(n.target).startswith("vmq.")})
+        ['vmq.selective_scan.default', 'vmq.vq_linear.default']
     """
     quantizer = recipe if isinstance(recipe, VisualMambaQuantizer) else VisualMambaQuantizer(recipe)
     optimizers = {r.optimizer for r in quantizer.spec.recipes()}
     if schedule is not None and optimizers == {None}:
         names = ", ".join(r.name for r in quantizer.spec.recipes())
         raise ValueError(f"quantize: {names} has no optimization step; steps / batch size / a schedule do not apply")
+    require_lowerable(quantizer)
     t0 = time.perf_counter()
     gm = export_model(model, calibration_images[:2]).module()
     prepared = prepare_pt2e(gm, quantizer)
@@ -84,9 +96,15 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
             if isinstance(w, VectorQuantizedWeight):
                 w.harden()
                 w.finalize()
-    lowered = lower(convert_pt2e(copy.deepcopy(prepared)))
+    t1 = time.perf_counter()
+    errors_final = None if diagnostic_images is None else layer_errors(prepared, diagnostic_images)
+    # The copy is the one kept for inspection: convert_pt2e must run on the original, whose quantization
+    # annotations point at its own nodes (a deep copy's still point at the original's, which torchao's
+    # PortNodeMetaForQDQ then searches for dynamic quantization's choose_qparams without end).
+    inspected = copy.deepcopy(prepared)
+    t0 += time.perf_counter() - t1
+    lowered = lower(convert_pt2e(prepared))
     if hasattr(model, "config"):
         lowered.meta["vmq_config"] = model.config  # what save_quantized rebuilds the graph from
     seconds = time.perf_counter() - t0
-    errors_final = None if diagnostic_images is None else layer_errors(prepared, diagnostic_images)
-    return QuantizeResult(prepared, lowered, seconds, report, errors_init, errors_final)
+    return QuantizeResult(inspected, lowered, seconds, report, errors_init, errors_final)

@@ -4,9 +4,11 @@ For each block in order, with the weights frozen:
 
 * target: the floating-point block's output on floating-point inputs;
 * input: the output of the already-quantized blocks before it (fake quantization on);
-* loss: mean over tokens of ``1 - cos`` between the target and the fake-quantized block output along channels;
+* loss: mean over tokens of ``1 - cos`` between the target and the fake-quantized block output along channels (the
+  mixer's output, as PTQ4VM, or the residual stream after the block: ``PTQ4VMRecipe.jlss_target``);
 * learned: the block's weight step sizes (per output channel), activation step sizes (per token) and smoothing
-  scales (per input channel), with AdamW (weight decay 1e-5), gradient-norm clip 2.0 and no schedule.
+  scales (per input channel), with AdamW (weight decay 1e-5), gradient-norm clip 2.0 and no schedule, on the values
+  themselves (PTQ4VM) or on their logarithms (``PTQ4VMRecipe.step_domain``).
 
 The block-by-block machinery (graph split, input capture, loss) is :class:`vmq_fx.blockwise.BlockRunner`; learning
 updates the prepared model in place.
@@ -55,6 +57,26 @@ def resolved_schedule(schedule: Schedule, family: str, optimizer: str) -> tuple[
             batch if schedule.batch_size is None else schedule.batch_size, schedule.seed)
 
 
+class _LogDomain:
+    """Adam on ``u = log(p)`` for positive parameters ``p`` that the model reads directly: before each forward ``p``
+    is set to ``exp(u)``, after backward ``u``'s gradient is ``p * dL/dp`` (the chain rule)."""
+
+    def __init__(self, param_groups: list[dict]):
+        self.pairs = [(p, nn.Parameter(p.detach().clamp(min=1e-8).log())) for g in param_groups for p in g["params"]]
+        logs = {id(p): u for p, u in self.pairs}
+        self.groups = [{**g, "params": [logs[id(p)] for p in g["params"]]} for g in param_groups]
+
+    @torch.no_grad()
+    def write(self) -> None:
+        for p, u in self.pairs:
+            p.copy_(u.exp())
+
+    @torch.no_grad()
+    def pull_grads(self) -> None:
+        for p, u in self.pairs:
+            u.grad = None if p.grad is None else p.grad * p
+
+
 def _learned(layer, act, weight) -> dict[str, list[nn.Parameter]]:
     """The JLSS parameters of one linear, by learning-rate group."""
     if layer.role in ("x_proj", "dt_proj") and not layer.recipe.learn_all_projections:
@@ -82,7 +104,15 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
         A :class:`JLSSReport` with the per-block loss before and after, and the wall time.
 
     Example:
-        >>> report = vmq_fx.jlss(prepared, calibration_images)  # doctest: +SKIP
+        >>> import torch, vmq_fx
+        >>> model = vmq_fx.models.create_model("vim_fm_tiny", depth=2).eval()
+        >>> gm = vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
+        >>> prepared = vmq_fx.prepare_pt2e(gm, vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.ptq4vm(4, 4)))
+        >>> calibration_images = torch.randn(16, 1, 28, 28)
+        >>> vmq_fx.calibrate(prepared, calibration_images, progress=False)
+        >>> report = vmq_fx.jlss(prepared, calibration_images, vmq_fx.Schedule(steps=10), progress=False)
+        >>> report.blocks, len(report.loss_after)
+        (2, 2)
     """
     t0 = time.perf_counter()
     quantizers = linear_quantizers(prepared)
@@ -112,21 +142,30 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
         params = [p for g in param_groups for p in g["params"]]
         n = len(images)
         with torch.no_grad():
-            before.append(runner.loss(k, q_in, fp_out).item())
+            before.append(runner.loss(k, q_in, fp_out, target=recipe.jlss_target).item())
         if params and steps:
-            opt = torch.optim.AdamW(param_groups)
+            log_domain = _LogDomain(param_groups) if recipe.step_domain == "log" else None
+            groups = param_groups if log_domain is None else log_domain.groups
+            opt = torch.optim.AdamW(groups)
+            stepped = [p for g in groups for p in g["params"]]
             frozen = runner.frozen_except(params)
             try:
                 bar = tqdm(range(steps), desc=f"JLSS {block}", disable=not progress, leave=False)
                 for _ in bar:
                     idx = None if batch_size is None or batch_size >= n else torch.randperm(
                         n, generator=gen)[:batch_size]
-                    loss = runner.loss(k, q_in, fp_out, idx)
+                    loss = runner.loss(k, q_in, fp_out, idx, recipe.jlss_target)
                     opt.zero_grad(set_to_none=True)
+                    for p in params:
+                        p.grad = None
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+                    if log_domain is not None:
+                        log_domain.pull_grads()
+                    torch.nn.utils.clip_grad_norm_(stepped, recipe.grad_clip)
                     opt.step()
                     with torch.no_grad():
+                        if log_domain is not None:
+                            log_domain.write()
                         for p in params:
                             p.clamp_(min=1e-8)
                     bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
@@ -134,7 +173,7 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
                 for p in frozen:
                     p.requires_grad_(True)
         with torch.no_grad():
-            after.append(runner.loss(k, q_in, fp_out).item())
+            after.append(runner.loss(k, q_in, fp_out, target=recipe.jlss_target).item())
     report = JLSSReport(len(runner.blocks), before, after, time.perf_counter() - t0)
     log.info("%s", report)
     return report

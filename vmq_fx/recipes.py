@@ -40,6 +40,8 @@ __all__ = ["PTQ4VMRecipe", "Recipe", "Schedule", "VQRecipe", "from_name", "names
            "per_token_dynamic", "ptq4vm", "smoothquant_pts", "vimvq", "vq_convex", "vq_kmeans"]
 
 ActGranularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
+LossTarget = Literal["mixer", "stream"]
+StepDomain = Literal["linear", "log"]
 VQMethod = Literal["kmeans", "convex", "incremental"]
 
 
@@ -106,7 +108,11 @@ class PTQ4VMRecipe(Recipe):
         jlss: the recipe learns smoothing scales and step sizes with JLSS after calibration (PTQ4VM) or stops there.
         learn_all_projections: JLSS also learns x_proj / dt_proj parameters (the authors' code leaves them at init).
         lr_weight, lr_act, lr_smooth: JLSS learning rates (``None``: PTQ4VM's, Vim 5e-4 / 5e-4 / 1e-2, VMamba 1e-4
-            for all three).
+            for all three; with ``step_domain="log"`` 1e-3 for all three).
+        jlss_target: what JLSS's ``1 - cos`` compares: ``"mixer"`` (PTQ4VM: the mixer's output; VMamba blocks add
+            their residual inside) or ``"stream"`` (the residual stream after the block, what the next block reads).
+        step_domain: ``"linear"`` (PTQ4VM: Adam on the step sizes and smoothing scales themselves) or ``"log"``
+            (Adam on their logarithms: an update is a relative change, the same for a step of 0.002 and of 0.2).
         weight_decay, grad_clip: JLSS's AdamW weight decay and gradient-norm clip.
         p: exponent of the Lp error used by the range searches.
         num_candidates: candidates of the range searches.
@@ -123,6 +129,8 @@ class PTQ4VMRecipe(Recipe):
     lr_weight: float | None = None
     lr_act: float | None = None
     lr_smooth: float | None = None
+    jlss_target: LossTarget = "mixer"
+    step_domain: StepDomain = "linear"
     weight_decay: float = 1e-5
     grad_clip: float = 2.0
     p: float = 2.4
@@ -146,6 +154,10 @@ class PTQ4VMRecipe(Recipe):
         if not self.jlss and self.schedule != Schedule():
             raise ValueError("PTQ4VMRecipe: a schedule (steps, batch_size, seed) is for JLSS; this recipe has none "
                              "(jlss=False)")
+        if self.jlss_target not in ("mixer", "stream"):
+            raise ValueError(f"PTQ4VMRecipe: jlss_target must be 'mixer' or 'stream', got {self.jlss_target!r}")
+        if self.step_domain not in ("linear", "log"):
+            raise ValueError(f"PTQ4VMRecipe: step_domain must be 'linear' or 'log', got {self.step_domain!r}")
         for name in ("lr_weight", "lr_act", "lr_smooth"):
             lr = getattr(self, name)
             if lr is not None and lr < 0:
@@ -160,7 +172,11 @@ class PTQ4VMRecipe(Recipe):
     def learning_rates(self, family: str) -> dict[str, float]:
         """JLSS's learning rates for ``"weight"``, ``"act"`` and ``"smooth"`` (PTQ4VM's per family by default)."""
         vim = family == "vim"
-        defaults = {"weight": 5e-4 if vim else 1e-4, "act": 5e-4 if vim else 1e-4, "smooth": 1e-2 if vim else 1e-4}
+        if self.step_domain == "log":
+            defaults = {"weight": 1e-3, "act": 1e-3, "smooth": 1e-3}
+        else:
+            defaults = {"weight": 5e-4 if vim else 1e-4, "act": 5e-4 if vim else 1e-4,
+                        "smooth": 1e-2 if vim else 1e-4}
         given = {"weight": self.lr_weight, "act": self.lr_act, "smooth": self.lr_smooth}
         return {k: defaults[k] if given[k] is None else given[k] for k in defaults}
 
@@ -378,8 +394,8 @@ def from_name(name: str) -> Recipe:
     ``[field=value,...]`` (``ptq4vm-w4a4[alpha=0.6,steps=50]``, ``vimvq-1bit[d=8,k=256]``).
 
     Example:
-        >>> from_name("vimvq-2bit").k
-        256
+        >>> from_name("vimvq-2bit").bits
+        2
     """
     m = re.fullmatch(r"(?P<base>[a-z0-9-]+?)-(?:w(?P<w>\d)a(?P<a>\d)|(?P<bits>[\d.]+)bit)(?:\[(?P<extra>.*)\])?",
                      name.strip())

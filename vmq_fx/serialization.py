@@ -96,8 +96,16 @@ def save_quantized(lowered: fx.GraphModule, path: str | os.PathLike, config: Vim
             by :func:`vmq_fx.quantize` / :func:`load_quantized`, if any).
 
     Example:
-        >>> vmq_fx.save_quantized(lowered, "vim_vq2.safetensors", model.config)  # doctest: +SKIP
-        >>> same = vmq_fx.load_quantized("vim_vq2.safetensors")  # doctest: +SKIP
+        >>> import os, tempfile, torch, vmq_fx
+        >>> model = vmq_fx.models.create_model("vim_fm_tiny").eval()
+        >>> lowered = vmq_fx.quantize(model, vmq_fx.recipes.per_tensor_static(8, 8), torch.randn(8, 1, 28, 28),
+        ...                           progress=False).lowered
+        >>> path = os.path.join(tempfile.mkdtemp(), "vim_w8a8.safetensors")
+        >>> vmq_fx.save_quantized(lowered, path, model.config)
+        >>> same = vmq_fx.load_quantized(path)
+        >>> x = torch.randn(2, 1, 28, 28)
+        >>> torch.equal(same(x), lowered(x))
+        True
     """
     _check_lowered(lowered)
     path = os.fspath(path)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import sys
@@ -21,6 +22,8 @@ from vmq_fx.models.checkpoint import load_state_dict_strict
 from vmq_fx.models.reference import REFERENCE_DIR, list_references
 
 __all__ = ["TrainConfig", "train_reference"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -169,5 +172,5 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
         "reproduce": f"vmq eval {card_name}",
     }
     (out_dir / f"{card_name}.json").write_text(json.dumps(card, indent=2) + "\n")
-    print(f"{card_name}: {result}; trained {train_s / 60:.1f} min")
+    log.info("%s: %s; trained %.1f min", card_name, result, train_s / 60)
     return card
