@@ -87,15 +87,20 @@ def fmt_spread(values) -> str:
     return f"{m:.2f} ± {s:.2f}"
 
 
+_T975 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5 %
+
+
 def compare(ours: dict, theirs: dict) -> str:
-    """Paired difference ``ours - theirs`` over the seeds both have, with the verdict used in every table: the
-    difference counts only when its mean exceeds both the std of the paired differences and the larger of the two
-    methods' own stds (with 3 seeds, anything smaller is indistinguishable from the calibration sample)."""
+    """Paired difference ``ours - theirs`` over the seeds both have (mean ± std of the per-seed differences), with
+    the verdict used in every table: a two-sided paired t-test at 95 % (with 3 seeds the mean must exceed 2.5 times
+    the std of the differences); "within noise" otherwise, "1 seed" when there is nothing to test."""
     seeds = sorted(set(ours) & set(theirs))
     if not seeds:
         return "-"
     diffs = [ours[s] - theirs[s] for s in seeds]
     m, s = mean_std(diffs)
-    spread = max(s, mean_std(ours[k] for k in seeds)[1], mean_std(theirs[k] for k in seeds)[1])
-    verdict = "within spread" if abs(m) <= spread else ("better" if m > 0 else "worse")
+    if len(diffs) == 1:
+        return f"{m:+.2f} (1 seed)"
+    threshold = _T975.get(len(diffs) - 1, 1.96) * s / len(diffs) ** 0.5
+    verdict = "within noise" if abs(m) <= threshold else ("better" if m > 0 else "worse")
     return f"{m:+.2f} ± {s:.2f} ({verdict})"

@@ -4,11 +4,12 @@
         [--methods per-tensor per-token-dynamic sq-pts ptq4vm ...] [--threads N] [--cache F.jsonl] [--out F.md]
 
 A method is a recipe name without its bit widths (``ptq4vm``, ``sq-pts``, ``ptq4vm[lr_act=5e-5]`` ...; see
-``vmq_fx.recipes.from_name``), so the same script gives the main table and the JLSS ablation
-(``--methods sq-pts ptq4vm "ptq4vm[jlss_target=stream]" ... --out bench/results/jlss_ablation.md``). A calibration seed picks the 256 calibration images from the training split and seeds
-the optimization's sampling. Every run is evaluated on the convert_pt2e graph (Q/DQ; the lowered integer model agrees with
-it, tests/test_ptq4vm_flow.py) and appended to the cache (``.jsonl``), so that an interrupted or extended run measures only what is missing; the table is rendered
-from the cache after every run: top-1 as mean ± std over seeds, and paired differences (same seeds) against the
+``vmq_fx.recipes.from_name``), so the same script gives the main table and the JLSS ablation (``--methods sq-pts
+ptq4vm "ptq4vm[jlss_target=stream]" ... --out bench/results/jlss_ablation.md``). A calibration seed picks the 256
+calibration images from the training split and seeds the optimization's sampling. Every run is evaluated on the
+convert_pt2e graph (Q/DQ; the lowered integer model agrees with it, tests/test_ptq4vm_flow.py) and appended to the
+cache (``.jsonl``), so that an interrupted or extended run measures only what is missing; the table is rendered from
+the cache after every run: top-1 as mean ± std over seeds, and paired differences (same seeds) against the
 baselines, with the verdict of ``_util.compare``. Agreement with FP (top-1 of the same image) and KL(FP || Q) of the
 logits are finer-grained than accuracy and are reported too.
 """
@@ -72,12 +73,13 @@ def render(cache: ResultCache, args, fps: dict) -> str:
     lines = [
         f"# {args.title}", "",
         f"Machine: {machine_line()}. Command: `python bench/ptq4vm_accuracy.py {shlex.join(sys.argv[1:])}`.", "",
-        f"Top-1 (%) of the convert_pt2e (Q/DQ) graph on the {args.limit or 10000} Fashion-MNIST test images, mean ± std over "
-        f"calibration seeds (seed s: {args.calib} training images drawn with seed s, JLSS mini-batches seeded with "
-        "s); `n`: seeds. Paired differences (same seeds) against the baselines: mean ± std of the per-seed "
-        "differences; a difference counts only when its mean exceeds both that std and each method's own std "
-        "(\"within spread\" otherwise). Agreement: same top-1 as FP32; KL: KL(FP32 || quantized) of the logits, "
-        "batch mean. JLSS loss: the mean block loss (1 - cos) before -> after. Time: quantization on this CPU.", "",
+        f"Top-1 (%) of the convert_pt2e (Q/DQ) graph on the {args.limit or 10000} Fashion-MNIST test images, "
+        f"mean ± std over calibration seeds (seed s: {args.calib} training images drawn with seed s, JLSS "
+        "mini-batches seeded with s); `n`: seeds. Paired differences (same seeds) against the baselines: mean ± "
+        "std of the per-seed differences; a difference counts when a two-sided paired t-test at 95 % says so (with "
+        "3 seeds: mean above 2.5 times that std), \"within noise\" otherwise. Agreement: same top-1 as FP32; KL: "
+        "KL(FP32 || quantized) of the logits, batch mean. JLSS loss: the mean block loss (1 - cos) before -> after. "
+        f"Time: quantization on this CPU. {args.note}", "",
     ]
     for name in args.models:
         if name not in fps:
@@ -120,6 +122,7 @@ def main():
     p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--title", default="PTQ4VM accuracy with calibration seeds")
+    p.add_argument("--note", default="", help="what else ran on the machine (for the header)")
     p.add_argument("--cache", default="bench/results/ptq4vm_accuracy.jsonl")
     p.add_argument("--out", default="bench/results/ptq4vm_accuracy.md")
     args = p.parse_args()

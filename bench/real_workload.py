@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import random
 import shlex
 import sys
@@ -63,6 +64,27 @@ def make_photo_folder(folder: Path, n: int, seed: int = 0) -> None:
         img.save(folder / f"calib_{i:04d}.jpg", quality=92)
 
 
+class _Captured(logging.Handler):
+    """The messages of one logger while active (the calibration's time per phase)."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.INFO)
+        self.logger, self.messages = logging.getLogger(name), []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self._level = self.logger.level
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self._level)
+
+
 class Stages:
     def __init__(self):
         self.rows = []
@@ -106,7 +128,8 @@ def bench_model(name: str, args, folder: Path, work: Path) -> list[str]:
         print(f"{name} {label}", file=sys.stderr, flush=True)
         rs = Stages()
         prepared = rs.run("prepare", lambda: prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipe)))
-        rs.run("calibrate", lambda: vmq_fx.calibrate(prepared, calib, batch_size=32, progress=False))
+        with _Captured("vmq_fx.calibration") as phases:
+            rs.run("calibrate", lambda: vmq_fx.calibrate(prepared, calib, batch_size=32, progress=False))
         report, projection = None, ""
         if recipe.optimizer == "vimvq":
             report = rs.run("ViM-VQ (4 steps x 32 images per block)",
@@ -125,21 +148,23 @@ def bench_model(name: str, args, folder: Path, work: Path) -> list[str]:
                           f"{REDUCED.batch_size} images (including each block's capture of its inputs); the "
                           f"paper's schedule ({steps} steps x {batch} images per block) projected at "
                           f"{projected / 60:.0f} min (step time taken as linear in the batch)")
-        fake = prepared(held_out)
-        quantized = rs.run("convert_pt2e", lambda: convert_pt2e(copy.deepcopy(prepared)))
+        with torch.no_grad():
+            fake = prepared(held_out)
+        quantized = rs.run("convert_pt2e", lambda: convert_pt2e(prepared))
         lowered = rs.run("lower", lambda: vmq_fx.lower(quantized))
-        out = lowered(held_out)
+        with torch.no_grad():
+            out = lowered(held_out)
         agree = 100.0 * float((out.argmax(-1) == fake.argmax(-1)).float().mean())
         rel = float((out - fake).norm() / fake.norm())
         path = work / f"{name}_{label.replace(' ', '_')}.safetensors"
         rs.run("save", lambda: vmq_fx.save_quantized(lowered, path, model.config))
         onnx = rs.run("ONNX export", lambda: vmq_fx.export_onnx(lowered, calib[:2], work / f"{path.stem}.onnx"))
         results.append((label, rs.rows, projection, agree, rel, path.stat().st_size, onnx.bytes,
-                        bits_per_weight(lowered)))
+                        bits_per_weight(lowered), "; ".join(phases.messages)))
     fp_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     lines += ["| stage | seconds | peak RSS GiB |", "|---|---|---|"]
     lines += [f"| {n} | {s:.1f} | {m:.2f} |" for n, s, m in st.rows]
-    for label, rows, projection, agree, rel, size, onnx_bytes, bits in results:
+    for label, rows, projection, agree, rel, size, onnx_bytes, bits, phases in results:
         lines += ["", f"### {label}", "", "| stage | seconds | peak RSS GiB |", "|---|---|---|"]
         lines += [f"| {n} | {s:.1f} | {m:.2f} |" for n, s, m in rows]
         total = sum(s for _, s, _ in rows)
@@ -147,6 +172,7 @@ def bench_model(name: str, args, folder: Path, work: Path) -> list[str]:
                       f"{agree:.0f} %, logits relative error {rel:.1e}",
                   f"- model file {size / 2**20:.1f} MiB (FP32 parameters {fp_mb:.1f} MiB), ONNX "
                   f"{onnx_bytes / 2**20:.1f} MiB; quantized linears {bits:.2f} bits per weight all-in"]
+        lines.append(f"- {phases}")
         if projection:
             lines.append(f"- optimization: {projection}")
     return lines + [""]
@@ -174,7 +200,7 @@ def main():
              "accuracy is not measured here.", ""]
     for name in args.models:
         lines += bench_model(name, args, folder, work)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+        Path(args.out).write_text("\n".join(lines) + "\n")  # after every model: a partial run keeps what it measured
     print("\n".join(lines))
 
 

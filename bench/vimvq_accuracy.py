@@ -66,11 +66,11 @@ def render(cache: ResultCache, args, fps: dict) -> str:
         f"Top-1 (%) of the lowered model (vmq::vq_linear) on the {args.limit or 10000} Fashion-MNIST test images, "
         f"mean ± std over calibration seeds (seed s: {args.calib} training images drawn with seed s, k-means and the "
         "optimization's mini-batches seeded with s); `n`: seeds. Paired differences (same seeds) against plain "
-        "k-means: mean ± std of the per-seed differences; a difference counts only when its mean exceeds both that "
-        "std and each method's own std (\"within spread\" otherwise). Bits/weight: all in (codes + fp16 codebooks + "
-        "8-bit row scales) over the weights of the quantized linears; model: every tensor of the lowered model "
-        "(embedding, norms, head and SSM parameters stay fp32). Agreement: same top-1 as FP32. Time: quantization "
-        "on this CPU.", "",
+        "k-means: mean ± std of the per-seed differences; a difference counts when a two-sided paired t-test at "
+        "95 % says so (with 3 seeds: mean above 2.5 times that std), \"within noise\" otherwise. Bits/weight: all "
+        "in (codes + fp16 codebooks + 8-bit row scales) over the weights of the quantized linears; model: every "
+        "tensor of the lowered model (embedding, norms, head and SSM parameters stay fp32). Agreement: same top-1 "
+        f"as FP32. Time: quantization on this CPU. {args.note}", "",
     ]
     for name in args.models:
         if name not in fps:
@@ -111,6 +111,7 @@ def main():
     p.add_argument("--calib", type=int, default=256)
     p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
+    p.add_argument("--note", default="", help="what else ran on the machine (for the header)")
     p.add_argument("--cache", default="bench/results/vimvq_accuracy.jsonl")
     p.add_argument("--out", default="bench/results/vimvq_accuracy.md")
     args = p.parse_args()

@@ -131,3 +131,29 @@ def test_continued_run_card_embeds_the_earlier_card(tmp_path, monkeypatch):
     after, before = load_file(str(tmp_path / "cont.safetensors")), load_reference("vim-fm-tiny").state_dict()
     moved = [(after[k] - before[k]).norm() / before[k].norm() for k in before if before[k].is_floating_point()]
     assert 0 < max(moved) < 0.1  # trained a little, starting from the shipped weights (not a fresh init)
+
+
+def test_a_stopped_run_leaves_its_last_epoch_to_continue_from(tmp_path, monkeypatch):
+    import json
+
+    import vmq_fx.train as train
+
+    class Stopped(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stopped
+
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(train, "fashion_mnist", lambda split, data_dir=None: (
+        torch.randint(0, 256, (256, 28, 28), dtype=torch.uint8, generator=gen), torch.arange(256) % 10))
+    monkeypatch.setattr(train, "evaluate", stop)  # the run is stopped after its last step, before the final card
+    cfg = train.TrainConfig(epochs=2, batch_size=128, warmup_steps=1)
+    with pytest.raises(Stopped):
+        train.train_reference("vim_fm_tiny", tmp_path, "run", cfg)
+    card = json.loads((tmp_path / "run-last.json").read_text())
+    assert card["model"] == "vim_fm_tiny" and card["train"]["epochs"] == 1 and "1 of 2" in card["partial"]
+    state, loaded_card = train._load_init(str(tmp_path / "run-last.safetensors"), "vim_fm_tiny")
+    from vmq_fx.models import create_model
+
+    assert loaded_card == card and set(state) == set(create_model("vim_fm_tiny").state_dict())

@@ -248,18 +248,24 @@ def test_jlss_targets_the_mixer_output_or_the_residual_stream(vim):
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(4, 4)))
     vmq_fx.calibrate(prepared, calib, progress=False)
     runner = BlockRunner(prepared, calib)
-    # Independent reference: the eager float model's block 1 (mixer output and the residual it passes on).
-    seen = {}
-    hook = model.layers[1].register_forward_hook(lambda m, i, o: seen.update(mixer=o[0], residual=o[1]))
+    # Independent reference: the eager float model's blocks (mixer output and the residual each passes on), against
+    # the runner's captures block after block (each walked on from the previous one's inputs).
+    eager = {}
+    hooks = [layer.register_forward_hook(lambda m, i, o, k=k: eager.update({k: o})) for k, layer in
+             enumerate(model.layers)]
     with torch.no_grad():
         model(calib)
-    hook.remove()
-    _, fp_out = runner.capture(1, fake_quant=False)
-    own = [t for t, o in zip(fp_out, runner._own[1]) if t is not None and o]
-    passed = [t for t, o in zip(fp_out, runner._own[1]) if t is not None and not o]
-    assert len(own) == 1 and len(passed) == 1
-    torch.testing.assert_close(own[0], seen["mixer"], atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(passed[0], seen["residual"], atol=1e-4, rtol=1e-4)
+    for h in hooks:
+        h.remove()
+    assert len(runner.blocks) == len(eager) == 2
+    for k in range(len(runner.blocks)):
+        _, fp_out = runner.capture(k, fake_quant=False)
+        own = [t for t, o in zip(fp_out, runner._own[k]) if t is not None and o]
+        passed = [t for t, o in zip(fp_out, runner._own[k]) if t is not None and not o]
+        assert len(own) == 1 and len(passed) == 1
+        torch.testing.assert_close(own[0], eager[k][0], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(passed[0], eager[k][1], atol=1e-4, rtol=1e-4)
+    seen = {"mixer": eager[1][0], "residual": eager[1][1]}
     q_in, _ = runner.capture(1, fake_quant=True)
     with torch.no_grad():
         q_out = [t for t in runner._submods[3](*[operator.attrgetter(ref)(runner.split) if kind == "attr"

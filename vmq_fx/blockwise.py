@@ -4,8 +4,9 @@ The prepared graph is split into one submodule per block (module paths from ``nn
 ``torch.fx.passes.split_module``; the submodules share the quantizer modules and parameters of the prepared model,
 so learning updates the prepared model in place. For block ``k``:
 
-* :meth:`BlockRunner.capture` runs the images up to block ``k`` and records its inputs and float outputs, with fake
-  quantization on (inputs from the already-quantized preceding blocks) or off (the floating-point target);
+* :meth:`BlockRunner.capture` runs the images up to block ``k`` (on from block ``k - 1``'s inputs, which the previous
+  call kept) and records its inputs and float outputs, with fake quantization on (inputs from the already-quantized
+  preceding blocks) or off (the floating-point target);
 * :meth:`BlockRunner.loss` is the mean over tokens of ``1 - cos`` between the target and the block's output on the
   captured inputs (all of them or a mini-batch), with the live parameters of the prepared model. The block's output
   is its mixer's (``"mixer"``, PTQ4VM's loss; a VMamba block adds its residual inside, so there it is the block's
@@ -27,10 +28,6 @@ from vmq_fx.recipes import LossTarget
 __all__ = ["BlockRunner"]
 
 _BATCH = object()  # stands for "the batch size" among a block's captured arguments
-
-
-class _Stop(Exception):
-    pass
 
 
 def _block_index_of(paths: list[str], blocks: list[str]) -> int | None:
@@ -100,6 +97,42 @@ def _own_outputs(submod: fx.GraphModule, spec: list[tuple[str, object]]) -> list
     return [depends(o) for o in outputs]
 
 
+class _Walk:
+    """The split model's top-level graph executed node by node on chunks of images, resumable: ``advance_to(i)``
+    executes the nodes before index ``i`` (from where the last call stopped) and yields, per chunk, the arguments of
+    node ``i`` without executing it. Values no later node reads are dropped."""
+
+    def __init__(self, split: fx.GraphModule, chunks):
+        self.split = split
+        self.nodes = list(split.graph.nodes)
+        index = {n: i for i, n in enumerate(self.nodes)}
+        self.last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in self.nodes}
+        (placeholder,) = [n for n in self.nodes if n.op == "placeholder"]  # the images
+        self.envs = [{placeholder: chunk} for chunk in chunks]
+        self.position = 0
+
+    def _run(self, node: fx.Node, env: dict):
+        if node.op == "placeholder":
+            return env[node]
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        if node.op == "call_module":
+            return self.split.get_submodule(node.target)(*args, **kwargs)
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "get_attr":
+            return operator.attrgetter(node.target)(self.split)
+        raise RuntimeError(f"blockwise: unexpected {node.op} node {node.name} before the last block")
+
+    def advance_to(self, i: int):
+        for env in self.envs:
+            for node in self.nodes[self.position:i]:
+                env[node] = self._run(node, env)
+            for node in [n for n in env if self.last_use[n] < i]:
+                del env[node]
+            yield fx.node.map_arg(self.nodes[i].args, lambda n: env[n])
+        self.position = i
+
+
 class BlockRunner:
     """Runs a calibrated prepared model block by block.
 
@@ -121,6 +154,10 @@ class BlockRunner:
                          if name.startswith("submod_")}
         self._specs = [self._spec(k) for k in range(len(self.blocks))]
         self._own = [_own_outputs(self._submods[2 * k + 1], self._specs[k]) for k in range(len(self.blocks))]
+        nodes = list(self.split.graph.nodes)
+        self._calls = [next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == f"submod_{2 * k + 1}")
+                       for k in range(len(self.blocks))]
+        self._walks: dict[bool, _Walk] = {}
 
     def layers(self, k: int):
         """(layer, activation quantizer, weight quantizer) of the linears of block ``k``."""
@@ -140,34 +177,30 @@ class BlockRunner:
         return spec
 
     def capture(self, k: int, fake_quant: bool) -> tuple[list, list[Tensor]]:
-        """Block k's activation inputs and float outputs on all images, with fake quantization on or off."""
+        """Block k's activation inputs and float outputs on all images, with fake quantization on or off.
+
+        Calls come block by block (k = 0, 1, ... for each mode): the split graph is walked on from where the previous
+        call of the same mode stopped, re-running block k-1 with its final parameters, so that the cost per block
+        does not grow with k. Calling an earlier block again walks from the images.
+        """
         set_fake_quant(self.quantizers, fake_quant)
-        mod = self._submods[2 * k + 1]
+        call = self._calls[k]
+        walk = self._walks.get(fake_quant)
+        if walk is None or walk.position > call:
+            walk = self._walks[fake_quant] = _Walk(self.split, self.images.split(64))
         spec = self._specs[k]
         data_pos = [i for i, (kind, _) in enumerate(spec) if kind == "data"]
         ins, outs = [], []
-
-        def pre(_, args):
-            batch = next(args[i].shape[0] for i in data_pos if isinstance(args[i], Tensor))
-            # A symbolic size passed between partitions can only be the batch (the one dynamic dimension).
-            ins.append([args[i].detach() if isinstance(args[i], Tensor) else
-                        (_BATCH if args[i] == batch else args[i]) for i in data_pos])
-
-        def post(_, __, out):
-            outs.append([t.detach() if _is_activation(t) else None for t in _as_tuple(out)])
-            raise _Stop
-
-        hooks = [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
         try:
             with torch.no_grad():
-                for x in self.images.split(64):
-                    try:
-                        self.split(x)
-                    except _Stop:
-                        pass
+                for args in walk.advance_to(call):
+                    batch = next(args[i].shape[0] for i in data_pos if isinstance(args[i], Tensor))
+                    # A symbolic size passed between partitions can only be the batch (the one dynamic dimension).
+                    ins.append([args[i].detach() if isinstance(args[i], Tensor) else
+                                (_BATCH if args[i] == batch else args[i]) for i in data_pos])
+                    out = self._submods[2 * k + 1](*args)
+                    outs.append([t.detach() if _is_activation(t) else None for t in _as_tuple(out)])
         finally:
-            for h in hooks:
-                h.remove()
             set_fake_quant(self.quantizers, True)
         return ([torch.cat([b[i] for b in ins]) if isinstance(ins[0][i], Tensor) else ins[0][i]
                  for i in range(len(data_pos))],
@@ -176,8 +209,8 @@ class BlockRunner:
     def loss(self, k: int, q_in: list, fp_out: list, idx: Tensor | None = None, target: LossTarget = "mixer"
              ) -> Tensor:
         """Loss of block k on the captured quantized-path inputs (all, or the mini-batch ``idx``) against the FP
-        outputs, on the mixer's output or the residual stream after the block (``target``). Parameters are read from the split model at call time so that gradients reach the prepared
-        model's own."""
+        outputs, on the mixer's output or the residual stream after the block (``target``). Parameters are read
+        from the split model at call time so that gradients reach the prepared model's own."""
         first = next(v for v in q_in if isinstance(v, Tensor))
         batch = len(first) if idx is None else len(idx)
 

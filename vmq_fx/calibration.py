@@ -14,6 +14,8 @@ Without smoothing (``recipe.smooth=False``) only the second pass runs. Each line
 """
 from __future__ import annotations
 
+import logging
+import time
 from typing import Iterable
 
 import torch
@@ -23,6 +25,8 @@ from tqdm.auto import tqdm
 from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize, VectorQuantizedWeight
 from vmq_fx.observers.codebook import initialize_codebook_group
 from vmq_fx.quantizer import QuantizedLinear, quantized_linears
+
+log = logging.getLogger(__name__)
 
 __all__ = ["calibrate", "codebook_groups", "linear_quantizers", "set_fake_quant", "smoothquant_scales",
            "split_batches"]
@@ -148,6 +152,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     _check_inputs(prepared, batches)
     smoothed = [(layer, act, weight) for layer, act, weight in quantizers.values()
                 if isinstance(act, PerTokenStaticFakeQuantize) and act.smoothing]
+    seconds = {}
+    t0 = time.perf_counter()
     if smoothed:
         for _, act, _ in smoothed:  # this pass needs the channel maxima only
             act.record_distribution = False
@@ -161,11 +167,17 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
             for q in (act, weight):
                 if q is not None:
                     q.reset_statistics()
+        seconds["smoothing pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
     _run(prepared, batches, "calibrate (step sizes)", progress)
+    seconds["statistics pass"] = time.perf_counter() - t0
     modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
     initialize = [q.initialize for q in modules if isinstance(q, (PerTokenStaticFakeQuantize,
                                                                   PerChannelWeightFakeQuantize))]
     initialize += [lambda key=key, g=group: initialize_codebook_group([w for _, w in g], key)
                    for key, group in codebook_groups(quantizers).items()]
+    t0 = time.perf_counter()
     for init in tqdm(initialize, desc="initialize quantizers", disable=not progress, leave=False):
         init()
+    seconds["range searches and k-means"] = time.perf_counter() - t0
+    log.info("calibration: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))

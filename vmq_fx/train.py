@@ -88,6 +88,28 @@ def _load_init(spec: str, model_name: str) -> tuple[dict, dict]:
     return load_file(str(path)), card
 
 
+def _save_epoch(model: torch.nn.Module, model_name: str, out_dir: Path, card_name: str, cfg: TrainConfig,
+                epochs: float, seconds: float, init_card: dict | None) -> None:
+    """After every epoch, ``<card_name>-last.safetensors`` and a card without test accuracy (not evaluated, to keep
+    the run going): a run that is stopped can continue with ``init_from`` (a new warm-up and cosine cycle)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = out_dir / f"{card_name}-last"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stem.with_suffix(".safetensors")))
+    card = {"name": stem.name, "model": model_name,
+            "partial": f"after {epochs:g} of {cfg.epochs:g} epochs; not evaluated",
+            "train": {**asdict(cfg), "epochs": epochs, "seconds": round(seconds, 1)},
+            **(_continued(init_card, epochs, seconds) if init_card else {})}
+    stem.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+
+
+def _continued(init_card: dict, epochs: float, seconds: float) -> dict:
+    """Card fields of a run continued from ``init_card``: that card, and both runs summed (the earlier card already
+    sums its own predecessors)."""
+    before = init_card.get("total_train", init_card["train"])
+    return {"init_from": init_card, "total_train": {"epochs": before["epochs"] + epochs,
+                                                    "seconds": round(before["seconds"] + seconds, 1)}}
+
+
 def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: TrainConfig = TrainConfig(),
                     data_dir=None, command: str | None = None, conditions: str | None = None) -> dict:
     """Train ``model_name`` on the Fashion-MNIST training split; write ``<card_name>.safetensors`` and ``.json``.
@@ -143,13 +165,14 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
         opt.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.3f}", lr=f"{lr_at(step):.2e}", refresh=False)
+        if (step + 1) % steps_per_epoch == 0 and step + 1 < total:
+            _save_epoch(model, model_name, Path(out_dir), card_name, cfg, (step + 1) / steps_per_epoch,
+                        time.perf_counter() - t0, init_card)
     train_s = time.perf_counter() - t0
     model.eval()
     result = evaluate(model, "test", data_dir=data_dir, progress=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # A chain of continued runs: the earlier card already sums its own predecessors.
-    before = init_card.get("total_train", init_card["train"]) if init_card else None
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"{card_name}.safetensors"))
     card = {
         "name": card_name,
@@ -160,9 +183,7 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
         "test_top1": round(result.top1, 2),
         "test_correct": result.correct,
         "train": {**asdict(cfg), "steps": total, "seconds": round(train_s, 1)},
-        **({"init_from": init_card, "total_train": {"epochs": before["epochs"] + cfg.epochs,
-                                                    "seconds": round(before["seconds"] + train_s, 1)}}
-           if init_card else {}),
+        **(_continued(init_card, cfg.epochs, train_s) if init_card else {}),
         "eval_seconds": round(result.seconds, 1),
         "command": command,
         "seed": cfg.seed,
@@ -172,5 +193,7 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
         "reproduce": f"vmq eval {card_name}",
     }
     (out_dir / f"{card_name}.json").write_text(json.dumps(card, indent=2) + "\n")
+    for suffix in (".safetensors", ".json"):  # the finished run supersedes its last epoch's checkpoint
+        (out_dir / f"{card_name}-last{suffix}").unlink(missing_ok=True)
     log.info("%s: %s; trained %.1f min", card_name, result, train_s / 60)
     return card
