@@ -123,6 +123,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--title", default="PTQ4VM accuracy with calibration seeds")
     p.add_argument("--note", default="", help="what else ran on the machine (for the header)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the table from the cache, measure nothing")
     p.add_argument("--cache", default="bench/results/ptq4vm_accuracy.jsonl")
     p.add_argument("--out", default="bench/results/ptq4vm_accuracy.md")
     args = p.parse_args()
@@ -140,7 +141,8 @@ def main():
     for name in args.models:
         fp_logits = predict(load_reference(name), x_test)
         fps[name] = top1(fp_logits, labels)
-        for seed in args.seeds:  # seeds outermost: a partial run still gives every method on the same seeds
+        # Seeds outermost: a partial run still gives every method on the same seeds.
+        for seed in [] if args.render_only else args.seeds:
             for bits in args.bits:
                 for method in args.methods:
                     key = dict(model=name, method=method, bits=bits, seed=seed, calib=args.calib, test=len(labels))

@@ -112,6 +112,7 @@ def main():
     p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: default)")
     p.add_argument("--note", default="", help="what else ran on the machine (for the header)")
+    p.add_argument("--render-only", action="store_true", help="rewrite the table from the cache, measure nothing")
     p.add_argument("--cache", default="bench/results/vimvq_accuracy.jsonl")
     p.add_argument("--out", default="bench/results/vimvq_accuracy.md")
     args = p.parse_args()
@@ -127,7 +128,7 @@ def main():
         model = load_reference(name)
         fp_logits = predict(model, x_test)
         fps[name] = (top1(fp_logits, labels), _bytes(list(model.state_dict().values())))
-        for seed in args.seeds:
+        for seed in [] if args.render_only else args.seeds:
             for bits in args.bits:
                 for method in args.methods:
                     key = dict(model=name, method=method, bits=bits, seed=seed, calib=args.calib, test=len(labels))

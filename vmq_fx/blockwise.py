@@ -155,8 +155,8 @@ class BlockRunner:
         self._specs = [self._spec(k) for k in range(len(self.blocks))]
         self._own = [_own_outputs(self._submods[2 * k + 1], self._specs[k]) for k in range(len(self.blocks))]
         nodes = list(self.split.graph.nodes)
-        self._calls = [next(i for i, n in enumerate(nodes) if n.op == "call_module" and n.target == f"submod_{2 * k + 1}")
-                       for k in range(len(self.blocks))]
+        calls = {n.target: i for i, n in enumerate(nodes) if n.op == "call_module"}
+        self._calls = [calls[f"submod_{2 * k + 1}"] for k in range(len(self.blocks))]
         self._walks: dict[bool, _Walk] = {}
 
     def layers(self, k: int):
