@@ -67,6 +67,17 @@ class ResultCache:
                 return r
         return None
 
+    def by_method(self, methods, seeds, **key) -> dict[str, dict[int, dict]]:
+        """{method: {seed: record}} of the records matching ``key``, for the methods and seeds asked (those with
+        at least one record)."""
+        out = {}
+        for method in methods:
+            runs = {r["seed"]: r for r in self.records if r.get("method") == method and r.get("seed") in seeds
+                    and all(r.get(k) == v for k, v in key.items())}
+            if runs:
+                out[method] = runs
+        return out
+
     def add(self, record: dict) -> dict:
         import json
 

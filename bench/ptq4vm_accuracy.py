@@ -89,12 +89,7 @@ def render(cache: ResultCache, args, fps: dict) -> str:
                   " | agreement % | KL | JLSS loss | time s |",
                   "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|---|"]
         for bits in args.bits:
-            by_method = {}
-            for method in args.methods:
-                recs = [r for r in cache.records if r["model"] == name and r["bits"] == bits
-                        and r["method"] == method and r["seed"] in args.seeds and r["test"] == (args.limit or 10000)]
-                if recs:
-                    by_method[method] = {r["seed"]: r for r in recs}
+            by_method = cache.by_method(args.methods, args.seeds, model=name, bits=bits, test=args.limit or 10000)
             for method, recs in by_method.items():
                 acc = {s: r["top1"] for s, r in recs.items()}
                 cmp = [compare(acc, {s: r["top1"] for s, r in by_method[b].items()})

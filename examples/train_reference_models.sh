@@ -15,3 +15,8 @@ wait
 vmq train vim_fm_tiny --name vim-fm-tiny --epochs 8 --lr 1e-3 --seed 1 --threads 2 \
     --init-from out/train/vim-fm-tiny.safetensors --out-dir vmq_fx/models/reference \
     --conditions "continued from the 6-epoch run (init_from) on an otherwise idle 2-core CPU, 2 torch threads"
+# vim-fm-197 (Vim at 197 tokens: 2x2 patches of the 28x28 images + the middle class token). Stage 1, 3 epochs on one
+# thread (86.55 %); it continues with --init-from until it reaches 90 % and ships then. `vmq train` also writes
+# <name>-last.safetensors after every epoch, so a stopped stage can be continued from its last epoch.
+vmq train vim_fm_197 --name vim-fm-197 --epochs 3 --threads 1 --out-dir out/train \
+    --conditions "1 torch thread on a shared 2-core CPU (tests, benchmarks and quantization runs shared it)"
