@@ -58,8 +58,8 @@ def resolved_schedule(schedule: Schedule, family: str, optimizer: str) -> tuple[
 
 
 class _LogDomain:
-    """Adam on ``u = log(p)`` for positive parameters ``p`` that the model reads directly: before each forward ``p``
-    is set to ``exp(u)``, after backward ``u``'s gradient is ``p * dL/dp`` (the chain rule)."""
+    """Adam on ``u = log(p)`` for positive parameters ``p`` that the model reads directly: after backward ``u``'s
+    gradient is ``p * dL/dp`` (the chain rule), after each step ``p`` is set to ``exp(u)``."""
 
     def __init__(self, param_groups: list[dict]):
         self.pairs = [(p, nn.Parameter(p.detach().clamp(min=1e-8).log())) for g in param_groups for p in g["params"]]
@@ -156,8 +156,9 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
                         n, generator=gen)[:batch_size]
                     loss = runner.loss(k, q_in, fp_out, idx, recipe.jlss_target)
                     opt.zero_grad(set_to_none=True)
-                    for p in params:
-                        p.grad = None
+                    if log_domain is not None:  # the optimizer holds the logarithms, not these
+                        for p in params:
+                            p.grad = None
                     loss.backward()
                     if log_domain is not None:
                         log_domain.pull_grads()

@@ -113,6 +113,7 @@ class PTQ4VMRecipe(Recipe):
             their residual inside) or ``"stream"`` (the residual stream after the block, what the next block reads).
         step_domain: ``"linear"`` (PTQ4VM: Adam on the step sizes and smoothing scales themselves) or ``"log"``
             (Adam on their logarithms: an update is a relative change, the same for a step of 0.002 and of 0.2).
+            Like the schedule and ``grad_clip``, ``jlss_target`` and ``step_domain`` are read from the global recipe.
         weight_decay, grad_clip: JLSS's AdamW weight decay and gradient-norm clip.
         p: exponent of the Lp error used by the range searches.
         num_candidates: candidates of the range searches.
