@@ -78,6 +78,12 @@ class ResultCache:
                 out[method] = runs
         return out
 
+    def missing(self, seeds, bits, methods, **key):
+        """(seed, bits, method) of the runs matching ``key`` that the cache lacks, seeds outermost: a partial run
+        still gives every method on the same seeds."""
+        return [(seed, b, method) for seed in seeds for b in bits for method in methods
+                if self.get(seed=seed, bits=b, method=method, **key) is None]
+
     def add(self, record: dict) -> dict:
         import json
 

@@ -123,15 +123,13 @@ def main():
         model = load_reference(name)
         fp_logits = predict(model, x_test)
         fps[name] = (top1(fp_logits, labels), _bytes(list(model.state_dict().values())))
-        for seed in [] if args.render_only else args.seeds:
-            for bits in args.bits:
-                for method in args.methods:
-                    key = dict(model=name, method=method, bits=bits, seed=seed, calib=args.calib, test=len(labels))
-                    if cache.get(**key) is None:
-                        rec = cache.add(measure(name, method, bits, seed, args.calib, x_test, labels, fp_logits))
-                        print(f"{name} {bits}-bit {method} seed {seed}: {rec['top1']:.2f} % "
-                              f"({rec['bits_per_weight']:.2f} bits/weight, {rec['seconds']:.0f} s)", flush=True)
-                    Path(args.out).write_text(render(cache, args, fps))
+        todo = [] if args.render_only else cache.missing(args.seeds, args.bits, args.methods, model=name,
+                                                          calib=args.calib, test=len(labels))
+        for seed, bits, method in todo:
+            rec = cache.add(measure(name, method, bits, seed, args.calib, x_test, labels, fp_logits))
+            print(f"{name} {bits}-bit {method} seed {seed}: {rec['top1']:.2f} % "
+                  f"({rec['bits_per_weight']:.2f} bits/weight, {rec['seconds']:.0f} s)", flush=True)
+            Path(args.out).write_text(render(cache, args, fps))
     Path(args.out).write_text(render(cache, args, fps))
 
 
