@@ -57,8 +57,10 @@ def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     before = set(gm._buffers)
     with torch.no_grad():
         constant_fold(gm, constraint_fn=_foldable)
-    for name in set(gm._buffers) - before:  # folded constants own their memory (safetensors saves each once)
-        gm.register_buffer(name, gm._buffers[name].clone())
+    # Folded constants own their memory (safetensors saves each once) and carry no autograd history: a slice of a
+    # parameter folds into a view that would keep one, and a graph module holding it cannot be deep-copied.
+    for name in set(gm._buffers) - before:
+        gm.register_buffer(name, gm._buffers[name].detach().clone())
     drop_unused_attributes(gm)
     gm.graph.lint()
     gm.recompile()
