@@ -89,13 +89,17 @@ def _stream(rows=40, seed=0):
             torch.cat([torch.randn(rows, 5990, generator=g) * 2, 30 * torch.randn(rows, 10, generator=g)], 1)]
 
 
-def test_row_histograms_count_every_value_in_its_bin():
+@pytest.mark.parametrize("tokens", [False, True])
+def test_row_histograms_count_every_value_in_its_bin(tokens, implementation):
     from vmq_fx.observers.lp_search import RowHistograms
 
     batches = _stream()
     h = RowHistograms(256)
     for b in batches:
-        h.add(b)
+        if tokens:  # as [batch, L, channels]: the calibration's path (C++ growth and counting where built)
+            h.add_tokens(b.t()[:, :, None], b.amin(1), b.amax(1))
+        else:
+            h.add(b)
     x = torch.cat(batches, 1)
     assert bool((h.start <= x.amin(1)).all()) and bool((h.start + h.width * 256 > x.amax(1)).all())
     # An independent count with the final edges (float64): every value in the bin whose [left, right) holds it. Values

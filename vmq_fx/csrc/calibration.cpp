@@ -1,9 +1,10 @@
 // Calibration statistics of the per-token static activation quantizer, for 197-token models and hundreds of images.
 //
 // token_stats: per-token min / max and per-channel max |x| of a [batch, L, C] activation, in one pass (torch needs
-// three, plus a transposing copy). histogram_add: counts the values into per-token histograms whose ranges the caller
-// has already grown to hold them. search_ranges: the Lp range search of PTQ4VM over a histogram, each non-empty bin
-// standing for its values at its center: the candidate ranges and the quantization arithmetic of
+// three, plus a transposing copy). histogram_add: grows the per-token histograms' ranges to hold the values
+// (RowHistograms' doubling, which took longer in torch ops than the counting) and counts them. search_ranges: the Lp
+// range search of PTQ4VM over a histogram, each non-empty bin standing for its values at its center: the candidate
+// ranges and the quantization arithmetic of
 // vmq_fx.observers.lp_search.search_asymmetric_ranges, with |e|^p from vexp2 / vlog2 (relative error ~1e-6).
 #include <torch/extension.h>
 
@@ -50,19 +51,45 @@ std::vector<at::Tensor> token_stats(const at::Tensor& x_in) {
   return {tmin, tmax, std::get<0>(partial.max(0))};
 }
 
-void histogram_add(const at::Tensor& x_in, at::Tensor& counts, const at::Tensor& start, const at::Tensor& width) {
+// Doubles the bin width of row r until [lo, hi] fits: pairs of bins merge, and the old range becomes the upper half
+// of the new one when values fall below it (the lower half otherwise). RowHistograms._grow, row by row.
+static void grow_row(float* h, float& start, float& width, int64_t bins, float lo, float hi) {
+  const int64_t half = bins / 2;
+  while (true) {
+    const bool left = lo < start, right = hi >= start + width * static_cast<float>(bins);
+    if (!left && !right) return;
+    if (left) {
+      for (int64_t j = half - 1; j >= 0; --j) h[half + j] = h[2 * j] + h[2 * j + 1];
+      std::fill(h, h + half, 0.0f);
+      start = start - width * static_cast<float>(bins);
+    } else {
+      for (int64_t j = 0; j < half; ++j) h[j] = h[2 * j] + h[2 * j + 1];
+      std::fill(h + half, h + bins, 0.0f);
+    }
+    width = width * 2;
+  }
+}
+
+void histogram_add(const at::Tensor& x_in, at::Tensor& counts, at::Tensor& start, at::Tensor& width,
+                   const at::Tensor& lo_in, const at::Tensor& hi_in) {
+  const int64_t L = x_in.size(1);
   TORCH_CHECK_VALUE(x_in.dim() == 3 && counts.dim() == 2 && counts.is_contiguous() &&
-                        counts.scalar_type() == at::kFloat && counts.size(0) == x_in.size(1),
-                    "histogram_add: x [batch, L, C] and contiguous float counts [L, bins]");
+                        counts.scalar_type() == at::kFloat && counts.size(0) == L && counts.size(1) % 2 == 0,
+                    "histogram_add: x [batch, L, C] and contiguous float counts [L, bins] (bins even)");
+  TORCH_CHECK_VALUE(start.is_contiguous() && width.is_contiguous() && start.scalar_type() == at::kFloat &&
+                        width.scalar_type() == at::kFloat && start.numel() == L && width.numel() == L,
+                    "histogram_add: start and width are contiguous float [L], grown in place");
   const at::Tensor x = x_in.to(at::kFloat);
-  const int64_t B = x.size(0), L = x.size(1), C = x.size(2), bins = counts.size(1);
+  const at::Tensor lo = lo_in.to(at::kFloat).contiguous(), hi = hi_in.to(at::kFloat).contiguous();
+  const int64_t B = x.size(0), C = x.size(2), bins = counts.size(1);
   const int64_t sb = x.stride(0), st = x.stride(1), sc = x.stride(2);
   const float* xp = x.data_ptr<float>();
-  const at::Tensor s = start.to(at::kFloat).contiguous(), w = width.to(at::kFloat).contiguous();
+  float *s = start.data_ptr<float>(), *w = width.data_ptr<float>();
   at::parallel_for(0, L, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* h = counts.data_ptr<float>() + t * bins;
-      const float origin = s.data_ptr<float>()[t], inv = 1.0f / w.data_ptr<float>()[t];
+      grow_row(h, s[t], w[t], bins, lo.data_ptr<float>()[t], hi.data_ptr<float>()[t]);
+      const float origin = s[t], inv = 1.0f / w[t];
       for (int64_t b = 0; b < B; ++b) {
         const float* row = xp + b * sb + t * st;
         for (int64_t c = 0; c < C; ++c) {

@@ -122,12 +122,16 @@ class RowHistograms:
             self.start = torch.where(left, self.start - self.width * self.bins, self.start)
             self.width = torch.where(grow, self.width * 2, self.width)
 
-    def _start(self, rows: int, lo: Tensor, hi: Tensor) -> None:
+    def _open(self, rows: int, lo: Tensor, hi: Tensor) -> None:
         if self.counts is None:
-            self.counts = lo.new_zeros(rows, self.bins)
-            self.start = lo
+            self.counts = lo.new_zeros(rows, self.bins, dtype=torch.float32)
+            self.start = lo.float().clone()  # the C++ kernel grows it in place: never the caller's tensor
             # a little headroom so that the first batch's maximum falls inside the last bin
-            self.width = ((hi - lo) * (1 + 1e-6) / self.bins).clamp(min=torch.finfo(torch.float32).tiny * 1e6)
+            self.width = ((hi.float() - lo.float()) * (1 + 1e-6) / self.bins).clamp(
+                min=torch.finfo(torch.float32).tiny * 1e6)
+
+    def _start(self, rows: int, lo: Tensor, hi: Tensor) -> None:
+        self._open(rows, lo, hi)
         self._grow(lo, hi)
 
     @torch.no_grad()
@@ -146,14 +150,14 @@ class RowHistograms:
     @torch.no_grad()
     def add_tokens(self, x: Tensor, lo: Tensor, hi: Tensor) -> None:
         """Count an activation [batch, L, C] into the L token histograms, pooled over images and channels
-        (``lo`` / ``hi``: its per-token min and max). Uses the C++ kernel where it is built."""
+        (``lo`` / ``hi``: its per-token min and max). Uses the C++ kernel (growth and counting) where it is built."""
         kernels = native.native_kernels() if x.device.type == "cpu" else None
         if kernels is None:
             self.add(x.transpose(0, 1).reshape(x.shape[1], -1), lo, hi)
             return
-        self._start(x.shape[1], lo, hi)
-        self.counts = self.counts.contiguous()
-        kernels.histogram_add(x, self.counts, self.start, self.width)
+        self._open(x.shape[1], lo, hi)
+        self.counts, self.start, self.width = (t.contiguous() for t in (self.counts, self.start, self.width))
+        kernels.histogram_add(x, self.counts, self.start, self.width, lo, hi)
 
     def search(self, lo: Tensor, hi: Tensor, levels: int, p: float = 2.4,
                num_candidates: int = 100) -> tuple[Tensor, Tensor]:
