@@ -135,3 +135,26 @@ def test_histogram_search_is_within_a_stated_tolerance_of_the_exact_search(level
 
     ratio = lp(*approx) / lp(*exact)
     assert float(ratio.max()) < 1.10 and float(ratio.mean()) < 1.01, (ratio.max(), ratio.mean())
+
+
+def test_fake_quantization_without_gradients_takes_the_same_levels():
+    """Without anything to differentiate the quantizers use torch's fused kernel; it must pick the levels the
+    differentiable path (and a float64 count of levels) picks, bit for bit, at 4 and 8 bits, per token and per row."""
+    torch.manual_seed(0)
+    act = PerTokenStaticFakeQuantize(quant_max=15)
+    x = torch.randn(6, 11, 40) * torch.linspace(0.5, 4, 11)[:, None] + 0.3
+    act(x)
+    act.initialize()
+    weight = PerChannelWeightFakeQuantize(quant_min=-127, quant_max=127)
+    w = torch.randn(24, 40)
+    weight(w)
+    weight.initialize()
+    for fq, t, shape in ((act, x, (1, -1, 1)), (weight, w, (-1, 1))):
+        with torch.no_grad():
+            fast = fq(t)
+        slow = fq(t.clone().requires_grad_(True)).detach()
+        assert torch.equal(fast, slow)
+        scale = fq.scale.detach().double().reshape(shape)
+        zp = fq.zero_point.double().reshape(shape)
+        levels = (t.double() * (1 / scale.float()).double()).round().add(zp).clamp(fq.quant_min, fq.quant_max)
+        assert torch.allclose(fast.double(), (levels - zp) * scale, rtol=0, atol=1e-6)

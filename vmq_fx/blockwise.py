@@ -222,10 +222,14 @@ class BlockRunner:
         args = [operator.attrgetter(ref)(self.split) if kind == "attr" else data(q_in[ref])
                 for kind, ref in self._specs[k]]
         q_out = _as_tuple(self._submods[2 * k + 1](*args))
-        pairs = [(t if idx is None else t[idx], q) for t, q, own in zip(fp_out, q_out, self._own[k])
-                 if t is not None and own]
+        return self.loss_of_outputs(k, [t if idx is None or t is None else t[idx] for t in fp_out], q_out, target)
+
+    def loss_of_outputs(self, k: int, fp_out: list, q_out, target: LossTarget = "mixer") -> Tensor:
+        """The loss of :meth:`loss` on block k's outputs already computed, e.g. those :meth:`capture` returns with
+        fake quantization on (the loss before any learning, without running the block again)."""
+        pairs = [(t, q) for t, q, own in zip(fp_out, q_out, self._own[k]) if t is not None and own]
         if target == "stream":
-            streams = [(t if idx is None else t[idx], q) for t, q in zip(fp_out, q_out) if t is not None]
+            streams = [(t, q) for t, q in zip(fp_out, q_out) if t is not None]
             pairs = [(sum(t for t, _ in streams), sum(q for _, q in streams))]
         return _loss([t for t, _ in pairs], [q for _, q in pairs])
 

@@ -133,7 +133,7 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
     before, after = [], []
     for k, block in enumerate(runner.blocks):
         _, fp_out = runner.capture(k, fake_quant=False)
-        q_in, _ = runner.capture(k, fake_quant=True)
+        q_in, q_out = runner.capture(k, fake_quant=True)
         param_groups = []
         for layer, act, weight in runner.layers(k):
             lrs = layer.recipe.learning_rates(family)
@@ -142,7 +142,8 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
         params = [p for g in param_groups for p in g["params"]]
         n = len(images)
         with torch.no_grad():
-            before.append(runner.loss(k, q_in, fp_out, target=recipe.jlss_target).item())
+            before.append(runner.loss_of_outputs(k, fp_out, q_out, recipe.jlss_target).item())
+        del q_out
         if params and steps:
             log_domain = _LogDomain(param_groups) if recipe.step_domain == "log" else None
             groups = param_groups if log_domain is None else log_domain.groups
@@ -173,8 +174,10 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
             finally:
                 for p in frozen:
                     p.requires_grad_(True)
-        with torch.no_grad():
-            after.append(runner.loss(k, q_in, fp_out, target=recipe.jlss_target).item())
+            with torch.no_grad():
+                after.append(runner.loss(k, q_in, fp_out, target=recipe.jlss_target).item())
+        else:  # nothing learned: the loss is the one before
+            after.append(before[-1])
     report = JLSSReport(len(runner.blocks), before, after, time.perf_counter() - t0)
     log.info("%s", report)
     return report
