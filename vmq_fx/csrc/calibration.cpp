@@ -4,8 +4,8 @@
 // three, plus a transposing copy). histogram_add: grows the per-token histograms' ranges to hold the values
 // (RowHistograms' doubling, which took longer in torch ops than the counting) and counts them. search_ranges: the Lp
 // range search of PTQ4VM over a histogram, each non-empty bin standing for its values at its center: the candidate
-// ranges and the quantization arithmetic of
-// vmq_fx.observers.lp_search.search_asymmetric_ranges, with |e|^p from vexp2 / vlog2 (relative error ~1e-6).
+// ranges and the quantization arithmetic of vmq_fx.observers.lp_search.search_asymmetric_ranges, with |e|^p from
+// vexp2 / vlog2 (relative error ~1e-6).
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -51,7 +51,7 @@ std::vector<at::Tensor> token_stats(const at::Tensor& x_in) {
   return {tmin, tmax, std::get<0>(partial.max(0))};
 }
 
-// Doubles the bin width of row r until [lo, hi] fits: pairs of bins merge, and the old range becomes the upper half
+// Doubles the bin width of one row until [lo, hi] fits: pairs of bins merge, and the old range becomes the upper half
 // of the new one when values fall below it (the lower half otherwise). RowHistograms._grow, row by row.
 static void grow_row(float* h, float& start, float& width, int64_t bins, float lo, float hi) {
   const int64_t half = bins / 2;
