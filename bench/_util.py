@@ -19,6 +19,20 @@ def median_seconds(fn, reps: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def interleaved(variants: dict, reps: int, rounds: int = 3) -> dict[str, float]:
+    """Median seconds per variant: ``rounds`` rounds, each timing every variant ``reps`` times in turn."""
+    times = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up (and build caches) once
+        fn()
+    for _ in range(rounds):
+        for k, fn in variants.items():
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def machine_line() -> str:
     return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"python {platform.python_version()}")

@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import copy
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line, mamba_ssm_ref  # noqa: E402
+from _util import interleaved, machine_line, mamba_ssm_ref  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -47,20 +46,6 @@ from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
 TABLES = ("scan", "linears", "models", "train", "profile")
 VIM_T = dict(d_model=192, d_inner=384, length=197, d_state=16, dt_rank=12)
-
-
-def interleaved(variants: dict, reps: int, rounds: int = 3) -> dict[str, float]:
-    """Median seconds per variant: ``rounds`` rounds, each timing every variant ``reps`` times in turn."""
-    times = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up (and build caches) once
-        fn()
-    for _ in range(rounds):
-        for k, fn in variants.items():
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
 
 
 @contextlib.contextmanager

@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import functools
 import shlex
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line  # noqa: E402
+from _util import interleaved, machine_line  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -100,7 +98,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--reps", type=int, default=3, help="timed runs per path and round (3 rounds)")
     ap.add_argument("--note", default="", help="what else ran on the machine")
     ap.add_argument("--out", default="bench/results/ort_scan.md")
     args = ap.parse_args()
@@ -125,17 +123,9 @@ def main() -> None:
             errors = {"torch (fused kernel)": 0.0,
                       "ORT standard Scan": float(np.abs(std.run(None, std_feed)[0] - ref).max()),
                       "ORT PyOp (onnxruntime-extensions)": float(np.abs(pyop.run(None, feed)[0] - ref).max())}
-            times = {k: [] for k in runs}
-            for fn in runs.values():
-                fn()
-            for _ in range(args.reps):  # interleaved, so that load on the machine hits every candidate alike
-                for k, fn in runs.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    times[k].append(time.perf_counter() - t0)
-            base = statistics.median(times["torch (fused kernel)"])
-            for k in runs:
-                med = statistics.median(times[k])
+            medians = interleaved(runs, reps=args.reps)  # load on the machine hits every path alike
+            base = medians["torch (fused kernel)"]
+            for k, med in medians.items():
                 rows.append(f"| {batch} | {k} | {med * 1e3:.1f} | {med / base:.1f}x | {errors[k]:.1e} |")
             print("\n".join(rows[-3:]), flush=True)
     command = "python bench/ort_scan.py " + shlex.join(sys.argv[1:])
@@ -145,7 +135,7 @@ def main() -> None:
         f"Machine: {machine_line()}. Command: `{command}`. {args.note}".rstrip(),
         "",
         "One scan at Vim-T shapes (384 channels x 197 tokens x 16 states, z gate, delta bias, softplus), medians of "
-        f"{args.reps} interleaved runs in one process; max abs error against the torch op (float64 copy of its "
+        f"3 interleaved rounds of {args.reps} runs per path in one process; max abs error against the torch op (float64 copy of its "
         "output).",
         "",
         "| batch | path | ms | vs torch | max abs err |",

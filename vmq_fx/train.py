@@ -88,13 +88,17 @@ def _load_init(spec: str, model_name: str) -> tuple[dict, dict]:
     return load_file(str(path)), card
 
 
+def _save_weights(model: torch.nn.Module, path: Path) -> None:
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+
+
 def _save_epoch(model: torch.nn.Module, model_name: str, out_dir: Path, card_name: str, cfg: TrainConfig,
                 epochs: float, seconds: float, init_card: dict | None) -> None:
     """After every epoch, ``<card_name>-last.safetensors`` and a card without test accuracy (not evaluated, to keep
     the run going): a run that is stopped can continue with ``init_from`` (a new warm-up and cosine cycle)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"{card_name}-last"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(stem.with_suffix(".safetensors")))
+    _save_weights(model, stem.with_suffix(".safetensors"))
     card = {"name": stem.name, "model": model_name,
             "partial": f"after {epochs:g} of {cfg.epochs:g} epochs; not evaluated",
             "train": {**asdict(cfg), "epochs": epochs, "seconds": round(seconds, 1)},
@@ -173,7 +177,7 @@ def train_reference(model_name: str, out_dir: str | Path, card_name: str, cfg: T
     result = evaluate(model, "test", data_dir=data_dir, progress=False)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / f"{card_name}.safetensors"))
+    _save_weights(model, out_dir / f"{card_name}.safetensors")
     card = {
         "name": card_name,
         "model": model_name,
