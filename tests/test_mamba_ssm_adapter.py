@@ -51,3 +51,20 @@ def test_adapted_mamba_matches_mamba_ssm_and_exports(mamba_simple):
 def test_adapter_refuses_models_without_mamba():
     with pytest.raises(ValueError, match="no mamba_ssm"):
         adapt_mamba_ssm(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_adapted_mamba_quantizes_saves_and_loads(mamba_simple, tmp_path):
+    import vmq_fx
+
+    torch.manual_seed(0)
+    net = adapt_mamba_ssm(_Net(mamba_simple.Mamba).eval())
+    x = torch.randn(4, 11, 3)
+    lowered = vmq_fx.quantize(net, vmq_fx.recipes.smoothquant_pts(8, 8), x, progress=False).lowered
+    # in_proj, x_proj, dt_proj, out_proj of each block
+    assert sum(n.target is torch.ops.vmq.int8_linear.default for n in lowered.graph.nodes) == 8
+    path = tmp_path / "adapted.safetensors"
+    vmq_fx.save_quantized(lowered, path)  # no vmq_fx configuration: the graph is in the file
+    loaded = vmq_fx.load_quantized(path)
+    y = torch.randn(3, 11, 3)
+    assert torch.equal(loaded(y), lowered(y))
+    assert "vmq_config" not in loaded.meta

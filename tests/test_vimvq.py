@@ -367,3 +367,29 @@ def test_blockwise_loss_on_all_images_of_vmamba_blocks():
     vmq_fx.calibrate(prepared, calib, progress=False)
     report = vmq_fx.vector_quantize(prepared, calib, progress=False)
     assert report.blocks == 2 and all(0 < v < 1 for v in report.loss_after)
+
+
+def test_load_quantized_reads_registered_ops_only(tiny, tmp_path):
+    import base64
+    import json
+    import zlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model, _, _ = tiny
+    lowered = vmq_fx.quantize(model, recipes.per_tensor_static(8, 8), torch.randn(4, 1, 28, 28), progress=False).lowered
+    path = tmp_path / "m.safetensors"
+    vmq_fx.save_quantized(lowered, path, model.config)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    graph = json.loads(zlib.decompress(base64.b64decode(meta["graph"])))
+    lowered_linears = sum(n.target is torch.ops.vmq.int8_linear.default for n in lowered.graph.nodes)
+    assert sum(n.get("target") == "vmq.int8_linear.default" for n in graph["nodes"]) == lowered_linears > 0
+    for bad in ("builtins.eval", "os.system.default", "aten.add"):
+        node = next(n for n in graph["nodes"] if n["op"] == "call_function")
+        node["target"] = bad
+        meta["graph"] = base64.b64encode(zlib.compress(json.dumps(graph).encode())).decode()
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(ValueError, match="not a registered op"):
+            vmq_fx.load_quantized(path)

@@ -105,6 +105,6 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
     t0 += time.perf_counter() - t1
     lowered = lower(convert_pt2e(prepared))
     if hasattr(model, "config"):
-        lowered.meta["vmq_config"] = model.config  # what save_quantized rebuilds the graph from
+        lowered.meta["vmq_config"] = model.config  # save_quantized records it in the file
     seconds = time.perf_counter() - t0
     return QuantizeResult(inspected, lowered, seconds, report, errors_init, errors_final)

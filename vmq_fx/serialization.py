@@ -1,45 +1,40 @@
 """Saving and loading lowered quantized models.
 
-A model with a vmq_fx configuration (``VimConfig`` / ``VMambaConfig``: the shipped models, checkpoints loaded with
-:func:`vmq_fx.models.load_checkpoint`) goes to one ``.safetensors`` file: every tensor of the lowered graph (codes,
-codebooks, integer weights with 4-bit ones packed two per byte, scales, the floating-point parameters that stay) and,
-in its metadata, the configuration and the quantizer's recipes. Loading rebuilds the same graph from them (export ->
-prepare -> quantizers given placeholder parameters of the right shapes -> convert -> lower; no calibration data runs)
-and loads the tensors with strict key and shape checks, so the loaded model computes exactly what the saved one did.
+A lowered model goes to one ``.safetensors`` file: every tensor of the lowered graph (codes, codebooks, integer weights
+with 4-bit ones packed two per byte, scales, the floating-point parameters that stay) and, in its metadata, the graph
+itself (:mod:`vmq_fx.export.graph_json`, zlib-compressed: its op calls, and each tensor's shape and dtype), the model's configuration
+and the quantizer's recipes when there are any. Loading rebuilds the graph from that list without tracing or
+calibrating anything and loads the tensors with strict key and shape checks, so the loaded model computes exactly what
+the saved one did. Models without a vmq_fx configuration (adapted from mamba-ssm, say) are saved the same way.
 
-Any other lowered model (one adapted from mamba-ssm, say) goes to a ``.pt2`` archive of ``torch.export``, which holds
-its graph as well: ``load_quantized`` of a ``.pt2`` is ``torch.export.load(path).module()``.
+A ``.pt2`` path writes a ``torch.export`` archive instead (for tools that read those, e.g. AOTInductor);
+``load_quantized`` of a ``.pt2`` is ``torch.export.load(path).module()``.
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
+import zlib
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import fx
-from torchao.quantization.pt2e.observer import MinMaxObserver
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from vmq_fx.calibration import codebook_groups, linear_quantizers
-from vmq_fx.export import export_model
+from vmq_fx.export.graph_json import graph_from_json, graph_to_json
 from vmq_fx.models.checkpoint import load_state_dict_strict
-from vmq_fx.models.registry import build_model
 from vmq_fx.models.vim import VimConfig
 from vmq_fx.models.vmamba import VMambaConfig
-from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
-from vmq_fx.observers.codebook import initialize_codebook_group
 from vmq_fx.ops.integer_linear import pack_int4, unpack_int4
-from vmq_fx.passes import lower
 from vmq_fx.passes.int4_storage import int4_weight_names
-from vmq_fx.quantizer import QuantizerSpec, VisualMambaQuantizer
+from vmq_fx.quantizer import QuantizerSpec
 from vmq_fx.recipes import PTQ4VMRecipe, Schedule, VQRecipe
 
 __all__ = ["load_quantized", "save_quantized"]
 
-_FORMAT = "vmq_fx.lowered/3"  # /3: the quantizer's recipes (mixed precision); integer linears carry column sums
+_FORMAT = "vmq_fx.lowered/4"  # /4: the graph is in the file (loading traces nothing)
 _CONFIGS = {c.__name__: c for c in (VimConfig, VMambaConfig)}
 _RECIPES = {c.__name__: c for c in (PTQ4VMRecipe, VQRecipe)}
 
@@ -91,9 +86,14 @@ def save_quantized(lowered: fx.GraphModule, path: str | os.PathLike, config: Vim
 
     Args:
         lowered: the output of :func:`vmq_fx.lower`.
-        path: a ``.safetensors`` file (models with a vmq_fx configuration) or a ``.pt2`` archive (any model).
-        config: the configuration of the model that was quantized (``model.config``; ``None``: the one recorded
-            by :func:`vmq_fx.quantize` / :func:`load_quantized`, if any).
+        path: a ``.safetensors`` file, or a ``.pt2`` archive of ``torch.export``.
+        config: the configuration of the model that was quantized (``model.config``), kept in the file for the
+            model's description; ``None``: the one recorded by :func:`vmq_fx.quantize` / :func:`load_quantized`, if
+            any. Not needed to load the model.
+
+    Raises:
+        ValueError: the model is not lowered, the path has another extension, or the graph holds a call that cannot
+            be stored (something other than a registered op).
 
     Example:
         >>> import os, tempfile, torch, vmq_fx
@@ -110,6 +110,8 @@ def save_quantized(lowered: fx.GraphModule, path: str | os.PathLike, config: Vim
     _check_lowered(lowered)
     path = os.fspath(path)
     config = config if config is not None else lowered.meta.get("vmq_config")
+    if config is not None and type(config).__name__ not in _CONFIGS:
+        raise ValueError(f"save_quantized: config must be a VimConfig or VMambaConfig, not {type(config).__name__}")
     if path.endswith(".pt2"):
         placeholder = next(n for n in lowered.graph.nodes if n.op == "placeholder").meta["val"]
         example = torch.zeros(2, *[int(d) for d in placeholder.shape[1:]])
@@ -118,58 +120,36 @@ def save_quantized(lowered: fx.GraphModule, path: str | os.PathLike, config: Vim
         return
     if not path.endswith(".safetensors"):
         raise ValueError(f"save_quantized: {path}: the file name must end in .safetensors or .pt2")
-    if type(config).__name__ not in _CONFIGS:
-        raise ValueError("save_quantized: a .safetensors file needs the model's VimConfig / VMambaConfig (config=...);"
-                         " save a model without one (adapted from mamba-ssm, say) to a .pt2 archive")
-    spec = lowered.meta.get("vmq_quantizer")
-    if spec is None:
-        raise ValueError("save_quantized: not a model quantized with VisualMambaQuantizer (no quantizer in its meta)")
+    graph = base64.b64encode(zlib.compress(graph_to_json(lowered).encode(), 9)).decode()  # ~11x smaller
     tensors = {k: v.detach().contiguous() for k, v in lowered.state_dict().items()}
     packed = int4_weight_names(lowered)  # 4-bit weights go to the file two per byte
     for name in packed:
         tensors[name] = pack_int4(tensors[name])
-    meta = {"format": _FORMAT, "config": json.dumps({"type": type(config).__name__,
-                                                     "fields": dataclasses.asdict(config)}),
-            "quantizer": _spec_json(spec), "int4_packed": json.dumps(packed)}
+    meta = {"format": _FORMAT, "graph": graph, "input_shape": json.dumps(_input_shape(lowered)),
+            "int4_packed": json.dumps(packed)}
+    if config is not None:
+        meta["config"] = json.dumps({"type": type(config).__name__, "fields": dataclasses.asdict(config)})
+    spec = lowered.meta.get("vmq_quantizer")
+    if spec is not None:
+        meta["quantizer"] = _spec_json(spec)
     save_file(tensors, path, metadata=meta)
 
 
-def _placeholder_parameters(prepared: fx.GraphModule) -> None:
-    """Give every quantizer parameters of the right shapes (ones and zeros): the lowered graph's structure depends on
-    the shapes only, and the saved tensors replace the values."""
-    nodes = {n.name: n for n in prepared.graph.nodes}
-    quantizers = linear_quantizers(prepared)
-    weight_shapes = {}
-    for name, (layer, act, weight) in quantizers.items():
-        x, w = (a.args[0].meta["val"] if a.op == "call_module" else a.meta["val"] for a in nodes[name].args[:2])
-        weight_shapes[layer.name] = tuple(w.shape)
-        if isinstance(act, PerTokenStaticFakeQuantize):
-            act.initialize_placeholder(x.shape[1], x.shape[2])
-            if act.smooth is not None:
-                weight.share_smooth(act.smooth)
-        elif isinstance(act, MinMaxObserver):
-            act.min_val, act.max_val = torch.tensor(0.0), torch.tensor(1.0)
-        if isinstance(weight, PerChannelWeightFakeQuantize):
-            weight.initialize_placeholder(tuple(w.shape))
-    for key, group in codebook_groups(quantizers).items():
-        initialize_codebook_group([w for _, w in group], key, shapes=[weight_shapes[layer.name] for layer, _ in group])
-
-
-def _structure(config, spec: QuantizerSpec) -> fx.GraphModule:
-    """The lowered graph for ``config`` and ``spec``, with placeholder values."""
-    model = build_model(config).eval()
-    example = torch.zeros(2, config.in_chans, config.img_size, config.img_size)
-    prepared = prepare_pt2e(export_model(model, example).module(), VisualMambaQuantizer.from_spec(spec))
-    _placeholder_parameters(prepared)
-    return lower(convert_pt2e(prepared))
+def _input_shape(lowered: fx.GraphModule) -> list[int]:
+    """The input's shape after the batch dimension."""
+    val = next(n for n in lowered.graph.nodes if n.op == "placeholder").meta["val"]
+    return [int(d) for d in val.shape[1:]]
 
 
 def load_quantized(path: str | os.PathLike) -> fx.GraphModule:
     """Load a model written by :func:`save_quantized`: the lowered graph module, ready to run.
 
+    Its ``meta`` holds the configuration (``"vmq_config"``) and the quantizer's recipes (``"vmq_quantizer"``) when
+    the file has them, and its input node's ``meta["val"]`` is a meta-device tensor of the input's shape at batch 1.
+
     Raises:
         FileNotFoundError: no such file.
-        ValueError: not a vmq_fx quantized-model file.
+        ValueError: not a vmq_fx quantized-model file (of this version).
         vmq_fx.models.CheckpointMismatchError: its tensors do not fit the graph its metadata describes.
     """
     path = os.fspath(path)
@@ -187,12 +167,20 @@ def load_quantized(path: str | os.PathLike) -> fx.GraphModule:
         old = str(meta.get("format", "")).startswith("vmq_fx.lowered/")
         raise ValueError(f"{path}: not a vmq_fx quantized model of this version (format {meta.get('format')!r}, "
                          f"expected {_FORMAT!r})" + ("; quantize the model again with this version" if old else ""))
-    config = _config_from(meta["config"])
-    gm = _structure(config, _spec_from(meta["quantizer"]))
+    try:
+        graph = zlib.decompress(base64.b64decode(meta["graph"])).decode()
+    except (KeyError, ValueError, zlib.error) as e:
+        raise ValueError(f"{path}: its stored graph is unreadable ({type(e).__name__}: {e})") from e
+    gm = graph_from_json(graph)
     own = gm.state_dict()
     for name in json.loads(meta.get("int4_packed", "[]")):
         if name in tensors and name in own:
             tensors[name] = unpack_int4(tensors[name], own[name].shape[1])
     load_state_dict_strict(gm, tensors, source=path)
-    gm.meta["vmq_config"] = config
+    placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    placeholder.meta["val"] = torch.empty(1, *json.loads(meta["input_shape"]), device="meta")
+    if "config" in meta:
+        gm.meta["vmq_config"] = _config_from(meta["config"])
+    if "quantizer" in meta:
+        gm.meta["vmq_quantizer"] = _spec_from(meta["quantizer"])
     return gm

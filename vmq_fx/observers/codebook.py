@@ -182,10 +182,6 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         """A codebook of this weight alone (:func:`initialize_codebook_group` of one)."""
         initialize_codebook_group([self])
 
-    def initialize_placeholder(self, shape: tuple[int, ...]) -> None:
-        """Placeholder parameters of a codebook of this weight alone (:func:`initialize_codebook_group`)."""
-        initialize_codebook_group([self], shapes=[shape])
-
     @torch.no_grad()
     def _normalized(self) -> Tensor:
         """Record the observed weight's shape and 8-bit row scales; its sub-vectors at unit row RMS."""
@@ -211,20 +207,6 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         self.disable_observer()
 
     @torch.no_grad()
-    def _placeholder(self, codebook: nn.Parameter, shape: tuple[int, ...]) -> None:
-        rows, cols = shape[0], int(torch.tensor(shape[1:]).prod())
-        self.shape = (rows, cols)
-        count = rows * -(-cols // self.d)
-        self.row_scale = encode_row_scale(torch.ones(rows))
-        self.codebook = codebook
-        self.candidates = torch.zeros(count, self.n, dtype=torch.long)
-        self.logits = nn.Parameter(torch.zeros(count, self.n))
-        self.codes = torch.zeros(count, dtype=torch.long)
-        self.confirmed = torch.ones(count, dtype=torch.bool)
-        self._weight = None
-        self.enable_fake_quant()
-        self.disable_observer()
-
     def _subvectors(self, w: Tensor) -> Tensor:
         pad = -w.shape[1] % self.d
         return torch.nn.functional.pad(w, (0, pad)).reshape(-1, self.d)
@@ -342,8 +324,7 @@ class VectorQuantizedWeight(FakeQuantizeBase):
 
 
 @torch.no_grad()
-def initialize_codebook_group(modules: list[VectorQuantizedWeight], key: str | None = None,
-                              shapes: list[tuple[int, ...]] | None = None) -> None:
+def initialize_codebook_group(modules: list[VectorQuantizedWeight], key: str | None = None) -> None:
     """Give ``modules`` one shared codebook: k-means over the sub-vectors of all their (row-normalized) weights,
     then each module's candidates and ratio logits; fake quantization on.
 
@@ -351,27 +332,20 @@ def initialize_codebook_group(modules: list[VectorQuantizedWeight], key: str | N
         modules: calibrated quantizers with the same settings.
         key: the name of the shared codebook's buffer after ``convert_pt2e`` (``None`` for a single module: a name
             of its own).
-        shapes: weight shapes instead of observed weights: placeholder parameters (zero codebook, all sub-vectors
-            confirmed to codeword 0), what rebuilding a saved model's graph needs.
     """
     first = modules[0]
     settings = [(m.d, m.k, m.auto_bits, m.codebook_budget, m.n, m.use_row_scale) for m in modules]
     if len(set(settings)) != 1:
         raise ValueError("initialize_codebook_group: the quantizers of one codebook need the same settings")
-    if shapes is None and any(m._weight is None for m in modules):
+    if any(m._weight is None for m in modules):
         raise NotCalibratedError("VectorQuantizedWeight.initialize: no weight was observed; run calibration")
-    sizes = [tuple(m._weight.shape) if shapes is None else tuple(s) for m, s in zip(modules, shapes or modules)]
+    sizes = [tuple(m._weight.shape) for m in modules]
     if first.auto_bits is not None:
         d, k = codebook_shape(first.auto_bits, sum(int(torch.tensor(s).prod()) for s in sizes), first.codebook_budget)
         for m in modules:
             m.d, m.k = d, k
     for m in modules:
         m.codebook_key = key if len(modules) > 1 else None
-    if shapes is not None:
-        codebook = nn.Parameter(torch.zeros(first.k, first.d))
-        for m, shape in zip(modules, shapes):
-            m._placeholder(codebook, shape)
-        return
     subs = [m._normalized() for m in modules]
     codebook = nn.Parameter(kmeans(torch.cat(subs), first.k, first.kmeans_iters, first.seed)[0])
     for m, sub in zip(modules, subs):

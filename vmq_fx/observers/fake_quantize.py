@@ -155,13 +155,6 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         if self.record_distribution:
             self._hist.add_tokens(x, lo, hi)
 
-    def initialize_placeholder(self, tokens: int, channels: int) -> None:
-        """Parameters of the right shapes without calibration data (unit steps, zero points 0, unit smoothing):
-        what rebuilding a saved model's graph needs."""
-        self._set(torch.ones(tokens), torch.zeros(tokens))
-        if self.smoothing:
-            self.set_smooth(torch.ones(channels))
-
     def set_smooth(self, s: Tensor) -> nn.Parameter:
         """Give the quantizer its smoothing scale (per input channel); returns the parameter, which the weight
         quantizer of the same linear shares (:meth:`PerChannelWeightFakeQuantize.share_smooth`)."""
@@ -240,10 +233,6 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
 
     def reset_statistics(self) -> None:
         self._weight = None
-
-    def initialize_placeholder(self, shape: tuple[int, ...]) -> None:
-        """Unit step sizes for a weight of ``shape``, without calibration data (rebuilding a saved model's graph)."""
-        self._set(torch.ones(shape[0]), torch.zeros(shape[0]))
 
     def share_smooth(self, smooth: nn.Parameter) -> None:
         """Work on ``W * smooth`` from now on (the smoothing parameter of the activation quantizer of the linear)."""
