@@ -119,6 +119,28 @@ def _checkpoint(path, model) -> Path:
     return path
 
 
+def test_quantize_mixes_precisions_per_layer(tmp_path, capsys):
+    import vmq_fx
+
+    out = tmp_path / "q"
+    assert main(["quantize", "vim-fm-tiny", "--recipe", "sq-pts-w4a4", "--layer-recipe", "dt_proj=sq-pts-w8a8",
+                 "--keep-float", "x_proj", "--calib", "16", "--limit", "64", "--out-dir", str(out), "--quiet"]) == 0
+    loaded = vmq_fx.load_quantized(out / "sq-pts-w4a4" / "model.safetensors")
+    int8 = [n for n in loaded.graph.nodes if n.target is torch.ops.vmq.int8_linear.default]
+    weight_bits = {str(n.args[4].target): n.args[-1] for n in int8}
+    float_linears = [n for n in loaded.graph.nodes if n.target is torch.ops.aten.linear.default]
+    blocks = len(create_model("vim_fm_tiny").layers)
+    # per block: in_proj, out_proj at 4 bits; dt_proj, dt_proj_b at 8; x_proj, x_proj_b and the head stay float
+    assert sorted(weight_bits.values()) == [4] * 2 * blocks + [8] * 2 * blocks
+    assert len(float_linears) == 2 * blocks + 1
+    assert loaded.meta["vmq_quantizer"].roles == (("dt_proj", vmq_fx.recipes.from_name("sq-pts-w8a8")),
+                                                   ("x_proj", None))
+    assert main(["quantize", "vim-fm-tiny", "--recipe", "sq-pts-w4a4", "--layer-recipe", "dt_proj",
+                 "--out-dir", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "vmq: error: --layer-recipe 'dt_proj': expected ROLE=RECIPE or MODULE_PATTERN=RECIPE"]
+
+
 def test_vim_tiny_checkpoint_evaluates_a_folder_of_photos_by_wordnet_id(photos, tmp_path, capsys):
     model = create_model("vim_tiny").eval()
     ckpt = _checkpoint(tmp_path / "vim_t.pth", model)

@@ -65,7 +65,7 @@ class QuantizedLinear:
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """What a :class:`VisualMambaQuantizer` was configured with (saved with quantized models, to rebuild them)."""
+    """What a :class:`VisualMambaQuantizer` was configured with (recorded in saved quantized models)."""
 
     global_recipe: Recipe | None
     module_names: tuple[tuple[str, Recipe | None], ...] = ()
