@@ -5,7 +5,8 @@ For each block in order, with the weights frozen:
 * target: the floating-point block's output on floating-point inputs;
 * input: the output of the already-quantized blocks before it (fake quantization on);
 * loss: mean over tokens of ``1 - cos`` between the target and the fake-quantized block output along channels (the
-  mixer's output, as PTQ4VM, or the residual stream after the block: ``PTQ4VMRecipe.jlss_target``);
+  residual stream after the block by default, or the mixer's output as PTQ4VM's authors:
+  ``PTQ4VMRecipe.jlss_target``);
 * learned: the block's weight step sizes (per output channel), activation step sizes (per token) and smoothing
   scales (per input channel), with AdamW (weight decay 1e-5), gradient-norm clip 2.0 and no schedule, on the values
   themselves (PTQ4VM) or on their logarithms (``PTQ4VMRecipe.step_domain``).
