@@ -20,3 +20,13 @@ vmq train vim_fm_tiny --name vim-fm-tiny --epochs 8 --lr 1e-3 --seed 1 --threads
 # <name>-last.safetensors after every epoch, so a stopped stage can be continued from its last epoch.
 vmq train vim_fm_197 --name vim-fm-197 --epochs 3 --threads 1 --out-dir out/train \
     --conditions "1 torch thread on a shared 2-core CPU (tests, benchmarks and quantization runs shared it)"
+# Stage 2 (4 epochs asked, stopped with the session after its first; its -last checkpoint continues), stage 3 from it
+# (89.57 %), stage 4 from stage 3 with a smaller peak learning rate.
+vmq train vim_fm_197 --name vim-fm-197-s2 --epochs 4 --lr 1e-3 --seed 1 --threads 1 \
+    --init-from out/train/vim-fm-197.safetensors --out-dir out/train
+vmq train vim_fm_197 --name vim-fm-197-s3 --epochs 3 --lr 1e-3 --seed 2 --threads 1 \
+    --init-from out/train/vim-fm-197-s2-last.safetensors --out-dir out/train \
+    --conditions "1 torch thread on a shared 2-core CPU (tests, benchmarks and quantization runs shared it)"
+vmq train vim_fm_197 --name vim-fm-197-s4 --epochs 3 --lr 5e-4 --seed 3 --threads 1 \
+    --init-from out/train/vim-fm-197-s3.safetensors --out-dir out/train \
+    --conditions "1 torch thread on a shared 2-core CPU (tests, benchmarks and quantization runs shared it)"
