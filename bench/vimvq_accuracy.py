@@ -38,6 +38,9 @@ BASELINE = "vq-kmeans"
 def recipe_for(method: str, bits: int, seed: int):
     base, _, extra = method.partition("[")
     recipe = from_name(f"{base}-{bits}bit" + (f"[{extra}" if extra else ""))
+    recipe = dataclasses.replace(recipe, kmeans_seed=seed)
+    if recipe.method == "kmeans":  # no optimization, so no schedule to seed
+        return recipe
     return dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, seed=seed))
 
 
