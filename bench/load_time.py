@@ -52,8 +52,9 @@ def main():
     lines = ["# Loading a saved quantized model", "", f"`python bench/load_time.py --threads {args.threads}`; "
              f"{machine_line()}; medians of {args.reps}. *export* is `torch.export` of the float model alone, a lower "
              "bound of rebuilding the lowered graph by tracing (export + prepare + convert + lower), which is what "
-             "`load_quantized` did before the graph was stored in the file.", "", "| model | recipe | file MiB | of it, stored graph KiB | save s | load s | export s | "
-                              "export / load |", "|---|---|---|---|---|---|---|---|"]
+             "`load_quantized` did before the graph was stored in the file.", "",
+             "| model | recipe | file MiB | of it, stored graph KiB | save s | load s | export s | export / load |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in args.models:
         model = _model(name)
         c = model.config

@@ -193,12 +193,6 @@ class VisualMambaQuantizer(Quantizer):
         _check_recipe(recipe, "the global recipe")
         self.spec = QuantizerSpec(recipe if recipe is not None else PTQ4VMRecipe())
 
-    @classmethod
-    def from_spec(cls, spec: QuantizerSpec) -> "VisualMambaQuantizer":
-        quantizer = cls(spec.global_recipe)
-        quantizer.spec = spec
-        return quantizer
-
     def set_global(self, recipe: Recipe | None) -> "VisualMambaQuantizer":
         """The recipe of every layer not named otherwise (``None``: such layers stay floating point)."""
         _check_recipe(recipe, "the global recipe")

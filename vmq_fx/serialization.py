@@ -2,10 +2,10 @@
 
 A lowered model goes to one ``.safetensors`` file: every tensor of the lowered graph (codes, codebooks, integer weights
 with 4-bit ones packed two per byte, scales, the floating-point parameters that stay) and, in its metadata, the graph
-itself (:mod:`vmq_fx.export.graph_json`, zlib-compressed: its op calls, and each tensor's shape and dtype), the model's configuration
-and the quantizer's recipes when there are any. Loading rebuilds the graph from that list without tracing or
-calibrating anything and loads the tensors with strict key and shape checks, so the loaded model computes exactly what
-the saved one did. Models without a vmq_fx configuration (adapted from mamba-ssm, say) are saved the same way.
+itself (:mod:`vmq_fx.export.graph_json`, zlib-compressed: its op calls, and each tensor's shape and dtype), the
+model's configuration and the quantizer's recipes when there are any. Loading rebuilds the graph from that list
+without tracing or calibrating anything and loads the tensors with strict key and shape checks, so the loaded model
+computes exactly what the saved one did. Models without a vmq_fx configuration (adapted from mamba-ssm, say) are saved the same way.
 
 A ``.pt2`` path writes a ``torch.export`` archive instead (for tools that read those, e.g. AOTInductor);
 ``load_quantized`` of a ``.pt2`` is ``torch.export.load(path).module()``.
@@ -113,8 +113,7 @@ def save_quantized(lowered: fx.GraphModule, path: str | os.PathLike, config: Vim
     if config is not None and type(config).__name__ not in _CONFIGS:
         raise ValueError(f"save_quantized: config must be a VimConfig or VMambaConfig, not {type(config).__name__}")
     if path.endswith(".pt2"):
-        placeholder = next(n for n in lowered.graph.nodes if n.op == "placeholder").meta["val"]
-        example = torch.zeros(2, *[int(d) for d in placeholder.shape[1:]])
+        example = torch.zeros(2, *_input_shape(lowered))
         ep = torch.export.export(lowered, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
         torch.export.save(ep, path)
         return
