@@ -5,7 +5,8 @@ with 4-bit ones packed two per byte, scales, the floating-point parameters that 
 itself (:mod:`vmq_fx.export.graph_json`, zlib-compressed: its op calls, and each tensor's shape and dtype), the
 model's configuration and the quantizer's recipes when there are any. Loading rebuilds the graph from that list
 without tracing or calibrating anything and loads the tensors with strict key and shape checks, so the loaded model
-computes exactly what the saved one did. Models without a vmq_fx configuration (adapted from mamba-ssm, say) are saved the same way.
+computes exactly what the saved one did. Models without a vmq_fx configuration (adapted from mamba-ssm, say) are
+saved the same way.
 
 A ``.pt2`` path writes a ``torch.export`` archive instead (for tools that read those, e.g. AOTInductor);
 ``load_quantized`` of a ``.pt2`` is ``torch.export.load(path).module()``.
