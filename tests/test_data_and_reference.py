@@ -50,7 +50,7 @@ def test_environment_variable_overrides_location(tmp_path, monkeypatch):
         fashion_mnist("test")
 
 
-@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny"])
+@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny", "vim-fm-197"])
 def test_reference_models_ship_and_load(name):
     assert name in list_references()
     card = reference_card(name)
@@ -70,7 +70,7 @@ def test_reference_models_ship_and_load(name):
 
 
 @pytest.mark.fashion_mnist
-@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny"])
+@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny", "vim-fm-197"])
 def test_reference_accuracy_on_first_1000_test_images(name):
     # An untrained 10-class model sits near 10%; the shipped ones must be far above.
     result = evaluate(load_reference(name), limit=1000, progress=False)
