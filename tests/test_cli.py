@@ -74,6 +74,8 @@ def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys):
         "token_scales_sq-pts-w8a8.png", "accuracy_vs_bits.png"}
     assert {p.name for p in (out / "sq-pts-w8a8").iterdir()} == {"model.safetensors", "model.onnx"}
     report = (out / "report.md").read_text()
+    assert report.startswith(f"# vmq quantize vim-fm-tiny --recipe vq-kmeans-2bit sq-pts-w8a8 --calib 16 --limit 64 "
+                             f"--out-dir {out} --quiet\n")  # the whole command, to reproduce the report
     assert "| FP32 |" in report and "![accuracy_vs_bits.png](accuracy_vs_bits.png)" in report
     assert (out / "accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
     assert main(["export-onnx", str(out / "vq-kmeans-2bit" / "model.safetensors"), "-o",

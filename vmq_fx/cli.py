@@ -175,13 +175,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         if scales:
             png = f"token_scales_{name}.png"
             plots.plot_token_scales(scales, out / png, f"{Path(args.model).name} {name}: per-token activation step "
-                                                       "sizes")
+                                    "sizes", class_token=getattr(model, "token_position", None))
             figures.append(f"![{png}]({png})")
     if len(points) > 1:
         plots.plot_accuracy_vs_bits(points, fp.value, out / "accuracy_vs_bits.png",
                                     f"{Path(args.model).name}: {workload.metric.split(' (')[0]} vs bits")
         figures.append("![accuracy_vs_bits.png](accuracy_vs_bits.png)")
-    report = [f"# vmq quantize {args.model} --recipe {' '.join(args.recipe)}", "",
+    report = [f"# {args.command_line}", "",
               f"{workload.description} Quantization time: calibration + optimization + convert + lower, this machine. "
               "Load a model with `vmq_fx.load_quantized(path)`.", "", *table, "", *notes, "", *figures, ""]
     (out / "report.md").write_text("\n".join(report))
@@ -516,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``vmq`` console script; returns the exit status."""
     try:
         args = _parser().parse_args(argv)
+        args.command_line = "vmq " + shlex.join(sys.argv[1:] if argv is None else argv)  # for reports
     except SystemExit as e:  # argparse: --help (0) or a one-line error (2)
         return int(e.code or 0)
     _configure_logging(getattr(args, "quiet", False))

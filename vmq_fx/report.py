@@ -123,7 +123,7 @@ def plot_layer_errors(before: dict[str, float], after: dict[str, float], path: s
     """Per-layer relative output error before and after optimization (log scale)."""
     plt = _plt()
     names = list(before)
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.18 * len(names)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(8.0, 0.18 * len(names)), 3.8))
     ax.plot(range(len(names)), [before[n] for n in names], "o-", ms=3, label="initial (calibrated; VQ: plain k-means)")
     ax.plot(range(len(names)), [after[n] for n in names], "s-", ms=3, label="after optimization")
     ax.set_yscale("log")
@@ -135,12 +135,25 @@ def plot_layer_errors(before: dict[str, float], after: dict[str, float], path: s
             legend_size=10)
 
 
-def plot_token_scales(scales: dict[str, Tensor], path: str | os.PathLike, title: str) -> None:
-    """Per-token activation step size against token position, one line per layer."""
+def plot_token_scales(scales: dict[str, Tensor], path: str | os.PathLike, title: str,
+                      class_token: int | None = None) -> None:
+    """Per-token activation step size against token position, one line per layer.
+
+    Args:
+        scales: layer name -> step size per token position (:func:`token_scales`).
+        path: the PNG to write.
+        title: the figure's title.
+        class_token: position of the class token (Vim's middle token), drawn as a dashed line.
+    """
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    positions = max(len(s) for s in scales.values())
+    fig, ax = plt.subplots(figsize=(6.4 if positions <= 40 else 9.6, 3.8))
+    style = "o-" if positions <= 40 else "-"  # markers would hide 197 positions
     for name, s in scales.items():
-        ax.plot(range(len(s)), s.numpy(), "o-", ms=3, label=name)
+        ax.plot(range(len(s)), s.numpy(), style, ms=3, lw=1, label=name)
+    if class_token is not None:
+        ax.axvline(class_token, color="gray", ls="--", lw=1, label=f"class token ({class_token})")
+    ax.set_yscale("log")  # the class token's step size is often an order of magnitude off the patches'
     _finish(plt, fig, ax, path, "token position", "activation step size", title, legend_size=7)
 
 
