@@ -110,7 +110,7 @@ def render(cache: ResultCache, args, fps: dict) -> str:
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--models", nargs="+", default=["vim-fm-tiny", "vmamba-fm-tiny"])
+    p.add_argument("--models", nargs="+", default=["vim-fm-tiny", "vmamba-fm-tiny", "vim-fm-197"])
     p.add_argument("--bits", nargs="+", default=["w8a8", "w6a6", "w4a8", "w4a4"])
     p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
