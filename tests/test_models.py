@@ -88,19 +88,3 @@ def test_unknown_model_and_bad_config():
         VimConfig(img_size=28, patch_size=5)
     assert {"vim_tiny", "vim_small", "vim_base", "vmambav2v_tiny", "vmambav2_tiny", "vim_fm_tiny",
             "vmamba_fm_tiny"} <= set(list_models())
-
-
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("kernel", [2, 4])
-def test_causal_depthwise_conv1d_matches_the_float64_convolution(bias, kernel):
-    from vmq_fx.models.mamba import causal_depthwise_conv1d
-
-    torch.manual_seed(0)
-    conv = torch.nn.Conv1d(12, 12, kernel, groups=12, padding=kernel - 1, bias=bias)
-    x = torch.randn(3, 9, 24)[..., ::2]  # strided, as the chunk of in_proj's output is
-    ref = torch.nn.functional.conv1d(x.double().transpose(1, 2), conv.weight.double(),
-                                     None if conv.bias is None else conv.bias.double(), padding=kernel - 1,
-                                     groups=12)[..., :9]
-    out = causal_depthwise_conv1d(x, conv)
-    assert out.shape == (3, 12, 9)
-    assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()

@@ -13,7 +13,8 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const
                                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                                       const std::optional<at::Tensor>& D,
                                                       const std::optional<at::Tensor>& z,
-                                                      const std::optional<at::Tensor>& delta_bias, bool softplus);
+                                                      const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                                      bool reverse);
 
 // Gradients of (u, delta, A, B, C, D, z, delta_bias) in the inputs' dtypes and layouts (undefined where absent).
 std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
@@ -21,7 +22,11 @@ std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const a
                                                     const std::optional<at::Tensor>& D,
                                                     const std::optional<at::Tensor>& z,
                                                     const std::optional<at::Tensor>& delta_bias, bool softplus,
-                                                    const at::Tensor& grad_out, const at::Tensor& grad_last);
+                                                    bool reverse, const at::Tensor& grad_out,
+                                                    const at::Tensor& grad_last);
+
+at::Tensor causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                             bool silu, bool reverse);
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth, const at::Tensor& act_scale,
                            const at::Tensor& act_zero_point, const at::Tensor& w, const at::Tensor& w_scale,

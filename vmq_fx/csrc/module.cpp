@@ -16,11 +16,12 @@ void register_cpu_kernels() {
   if (cpu_impls) return;
   cpu_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::CPU, __FILE__, __LINE__);
   cpu_impls->impl("selective_scan", TORCH_FN(vmq_fx::selective_scan_cpu));
+  cpu_impls->impl("causal_conv1d", TORCH_FN(vmq_fx::causal_conv1d_cpu));
   cpu_impls->impl("int8_linear", TORCH_FN(vmq_fx::int8_linear_cpu));
   cpu_impls->impl("vq_linear", TORCH_FN(vmq_fx::vq_linear_cpu));
   cpu_impls->impl("vq_dequantize", TORCH_FN(vmq_fx::vq_dequantize_cpu));
-  // The quantized linears are not differentiable: skip the (Python) autograd layer on CPU. The scan keeps its
-  // autograd formula (vmq_fx/ops/selective_scan.py), whose backward calls selective_scan_backward below.
+  // The quantized linears are not differentiable: skip the (Python) autograd layer on CPU. The scan and the
+  // convolution keep their autograd formulas (vmq_fx/ops), which call the kernels.
   autograd_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::AutogradCPU,
                                                     __FILE__, __LINE__);
   for (const char* op : {"int8_linear", "vq_linear", "vq_dequantize"})

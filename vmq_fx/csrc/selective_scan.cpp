@@ -13,6 +13,9 @@
 // channels of a group: a backward task therefore owns all channel blocks of one (batch, group) and accumulates them
 // lane-wise before one horizontal reduction, so no two tasks write the same memory.
 //
+// reverse: the recurrence runs from t = L - 1 down to 0 (Vim's backward direction without flipping any tensor): the
+// time axis is read through negated strides when packing, and results are written back at the mirrored positions.
+//
 // Parallelism: at::parallel_for over tasks (torch's intra-op thread pool, so torch.set_num_threads applies).
 // Portability: GCC / Clang vector extensions; the compiler lowers the 64-byte vectors to the widest SIMD the build
 // machine has (the extension is compiled on the machine that runs it).
@@ -38,8 +41,12 @@ struct Strided3 {
   const T* p = nullptr;
   int64_t sb = 0, sc = 0, st = 0;
   Strided3() = default;
-  explicit Strided3(const at::Tensor& t)
-      : p(t.data_ptr<T>()), sb(t.stride(0)), sc(t.stride(1)), st(t.stride(2)) {}
+  // reverse: time step t of the view is step L - 1 - t of the tensor.
+  Strided3(const at::Tensor& t, bool reverse)
+      : p(t.data_ptr<T>() + (reverse ? (t.size(2) - 1) * t.stride(2) : 0)),
+        sb(t.stride(0)),
+        sc(t.stride(1)),
+        st(reverse ? -t.stride(2) : t.stride(2)) {}
   // rows [c0, c0 + n) of batch b -> buf[t * W + lane]; lanes past n are zero.
   template <int W>
   void pack(int64_t b, int64_t c0, int n, int64_t length, T* buf) const {
@@ -56,20 +63,25 @@ struct Strided3 {
   }
 };
 
-// B or C [batch, G, N, L] of (b, g) -> buf[t * N + n].
+// B or C [batch, G, N, L] of (b, g) -> buf[t * N + n] (t counted from the end when reverse).
 template <typename T>
-void pack_bc(const at::Tensor& x, int64_t b, int64_t g, int64_t n_state, int64_t length, T* buf) {
-  const T* p = x.data_ptr<T>() + b * x.stride(0) + g * x.stride(1);
-  const int64_t sn = x.stride(2), st = x.stride(3);
+void pack_bc(const at::Tensor& x, int64_t b, int64_t g, int64_t n_state, int64_t length, bool reverse, T* buf) {
+  const T* p = x.data_ptr<T>() + b * x.stride(0) + g * x.stride(1) + (reverse ? (length - 1) * x.stride(3) : 0);
+  const int64_t sn = x.stride(2), st = reverse ? -x.stride(3) : x.stride(3);
   for (int64_t n = 0; n < n_state; ++n)
     for (int64_t t = 0; t < length; ++t) buf[t * n_state + n] = p[n * sn + t * st];
 }
 
 template <typename T, int W>
-void unpack(const T* buf, int n, int64_t length, T* dst, int64_t sc) {
+void unpack(const T* buf, int n, int64_t length, bool reverse, T* dst, int64_t sc) {
   // dst is a contiguous [*, channels, L] row block: row c at dst + c * sc.
-  for (int c = 0; c < n; ++c)
-    for (int64_t t = 0; t < length; ++t) dst[c * sc + t] = buf[t * W + c];
+  for (int c = 0; c < n; ++c) {
+    T* row = dst + c * sc;
+    if (reverse)
+      for (int64_t t = 0; t < length; ++t) row[length - 1 - t] = buf[t * W + c];
+    else
+      for (int64_t t = 0; t < length; ++t) row[t] = buf[t * W + c];
+  }
 }
 
 struct Shapes {
@@ -161,14 +173,14 @@ template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                                      const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                                     bool softplus) {
+                                     bool softplus, bool reverse) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const Shapes s = shapes_of<T>(u, A, B);
   auto out = at::empty({s.batch, s.dim, s.length}, u.options());
   auto last = at::empty({s.batch, s.dim, s.n_state}, u.options());
-  const Strided3<T> su(u), sdt(delta);
-  const Strided3<T> sz = z ? Strided3<T>(*z) : Strided3<T>();
+  const Strided3<T> su(u, reverse), sdt(delta, reverse);
+  const Strided3<T> sz = z ? Strided3<T>(*z, reverse) : Strided3<T>();
   const T* Ap = A.data_ptr<T>();
   const T* Dp = D ? D->data_ptr<T>() : nullptr;
   const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
@@ -186,8 +198,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delt
       const int64_t c0 = g * s.per_group + (task % s.blocks_per_group) * W;
       const int lanes = static_cast<int>(std::min<int64_t>(W, (g + 1) * s.per_group - c0));
       if (packed_bc != b * s.groups + g) {
-        pack_bc(B, b, g, N, L, bbuf.data());
-        pack_bc(C, b, g, N, L, cbuf.data());
+        pack_bc(B, b, g, N, L, reverse, bbuf.data());
+        pack_bc(C, b, g, N, L, reverse, cbuf.data());
         packed_bc = b * s.groups + g;
       }
       su.template pack<W>(b, c0, lanes, L, ubuf.data());
@@ -214,7 +226,7 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delt
         }
         store(&ybuf[t * W], y);
       }
-      unpack<T, W>(ybuf.data(), lanes, L, outp + (b * s.dim + c0) * L, L);
+      unpack<T, W>(ybuf.data(), lanes, L, reverse, outp + (b * s.dim + c0) * L, L);
       for (int c = 0; c < lanes; ++c)
         for (int64_t i = 0; i < N; ++i) lastp[(b * s.dim + c0 + c) * N + i] = h[i][c];
     }
@@ -226,7 +238,7 @@ template <typename T>
 std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                       const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                                       const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                                      bool softplus, const at::Tensor& gout, const at::Tensor& glast) {
+                                      bool softplus, bool reverse, const at::Tensor& gout, const at::Tensor& glast) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const Shapes s = shapes_of<T>(u, A, B);
@@ -240,8 +252,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
   auto gD = at::empty({s.batch, s.dim}, opts);
   auto gB = at::empty({s.batch, s.groups, L, N}, opts);  // time-major; the caller transposes
   auto gC = at::empty({s.batch, s.groups, L, N}, opts);
-  const Strided3<T> su(u), sdt(delta), sg(gout);
-  const Strided3<T> sz = z ? Strided3<T>(*z) : Strided3<T>();
+  const Strided3<T> su(u, reverse), sdt(delta, reverse), sg(gout, reverse);
+  const Strided3<T> sz = z ? Strided3<T>(*z, reverse) : Strided3<T>();
   const T* Ap = A.data_ptr<T>();
   const T* Dp = D ? D->data_ptr<T>() : nullptr;
   const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
@@ -254,8 +266,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
         gC_acc(L * N);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.groups, g = task % s.groups;
-      pack_bc(B, b, g, N, L, bbuf.data());
-      pack_bc(C, b, g, N, L, cbuf.data());
+      pack_bc(B, b, g, N, L, reverse, bbuf.data());
+      pack_bc(C, b, g, N, L, reverse, cbuf.data());
       std::fill(gB_acc.begin(), gB_acc.end(), V{});
       std::fill(gC_acc.begin(), gC_acc.end(), V{});
       for (int64_t blk_i = 0; blk_i < s.blocks_per_group; ++blk_i) {
@@ -326,9 +338,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
           store(&gdt_buf[t * W], g_dt);
         }
         T* gup = gu.data_ptr<T>() + (b * s.dim + c0) * L;
-        unpack<T, W>(gu_buf.data(), lanes, L, gup, L);
-        unpack<T, W>(gdt_buf.data(), lanes, L, gdelta.data_ptr<T>() + (b * s.dim + c0) * L, L);
-        if (z) unpack<T, W>(gz_buf.data(), lanes, L, gz.data_ptr<T>() + (b * s.dim + c0) * L, L);
+        unpack<T, W>(gu_buf.data(), lanes, L, reverse, gup, L);
+        unpack<T, W>(gdt_buf.data(), lanes, L, reverse, gdelta.data_ptr<T>() + (b * s.dim + c0) * L, L);
+        if (z) unpack<T, W>(gz_buf.data(), lanes, L, reverse, gz.data_ptr<T>() + (b * s.dim + c0) * L, L);
         T* gAp = gA.data_ptr<T>() + (b * s.dim + c0) * N;
         T* gDp = gD.data_ptr<T>() + b * s.dim + c0;
         T* gbp = gbias.data_ptr<T>() + b * s.dim + c0;
@@ -346,8 +358,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
           sb += gB_acc[j][c];
           sc += gC_acc[j][c];
         }
-        gBp[j] = sb;
-        gCp[j] = sc;
+        const int64_t at = reverse ? (L - 1 - j / N) * N + j % N : j;  // j = t * N + n in scan order
+        gBp[at] = sb;
+        gCp[at] = sc;
       }
     }
   });
@@ -426,12 +439,13 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const
                                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
                                                       const std::optional<at::Tensor>& D,
                                                       const std::optional<at::Tensor>& z,
-                                                      const std::optional<at::Tensor>& delta_bias, bool softplus) {
+                                                      const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                                      bool reverse) {
   check_inputs(u, delta, A, B, C, D, z, delta_bias);
   const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
   const auto r = p.cdt == at::kDouble
-                     ? forward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus)
-                     : forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus);
+                     ? forward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse)
+                     : forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse);
   return {r[0].to(u.scalar_type()), r[1].to(A.scalar_type())};
 }
 
@@ -440,12 +454,13 @@ std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const a
                                                     const std::optional<at::Tensor>& D,
                                                     const std::optional<at::Tensor>& z,
                                                     const std::optional<at::Tensor>& delta_bias, bool softplus,
-                                                    const at::Tensor& grad_out, const at::Tensor& grad_last) {
+                                                    bool reverse, const at::Tensor& grad_out,
+                                                    const at::Tensor& grad_last) {
   const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
   const auto g = p.cdt == at::kDouble
-                     ? backward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus,
+                     ? backward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse,
                                              grad_out.to(p.cdt), grad_last.to(p.cdt))
-                     : backward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus,
+                     : backward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse,
                                             grad_out.to(p.cdt), grad_last.to(p.cdt));
   auto bc = [](const at::Tensor& grad, const at::Tensor& like) {  // [b, G, L, N] -> like's layout and dtype
     at::Tensor t = grad.transpose(2, 3);

@@ -2,7 +2,7 @@
 
 How the vmq ops become standard ONNX (opset 18):
 
-* ``vmq::selective_scan`` -> one ``Scan`` whose body is a single recurrence step (``h = exp(dt * A) * h + dt * u * B``,
+* ``vmq::selective_scan`` -> one ``Scan`` (reading and writing in reverse for ``reverse=True``) whose body is a single recurrence step (``h = exp(dt * A) * h + dt * u * B``,
   ``y = sum_n h * C``); the discretization inputs are sliced per token by the ``Scan``, so the file size and the export
   time do not depend on the sequence length. The state is ``[batch, groups, channels/group, d_state]``; ``A`` rides
   along as a loop-invariant state. Dynamic batch. Measured alternatives in standard ops were slower in onnxruntime
@@ -10,6 +10,8 @@ How the vmq ops become standard ONNX (opset 18):
   slower at Vim-T shapes; ORT's ``com.microsoft.LinearAttention`` with per-key decay computes the same recurrence,
   1.1-3x slower), and a custom onnxruntime kernel needs onnxruntime's C headers, which no package on this
   registry ships: the ``Scan`` is the portable and the fastest path found here.
+* ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
+  (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op.
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
   (uint8 x int8 -> int32)
@@ -102,7 +104,7 @@ def _scan_body(ir, prefix: str):
     return ir.Graph(ins, [h_new.outputs[0], a_out.outputs[0], y.outputs[0]], nodes=nodes, name="selective_scan_step")
 
 
-def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
+def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
     ir, op, call_op = _ops()
     channels, d_state = A.shape[0], A.shape[1]
     if not isinstance(channels, int) or not isinstance(d_state, int):
@@ -129,14 +131,39 @@ def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
                    op.Concat(batch, _const(op, [groups, per_group, d_state], np.int64), axis=0))
     a_g = op.Reshape(A, _const(op, [groups, per_group, d_state], np.int64))
     # The prefix is unique in the model and the same whenever the model is exported (the exporter's name of u).
+    # reverse: the Scan reads its per-token inputs from the last token and writes ys back at their positions.
+    directions = {"scan_input_directions": [1, 1, 1, 1], "scan_output_directions": [1]} if reverse else {}
     h, _, ys = call_op("Scan", h0, a_g, per_token(delta), per_token(du), per_token_bc(B), per_token_bc(C),
-                       _num_outputs=3, body=_scan_body(ir, f"selective_scan_{u.name}_"), num_scan_inputs=4)
+                       _num_outputs=3, body=_scan_body(ir, f"selective_scan_{u.name}_"), num_scan_inputs=4,
+                       **directions)
     y = op.Reshape(op.Transpose(ys, perm=[1, 2, 3, 0]), _const(op, [0, channels, -1], np.int64))
     if D is not None:
         y = op.Add(y, op.Mul(u, op.Unsqueeze(D, _const(op, [-1], np.int64))))
     if z is not None:
         y = op.Mul(y, op.Mul(z, op.Sigmoid(z)))
     return y, op.Reshape(h, _const(op, [0, channels, d_state], np.int64))
+
+
+def _causal_conv1d(x, weight, bias=None, silu=False, reverse=False):
+    """[batch, L, C] -> Pad along L, then K shifted windows times their taps (channels-last, no transposes)."""
+    _, op, _ = _ops()
+    kernel, length = weight.shape[1], x.shape[1]
+    if not isinstance(kernel, int) or not isinstance(length, int):
+        raise OnnxExportError("vmq.causal_conv1d: the kernel width and the sequence length must be static for ONNX "
+                              "export")
+    pads = [0, 0, 0, 0, kernel - 1, 0] if reverse else [0, kernel - 1, 0, 0, 0, 0]  # begins, then ends
+    padded = op.Pad(x, _const(op, pads, np.int64))
+    taps = op.Transpose(weight, perm=[1, 0])  # [K, C]
+    y = None
+    for j in range(kernel):
+        tap = op.Gather(taps, _const(op, kernel - 1 - j if reverse else j, np.int64), axis=0)
+        window = op.Slice(padded, _const(op, [j], np.int64), _const(op, [j + length], np.int64),
+                          _const(op, [1], np.int64))
+        term = op.Mul(window, tap)
+        y = term if y is None else op.Add(y, term)
+    if bias is not None:
+        y = op.Add(y, bias)
+    return op.Mul(y, op.Sigmoid(y)) if silu else y
 
 
 def _unpack_int4(op, w, k: int):
@@ -217,6 +244,7 @@ def onnx_translation_table() -> dict:
     vmq = torch.ops.vmq
     return {
         vmq.selective_scan.default: _selective_scan,
+        vmq.causal_conv1d.default: _causal_conv1d,
         vmq.int8_linear.default: _int8_linear,
         vmq.vq_linear.default: _vq_linear,
         vmq.vq_dequantize.default: _vq_dequantize,

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmq_fx.ops import selective_scan_fn
+from vmq_fx.ops import causal_conv1d, selective_scan_fn
 
-__all__ = ["MambaMixer", "RMSNorm", "causal_depthwise_conv1d"]
+__all__ = ["MambaMixer", "RMSNorm"]
 
 
 class RMSNorm(nn.Module):
@@ -27,30 +27,6 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-
-
-def causal_depthwise_conv1d(x: Tensor, conv: nn.Conv1d) -> Tensor:
-    """``conv(x.transpose(1, 2))[..., :L]`` for a depthwise ``nn.Conv1d`` padded by ``kernel - 1`` on both sides (the
-    causal convolution of Mamba), computed as ``kernel`` shifted multiply-adds: x [batch, L, C] -> [batch, C, L].
-
-    oneDNN's depthwise convolution takes 4-6x longer at Vim's shapes on this CPU (8 x 197 tokens x 384 channels,
-    kernel 4, one thread: ~6.5 ms against ~1.1 ms), a fifth of a Vim forward; the exported graph holds ``pad`` and
-    ``addcmul`` nodes instead of a ``convolution``.
-
-    Example:
-        >>> conv = nn.Conv1d(6, 6, 4, groups=6, padding=3)
-        >>> x = torch.randn(2, 5, 6)
-        >>> torch.allclose(causal_depthwise_conv1d(x, conv), conv(x.transpose(1, 2))[..., :5], atol=1e-6)
-        True
-    """
-    kernel, length = conv.kernel_size[0], x.shape[1]
-    w = conv.weight[:, 0, :]  # [C, kernel]
-    padded = F.pad(x.transpose(1, 2), (kernel - 1, 0))  # [batch, C, kernel - 1 + L]
-    first = padded[..., :length]
-    y = first * w[:, :1] if conv.bias is None else torch.addcmul(conv.bias[:, None], first, w[:, :1])
-    for k in range(1, kernel):
-        y = torch.addcmul(y, padded[..., k:k + length], w[:, k:k + 1])
-    return y
 
 
 def init_dt_bias(dt_proj: nn.Linear, dt_min: float, dt_max: float, dt_init_floor: float) -> None:
@@ -70,7 +46,7 @@ class MambaMixer(nn.Module):
     """Mamba (S6) mixer; ``bimamba=True`` is Vim's bidirectional "v2" mixer.
 
     The v2 mixer shares ``in_proj``/``out_proj`` and has a second set of ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``,
-    ``A_b_log``, ``D_b`` that scans the flipped sequence; the two outputs are summed (and divided by 2 when
+    ``A_b_log``, ``D_b`` that scans the sequence from the last token to the first; the two outputs are summed (and divided by 2 when
     ``divide_out``, Vim's ``if_devide_out``).
 
     Args:
@@ -133,14 +109,18 @@ class MambaMixer(nn.Module):
             setattr(self, "D" + suffix, nn.Parameter(torch.ones(self.d_inner)))
 
     def _scan(self, x: Tensor, z: Tensor, conv: nn.Conv1d, x_proj: nn.Linear, dt_proj: nn.Linear,
-              a_log: Tensor, d: Tensor) -> Tensor:
-        """One direction. x, z: [batch, L, d_inner]; returns [batch, d_inner, L]."""
-        x = F.silu(causal_depthwise_conv1d(x, conv))  # [batch, d_inner, L]
-        x_dbl = x_proj(x.transpose(1, 2))  # [batch, L, dt_rank + 2N]
+              a_log: Tensor, d: Tensor, reverse: bool) -> Tensor:
+        """One direction. x, z: [batch, L, d_inner]; returns [batch, d_inner, L].
+
+        ``reverse`` is the backward direction: the convolution and the scan run from the last token to the first on
+        the tensors as they are, which equals Vim's flip -> forward branch -> flip without copying anything.
+        """
+        x = causal_conv1d(x, conv.weight[:, 0], conv.bias, silu=True, reverse=reverse)  # [batch, L, d_inner]
+        x_dbl = x_proj(x)  # [batch, L, dt_rank + 2N]
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight)  # bias goes into the scan as delta_bias
         return selective_scan_fn(
-            x,
+            x.transpose(1, 2),
             dt.transpose(1, 2),
             -torch.exp(a_log.float()),
             b.transpose(1, 2),
@@ -149,6 +129,7 @@ class MambaMixer(nn.Module):
             z=z.transpose(1, 2),
             delta_bias=dt_proj.bias.float(),
             delta_softplus=True,
+            reverse=reverse,
         )
 
     def forward(self, hidden_states: Tensor, inference_params=None) -> Tensor:
@@ -160,11 +141,10 @@ class MambaMixer(nn.Module):
         if inference_params is not None:
             raise ValueError("MambaMixer: incremental decoding (inference_params) is not supported")
         x, z = self.in_proj(hidden_states).chunk(2, dim=-1)
-        y = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D)
+        y = self._scan(x, z, self.conv1d, self.x_proj, self.dt_proj, self.A_log, self.D, reverse=False)
         if self.bimamba:
-            y_b = self._scan(x.flip(1), z.flip(1), self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log,
-                             self.D_b)
-            y = y + y_b.flip(-1)
+            y_b = self._scan(x, z, self.conv1d_b, self.x_proj_b, self.dt_proj_b, self.A_b_log, self.D_b, reverse=True)
+            y = y + y_b
             if self.divide_out:
                 y = y / 2
         return self.out_proj(y.transpose(1, 2))

@@ -1,7 +1,7 @@
-"""The compiled CPU kernels of vmq_fx: fused selective scan (forward and backward), integer and VQ linears.
+"""The compiled CPU kernels of vmq_fx: fused selective scan (forward and backward), causal convolution, integer and VQ linears.
 
 :func:`enable` (called when :mod:`vmq_fx.ops` is imported) registers them in torch's dispatcher as the CPU
-implementations of ``vmq::selective_scan``, ``vmq::int8_linear``, ``vmq::vq_linear`` and ``vmq::vq_dequantize``, over
+implementations of ``vmq::selective_scan``, ``vmq::causal_conv1d``, ``vmq::int8_linear``, ``vmq::vq_linear`` and ``vmq::vq_dequantize``, over
 the pure-torch implementations the ops are defined with: a call from an exported graph goes straight to C++.
 :func:`disabled` switches back to the pure-torch implementations for a while (tests, benchmarks).
 
@@ -34,7 +34,7 @@ __all__ = ["disabled", "enable", "native_kernels"]
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("module.cpp", "selective_scan.cpp", "quant_linear.cpp", "calibration.cpp")
+_SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp", "quant_linear.cpp", "calibration.cpp")
 _HEADERS = ("kernels.h", "vec.h")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
 

@@ -12,6 +12,10 @@ Semantics follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` fo
     y_t    = <h_t, C_t> + D * u_t
     out_t  = y_t * silu(z_t)                       (when z is given)
 
+With ``reverse=True`` the recurrence runs from ``t = L - 1`` down to ``0`` (``h_t`` depends on ``h_{t+1}``), and every
+output stays at its own position: the result equals flipping ``u, delta, B, C, z`` along L, scanning, and flipping
+``out`` back, which is Vim's backward direction, without the flips.
+
 Shapes: ``u, delta, z``: [batch, dim, L]; ``A``: [dim, N]; ``B, C``: [batch, N, L] or grouped [batch, G, N, L] with
 ``dim % G == 0`` (channel ``d`` reads group ``d // (dim // G)``); ``D, delta_bias``: [dim].
 
@@ -205,15 +209,24 @@ def selective_scan_op(
     z: Optional[Tensor],
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
+    reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Selective scan; returns ``(out [batch, dim, L], last_state [batch, dim, N])``."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if reverse:
+        u, delta, B, C, z = _flip_time(u, delta, B, C, z)
     with torch.no_grad():
-        return _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+        out, last = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    return (out.flip(-1) if reverse else out), last
+
+
+def _flip_time(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+    """The pure-torch path's reverse scan: flip the sequence axis (last for u, delta, z, B and C)."""
+    return tuple(None if t is None else t.flip(-1) for t in tensors)
 
 
 @selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype)
 
@@ -277,6 +290,7 @@ def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor, needs_bc: tuple
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:8])
     ctx.delta_softplus = inputs[8]
+    ctx.reverse = inputs[9] if len(inputs) > 9 else False
 
 
 def _grad_bc(grad: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
@@ -316,8 +330,10 @@ def _selective_scan_backward(ctx, grad_out, grad_last):
     if kernels is not None:
         with torch.no_grad():
             grads = kernels.selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-                                                    grad_out, grad_last)
-        return tuple(g if g is not None and needs[i] else None for i, g in enumerate(grads)) + (None,)
+                                                    ctx.reverse, grad_out, grad_last)
+        return tuple(g if g is not None and needs[i] else None for i, g in enumerate(grads)) + (None, None)
+    if ctx.reverse:
+        u, delta, B, C, z, grad_out = _flip_time(u, delta, B, C, z, grad_out)
     parts = []
     with torch.no_grad():
         for sl in _batch_slices(u.shape[0], u.shape[1], A.shape[1]):
@@ -331,6 +347,8 @@ def _selective_scan_backward(ctx, grad_out, grad_last):
         return None if parts[0][i] is None else torch.stack([q[i] for q in parts]).sum(0)
 
     g_u, g_bias, g_delta, g_A, g_B, g_C, g_D, g_z = cat(0), total(1), cat(2), total(3), cat(4), cat(5), total(6), cat(7)
+    if ctx.reverse:
+        g_u, g_delta, g_B, g_C, g_z = _flip_time(g_u, g_delta, g_B, g_C, g_z)
     return (
         g_u if needs[0] else None,
         g_delta if needs[1] else None,
@@ -340,6 +358,7 @@ def _selective_scan_backward(ctx, grad_out, grad_last):
         g_D.to(D.dtype) if D is not None and needs[5] else None,
         g_z if z is not None and needs[6] else None,
         g_bias.to(delta_bias.dtype) if delta_bias is not None and needs[7] else None,
+        None,
         None,
     )
 
@@ -358,6 +377,7 @@ def selective_scan_fn(
     delta_bias: Optional[Tensor] = None,
     delta_softplus: bool = False,
     return_last_state: bool = False,
+    reverse: bool = False,
 ):
     """Drop-in for ``mamba_ssm``'s ``selective_scan_fn`` that runs everywhere and exports as one node.
 
@@ -372,6 +392,8 @@ def selective_scan_fn(
         delta_bias: added to ``delta`` before the softplus, [dim].
         delta_softplus: apply softplus to ``delta + delta_bias``.
         return_last_state: also return the final state [batch, dim, N].
+        reverse: run the recurrence from the last position to the first (outputs stay at their positions; the
+            final state is the one after position 0).
 
     Returns:
         ``out`` of shape [batch, dim, L] in ``u``'s dtype, or ``(out, last_state)``.
@@ -384,5 +406,5 @@ def selective_scan_fn(
         >>> selective_scan_fn(u, delta, A, B, C, delta_softplus=True).shape
         torch.Size([2, 8, 5])
     """
-    out, last_state = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out, last_state = selective_scan_op(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
     return (out, last_state) if return_last_state else out
