@@ -2,8 +2,8 @@
 
 How the vmq ops become standard ONNX (opset 18):
 
-* ``vmq::selective_scan`` -> one ``Scan`` (reading and writing in reverse for ``reverse=True``) whose body is a single recurrence step (``h = exp(dt * A) * h + dt * u * B``,
-  ``y = sum_n h * C``); the discretization inputs are sliced per token by the ``Scan``, so the file size and the export
+* ``vmq::selective_scan`` -> one ``Scan`` (reading and writing in reverse for ``reverse=True``) whose body is a
+  single recurrence step (``h = exp(dt * A) * h + dt * u * B``, ``y = sum_n h * C``); the discretization inputs are sliced per token by the ``Scan``, so the file size and the export
   time do not depend on the sequence length. The state is ``[batch, groups, channels/group, d_state]``; ``A`` rides
   along as a loop-invariant state. Dynamic batch. Measured alternatives in standard ops were slower in onnxruntime
   (decays and inputs computed for all steps outside the loop with 1, 4, 8 or 16 steps per iteration: 1.2-1.35x

@@ -46,8 +46,8 @@ class MambaMixer(nn.Module):
     """Mamba (S6) mixer; ``bimamba=True`` is Vim's bidirectional "v2" mixer.
 
     The v2 mixer shares ``in_proj``/``out_proj`` and has a second set of ``conv1d_b``, ``x_proj_b``, ``dt_proj_b``,
-    ``A_b_log``, ``D_b`` that scans the sequence from the last token to the first; the two outputs are summed (and divided by 2 when
-    ``divide_out``, Vim's ``if_devide_out``).
+    ``A_b_log``, ``D_b`` that scans the sequence from the last token to the first; the two outputs are summed (and
+    divided by 2 when ``divide_out``, Vim's ``if_devide_out``).
 
     Args:
         d_model: channels of the residual stream.
