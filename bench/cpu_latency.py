@@ -13,10 +13,11 @@ shared CPU hits all of them, and ratios are taken within the table. Tables:
 * ``linears``: the four Vim-T projections at batch 1 and 8 (M = 197 and 1576 rows): fp32 ``F.linear`` against
   ``vmq::int8_linear`` (W8A8, W4A8) and ``vmq::vq_linear`` (3- and 2-bit).
 * ``models``: vim-fm-tiny (batch 1, 64) and vim_tiny 224x224 (batch 1, 8; random weights): FP32 eager, FP32 on the
-  pure-torch scan (what the project ran before the fused kernels), and the lowered W8A8, W4A8, VQ 3-bit and VQ 2-bit
+  pure-torch scan and convolution (``native.disabled()``: what the project ran before the fused kernels; the column
+  says "pure-torch scan"), and the lowered W8A8, W4A8, VQ 3-bit and VQ 2-bit
   models, in torch and in onnxruntime.
-* ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused and the
-  pure-torch scan.
+* ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused kernels and
+  the pure-torch scan and convolution.
 * ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32 and W8A8), by operator.
 
 Quantized models for latency only: SmoothQuant + per-token static (no JLSS) and k-means VQ with 3 iterations, on
