@@ -290,7 +290,7 @@ def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor, needs_bc: tuple
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:8])
     ctx.delta_softplus = inputs[8]
-    ctx.reverse = inputs[9] if len(inputs) > 9 else False
+    ctx.reverse = inputs[9]
 
 
 def _grad_bc(grad: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
