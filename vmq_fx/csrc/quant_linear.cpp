@@ -15,6 +15,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -268,17 +269,39 @@ void check_vq(const at::Tensor& codes, const at::Tensor& codebook, const at::Ten
                     row_scale.scalar_type(), " ", row_scale.sizes());
 }
 
-at::Tensor decode(const at::Tensor& codes_in, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K,
+// 2^(c / 16 - 12) for every 8-bit row-scale code, computed once as vmq_fx.ops.codebook_linear._ROW_SCALES is (so
+// both decode alike): per call, three ATen ops on the row scales cost more than the decode at batch 1.
+const float* row_scale_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t;
+    const at::Tensor v = at::exp2(at::arange(256, at::kFloat) * (1.0 / 16) + (-12.0)).contiguous();
+    std::memcpy(t.data(), v.data_ptr<float>(), sizeof(t));
+    return t;
+  }();
+  return table.data();
+}
+
+at::Tensor decode(const at::Tensor& codes_in, const at::Tensor& codebook, const at::Tensor& row_scale_in, int64_t K,
                   bool temporary) {
-  const at::Tensor codes = codes_in.contiguous();
-  const int64_t N = codes.size(0), bits = code_bits(codebook.size(0));
-  // 2^(code / 16 - 12), the same ATen ops as vmq_fx.ops.codebook_linear.decode_row_scale, so both decode alike
-  const at::Tensor cb = codebook.to(at::kFloat).contiguous();
-  const at::Tensor rs = at::exp2(row_scale.to(at::kFloat) * (1.0 / 16) + (-12.0)).contiguous();
-  auto w = temporary ? scratch(2, {N, K}, at::kFloat) : at::empty({N, K}, cb.options());
+  const at::Tensor codes = codes_in.contiguous(), row_scale = row_scale_in.contiguous();
+  const int64_t N = codes.size(0), bits = code_bits(codebook.size(0)), d = codebook.size(1);
+  // The codebook is stored in float16: widened here (k * d values) rather than by a separate ATen op per call.
+  std::vector<float> cb(codebook.numel());
+  if (codebook.scalar_type() == at::kHalf && codebook.is_contiguous()) {
+    const c10::Half* h = codebook.data_ptr<c10::Half>();
+    for (size_t i = 0; i < cb.size(); ++i) cb[i] = static_cast<float>(h[i]);
+  } else {
+    const at::Tensor f = codebook.to(at::kFloat).contiguous();
+    std::memcpy(cb.data(), f.data_ptr<float>(), cb.size() * sizeof(float));
+  }
+  std::vector<float> rs(N);
+  const uint8_t* rc = row_scale.data_ptr<uint8_t>();
+  const float* table = row_scale_table();
+  for (int64_t n = 0; n < N; ++n) rs[n] = table[rc[n]];
+  auto w = temporary ? scratch(2, {N, K}, at::kFloat) : at::empty({N, K}, codes.options().dtype(at::kFloat));
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    vq_decode_rows(codes.data_ptr<uint8_t>(), codes.size(1), cb.data_ptr<float>(), cb.size(1), rs.data_ptr<float>(),
-                   K, bits, begin, end, w.data_ptr<float>() + begin * K);
+    vq_decode_rows(codes.data_ptr<uint8_t>(), codes.size(1), cb.data(), d, rs.data(), K, bits, begin, end,
+                   w.data_ptr<float>() + begin * K);
   });
   return w;
 }
@@ -298,7 +321,8 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   check_vq(codes, codebook, row_scale, in_features);
   TORCH_CHECK_VALUE(x.size(-1) == in_features, "vmq.vq_linear: x has ", x.size(-1), " features, the weight ",
                     in_features);
-  const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat).contiguous();
+  // not made contiguous: at::mm takes a row- or column-major x as it is (a transposed scan output, a split's slice)
+  const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat);
   const at::Tensor w = decode(codes, codebook, row_scale, in_features, /*temporary=*/true);
   at::Tensor out = bias ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
   auto sizes = x.sizes().vec();

@@ -48,9 +48,13 @@ def encode_row_scale(scale: Tensor) -> Tensor:
     return code.clamp(0, 255).to(torch.uint8)
 
 
+# Every code's scale, computed once (the C++ kernel builds the same table with the same op, so both decode alike).
+_ROW_SCALES = torch.exp2(torch.arange(256, dtype=torch.float32) * _RS_STEP + _RS_MIN_LOG2)
+
+
 def decode_row_scale(code: Tensor) -> Tensor:
     """``uint8`` row-scale codes -> float32 scales ``2^(code / 16 - 12)``."""
-    return torch.exp2(code.float() * _RS_STEP + _RS_MIN_LOG2)
+    return _ROW_SCALES.to(code.device)[code.long()]
 
 
 def code_bits(k: int) -> int:
