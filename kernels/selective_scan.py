@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vmq_fx.ops.selective_scan import sequence_major
+
 __all__ = ["selective_scan_triton"]
 
 
@@ -82,4 +84,4 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, de
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
         BLOCK_C=block_c, BLOCK_N=triton.next_power_of_2(n),
     )
-    return out.to(u.dtype), last.to(A.dtype)
+    return sequence_major(out.to(u.dtype)), last.to(A.dtype)

@@ -201,6 +201,16 @@ def test_only_requested_gradients_are_computed():
     assert g.shape == u.shape and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_output_is_stored_sequence_major_by_every_implementation_and_the_fake(reverse):
+    args = make_inputs(batch=3, dim=40, length=19, n=16)  # strides of a contiguous [batch, L, dim]: (760, 1, 40)
+    out, _ = selective_scan_op(*args.values(), True, reverse)
+    assert out.shape == (3, 40, 19) and out.stride() == (19 * 40, 1, 40)
+    with torch._subclasses.FakeTensorMode() as mode:
+        fake, _ = selective_scan_op(*(mode.from_tensor(v) for v in args.values()), True, reverse)
+    assert fake.stride() == out.stride()
+
+
 def test_opcheck():
     args = make_inputs(length=6)
     torch.library.opcheck(selective_scan_op, tuple(args.values()) + (True,))

@@ -177,7 +177,8 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delt
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const Shapes s = shapes_of<T>(u, A, B);
-  auto out = at::empty({s.batch, s.dim, s.length}, u.options());
+  // [batch, dim, L] stored as [batch, L, dim] (see vmq_fx.ops.selective_scan)
+  auto out = at::empty({s.batch, s.length, s.dim}, u.options()).transpose(1, 2);
   auto last = at::empty({s.batch, s.dim, s.n_state}, u.options());
   const Strided3<T> su(u, reverse), sdt(delta, reverse);
   const Strided3<T> sz = z ? Strided3<T>(*z, reverse) : Strided3<T>();
@@ -226,7 +227,9 @@ std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delt
         }
         store(&ybuf[t * W], y);
       }
-      unpack<T, W>(ybuf.data(), lanes, L, reverse, outp + (b * s.dim + c0) * L, L);
+      T* ob = outp + b * L * s.dim + c0;  // out's memory is [batch, L, dim]: one row of lanes per step
+      for (int64_t t = 0; t < L; ++t)
+        std::memcpy(ob + (reverse ? L - 1 - t : t) * s.dim, &ybuf[t * W], lanes * sizeof(T));
       for (int c = 0; c < lanes; ++c)
         for (int64_t i = 0; i < N; ++i) lastp[(b * s.dim + c0 + c) * N + i] = h[i][c];
     }

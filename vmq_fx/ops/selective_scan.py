@@ -17,7 +17,13 @@ output stays at its own position: the result equals flipping ``u, delta, B, C, z
 ``out`` back, which is Vim's backward direction, without the flips.
 
 Shapes: ``u, delta, z``: [batch, dim, L]; ``A``: [dim, N]; ``B, C``: [batch, N, L] or grouped [batch, G, N, L] with
-``dim % G == 0`` (channel ``d`` reads group ``d // (dim // G)``); ``D, delta_bias``: [dim].
+``dim % G == 0`` (channel ``d`` reads group ``d // (dim // G)``); ``D, delta_bias``: [dim]. Inputs may have any
+strides.
+
+Layout of the result: ``out`` is [batch, dim, L] stored as [batch, L, dim] (strides ``(L * dim, 1, dim)``, every
+implementation and the fake alike): what reads it next is a linear over the channels (``out_proj`` after
+``out.transpose(1, 2)``), which then gets a contiguous input instead of copying one, and the CPU kernel writes one
+row of channels per step instead of scattering each channel's sequence.
 
 Implementations: on CPU tensors the fused C++ kernel of :mod:`vmq_fx.ops.native` (state in registers, forward and
 backward), registered in the dispatcher over the implementation below; a GPU implementation (Triton) registers itself for CUDA tensors with
@@ -161,6 +167,10 @@ class _Prepared:
     def zero_state(self) -> Tensor:
         return self.u.new_zeros(self.batch, self.groups, self.dim // self.groups, self.n)
 
+    def to_sequence_major(self, x: Tensor, dtype: torch.dtype) -> Tensor:
+        """[L, batch, G, H] -> [batch, L, dim]."""
+        return x.permute(1, 0, 2, 3).reshape(self.batch, self.length, self.dim).to(dtype).contiguous()
+
     def to_channels_first(self, x: Tensor, dtype: torch.dtype) -> Tensor:
         """[L, batch, G, H] -> [batch, dim, L]."""
         return x.permute(1, 2, 3, 0).reshape(self.batch, self.dim, self.length).to(dtype).contiguous()
@@ -195,7 +205,7 @@ def _forward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
         h = hs[-1].clone()
     if p.z is not None:
         out = out * F.silu(p.z)
-    return p.to_channels_first(out, u.dtype), h.reshape(p.batch, p.dim, p.n).to(A.dtype)
+    return p.to_sequence_major(out, u.dtype), h.reshape(p.batch, p.dim, p.n).to(A.dtype)
 
 
 @torch.library.custom_op("vmq::selective_scan", mutates_args=())
@@ -211,13 +221,18 @@ def selective_scan_op(
     delta_softplus: bool,
     reverse: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Selective scan; returns ``(out [batch, dim, L], last_state [batch, dim, N])``."""
+    """Selective scan; returns ``(out [batch, dim, L] stored as [batch, L, dim], last_state [batch, dim, N])``."""
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
     if reverse:
         u, delta, B, C, z = _flip_time(u, delta, B, C, z)
     with torch.no_grad():
-        out, last = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    return (out.flip(-1) if reverse else out), last
+        out, last = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # out: [batch, L, dim]
+    return (out.flip(1) if reverse else out).transpose(1, 2), last
+
+
+def sequence_major(out: Tensor) -> Tensor:
+    """A [batch, dim, L] scan output in the op's layout: stored as [batch, L, dim] (a copy unless it already is)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _flip_time(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
@@ -228,7 +243,8 @@ def _flip_time(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
 @selective_scan_op.register_fake
 def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
     _check_inputs(u, delta, A, B, C, D, z, delta_bias)
-    return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype)
+    out = u.new_empty(u.shape[0], u.shape[2], u.shape[1]).transpose(1, 2)
+    return out, u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype)
 
 
 def _to_groups(grad: Tensor, groups: int) -> Tensor:
@@ -396,7 +412,7 @@ def selective_scan_fn(
             final state is the one after position 0).
 
     Returns:
-        ``out`` of shape [batch, dim, L] in ``u``'s dtype, or ``(out, last_state)``.
+        ``out`` of shape [batch, dim, L] (stored as [batch, L, dim]) in ``u``'s dtype, or ``(out, last_state)``.
 
     Example:
         >>> import torch
