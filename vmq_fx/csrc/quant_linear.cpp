@@ -1,10 +1,10 @@
 // CPU paths of vmq::int8_linear and vmq::vq_linear.
 //
 // int8_linear: one pass quantizes the activation per token (x / smooth * (1 / scale), round half to even, + zero
-// point, clamp, - shift into int8), at::_int_mm multiplies with int32 accumulation (oneDNN / VNNI), and one pass
-// rescales: (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n]. The column sums come from the
-// lowering (they depend on the weight only). The levels and the float operations are those of the pure-torch path, in
-// the same order, so both give bit-identical results.
+// point, clamp, - shift into int8), at::_int_mm multiplies with int32 accumulation (oneDNN / VNNI) into the output's
+// memory, and one pass rescales in place: (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n].
+// The column sums come from the lowering (they depend on the weight only). The levels and the float operations are
+// those of the pure-torch path, in the same order, so both give bit-identical results.
 //
 // vq_linear: the codes are decoded (bit-packed indices -> codewords * row scale) straight into a float32 panel of
 // rows that is multiplied at once; no integer unpacking tensor is materialized.
