@@ -22,9 +22,9 @@
 
 namespace {
 
-// Per-thread scratch for the temporaries of one call (the quantized activation, a decoded VQ
-// weight): reused across calls instead of allocated each time. Fresh allocations of this size are mmap-ed and
-// page-faulted on every call with glibc's allocator, which cost as much as the arithmetic for small inputs.
+// Per-thread scratch for the temporaries of one call (the quantized activation, a decoded VQ weight): reused across
+// calls instead of allocated each time. Fresh allocations of this size are mmap-ed and page-faulted on every call
+// with glibc's allocator, which cost as much as the arithmetic for small inputs.
 at::Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
   thread_local at::Tensor buffers[2];
   at::Tensor& buf = buffers[slot];
@@ -271,7 +271,7 @@ void check_vq(const at::Tensor& codes, const at::Tensor& codebook, const at::Ten
                     row_scale.scalar_type(), " ", row_scale.sizes());
 }
 
-// 2^(c / 16 - 12) for every 8-bit row-scale code, computed once as vmq_fx.ops.codebook_linear._ROW_SCALES is (so
+// 2^(c / 16 - 12) for every 8-bit row-scale code, computed once as vmq_fx.ops.codebook_linear._row_scales is (so
 // both decode alike): per call, three ATen ops on the row scales cost more than the decode at batch 1.
 const float* row_scale_table() {
   static const std::array<float, 256> table = [] {

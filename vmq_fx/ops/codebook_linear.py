@@ -19,6 +19,7 @@ reference and the fallback, decodes ``_ROWS`` output rows at a time.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -48,13 +49,16 @@ def encode_row_scale(scale: Tensor) -> Tensor:
     return code.clamp(0, 255).to(torch.uint8)
 
 
-# Every code's scale, computed once (the C++ kernel builds the same table with the same op, so both decode alike).
-_ROW_SCALES = torch.exp2(torch.arange(256, dtype=torch.float32) * _RS_STEP + _RS_MIN_LOG2)
+@functools.lru_cache(maxsize=None)
+def _row_scales(device: torch.device) -> Tensor:
+    """Every code's scale, once per device (the C++ kernel builds the same table with the same op, so both decode
+    alike; the CUDA path does not copy it to the device on every call)."""
+    return torch.exp2(torch.arange(256, dtype=torch.float32) * _RS_STEP + _RS_MIN_LOG2).to(device)
 
 
 def decode_row_scale(code: Tensor) -> Tensor:
     """``uint8`` row-scale codes -> float32 scales ``2^(code / 16 - 12)``."""
-    return _ROW_SCALES.to(code.device)[code.long()]
+    return _row_scales(code.device)[code.long()]
 
 
 def code_bits(k: int) -> int:
