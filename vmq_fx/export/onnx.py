@@ -2,20 +2,20 @@
 
 How the vmq ops become standard ONNX (opset 18):
 
-* ``vmq::selective_scan`` -> one ``Scan`` (reading and writing in reverse for ``reverse=True``) whose body is a
-  single recurrence step (``h = exp(dt * A) * h + dt * u * B``, ``y = sum_n h * C``); the discretization inputs are sliced per token by the ``Scan``, so the file size and the export
-  time do not depend on the sequence length. The state is ``[batch, groups, channels/group, d_state]``; ``A`` rides
-  along as a loop-invariant state. Dynamic batch. Measured alternatives in standard ops were slower in onnxruntime
-  (decays and inputs computed for all steps outside the loop with 1, 4, 8 or 16 steps per iteration: 1.2-1.35x
-  slower at Vim-T shapes; ORT's ``com.microsoft.LinearAttention`` with per-key decay computes the same recurrence,
-  1.1-3x slower), and a custom onnxruntime kernel needs onnxruntime's C headers, which no package on this
-  registry ships: the ``Scan`` is the portable and the fastest path found here.
+* ``vmq::selective_scan`` -> one ``Scan`` (reading and writing in reverse for ``reverse=True``) whose body is a single
+  recurrence step (``h = exp(dt * A) * h + dt * u * B``, ``y = sum_n h * C``); the discretization inputs are sliced per
+  token by the ``Scan``, so the file size and the export time do not depend on the sequence length. The state is
+  ``[batch, groups, channels/group, d_state]``; ``A`` rides along as a loop-invariant state. Dynamic batch. Measured
+  alternatives in standard ops were slower in onnxruntime (decays and inputs computed for all steps outside the loop
+  with 1, 4, 8 or 16 steps per iteration: 1.2-1.35x slower at Vim-T shapes; ORT's ``com.microsoft.LinearAttention`` with
+  per-key decay computes the same recurrence, 1.1-3x slower), and a custom onnxruntime kernel needs onnxruntime's C
+  headers, which no package on this registry ships: the ``Scan`` is the portable and the fastest path found here.
 * ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
   (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op.
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
-  (uint8 x int8 -> int32)
-  -> subtract ``zero_point[t] * w_sum[n]`` (the column sums the lowering stored) -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
+  (uint8 x int8 -> int32) -> subtract ``zero_point[t] * w_sum[n]`` (the column sums the lowering stored) -> ``Cast``
+  -> ``* act_scale[t] * w_scale[n]`` (+ bias).
   onnxruntime's ``MatMulInteger`` takes only a per-tensor activation zero point, hence the explicit correction.
   4-bit weights stay packed two per byte in the file and are unpacked in the graph (``BitwiseAnd`` / ``BitShift``).
 * ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes, the float16 codebook (one initializer for a

@@ -9,8 +9,8 @@ An ``[N, K]`` weight with sub-vector length ``d`` and a codebook of ``k`` codewo
   8-bit logarithmic code, ``2^(c / 16 - 12)`` (:func:`decode_row_scale`): scales from 2^-12 to 2^3.94 in steps of
   4.4 %, so a row scale costs 8 bits and needs no per-layer range.
 
-and decodes as ``W[n] = decode_row_scale(row_scale[n]) * concat_s(codebook[code[n, s]])[:K]`` (the last sub-vector of a row is
-zero-padded when ``d`` does not divide ``K``). ``vq_linear(x, ...) = x @ W^T + bias``.
+and decodes as ``W[n] = decode_row_scale(row_scale[n]) * concat_s(codebook[code[n, s]])[:K]`` (the last sub-vector
+of a row is zero-padded when ``d`` does not divide ``K``). ``vq_linear(x, ...) = x @ W^T + bias``.
 
 Implementations: on CPU the C++ kernel of :mod:`vmq_fx.ops.native` (registered in the dispatcher over the pure-torch
 one) decodes the codes straight into the float weight (one pass, no index tensors) and multiplies once; a Triton

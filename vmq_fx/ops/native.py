@@ -3,7 +3,8 @@ VQ linears.
 
 :func:`enable` (called when :mod:`vmq_fx.ops` is imported) registers them in torch's dispatcher as the CPU
 implementations of ``vmq::selective_scan``, ``vmq::causal_conv1d``, ``vmq::int8_linear``, ``vmq::vq_linear`` and
-``vmq::vq_dequantize``, over the pure-torch implementations the ops are defined with: a call from an exported graph goes straight to C++.
+``vmq::vq_dequantize``, over the pure-torch implementations the ops are defined with: a call from an exported graph
+goes straight to C++.
 :func:`disabled` switches back to the pure-torch implementations for a while (tests, benchmarks).
 
 They are C++ (``vmq_fx/csrc``) built with torch's own extension tooling (``torch.utils.cpp_extension.load``: ninja and

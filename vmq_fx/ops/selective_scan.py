@@ -26,9 +26,9 @@ implementation and the fake alike): what reads it next is a linear over the chan
 row of channels per step instead of scattering each channel's sequence.
 
 Implementations: on CPU tensors the fused C++ kernel of :mod:`vmq_fx.ops.native` (state in registers, forward and
-backward), registered in the dispatcher over the implementation below; a GPU implementation (Triton) registers itself for CUDA tensors with
-``selective_scan_op.register_kernel("cuda")``; the chunked pure-torch implementation below is the reference and the
-fallback when the C++ kernels cannot be built.
+backward), registered in the dispatcher over the implementation below; a GPU implementation (Triton) registers
+itself for CUDA tensors with ``selective_scan_op.register_kernel("cuda")``; the chunked pure-torch implementation
+below is the reference and the fallback when the C++ kernels cannot be built.
 """
 from __future__ import annotations
 
