@@ -15,10 +15,11 @@ shared CPU hits all of them, and ratios are taken within the table. Tables:
 * ``models``: vim-fm-tiny (batch 1, 64) and vim_tiny 224x224 (batch 1, 8; random weights): FP32 eager, FP32 on the
   pure-torch scan and convolution (``native.disabled()``: what the project ran before the fused kernels; the column
   says "pure-torch scan"), and the lowered W8A8, W4A8, VQ 3-bit and VQ 2-bit
-  models, in torch and in onnxruntime.
+  models, in torch and in onnxruntime (the standard ``Scan`` export and the ``vmq.SelectiveScan`` custom op).
 * ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused kernels and
   the pure-torch scan and convolution.
-* ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32 and W8A8), by operator.
+* ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32, W8A8, VQ 2-bit), by operator, in torch and
+  in onnxruntime.
 
 Quantized models for latency only: SmoothQuant + per-token static (no JLSS) and k-means VQ with 3 iterations, on
 random calibration images; the kernels and shapes are those of the tuned models.
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import re
 import shlex
 import subprocess
 import sys
@@ -46,6 +48,8 @@ from vmq_fx import recipes  # noqa: E402
 from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
 TABLES = ("scan", "linears", "models", "train", "profile")
+# ONNX files per model: the portable standard Scan and the vmq.SelectiveScan custom op (export_onnx(scan=...))
+RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq scan"}
 VIM_T = dict(d_model=192, d_inner=384, length=197, d_state=16, dt_rank=12)
 
 
@@ -193,15 +197,15 @@ def table_models(args) -> list[str]:
         torch.manual_seed(0)
         model = build()
         models = {"FP32": model, **quantized_models(model, shape)}
-        onnx_paths = {}
-        for name, m in models.items():
-            onnx_paths[name] = vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx".replace(" ", "")).path
+        onnx_paths = {scan: {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}_{scan}.onnx".replace(
+            " ", ""), scan=scan).path for name, m in models.items()} for scan in RUNTIMES}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            sessions = {name: ort_session(path, threads=threads) for name, path in onnx_paths.items()}
+            sessions = {scan: {name: ort_session(path, threads=threads) for name, path in paths.items()}
+                        for scan, paths in onnx_paths.items()}
             for batch in batches:
                 x = torch.randn(batch, *shape)
-                feed = {next(iter(sessions.values())).get_inputs()[0].name: x.numpy()}
+                feed = {sessions["onnx"]["FP32"].get_inputs()[0].name: x.numpy()}
 
                 def eager(m):
                     return lambda: m(x)
@@ -213,7 +217,8 @@ def table_models(args) -> list[str]:
                 with torch.no_grad():
                     t = interleaved({"FP32": eager(model), "FP32 pure": pure_torch,
                                      **{k: eager(m) for k, m in models.items() if k != "FP32"}}, args.reps)
-                o = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.reps)
+                o = {scan: interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in by_name.items()}, args.reps)
+                     for scan, by_name in sessions.items()}
 
                 def cells(times, base, keys):
                     return " | ".join(f"{ms(times[k])} ({base / times[k]:.2f}x)" for k in keys)
@@ -222,9 +227,10 @@ def table_models(args) -> list[str]:
                 out.append(f"| {label} | torch | {threads} | {batch} | {ms(t['FP32'])} | "
                            f"{ms(t['FP32 pure'])} ({t['FP32'] / t['FP32 pure']:.2f}x) | "
                            + cells(t, t["FP32"], quant) + " |")
-                out.append(f"| {label} | onnxruntime | {threads} | {batch} | {ms(o['FP32'])} | - | "
-                           + cells(o, o["FP32"], quant) + " |")
-                print("\n".join(out[-2:]), file=sys.stderr, flush=True)
+                for scan, runtime in RUNTIMES.items():
+                    out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(o[scan]['FP32'])} | - | "
+                               + cells(o[scan], o[scan]["FP32"], quant) + " |")
+                print("\n".join(out[-1 - len(RUNTIMES):]), file=sys.stderr, flush=True)
     return out
 
 
@@ -254,28 +260,71 @@ def table_train(args) -> list[str]:
 
 
 # -- profile -----------------------------------------------------------------------------------------------------------
+def _torch_profile(label, model, x) -> list[str]:
+    with torch.no_grad():
+        model(x)
+        with torch.profiler.profile() as prof:
+            model(x)
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    out = [f"{label}: {total / 1e3:.0f} ms in all", "", "| operator | calls | self ms | share |", "|---|---|---|---|"]
+    out += [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | {100 * e.self_cpu_time_total / total:.0f} % |"
+            for e in events[:10]]
+    return out + [""]
+
+
+def _ort_profile(label, path, x, threads, tmp) -> list[str]:
+    """Kernel time of one onnxruntime run by operator type (its own profiler). A ``Scan`` node's time includes its
+    body's nodes, which are listed on their own rows as well ("in the Scan body": they run inside a ``Scan``)."""
+    import json
+    from collections import defaultdict
+
+    from vmq_fx.export import ort_session
+
+    sess = ort_session(path, threads=threads, profile_prefix=str(tmp / label.replace(" ", "_")))
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+    for _ in range(2):  # a warm-up run, then the one counted
+        sess.run(None, feed)
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    run = [e for e in events if e.get("name") == "model_run"][-1]
+    nodes = [e for e in events
+             if e.get("cat") == "Node" and e["name"].endswith("_kernel_time") and e["ts"] >= run["ts"]]
+    scans = [(e["ts"], e["ts"] + e["dur"]) for e in nodes if e["args"]["op_name"] == "Scan"]
+    ms, calls = defaultdict(float), defaultdict(int)
+    for e in nodes:
+        op = e["args"]["op_name"]
+        if op != "Scan" and any(lo <= e["ts"] <= hi for lo, hi in scans):
+            op += " (in the Scan body)"
+        ms[op] += e["dur"] / 1e3
+        calls[op] += 1
+    total = run["dur"] / 1e3
+    out = [f"{label}: {total:.0f} ms for the run", "", "| operator type | kernel calls | ms | share of the run |",
+           "|---|---|---|---|"]
+    out += [f"| {op} | {calls[op]} | {t:.1f} | {100 * t / total:.0f} % |"
+            for op, t in sorted(ms.items(), key=lambda kv: kv[1], reverse=True)[:10]]
+    return out + [""]
+
+
 def table_profile(args) -> list[str]:
-    torch.set_num_threads(args.threads[0])
+    threads = args.threads[0]
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = vmq_fx.models.create_model("vim_tiny").eval()
-    w8a8 = quantized_models(model, (3, 224, 224))["W8A8"] if not args.quick else None
+    quantized = {} if args.quick else quantized_models(model, (3, 224, 224))
     x = torch.randn(8, 3, 224, 224)
-    out = [f"## Where the time goes: vim_tiny 224x224, batch 8, {args.threads[0]} thread(s) (torch profiler, self "
-           "time by operator)", ""]
-    for label, m in (("FP32", model), ("W8A8 lowered", w8a8)):
-        if m is None:
-            continue
-        with torch.no_grad():
-            m(x)
-            with torch.profiler.profile() as prof:
-                m(x)
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events)
-        out += [f"{label}: {total / 1e3:.0f} ms in all", "", "| operator | calls | self ms | share |",
-                "|---|---|---|---|"]
-        out += [f"| {e.key} | {e.count} | {e.self_cpu_time_total / 1e3:.1f} | {100 * e.self_cpu_time_total / total:.0f} % |"
-                for e in events[:10]]
-        out.append("")
+    out = [f"## Where the time goes: vim_tiny 224x224, batch 8, {threads} thread(s)", "",
+           "torch profiler, self time by operator:", ""]
+    torch_models = {"FP32": model, **{f"{k} lowered": quantized[k] for k in ("W8A8", "VQ 2-bit") if k in quantized}}
+    for label, m in torch_models.items():
+        out += _torch_profile(label, m, x)
+    out += ["onnxruntime's profiler, kernel time by operator type (the exported files of the same models; the FP32 "
+            "model with the standard Scan, then every model with the vmq.SelectiveScan custom op):", ""]
+    tmp = Path(tempfile.mkdtemp())
+    runs = [("FP32", "onnx")] + [(label, "vmq") for label in torch_models]
+    for label, scan in runs:
+        path = vmq_fx.export_onnx(torch_models[label], torch.randn(2, 3, 224, 224),
+                                  tmp / f"{label}_{scan}.onnx".replace(" ", ""), scan=scan).path
+        out += _ort_profile(f"{label} ({RUNTIMES[scan]})", path, x, threads, tmp)
     return out
 
 
@@ -292,7 +341,7 @@ def main():
     if args.table:
         print("\n".join(globals()[f"table_{args.table}"](args)))
         return
-    sections = []
+    sections = {}
     for name in args.tables:  # one fresh process per table, one after the other
         cmd = [sys.executable, __file__, "--table", name, "--threads", *map(str, args.threads), "--reps",
                str(args.reps)] + (["--quick"] if args.quick else [])
@@ -301,14 +350,36 @@ def main():
         if res.returncode:
             sys.exit(f"table {name} failed (exit {res.returncode})")
         start = res.stdout.index("## ")  # after whatever libraries printed on import
-        sections += res.stdout[start:].splitlines() + ["", f"({name}: {time.perf_counter() - t0:.0f} s)", ""]
-    header = ["# CPU latency", "",
-              f"Machine: {machine_line()}. Command: `python bench/cpu_latency.py {shlex.join(sys.argv[1:])}`.",
-              "One process per table, run one after the other; medians of 3 interleaved rounds of the runs per "
-              f"variant; ratios within a table. {args.note}", ""]
-    Path(args.out).write_text("\n".join(header + sections) + "\n")
-    print("\n".join(header + sections))
+        sections[name] = res.stdout[start:].splitlines() + ["", f"({name}: {time.perf_counter() - t0:.0f} s)", ""]
+    run_line = (f"Machine: {machine_line()}. Command: `python bench/cpu_latency.py {shlex.join(sys.argv[1:])}`. "
+                f"{args.note}")
+    out = Path(args.out)
+    if set(args.tables) != set(TABLES) and out.exists():  # a partial run replaces its tables in the file
+        header, kept = _read_sections(out.read_text())
+        header = [line for line in header if line] + [f"Tables {', '.join(sections)} re-run: {run_line}", ""]
+        sections = {name: sections.get(name, kept.get(name)) for name in TABLES if name in sections or name in kept}
+    else:
+        header = ["# CPU latency", "", run_line, "", "One process per table, run one after the other; medians of 3 "
+                  "interleaved rounds of the runs per variant; ratios within a table.", ""]
+    text = "\n".join(header + [line for lines in sections.values() for line in lines]) + "\n"
+    out.write_text(text)
+    print(text)
 
+
+def _read_sections(text: str) -> tuple[list[str], dict[str, list[str]]]:
+    """A results file split into its header and its tables (each ends with its ``(name: N s)`` line)."""
+    lines = text.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("## "))
+    sections, current = {}, []
+    for line in lines[first:]:
+        current.append(line)
+        match = re.fullmatch(r"\((\w+): \d+ s\)", line)
+        if match:
+            sections[match.group(1)] = current + [""]
+            current = []
+        elif not line and not current[:-1]:
+            current = []
+    return lines[:first], sections
 
 if __name__ == "__main__":
     main()

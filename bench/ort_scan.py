@@ -7,10 +7,11 @@ three ways in one process, interleaved, medians:
 
 * torch: ``torch.ops.vmq.selective_scan`` (the fused C++ kernel where it is built);
 * ORT Scan: the portable export of ``vmq_fx.export_onnx`` (one standard ``Scan``, a recurrence step per token);
-* ORT PyOp: a custom op in onnxruntime-extensions' ``ai.onnx.contrib`` domain whose Python body calls the fused kernel
-  (the only custom-op route on this registry: a compiled onnxruntime kernel needs onnxruntime's C headers, which no
-  PyPI or Debian bookworm package ships). onnxruntime-extensions hands a Python op's outputs back as Python lists
-  (``tolist``), which costs more than the scan itself.
+* ORT vmq.SelectiveScan: ``export_onnx(..., scan="vmq")``, one node of vmq_fx's compiled onnxruntime custom op
+  (``vmq_fx.export.ort_ops``), which calls the fused kernel on onnxruntime's buffers;
+* ORT PyOp: a custom op in onnxruntime-extensions' ``ai.onnx.contrib`` domain whose Python body calls the fused kernel.
+  onnxruntime-extensions hands a Python op's outputs back as Python lists (``tolist``), which costs more than the scan
+  itself.
 
 Needs ``onnxruntime-extensions`` (``pip install --no-deps onnxruntime-extensions``).
 """
@@ -48,17 +49,21 @@ class Scan(torch.nn.Module):
         return torch.ops.vmq.selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
 
 
-def standard_scan_session(feed, folder: Path, threads: int):
-    import onnxruntime as ort
+def exported_scan_session(feed, folder: Path, threads: int, scan: str):
+    """The op exported by vmq_fx's translation (``scan="onnx"``: a standard ``Scan``; ``"vmq"``: one
+    ``vmq.SelectiveScan``), in a session from :func:`vmq_fx.export.ort_session`."""
+    from vmq_fx.export import ort_session
+    from vmq_fx.export.onnx import CUSTOM_DOMAIN
 
     args = tuple(torch.from_numpy(feed[k]) for k in NAMES)
     ep = torch.export.export(Scan(), args)  # exported per batch size
-    path = folder / "scan_standard.onnx"
-    torch.onnx.export(ep, args, dynamo=True, custom_translation_table=onnx_translation_table(), opset_version=18,
-                      optimize=False, verbose=False).save(str(path))
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    path = folder / f"scan_{scan}.onnx"
+    program = torch.onnx.export(ep, args, dynamo=True, custom_translation_table=onnx_translation_table(scan),
+                                opset_version=18, optimize=False, verbose=False)
+    if scan == "vmq":
+        program.model.opset_imports[CUSTOM_DOMAIN] = 1
+    program.save(str(path))
+    return ort_session(path, threads=threads)
 
 
 @functools.cache  # an op type can be registered with onnxruntime-extensions once per process
@@ -115,19 +120,20 @@ def main() -> None:
             feed = inputs(batch)
             tensors = tuple(torch.from_numpy(feed[k]) for k in NAMES)
             ref = np.asarray(Scan()(*tensors)[0].double())
-            std = standard_scan_session(feed, Path(tmp), args.threads)
-            std_feed = {i.name: feed[k] for i, k in zip(std.get_inputs(), NAMES)}
-            pyop = pyop_session(Path(tmp), args.threads)
-            runs = {"torch (fused kernel)": lambda: Scan()(*tensors), "ORT standard Scan": lambda: std.run(None, std_feed),
-                    "ORT PyOp (onnxruntime-extensions)": lambda: pyop.run(None, feed)}
+            paths = {"ORT standard Scan": exported_scan_session(feed, Path(tmp), args.threads, "onnx"),
+                     "ORT vmq.SelectiveScan (compiled custom op)": exported_scan_session(feed, Path(tmp), args.threads,
+                                                                                         "vmq"),
+                     "ORT PyOp (onnxruntime-extensions)": pyop_session(Path(tmp), args.threads)}
+            feeds = {k: {i.name: feed[name] for i, name in zip(sess.get_inputs(), NAMES)} for k, sess in paths.items()}
+            runs = {"torch (fused kernel)": lambda: Scan()(*tensors),
+                    **{k: (lambda s=sess, f=feeds[k]: s.run(None, f)) for k, sess in paths.items()}}
             errors = {"torch (fused kernel)": 0.0,
-                      "ORT standard Scan": float(np.abs(std.run(None, std_feed)[0] - ref).max()),
-                      "ORT PyOp (onnxruntime-extensions)": float(np.abs(pyop.run(None, feed)[0] - ref).max())}
+                      **{k: float(np.abs(sess.run(None, feeds[k])[0] - ref).max()) for k, sess in paths.items()}}
             medians = interleaved(runs, reps=args.reps)  # load on the machine hits every path alike
             base = medians["torch (fused kernel)"]
             for k, med in medians.items():
                 rows.append(f"| {batch} | {k} | {med * 1e3:.1f} | {med / base:.1f}x | {errors[k]:.1e} |")
-            print("\n".join(rows[-3:]), flush=True)
+            print("\n".join(rows[-len(runs):]), flush=True)
     command = "python bench/ort_scan.py " + shlex.join(sys.argv[1:])
     text = "\n".join([
         "# The selective scan in onnxruntime: fast-path candidates",
@@ -142,11 +148,12 @@ def main() -> None:
         "|---|---|---|---|---|",
         *rows,
         "",
-        "The Python custom op runs the fused kernel, but onnxruntime-extensions hands a Python op's outputs back as "
-        "Python lists, which costs several times the scan itself: it gains little over the portable `Scan` and would "
-        "tie the file to a Python process with vmq_fx and onnxruntime-extensions. A compiled onnxruntime custom op "
-        "would avoid that cost but needs onnxruntime's C headers, which no PyPI or Debian bookworm package ships. "
-        "`export_onnx` keeps the standard `Scan`; on a CPU the fast path is the lowered torch model (fused kernel).",
+        "The compiled custom op (`export_onnx(..., scan=\"vmq\")`, `vmq_fx/export/ort_ops.py`) runs the fused kernel "
+        "on onnxruntime's own buffers: the scan costs in onnxruntime what it costs in torch, plus one copy of each "
+        "output. It ties the file to vmq_fx's library (built against onnxruntime's API headers from Debian's "
+        "`libonnxruntime-dev`, linking torch's C++ libraries), so `export_onnx` keeps the portable standard `Scan` "
+        "as its default. The Python custom op of onnxruntime-extensions runs the same kernel but hands its outputs "
+        "back as Python lists, which costs several times the scan itself.",
         "",
     ])
     Path(args.out).write_text(text)

@@ -242,3 +242,22 @@ def test_grayscale_rgba_and_cmyk_photos_are_converted(photos, tmp_path):
     src.convert("CMYK").save(folder / "cmyk.jpg")
     batch = calibration_batch(ImageFiles.open(folder, create_model("vim_tiny").config.preprocess))
     assert batch.shape == (3, 3, 224, 224) and torch.isfinite(batch).all()
+
+
+def test_export_onnx_with_the_custom_scan(tmp_path, capsys, monkeypatch):
+    from vmq_fx.export import ort_ops
+
+    if ort_ops.headers_dir() is None:  # `make test` fetches them
+        pytest.skip("onnxruntime headers not fetched: python -m vmq_fx.export.ort_ops --fetch-headers")
+    assert main(["export-onnx", "vim-fm-tiny", "-o", str(tmp_path / "m.onnx"), "--onnx-scan", "vmq"]) == 0
+    wrote, rel = capsys.readouterr().out.strip().splitlines()[-2:]
+    assert "SelectiveScan 16" in wrote and "Scan" not in wrote.replace("SelectiveScan", "")
+    assert float(rel.rsplit(" ", 1)[1]) < 1e-4
+    monkeypatch.setenv("VMQ_FX_ORT_INCLUDE", str(tmp_path))  # no headers there: refused before any work
+    ort_ops.custom_ops_library.cache_clear()
+    try:
+        _one_error_line(capsys, main(["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--onnx-scan", "vmq",
+                                      "--out-dir", str(tmp_path / "o")]), "needs onnxruntime's C++ API headers")
+    finally:
+        ort_ops.custom_ops_library.cache_clear()
+    assert not (tmp_path / "o").exists()

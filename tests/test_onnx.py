@@ -197,3 +197,85 @@ def test_same_model_exports_the_same_bytes(tmp_path):
     first = vmq_fx.export_onnx(model, x, tmp_path / "a.onnx").path
     second = vmq_fx.export_onnx(model, x, tmp_path / "b.onnx").path
     assert open(first, "rb").read() == open(second, "rb").read()
+
+
+# -- vmq.SelectiveScan: the fused kernel as an onnxruntime custom op (export_onnx(scan="vmq")) -------------------------
+def _custom_ops_library():
+    from vmq_fx.export.ort_ops import headers_dir
+
+    if headers_dir() is None:  # `make test` fetches them; a bare checkout says how
+        pytest.skip("onnxruntime headers not fetched: python -m vmq_fx.export.ort_ops --fetch-headers")
+
+
+class _Scan(torch.nn.Module):
+    """One vmq::selective_scan; the image-shaped input is u, the rest are buffers."""
+
+    def __init__(self, batch, dim, length, n, groups, optional, softplus, reverse):
+        super().__init__()
+        g = torch.Generator().manual_seed(dim + length + n)
+        bc = (batch, n, length) if groups is None else (batch, groups, n, length)
+        self.register_buffer("delta", 0.5 * torch.randn(batch, dim, length, generator=g))
+        self.register_buffer("A", -(torch.rand(dim, n, generator=g) + 0.2))
+        self.register_buffer("B", torch.randn(*bc, generator=g))
+        self.register_buffer("C", torch.randn(*bc, generator=g))
+        for name, shape in (("D", (dim,)), ("z", (batch, dim, length)), ("delta_bias", (dim,))):
+            self.register_buffer(name, torch.randn(*shape, generator=g) if optional else None)
+        self.softplus, self.reverse = softplus, reverse
+
+    def forward(self, u):
+        y, last = torch.ops.vmq.selective_scan(u, self.delta, self.A, self.B, self.C, self.D, self.z, self.delta_bias,
+                                               self.softplus, self.reverse)
+        return y, last
+
+
+@pytest.mark.parametrize("shape,optional,softplus,reverse", [
+    ((2, 8, 13, 4, None), True, True, False),
+    ((2, 8, 13, 4, None), True, True, True),
+    ((3, 40, 19, 16, 4), True, False, True),  # grouped B, C (VMamba)
+    ((2, 6, 7, 3, None), False, False, False),  # no D, z, delta bias
+    ((1, 32, 11, 1, 4), False, True, True),  # d_state 1
+])
+def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, softplus, reverse, tmp_path,
+                                                            mamba_ssm_ref):
+    _custom_ops_library()
+    batch, dim, length, n, groups = shape
+    m = _Scan(batch, dim, length, n, groups, optional, softplus, reverse)
+    u = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
+    res = vmq_fx.export_onnx(m, u, tmp_path / "scan.onnx", dynamic_batch=False, scan="vmq")
+    assert res.op_counts == {"SelectiveScan": 1}
+    node = onnx.load(res.path).graph.node[0]
+    assert node.domain == "vmq" and sum(bool(i) for i in node.input) == (8 if optional else 5)
+    sess = ort_session(res.path)
+    y, last = (torch.from_numpy(a) for a in sess.run(None, {sess.get_inputs()[0].name: u.numpy()}))
+    flip = (lambda t: t.flip(-1) if t is not None and t.dim() >= 3 else t) if reverse else (lambda t: t)  # noqa: E731
+    ref_y, ref_last = mamba_ssm_ref(flip(u), flip(m.delta), m.A, flip(m.B), flip(m.C), m.D, flip(m.z), m.delta_bias,
+                                    delta_softplus=softplus, return_last_state=True)
+    scale = ref_y.abs().max()
+    torch.testing.assert_close(y, flip(ref_y), atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(last, ref_last, atol=1e-5 * ref_last.abs().max(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", REFERENCES)
+def test_models_with_the_custom_scan_match_torch(name, tmp_path, test_batch):
+    _custom_ops_library()
+    model, gm = _ref(name)
+    res = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx", scan="vmq")
+    scans = sum(n.target is torch.ops.vmq.selective_scan.default for n in gm.graph.nodes)
+    assert res.op_counts["SelectiveScan"] == scans and "Scan" not in res.op_counts
+    out = _run(res.path, test_batch)
+    assert _rel(out, model(test_batch)) < REL_BOUND and torch.equal(out.argmax(-1), model(test_batch).argmax(-1))
+
+
+def test_custom_scan_without_headers_says_how_to_get_them(tmp_path, monkeypatch):
+    from vmq_fx.export import ort_ops
+
+    monkeypatch.setenv("VMQ_FX_ORT_INCLUDE", str(tmp_path))  # an empty folder
+    ort_ops.custom_ops_library.cache_clear()
+    try:
+        with pytest.raises(ort_ops.OrtCustomOpsUnavailable, match="--fetch-headers"):
+            ort_ops.custom_ops_library()
+    finally:
+        ort_ops.custom_ops_library.cache_clear()
+    with pytest.raises(ValueError, match="scan must be one of onnx, vmq"):
+        vmq_fx.export_onnx(create_model("vim_fm_tiny", depth=1).eval(), torch.randn(2, 1, 28, 28),
+                           tmp_path / "x.onnx", scan="fast")

@@ -8,8 +8,9 @@ How the vmq ops become standard ONNX (opset 18):
   ``[batch, groups, channels/group, d_state]``; ``A`` rides along as a loop-invariant state. Dynamic batch. Measured
   alternatives in standard ops were slower in onnxruntime (decays and inputs computed for all steps outside the loop
   with 1, 4, 8 or 16 steps per iteration: 1.2-1.35x slower at Vim-T shapes; ORT's ``com.microsoft.LinearAttention`` with
-  per-key decay computes the same recurrence, 1.1-3x slower), and a custom onnxruntime kernel needs onnxruntime's C
-  headers, which no package on this registry ships: the ``Scan`` is the portable and the fastest path found here.
+  per-key decay computes the same recurrence, 1.1-3x slower): the ``Scan`` is the portable path and the default.
+  ``export_onnx(..., scan="vmq")`` writes one ``vmq.SelectiveScan`` node instead, which onnxruntime runs with vmq_fx's
+  fused kernel (:mod:`vmq_fx.export.ort_ops`, ~10x faster than the ``Scan``; the file then needs that library).
 * ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
   (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op.
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
@@ -44,6 +45,7 @@ from torch import nn
 __all__ = ["OnnxExportError", "OnnxExportResult", "export_onnx", "onnx_translation_table", "ort_session"]
 
 _OPSET = 18
+CUSTOM_DOMAIN = "vmq"  # the domain of vmq.SelectiveScan (export_onnx(scan="vmq"))
 
 
 class OnnxExportError(RuntimeError):
@@ -144,6 +146,14 @@ def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
     return y, op.Reshape(h, _const(op, [0, channels, d_state], np.int64))
 
 
+def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+    """One ``vmq.SelectiveScan`` node (the fused kernel, :mod:`vmq_fx.export.ort_ops`)."""
+    _, _, call_op = _ops()
+    y, last = call_op("SelectiveScan", u, delta, A, B, C, D, z, delta_bias, _num_outputs=2, _domain=CUSTOM_DOMAIN,
+                      softplus=int(delta_softplus), reverse=int(reverse))
+    return y, last
+
+
 def _causal_conv1d(x, weight, bias=None, silu=False, reverse=False):
     """[batch, L, C] -> Pad along L, then K shifted windows times their taps (channels-last, no transposes)."""
     _, op, _ = _ops()
@@ -237,13 +247,22 @@ def _vq_linear(x, codes, codebook, row_scale, bias, in_features):
     return out if bias is None else op.Add(out, bias)
 
 
-def onnx_translation_table() -> dict:
-    """``{torch.ops.vmq.<op>.default: translation}`` for ``torch.onnx.export(custom_translation_table=...)``."""
+_SCAN_TRANSLATIONS = {"onnx": _selective_scan, "vmq": _selective_scan_custom}
+
+
+def onnx_translation_table(scan: str = "onnx") -> dict:
+    """``{torch.ops.vmq.<op>.default: translation}`` for ``torch.onnx.export(custom_translation_table=...)``.
+
+    Args:
+        scan: ``"onnx"`` (the selective scan as a standard ``Scan``) or ``"vmq"`` (one ``vmq.SelectiveScan`` node).
+    """
     import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 
+    if scan not in _SCAN_TRANSLATIONS:
+        raise ValueError(f"scan must be one of {', '.join(_SCAN_TRANSLATIONS)}, got {scan!r}")
     vmq = torch.ops.vmq
     return {
-        vmq.selective_scan.default: _selective_scan,
+        vmq.selective_scan.default: _SCAN_TRANSLATIONS[scan],
         vmq.causal_conv1d.default: _causal_conv1d,
         vmq.int8_linear.default: _int8_linear,
         vmq.vq_linear.default: _vq_linear,
@@ -274,7 +293,7 @@ def _strip_metadata(model) -> None:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, dynamic_batch: bool = True,
-                ) -> OnnxExportResult:
+                scan: str = "onnx") -> OnnxExportResult:
     """Export an FP, ``convert_pt2e`` (Q/DQ) or lowered Visual Mamba model to an ONNX file.
 
     Args:
@@ -283,6 +302,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         example: an example image batch (batch of 2 or more when ``dynamic_batch``).
         path: the ``.onnx`` file to write.
         dynamic_batch: keep the batch dimension dynamic.
+        scan: ``"onnx"``: every selective scan as a standard ``Scan`` (portable: any ONNX runtime); ``"vmq"``: as
+            one ``vmq.SelectiveScan`` node, which onnxruntime runs with vmq_fx's fused kernel
+            (:mod:`vmq_fx.export.ort_ops`; :func:`ort_session` registers it; about as fast as torch).
 
     Returns:
         An :class:`OnnxExportResult` with the path, the export time, the file size and the operator counts.
@@ -303,7 +325,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
 
     if isinstance(model, torch.fx.GraphModule) and int4_weight_names(model):
         model = pack_int4_weights(copy.deepcopy(model))  # 4-bit weights go to the file two per byte
-    table = onnx_translation_table()
+    table = onnx_translation_table(scan)
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     if dynamic_batch and example.shape[0] < 2:
         raise ValueError("export_onnx: trace a dynamic batch with an example batch of at least 2 (got 1)")
@@ -324,6 +346,8 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
             root = root.__cause__
         raise OnnxExportError(f"ONNX export failed: {type(root).__name__}: {str(root).splitlines()[0][:500]}") from e
     _strip_metadata(program.model)
+    if scan == "vmq":
+        program.model.opset_imports[CUSTOM_DOMAIN] = 1
     path = os.fspath(path)
     program.save(path)
     seconds = time.perf_counter() - t0
@@ -333,7 +357,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     return OnnxExportResult(path, seconds, os.path.getsize(path), counts)
 
 
-def ort_session(path: str | os.PathLike, threads: int | None = None):
+def ort_session(path: str | os.PathLike, threads: int | None = None, profile_prefix: str | None = None):
     """An onnxruntime CPU session for a file written by :func:`export_onnx`.
 
     A ``convert_pt2e`` Q/DQ graph (activations through ``QuantizeLinear`` -> ``DequantizeLinear`` -> ``MatMul``) is
@@ -343,7 +367,10 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
 
     Args:
         path: the ``.onnx`` file.
-        threads: intra-op threads (``None``: onnxruntime's default).
+        threads: intra-op threads (``None``: onnxruntime's default). A ``vmq.SelectiveScan`` runs on torch's
+            threads instead (``torch.set_num_threads``).
+        profile_prefix: switch on onnxruntime's profiler; ``session.end_profiling()`` then writes its per-node
+            timings (Chrome trace JSON) to a file named from this prefix.
     """
     import onnx
     import onnxruntime as ort
@@ -351,7 +378,14 @@ def ort_session(path: str | os.PathLike, threads: int | None = None):
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = threads
+    if profile_prefix:
+        opts.enable_profiling = True
+        opts.profile_file_prefix = profile_prefix
     graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    if any(n.domain == CUSTOM_DOMAIN for n in graph.node):
+        from vmq_fx.export.ort_ops import custom_ops_library
+
+        opts.register_custom_ops_library(custom_ops_library())
     produced = {out for n in graph.node for out in n.output}
     activation_qdq = any(n.op_type == "DequantizeLinear" and n.input[0] in produced for n in graph.node)
     if activation_qdq:

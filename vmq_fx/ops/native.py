@@ -35,10 +35,10 @@ __all__ = ["disabled", "enable", "native_kernels"]
 
 log = logging.getLogger(__name__)
 
-_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp", "quant_linear.cpp", "calibration.cpp")
 _HEADERS = ("kernels.h", "vec.h")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
 
 
 def _cpu_signature() -> str:
@@ -51,12 +51,17 @@ def _cpu_signature() -> str:
     return "\n".join(lines)
 
 
-def _build_dir() -> Path:
-    # torch rebuilds when a listed source changes, not a header: the sources' text is part of the directory name.
-    code = "".join((_CSRC / f).read_text() for f in _SOURCES + _HEADERS)
-    key = "\n".join([torch.__version__, sys.version, _cpu_signature(), " ".join(_FLAGS), code])
-    root = Path(os.environ.get("VMQ_FX_CACHE") or Path.home() / ".cache" / "vmq_fx")
-    return root / f"cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+def cache_root() -> Path:
+    """Where builds (and fetched build inputs) are cached: ``$VMQ_FX_CACHE``, default ``~/.cache/vmq_fx``."""
+    return Path(os.environ.get("VMQ_FX_CACHE") or Path.home() / ".cache" / "vmq_fx")
+
+
+def build_dir(prefix: str, files: tuple[str, ...], extra: str = "") -> Path:
+    """A cache directory for a build of ``files`` (paths under ``vmq_fx/csrc``) for this CPU and torch."""
+    # torch rebuilds when a listed source changes, not a header: the files' text is part of the directory name.
+    code = "".join((CSRC / f).read_text() for f in files)
+    key = "\n".join([torch.__version__, sys.version, _cpu_signature(), " ".join(FLAGS), extra, code])
+    return cache_root() / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 @functools.cache
@@ -68,12 +73,12 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load
 
-        build = _build_dir()
+        build = build_dir("cpu", _SOURCES + _HEADERS)
         build.mkdir(parents=True, exist_ok=True)
         if not any(build.glob("vmq_fx_cpu*.so")):
             log.info("vmq_fx: compiling the fused CPU kernels into %s (first use on this machine, about a minute)",
                      build)
-        return load(name="vmq_fx_cpu", sources=[str(_CSRC / s) for s in _SOURCES], extra_cflags=_FLAGS,
+        return load(name="vmq_fx_cpu", sources=[str(CSRC / s) for s in _SOURCES], extra_cflags=FLAGS,
                     extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as e:  # no compiler / ninja, or a build error: fall back, say why once
         reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]

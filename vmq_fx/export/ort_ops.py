@@ -1,0 +1,138 @@
+"""The onnxruntime custom-op library of vmq_fx: ``vmq.SelectiveScan``, the fused CPU selective scan in onnxruntime.
+
+An ONNX file exported with ``export_onnx(..., scan="vmq")`` holds one ``vmq.SelectiveScan`` node per scan instead of
+the portable standard ``Scan``; :func:`vmq_fx.export.ort_session` registers this library for such a file. The kernel
+is the one torch runs (``vmq_fx/csrc/selective_scan.cpp``), so the library links torch's C++ libraries: it runs in a
+process that has torch (a Python process that imported it, or a C++ one with libtorch on the library path), on
+torch's intra-op threads (``torch.set_num_threads``). That is the trade-off against the standard ``Scan``: about as
+fast as torch, but the file needs this library.
+
+Building it needs onnxruntime's C/C++ API headers, which the onnxruntime wheel does not ship. Fetch them once, at
+install time (Debian's ``libonnxruntime-dev`` 1.21 package, checked against its SHA-256; nothing is downloaded at run
+time):
+
+    python -m vmq_fx.export.ort_ops --fetch-headers
+
+or point ``$VMQ_FX_ORT_INCLUDE`` at an ``include/onnxruntime`` folder of onnxruntime >= 1.21 headers. The C API is
+versioned, so headers of 1.21 work with any newer onnxruntime. The library is then compiled on first use (about a
+minute) and cached under ``$VMQ_FX_CACHE``, as the torch kernels are.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import io
+import logging
+import os
+import tarfile
+import urllib.request
+from pathlib import Path
+
+from vmq_fx.ops.native import CSRC, FLAGS, build_dir, cache_root
+
+__all__ = ["OrtCustomOpsUnavailable", "custom_ops_library", "fetch_headers", "headers_dir"]
+
+log = logging.getLogger(__name__)
+
+# Debian trixie's onnxruntime development package: only its headers are used.
+_HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
+                "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
+_HEADERS_NAME = "onnxruntime-1.21.0-include"
+_SOURCES = ("ort/selective_scan_op.cpp", "selective_scan.cpp")
+_DEPENDS = ("kernels.h", "vec.h")
+
+
+class OrtCustomOpsUnavailable(RuntimeError):
+    """The ``vmq.SelectiveScan`` onnxruntime library cannot be built here (the message says why)."""
+
+
+def headers_dir() -> Path | None:
+    """The folder holding ``onnxruntime_cxx_api.h``: ``$VMQ_FX_ORT_INCLUDE``, else what :func:`fetch_headers` put in
+    the cache; ``None`` when there is none."""
+    env = os.environ.get("VMQ_FX_ORT_INCLUDE")
+    candidates = [Path(env)] if env else [cache_root() / _HEADERS_NAME]
+    return next((d for d in candidates if (d / "onnxruntime_cxx_api.h").is_file()), None)
+
+
+def _ar_members(data: bytes):
+    """``(name, bytes)`` of a Unix ``ar`` archive (the container of a ``.deb``)."""
+    if not data.startswith(b"!<arch>\n"):
+        raise ValueError("not an ar archive")
+    pos = 8
+    while pos + 60 <= len(data):
+        header = data[pos:pos + 60]
+        name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
+        yield name, data[pos + 60:pos + 60 + size]
+        pos += 60 + size + (size % 2)
+
+
+def fetch_headers(dest: str | os.PathLike | None = None) -> Path:
+    """Download onnxruntime's API headers (Debian's ``libonnxruntime-dev`` 1.21, SHA-256 checked) into ``dest``
+    (default: the cache folder :func:`headers_dir` looks in). Returns the folder."""
+    url, sha256 = _HEADERS_DEB
+    dest = Path(dest) if dest is not None else cache_root() / _HEADERS_NAME
+    log.info("vmq_fx: downloading %s", url)
+    with urllib.request.urlopen(url, timeout=60) as response:
+        data = response.read()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise OrtCustomOpsUnavailable(f"{url}: unexpected SHA-256; not using it")
+    payload = next((blob for name, blob in _ar_members(data) if name.startswith("data.tar")), None)
+    if payload is None:
+        raise OrtCustomOpsUnavailable(f"{url}: no data.tar member")
+    dest.mkdir(parents=True, exist_ok=True)
+    prefix = "./usr/include/onnxruntime/"
+    with tarfile.open(fileobj=io.BytesIO(payload)) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.startswith(prefix) and member.name.endswith(".h"):
+                target = dest / member.name[len(prefix):]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(tar.extractfile(member).read())
+    return dest
+
+
+@functools.cache
+def custom_ops_library() -> str:
+    """The path of the compiled library (built on first use, then cached), for
+    ``SessionOptions.register_custom_ops_library``.
+
+    Raises:
+        OrtCustomOpsUnavailable: no onnxruntime headers, or the build failed.
+    """
+    include = headers_dir()
+    if include is None:
+        raise OrtCustomOpsUnavailable(
+            "the vmq.SelectiveScan onnxruntime kernel needs onnxruntime's C++ API headers: run `python -m "
+            "vmq_fx.export.ort_ops --fetch-headers` once, or set VMQ_FX_ORT_INCLUDE (or keep the standard Scan: "
+            "scan='onnx', --onnx-scan onnx)")
+    from torch.utils.cpp_extension import load
+
+    build = build_dir("ort", _SOURCES + _DEPENDS, extra=str(include))
+    build.mkdir(parents=True, exist_ok=True)
+    library = build / "vmq_fx_ort.so"
+    if not library.exists():
+        log.info("vmq_fx: compiling the onnxruntime custom op into %s (first use, about a minute)", build)
+    try:
+        load(name="vmq_fx_ort", sources=[str(CSRC / s) for s in _SOURCES], extra_include_paths=[str(include)],
+             extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
+             verbose=False)
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        raise OrtCustomOpsUnavailable(f"the vmq.SelectiveScan onnxruntime kernel could not be built: {reason}") from e
+    return str(library)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m vmq_fx.export.ort_ops",
+                                description="Set up the vmq.SelectiveScan onnxruntime kernel.")
+    p.add_argument("--fetch-headers", action="store_true", help="download onnxruntime's API headers (install time)")
+    p.add_argument("--build", action="store_true", help="compile the library now instead of on first use")
+    args = p.parse_args(argv)
+    if args.fetch_headers and headers_dir() is None:
+        print(f"onnxruntime headers in {fetch_headers()}")
+    if args.build:
+        print(f"built {custom_ops_library()}")
+
+
+if __name__ == "__main__":
+    main()
