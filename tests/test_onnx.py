@@ -242,8 +242,8 @@ def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, so
     m = _Scan(batch, dim, length, n, groups, optional, softplus, reverse)
     u = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
     res = vmq_fx.export_onnx(m, u, tmp_path / "scan.onnx", dynamic_batch=False, scan="vmq")
-    assert res.op_counts == {"SelectiveScan": 1}
-    node = onnx.load(res.path).graph.node[0]
+    assert res.op_counts == {"SelectiveScan": 1, "Transpose": 1}  # y comes out sequence-major
+    node = next(n for n in onnx.load(res.path).graph.node if n.op_type == "SelectiveScan")
     assert node.domain == "vmq" and sum(bool(i) for i in node.input) == (8 if optional else 5)
     sess = ort_session(res.path)
     y, last = (torch.from_numpy(a) for a in sess.run(None, {sess.get_inputs()[0].name: u.numpy()}))

@@ -173,13 +173,14 @@ template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                                      const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                                     bool softplus, bool reverse) {
+                                     bool softplus, bool reverse, at::Tensor out_rows = {}, at::Tensor last = {}) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
   const Shapes s = shapes_of<T>(u, A, B);
-  // [batch, dim, L] stored as [batch, L, dim] (see vmq_fx.ops.selective_scan)
-  auto out = at::empty({s.batch, s.length, s.dim}, u.options()).transpose(1, 2);
-  auto last = at::empty({s.batch, s.dim, s.n_state}, u.options());
+  // [batch, dim, L] stored as [batch, L, dim] (see vmq_fx.ops.selective_scan); out_rows / last: given or allocated
+  if (!out_rows.defined()) out_rows = at::empty({s.batch, s.length, s.dim}, u.options());
+  if (!last.defined()) last = at::empty({s.batch, s.dim, s.n_state}, u.options());
+  auto out = out_rows.transpose(1, 2);
   const Strided3<T> su(u, reverse), sdt(delta, reverse);
   const Strided3<T> sz = z ? Strided3<T>(*z, reverse) : Strided3<T>();
   const T* Ap = A.data_ptr<T>();
@@ -450,6 +451,21 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const
                      ? forward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse)
                      : forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse);
   return {r[0].to(u.scalar_type()), r[1].to(A.scalar_type())};
+}
+
+void selective_scan_cpu_out(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
+                            const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool reverse,
+                            const at::Tensor& out_rows, const at::Tensor& last) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias);
+  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
+  TORCH_CHECK(p.cdt == at::kFloat && out_rows.scalar_type() == at::kFloat && last.scalar_type() == at::kFloat,
+              "selective_scan_cpu_out: float32 only");
+  TORCH_CHECK(out_rows.is_contiguous() && last.is_contiguous() &&
+                  out_rows.sizes() == at::IntArrayRef({u.size(0), u.size(2), u.size(1)}) &&
+                  last.sizes() == at::IntArrayRef({u.size(0), u.size(1), A.size(1)}),
+              "selective_scan_cpu_out: out_rows must be a contiguous [batch, L, dim] and last [batch, dim, N]");
+  forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse, out_rows, last);
 }
 
 std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,

@@ -147,11 +147,13 @@ def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
 
 
 def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """One ``vmq.SelectiveScan`` node (the fused kernel, :mod:`vmq_fx.export.ort_ops`)."""
-    _, _, call_op = _ops()
-    y, last = call_op("SelectiveScan", u, delta, A, B, C, D, z, delta_bias, _num_outputs=2, _domain=CUSTOM_DOMAIN,
-                      softplus=int(delta_softplus), reverse=int(reverse))
-    return y, last
+    """One ``vmq.SelectiveScan`` node (the fused kernel, :mod:`vmq_fx.export.ort_ops`). It writes ``y`` sequence-major
+    (``[batch, L, channels]``, as the kernel stores it); the ``Transpose`` to the op's ``[batch, channels, L]`` cancels
+    against the one before ``out_proj`` in onnxruntime's graph optimization."""
+    _, op, call_op = _ops()
+    y_rows, last = call_op("SelectiveScan", u, delta, A, B, C, D, z, delta_bias, _num_outputs=2,
+                           _domain=CUSTOM_DOMAIN, softplus=int(delta_softplus), reverse=int(reverse))
+    return op.Transpose(y_rows, perm=[0, 2, 1]), last
 
 
 def _causal_conv1d(x, weight, bias=None, silu=False, reverse=False):

@@ -2,9 +2,10 @@
 // onnxruntime's C API, so that an ONNX file exported with export_onnx(..., scan="vmq") runs the same kernel as torch.
 //
 // Inputs: u, delta [batch, dim, L]; A [dim, N]; B, C [batch, N, L] or [batch, groups, N, L]; optional D [dim],
-// z [batch, dim, L], delta_bias [dim]. Attributes: softplus, reverse (0 / 1). Outputs: y [batch, dim, L] and the last
-// state [batch, dim, N], float32. onnxruntime's tensors are wrapped without copies; the kernel runs on torch's
-// intra-op thread pool (torch.set_num_threads applies, not the session's intra_op_num_threads).
+// z [batch, dim, L], delta_bias [dim]. Attributes: softplus, reverse (0 / 1). Outputs: y sequence-major,
+// [batch, L, dim], and the last state [batch, dim, N], float32. onnxruntime's tensors are wrapped without copies and
+// the kernel writes straight into its outputs; it runs on torch's intra-op thread pool (torch.set_num_threads
+// applies, not the session's intra_op_num_threads).
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
@@ -28,10 +29,9 @@ std::optional<at::Tensor> wrap(Ort::KernelContext& ctx, size_t index) {
   return at::from_blob(const_cast<float*>(value.GetTensorData<float>()), shape, at::kFloat);
 }
 
-void write(Ort::KernelContext& ctx, size_t index, const at::Tensor& result) {
-  std::vector<int64_t> shape(result.sizes().begin(), result.sizes().end());
+at::Tensor output(Ort::KernelContext& ctx, size_t index, std::vector<int64_t> shape) {
   Ort::UnownedValue out = ctx.GetOutput(index, shape);
-  at::from_blob(out.GetTensorMutableData<float>(), shape, at::kFloat).copy_(result);
+  return at::from_blob(out.GetTensorMutableData<float>(), shape, at::kFloat);
 }
 
 struct SelectiveScanKernel {
@@ -45,10 +45,11 @@ struct SelectiveScanKernel {
     Ort::KernelContext ctx(context);
     at::Tensor in[kRequiredInputs];
     for (size_t i = 0; i < kRequiredInputs; ++i) in[i] = *wrap(ctx, i);
-    auto [y, last] = vmq_fx::selective_scan_cpu(in[0], in[1], in[2], in[3], in[4], wrap(ctx, 5), wrap(ctx, 6),
-                                                wrap(ctx, 7), softplus_, reverse_);
-    write(ctx, 0, y);
-    write(ctx, 1, last);
+    const int64_t batch = in[0].size(0), dim = in[0].size(1), length = in[0].size(2), n_state = in[2].size(1);
+    // the kernel writes y sequence-major; the graph's Transpose after the node gives [batch, dim, L]
+    vmq_fx::selective_scan_cpu_out(in[0], in[1], in[2], in[3], in[4], wrap(ctx, 5), wrap(ctx, 6), wrap(ctx, 7),
+                                   softplus_, reverse_, output(ctx, 0, {batch, length, dim}),
+                                   output(ctx, 1, {batch, dim, n_state}));
   }
 
   bool softplus_ = false;
