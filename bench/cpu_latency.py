@@ -356,7 +356,9 @@ def main():
     out = Path(args.out)
     if set(args.tables) != set(TABLES) and out.exists():  # a partial run replaces its tables in the file
         header, kept = _read_sections(out.read_text())
-        header = [line for line in header if line] + [f"Tables {', '.join(sections)} re-run: {run_line}", ""]
+        while header and not header[-1]:
+            header.pop()
+        header += ["", f"Tables {', '.join(sections)} re-run: {run_line}", ""]
         sections = {name: sections.get(name, kept.get(name)) for name in TABLES if name in sections or name in kept}
     else:
         header = ["# CPU latency", "", run_line, "", "One process per table, run one after the other; medians of 3 "
