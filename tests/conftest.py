@@ -27,3 +27,13 @@ def implementation(request):
         # The kernels must build here: a silent fallback would make the "fused" runs test the torch path twice.
         assert native.native_kernels() is not None, "the fused CPU kernels did not build (see the log)"
         yield request.param
+
+
+@pytest.fixture
+def ort_custom_ops():
+    """The vmq.SelectiveScan onnxruntime library's headers are fetched (`make test` fetches them; a bare checkout is
+    told how)."""
+    from vmq_fx.export.ort_ops import headers_dir
+
+    if headers_dir() is None:
+        pytest.skip("onnxruntime headers not fetched: python -m vmq_fx.export.ort_ops --fetch-headers")

@@ -244,11 +244,9 @@ def test_grayscale_rgba_and_cmyk_photos_are_converted(photos, tmp_path):
     assert batch.shape == (3, 3, 224, 224) and torch.isfinite(batch).all()
 
 
-def test_export_onnx_with_the_custom_scan(tmp_path, capsys, monkeypatch):
+def test_export_onnx_with_the_custom_scan(tmp_path, capsys, monkeypatch, ort_custom_ops):
     from vmq_fx.export import ort_ops
 
-    if ort_ops.headers_dir() is None:  # `make test` fetches them
-        pytest.skip("onnxruntime headers not fetched: python -m vmq_fx.export.ort_ops --fetch-headers")
     assert main(["export-onnx", "vim-fm-tiny", "-o", str(tmp_path / "m.onnx"), "--onnx-scan", "vmq"]) == 0
     wrote, rel = capsys.readouterr().out.strip().splitlines()[-2:]
     assert "SelectiveScan 16" in wrote and "Scan" not in wrote.replace("SelectiveScan", "")

@@ -200,13 +200,6 @@ def test_same_model_exports_the_same_bytes(tmp_path):
 
 
 # -- vmq.SelectiveScan: the fused kernel as an onnxruntime custom op (export_onnx(scan="vmq")) -------------------------
-def _custom_ops_library():
-    from vmq_fx.export.ort_ops import headers_dir
-
-    if headers_dir() is None:  # `make test` fetches them; a bare checkout says how
-        pytest.skip("onnxruntime headers not fetched: python -m vmq_fx.export.ort_ops --fetch-headers")
-
-
 class _Scan(torch.nn.Module):
     """One vmq::selective_scan; the image-shaped input is u, the rest are buffers."""
 
@@ -236,8 +229,7 @@ class _Scan(torch.nn.Module):
     ((1, 32, 11, 1, 4), False, True, True),  # d_state 1
 ])
 def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, softplus, reverse, tmp_path,
-                                                            mamba_ssm_ref):
-    _custom_ops_library()
+                                                            mamba_ssm_ref, ort_custom_ops):
     batch, dim, length, n, groups = shape
     m = _Scan(batch, dim, length, n, groups, optional, softplus, reverse)
     u = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
@@ -256,8 +248,7 @@ def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, so
 
 
 @pytest.mark.parametrize("name", REFERENCES)
-def test_models_with_the_custom_scan_match_torch(name, tmp_path, test_batch):
-    _custom_ops_library()
+def test_models_with_the_custom_scan_match_torch(name, tmp_path, test_batch, ort_custom_ops):
     model, gm = _ref(name)
     res = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx", scan="vmq")
     scans = sum(n.target is torch.ops.vmq.selective_scan.default for n in gm.graph.nodes)
