@@ -46,7 +46,7 @@ struct SelectiveScanKernel {
     at::Tensor in[kRequiredInputs];
     for (size_t i = 0; i < kRequiredInputs; ++i) in[i] = *wrap(ctx, i);
     const int64_t batch = in[0].size(0), dim = in[0].size(1), length = in[0].size(2), n_state = in[2].size(1);
-    // the kernel writes y sequence-major; the graph's Transpose after the node gives [batch, dim, L]
+    // the kernel writes y sequence-major; a Transpose after the node in the graph gives [batch, dim, L]
     vmq_fx::selective_scan_cpu_out(in[0], in[1], in[2], in[3], in[4], wrap(ctx, 5), wrap(ctx, 6), wrap(ctx, 7),
                                    softplus_, reverse_, output(ctx, 0, {batch, length, dim}),
                                    output(ctx, 1, {batch, dim, n_state}));
