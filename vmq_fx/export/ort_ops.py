@@ -73,8 +73,12 @@ def fetch_headers(dest: str | os.PathLike | None = None) -> Path:
     url, sha256 = _HEADERS_DEB
     dest = Path(dest) if dest is not None else cache_root() / _HEADERS_NAME
     log.info("vmq_fx: downloading %s", url)
-    with urllib.request.urlopen(url, timeout=60) as response:
-        data = response.read()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            data = response.read()
+    except OSError as e:  # no network, or the package left Debian's pool
+        raise OrtCustomOpsUnavailable(f"could not download {url} ({e}); point VMQ_FX_ORT_INCLUDE at the "
+                                      "include/onnxruntime folder of onnxruntime >= 1.21 headers instead") from e
     if hashlib.sha256(data).hexdigest() != sha256:
         raise OrtCustomOpsUnavailable(f"{url}: unexpected SHA-256; not using it")
     payload = next((blob for name, blob in _ar_members(data) if name.startswith("data.tar")), None)
@@ -128,10 +132,13 @@ def main(argv=None) -> None:
     p.add_argument("--fetch-headers", action="store_true", help="download onnxruntime's API headers (install time)")
     p.add_argument("--build", action="store_true", help="compile the library now instead of on first use")
     args = p.parse_args(argv)
-    if args.fetch_headers and headers_dir() is None:
-        print(f"onnxruntime headers in {fetch_headers()}")
-    if args.build:
-        print(f"built {custom_ops_library()}")
+    try:
+        if args.fetch_headers and headers_dir() is None:
+            print(f"onnxruntime headers in {fetch_headers()}")
+        if args.build:
+            print(f"built {custom_ops_library()}")
+    except OrtCustomOpsUnavailable as e:
+        raise SystemExit(f"vmq_fx.export.ort_ops: error: {e}") from None
 
 
 if __name__ == "__main__":
