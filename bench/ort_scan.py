@@ -149,8 +149,9 @@ def main() -> None:
         *rows,
         "",
         "The compiled custom op (`export_onnx(..., scan=\"vmq\")`, `vmq_fx/export/ort_ops.py`) runs the fused kernel "
-        "on onnxruntime's own buffers: the scan costs in onnxruntime what it costs in torch, plus one copy of each "
-        "output. It ties the file to vmq_fx's library (built against onnxruntime's API headers from Debian's "
+        "on onnxruntime's own buffers: the scan costs in onnxruntime what it costs in torch, plus a `Transpose` of y "
+        "back to [batch, channels, L]. It ties the file to vmq_fx's library (built against onnxruntime's API headers "
+        "from Debian's "
         "`libonnxruntime-dev`, linking torch's C++ libraries), so `export_onnx` keeps the portable standard `Scan` "
         "as its default. The Python custom op of onnxruntime-extensions runs the same kernel but hands its outputs "
         "back as Python lists, which costs several times the scan itself.",
