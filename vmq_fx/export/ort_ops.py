@@ -29,7 +29,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from vmq_fx.ops.native import CSRC, FLAGS, build_dir, cache_root
+from vmq_fx.ops.native import BuildError, build_extension, cache_root
 
 __all__ = ["OrtCustomOpsUnavailable", "custom_ops_library", "fetch_headers", "headers_dir"]
 
@@ -109,21 +109,11 @@ def custom_ops_library() -> str:
             "the vmq.SelectiveScan onnxruntime kernel needs onnxruntime's C++ API headers: run `python -m "
             "vmq_fx.export.ort_ops --fetch-headers` once, or set VMQ_FX_ORT_INCLUDE (or keep the standard Scan: "
             "scan='onnx', --onnx-scan onnx)")
-    from torch.utils.cpp_extension import load
-
-    build = build_dir("ort", _SOURCES + _DEPENDS, extra=str(include))
-    build.mkdir(parents=True, exist_ok=True)
-    library = build / "vmq_fx_ort.so"
-    if not library.exists():
-        log.info("vmq_fx: compiling the onnxruntime custom op into %s (first use, about a minute)", build)
     try:
-        load(name="vmq_fx_ort", sources=[str(CSRC / s) for s in _SOURCES], extra_include_paths=[str(include)],
-             extra_cflags=FLAGS, extra_ldflags=["-fopenmp"], build_directory=str(build), is_python_module=False,
-             verbose=False)
-    except Exception as e:
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
-        raise OrtCustomOpsUnavailable(f"the vmq.SelectiveScan onnxruntime kernel could not be built: {reason}") from e
-    return str(library)
+        return build_extension("vmq_fx_ort", _SOURCES, _DEPENDS, "the onnxruntime custom op",
+                               include_dirs=(str(include),), python_module=False)
+    except BuildError as e:
+        raise OrtCustomOpsUnavailable(f"the vmq.SelectiveScan onnxruntime kernel could not be built: {e}") from e
 
 
 def main(argv=None) -> None:

@@ -35,10 +35,10 @@ __all__ = ["disabled", "enable", "native_kernels"]
 
 log = logging.getLogger(__name__)
 
-CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp", "quant_linear.cpp", "calibration.cpp")
 _HEADERS = ("kernels.h", "vec.h")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
 
 
 def _cpu_signature() -> str:
@@ -56,12 +56,41 @@ def cache_root() -> Path:
     return Path(os.environ.get("VMQ_FX_CACHE") or Path.home() / ".cache" / "vmq_fx")
 
 
-def build_dir(prefix: str, files: tuple[str, ...], extra: str = "") -> Path:
-    """A cache directory for a build of ``files`` (paths under ``vmq_fx/csrc``) for this CPU and torch."""
+def _build_dir(prefix: str, files: tuple[str, ...], extra: str) -> Path:
     # torch rebuilds when a listed source changes, not a header: the files' text is part of the directory name.
-    code = "".join((CSRC / f).read_text() for f in files)
-    key = "\n".join([torch.__version__, sys.version, _cpu_signature(), " ".join(FLAGS), extra, code])
+    code = "".join((_CSRC / f).read_text() for f in files)
+    key = "\n".join([torch.__version__, sys.version, _cpu_signature(), " ".join(_FLAGS), extra, code])
     return cache_root() / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+class BuildError(RuntimeError):
+    """A C++ build under ``vmq_fx/csrc`` failed; the message is the compiler's last line."""
+
+
+def build_extension(name: str, sources: tuple[str, ...], headers: tuple[str, ...], what: str,
+                    include_dirs: tuple[str, ...] = (), python_module: bool = True):
+    """Compile ``sources`` (paths under ``vmq_fx/csrc``) with torch's extension tooling for this CPU, or load them
+    from the cache (a directory per content of ``sources + headers``, CPU, torch and ``include_dirs``).
+
+    Returns:
+        The Python module, or with ``python_module=False`` the path of the shared library.
+
+    Raises:
+        BuildError: no compiler / ninja, or a compile error (one line: the build's last).
+    """
+    from torch.utils.cpp_extension import load
+
+    build = _build_dir(name, sources + headers, " ".join(include_dirs))
+    build.mkdir(parents=True, exist_ok=True)
+    if not any(build.glob(f"{name}*.so")):
+        log.info("vmq_fx: compiling %s into %s (first use on this machine, about a minute)", what, build)
+    try:
+        module = load(name=name, sources=[str(_CSRC / s) for s in sources], extra_cflags=_FLAGS,
+                      extra_ldflags=["-fopenmp"], extra_include_paths=list(include_dirs), build_directory=str(build),
+                      is_python_module=python_module, verbose=False)
+    except Exception as e:
+        raise BuildError((str(e).strip().splitlines() or [type(e).__name__])[-1][:300]) from e
+    return module if python_module else str(build / f"{name}.so")
 
 
 @functools.cache
@@ -71,19 +100,10 @@ def _build() -> ModuleType | None:
         log.warning("vmq_fx: VMQ_FX_NATIVE=0: using the pure-torch CPU implementations (slower)")
         return None
     try:
-        from torch.utils.cpp_extension import load
-
-        build = build_dir("cpu", _SOURCES + _HEADERS)
-        build.mkdir(parents=True, exist_ok=True)
-        if not any(build.glob("vmq_fx_cpu*.so")):
-            log.info("vmq_fx: compiling the fused CPU kernels into %s (first use on this machine, about a minute)",
-                     build)
-        return load(name="vmq_fx_cpu", sources=[str(CSRC / s) for s in _SOURCES], extra_cflags=FLAGS,
-                    extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except Exception as e:  # no compiler / ninja, or a build error: fall back, say why once
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        return build_extension("vmq_fx_cpu", _SOURCES, _HEADERS, "the fused CPU kernels")
+    except BuildError as e:  # fall back, say why once
         log.warning("vmq_fx: the fused CPU kernels could not be built (%s); using the pure-torch implementations "
-                    "(slower). Set VMQ_DEBUG=1 and see torch.utils.cpp_extension's output for details.", reason)
+                    "(slower). Set VMQ_DEBUG=1 and see torch.utils.cpp_extension's output for details.", e)
         return None
 
 
