@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.vmq-installed
 FM_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data run test bench clean
+.PHONY: venv data cross run test bench clean
 
 venv: $(STAMP)
 
@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install torch==2.13.0
 	$(PIP) install numpy triton==3.7.1 einops pyyaml safetensors tqdm huggingface_hub transformers \
-	    ninja packaging pillow torchao==0.18.0 onnx onnxscript onnxruntime matplotlib pytest
+	    ninja packaging pillow torchao==0.18.0 onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0 \
+	    matplotlib pytest
 	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
 	    $(PIP) install --no-build-isolation --no-deps mamba-ssm==2.3.2.post1
 	$(PIP) install --no-deps timm==1.0.31
@@ -36,13 +37,20 @@ data:
 	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) ; } || \
 	  echo "note: Fashion-MNIST not installed; run 'sudo apt-get install dataset-fashion-mnist'"
 
+# Debian's aarch64 cross compiler: the tests compile the CPU kernels for ARM64 with it (install when we can).
+cross:
+	@command -v aarch64-linux-gnu-g++ >/dev/null || \
+	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	    (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null) ; } || \
+	  echo "note: no aarch64 cross compiler; run 'sudo apt-get install g++-aarch64-linux-gnu'"
+
 # The main job: PTQ4VM W8A8 and ViM-VQ 2-bit on the shipped vim-fm-tiny (a shortened optimization schedule keeps
 # it under 10 minutes on a 2-core CPU), saved, exported to ONNX, checked in onnxruntime, with a report.
 run: venv data
 	$(VENV)/bin/vmq quantize vim-fm-tiny --recipe ptq4vm-w8a8 vimvq-2bit --steps 50 --batch-size 64 \
 	    --out-dir out/vim-fm-tiny
 
-test: venv data
+test: venv data cross
 	$(PY) -m pytest -q
 
 bench: venv

@@ -1,9 +1,11 @@
 """Helpers shared by the benchmarks (not part of the package)."""
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -33,9 +35,48 @@ def interleaved(variants: dict, reps: int, rounds: int = 3) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# What makes this machine run like a CPU without AVX-512 / VNNI: the vmq_fx kernels, ATen's, oneDNN's (torch._int_mm,
+# convolutions) and MKL's (the fp32 GEMM) all capped at AVX2 (bench scripts' --emulate-avx2; onnxruntime has no such
+# switch and keeps its own choice).
+AVX2_CAPS = {"VMQ_FX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+_CAP_VARIABLES = (*AVX2_CAPS, "VMQ_FX_INT8_GEMM")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_class() -> str:
+    """The CPU class the numbers belong to, e.g. ``AVX-512 VNNI`` or ``AVX2 (emulated: ...)``, plus the CPU model."""
+    from vmq_fx.ops import native
+
+    flags = native._cpu_flags()
+    if "asimd" in flags:
+        isa = "NEON" + (" + dot product" if "asimddp" in flags else "")
+    else:
+        isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
+        isa += " VNNI" if {"avx512_vnni", "avx_vnni"} & flags else ""
+        isa += " AMX" if "amx_int8" in flags else ""
+    if all(os.environ.get(k) == v for k, v in AVX2_CAPS.items()):
+        isa = f"AVX2 (emulated on {isa}: kernels, ATen, oneDNN and MKL capped at AVX2; onnxruntime not capped)"
+    return f"{isa} · {_cpu_model()}"
+
+
 def machine_line() -> str:
-    return (f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
-            f"python {platform.python_version()}")
+    from vmq_fx.ops import native
+
+    caps = [f"{k}={os.environ[k]}" for k in _CAP_VARIABLES if k in os.environ]
+    kernels = native.native_kernels()
+    build = f"vmq_fx kernels {kernels.isa}, int8 GEMM {kernels.int8_gemm()}" if kernels else "vmq_fx kernels off"
+    return (f"{cpu_class()}; {build}" + (f" ({', '.join(caps)})" if caps else "")
+            + f"; {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}")
 
 
 def mamba_ssm_ref():

@@ -1,6 +1,12 @@
 """CPU latency: the fused kernels against the pure-torch path, quantized models against FP32, torch and onnxruntime.
 
     python bench/cpu_latency.py [--threads 1 2] [--reps 7] [--out bench/results/cpu_latency.md] [--quick]
+                                [--emulate-avx2]
+
+The results file keeps one section per CPU class measured (its ISA and model, ``_util.cpu_class``); a run replaces
+the tables it ran in its own class's section and keeps the others. ``--emulate-avx2`` caps the vmq_fx kernels, ATen,
+oneDNN and MKL at AVX2 (``_util.AVX2_CAPS``), so that an AVX-512 machine measures what an AVX2-only CPU runs (the
+onnxruntime rows are not capped: onnxruntime has no such switch).
 
 One process per table (the command starts them one after the other, never two at once); inside a table every
 number is a median of ``--reps`` runs after warm-up, variants interleaved round by round so that a slow minute of this
@@ -29,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import os
 import re
 import shlex
 import subprocess
@@ -38,7 +45,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import interleaved, machine_line, mamba_ssm_ref  # noqa: E402
+from _util import AVX2_CAPS, cpu_class, interleaved, machine_line, mamba_ssm_ref  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -334,6 +341,7 @@ def main():
     p.add_argument("--reps", type=int, default=5, help="timed runs per variant and round (3 rounds)")
     p.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     p.add_argument("--quick", action="store_true", help="vim-fm-tiny only (a smoke run)")
+    p.add_argument("--emulate-avx2", action="store_true", help="cap every library at AVX2 (see the docstring)")
     p.add_argument("--note", default="", help="what else ran on the machine, for the header")
     p.add_argument("--out", default="bench/results/cpu_latency.md")
     p.add_argument("--table", help=argparse.SUPPRESS)  # internal: run one table in this process
@@ -341,6 +349,8 @@ def main():
     if args.table:
         print("\n".join(globals()[f"table_{args.table}"](args)))
         return
+    if args.emulate_avx2:
+        os.environ.update(AVX2_CAPS)  # before any table process starts (MKL and oneDNN read them once)
     sections = {}
     for name in args.tables:  # one fresh process per table, one after the other
         cmd = [sys.executable, __file__, "--table", name, "--threads", *map(str, args.threads), "--reps",
@@ -350,38 +360,56 @@ def main():
         if res.returncode:
             sys.exit(f"table {name} failed (exit {res.returncode})")
         start = res.stdout.index("## ")  # after whatever libraries printed on import
-        sections[name] = res.stdout[start:].splitlines() + ["", f"({name}: {time.perf_counter() - t0:.0f} s)", ""]
+        sections[name] = ["#" + line if line.startswith("## ") else line for line in res.stdout[start:].splitlines()]
+        sections[name] += ["", f"({name}: {time.perf_counter() - t0:.0f} s)", ""]
     run_line = (f"Machine: {machine_line()}. Command: `python bench/cpu_latency.py {shlex.join(sys.argv[1:])}`. "
-                f"{args.note}")
+                f"{args.note}").rstrip()
+    label = cpu_class()
     out = Path(args.out)
-    if set(args.tables) != set(TABLES) and out.exists():  # a partial run replaces its tables in the file
-        header, kept = _read_sections(out.read_text())
-        while header and not header[-1]:
-            header.pop()
-        header += ["", f"Tables {', '.join(sections)} re-run: {run_line}", ""]
+    header, classes = _read_classes(out.read_text()) if out.exists() else (list(_HEADER), {})
+    kept_header, kept = classes.get(label, ([], {}))
+    if set(args.tables) != set(TABLES) and kept:  # a partial run replaces its tables in its class's section
+        while kept_header and not kept_header[-1]:
+            kept_header.pop()
+        class_header = kept_header + ["", f"Tables {', '.join(sections)} re-run: {run_line}", ""]
         sections = {name: sections.get(name, kept.get(name)) for name in TABLES if name in sections or name in kept}
     else:
-        header = ["# CPU latency", "", run_line, "", "One process per table, run one after the other; medians of 3 "
-                  "interleaved rounds of the runs per variant; ratios within a table.", ""]
-    text = "\n".join(header + [line for lines in sections.values() for line in lines]) + "\n"
+        class_header = [f"## {label}", "", run_line, ""]
+    classes[label] = (class_header, sections)
+    lines = list(header)
+    for class_header, tables in classes.values():
+        lines += class_header + [line for table in tables.values() for line in table]
+    text = "\n".join(lines) + "\n"
     out.write_text(text)
     print(text)
 
 
-def _read_sections(text: str) -> tuple[list[str], dict[str, list[str]]]:
-    """A results file split into its header and its tables (each ends with its ``(name: N s)`` line)."""
+_HEADER = ["# CPU latency", "", "One section per CPU class measured (its ISA and model); in each, one process per table, "
+           "run one after the other; medians of 3 interleaved rounds of the runs per variant; ratios within a table.",
+           ""]
+
+
+def _read_classes(text: str) -> tuple[list[str], dict[str, tuple[list[str], dict[str, list[str]]]]]:
+    """A results file split into its header and, per CPU class (``## `` headings), that section's header and its
+    tables (``### `` headings; each ends with its ``(name: N s)`` line)."""
     lines = text.splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("## "))
-    sections, current = {}, []
-    for line in lines[first:]:
-        current.append(line)
-        match = re.fullmatch(r"\((\w+): \d+ s\)", line)
-        if match:
-            sections[match.group(1)] = current + [""]
-            current = []
-        elif not line and not current[:-1]:
-            current = []
-    return lines[:first], sections
+    starts = [i for i, line in enumerate(lines) if line.startswith("## ")]
+    classes = {}
+    for i, start in enumerate(starts):
+        block = lines[start:starts[i + 1] if i + 1 < len(starts) else len(lines)]
+        first = next((j for j, line in enumerate(block) if line.startswith("### ")), len(block))
+        tables, current = {}, []
+        for line in block[first:]:
+            current.append(line)
+            match = re.fullmatch(r"\((\w+): \d+ s\)", line)
+            if match:
+                tables[match.group(1)] = current + [""]
+                current = []
+            elif not line and not current[:-1]:
+                current = []
+        classes[block[0][3:]] = (block[:first], tables)
+    return lines[:starts[0]] if starts else list(_HEADER), classes
+
 
 if __name__ == "__main__":
     main()

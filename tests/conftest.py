@@ -15,9 +15,16 @@ def mamba_ssm_ref():
     return selective_scan_ref
 
 
-@pytest.fixture(params=["fused", "torch"])
+def _executable_isas():
+    from vmq_fx.ops import native
+
+    return native.executable_isas()
+
+
+@pytest.fixture(params=["torch", *_executable_isas()])
 def implementation(request):
-    """Run a test on the fused C++ CPU kernels and again on the pure-torch fallback."""
+    """Run a test on the pure-torch implementation and on the C++ kernels of every CPU class this machine can execute
+    (an AVX-512 machine runs the avx512, avx2 and generic builds; an AVX2 one avx2 and generic)."""
     from vmq_fx.ops import native
 
     if request.param == "torch":
@@ -26,6 +33,19 @@ def implementation(request):
     else:
         # The kernels must build here: a silent fallback would make the "fused" runs test the torch path twice.
         assert native.native_kernels() is not None, "the fused CPU kernels did not build (see the log)"
+        with native.use_isa(request.param) as kernels:
+            assert kernels.isa == request.param and native.native_kernels() is kernels
+            yield request.param
+
+
+@pytest.fixture(params=["int_mm", "float"])
+def int8_gemm(request):
+    """Run a test with vmq::int8_linear's C++ kernel on each of its integer-product paths (torch._int_mm, and the
+    fp32 GEMM on the levels that CPUs without VNNI take)."""
+    from vmq_fx.ops import native
+
+    with native.use_isa(native.selected_isa(), int8_gemm=request.param) as kernels:
+        assert kernels.int8_gemm() == request.param
         yield request.param
 
 

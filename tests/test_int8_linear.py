@@ -51,12 +51,53 @@ def test_ties_round_to_even(implementation):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-9)
 
 
-def test_int8_linear_uses_an_integer_matmul(implementation):
-    op_args, _ = int8_case(2, 17, 96, 40, w_bits=8)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 4, True)])
+def test_both_integer_product_paths_match_float64(shape, w_bits, a_bits, packed, int8_gemm):
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed)
+    ref = int8_linear_reference(*ref_args)
+    torch.testing.assert_close(int8_linear(*op_args).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+def _names(fn):
     with torch.profiler.profile() as prof:
-        int8_linear(*op_args)
-    names = {e.key for e in prof.key_averages()}
-    assert "aten::_int_mm" in names
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
+    op_args, _ = int8_case(2, 17, 96, 40, w_bits=8)
+    names = _names(lambda: int8_linear(*op_args))
+    if int8_gemm == "int_mm":
+        assert "aten::_int_mm" in names
+    else:  # the fp32 GEMM on the levels, never torch._int_mm (slow without VNNI)
+        assert "aten::mm" in names and "aten::_int_mm" not in names
+    with native.disabled():
+        assert "aten::_int_mm" in _names(lambda: int8_linear(*op_args))
+
+
+@pytest.mark.parametrize("k", [1024, 4096])
+def test_float_product_is_bit_identical_to_int_mm_while_sums_fit_float32(k):
+    """The largest products there are (level 0 shifted to -128, times weights of -128): every partial sum is an integer
+    of at most 2^24 at K = 1024, so the fp32 GEMM is exact and both paths give the same bits. At K = 4096 the sums
+    reach 2^26 and the float path rounds (by at most ~2^-24 relative, as an fp32 model does)."""
+    g = torch.Generator().manual_seed(k)
+    x = -torch.rand(2, 17, k, generator=g) - 1  # below the zero point: level 0 everywhere
+    w = torch.full((24, k), -128, dtype=torch.int8)
+    w[:, torch.randperm(k, generator=g)[: k // 8]] = 127  # not one constant: the sums differ per row
+    w[::2] = -w[::2].clamp(min=-127)
+    w_sum = w.int().sum(1, dtype=torch.int32)
+    args = (x, None, torch.full((17,), 0.25), torch.full((17,), 128, dtype=torch.int32), w, torch.rand(24) + 0.5,
+            w_sum, None, 0, 255, 8)
+    kernels = native.selected_isa()
+    with native.use_isa(kernels, int8_gemm="int_mm"):
+        exact = int8_linear(*args)
+    with native.use_isa(kernels, int8_gemm="float"):
+        floated = int8_linear(*args)
+    if k <= 1024:
+        assert torch.equal(floated, exact)
+    else:
+        torch.testing.assert_close(floated, exact, rtol=2 ** -22, atol=0)
 
 
 @pytest.mark.parametrize("k", [8, 7, 1])

@@ -1,4 +1,10 @@
-"""The C++ CPU kernels are what the dispatcher runs for the vmq ops, and can be switched off."""
+"""The C++ CPU kernels are what the dispatcher runs for the vmq ops, can be switched off, and are built per CPU class."""
+import os
+import shutil
+import subprocess
+import sysconfig
+
+import pytest
 import torch
 
 from vmq_fx.ops import native
@@ -21,3 +27,62 @@ def test_cpu_kernels_are_registered_in_the_dispatcher_and_can_be_disabled():
         assert native.native_kernels() is None
         assert all(_cpu_kernel_source(op) is None for op in OPS)
     assert all("module.cpp" in (_cpu_kernel_source(op) or "") for op in OPS)
+
+
+def test_the_isa_in_use_is_the_best_this_cpu_runs_unless_one_is_asked_for():
+    isas = native.executable_isas()
+    assert isas[-1] in ("generic", "neon")
+    assert native.native_kernels().isa == native.selected_isa()
+    if not os.environ.get("VMQ_FX_CPU_ISA"):
+        assert native.selected_isa() == isas[0]
+
+
+def test_an_isa_the_cpu_cannot_run_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("VMQ_FX_CPU_ISA", "sve512")
+    with pytest.raises(ValueError, match="VMQ_FX_CPU_ISA='sve512': this CPU runs .*the builds are"):
+        native.selected_isa()
+    monkeypatch.setenv("VMQ_FX_CPU_ISA", native.executable_isas()[-1])
+    assert native.selected_isa() == native.executable_isas()[-1]
+    with pytest.raises(ValueError, match="this CPU runs"):
+        with native.use_isa("sve512"):
+            pass
+
+
+def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
+    """torch._int_mm only where int8 dot-product instructions exist (it is 32x slower than fp32 without them)."""
+    for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "int_mm"), ({"avx2", "fma"}, "avx2", "float"),
+                             ({"avx512f", "avx512_vnni"}, "avx2", "float"), ({"avx2", "avx_vnni"}, "avx2", "int_mm"),
+                             ({"avx2", "amx_int8"}, "avx2", "int_mm"), (set(), "generic", "float")]:
+        monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        path, why = native.int8_gemm_path(isa)
+        assert path == want, (flags, isa, why)
+    monkeypatch.setenv("VMQ_FX_INT8_GEMM", "int_mm")
+    assert native.int8_gemm_path("generic") == ("int_mm", "set by VMQ_FX_INT8_GEMM")
+    monkeypatch.setenv("VMQ_FX_INT8_GEMM", "fast")
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm or float"):
+        native.int8_gemm_path()
+
+
+def _arm64_compiler():
+    cxx = shutil.which("aarch64-linux-gnu-g++")
+    if cxx is None:
+        msg = "no aarch64 cross compiler: apt-get install g++-aarch64-linux-gnu (make test installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return cxx
+
+
+@pytest.mark.parametrize("source", native._SOURCES)
+def test_kernel_sources_compile_for_arm64(source, tmp_path):
+    """The CPU kernels build for ARM64 (NEON: 16-byte vectors in csrc/vec.h): compiled here with Debian's cross
+    compiler against torch's headers (no ARM64 libtorch to link or run against on this machine)."""
+    from torch.utils.cpp_extension import include_paths
+
+    cmd = [_arm64_compiler(), "-std=c++20", "-O1", "-c", "-fopenmp", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=vmq_arm64",
+           *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}",
+           str(native._CSRC / source), "-o", str(tmp_path / "k.o")]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    header = (tmp_path / "k.o").read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # e_machine: EM_AARCH64

@@ -106,15 +106,19 @@ def test_low_precision_inputs_match_ref(dtype, mamba_ssm_ref):
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2 * ref.float().abs().max().item(), rtol=1e-2)
 
 
-def test_chunked_path_is_exact(monkeypatch):
+def test_chunked_path_matches_the_whole_scan(monkeypatch):
     args = make_inputs(length=37)
     with native.disabled():  # the chunking is the pure-torch implementation's
         whole = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
         monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 8 * 4)  # one image per batch slice
         monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 8 * 4 * 5)  # 5 steps per chunk, last chunk partial
         chunked = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
-    torch.testing.assert_close(chunked[0], whole[0], atol=0, rtol=0)
-    torch.testing.assert_close(chunked[1], whole[1], atol=0, rtol=0)
+    # Not bit-equal: the chunks' einsums sum in another order than the whole one's (BLAS picks its blocking per CPU
+    # and shape). Float32 rounding over the L = 37 steps bounds the gap by about L * eps ~ 4e-6 relative; a state
+    # lost or doubled at a chunk seam changes outputs by O(1).
+    bound = 37 * torch.finfo(torch.float32).eps
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=bound, atol=bound * want.abs().max().item())
 
 
 def _loss(out, last):

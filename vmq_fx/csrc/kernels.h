@@ -46,6 +46,10 @@ at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook
 at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                          const at::Tensor& row_scale, const std::optional<at::Tensor>& bias, int64_t in_features);
 
+// How int8_linear multiplies: "int_mm" (at::_int_mm) or "float" (fp32 GEMM on the levels); see quant_linear.cpp.
+void set_int8_gemm(const std::string& path);
+std::string int8_gemm();
+
 // The activation levels of int8_linear (levels - shift, as int8), for tests.
 at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::Tensor>& smooth,
                                   const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin,

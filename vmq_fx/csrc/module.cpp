@@ -7,6 +7,7 @@
 #include <memory>
 
 #include "kernels.h"
+#include "vec.h"
 
 namespace {
 
@@ -46,4 +47,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("token_stats", &vmq_fx::token_stats);
   m.def("histogram_add", &vmq_fx::histogram_add);
   m.def("search_ranges", &vmq_fx::search_ranges);
+  m.def("set_int8_gemm", &vmq_fx::set_int8_gemm);
+  m.def("int8_gemm", &vmq_fx::int8_gemm);
+  m.attr("isa") = VMQ_ISA_NAME;
 }

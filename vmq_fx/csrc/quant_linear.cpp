@@ -1,23 +1,35 @@
 // CPU paths of vmq::int8_linear and vmq::vq_linear.
 //
 // int8_linear: one pass quantizes the activation per token (x / smooth * (1 / scale), round half to even, + zero
-// point, clamp, - shift into int8), at::_int_mm multiplies with int32 accumulation (oneDNN / VNNI) into the output's
-// memory, and one pass rescales in place: (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n].
-// The column sums come from the lowering (they depend on the weight only). The levels and the float operations are
-// those of the pure-torch path, in the same order, so both give bit-identical results.
+// point, clamp, - shift into int8), the integer product goes into the output's memory, and one pass rescales in place:
+// (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n]. The column sums come from the lowering (they
+// depend on the weight only). The levels and the float operations are those of the pure-torch path, in the same order.
+//
+// The integer product has two paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+//   int_mm: at::_int_mm (oneDNN) with int32 accumulation, exact: fast only where the CPU has int8 dot-product
+//           instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM.
+//   float:  the same levels widened to float32 times the weight's levels as float32 (widened once per weight tensor
+//           and cached while that tensor lives), in the fp32 GEMM. Exact while every partial sum stays below 2^24 in
+//           magnitude: |level - shift| <= 128 and |w| <= 128 bound K * 2^14, so always for K <= 1024; beyond, a
+//           rounding of the accumulator by at most 2^-24 relative (the fp32 model's own rounding). The rescale is the
+//           same pass, so both paths give bit-identical outputs whenever the float sums are exact.
 //
 // vq_linear: the codes are decoded (bit-packed indices -> codewords * row scale) straight into a float32 panel of
 // rows that is multiplied at once; no integer unpacking tensor is materialized.
 #include <torch/extension.h>
 
 #include "kernels.h"
+#include "vec.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <atomic>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace {
@@ -33,9 +45,9 @@ at::Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
   return buf.narrow(0, 0, bytes).view(dtype).view(sizes);
 }
 
-typedef float VF __attribute__((vector_size(64)));
-typedef int32_t VI __attribute__((vector_size(64)));
-constexpr int kLanes = 16;
+using VF = vmq_fx::Lanes<float>::V;
+using VI = vmq_fx::Lanes<float>::I;
+constexpr int kLanes = vmq_fx::Lanes<float>::W;
 
 inline VF loadf(const float* p) {
   VF v;
@@ -113,6 +125,49 @@ inline void rescale_row(const int32_t* acc, int32_t z, float s, const int32_t* w
   }
 }
 
+// The same rescale from float accumulators (the float path).
+inline void rescale_row(const float* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
+                        const float* bias, int64_t N, float* out) {
+  int64_t n = 0;
+  for (; n + kLanes <= N; n += kLanes) {
+    VF v = (loadf(acc + n) - __builtin_convertvector(z * loadi(w_sum + n), VF)) * s * loadf(w_scale + n);
+    if (bias) v = v + loadf(bias + n);
+    std::memcpy(out + n, &v, sizeof(v));
+  }
+  for (; n < N; ++n) {
+    float v = (acc[n] - static_cast<float>(z * w_sum[n])) * s * w_scale[n];
+    out[n] = bias ? v + bias[n] : v;
+  }
+}
+
+std::atomic<bool> g_float_gemm{false};
+
+// The weight's levels as float32 [N, K], cached per weight tensor: an entry is valid while the storage it was made
+// from is alive (a weak reference), so memory freed and reused by another tensor is never mistaken for it.
+at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w8) {
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    int64_t offset;
+    std::vector<int64_t> sizes;
+    at::Tensor levels;
+  };
+  static std::mutex mutex;
+  static std::unordered_map<const void*, Entry> cache;
+  const void* key = w_in.data_ptr();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) {
+    const auto alive = it->second.storage.lock();
+    if (alive.get() == w_in.storage().unsafeGetStorageImpl() && it->second.offset == w_in.storage_offset() &&
+        it->second.sizes == w_in.sizes().vec())
+      return it->second.levels;
+  }
+  for (auto e = cache.begin(); e != cache.end();) e = e->second.storage.expired() ? cache.erase(e) : std::next(e);
+  at::Tensor levels = w8.to(at::kFloat).contiguous();
+  cache.insert_or_assign(key, Entry{w_in.storage().getWeakStorageImpl(), w_in.storage_offset(), w_in.sizes().vec(), levels});
+  return levels;
+}
+
 at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
   const int64_t N = packed.size(0), B = packed.size(1);
   auto out = at::empty({N, K}, packed.options().dtype(at::kChar));
@@ -175,19 +230,26 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
   // The int32 accumulators are written where their float results go, and rescaled in place: the rescale reads and
   // writes the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
-  at::Tensor acc = out.view(at::kInt);
-  if (M > 16) {
-    at::_int_mm_out(acc, xq, w8.t());
-  } else {  // at::_int_mm needs more than 16 rows; tiny inputs take the exact int32 product instead
-    acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
-  }
-  const int32_t* ap = acc.data_ptr<int32_t>();
-  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m = begin; m < end; ++m) {
-      const int64_t t = m % L;
-      rescale_row(ap + m * N, zp[t] - static_cast<int32_t>(shift), as[t], ws, wsc, bp, N, op + m * N);
+  if (g_float_gemm.load(std::memory_order_relaxed)) {
+    at::mm_out(out, xq.to(at::kFloat), float_weight(w_in, w8).t());
+    const float* ap = out.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
+    });
+  } else {
+    at::Tensor acc = out.view(at::kInt);
+    if (M > 16) {
+      at::_int_mm_out(acc, xq, w8.t());
+    } else {  // at::_int_mm needs more than 16 rows; tiny inputs take the exact int32 product instead
+      acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
     }
-  });
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
+    });
+  }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
   return out.view(sizes).to(x.scalar_type());
@@ -339,5 +401,17 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
                             zero_point.to(at::kInt).contiguous(), qmin, qmax, shift)
       .clone();  // out of the scratch buffer
 }
+
+}  // namespace vmq_fx
+
+namespace vmq_fx {
+
+void set_int8_gemm(const std::string& path) {
+  TORCH_CHECK_VALUE(path == "int_mm" || path == "float", "vmq_fx: unknown int8 GEMM path '", path,
+                    "' (int_mm or float)");
+  g_float_gemm.store(path == "float");
+}
+
+std::string int8_gemm() { return g_float_gemm.load() ? "float" : "int_mm"; }
 
 }  // namespace vmq_fx

@@ -2,7 +2,7 @@
 //
 // delta_bias and the softplus are applied in the kernel (and differentiated there), so delta is read once.
 //
-// One task owns a block of W channels (the SIMD lanes: 16 floats or 8 doubles) of one batch element. Its inputs are
+// One task owns a block of W channels (the SIMD lanes of one register: vec.h) of one batch element. Its inputs are
 // first copied into time-major [L][W] buffers (whatever the strides of the caller's tensors), then the recurrence runs
 // with the state of every lane and every one of the N states held in registers:
 //
@@ -17,8 +17,7 @@
 // time axis is read through negated strides when packing, and results are written back at the mirrored positions.
 //
 // Parallelism: at::parallel_for over tasks (torch's intra-op thread pool, so torch.set_num_threads applies).
-// Portability: GCC / Clang vector extensions; the compiler lowers the 64-byte vectors to the widest SIMD the build
-// machine has (the extension is compiled on the machine that runs it).
+// Portability: GCC / Clang vector extensions one register wide, compiled once per CPU class (vec.h).
 #include <torch/extension.h>
 
 #include "kernels.h"

@@ -1,5 +1,12 @@
-// SIMD helpers shared by the CPU kernels: 64-byte vectors (GCC / Clang vector extensions, lowered to the widest
-// SIMD of the build machine) and branch-free math on them.
+// SIMD helpers shared by the CPU kernels: vectors of one machine register (GCC / Clang vector extensions) and
+// branch-free math on them.
+//
+// The width follows the instruction set the file is compiled for (vmq_fx/ops/native.py builds the kernels once per
+// CPU class and picks one at run time, as ATen does with CPU_CAPABILITY):
+//   AVX-512: 64-byte vectors (16 floats), AVX2 + FMA: 32 bytes (8 floats), generic x86-64 (SSE2) and ARM64 NEON:
+//   16 bytes (4 floats).
+// One register per vector matters for the scan: its state (N = 16 vectors) stays in registers only when a vector is
+// one register (AVX2 has 16 of them, AVX-512 and NEON 32).
 #pragma once
 
 #include <cmath>
@@ -9,22 +16,40 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#define VMQ_VEC_BYTES 64
+#elif defined(__AVX2__)
+#define VMQ_VEC_BYTES 32
+#else
+#define VMQ_VEC_BYTES 16
+#endif
+
+// The instruction set of this build, as vmq_fx/ops/native.py names it (reported by the module for the tests).
+#if defined(__AVX512F__)
+#define VMQ_ISA_NAME "avx512"
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VMQ_ISA_NAME "avx2"
+#elif defined(__aarch64__)
+#define VMQ_ISA_NAME "neon"
+#else
+#define VMQ_ISA_NAME "generic"
 #endif
 
 namespace vmq_fx {
+
+constexpr int kVecBytes = VMQ_VEC_BYTES;
 
 template <typename T>
 struct Lanes;
 template <>
 struct Lanes<float> {
-  static constexpr int W = 16;
-  typedef float V __attribute__((vector_size(64)));
-  typedef int32_t I __attribute__((vector_size(64)));
+  static constexpr int W = kVecBytes / 4;
+  typedef float V __attribute__((vector_size(VMQ_VEC_BYTES)));
+  typedef int32_t I __attribute__((vector_size(VMQ_VEC_BYTES)));
 };
 template <>
 struct Lanes<double> {
-  static constexpr int W = 8;
-  typedef double V __attribute__((vector_size(64)));
+  static constexpr int W = kVecBytes / 8;
+  typedef double V __attribute__((vector_size(VMQ_VEC_BYTES)));
 };
 
 template <typename V, typename T>
@@ -39,7 +64,7 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// 2^y for 16 floats: y = k + f with k an integer and |f| <= 1/2, a degree-6 polynomial for 2^f (Chebyshev fit,
+// 2^y for a vector of floats: y = k + f with k an integer and |f| <= 1/2, a degree-6 polynomial for 2^f (Chebyshev fit,
 // relative error ~1e-7 in float arithmetic), scaled by 2^k. The recurrence's decay exp(dt * A) is computed as
 // 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply fewer per state update. With AVX-512 the rounding
 // and the scaling are one instruction each (vrndscaleps, vscalefps, which also saturates to 0 and inf).
@@ -93,7 +118,7 @@ constexpr T decay_scale() {
   return sizeof(T) == 4 ? T(kLog2e) : T(1);
 }
 
-// 1 / x for 16 floats: with AVX-512 the 14-bit estimate (vrcp14ps) refined by one Newton step (~1e-8 relative
+// 1 / x for a vector of floats: with AVX-512 the 14-bit estimate (vrcp14ps) refined by one Newton step (~1e-8 relative
 // error, below float rounding) instead of a division, whose throughput limits the elementwise kernels.
 inline Lanes<float>::V vrecip(Lanes<float>::V x) {
 #if defined(__AVX512F__)
@@ -114,7 +139,7 @@ inline V vsigmoid(V x) {
   return vrecip(1 + vexp(nx));
 }
 
-// softplus as torch computes it (x above 20 passes through), for 16 floats: max(x, 0) + log1p(exp(-|x|)), with
+// softplus as torch computes it (x above 20 passes through), for a vector of floats: max(x, 0) + log1p(exp(-|x|)), with
 // log1p(y) = log(1 + y) * y / ((1 + y) - 1) (exact for tiny y) and log on [1, 2] by atanh's series after halving
 // the upper part of the range (|s| <= 0.172: five terms give ~1e-8).
 inline Lanes<float>::V vsoftplus(Lanes<float>::V x) {

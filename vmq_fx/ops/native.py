@@ -8,11 +8,28 @@ goes straight to C++.
 :func:`disabled` switches back to the pure-torch implementations for a while (tests, benchmarks).
 
 They are C++ (``vmq_fx/csrc``) built with torch's own extension tooling (``torch.utils.cpp_extension.load``: ninja and
-the system C++ compiler) the first time a process needs them, for the CPU it runs on (``-march=native``), and cached
-under ``$VMQ_FX_CACHE`` (default ``~/.cache/vmq_fx``), so later processes load them in well under a second. Why this
-route: it needs nothing beyond what installing torch already brings on Linux (a compiler and ninja), it uses torch's
-thread pool (``torch.set_num_threads`` applies), and it compiles for the exact CPU instead of shipping one binary per
-instruction set.
+the system C++ compiler) the first time a process needs them, and cached under ``$VMQ_FX_CACHE`` (default
+``~/.cache/vmq_fx``), so later processes load them in well under a second. Why this route: it needs nothing beyond
+what installing torch already brings on Linux (a compiler and ninja) and it uses torch's thread pool
+(``torch.set_num_threads`` applies).
+
+One build per CPU class, chosen at run time, as ATen compiles its kernels once per ``CPU_CAPABILITY``:
+
+========== ======================================================= ==================================
+ISA        compiler flags                                          runs on
+========== ======================================================= ==================================
+``avx512`` ``-mavx512f -mavx512bw -mavx512vl -mavx512dq`` (+ AVX2) x86-64 with AVX-512 (Skylake-SP, Zen 4)
+``avx2``   ``-mavx2 -mfma -mf16c``                                 x86-64 with AVX2 + FMA (Haswell, Zen 1-3)
+``generic`` none (x86-64 baseline: SSE2)                           any x86-64
+``neon``   none (the ARM64 baseline includes NEON)                 ARM64
+========== ======================================================= ==================================
+
+The kernels' vectors are one register of the build's ISA wide (``csrc/vec.h``). The best ISA the CPU runs is used;
+``$VMQ_FX_CPU_ISA`` picks another one (one of :func:`executable_isas`), and :func:`use_isa` switches for a while
+(tests run every path the machine can execute).
+
+How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): ``torch._int_mm``
+where the CPU has int8 dot-product instructions (VNNI, AMX), else the fp32 GEMM on the same integer levels.
 
 When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op keeps its pure-torch implementation and one
 line says why.
@@ -31,24 +48,102 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["disabled", "enable", "native_kernels"]
+__all__ = ["disabled", "enable", "executable_isas", "int8_gemm_path", "native_kernels", "selected_isa", "use_isa"]
 
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp", "quant_linear.cpp", "calibration.cpp")
 _HEADERS = ("kernels.h", "vec.h")
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-Wno-psabi"]
+_BASE_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
+    "avx2": ("-mavx2", "-mfma", "-mf16c"),
+    "generic": (),
+    "neon": (),
+}
+# What each x86 build needs from the CPU (names as in /proc/cpuinfo).
+_ISA_CPU_FLAGS = {
+    "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"},
+    "avx2": {"avx2", "fma", "f16c"},
+    "generic": set(),
+}
 
 
-def _cpu_signature() -> str:
-    """What -march=native depends on: a cache built on another CPU model is not reused."""
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
-        text = Path("/proc/cpuinfo").read_text()
-        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
-        lines = [platform.processor(), platform.machine()]
-    return "\n".join(lines)
+        pass
+    return frozenset()
+
+
+def _is_arm64() -> bool:
+    return platform.machine().lower() in ("aarch64", "arm64")
+
+
+@functools.cache
+def executable_isas() -> tuple[str, ...]:
+    """The kernel builds this CPU can run, best first.
+
+    Example:
+        >>> from vmq_fx.ops import native
+        >>> native.executable_isas()[-1] in ("generic", "neon")
+        True
+    """
+    if _is_arm64():
+        return ("neon",)
+    flags = _cpu_flags()
+    if not flags:  # no /proc/cpuinfo: ask ATen, which probed the CPU itself
+        cap = torch.backends.cpu.get_cpu_capability()
+        return {"AVX512": ("avx512", "avx2", "generic"), "AVX2": ("avx2", "generic")}.get(cap, ("generic",))
+    return tuple(isa for isa, need in _ISA_CPU_FLAGS.items() if need <= flags)
+
+
+def selected_isa() -> str:
+    """The build the ops use: ``$VMQ_FX_CPU_ISA`` if set, else the best of :func:`executable_isas`.
+
+    Raises:
+        ValueError: ``$VMQ_FX_CPU_ISA`` names a build this CPU cannot run (or none at all).
+    """
+    isas = executable_isas()
+    want = os.environ.get("VMQ_FX_CPU_ISA", "").strip().lower()
+    if not want:
+        return isas[0]
+    if want not in isas:
+        raise ValueError(f"VMQ_FX_CPU_ISA={want!r}: this CPU runs {', '.join(isas)}"
+                         + ("" if want in ISA_FLAGS else f" (the builds are {', '.join(ISA_FLAGS)})"))
+    return want
+
+
+def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
+    """How ``vmq::int8_linear`` multiplies on this CPU with the build ``isa``: ``("int_mm", why)`` or
+    ``("float", why)``.
+
+    ``torch._int_mm`` (oneDNN) is exact and fast where the CPU has int8 dot-product instructions: measured 2.0x the
+    fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). Without them the op multiplies
+    the same integer levels in the fp32 GEMM (exact while partial sums stay below 2^24, see ``csrc/quant_linear.cpp``),
+    so a quantized model is never slower than its FP32 original. ``$VMQ_FX_INT8_GEMM`` (``int_mm`` / ``float``)
+    overrides the choice.
+    """
+    isa = isa or selected_isa()
+    forced = os.environ.get("VMQ_FX_INT8_GEMM", "").strip().lower()
+    if forced:
+        if forced not in ("int_mm", "float"):
+            raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use int_mm or float")
+        return forced, "set by VMQ_FX_INT8_GEMM"
+    flags = _cpu_flags()
+    if "amx_int8" in flags:
+        return "int_mm", "the CPU has AMX int8"
+    if isa == "avx512" and "avx512_vnni" in flags:
+        return "int_mm", "the CPU has AVX-512 VNNI"
+    if isa in ("avx2", "avx512") and "avx_vnni" in flags:
+        return "int_mm", "the CPU has AVX-VNNI"
+    return "float", (f"no int8 dot-product instructions for the {isa} build (VNNI / AMX), where torch._int_mm is slower "
+                     "than the fp32 GEMM: the integer levels are multiplied in the fp32 GEMM")
 
 
 def cache_root() -> Path:
@@ -56,10 +151,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("VMQ_FX_CACHE") or Path.home() / ".cache" / "vmq_fx")
 
 
-def _build_dir(prefix: str, files: tuple[str, ...], extra: str) -> Path:
+def _build_dir(prefix: str, files: tuple[str, ...], flags: list[str], extra: str) -> Path:
     # torch rebuilds when a listed source changes, not a header: the files' text is part of the directory name.
     code = "".join((_CSRC / f).read_text() for f in files)
-    key = "\n".join([torch.__version__, sys.version, _cpu_signature(), " ".join(_FLAGS), extra, code])
+    key = "\n".join([torch.__version__, sys.version, platform.machine(), " ".join(flags), extra, code])
     return cache_root() / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -68,9 +163,10 @@ class BuildError(RuntimeError):
 
 
 def build_extension(name: str, sources: tuple[str, ...], headers: tuple[str, ...], what: str,
-                    include_dirs: tuple[str, ...] = (), python_module: bool = True):
-    """Compile ``sources`` (paths under ``vmq_fx/csrc``) with torch's extension tooling for this CPU, or load them
-    from the cache (a directory per content of ``sources + headers``, CPU, torch and ``include_dirs``).
+                    include_dirs: tuple[str, ...] = (), python_module: bool = True, isa: str | None = None):
+    """Compile ``sources`` (paths under ``vmq_fx/csrc``) with torch's extension tooling for the CPU class ``isa``
+    (default :func:`selected_isa`), or load them from the cache (a directory per content of ``sources + headers``,
+    flags, torch and ``include_dirs``).
 
     Returns:
         The Python module, or with ``python_module=False`` the path of the shared library.
@@ -80,12 +176,15 @@ def build_extension(name: str, sources: tuple[str, ...], headers: tuple[str, ...
     """
     from torch.utils.cpp_extension import load
 
-    build = _build_dir(name, sources + headers, " ".join(include_dirs))
+    isa = isa or selected_isa()
+    name = f"{name}_{isa}"  # one module per build: two of them can be loaded in one process
+    flags = _BASE_FLAGS + list(ISA_FLAGS[isa])
+    build = _build_dir(name, sources + headers, flags, " ".join(include_dirs))
     build.mkdir(parents=True, exist_ok=True)
     if not any(build.glob(f"{name}*.so")):
-        log.info("vmq_fx: compiling %s into %s (first use on this machine, about a minute)", what, build)
+        log.info("vmq_fx: compiling %s for %s into %s (first use on this machine, about a minute)", what, isa, build)
     try:
-        module = load(name=name, sources=[str(_CSRC / s) for s in sources], extra_cflags=_FLAGS,
+        module = load(name=name, sources=[str(_CSRC / s) for s in sources], extra_cflags=flags,
                       extra_ldflags=["-fopenmp"], extra_include_paths=list(include_dirs), build_directory=str(build),
                       is_python_module=python_module, verbose=False)
     except Exception as e:
@@ -94,34 +193,49 @@ def build_extension(name: str, sources: tuple[str, ...], headers: tuple[str, ...
 
 
 @functools.cache
-def _build() -> ModuleType | None:
-    """The compiled module, or ``None`` (with one logged warning saying why) when it cannot be had."""
-    if os.environ.get("VMQ_FX_NATIVE", "1") == "0":
-        log.warning("vmq_fx: VMQ_FX_NATIVE=0: using the pure-torch CPU implementations (slower)")
-        return None
-    try:
-        return build_extension("vmq_fx_cpu", _SOURCES, _HEADERS, "the fused CPU kernels")
-    except BuildError as e:  # fall back, say why once
-        log.warning("vmq_fx: the fused CPU kernels could not be built (%s); using the pure-torch implementations "
-                    "(slower). Set VMQ_DEBUG=1 and see torch.utils.cpp_extension's output for details.", e)
-        return None
+def _build(isa: str) -> ModuleType:
+    return build_extension("vmq_fx_cpu", _SOURCES, _HEADERS, "the fused CPU kernels", isa=isa)
 
 
+_active: ModuleType | None = None  # the build whose kernels the dispatcher runs (None: the pure-torch fallback)
+
+
+def _register(module: ModuleType, int8_gemm: str | None = None) -> None:
+    global _active
+    if _active is not None and _active is not module:
+        _active.deregister_cpu_kernels()
+    path, why = (int8_gemm, "asked for") if int8_gemm else int8_gemm_path(module.isa)
+    changed = _active is None or _active.isa != module.isa or module.int8_gemm() != path
+    module.set_int8_gemm(path)
+    module.register_cpu_kernels()
+    if changed:
+        log.info("vmq_fx: CPU kernels built for %s; int8 linears multiply with %s (%s)", module.isa, path, why)
+    _active = module
+
+
+@functools.cache
 def enable() -> bool:
-    """Register the C++ kernels as the CPU implementations of the vmq ops (building them first if needed).
+    """Register the C++ kernels of :func:`selected_isa` as the CPU implementations of the vmq ops (building them
+    first if needed); one logged warning says why when they cannot be had.
 
     Returns whether they are active. Idempotent.
     """
-    module = _build()
-    if module is not None:
-        module.register_cpu_kernels()
-    return module is not None
+    if os.environ.get("VMQ_FX_NATIVE", "1") == "0":
+        log.warning("vmq_fx: VMQ_FX_NATIVE=0: using the pure-torch CPU implementations (slower)")
+        return False
+    try:
+        module = _build(selected_isa())
+    except BuildError as e:  # fall back, say why once
+        log.warning("vmq_fx: the fused CPU kernels could not be built (%s); using the pure-torch implementations "
+                    "(slower). Set VMQ_DEBUG=1 and see torch.utils.cpp_extension's output for details.", e)
+        return False
+    _register(module)
+    return True
 
 
 def native_kernels() -> ModuleType | None:
     """The compiled module while its kernels are the ops' CPU implementations, else ``None``."""
-    module = _build()
-    return module if module is not None and module.cpu_kernels_registered() else None
+    return _active if _active is not None and _active.cpu_kernels_registered() else None
 
 
 @contextlib.contextmanager
@@ -141,3 +255,35 @@ def disabled():
     finally:
         if module is not None:
             module.register_cpu_kernels()
+
+
+@contextlib.contextmanager
+def use_isa(isa: str, int8_gemm: str | None = None):
+    """Run the vmq ops on the kernels built for ``isa`` (one of :func:`executable_isas`) inside the block; with
+    ``int8_gemm`` (``"int_mm"`` or ``"float"``), ``vmq::int8_linear`` multiplies that way instead of
+    :func:`int8_gemm_path`'s choice.
+
+    Raises:
+        ValueError: this CPU cannot run that build.
+        BuildError: it could not be compiled.
+
+    Example:
+        >>> from vmq_fx.ops import native
+        >>> with native.use_isa(native.executable_isas()[-1]) as kernels:
+        ...     assert native.native_kernels() is kernels
+    """
+    if isa not in executable_isas():
+        raise ValueError(f"use_isa({isa!r}): this CPU runs {', '.join(executable_isas())}")
+    if int8_gemm not in (None, "int_mm", "float"):
+        raise ValueError(f"use_isa(int8_gemm={int8_gemm!r}): use 'int_mm' or 'float'")
+    previous = native_kernels()
+    previous_gemm = previous.int8_gemm() if previous is not None else None
+    module = _build(isa)
+    _register(module, int8_gemm)
+    try:
+        yield module
+    finally:
+        if previous is not None:
+            _register(previous, previous_gemm)
+        else:
+            module.deregister_cpu_kernels()
