@@ -3,10 +3,11 @@
     y[b, t, :] = ((q(x[b, t] / smooth) - zp[t]) @ W_int^T) * act_scale[t] * w_scale + bias
     q(v)       = clamp(round(v * (1 / act_scale[t])) + zp[t], act_qmin, act_qmax)      (round half to even)
 
-The integer product is exact: unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with
-int32 accumulation (``torch._int_mm``: oneDNN, VNNI where the CPU has it), and the shift and the zero points are
-corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
-(:func:`prepare_weight`).
+Unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with int32 accumulation, and the shift and
+the zero points are corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
+(:func:`prepare_weight`). The product is ``torch._int_mm`` (oneDNN) where the CPU has int8 dot-product instructions
+(VNNI, AMX), else the fp32 GEMM on the same levels (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then
+slow, and under a capped oneDNN wrong), exact while partial sums stay below 2^24.
 
 The weight is int8 ``[N, K]`` whatever ``w_bits`` is (the form that runs without per-call work), or, for weights of
 4 bits or fewer, uint8 ``[N, ceil(K / 2)]`` packed two per byte (:func:`pack_int4`), the form files store: saved
@@ -83,6 +84,14 @@ def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
                          f"column sums {tuple(w_sum.shape)} do not fit x with K={k}")
 
 
+def _float_product() -> bool:
+    """Whether the integer product runs in the fp32 GEMM on this CPU (no VNNI / AMX: ``native.int8_gemm_path``)."""
+    from vmq_fx.ops import native
+
+    kernels = native.native_kernels()
+    return (kernels.int8_gemm() if kernels is not None else native.int8_gemm_path()[0]) == "float"
+
+
 def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
     length, k = x.shape[-2], x.shape[-1]
     x = x.float().reshape(-1, length, k)
@@ -96,7 +105,10 @@ def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
     shift = 128 if act_qmax > 127 else 0
     x8 = (xq - shift).to(torch.int8).reshape(-1, k)
     w8 = _weight_int8(w, k)
-    acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
+    if _float_product():  # as the C++ kernel's float path: exact while partial sums stay below 2^24
+        acc = (x8.float() @ w8.float().t()).to(torch.int32)
+    else:
+        acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
     reps = x8.shape[0] // length
     acc = acc - (act_zero_point.to(torch.int32) - shift).repeat(reps)[:, None] * w_sum.to(torch.int32)[None, :]
     out = acc.float() * act_scale.float().repeat(reps)[:, None] * w_scale.float()[None, :]

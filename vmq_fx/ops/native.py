@@ -119,6 +119,9 @@ def selected_isa() -> str:
     return want
 
 
+_ONEDNN_CAPS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+
+
 def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     """How ``vmq::int8_linear`` multiplies on this CPU with the build ``isa``: ``("int_mm", why)`` or
     ``("float", why)``.
@@ -127,7 +130,7 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). Without them the op multiplies
     the same integer levels in the fp32 GEMM (exact while partial sums stay below 2^24, see ``csrc/quant_linear.cpp``),
     so a quantized model is never slower than its FP32 original. ``$VMQ_FX_INT8_GEMM`` (``int_mm`` / ``float``)
-    overrides the choice.
+    overrides the choice. The pure-torch implementation of the op follows the same choice.
     """
     isa = isa or selected_isa()
     forced = os.environ.get("VMQ_FX_INT8_GEMM", "").strip().lower()
@@ -135,6 +138,11 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
         if forced not in ("int_mm", "float"):
             raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use int_mm or float")
         return forced, "set by VMQ_FX_INT8_GEMM"
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if cap in _ONEDNN_CAPS_WITHOUT_INT8_DOT:
+        # Capped oneDNN falls back to 16-bit pair sums that saturate: torch._int_mm then returns wrong numbers (measured
+        # with AVX2 on an AVX-512 VNNI CPU: 79 % of a 17 x 96 x 40 product off), not merely slow ones.
+        return "float", f"ONEDNN_MAX_CPU_ISA={cap} keeps torch._int_mm off int8 dot-product instructions"
     flags = _cpu_flags()
     if "amx_int8" in flags:
         return "int_mm", "the CPU has AMX int8"
