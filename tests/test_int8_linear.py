@@ -1,5 +1,3 @@
-import os
-
 import pytest
 import torch
 
@@ -73,35 +71,43 @@ def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
     if int8_gemm == "int_mm":
         assert "aten::_int_mm" in names
     else:  # the fp32 GEMM on the levels, never torch._int_mm (slow without VNNI)
-        assert "aten::mm" in names and "aten::_int_mm" not in names
+        assert {"aten::mm", "aten::addmm"} & names and "aten::_int_mm" not in names
     with native.disabled():  # the pure-torch implementation follows the CPU's choice
         uses_int_mm = "aten::_int_mm" in _names(lambda: int8_linear(*op_args))
         assert uses_int_mm == (native.int8_gemm_path()[0] == "int_mm")
 
 
-@pytest.mark.parametrize("k", [1024, 4096])
-def test_float_product_is_bit_identical_to_int_mm_while_sums_fit_float32(k):
-    """The largest products there are (level 0 shifted to -128, times weights of -128): every partial sum is an integer
-    of at most 2^24 at K = 1024, so the fp32 GEMM is exact and both paths give the same bits. At K = 4096 the sums
-    reach 2^26 and the float path rounds (by at most ~2^-24 relative, as an fp32 model does)."""
+@pytest.mark.parametrize("k", [64, 1536])
+def test_float_product_path_at_the_largest_products(k):
+    """Activations at the extreme levels against weights of +-127 (every product as large as it gets), at Vim-B's
+    largest K: the fp32 GEMM path stays within float rounding of the float64 reference."""
     g = torch.Generator().manual_seed(k)
-    x = -torch.rand(2, 17, k, generator=g) - 1  # below the zero point: level 0 everywhere
-    w = torch.full((24, k), -128, dtype=torch.int8)
-    w[:, torch.randperm(k, generator=g)[: k // 8]] = 127  # not one constant: the sums differ per row
-    w[::2] = -w[::2].clamp(min=-127)
-    w_sum = w.int().sum(1, dtype=torch.int32)
-    args = (x, None, torch.full((17,), 0.25), torch.full((17,), 128, dtype=torch.int32), w, torch.rand(24) + 0.5,
-            w_sum, None, 0, 255, 8)
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2", "AVX512_CORE"):
-        pytest.skip("oneDNN capped below VNNI: its torch._int_mm saturates (the reason int8_gemm_path avoids it)")
-    with native.use_isa(native.selected_isa(), int8_gemm="int_mm"):
-        exact = int8_linear(*args)
+    x = torch.where(torch.rand(2, 17, k, generator=g) < 0.5, -1e3, 1e3)  # levels 0 and 255
+    w = torch.where(torch.rand(24, k, generator=g) < 0.5, -127, 127).to(torch.int8)
+    w_scale, act_scale, zp = torch.rand(24, generator=g) + 0.5, torch.full((17,), 0.25), torch.full((17,), 3,
+                                                                                                  dtype=torch.int32)
+    args = (x, None, act_scale, zp, w, w_scale, w.int().sum(1, dtype=torch.int32), None, 0, 255, 8)
+    ref = int8_linear_reference(x, None, act_scale, zp, w, w_scale, None, 0, 255)
     with native.use_isa(native.selected_isa(), int8_gemm="float"):
-        floated = int8_linear(*args)
-    if k <= 1024:
-        assert torch.equal(floated, exact)
-    else:
-        torch.testing.assert_close(floated, exact, rtol=2 ** -22, atol=0)
+        out = int8_linear(*args)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_float_path_reuses_its_dequantized_weight_only_for_the_same_tensors():
+    """The kernel caches w_int * w_scale per weight tensor: a new scale (or a new weight at a recycled address) must
+    not reuse a stale entry."""
+    op_args, ref_args = int8_case(2, 17, 32, 8, w_bits=8)
+    with native.use_isa(native.selected_isa(), int8_gemm="float"):
+        first = int8_linear(*op_args)
+        args = list(op_args)
+        args[5] = op_args[5] * 2  # w_scale
+        torch.testing.assert_close(int8_linear(*args), 2 * first - (op_args[7] if op_args[7] is not None else 0),
+                                   rtol=1e-5, atol=1e-5)
+        for seed in range(3):  # fresh weights, likely at the freed ones' address
+            op_args, ref_args = int8_case(2, 17, 32, 8, w_bits=8, seed=seed + 10)
+            ref = int8_linear_reference(*ref_args)
+            torch.testing.assert_close(int8_linear(*op_args).double(), ref, rtol=1e-5,
+                                       atol=1e-5 * ref.abs().max().item())
 
 
 @pytest.mark.parametrize("k", [8, 7, 1])

@@ -5,14 +5,14 @@
 // (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n]. The column sums come from the lowering (they
 // depend on the weight only). The levels and the float operations are those of the pure-torch path, in the same order.
 //
-// The integer product has two paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+// The product has two paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
 //   int_mm: at::_int_mm (oneDNN) with int32 accumulation, exact: fast only where the CPU has int8 dot-product
-//           instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM.
-//   float:  the same levels widened to float32 times the weight's levels as float32 (widened once per weight tensor
-//           and cached while that tensor lives), in the fp32 GEMM. Exact while every partial sum stays below 2^24 in
-//           magnitude: |level - shift| <= 128 and |w| <= 128 bound K * 2^14, so always for K <= 1024; beyond, a
-//           rounding of the accumulator by at most 2^-24 relative (the fp32 model's own rounding). The rescale is the
-//           same pass, so both paths give bit-identical outputs whenever the float sums are exact.
+//           instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong under a oneDNN
+//           capped below VNNI, whose 16-bit pair sums saturate).
+//   float:  the same activation levels dequantized ((level - zp) * act_scale, as dequantize_per_channel) times the
+//           dequantized weight (w_int * w_scale, made once per weight tensor and cached while it lives) in the fp32
+//           GEMM, with the bias: what the Q/DQ reference graph computes, the fp32 model's work plus one pass over x.
+//           It differs from the exact integer path by float rounding (~1e-7 relative).
 //
 // vq_linear: the codes are decoded (bit-packed indices -> codewords * row scale) straight into a float32 panel of
 // rows that is multiplied at once; no integer unpacking tensor is materialized.
@@ -88,6 +88,27 @@ inline void quantize_row(const float* row, const float* smooth, float inv, float
   }
 }
 
+// One row quantized and dequantized: (clamp(round(x[k] (/ smooth[k]) * inv) + z, lo, hi) - z) * s, the levels of
+// quantize_row as the float values a dequantize_per_channel gives them (the float product path).
+inline void dequantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float s,
+                           int64_t K, float* out) {
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    VF v = loadf(row + k);
+    if (smooth) v = v / loadf(smooth + k);
+    v = round_even(v * inv) + z;
+    v = v < lo ? VF{} + lo : v;
+    v = v > hi ? VF{} + hi : v;
+    v = (v - z) * s;
+    std::memcpy(out + k, &v, sizeof(v));
+  }
+  for (; k < K; ++k) {
+    float v = smooth ? row[k] / smooth[k] : row[k];
+    v = std::nearbyint(v * inv) + z;
+    out[k] = (std::min(std::max(v, lo), hi) - z) * s;
+  }
+}
+
 at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tensor>& smooth,
                               const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
                               int64_t shift) {
@@ -125,47 +146,37 @@ inline void rescale_row(const int32_t* acc, int32_t z, float s, const int32_t* w
   }
 }
 
-// The same rescale from float accumulators (the float path).
-inline void rescale_row(const float* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
-                        const float* bias, int64_t N, float* out) {
-  int64_t n = 0;
-  for (; n + kLanes <= N; n += kLanes) {
-    VF v = (loadf(acc + n) - __builtin_convertvector(z * loadi(w_sum + n), VF)) * s * loadf(w_scale + n);
-    if (bias) v = v + loadf(bias + n);
-    std::memcpy(out + n, &v, sizeof(v));
-  }
-  for (; n < N; ++n) {
-    float v = (acc[n] - static_cast<float>(z * w_sum[n])) * s * w_scale[n];
-    out[n] = bias ? v + bias[n] : v;
-  }
-}
-
 std::atomic<bool> g_float_gemm{false};
 
-// The weight's levels as float32 [N, K], cached per weight tensor: an entry is valid while the storage it was made
-// from is alive (a weak reference), so memory freed and reused by another tensor is never mistaken for it.
-at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w8) {
+// The dequantized weight w_int * w_scale as float32 [N, K], cached per (weight, scale) pair of tensors: an entry is
+// valid while the storages it was made from are alive (weak references), so memory freed and reused by other tensors
+// is never mistaken for them.
+at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const at::Tensor& w8,
+                        const at::Tensor& w_scale) {
   struct Entry {
-    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
-    int64_t offset;
+    c10::weak_intrusive_ptr<c10::StorageImpl> w, scale;
+    int64_t w_offset, scale_offset;
     std::vector<int64_t> sizes;
-    at::Tensor levels;
+    at::Tensor weight;
   };
   static std::mutex mutex;
   static std::unordered_map<const void*, Entry> cache;
-  const void* key = w_in.data_ptr();
   std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
+  auto it = cache.find(w_in.data_ptr());
   if (it != cache.end()) {
-    const auto alive = it->second.storage.lock();
-    if (alive.get() == w_in.storage().unsafeGetStorageImpl() && it->second.offset == w_in.storage_offset() &&
-        it->second.sizes == w_in.sizes().vec())
-      return it->second.levels;
+    const Entry& e = it->second;
+    if (e.w.lock().get() == w_in.storage().unsafeGetStorageImpl() && e.w_offset == w_in.storage_offset() &&
+        e.scale.lock().get() == w_scale_in.storage().unsafeGetStorageImpl() &&
+        e.scale_offset == w_scale_in.storage_offset() && e.sizes == w_in.sizes().vec())
+      return e.weight;
   }
-  for (auto e = cache.begin(); e != cache.end();) e = e->second.storage.expired() ? cache.erase(e) : std::next(e);
-  at::Tensor levels = w8.to(at::kFloat).contiguous();
-  cache.insert_or_assign(key, Entry{w_in.storage().getWeakStorageImpl(), w_in.storage_offset(), w_in.sizes().vec(), levels});
-  return levels;
+  for (auto e = cache.begin(); e != cache.end();)
+    e = e->second.w.expired() || e->second.scale.expired() ? cache.erase(e) : std::next(e);
+  at::Tensor weight = (w8.to(at::kFloat) * w_scale.unsqueeze(1)).contiguous();
+  cache.insert_or_assign(w_in.data_ptr(), Entry{w_in.storage().getWeakStorageImpl(),
+                                                w_scale_in.storage().getWeakStorageImpl(), w_in.storage_offset(),
+                                                w_scale_in.storage_offset(), w_in.sizes().vec(), weight});
+  return weight;
 }
 
 at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
@@ -227,17 +238,27 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const float* wsc = w_scale.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
-  const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
-  // The int32 accumulators are written where their float results go, and rescaled in place: the rescale reads and
-  // writes the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
   if (g_float_gemm.load(std::memory_order_relaxed)) {
-    at::mm_out(out, xq.to(at::kFloat), float_weight(w_in, w8).t());
-    const float* ap = out.data_ptr<float>();
+    // Dequantized activation times dequantized weight (cached) in the fp32 GEMM, the bias added by it: one pass over
+    // x, then exactly the work of the fp32 linear.
+    at::Tensor xdq = scratch(0, {M, K}, at::kFloat);
+    const float* xp = x2.data_ptr<float>();
+    const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
+    float* dp = xdq.data_ptr<float>();
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
-        rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
+        dequantize_row(xp + m * K, sp, 1.0f / as[m % L], static_cast<float>(zp[m % L]), static_cast<float>(qmin),
+                       static_cast<float>(qmax), as[m % L], K, dp + m * K);
     });
+    const at::Tensor wdq = float_weight(w_in, w_scale_in, w8, w_scale);
+    if (bias)
+      at::addmm_out(out, *bias, xdq, wdq.t());
+    else
+      at::mm_out(out, xdq, wdq.t());
   } else {
+    const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
+    // The int32 accumulators are written where their float results go, and rescaled in place: the rescale reads and
+    // writes the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
     at::Tensor acc = out.view(at::kInt);
     if (M > 16) {
       at::_int_mm_out(acc, xq, w8.t());

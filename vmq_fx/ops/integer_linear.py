@@ -7,7 +7,8 @@ Unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied wit
 the zero points are corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
 (:func:`prepare_weight`). The product is ``torch._int_mm`` (oneDNN) where the CPU has int8 dot-product instructions
 (VNNI, AMX), else the fp32 GEMM on the same levels (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then
-slow, and under a capped oneDNN wrong), exact while partial sums stay below 2^24.
+slow, and under a capped oneDNN wrong) on the dequantized levels and weight, as the Q/DQ reference graph computes
+(float rounding apart, the same result).
 
 The weight is int8 ``[N, K]`` whatever ``w_bits`` is (the form that runs without per-call work), or, for weights of
 4 bits or fewer, uint8 ``[N, ceil(K / 2)]`` packed two per byte (:func:`pack_int4`), the form files store: saved
@@ -101,14 +102,15 @@ def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
     # x * (1 / scale) like quantized_decomposed.quantize_per_channel, so both round the same way.
     inv = (1.0 / act_scale.float())[:, None]
     xq = torch.clamp(torch.round(x * inv) + act_zero_point[:, None].float(), act_qmin, act_qmax)
+    w8 = _weight_int8(w, k)
+    if _float_product():  # dequantized levels times the dequantized weight, as the C++ kernel's float path
+        x_dq = (xq - act_zero_point[:, None].float()) * act_scale.float()[:, None]
+        w_dq = w8.float() * w_scale.float()[:, None]
+        return torch.nn.functional.linear(x_dq.reshape(-1, k), w_dq, None if bias is None else bias.float())
     # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
     shift = 128 if act_qmax > 127 else 0
     x8 = (xq - shift).to(torch.int8).reshape(-1, k)
-    w8 = _weight_int8(w, k)
-    if _float_product():  # as the C++ kernel's float path: exact while partial sums stay below 2^24
-        acc = (x8.float() @ w8.float().t()).to(torch.int32)
-    else:
-        acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
+    acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
     reps = x8.shape[0] // length
     acc = acc - (act_zero_point.to(torch.int32) - shift).repeat(reps)[:, None] * w_sum.to(torch.int32)[None, :]
     out = acc.float() * act_scale.float().repeat(reps)[:, None] * w_scale.float()[None, :]
