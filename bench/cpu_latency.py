@@ -349,8 +349,9 @@ def main():
     if args.table:
         print("\n".join(globals()[f"table_{args.table}"](args)))
         return
-    if args.emulate_avx2:
-        os.environ.update(AVX2_CAPS)  # before any table process starts (MKL and oneDNN read them once)
+    if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in AVX2_CAPS.items()):
+        # set before torch, MKL, oneDNN and vmq_fx load (they read them once): this process and its table processes
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_CAPS}))
     sections = {}
     for name in args.tables:  # one fresh process per table, one after the other
         cmd = [sys.executable, __file__, "--table", name, "--threads", *map(str, args.threads), "--reps",
