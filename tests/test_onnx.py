@@ -117,7 +117,7 @@ def test_int8_linear_translation_gives_the_same_levels(k, n, w_bits, a_bits, smo
     x = torch.randn(5, 17, k) * 2  # odd K, zero points, saturating values
     res = vmq_fx.export_onnx(m, x[:2], tmp_path / "l.onnx")
     assert _ops(res.path)["MatMulInteger"] == 1
-    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.INT8, onnx.TensorProto.INT8)]
+    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, onnx.TensorProto.UINT8)]
     onnx.checker.check_model(onnx.load(res.path), full_check=True)
     torch.testing.assert_close(_run(res.path, x), m(x), rtol=1e-6, atol=1e-6)
 
@@ -133,7 +133,7 @@ def _matmul_integer_input_types(path):
 def test_int8_linear_translation_is_exact_at_saturating_products(k, tmp_path):
     """Every activation at the top level (255) against weights of 127: a uint8 x int8 ``MatMulInteger`` sums pairs of
     such products in saturating 16 bits on AVX2 CPUs without VNNI (2 x 255 x 127 > 32767) and comes back wrong there;
-    the file must give the exact sums on every CPU."""
+    the file must give the exact sums on every CPU (uint8 x uint8, which onnxruntime widens to 16 bits first)."""
     m = _Int8Linear(k, 6, 8, 8, smooth=False)
     m.w = torch.full_like(m.w, 127)
     m.w[1::2] = -127  # both signs of the largest products
@@ -142,7 +142,7 @@ def test_int8_linear_translation_is_exact_at_saturating_products(k, tmp_path):
     x = torch.full((2, 17, k), 1e3)  # clamps to level 255 on every token
     x[:, ::3] = -1e3  # and to level 0 on others
     res = vmq_fx.export_onnx(m, x, tmp_path / "sat.onnx")
-    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.INT8, onnx.TensorProto.INT8)]
+    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, onnx.TensorProto.UINT8)]
     levels = torch.where(x > 0, 255.0, 0.0).double()
     want = levels @ (m.w.double() * m.w_scale.double()[:, None]).t() * m.act_scale.double()[:, None] + m.bias.double()
     assert want.abs().max() > 1  # the products are large, not cancelled

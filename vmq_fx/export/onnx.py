@@ -14,10 +14,10 @@ How the vmq ops become standard ONNX (opset 18):
 * ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
   (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op.
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
-  the per-token zero points shifted into int8 (``zp - 128`` for 8-bit unsigned levels; plus a ``Clip`` below 8 bits)
-  -> ``MatMulInteger`` (int8 x int8 -> int32, as the torch op: exact on every CPU, where onnxruntime's uint8 x int8
-  saturates on AVX2 without VNNI) -> subtract ``(zero_point[t] - 128) * w_sum[n]`` (the column sums the lowering
-  stored) -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
+  the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
+  (uint8 x uint8 -> int32: the weight moved up by 128, folded at load, with ``b_zero_point`` 128; exact on every CPU,
+  where uint8 x int8 saturates on AVX2 without VNNI) -> subtract ``zero_point[t] * w_sum[n]`` (the column sums the
+  lowering stored) -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
   onnxruntime's ``MatMulInteger`` takes only a per-tensor activation zero point, hence the explicit correction.
   4-bit weights stay packed two per byte in the file and are unpacked in the graph (``BitwiseAnd`` / ``BitShift``).
 * ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes, the float16 codebook (one initializer for a
@@ -197,23 +197,21 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, 
     k = x.shape[-1]
     if smooth is not None:
         x = op.Div(x, smooth)
-    # Signed x signed, as the torch op: unsigned levels [0, 255] are shifted by 128 into int8 (QuantizeLinear's int8
-    # zero point is zp - 128), and the shift is corrected with the weight's column sums. uint8 x int8 would be the
-    # direct form, but onnxruntime computes it on AVX2 CPUs without VNNI with saturating 16-bit pair sums
-    # (vpmaddubsw: 2 x 255 x 127 overflows); int8 x int8 is exact on every CPU.
-    shift = 128 if act_qmax > 127 else 0
-    zp_s8 = op.Cast(op.Sub(act_zero_point, _const(op, shift, np.int32)), to=3)  # int8
     # x * (1 / scale) then QuantizeLinear with unit scales: the levels of the torch op, which multiplies by the
     # reciprocal (QuantizeLinear itself divides, and would round a few boundary values the other way).
     inv = op.Unsqueeze(op.Reciprocal(act_scale), _const(op, [-1], np.int64))
     unit = op.Expand(_const(op, 1.0, np.float32), op.Shape(act_scale))
-    xq = op.QuantizeLinear(op.Mul(x, inv), unit, zp_s8, axis=1)
-    if act_qmin != -128 + shift or act_qmax != 127 + shift:
-        xq = op.Clip(xq, _const(op, act_qmin - shift, np.int8), _const(op, act_qmax - shift, np.int8))
+    xq = op.QuantizeLinear(op.Mul(x, inv), unit, op.Cast(act_zero_point, to=2), axis=1)  # uint8 levels
+    if act_qmin != 0 or act_qmax != 255:
+        xq = op.Clip(xq, _const(op, act_qmin, np.uint8), _const(op, act_qmax, np.uint8))
+    # uint8 x uint8: the weight's levels moved up by 128 (ONNX folds that once, at load: the file keeps int8) with
+    # b_zero_point 128. uint8 x int8 would be the direct form, but onnxruntime computes it on AVX2 CPUs without VNNI
+    # in saturating 16-bit pair sums (vpmaddubsw: 2 x 255 x 127 overflows); uint8 x uint8 is exact on every CPU and,
+    # measured with onnxruntime 1.32 at Vim-T shapes on AVX-512 VNNI, 1.5x its fp32 MatMul (int8 x int8: 0.3x).
     w8 = _unpack_int4(op, w, k) if w.dtype == _ops()[0].DataType.UINT8 else w
-    acc = op.MatMulInteger(xq, op.Transpose(w8, perm=[1, 0]))
-    zp_shifted = op.Sub(act_zero_point, _const(op, shift, np.int32))
-    correction = op.Mul(op.Unsqueeze(zp_shifted, _const(op, [-1], np.int64)), w_sum)  # [L, N]
+    w_u8 = op.Cast(op.Add(op.Cast(op.Transpose(w8, perm=[1, 0]), to=6), _const(op, 128, np.int32)), to=2)
+    acc = op.MatMulInteger(xq, w_u8, _const(op, 0, np.uint8), _const(op, 128, np.uint8))
+    correction = op.Mul(op.Unsqueeze(act_zero_point, _const(op, [-1], np.int64)), w_sum)  # [L, N]
     out = op.Cast(op.Sub(acc, correction), to=1)
     out = op.Mul(op.Mul(out, op.Unsqueeze(act_scale, _const(op, [-1], np.int64))), w_scale)
     return out if bias is None else op.Add(out, bias)
