@@ -259,3 +259,20 @@ def test_export_onnx_with_the_custom_scan(tmp_path, capsys, monkeypatch, ort_cus
     finally:
         ort_ops.custom_ops_library.cache_clear()
     assert not (tmp_path / "o").exists()
+
+
+def test_log_lines_go_to_the_current_stderr_after_a_run(capsys):
+    """The CLI's log handler follows sys.stderr: a library call after main() returned (its stream replaced, the old one
+    closed) logs to the new stream, not into the closed one ("--- Logging error ---")."""
+    import io
+    import logging
+    import sys
+
+    main(["list"])
+    capsys.readouterr()
+    old, sys.stderr = sys.stderr, io.StringIO()
+    try:
+        logging.getLogger("vmq_fx.test").warning("after the run")
+        assert "vmq: after the run" in sys.stderr.getvalue()
+    finally:
+        sys.stderr = old

@@ -1,8 +1,10 @@
 """The C++ CPU kernels are what the dispatcher runs for the vmq ops, can be switched off, and are built per CPU class."""
+import logging
 import os
 import shutil
 import subprocess
 import sysconfig
+import time
 
 import pytest
 import torch
@@ -93,3 +95,21 @@ def test_kernel_sources_compile_for_arm64(source, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     header = (tmp_path / "k.o").read_bytes()[:20]
     assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # e_machine: EM_AARCH64
+
+
+def test_a_lock_left_by_an_interrupted_build_does_not_block_the_next(caplog):
+    """torch's builder waits forever while its lock file exists; an old one is removed with a warning."""
+    isa = native.selected_isa()
+    name = f"vmq_fx_cpu_{isa}"
+    build = native._build_dir(name, native._SOURCES + native._HEADERS, native._BASE_FLAGS + list(native.ISA_FLAGS[isa]),
+                              "")
+    assert any(build.glob(f"{name}*.so")), "the test expects the kernels built (the session fixture does that)"
+    lock = build / "lock"
+    lock.touch()
+    old = time.time() - 2 * native.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="vmq_fx.ops.native"):
+        module = native.build_extension("vmq_fx_cpu", native._SOURCES, native._HEADERS, "the fused CPU kernels",
+                                        isa=isa)
+    assert module.isa == isa and not lock.exists()
+    assert "did not finish" in caplog.text

@@ -521,11 +521,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a record comes, not to the stream of the first ``main()``: a caller that
+    swaps stderr (a test's capture, a notebook) and closes it never leaves the handler writing into a closed file."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value):
+        pass
+
+
 def _configure_logging(quiet: bool) -> None:
     """vmq_fx's notes (kernel builds, inferred configurations, warnings) on stderr; warnings only with --quiet."""
     logger = logging.getLogger("vmq_fx")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("vmq: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False

@@ -43,6 +43,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 
@@ -162,12 +163,34 @@ def cache_root() -> Path:
 def _build_dir(prefix: str, files: tuple[str, ...], flags: list[str], extra: str) -> Path:
     # torch rebuilds when a listed source changes, not a header: the files' text is part of the directory name.
     code = "".join((_CSRC / f).read_text() for f in files)
-    key = "\n".join([torch.__version__, sys.version, platform.machine(), " ".join(flags), extra, code])
+    # The sources' folder too: torch's build files name them by path, so two checkouts sharing one folder would
+    # rebuild it each time the other one ran.
+    key = "\n".join([torch.__version__, sys.version, platform.machine(), " ".join(flags), extra, str(_CSRC), code])
     return cache_root() / f"{prefix}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 class BuildError(RuntimeError):
     """A C++ build under ``vmq_fx/csrc`` failed; the message is the compiler's last line."""
+
+
+# A build takes about a minute on two cores; a lock much older than that was left by one that did not finish.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock(lock: Path, what: str) -> None:
+    """torch's extension builder holds ``lock`` in the build folder while it compiles and waits, silently and without
+    end, while it exists: a build interrupted (Ctrl-C, a time-out) leaves it behind and would block every later one."""
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        log.warning("vmq_fx: removing %s, left %.0f minutes ago by a build of %s that did not finish", lock, age / 60,
+                    what)
+        lock.unlink(missing_ok=True)
+    else:
+        log.warning("vmq_fx: waiting for another process's build of %s (lock %s, %.0f s old; delete it if no build "
+                    "is running)", what, lock, age)
 
 
 def build_extension(name: str, sources: tuple[str, ...], headers: tuple[str, ...], what: str,
@@ -189,6 +212,7 @@ def build_extension(name: str, sources: tuple[str, ...], headers: tuple[str, ...
     flags = _BASE_FLAGS + list(ISA_FLAGS[isa])
     build = _build_dir(name, sources + headers, flags, " ".join(include_dirs))
     build.mkdir(parents=True, exist_ok=True)
+    _clear_stale_lock(build / "lock", what)
     if not any(build.glob(f"{name}*.so")):
         log.info("vmq_fx: compiling %s for %s into %s (first use on this machine, about a minute)", what, isa, build)
     try:
