@@ -105,7 +105,7 @@ def run(args) -> list[str]:
                        + " | ".join(f"{t[v] * 1e3:.2f} ({t['fp32'] / t[v]:.2f}x)" for v in variants if v != "fp32")
                        + " |")
             print(out[-1], file=sys.stderr, flush=True)
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in native._ONEDNN_CAPS_WITHOUT_INT8_DOT:
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in native.ONEDNN_CAPS_WITHOUT_INT8_DOT:
         out += ["", "With oneDNN capped below VNNI, its `torch._int_mm` uses saturating 16-bit pair sums: the int_mm "
                 "columns are fast here but their results are wrong (test_int8_linear), which is why "
                 "`int8_gemm_path` never picks them; on a real AVX2-only CPU oneDNN's `_int_mm` was exact and 32x "

@@ -46,8 +46,8 @@ def int8_gemm(request):
 
     from vmq_fx.ops import native
 
-    if request.param == "int_mm" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ("SSE41", "AVX", "AVX2",
-                                                                                         "AVX512_CORE"):
+    if request.param == "int_mm" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in \
+            native.ONEDNN_CAPS_WITHOUT_INT8_DOT:
         pytest.skip("oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA): its torch._int_mm saturates, which is why "
                     "int8_gemm_path never picks it then")
     with native.use_isa(native.selected_isa(), int8_gemm=request.param) as kernels:

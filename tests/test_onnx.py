@@ -117,7 +117,8 @@ def test_int8_linear_translation_gives_the_same_levels(k, n, w_bits, a_bits, smo
     x = torch.randn(5, 17, k) * 2  # odd K, zero points, saturating values
     res = vmq_fx.export_onnx(m, x[:2], tmp_path / "l.onnx")
     assert _ops(res.path)["MatMulInteger"] == 1
-    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, onnx.TensorProto.UINT8)]
+    weight_type = onnx.TensorProto.UINT8 if w_bits == 8 else onnx.TensorProto.INT8  # see the next test
+    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, weight_type)]
     onnx.checker.check_model(onnx.load(res.path), full_check=True)
     torch.testing.assert_close(_run(res.path, x), m(x), rtol=1e-6, atol=1e-6)
 
@@ -130,19 +131,24 @@ def _matmul_integer_input_types(path):
 
 
 @pytest.mark.parametrize("k", [64, 200])
-def test_int8_linear_translation_is_exact_at_saturating_products(k, tmp_path):
-    """Every activation at the top level (255) against weights of 127: a uint8 x int8 ``MatMulInteger`` sums pairs of
-    such products in saturating 16 bits on AVX2 CPUs without VNNI (2 x 255 x 127 > 32767) and comes back wrong there;
-    the file must give the exact sums on every CPU (uint8 x uint8, which onnxruntime widens to 16 bits first)."""
+@pytest.mark.parametrize("w_bits", [8, 7, 4])
+def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, k, tmp_path):
+    """Every activation at the top level (255) against the largest weights: a uint8 x int8 ``MatMulInteger`` sums pairs
+    of products in saturating 16 bits on AVX2 CPUs without VNNI, wrong once 2 x 255 x |w| > 32767 (8-bit weights of
+    127). The file must give the exact sums on every CPU: uint8 x uint8 (widened to 16 bits first) for 8-bit weights;
+    uint8 x int8 only for weights of up to 7 bits (|w| <= 64: 2 x 255 x 64 = 32640)."""
     m = _Int8Linear(k, 6, 8, 8, smooth=False)
-    m.w = torch.full_like(m.w, 127)
-    m.w[1::2] = -127  # both signs of the largest products
+    top = 2 ** (w_bits - 1)
+    m.w = torch.full_like(m.w, top - 1)
+    m.w[1::2] = -top  # both signs of the largest products
     m.w, m.w_sum = prepare_weight(m.w)
     m.act_zp.zero_()
     x = torch.full((2, 17, k), 1e3)  # clamps to level 255 on every token
     x[:, ::3] = -1e3  # and to level 0 on others
+    m.bits = (w_bits, 255)
     res = vmq_fx.export_onnx(m, x, tmp_path / "sat.onnx")
-    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, onnx.TensorProto.UINT8)]
+    weight_type = onnx.TensorProto.UINT8 if w_bits == 8 else onnx.TensorProto.INT8
+    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, weight_type)]
     levels = torch.where(x > 0, 255.0, 0.0).double()
     want = levels @ (m.w.double() * m.w_scale.double()[:, None]).t() * m.act_scale.double()[:, None] + m.bias.double()
     assert want.abs().max() > 1  # the products are large, not cancelled

@@ -15,8 +15,9 @@ How the vmq ops become standard ONNX (opset 18):
   (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op.
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
-  (uint8 x uint8 -> int32: the weight moved up by 128, folded at load, with ``b_zero_point`` 128; exact on every CPU,
-  where uint8 x int8 saturates on AVX2 without VNNI) -> subtract ``zero_point[t] * w_sum[n]`` (the column sums the
+  (uint8 x int8 -> int32 for weights of up to 7 bits; 8-bit weights as uint8 x uint8, moved up by 128 (folded at load)
+  with ``b_zero_point`` 128, since onnxruntime's uint8 x int8 saturates on AVX2 without VNNI once 2 x 255 x |w| passes
+  32767) -> subtract ``zero_point[t] * w_sum[n]`` (the column sums the
   lowering stored) -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
   onnxruntime's ``MatMulInteger`` takes only a per-tensor activation zero point, hence the explicit correction.
   4-bit weights stay packed two per byte in the file and are unpacked in the graph (``BitwiseAnd`` / ``BitShift``).
@@ -204,13 +205,18 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, 
     xq = op.QuantizeLinear(op.Mul(x, inv), unit, op.Cast(act_zero_point, to=2), axis=1)  # uint8 levels
     if act_qmin != 0 or act_qmax != 255:
         xq = op.Clip(xq, _const(op, act_qmin, np.uint8), _const(op, act_qmax, np.uint8))
-    # uint8 x uint8: the weight's levels moved up by 128 (ONNX folds that once, at load: the file keeps int8) with
-    # b_zero_point 128. uint8 x int8 would be the direct form, but onnxruntime computes it on AVX2 CPUs without VNNI
-    # in saturating 16-bit pair sums (vpmaddubsw: 2 x 255 x 127 overflows); uint8 x uint8 is exact on every CPU and,
-    # measured with onnxruntime 1.32 at Vim-T shapes on AVX-512 VNNI, 1.5x its fp32 MatMul (int8 x int8: 0.3x).
+    # onnxruntime multiplies uint8 x int8 on AVX2 CPUs without VNNI in 16-bit pair sums that saturate (vpmaddubsw):
+    # exact only while 2 x 255 x max|w| <= 32767, i.e. for weights of up to 7 bits (|w| <= 64). Those keep that form
+    # (the fastest: 3.9x onnxruntime's fp32 MatMul at Vim-T shapes on AVX-512 VNNI); 8-bit weights are moved up by 128
+    # into uint8 (folded once, at load: the file keeps int8) with b_zero_point 128, exact on every CPU (1.5x fp32; int8
+    # x int8 would be 0.3x). bench/ort_matmul_integer.py measures the three.
     w8 = _unpack_int4(op, w, k) if w.dtype == _ops()[0].DataType.UINT8 else w
-    w_u8 = op.Cast(op.Add(op.Cast(op.Transpose(w8, perm=[1, 0]), to=6), _const(op, 128, np.int32)), to=2)
-    acc = op.MatMulInteger(xq, w_u8, _const(op, 0, np.uint8), _const(op, 128, np.uint8))
+    w_t = op.Transpose(w8, perm=[1, 0])
+    if w_bits <= 7:
+        acc = op.MatMulInteger(xq, w_t)
+    else:
+        w_u8 = op.Cast(op.Add(op.Cast(w_t, to=6), _const(op, 128, np.int32)), to=2)
+        acc = op.MatMulInteger(xq, w_u8, _const(op, 0, np.uint8), _const(op, 128, np.uint8))
     correction = op.Mul(op.Unsqueeze(act_zero_point, _const(op, [-1], np.int64)), w_sum)  # [L, N]
     out = op.Cast(op.Sub(acc, correction), to=1)
     out = op.Mul(op.Mul(out, op.Unsqueeze(act_scale, _const(op, [-1], np.int64))), w_scale)

@@ -29,7 +29,7 @@ The kernels' vectors are one register of the build's ISA wide (``csrc/vec.h``). 
 (tests run every path the machine can execute).
 
 How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): ``torch._int_mm``
-where the CPU has int8 dot-product instructions (VNNI, AMX), else the fp32 GEMM on the same integer levels.
+where the CPU has int8 dot-product instructions (VNNI, AMX), else the fp32 GEMM on the dequantized levels and weight.
 
 When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op keeps its pure-torch implementation and one
 line says why.
@@ -49,7 +49,8 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["disabled", "enable", "executable_isas", "int8_gemm_path", "native_kernels", "selected_isa", "use_isa"]
+__all__ = ["ONEDNN_CAPS_WITHOUT_INT8_DOT", "disabled", "enable", "executable_isas", "int8_gemm_path", "native_kernels",
+           "selected_isa", "use_isa"]
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,8 @@ def selected_isa() -> str:
     return want
 
 
-_ONEDNN_CAPS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+# ONEDNN_MAX_CPU_ISA values below oneDNN's first ISA with int8 dot products (AVX2_VNNI)
+ONEDNN_CAPS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
 
 
 def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
@@ -129,9 +131,9 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
 
     ``torch._int_mm`` (oneDNN) is exact and fast where the CPU has int8 dot-product instructions: measured 2.0x the
     fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). Without them the op multiplies
-    the same integer levels in the fp32 GEMM (exact while partial sums stay below 2^24, see ``csrc/quant_linear.cpp``),
-    so a quantized model is never slower than its FP32 original. ``$VMQ_FX_INT8_GEMM`` (``int_mm`` / ``float``)
-    overrides the choice. The pure-torch implementation of the op follows the same choice.
+    the dequantized activation levels and the dequantized weight in the fp32 GEMM (the Q/DQ graph's computation, see
+    ``csrc/quant_linear.cpp``): the FP32 model's work plus one pass over the input. ``$VMQ_FX_INT8_GEMM`` (``int_mm`` /
+    ``float``) overrides the choice. The pure-torch implementation of the op follows the same choice.
     """
     isa = isa or selected_isa()
     forced = os.environ.get("VMQ_FX_INT8_GEMM", "").strip().lower()
@@ -140,7 +142,7 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
             raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use int_mm or float")
         return forced, "set by VMQ_FX_INT8_GEMM"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    if cap in _ONEDNN_CAPS_WITHOUT_INT8_DOT:
+    if cap in ONEDNN_CAPS_WITHOUT_INT8_DOT:
         # Capped oneDNN falls back to 16-bit pair sums that saturate: torch._int_mm then returns wrong numbers (measured
         # with AVX2 on an AVX-512 VNNI CPU: 79 % of a 17 x 96 x 40 product off), not merely slow ones.
         return "float", f"ONEDNN_MAX_CPU_ISA={cap} keeps torch._int_mm off int8 dot-product instructions"
