@@ -41,7 +41,7 @@ def implementation(request):
 @pytest.fixture(params=["int_mm", "float"])
 def int8_gemm(request):
     """Run a test with vmq::int8_linear's C++ kernel on each of its integer-product paths (torch._int_mm, and the
-    fp32 GEMM on the levels that CPUs without VNNI take)."""
+    fp32 GEMM on the dequantized levels that CPUs without VNNI take)."""
     import os
 
     from vmq_fx.ops import native
