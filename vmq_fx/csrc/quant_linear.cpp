@@ -68,9 +68,11 @@ inline VF round_even(VF v) {
   return (v + magic) - magic;
 }
 
-// One row of levels: q = clamp(round(x[k] (/ smooth[k]) * inv) + z, lo, hi) - shift, as int8.
-inline void quantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float shift,
-                         int64_t K, int8_t* q) {
+// The levels of one row, clamp(round(x[k] (/ smooth[k]) * inv) + z, lo, hi) as floats, handed to store(k, v) a
+// vector at a time and store(k, v) for the scalar tail (both overloads of one callable).
+template <typename Store>
+inline void row_levels(const float* row, const float* smooth, float inv, float z, float lo, float hi, int64_t K,
+                       Store&& store) {
   int64_t k = 0;
   for (; k + kLanes <= K; k += kLanes) {
     VF v = loadf(row + k);
@@ -78,35 +80,42 @@ inline void quantize_row(const float* row, const float* smooth, float inv, float
     v = round_even(v * inv) + z;
     v = v < lo ? VF{} + lo : v;
     v = v > hi ? VF{} + hi : v;
-    const VI levels = __builtin_convertvector(v - shift, VI);
-    for (int j = 0; j < kLanes; ++j) q[k + j] = static_cast<int8_t>(levels[j]);
+    store(k, v);
   }
   for (; k < K; ++k) {
-    float v = smooth ? row[k] / smooth[k] : row[k];
-    v = std::nearbyint(v * inv) + z;
-    q[k] = static_cast<int8_t>(std::min(std::max(v, lo), hi) - shift);
+    const float v = smooth ? row[k] / smooth[k] : row[k];
+    store(k, std::min(std::max(std::nearbyint(v * inv) + z, lo), hi));
   }
 }
 
-// One row quantized and dequantized: (clamp(round(x[k] (/ smooth[k]) * inv) + z, lo, hi) - z) * s, the levels of
-// quantize_row as the float values a dequantize_per_channel gives them (the float product path).
+// One row of levels - shift, as int8 (the int_mm path).
+inline void quantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float shift,
+                         int64_t K, int8_t* q) {
+  struct {
+    int8_t* q;
+    float shift;
+    void operator()(int64_t k, VF v) const {
+      const VI levels = __builtin_convertvector(v - shift, VI);
+      for (int j = 0; j < kLanes; ++j) q[k + j] = static_cast<int8_t>(levels[j]);
+    }
+    void operator()(int64_t k, float v) const { q[k] = static_cast<int8_t>(v - shift); }
+  } store{q, shift};
+  row_levels(row, smooth, inv, z, lo, hi, K, store);
+}
+
+// One row's levels as the float values a dequantize_per_channel gives them, (level - z) * s (the float path).
 inline void dequantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float s,
                            int64_t K, float* out) {
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    VF v = loadf(row + k);
-    if (smooth) v = v / loadf(smooth + k);
-    v = round_even(v * inv) + z;
-    v = v < lo ? VF{} + lo : v;
-    v = v > hi ? VF{} + hi : v;
-    v = (v - z) * s;
-    std::memcpy(out + k, &v, sizeof(v));
-  }
-  for (; k < K; ++k) {
-    float v = smooth ? row[k] / smooth[k] : row[k];
-    v = std::nearbyint(v * inv) + z;
-    out[k] = (std::min(std::max(v, lo), hi) - z) * s;
-  }
+  struct {
+    float* out;
+    float z, s;
+    void operator()(int64_t k, VF v) const {
+      v = (v - z) * s;
+      std::memcpy(out + k, &v, sizeof(v));
+    }
+    void operator()(int64_t k, float v) const { out[k] = (v - z) * s; }
+  } store{out, z, s};
+  row_levels(row, smooth, inv, z, lo, hi, K, store);
 }
 
 at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tensor>& smooth,
