@@ -12,7 +12,7 @@ _DATA_FUNCTIONS = ("fashion_mnist(", "calibration_images(", "evaluate(")
 
 
 def _have_fashion_mnist() -> bool:
-    from vmq_fx.data import data_directory
+    from vmq_fx.app.data import data_directory
 
     return (data_directory() / "t10k-labels-idx1-ubyte.gz").is_file() or (
         data_directory() / "t10k-labels-idx1-ubyte").is_file()

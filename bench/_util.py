@@ -73,7 +73,7 @@ def machine_line() -> str:
     from vmq_fx.ops import native
 
     caps = [f"{k}={os.environ[k]}" for k in _CAP_VARIABLES if k in os.environ]
-    kernels = native.native_kernels()
+    kernels = native.kernels()
     build = f"vmq_fx kernels {kernels.isa}, int8 GEMM {kernels.int8_gemm()}" if kernels else "vmq_fx kernels off"
     return (f"{cpu_class()}; {build}" + (f" ({', '.join(caps)})" if caps else "")
             + f"; {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}")
@@ -92,7 +92,7 @@ def mamba_ssm_ref():
 
 def test_set(limit: int | None = None):
     """Normalized Fashion-MNIST test images and labels (the first ``limit`` of them)."""
-    from vmq_fx.data import fashion_mnist, normalize
+    from vmq_fx.app.data import fashion_mnist, normalize
 
     images, labels = fashion_mnist("test")
     if limit:

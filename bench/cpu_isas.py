@@ -54,7 +54,7 @@ def run(args) -> list[str]:
     import torch.nn.functional as F
 
     from vmq_fx.ops import native
-    from vmq_fx.ops.integer_linear import prepare_weight
+    from vmq_fx.ops.int8_linear import prepare_weight
 
     torch.set_num_threads(1)
     isas = native.executable_isas()

@@ -134,8 +134,8 @@ def table_scan(args) -> list[str]:
 # -- linears -----------------------------------------------------------------------------------------------------------
 def _quantized_linear_args(k, n, gen):
     from vmq_fx.ops import pack_codes
-    from vmq_fx.ops.integer_linear import prepare_weight
-    from vmq_fx.ops.codebook_linear import code_bits
+    from vmq_fx.ops.int8_linear import prepare_weight
+    from vmq_fx.ops.vq_linear import code_bits
 
     length = VIM_T["length"]
     act = (torch.rand(length, generator=gen) * 0.05 + 0.01, torch.randint(0, 256, (length,), generator=gen,

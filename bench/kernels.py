@@ -19,12 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from vmq_fx.kernels.int8_linear import int8_linear_triton  # noqa: E402
-from vmq_fx.kernels.selective_scan import selective_scan_triton  # noqa: E402
-from vmq_fx.kernels.vq_linear import vq_linear_triton  # noqa: E402
+from vmq_fx.ops.triton.int8_linear import int8_linear_triton  # noqa: E402
+from vmq_fx.ops.triton.selective_scan import selective_scan_triton  # noqa: E402
+from vmq_fx.ops.triton.vq_linear import vq_linear_triton  # noqa: E402
 from vmq_fx.ops import pack_codes, pack_int4, unpack_int4  # noqa: E402
 from vmq_fx.ops.selective_scan import _forward as scan_torch  # noqa: E402
-from vmq_fx.ops.codebook_linear import code_bits  # noqa: E402
+from vmq_fx.ops.vq_linear import code_bits  # noqa: E402
 
 # (name, d_model): Vim-T 192, Vim-S 384, Vim-B 768; d_inner = 2 d_model, dt_rank = d_model / 16, d_state 16
 VIMS = [("Vim-T", 192), ("Vim-S", 384), ("Vim-B", 768)]

@@ -24,8 +24,8 @@ import torch  # noqa: E402
 
 import vmq_fx  # noqa: E402
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
-from vmq_fx.data import calibration_images  # noqa: E402
-from vmq_fx.evaluate import predict  # noqa: E402
+from vmq_fx.app.data import calibration_images  # noqa: E402
+from vmq_fx.app.evaluate import predict  # noqa: E402
 from vmq_fx.export import ort_session  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
 

@@ -4,7 +4,7 @@
         [--methods per-tensor per-token-dynamic sq-pts ptq4vm ...] [--threads N] [--cache F.jsonl] [--out F.md]
 
 A method is a recipe name without its bit widths (``ptq4vm``, ``sq-pts``, ``ptq4vm[lr_act=5e-5]`` ...; see
-``vmq_fx.recipes.from_name``), so the same script gives the main table and the JLSS ablation (``--methods sq-pts
+``vmq_fx.pt2e.recipes.from_name``), so the same script gives the main table and the JLSS ablation (``--methods sq-pts
 "ptq4vm[jlss_target=mixer]" ptq4vm ... --out bench/results/jlss_ablation.md``). A calibration seed picks the 256
 calibration images from the training split and seeds the optimization's sampling. Every run is evaluated on the
 convert_pt2e graph (Q/DQ; the lowered integer model agrees with it, tests/test_ptq4vm_flow.py) and appended to the
@@ -30,10 +30,10 @@ from _util import ResultCache, compare, fmt_spread, machine_line, mean_std, test
 
 import vmq_fx  # noqa: E402
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e  # noqa: E402
-from vmq_fx.data import calibration_images  # noqa: E402
-from vmq_fx.evaluate import predict  # noqa: E402
+from vmq_fx.app.data import calibration_images  # noqa: E402
+from vmq_fx.app.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
-from vmq_fx.recipes import from_name  # noqa: E402
+from vmq_fx.pt2e.recipes import from_name  # noqa: E402
 
 # ptq4vm: vmq_fx's default (JLSS on the residual stream); ptq4vm[jlss_target=mixer]: the authors' settings
 DEFAULT_METHODS = ["per-tensor", "per-token-dynamic", "sq-pts", "ptq4vm[jlss_target=mixer]", "ptq4vm"]

@@ -32,10 +32,10 @@ import torch  # noqa: E402
 
 import vmq_fx  # noqa: E402
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes  # noqa: E402
-from vmq_fx.images import ImageFiles, calibration_batch  # noqa: E402
-from vmq_fx.memory import PeakRSS  # noqa: E402
+from vmq_fx.app.images import ImageFiles, calibration_batch  # noqa: E402
+from vmq_fx.pt2e.memory import PeakRSS  # noqa: E402
 from vmq_fx.models import create_model, load_checkpoint  # noqa: E402
-from vmq_fx.report import bits_per_weight  # noqa: E402
+from vmq_fx.pt2e.diagnostics import bits_per_weight  # noqa: E402
 
 REDUCED = vmq_fx.Schedule(steps=4, batch_size=32)  # the optimization schedule run here (per block)
 PAPERS = {"jlss_vim": (100, 256), "jlss_vmamba": (400, 256), "vimvq": (100, 64)}  # steps per block, batch
@@ -129,7 +129,7 @@ def bench_model(name: str, args, folder: Path, work: Path) -> list[str]:
         print(f"{name} {label}", file=sys.stderr, flush=True)
         rs = Stages()
         prepared = rs.run("prepare", lambda: prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipe)))
-        with _Captured("vmq_fx.calibration") as phases:
+        with _Captured("vmq_fx.pt2e.calibrate") as phases:
             rs.run("calibrate", lambda: vmq_fx.calibrate(prepared, calib, batch_size=32, progress=False))
         report, projection = None, ""
         if recipe.optimizer is not None:

@@ -7,7 +7,7 @@ For every model, nominal bit width and calibration seed: plain k-means VQ, + con
 sub-vector rounded to its largest ratio at the end), + incremental confirmation (ViM-VQ). A method is a recipe name
 without its bit width (``vimvq``, ``vq-kmeans[codebook=layer]`` ...). Accuracy is measured on the lowered model
 (vmq::vq_linear), what is saved and deployed. Bits per weight are all in (codes, codebooks, row scales) as
-``vmq_fx.report.bits_per_weight`` counts them; model bytes count every tensor of the lowered model. Runs are cached
+``vmq_fx.pt2e.diagnostics.bits_per_weight`` counts them; model bytes count every tensor of the lowered model. Runs are cached
 in a ``.jsonl`` (see ``bench/ptq4vm_accuracy.py``) and the table is rendered from it after every run.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import ResultCache, compare, fmt_spread, machine_line, mean_std, test_set, top1  # noqa: E402
 
 import vmq_fx  # noqa: E402
-from vmq_fx.data import calibration_images  # noqa: E402
-from vmq_fx.evaluate import predict  # noqa: E402
+from vmq_fx.app.data import calibration_images  # noqa: E402
+from vmq_fx.app.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
-from vmq_fx.recipes import from_name  # noqa: E402
-from vmq_fx.report import bits_per_weight  # noqa: E402
+from vmq_fx.pt2e.recipes import from_name  # noqa: E402
+from vmq_fx.pt2e.diagnostics import bits_per_weight  # noqa: E402
 
 DEFAULT_METHODS = ["vq-kmeans", "vq-convex", "vimvq"]
 BASELINES = ["vq-kmeans", "vq-convex"]  # paired differences of every other method against these

@@ -6,8 +6,8 @@ import argparse
 
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
-from vmq_fx.data import calibration_images
-from vmq_fx.evaluate import evaluate
+from vmq_fx.app.data import calibration_images
+from vmq_fx.app.evaluate import evaluate
 from vmq_fx.models import load_reference
 
 

@@ -1,7 +1,7 @@
 """Random arguments of vmq::int8_linear shared by the op and kernel tests (not a test module)."""
 import torch
 
-from vmq_fx.ops.integer_linear import pack_int4, prepare_weight
+from vmq_fx.ops.int8_linear import pack_int4, prepare_weight
 
 
 def int8_case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0, packed=None):

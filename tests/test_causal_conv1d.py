@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vmq_fx.ops import causal_conv1d, causal_conv1d_op
+from vmq_fx.ops import causal_conv1d_fn, causal_conv1d_op
 
 
 def conv_reference(x, weight, bias, silu, reverse):
@@ -33,7 +33,7 @@ def inputs(channels=20, kernel=4, bias=True, seed=0):
 @pytest.mark.parametrize("bias,kernel", [(True, 4), (False, 2), (True, 1)])
 def test_matches_float64_convolution(implementation, reverse, silu, bias, kernel):
     x, w, b = inputs(kernel=kernel, bias=bias)
-    out = causal_conv1d(x, w, b, silu=silu, reverse=reverse)
+    out = causal_conv1d_fn(x, w, b, silu=silu, reverse=reverse)
     ref = conv_reference(x, w, b, silu, reverse)
     assert out.shape == (3, 9, 20) and out.is_contiguous() and out.dtype == torch.float32
     assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()
@@ -43,8 +43,8 @@ def test_reverse_reads_later_tokens_only(implementation):
     x, w, b = inputs()
     x2 = x.clone()
     x2[:, 5:] += 1.0
-    fwd, fwd2 = causal_conv1d(x, w, b), causal_conv1d(x2, w, b)
-    rev, rev2 = causal_conv1d(x, w, b, reverse=True), causal_conv1d(x2, w, b, reverse=True)
+    fwd, fwd2 = causal_conv1d_fn(x, w, b), causal_conv1d_fn(x2, w, b)
+    rev, rev2 = causal_conv1d_fn(x, w, b, reverse=True), causal_conv1d_fn(x2, w, b, reverse=True)
     torch.testing.assert_close(fwd[:, :5], fwd2[:, :5])  # token t sees t - 3 .. t
     torch.testing.assert_close(rev[:, :2], rev2[:, :2])  # token t sees t .. t + 3: 0 and 1 do not see token 5
     assert (rev[:, 2:5] - rev2[:, 2:5]).abs().amax(dim=(0, 2)).min() > 1e-3  # 2 .. 4 do
@@ -53,14 +53,14 @@ def test_reverse_reads_later_tokens_only(implementation):
 @pytest.mark.parametrize("reverse", [False, True])
 def test_gradients_match_finite_differences(implementation, reverse):
     x, w, b = (t.double().requires_grad_() for t in inputs(channels=5, kernel=3))
-    assert torch.autograd.gradcheck(lambda *a: causal_conv1d(*a, silu=True, reverse=reverse), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: causal_conv1d_fn(*a, silu=True, reverse=reverse), (x, w, b))
 
 
 def test_float32_gradients_match_the_float64_reference(implementation):
     x, w, b = (t.requires_grad_() for t in inputs())
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     g = torch.randn(3, 9, 20, generator=torch.Generator().manual_seed(1))
-    (causal_conv1d(x, w, b, silu=True, reverse=True) * g).sum().backward()
+    (causal_conv1d_fn(x, w, b, silu=True, reverse=True) * g).sum().backward()
     (conv_reference(x64, w64, b64, True, True) * g.double()).sum().backward()
     for got, want in ((x.grad, x64.grad), (w.grad, w64.grad), (b.grad, b64.grad)):
         assert (got.double() - want).abs().max() < 1e-5 * want.abs().max()
@@ -79,7 +79,7 @@ def test_exports_as_one_node():
             self.conv = torch.nn.Conv1d(8, 8, 4, groups=8, padding=3)
 
         def forward(self, x):
-            return causal_conv1d(x, self.conv.weight[:, 0], self.conv.bias, silu=True)
+            return causal_conv1d_fn(x, self.conv.weight[:, 0], self.conv.bias, silu=True)
 
     ep = torch.export.export(Conv(), (torch.randn(2, 7, 8),))
     targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
@@ -94,4 +94,4 @@ def test_exports_as_one_node():
 ])
 def test_bad_shapes_are_one_clear_error(implementation, args, match):
     with pytest.raises(ValueError, match=match):
-        causal_conv1d(*args)
+        causal_conv1d_fn(*args)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from vmq_fx.cli import main
-from vmq_fx.images import imagenet_synsets
+from vmq_fx.app.cli import main
+from vmq_fx.app.images import imagenet_synsets
 from vmq_fx.models import create_model
 
 
@@ -232,7 +232,7 @@ def test_bad_image_folders_are_one_line_errors(photos, tmp_path, capsys):
 def test_grayscale_rgba_and_cmyk_photos_are_converted(photos, tmp_path):
     from PIL import Image
 
-    from vmq_fx.images import ImageFiles, calibration_batch
+    from vmq_fx.app.images import ImageFiles, calibration_batch
 
     folder = tmp_path / "modes"
     folder.mkdir()
@@ -261,18 +261,25 @@ def test_export_onnx_with_the_custom_scan(tmp_path, capsys, monkeypatch, ort_cus
     assert not (tmp_path / "o").exists()
 
 
-def test_log_lines_go_to_the_current_stderr_after_a_run(capsys):
-    """The CLI's log handler follows sys.stderr: a library call after main() returned (its stream replaced, the old one
-    closed) logs to the new stream, not into the closed one ("--- Logging error ---")."""
+def test_the_cli_leaves_logging_as_it_found_it(capsys):
+    """main() logs to stderr while it runs and removes its handler when it returns: a library call afterwards (its
+    stream closed by then) never writes into the closed one ("--- Logging error ---"), and nothing is filtered."""
     import io
     import logging
     import sys
 
-    main(["list"])
-    capsys.readouterr()
-    old, sys.stderr = sys.stderr, io.StringIO()
+    logger = logging.getLogger("vmq_fx")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    stream = io.StringIO()
+    old, sys.stderr = sys.stderr, stream
     try:
-        logging.getLogger("vmq_fx.test").warning("after the run")
-        assert "vmq: after the run" in sys.stderr.getvalue()
+        assert main(["eval", "no-such-model"]) == 2
     finally:
         sys.stderr = old
+    assert "vmq: error:" in stream.getvalue()
+    stream.close()
+    assert (list(logger.handlers), logger.level, logger.propagate) == before
+    torchao_filters = logging.getLogger("torchao").filters
+    assert not torchao_filters, torchao_filters  # the CLI's silencing ends with the command
+    with capsys.disabled():
+        logging.getLogger("vmq_fx.test").warning("after the run")  # must not hit the closed stream

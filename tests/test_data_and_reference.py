@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from vmq_fx.data import calibration_images, fashion_mnist, normalize
-from vmq_fx.evaluate import evaluate
+from vmq_fx.app.data import calibration_images, fashion_mnist, normalize
+from vmq_fx.app.evaluate import evaluate
 from vmq_fx.models import list_references, load_reference, reference_card
 
 
@@ -83,7 +83,7 @@ def test_unknown_reference_lists_the_shipped_ones():
 
 
 def test_continued_training_rejects_a_checkpoint_of_another_model(tmp_path):
-    from vmq_fx.train import TrainConfig, train_reference
+    from vmq_fx.app.train import TrainConfig, train_reference
 
     with pytest.raises(ValueError, match="is a 'vmamba_fm_tiny' model, not 'vim_fm_tiny'"):
         train_reference("vim_fm_tiny", tmp_path, "x", TrainConfig(init_from="vmamba-fm-tiny"))
@@ -99,7 +99,7 @@ def test_continued_training_rejects_a_checkpoint_of_another_model(tmp_path):
 def test_continued_training_starts_from_the_given_weights():
     from vmq_fx.models import create_model
     from vmq_fx.models.checkpoint import load_state_dict_strict
-    from vmq_fx.train import _load_init
+    from vmq_fx.app.train import _load_init
 
     state, card = _load_init("vim-fm-tiny", "vim_fm_tiny")
     assert card == reference_card("vim-fm-tiny")
@@ -113,8 +113,8 @@ def test_continued_run_card_embeds_the_earlier_card(tmp_path, monkeypatch):
     # Two steps on a few real-shaped images; the full-test evaluation is replaced so the test stays fast.
     import json
 
-    import vmq_fx.train as train
-    from vmq_fx.evaluate import EvalResult
+    import vmq_fx.app.train as train
+    from vmq_fx.app.evaluate import EvalResult
 
     gen = torch.Generator().manual_seed(0)
     monkeypatch.setattr(train, "fashion_mnist", lambda split, data_dir=None: (
@@ -136,7 +136,7 @@ def test_continued_run_card_embeds_the_earlier_card(tmp_path, monkeypatch):
 def test_a_stopped_run_leaves_its_last_epoch_to_continue_from(tmp_path, monkeypatch):
     import json
 
-    import vmq_fx.train as train
+    import vmq_fx.app.train as train
 
     class Stopped(Exception):
         pass

@@ -3,7 +3,8 @@ import torch
 
 from vmq_fx.ops import native
 from int8_cases import int8_case
-from vmq_fx.ops import int8_linear, int8_linear_reference, pack_int4, unpack_int4
+from vmq_fx.ops import int8_linear_reference, pack_int4, unpack_int4
+from vmq_fx.ops.int8_linear import int8_linear
 
 SHAPES = [(2, 17, 96, 40), (1, 5, 7, 3), (3, 50, 33, 65), (4, 1, 16, 16)]
 BITS = [(8, 8), (4, 8), (6, 6), (4, 4)]
@@ -26,7 +27,7 @@ def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bit
 def test_fused_and_torch_paths_agree(w_bits, a_bits):
     op_args, _ = int8_case(3, 50, 33, 65, w_bits=w_bits, a_bits=a_bits, seed=1)
     x, smooth, scale, zp, qmin, qmax = op_args[0], op_args[1], op_args[2], op_args[3], op_args[8], op_args[9]
-    kernels = native.native_kernels()
+    kernels = native.kernels()
     assert kernels is not None
     # The same integer levels as quantize_per_channel's formula (the integer product is then exact) ...
     shift = 128 if qmax > 127 else 0  # levels are stored in int8

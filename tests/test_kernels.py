@@ -8,12 +8,12 @@ pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
 
-from vmq_fx.kernels.int8_linear import int8_linear_triton  # noqa: E402
-from vmq_fx.kernels.selective_scan import selective_scan_triton  # noqa: E402
-from vmq_fx.kernels.vq_linear import vq_linear_triton  # noqa: E402
+from vmq_fx.ops.triton.int8_linear import int8_linear_triton  # noqa: E402
+from vmq_fx.ops.triton.selective_scan import selective_scan_triton  # noqa: E402
+from vmq_fx.ops.triton.vq_linear import vq_linear_triton  # noqa: E402
 from int8_cases import int8_case  # noqa: E402
 from vmq_fx.ops import int8_linear_reference, pack_codes, vq_linear_reference  # noqa: E402
-from vmq_fx.ops.codebook_linear import code_bits  # noqa: E402
+from vmq_fx.ops.vq_linear import code_bits  # noqa: E402
 
 
 def _gen(seed):

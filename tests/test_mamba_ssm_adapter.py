@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from vmq_fx.models import MambaMixer
-from vmq_fx.passes import adapt_mamba_ssm
+from vmq_fx.models import adapt_mamba_ssm
 
 
 @pytest.fixture()

@@ -7,7 +7,7 @@ _SCRIPT = textwrap.dedent(
     """
     import time
 
-    from vmq_fx.memory import PeakRSS
+    from vmq_fx.pt2e.memory import PeakRSS
 
     with PeakRSS() as rss:
         buffer = b"\\x01" * (64 << 20)  # written, so resident (a zeroed allocation need not be)

@@ -3,6 +3,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import time
 
@@ -22,7 +23,7 @@ def _cpu_kernel_source(op: str) -> str | None:
 
 
 def test_cpu_kernels_are_registered_in_the_dispatcher_and_can_be_disabled():
-    assert native.native_kernels() is not None, "the fused CPU kernels did not build (see the log)"
+    assert native.kernels() is not None, "the fused CPU kernels did not build (see the log)"
     for op in OPS:
         assert "module.cpp" in (_cpu_kernel_source(op) or ""), op
     with native.disabled():
@@ -31,10 +32,49 @@ def test_cpu_kernels_are_registered_in_the_dispatcher_and_can_be_disabled():
     assert all("module.cpp" in (_cpu_kernel_source(op) or "") for op in OPS)
 
 
+def test_importing_the_backend_installs_no_log_or_warning_filters():
+    code = ("import logging, warnings, torch, torchao.quantization.pt2e.quantize_pt2e; "  # theirs come first
+            "before = list(warnings.filters); import vmq_fx.pt2e.flow, vmq_fx.ops; "
+            "assert warnings.filters == before, 'warning filters changed'; "
+            "assert not any(logging.getLogger(n).filters for n in ('torchao', 'torch.utils._pytree', "
+            "'torch.onnx._internal.exporter._registration')), 'log filters installed'; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+_FIRST_CALL = """
+import time, torch, vmq_fx
+t0 = time.perf_counter()
+import vmq_fx.ops
+from vmq_fx.ops import native
+assert native.native_kernels() is None, "built or loaded at import"
+with native.disabled():  # the pure-torch path stays pure inside disabled(), even for a first call
+    torch.ops.vmq.causal_conv1d(torch.randn(1, 6, 3), torch.randn(3, 4), None, True, False)
+    assert native.native_kernels() is None
+out = torch.ops.vmq.causal_conv1d(torch.randn(1, 6, 3), torch.randn(3, 4), None, True, False)
+assert native.native_kernels() is not None and out.shape == (1, 6, 3)
+assert "module.cpp" in next(l for l in torch._C._dispatch_dump("vmq::causal_conv1d").splitlines() if l.startswith("CPU:"))
+print("ok")
+"""
+
+
+def test_kernels_load_at_the_first_op_call_not_at_import():
+    # A fresh process: this one has long loaded them.
+    done = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_importing_the_package_imports_neither_torch_nor_its_backend():
+    code = ("import sys, vmq_fx; import vmq_fx.app.cli; "
+            "print(sorted(m for m in ('torch', 'torchao', 'vmq_fx.pt2e', 'vmq_fx.ops') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
+
+
 def test_the_isa_in_use_is_the_best_this_cpu_runs_unless_one_is_asked_for():
     isas = native.executable_isas()
     assert isas[-1] in ("generic", "neon")
-    assert native.native_kernels().isa == native.selected_isa()
+    assert native.kernels().isa == native.selected_isa()
     if not os.environ.get("VMQ_FX_CPU_ISA"):
         assert native.selected_isa() == isas[0]
 

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from vmq_fx.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
-from vmq_fx.observers.lp_search import search_asymmetric_ranges, search_symmetric_clips
+from vmq_fx.pt2e.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.pt2e.observers.lp_search import search_asymmetric_ranges, search_symmetric_clips
 
 
 def _lp_sym_direct(row, clip, qmax, p=2.4):
@@ -91,7 +91,7 @@ def _stream(rows=40, seed=0):
 
 @pytest.mark.parametrize("tokens", [False, True])
 def test_row_histograms_count_every_value_in_its_bin(tokens, implementation):
-    from vmq_fx.observers.lp_search import RowHistograms
+    from vmq_fx.pt2e.observers.lp_search import RowHistograms
 
     batches = _stream()
     h = RowHistograms(256)
@@ -118,7 +118,7 @@ def test_histogram_search_is_within_a_stated_tolerance_of_the_exact_search(level
     """The range chosen on 2048-bin histograms against the exact search on all values: its Lp error (measured on all
     values) is within 10 % of the exact optimum on every token and 1 % on average. A histogram missing the outliers
     (or a subsample of 4096 values, the previous implementation's cap) misses by orders of magnitude."""
-    from vmq_fx.observers.lp_search import RowHistograms, search_asymmetric_ranges
+    from vmq_fx.pt2e.observers.lp_search import RowHistograms, search_asymmetric_ranges
 
     batches = _stream()
     x = torch.cat(batches, 1)

@@ -7,10 +7,10 @@ import torch
 
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
-from vmq_fx.data import calibration_images, fashion_mnist, normalize
+from vmq_fx.app.data import calibration_images, fashion_mnist, normalize
 from vmq_fx.export import OnnxExportError, ort_session
 from vmq_fx.models import create_model, load_reference
-from vmq_fx.ops.integer_linear import prepare_weight
+from vmq_fx.ops.int8_linear import prepare_weight
 
 REL_BOUND = 1e-4  # FP logits, onnxruntime vs torch: float reassociation (Scan body, exp, reductions) only
 # Quantized models: an upstream float difference of ~1e-7 moves the few activations that sit on a rounding boundary
@@ -162,7 +162,7 @@ def test_lowered_w8a8_w4a8_match_in_onnxruntime(w_bits, name, tmp_path, test_bat
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(w_bits, 8)))
     vmq_fx.calibrate(prepared, calibration_images(32), progress=False)
     quantized = convert_pt2e(prepared)
-    n_linears = len(vmq_fx.quantizer.quantized_linears(quantized))
+    n_linears = len(vmq_fx.pt2e.quantizer.quantized_linears(quantized))
     lowered = vmq_fx.lower(quantized)
     res = vmq_fx.export_onnx(lowered, test_batch[:2], tmp_path / "q.onnx")
     ops = _ops(res.path)
@@ -197,7 +197,7 @@ def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch):
     vmq_fx.calibrate(prepared, calib, progress=False)
     vmq_fx.vector_quantize(prepared, calib, progress=False)
     quantized = convert_pt2e(prepared)
-    n_linears = len(vmq_fx.quantizer.quantized_linears(quantized))
+    n_linears = len(vmq_fx.pt2e.quantizer.quantized_linears(quantized))
     lowered = vmq_fx.lower(quantized)
     res = vmq_fx.export_onnx(lowered, test_batch[:2], tmp_path / "vq.onnx")
     ops = _ops(res.path)

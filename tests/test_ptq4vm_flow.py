@@ -10,8 +10,8 @@ from torchao.quantization.pt2e.quantizer import ComposableQuantizer, Quantizer
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.models import create_model
-from vmq_fx.observers import NotCalibratedError
-from vmq_fx.quantizer import find_quantizable_linears
+from vmq_fx.pt2e.observers import NotCalibratedError
+from vmq_fx.pt2e.quantizer import find_quantizable_linears
 
 qd = torch.ops.quantized_decomposed
 
@@ -215,7 +215,7 @@ def test_composes_with_another_quantizer_that_claims_out_proj(vim, tmp_path):
 def _quantizer_params(prepared):
     """{(layer, kind): tensor copy} of every step size and smoothing scale."""
     out = {}
-    for layer, act, weight in vmq_fx.calibration.linear_quantizers(prepared).values():
+    for layer, act, weight in vmq_fx.pt2e.utils.linear_quantizers(prepared).values():
         out[(layer.name, "act")] = act.scale.detach().clone()
         out[(layer.name, "weight")] = weight.scale.detach().clone()
         out[(layer.name, "smooth")] = act.smooth.detach().clone()
@@ -241,7 +241,7 @@ def test_jlss_lowers_the_block_loss_and_learns_only_what_it_should(vim):
 
 
 def test_jlss_targets_the_mixer_output_or_the_residual_stream(vim):
-    from vmq_fx.blockwise import BlockRunner
+    from vmq_fx.pt2e.blockwise import BlockRunner
 
     model, gm = vim
     calib = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -305,7 +305,7 @@ def test_mixed_precision_per_role_and_module_name(vim):
     quantizer = (VisualMambaQuantizer(recipes.ptq4vm(4, 4)).set_role("dt_proj", recipes.ptq4vm(8, 8))
                  .set_module_name("layers.*.mixer.x_proj_b", None))
     prepared = prepare_pt2e(copy.deepcopy(vim[1]), quantizer)
-    layers = {layer.name: layer for layer in vmq_fx.quantizer.quantized_linears(prepared).values()}
+    layers = {layer.name: layer for layer in vmq_fx.pt2e.quantizer.quantized_linears(prepared).values()}
     assert not any(name.endswith("x_proj_b") for name in layers)  # left in float
     assert {(layers[n].recipe.w_bits, layers[n].recipe.a_bits) for n in layers if layers[n].role == "dt_proj"} == {(8, 8)}
     assert {(layers[n].recipe.w_bits, layers[n].recipe.a_bits) for n in layers if layers[n].role != "dt_proj"} == {(4, 4)}

@@ -5,15 +5,15 @@ import pytest
 import torch
 
 import vmq_fx
-from vmq_fx.recipes import Schedule
+from vmq_fx.pt2e.recipes import Schedule
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.models import CheckpointMismatchError, create_model
-from vmq_fx.observers import NotCalibratedError, VectorQuantizedWeight, kmeans, nearest_codewords
-from vmq_fx.observers.codebook import codebook_shape
-from vmq_fx.ops import pack_codes, unpack_codes, vq_dequantize, vq_linear, vq_linear_reference
-from vmq_fx.ops.codebook_linear import code_bits, decode_row_scale, encode_row_scale
-from vmq_fx.report import bits_per_weight
-from vmq_fx.vq import _confirm_schedule
+from vmq_fx.pt2e.observers import NotCalibratedError, VectorQuantizedWeight, kmeans, nearest_codewords
+from vmq_fx.pt2e.observers.codebook import codebook_shape
+from vmq_fx.ops import pack_codes, unpack_codes, vq_dequantize, vq_linear_reference
+from vmq_fx.ops.vq_linear import code_bits, decode_row_scale, encode_row_scale, vq_linear
+from vmq_fx.pt2e.diagnostics import bits_per_weight
+from vmq_fx.pt2e.vq import _confirm_schedule
 
 VQ_DQ = torch.ops.vmq.vq_dequantize.default
 VQ_LINEAR = torch.ops.vmq.vq_linear.default
@@ -252,7 +252,7 @@ def test_end_to_end_vimvq_graph_numbers_and_save_load(tiny, tmp_path):
 
 def _assert_nearest_codewords(prepared):
     """After calibration every sub-vector's code is its nearest codeword (brute-force distances in float64)."""
-    for layer, _, vq in vmq_fx.calibration.linear_quantizers(prepared).values():
+    for layer, _, vq in vmq_fx.pt2e.utils.linear_quantizers(prepared).values():
         w = prepared.get_parameter(layer.name + ".weight").detach().double()
         w = w / vq.scales.double()[:, None]
         sub = torch.nn.functional.pad(w, (0, -w.shape[1] % vq.d)).reshape(-1, vq.d)

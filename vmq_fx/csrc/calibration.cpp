@@ -4,7 +4,7 @@
 // three, plus a transposing copy). histogram_add: grows the per-token histograms' ranges to hold the values
 // (RowHistograms' doubling, which took longer in torch ops than the counting) and counts them. search_ranges: the Lp
 // range search of PTQ4VM over a histogram, each non-empty bin standing for its values at its center: the candidate
-// ranges and the quantization arithmetic of vmq_fx.observers.lp_search.search_asymmetric_ranges, with |e|^p from
+// ranges and the quantization arithmetic of vmq_fx.pt2e.observers.lp_search.search_asymmetric_ranges, with |e|^p from
 // vexp2 / vlog2 (relative error ~1e-6).
 #include <torch/extension.h>
 

@@ -46,7 +46,7 @@ at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook
 at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
                          const at::Tensor& row_scale, const std::optional<at::Tensor>& bias, int64_t in_features);
 
-// How int8_linear multiplies: "int_mm" (at::_int_mm) or "float" (fp32 GEMM on the levels); see quant_linear.cpp.
+// How int8_linear multiplies: "int_mm" (at::_int_mm) or "float" (fp32 GEMM on the levels); see int8_linear.cpp.
 void set_int8_gemm(const std::string& path);
 std::string int8_gemm();
 

@@ -244,7 +244,7 @@ def _vq_weight(op, codes, codebook, row_scale, in_features: int):
     if per_row * d != in_features:
         w = op.Slice(w, _const(op, [0], np.int64), _const(op, [in_features], np.int64),
                      _const(op, [1], np.int64))
-    # the 8-bit logarithmic row scale, 2^(code / 16 - 12) (vmq_fx.ops.codebook_linear.decode_row_scale)
+    # the 8-bit logarithmic row scale, 2^(code / 16 - 12) (vmq_fx.ops.vq_linear.decode_row_scale)
     scale = op.Pow(_const(op, 2.0, np.float32), op.Add(op.Mul(op.Cast(row_scale, to=1), _const(op, 1 / 16, np.float32)),
                                                         _const(op, -12.0, np.float32)))
     return op.Mul(w, op.Unsqueeze(scale, _const(op, [-1], np.int64)))
@@ -335,7 +335,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     """
     _ops()
     t0 = time.perf_counter()
-    from vmq_fx.passes.int4_storage import int4_weight_names, pack_int4_weights
+    from vmq_fx.pt2e.lowering.int4_storage import int4_weight_names, pack_int4_weights
 
     if isinstance(model, torch.fx.GraphModule) and int4_weight_names(model):
         model = pack_int4_weights(copy.deepcopy(model))  # 4-bit weights go to the file two per byte

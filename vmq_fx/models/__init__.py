@@ -7,6 +7,7 @@ from vmq_fx.models.reference import list_references, load_reference, reference_c
 from vmq_fx.models.registry import MODEL_CONFIGS, create_model, list_models, with_overrides
 from vmq_fx.models.vim import VimConfig, VisionMamba
 from vmq_fx.models.vmamba import VMamba, VMambaConfig
+from vmq_fx.models.mamba_ssm import adapt_mamba_ssm
 
 __all__ = [
     "CheckpointMismatchError",
@@ -17,6 +18,7 @@ __all__ = [
     "VMambaConfig",
     "VimConfig",
     "VisionMamba",
+    "adapt_mamba_ssm",
     "create_model",
     "list_models",
     "list_references",

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmq_fx.ops import causal_conv1d, selective_scan_fn
+from vmq_fx.ops import causal_conv1d_fn, selective_scan_fn
 
 __all__ = ["MambaMixer", "RMSNorm"]
 
@@ -115,7 +115,7 @@ class MambaMixer(nn.Module):
         ``reverse`` is the backward direction: the convolution and the scan run from the last token to the first on
         the tensors as they are, which equals Vim's flip -> forward branch -> flip without copying anything.
         """
-        x = causal_conv1d(x, conv.weight[:, 0], conv.bias, silu=True, reverse=reverse)  # [batch, L, d_inner]
+        x = causal_conv1d_fn(x, conv.weight[:, 0], conv.bias, silu=True, reverse=reverse)  # [batch, L, d_inner]
         x_dbl = x_proj(x)  # [batch, L, dt_rank + 2N]
         dt, b, c = torch.split(x_dbl, [self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = F.linear(dt, dt_proj.weight)  # bias goes into the scan as delta_bias

@@ -1,17 +1,28 @@
-"""Custom ops of vmq_fx (``torch.ops.vmq.*``): schema, fake implementation, CPU implementation, autograd."""
-from vmq_fx.ops.causal_conv1d import causal_conv1d, causal_conv1d_op
-from vmq_fx.ops.integer_linear import int8_linear, int8_linear_reference, pack_int4, unpack_int4
+"""The vmq ops (``torch.ops.vmq.*``), one module each: schema, checks, pure-torch implementation (the reference and
+the fallback), fake implementation for ``torch.export``, autograd where the op has one.
+
+============================ ===================================== ===================================================
+op                           definition                            kernels
+============================ ===================================== ===================================================
+``vmq::selective_scan``      :mod:`vmq_fx.ops.selective_scan`      ``csrc/selective_scan.cpp``, ``triton/selective_scan.py``
+``vmq::causal_conv1d``       :mod:`vmq_fx.ops.causal_conv1d`       ``csrc/causal_conv1d.cpp``
+``vmq::int8_linear``         :mod:`vmq_fx.ops.int8_linear`         ``csrc/int8_linear.cpp``, ``triton/int8_linear.py``
+``vmq::vq_linear``,          :mod:`vmq_fx.ops.vq_linear`           ``csrc/vq_linear.cpp``, ``triton/vq_linear.py``
+``vmq::vq_dequantize``
+============================ ===================================== ===================================================
+
+The C++ kernels (:mod:`vmq_fx.ops.native`) are built or loaded at the first call of an op on CPU tensors, not at
+import; the Triton kernels (:mod:`vmq_fx.ops.triton`) are registered for CUDA when CUDA and Triton are available.
+"""
+from vmq_fx.ops import causal_conv1d, int8_linear, native, selective_scan, vq_linear
+from vmq_fx.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_op
+from vmq_fx.ops.int8_linear import int8_linear_reference, pack_int4, unpack_int4
 from vmq_fx.ops.selective_scan import selective_scan_fn, selective_scan_op
-from vmq_fx.ops.codebook_linear import pack_codes, unpack_codes, vq_dequantize, vq_linear, vq_linear_reference
+from vmq_fx.ops.vq_linear import pack_codes, unpack_codes, vq_dequantize, vq_linear_reference
 
-from vmq_fx.ops import native
-
-# After the op definitions above: the C++ kernels replace their pure-torch CPU implementations where they build.
-native.enable()
-
-__all__ = ["causal_conv1d", "causal_conv1d_op", "int8_linear", "int8_linear_reference", "pack_codes", "pack_int4",
-           "selective_scan_fn", "selective_scan_op", "unpack_codes", "unpack_int4", "vq_dequantize", "vq_linear",
-           "vq_linear_reference"]
+__all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_op", "int8_linear", "int8_linear_reference", "native",
+           "pack_codes", "pack_int4", "selective_scan", "selective_scan_fn", "selective_scan_op", "unpack_codes",
+           "unpack_int4", "vq_dequantize", "vq_linear", "vq_linear_reference"]
 
 
 def _register_gpu_kernels() -> None:
@@ -26,7 +37,7 @@ def _register_gpu_kernels() -> None:
             warnings.warn("CUDA is available but Triton is not: the vmq ops run their pure-torch implementations on "
                           "the GPU (slow); install triton for the kernels", stacklevel=2)
             return
-        from vmq_fx.kernels import register
+        from vmq_fx.ops.triton import register
 
         register()
 

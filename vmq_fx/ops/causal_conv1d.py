@@ -25,7 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["causal_conv1d", "causal_conv1d_op"]
+from vmq_fx.ops import native
+
+__all__ = ["causal_conv1d_fn", "causal_conv1d_op"]
 
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -40,6 +42,7 @@ def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
 
 
 @torch.library.custom_op("vmq::causal_conv1d", mutates_args=())
+@native.builds_on_first_call("causal_conv1d")
 def causal_conv1d_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], silu: bool, reverse: bool) -> Tensor:
     """Depthwise (anti-)causal convolution of a [batch, L, channels] sequence, then SiLU when ``silu``."""
     _check_inputs(x, weight, bias)
@@ -91,7 +94,7 @@ def _backward(ctx, grad):
 causal_conv1d_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: bool = False,
+def causal_conv1d_fn(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu: bool = False,
                   reverse: bool = False) -> Tensor:
     """Mamba's depthwise causal convolution on [batch, L, channels], optionally followed by SiLU.
 
@@ -107,11 +110,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, silu
 
     Example:
         >>> import torch
-        >>> from vmq_fx.ops import causal_conv1d
+        >>> from vmq_fx.ops import causal_conv1d_fn
         >>> conv = torch.nn.Conv1d(6, 6, 4, groups=6, padding=3)
         >>> x = torch.randn(2, 5, 6)
         >>> ref = conv(x.transpose(1, 2))[..., :5].transpose(1, 2)
-        >>> torch.allclose(causal_conv1d(x, conv.weight[:, 0], conv.bias), ref, atol=1e-6)
+        >>> torch.allclose(causal_conv1d_fn(x, conv.weight[:, 0], conv.bias), ref, atol=1e-6)
         True
     """
     return causal_conv1d_op(x, weight, bias, silu, reverse)

@@ -1,15 +1,17 @@
 """The compiled CPU kernels of vmq_fx: fused selective scan (forward and backward), causal convolution, integer and
 VQ linears.
 
-:func:`enable` (called when :mod:`vmq_fx.ops` is imported) registers them in torch's dispatcher as the CPU
-implementations of ``vmq::selective_scan``, ``vmq::causal_conv1d``, ``vmq::int8_linear``, ``vmq::vq_linear`` and
-``vmq::vq_dequantize``, over the pure-torch implementations the ops are defined with: a call from an exported graph
-goes straight to C++.
-:func:`disabled` switches back to the pure-torch implementations for a while (tests, benchmarks).
+:func:`enable` registers them in torch's dispatcher as the CPU implementations of ``vmq::selective_scan``,
+``vmq::causal_conv1d``, ``vmq::int8_linear``, ``vmq::vq_linear`` and ``vmq::vq_dequantize``, over the pure-torch
+implementations the ops are defined with: a call from an exported graph goes straight to C++. Nothing is built or
+loaded at import: the first call of a vmq op on CPU tensors (:func:`builds_on_first_call`) or the first
+:func:`kernels` lookup calls :func:`enable`. :func:`disabled` switches back to the pure-torch implementations for a
+while (tests, benchmarks).
 
 They are C++ (``vmq_fx/csrc``) built with torch's own extension tooling (``torch.utils.cpp_extension.load``: ninja and
-the system C++ compiler) the first time a process needs them, and cached under ``$VMQ_FX_CACHE`` (default
-``~/.cache/vmq_fx``), so later processes load them in well under a second. Why this route: it needs nothing beyond
+the system C++ compiler) the first time they are needed on a machine, and cached under ``$VMQ_FX_CACHE`` (default
+``~/.cache/vmq_fx``, a folder per build, checkout and source text), so later processes load them in well under a
+second. Why this route: it needs nothing beyond
 what installing torch already brings on Linux (a compiler and ninja) and it uses torch's thread pool
 (``torch.set_num_threads`` applies).
 
@@ -39,24 +41,27 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import platform
 import sys
 import time
+import typing
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-__all__ = ["ONEDNN_CAPS_WITHOUT_INT8_DOT", "disabled", "enable", "executable_isas", "int8_gemm_path", "native_kernels",
-           "selected_isa", "use_isa"]
+__all__ = ["ONEDNN_CAPS_WITHOUT_INT8_DOT", "builds_on_first_call", "disabled", "enable", "executable_isas",
+           "int8_gemm_path", "kernels", "native_kernels", "selected_isa", "use_isa"]
 
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp", "quant_linear.cpp", "calibration.cpp")
-_HEADERS = ("kernels.h", "vec.h")
+_SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp", "int8_linear.cpp", "vq_linear.cpp",
+            "calibration.cpp")
+_HEADERS = ("kernels.h", "vec.h", "linear_common.h")
 _BASE_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
@@ -132,7 +137,7 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     ``torch._int_mm`` (oneDNN) is exact and fast where the CPU has int8 dot-product instructions: measured 2.0x the
     fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). Without them the op multiplies
     the dequantized activation levels and the dequantized weight in the fp32 GEMM (the Q/DQ graph's computation, see
-    ``csrc/quant_linear.cpp``): the FP32 model's work plus one pass over the input. ``$VMQ_FX_INT8_GEMM`` (``int_mm`` /
+    ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over the input. ``$VMQ_FX_INT8_GEMM`` (``int_mm`` /
     ``float``) overrides the choice. The pure-torch implementation of the op follows the same choice.
     """
     isa = isa or selected_isa()
@@ -247,13 +252,19 @@ def _register(module: ModuleType, int8_gemm: str | None = None) -> None:
     _active = module
 
 
+_attempted = False  # enable() ran (whatever came of it): the first-use hooks stay out of the way from then on
+_suppressed = 0  # depth of disabled() blocks: no first-use build inside them
+
+
 @functools.cache
 def enable() -> bool:
     """Register the C++ kernels of :func:`selected_isa` as the CPU implementations of the vmq ops (building them
     first if needed); one logged warning says why when they cannot be had.
 
-    Returns whether they are active. Idempotent.
+    Returns whether they are active. Idempotent; the first call of an op does it when nobody did.
     """
+    global _attempted
+    _attempted = True
     if os.environ.get("VMQ_FX_NATIVE", "1") == "0":
         log.warning("vmq_fx: VMQ_FX_NATIVE=0: using the pure-torch CPU implementations (slower)")
         return False
@@ -268,8 +279,41 @@ def enable() -> bool:
 
 
 def native_kernels() -> ModuleType | None:
-    """The compiled module while its kernels are the ops' CPU implementations, else ``None``."""
+    """The compiled module while its kernels are the ops' CPU implementations, else ``None`` (loads nothing)."""
     return _active if _active is not None and _active.cpu_kernels_registered() else None
+
+
+def kernels() -> ModuleType | None:
+    """:func:`native_kernels`, after :func:`enable` if nothing has tried it yet (outside :func:`disabled`): what the
+    Python side calls for the helper kernels (calibration statistics, the scan's backward)."""
+    if not _attempted and not _suppressed:
+        enable()
+    return native_kernels()
+
+
+def builds_on_first_call(op: str):
+    """Decorate the pure-torch implementation of ``vmq::<op>``: its first call on CPU tensors builds or loads the C++
+    kernels (:func:`enable`) and, once they are registered, hands the call to them through the dispatcher. Later calls
+    reach the pure-torch implementation only where the kernels are not registered (other devices, :func:`disabled`,
+    no compiler).
+    """
+    def decorate(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if not _attempted and not _suppressed and isinstance(args[0], torch.Tensor) and \
+                    args[0].device.type == "cpu" and enable() and native_kernels() is not None:
+                return getattr(torch.ops.vmq, op).default(*args, **kwargs)
+            return fn(*args, **kwargs)
+
+        # torch.library infers the op's schema from the signature, resolving string annotations in the globals of
+        # the function it is given: hand it the resolved ones of the definition.
+        hints = typing.get_type_hints(fn)
+        sig = inspect.signature(fn)
+        run.__signature__ = sig.replace(
+            parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()],
+            return_annotation=hints.get("return", sig.return_annotation))
+        return run
+    return decorate
 
 
 @contextlib.contextmanager
@@ -281,12 +325,15 @@ def disabled():
         >>> with native.disabled():
         ...     assert native.native_kernels() is None
     """
+    global _suppressed
     module = native_kernels()
     if module is not None:
         module.deregister_cpu_kernels()
+    _suppressed += 1
     try:
         yield
     finally:
+        _suppressed -= 1
         if module is not None:
             module.register_cpu_kernels()
 

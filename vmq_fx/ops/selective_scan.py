@@ -209,6 +209,7 @@ def _forward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus):
 
 
 @torch.library.custom_op("vmq::selective_scan", mutates_args=())
+@native.builds_on_first_call("selective_scan")
 def selective_scan_op(
     u: Tensor,
     delta: Tensor,
@@ -342,7 +343,7 @@ def _selective_scan_backward(ctx, grad_out, grad_last):
         grad_out = torch.zeros_like(u)
     if grad_last is None:
         grad_last = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype, device=u.device)
-    kernels = native.native_kernels() if u.device.type == "cpu" else None
+    kernels = native.kernels() if u.device.type == "cpu" else None
     if kernels is not None:
         with torch.no_grad():
             grads = kernels.selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,

@@ -1,0 +1,270 @@
+// CPU path of vmq::int8_linear (vmq_fx/ops/int8_linear.py defines the op).
+//
+// One pass quantizes the activation per token (x / smooth * (1 / scale), round half to even, + zero
+// point, clamp, - shift into int8), the integer product goes into the output's memory, and one pass rescales in place:
+// (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n]. The column sums come from the lowering (they
+// depend on the weight only). The levels and the float operations are those of the pure-torch path, in the same order.
+//
+// The product has two paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+//   int_mm: at::_int_mm (oneDNN) with int32 accumulation, exact: fast only where the CPU has int8 dot-product
+//           instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong under a oneDNN
+//           capped below VNNI, whose 16-bit pair sums saturate).
+//   float:  the same activation levels dequantized ((level - zp) * act_scale, as dequantize_per_channel) times the
+//           dequantized weight (w_int * w_scale, made once per weight tensor and cached while it lives) in the fp32
+//           GEMM, with the bias: what the Q/DQ reference graph computes, the fp32 model's work plus one pass over x.
+//           It differs from the exact integer path by float rounding (~1e-7 relative).
+//
+#include <torch/extension.h>
+
+#include "kernels.h"
+#include "linear_common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+namespace {
+
+using namespace vmq_fx::linear;
+
+// Round half to even, as torch.round: adding and subtracting 1.5 * 2^23 rounds in the FPU's default mode. Exact for
+// |v| < 2^22; larger values are far outside every level range and only need to stay large, which they do.
+inline VF round_even(VF v) {
+  const float magic = 12582912.0f;
+  return (v + magic) - magic;
+}
+
+// The levels of one row, clamp(round(x[k] (/ smooth[k]) * inv) + z, lo, hi) as floats, handed to store(k, v) a
+// vector at a time and store(k, v) for the scalar tail (both overloads of one callable).
+template <typename Store>
+inline void row_levels(const float* row, const float* smooth, float inv, float z, float lo, float hi, int64_t K,
+                       Store&& store) {
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    VF v = loadf(row + k);
+    if (smooth) v = v / loadf(smooth + k);
+    v = round_even(v * inv) + z;
+    v = v < lo ? VF{} + lo : v;
+    v = v > hi ? VF{} + hi : v;
+    store(k, v);
+  }
+  for (; k < K; ++k) {
+    const float v = smooth ? row[k] / smooth[k] : row[k];
+    store(k, std::min(std::max(std::nearbyint(v * inv) + z, lo), hi));
+  }
+}
+
+// One row of levels - shift, as int8 (the int_mm path).
+inline void quantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float shift,
+                         int64_t K, int8_t* q) {
+  struct {
+    int8_t* q;
+    float shift;
+    void operator()(int64_t k, VF v) const {
+      const VI levels = __builtin_convertvector(v - shift, VI);
+      for (int j = 0; j < kLanes; ++j) q[k + j] = static_cast<int8_t>(levels[j]);
+    }
+    void operator()(int64_t k, float v) const { q[k] = static_cast<int8_t>(v - shift); }
+  } store{q, shift};
+  row_levels(row, smooth, inv, z, lo, hi, K, store);
+}
+
+// One row's levels as the float values a dequantize_per_channel gives them, (level - z) * s (the float path).
+inline void dequantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float s,
+                           int64_t K, float* out) {
+  struct {
+    float* out;
+    float z, s;
+    void operator()(int64_t k, VF v) const {
+      v = (v - z) * s;
+      std::memcpy(out + k, &v, sizeof(v));
+    }
+    void operator()(int64_t k, float v) const { out[k] = (v - z) * s; }
+  } store{out, z, s};
+  row_levels(row, smooth, inv, z, lo, hi, K, store);
+}
+
+at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tensor>& smooth,
+                              const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin, int64_t qmax,
+                              int64_t shift) {
+  const int64_t M = x2.size(0), K = x2.size(1), L = act_scale.size(0);
+  auto out = scratch(0, {M, K}, at::kChar);
+  const float* xp = x2.data_ptr<float>();
+  const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
+  const float* scale = act_scale.data_ptr<float>();
+  const int32_t* zp = zero_point.data_ptr<int32_t>();
+  int8_t* op = out.data_ptr<int8_t>();
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax), sh = static_cast<float>(shift);
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const int64_t t = m % L;
+      // as quantize_per_channel: x * (1 / scale)
+      quantize_row(xp + m * K, sp, 1.0f / scale[t], static_cast<float>(zp[t]), lo, hi, sh, K, op + m * K);
+    }
+  });
+  return out;
+}
+
+// out = float(acc - z * w_sum) * s * w_scale (+ bias), one row; out may be acc's own memory (each element is read
+// before it is written).
+inline void rescale_row(const int32_t* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
+                        const float* bias, int64_t N, float* out) {
+  int64_t n = 0;
+  for (; n + kLanes <= N; n += kLanes) {
+    VF v = __builtin_convertvector(loadi(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n);
+    if (bias) v = v + loadf(bias + n);
+    std::memcpy(out + n, &v, sizeof(v));
+  }
+  for (; n < N; ++n) {
+    float v = static_cast<float>(acc[n] - z * w_sum[n]) * s * w_scale[n];
+    out[n] = bias ? v + bias[n] : v;
+  }
+}
+
+std::atomic<bool> g_float_gemm{false};
+
+// The dequantized weight w_int * w_scale as float32 [N, K], cached per (weight, scale) pair of tensors: an entry is
+// valid while the storages it was made from are alive (weak references), so memory freed and reused by other tensors
+// is never mistaken for them.
+at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const at::Tensor& w8,
+                        const at::Tensor& w_scale) {
+  struct Entry {
+    c10::weak_intrusive_ptr<c10::StorageImpl> w, scale;
+    int64_t w_offset, scale_offset;
+    std::vector<int64_t> sizes;
+    at::Tensor weight;
+  };
+  static std::mutex mutex;
+  static std::unordered_map<const void*, Entry> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(w_in.data_ptr());
+  if (it != cache.end()) {
+    const Entry& e = it->second;
+    if (e.w.lock().get() == w_in.storage().unsafeGetStorageImpl() && e.w_offset == w_in.storage_offset() &&
+        e.scale.lock().get() == w_scale_in.storage().unsafeGetStorageImpl() &&
+        e.scale_offset == w_scale_in.storage_offset() && e.sizes == w_in.sizes().vec())
+      return e.weight;
+  }
+  for (auto e = cache.begin(); e != cache.end();)
+    e = e->second.w.expired() || e->second.scale.expired() ? cache.erase(e) : std::next(e);
+  at::Tensor weight = (w8.to(at::kFloat) * w_scale.unsqueeze(1)).contiguous();
+  cache.insert_or_assign(w_in.data_ptr(), Entry{w_in.storage().getWeakStorageImpl(),
+                                                w_scale_in.storage().getWeakStorageImpl(), w_in.storage_offset(),
+                                                w_scale_in.storage_offset(), w_in.sizes().vec(), weight});
+  return weight;
+}
+
+at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
+  const int64_t N = packed.size(0), B = packed.size(1);
+  auto out = at::empty({N, K}, packed.options().dtype(at::kChar));
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  int8_t* o = out.data_ptr<int8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int v = (p[n * B + k / 2] >> ((k & 1) * 4)) & 0xF;
+        o[n * K + k] = static_cast<int8_t>(v > 7 ? v - 16 : v);
+      }
+  });
+  return out;
+}
+
+
+}  // namespace
+
+namespace vmq_fx {
+
+at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth_in, const at::Tensor& scale_in,
+                           const at::Tensor& zp_in, const at::Tensor& w_in, const at::Tensor& w_scale_in,
+                           const at::Tensor& w_sum_in, const std::optional<at::Tensor>& bias_in, int64_t qmin,
+                           int64_t qmax, int64_t w_bits) {
+  // The contract of vmq::int8_linear, with the messages of the Python implementation (ValueError in Python).
+  TORCH_CHECK_VALUE(x.dim() >= 2, "vmq.int8_linear: x must be [..., L, K], got ", x.sizes());
+  const int64_t length = x.size(-2), k_in = x.size(-1);
+  TORCH_CHECK_VALUE(scale_in.dim() == 1 && scale_in.size(0) == length && zp_in.dim() == 1 && zp_in.size(0) == length,
+                    "vmq.int8_linear: act_scale / act_zero_point must be [L=", length, "], got ", scale_in.sizes(),
+                    " / ", zp_in.sizes());
+  const bool packed = w_in.scalar_type() == at::kByte;  // 4-bit weights two per byte (the stored form)
+  TORCH_CHECK_VALUE(!packed || w_bits <= 4, "vmq.int8_linear: a packed (uint8) weight holds 4-bit values, but w_bits=",
+                    w_bits);
+  const int64_t k_w = packed ? (k_in + 1) / 2 : k_in;
+  TORCH_CHECK_VALUE(w_in.dim() == 2 && w_in.size(1) == k_w && w_scale_in.dim() == 1 &&
+                        w_scale_in.size(0) == w_in.size(0) && w_sum_in.dim() == 1 && w_sum_in.size(0) == w_in.size(0),
+                    "vmq.int8_linear: weight ", w_in.sizes(), " (", w_bits, "-bit), scale ", w_scale_in.sizes(),
+                    " and column sums ", w_sum_in.sizes(), " do not fit x with K=", k_in);
+  const auto smooth = f32(smooth_in), bias = f32(bias_in);
+  const at::Tensor act_scale = f32(scale_in), w_scale = f32(w_scale_in), w = w_in.contiguous();
+  const at::Tensor zero_point = zp_in.to(at::kInt).contiguous(), w_sum = w_sum_in.to(at::kInt).contiguous();
+  const int64_t K = x.size(-1), L = act_scale.size(0);
+  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const int64_t M = x2.size(0);
+  const int64_t shift = qmax > 127 ? 128 : 0;  // unsigned levels are moved into int8
+  const at::Tensor w8 = packed ? unpack_int4(w, K) : w;
+  const int64_t N = w8.size(0);
+  auto out = at::empty({M, N}, x2.options());
+  const int32_t* zp = zero_point.data_ptr<int32_t>();
+  const int32_t* ws = w_sum.data_ptr<int32_t>();
+  const float* as = act_scale.data_ptr<float>();
+  const float* wsc = w_scale.data_ptr<float>();
+  const float* bp = bias ? bias->data_ptr<float>() : nullptr;
+  float* op = out.data_ptr<float>();
+  if (g_float_gemm.load(std::memory_order_relaxed)) {
+    // Dequantized activation times dequantized weight (cached) in the fp32 GEMM, the bias added by it: one pass over
+    // x, then exactly the work of the fp32 linear.
+    at::Tensor xdq = scratch(0, {M, K}, at::kFloat);
+    const float* xp = x2.data_ptr<float>();
+    const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
+    float* dp = xdq.data_ptr<float>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        dequantize_row(xp + m * K, sp, 1.0f / as[m % L], static_cast<float>(zp[m % L]), static_cast<float>(qmin),
+                       static_cast<float>(qmax), as[m % L], K, dp + m * K);
+    });
+    const at::Tensor wdq = float_weight(w_in, w_scale_in, w8, w_scale);
+    if (bias)
+      at::addmm_out(out, *bias, xdq, wdq.t());
+    else
+      at::mm_out(out, xdq, wdq.t());
+  } else {
+    const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
+    // The int32 accumulators are written where their float results go, and rescaled in place: the rescale reads and
+    // writes the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
+    at::Tensor acc = out.view(at::kInt);
+    if (M > 16) {
+      at::_int_mm_out(acc, xq, w8.t());
+    } else {  // at::_int_mm needs more than 16 rows; tiny inputs take the exact int32 product instead
+      acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
+    }
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
+    });
+  }
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return out.view(sizes).to(x.scalar_type());
+}
+
+at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::Tensor>& smooth,
+                                  const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin,
+                                  int64_t qmax, int64_t shift) {
+  return quantize_per_token(x2.to(at::kFloat).contiguous(), f32(smooth), f32(act_scale),
+                            zero_point.to(at::kInt).contiguous(), qmin, qmax, shift)
+      .clone();  // out of the scratch buffer
+}
+
+void set_int8_gemm(const std::string& path) {
+  TORCH_CHECK_VALUE(path == "int_mm" || path == "float", "vmq_fx: unknown int8 GEMM path '", path,
+                    "' (int_mm or float)");
+  g_float_gemm.store(path == "float");
+}
+
+std::string int8_gemm() { return g_float_gemm.load() ? "float" : "int_mm"; }
+
+}  // namespace vmq_fx

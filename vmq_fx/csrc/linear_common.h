@@ -1,0 +1,46 @@
+// What the CPU linears (int8_linear.cpp, vq_linear.cpp) share: per-thread scratch buffers, vector loads, float32
+// views of their inputs.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstring>
+
+#include "vec.h"
+
+namespace vmq_fx::linear {
+
+// Per-thread scratch for the temporaries of one call (the quantized activation, a decoded VQ weight): reused across
+// calls instead of allocated each time. Fresh allocations of this size are mmap-ed and page-faulted on every call
+// with glibc's allocator, which cost as much as the arithmetic for small inputs.
+inline at::Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype) {
+  thread_local at::Tensor buffers[2];
+  at::Tensor& buf = buffers[slot];
+  const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
+  if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) buf = at::empty({bytes}, at::kByte);
+  return buf.narrow(0, 0, bytes).view(dtype).view(sizes);
+}
+
+using VF = vmq_fx::Lanes<float>::V;
+using VI = vmq_fx::Lanes<float>::I;
+constexpr int kLanes = vmq_fx::Lanes<float>::W;
+
+inline VF loadf(const float* p) {
+  VF v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline VI loadi(const int32_t* p) {
+  VI v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// float32 contiguous (a no-op for what the lowering stores).
+inline at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
+inline c10::optional<at::Tensor> f32(const c10::optional<at::Tensor>& t) {
+  return t ? c10::optional<at::Tensor>(f32(*t)) : c10::nullopt;
+}
+
+}  // namespace vmq_fx::linear

@@ -1,0 +1,155 @@
+// CPU paths of vmq::vq_linear and vmq::vq_dequantize (vmq_fx/ops/vq_linear.py defines the ops): the codes are
+// decoded (bit-packed indices -> codewords * row scale) straight into a float32 panel of rows that is multiplied at
+// once; no integer unpacking tensor is materialized.
+#include <torch/extension.h>
+
+#include "kernels.h"
+#include "linear_common.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+using namespace vmq_fx::linear;
+
+// The codeword indices of one row: a little-endian bitstream of `bits`-bit codes (8 bits: plain bytes).
+void row_codes(const uint8_t* c, int64_t bytes, int64_t per_row, int64_t bits, int32_t* idx) {
+  if (bits == 8) {
+    for (int64_t j = 0; j < per_row; ++j) idx[j] = c[j];
+    return;
+  }
+  const uint64_t mask = (uint64_t(1) << bits) - 1;
+  for (int64_t j = 0; j < per_row; ++j) {
+    const int64_t pos = j * bits, byte = pos >> 3;
+    uint64_t window = 0;  // a code of at most 16 bits starting anywhere in a byte lies in the next 8 bytes
+    if (byte + 8 <= bytes) {
+      std::memcpy(&window, c + byte, 8);
+    } else {
+      for (int64_t q = 0; byte + q < bytes; ++q) window |= uint64_t(c[byte + q]) << (8 * q);
+    }
+    idx[j] = static_cast<int32_t>((window >> (pos & 7)) & mask);
+  }
+}
+
+// Rows [r0, r1) of the VQ weight, decoded into dst [r1 - r0, K] (row-major float32). D > 0: the sub-vector length
+// known at compile time (one vector load and store per code); D = 0: any length d.
+template <int D>
+void decode_rows(const uint8_t* codes, int64_t bytes, const float* codebook, int64_t d, const float* row_scale,
+                 int64_t K, int64_t bits, int64_t r0, int64_t r1, float* dst) {
+  const int64_t dd = D ? D : d, per_row = (K + dd - 1) / dd, full = K / dd;
+  std::vector<int32_t> idx(bits == 8 ? 0 : per_row);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* c = codes + r * bytes;
+    if (bits != 8) row_codes(c, bytes, per_row, bits, idx.data());
+    auto code = [&](int64_t j) -> int64_t { return bits == 8 ? c[j] : idx[j]; };
+    const float s = row_scale[r];
+    float* o = dst + (r - r0) * K;
+    for (int64_t j = 0; j < full; ++j) {
+      const float* cw = codebook + code(j) * dd;
+      float* oj = o + j * dd;
+      for (int64_t q = 0; q < dd; ++q) oj[q] = cw[q] * s;
+    }
+    if (full < per_row) {  // the zero-padded tail of the last sub-vector is not part of the weight
+      const float* cw = codebook + code(full) * dd;
+      for (int64_t q = 0; full * dd + q < K; ++q) o[full * dd + q] = cw[q] * s;
+    }
+  }
+}
+
+void vq_decode_rows(const uint8_t* codes, int64_t bytes, const float* codebook, int64_t d, const float* row_scale,
+                    int64_t K, int64_t bits, int64_t r0, int64_t r1, float* dst) {
+  switch (d) {
+    case 1: return decode_rows<1>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    case 2: return decode_rows<2>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    case 4: return decode_rows<4>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    case 8: return decode_rows<8>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+    default: return decode_rows<0>(codes, bytes, codebook, d, row_scale, K, bits, r0, r1, dst);
+  }
+}
+
+int64_t code_bits(int64_t k) {
+  int64_t bits = 1;
+  while ((int64_t(1) << bits) < k) ++bits;
+  return bits;
+}
+
+// The contract of the VQ ops, with the messages of the Python implementation (ValueError in Python).
+void check_vq(const at::Tensor& codes, const at::Tensor& codebook, const at::Tensor& row_scale, int64_t K) {
+  TORCH_CHECK_VALUE(codebook.dim() == 2, "vmq.vq_linear: codebook must be [k, d], got ", codebook.sizes());
+  const int64_t k = codebook.size(0), d = codebook.size(1), bits = code_bits(k), per_row = (K + d - 1) / d;
+  const int64_t bytes = (per_row * bits + 7) / 8;
+  TORCH_CHECK_VALUE(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == bytes,
+                    "vmq.vq_linear: codes must be uint8 [N, ", bytes, "] for K=", K, ", d=", d, ", k=", k, "; got ",
+                    codes.scalar_type(), " ", codes.sizes());
+  TORCH_CHECK_VALUE(row_scale.dim() == 1 && row_scale.size(0) == codes.size(0) && row_scale.scalar_type() == at::kByte,
+                    "vmq.vq_linear: row_scale must be uint8 [N=", codes.size(0), "] (encode_row_scale), got ",
+                    row_scale.scalar_type(), " ", row_scale.sizes());
+}
+
+// 2^(c / 16 - 12) for every 8-bit row-scale code, computed once as vmq_fx.ops.vq_linear._row_scales is (so
+// both decode alike): per call, three ATen ops on the row scales cost more than the decode at batch 1.
+const float* row_scale_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t;
+    const at::Tensor v = at::exp2(at::arange(256, at::kFloat) * (1.0 / 16) + (-12.0)).contiguous();
+    std::memcpy(t.data(), v.data_ptr<float>(), sizeof(t));
+    return t;
+  }();
+  return table.data();
+}
+
+at::Tensor decode(const at::Tensor& codes_in, const at::Tensor& codebook, const at::Tensor& row_scale_in, int64_t K,
+                  bool temporary) {
+  const at::Tensor codes = codes_in.contiguous(), row_scale = row_scale_in.contiguous();
+  const int64_t N = codes.size(0), bits = code_bits(codebook.size(0)), d = codebook.size(1);
+  // The codebook is stored in float16: widened here (k * d values) rather than by a separate ATen op per call.
+  std::vector<float> cb(codebook.numel());
+  if (codebook.scalar_type() == at::kHalf && codebook.is_contiguous()) {
+    const c10::Half* h = codebook.data_ptr<c10::Half>();
+    for (size_t i = 0; i < cb.size(); ++i) cb[i] = static_cast<float>(h[i]);
+  } else {
+    const at::Tensor f = codebook.to(at::kFloat).contiguous();
+    std::memcpy(cb.data(), f.data_ptr<float>(), cb.size() * sizeof(float));
+  }
+  std::vector<float> rs(N);
+  const uint8_t* rc = row_scale.data_ptr<uint8_t>();
+  const float* table = row_scale_table();
+  for (int64_t n = 0; n < N; ++n) rs[n] = table[rc[n]];
+  auto w = temporary ? scratch(1, {N, K}, at::kFloat) : at::empty({N, K}, codes.options().dtype(at::kFloat));
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    vq_decode_rows(codes.data_ptr<uint8_t>(), codes.size(1), cb.data(), d, rs.data(), K, bits, begin, end,
+                   w.data_ptr<float>() + begin * K);
+  });
+  return w;
+}
+
+}  // namespace
+
+namespace vmq_fx {
+
+at::Tensor vq_dequantize_cpu(const at::Tensor& codes, const at::Tensor& codebook, const at::Tensor& row_scale,
+                             int64_t in_features) {
+  check_vq(codes, codebook, row_scale, in_features);
+  return decode(codes, codebook, row_scale, in_features, /*temporary=*/false);
+}
+
+at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& codebook,
+                         const at::Tensor& row_scale, const std::optional<at::Tensor>& bias, int64_t in_features) {
+  check_vq(codes, codebook, row_scale, in_features);
+  TORCH_CHECK_VALUE(x.size(-1) == in_features, "vmq.vq_linear: x has ", x.size(-1), " features, the weight ",
+                    in_features);
+  // not made contiguous: at::mm takes a row- or column-major x as it is (a transposed scan output, a split's slice)
+  const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat);
+  const at::Tensor w = decode(codes, codebook, row_scale, in_features, /*temporary=*/true);
+  at::Tensor out = bias ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
+  auto sizes = x.sizes().vec();
+  sizes.back() = codes.size(0);
+  return out.view(sizes).to(x.scalar_type());
+}
+
+}  // namespace vmq_fx

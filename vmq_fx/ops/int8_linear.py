@@ -1,0 +1,163 @@
+"""``vmq::int8_linear``: a linear layer with per-token static int activations and per-channel int weights.
+
+    y[b, t, :] = ((q(x[b, t] / smooth) - zp[t]) @ W_int^T) * act_scale[t] * w_scale + bias
+    q(v)       = clamp(round(v * (1 / act_scale[t])) + zp[t], act_qmin, act_qmax)      (round half to even)
+
+Unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with int32 accumulation, and the shift and
+the zero points are corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
+(:func:`prepare_weight`). The product is ``torch._int_mm`` (oneDNN) where the CPU has int8 dot-product instructions
+(VNNI, AMX), else the fp32 GEMM on the same levels (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then
+slow, and under a capped oneDNN wrong) on the dequantized levels and weight, as the Q/DQ reference graph computes
+(float rounding apart, the same result).
+
+The weight is int8 ``[N, K]`` whatever ``w_bits`` is (the form that runs without per-call work), or, for weights of
+4 bits or fewer, uint8 ``[N, ceil(K / 2)]`` packed two per byte (:func:`pack_int4`), the form files store: saved
+models and ONNX files keep 4-bit weights packed and unpack them when loaded.
+
+Implementations: the fused C++ kernel of :mod:`vmq_fx.ops.native` on CPU (one pass to quantize, the integer GEMM,
+one pass to rescale), registered in the dispatcher over the pure-torch implementation below (which stays the
+reference and the fallback); a Triton kernel on CUDA (``int8_linear.register_kernel("cuda")``). All give the same
+integer levels.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from vmq_fx.ops import native
+
+__all__ = ["int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
+
+
+def pack_int4(w: Tensor) -> Tensor:
+    """int8 values in [-8, 7], shape [N, K] -> uint8 [N, ceil(K / 2)]; element 2j in the low nibble, odd K padded
+    with a zero."""
+    if w.min() < -8 or w.max() > 7:
+        raise ValueError("pack_int4: values must lie in [-8, 7]")
+    if w.shape[-1] % 2:
+        w = torch.nn.functional.pad(w, (0, 1))
+    u = (w.to(torch.int16) & 0xF).to(torch.uint8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, k: int | None = None) -> Tensor:
+    """Inverse of :func:`pack_int4`: uint8 [N, ceil(K / 2)] -> int8 [N, K] (``k`` drops the padding of odd K)."""
+    lo = (packed & 0xF).to(torch.int8)
+    hi = (packed >> 4).to(torch.int8)
+    w = torch.stack([lo, hi], dim=-1).flatten(-2)
+    w = torch.where(w > 7, w - 16, w)
+    return w if k is None else w[..., :k]
+
+
+def prepare_weight(w_int: Tensor) -> tuple[Tensor, Tensor]:
+    """The weight of an integer linear as the op runs it, and its column sums: ``(int8 [N, K], int32 [N])``.
+
+    Example:
+        >>> w, w_sum = prepare_weight(torch.tensor([[1, -2, 3]]))
+        >>> w.dtype, w_sum.tolist()
+        (torch.int8, [2])
+    """
+    w_int = w_int.to(torch.int8).contiguous()
+    return w_int, w_int.to(torch.int32).sum(dim=1, dtype=torch.int32)
+
+
+def is_packed(w: Tensor) -> bool:
+    """Whether an ``int8_linear`` weight is in the packed 4-bit form."""
+    return w.dtype == torch.uint8
+
+
+def _weight_int8(w: Tensor, k: int) -> Tensor:
+    return unpack_int4(w, k) if is_packed(w) else w
+
+
+def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
+    if x.dim() < 2:
+        raise ValueError(f"vmq.int8_linear: x must be [..., L, K], got {tuple(x.shape)}")
+    length, k = x.shape[-2], x.shape[-1]
+    if act_scale.shape != (length,) or act_zero_point.shape != (length,):
+        raise ValueError(f"vmq.int8_linear: act_scale / act_zero_point must be [L={length}], got "
+                         f"{tuple(act_scale.shape)} / {tuple(act_zero_point.shape)}")
+    if is_packed(w) and w_bits > 4:
+        raise ValueError(f"vmq.int8_linear: a packed (uint8) weight holds 4-bit values, but w_bits={w_bits}")
+    k_w = (k + 1) // 2 if is_packed(w) else k
+    if w.shape[1] != k_w or w_scale.shape != (w.shape[0],) or w_sum.shape != (w.shape[0],):
+        raise ValueError(f"vmq.int8_linear: weight {tuple(w.shape)} ({w_bits}-bit), scale {tuple(w_scale.shape)} and "
+                         f"column sums {tuple(w_sum.shape)} do not fit x with K={k}")
+
+
+def _float_product() -> bool:
+    """Whether the integer product runs in the fp32 GEMM on this CPU (no VNNI / AMX: ``native.int8_gemm_path``)."""
+    kernels = native.native_kernels()
+    return (kernels.int8_gemm() if kernels is not None else native.int8_gemm_path()[0]) == "float"
+
+
+def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
+    length, k = x.shape[-2], x.shape[-1]
+    x = x.float().reshape(-1, length, k)
+    if smooth is not None:
+        # Divide (not multiply by 1/s) so the levels round exactly as in the convert_pt2e reference graph.
+        x = x / smooth
+    # x * (1 / scale) like quantized_decomposed.quantize_per_channel, so both round the same way.
+    inv = (1.0 / act_scale.float())[:, None]
+    xq = torch.clamp(torch.round(x * inv) + act_zero_point[:, None].float(), act_qmin, act_qmax)
+    w8 = _weight_int8(w, k)
+    if _float_product():  # dequantized levels times the dequantized weight, as the C++ kernel's float path
+        x_dq = (xq - act_zero_point[:, None].float()) * act_scale.float()[:, None]
+        w_dq = w8.float() * w_scale.float()[:, None]
+        return torch.nn.functional.linear(x_dq.reshape(-1, k), w_dq, None if bias is None else bias.float())
+    # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
+    shift = 128 if act_qmax > 127 else 0
+    x8 = (xq - shift).to(torch.int8).reshape(-1, k)
+    acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
+    reps = x8.shape[0] // length
+    acc = acc - (act_zero_point.to(torch.int32) - shift).repeat(reps)[:, None] * w_sum.to(torch.int32)[None, :]
+    out = acc.float() * act_scale.float().repeat(reps)[:, None] * w_scale.float()[None, :]
+    if bias is not None:
+        out = out + bias.float()
+    return out
+
+
+@torch.library.custom_op("vmq::int8_linear", mutates_args=())
+@native.builds_on_first_call("int8_linear")
+def int8_linear(
+    x: Tensor,
+    smooth: Optional[Tensor],
+    act_scale: Tensor,
+    act_zero_point: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    w_sum: Tensor,
+    bias: Optional[Tensor],
+    act_qmin: int,
+    act_qmax: int,
+    w_bits: int,
+) -> Tensor:
+    """Quantize ``x`` per token, integer matmul with int8 (or packed 4-bit) ``w``, rescale. See the module docstring."""
+    _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits)
+    out = _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax,
+                             w_bits)
+    return out.reshape(*x.shape[:-1], w.shape[0]).to(x.dtype)
+
+
+@int8_linear.register_fake
+def _(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
+    _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits)
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def int8_linear_reference(x, smooth, act_scale, act_zero_point, w_int, w_scale, bias, act_qmin, act_qmax):
+    """Float64 reference written independently of the op: quantize per token as ``quantize_per_channel(axis=-2)``
+    specifies (the levels are computed in float32, as the spec rounds them), dequantize both operands, and multiply in
+    float64.
+
+    Args:
+        w_int: the integer weight [N, K] (not packed), values in the weight's level range.
+    """
+    xs = x.float() if smooth is None else x.float() / smooth.float()
+    levels = torch.round(xs * (1.0 / act_scale.float()).unsqueeze(-1)) + act_zero_point.float().unsqueeze(-1)
+    levels = levels.clamp(act_qmin, act_qmax).double()
+    x_dq = (levels - act_zero_point.double().unsqueeze(-1)) * act_scale.double().unsqueeze(-1)
+    out = torch.einsum("...k,nk->...n", x_dq, w_int.double() * w_scale.double().unsqueeze(-1))
+    return out if bias is None else out + bias.double()

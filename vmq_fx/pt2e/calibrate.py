@@ -1,0 +1,121 @@
+"""Calibration of a model prepared with :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer`.
+
+For a vector-quantization recipe, calibration records the weights and fits each layer's k-means codebook.
+
+PTQ4VM's calibration has two passes over the calibration images:
+
+1. with the smoothing scales at 1, record each quantized linear's per-channel input maximum, then set
+   ``s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha)`` (SmoothQuant; clamped as in the authors' code);
+2. record the per-token statistics of the smoothed inputs ``x / s`` and the smoothed weights ``W * s``, and
+   initialize every step size by the Lp (p = 2.4) searches.
+
+Without smoothing (``recipe.smooth=False``) only the second pass runs. Each linear follows its own recipe
+(``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+import torch
+from torch import Tensor, fx
+from tqdm.auto import tqdm
+
+from vmq_fx.pt2e.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
+from vmq_fx.pt2e.observers.codebook import initialize_codebook_group
+from vmq_fx.pt2e.utils import codebook_groups, linear_quantizers, split_batches
+
+log = logging.getLogger(__name__)
+
+__all__ = ["calibrate", "smoothquant_scales"]
+
+_ACT_CLAMP, _WEIGHT_CLAMP, _SCALE_CLAMP = 1e-3, 1e-5, 1e-5
+
+
+def smoothquant_scales(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tensor:
+    """``max|X_j|^alpha / max_i |W_ij|^(1 - alpha)`` per input channel j, with PTQ4VM's clamps."""
+    a = act_absmax.float().clamp(min=_ACT_CLAMP)
+    w = weight.detach().float().abs().amax(dim=0).clamp(min=_WEIGHT_CLAMP)
+    return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=_SCALE_CLAMP)
+
+
+def _check_inputs(gm: fx.GraphModule, batches: list[Tensor]) -> None:
+    if not batches or sum(len(b) for b in batches) == 0:
+        raise ValueError("calibration data is empty: pass calibration images (e.g. vmq_fx.app.data.calibration_images())")
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    val = placeholders[0].meta.get("val") if placeholders else None
+    if val is None:
+        return
+    expected = tuple(val.shape[1:])
+    static_batch = val.shape[0] if isinstance(val.shape[0], int) else None
+    for b in batches:
+        if static_batch is not None and b.shape[0] != static_batch:
+            raise ValueError(
+                f"the model was exported with a static batch of {static_batch}, calibration batches have "
+                f"{b.shape[0]} images: export with a dynamic batch (vmq_fx.export_model)"
+            )
+        if tuple(b.shape[1:]) != expected:
+            raise ValueError(
+                f"calibration images have shape {tuple(b.shape)} but the model was exported for [batch, "
+                f"{', '.join(str(int(d)) for d in expected)}]: the token count is fixed at export"
+            )
+
+
+def _run(gm: fx.GraphModule, batches: list[Tensor], desc: str, progress: bool) -> None:
+    with torch.no_grad():
+        for x in tqdm(batches, desc=desc, disable=not progress, leave=False):
+            gm(x)
+
+
+def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int = 64, progress: bool = True) -> None:
+    """Calibrate a prepared model in place: smoothing scales (if the recipe smooths) and initial step sizes.
+
+    Args:
+        prepared: the output of ``prepare_pt2e(gm, VisualMambaQuantizer(recipe))``.
+        data: calibration images, a tensor [N, C, H, W] or an iterable of tensors / (tensor, label) pairs.
+        batch_size: split size when ``data`` is one tensor.
+        progress: show progress bars.
+
+    Example:
+        >>> import torch, vmq_fx
+        >>> from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+        >>> gm = vmq_fx.export_model(vmq_fx.models.create_model("vim_fm_tiny").eval(),
+        ...                          torch.randn(2, 1, 28, 28)).module()
+        >>> prepared = prepare_pt2e(gm, vmq_fx.VisualMambaQuantizer(vmq_fx.pt2e.recipes.ptq4vm(8, 8)))
+        >>> vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    """
+    quantizers = linear_quantizers(prepared)
+    batches = split_batches(data, batch_size)
+    _check_inputs(prepared, batches)
+    smoothed = [(layer, act, weight) for layer, act, weight in quantizers.values()
+                if isinstance(act, PerTokenStaticFakeQuantize) and act.smoothing]
+    seconds = {}
+    t0 = time.perf_counter()
+    if smoothed:
+        for _, act, _ in smoothed:  # this pass needs the channel maxima only
+            act.record_distribution = False
+        _run(prepared, batches, "calibrate (smoothing)", progress)
+        for layer, act, weight in smoothed:
+            act.record_distribution = True
+            alpha = layer.recipe.alpha if layer.recipe.alpha is not None else (0.65 if layer.family == "vmamba" else 0.5)
+            w = prepared.get_parameter(layer.name + ".weight")
+            weight.share_smooth(act.set_smooth(smoothquant_scales(act.channel_absmax, w, alpha)))
+        for _, act, weight in quantizers.values():
+            for q in (act, weight):
+                if q is not None:
+                    q.reset_statistics()
+        seconds["smoothing pass"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    _run(prepared, batches, "calibrate (step sizes)", progress)
+    seconds["statistics pass"] = time.perf_counter() - t0
+    modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
+    initialize = [q.initialize for q in modules if isinstance(q, (PerTokenStaticFakeQuantize,
+                                                                  PerChannelWeightFakeQuantize))]
+    initialize += [lambda key=key, g=group: initialize_codebook_group([w for _, w in g], key)
+                   for key, group in codebook_groups(quantizers).items()]
+    t0 = time.perf_counter()
+    for init in tqdm(initialize, desc="initialize quantizers", disable=not progress, leave=False):
+        init()
+    seconds["range searches and k-means"] = time.perf_counter() - t0
+    log.info("calibration: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))

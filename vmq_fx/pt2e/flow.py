@@ -1,0 +1,111 @@
+"""The whole post-training flow in one call: export -> prepare -> calibrate -> optimize -> convert -> lower."""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+from vmq_fx.pt2e.calibrate import calibrate
+from vmq_fx.pt2e.utils import linear_quantizers
+from vmq_fx.export import export_model
+from vmq_fx.pt2e.jlss import jlss
+from vmq_fx.pt2e.lowering import lower
+from vmq_fx.pt2e.quantizer import VisualMambaQuantizer
+from vmq_fx.pt2e.recipes import Recipe, Schedule
+from vmq_fx.pt2e.observers import VectorQuantizedWeight
+from vmq_fx.pt2e.diagnostics import layer_errors
+from vmq_fx.pt2e.vq import kmeans_assignment, vector_quantize
+
+__all__ = ["QuantizeResult", "quantize"]
+
+
+@dataclass
+class QuantizeResult:
+    """What :func:`quantize` produced."""
+
+    prepared: fx.GraphModule  # the optimized prepared model (fake quantization), for per-layer inspection
+    lowered: fx.GraphModule  # the lowered model (vmq::int8_linear / vmq::vq_linear), what runs and is saved
+    seconds: float  # calibration + optimization + convert + lower
+    report: object | None  # JLSSReport or VQReport (None without an optimization step)
+    errors_init: dict[str, float] | None = None  # per-layer output error after calibration (VQ: plain k-means)
+    errors_final: dict[str, float] | None = None  # ... and after optimization (see vmq_fx.pt2e.diagnostics.layer_errors)
+
+
+_OPTIMIZERS = {"jlss": jlss, "vimvq": vector_quantize}  # Recipe.optimizer -> the block-wise optimization
+
+
+def require_lowerable(quantizer: VisualMambaQuantizer) -> None:
+    """Refuse, before any work, recipes whose quantized model :func:`vmq_fx.lower` cannot produce."""
+    dynamic = [r.name for r in quantizer.spec.recipes() if getattr(r, "act_granularity", None) == "per_token_dynamic"]
+    if dynamic:
+        raise ValueError(f"{', '.join(dynamic)} computes activation ranges at run time, which vmq_fx does not lower "
+                         "(vmq::int8_linear takes static scales); evaluate this baseline on the convert_pt2e graph "
+                         "(prepare_pt2e, calibrate, convert_pt2e)")
+
+
+def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibration_images: torch.Tensor,
+             schedule: Schedule | None = None, progress: bool = True,
+             diagnostic_images: torch.Tensor | None = None) -> QuantizeResult:
+    """Quantize a Vim / VMamba model with a recipe (or a configured quantizer) and lower it: export, prepare,
+    calibrate, the recipe's optimization (:func:`vmq_fx.jlss` or :func:`vmq_fx.vector_quantize`; none for the
+    calibration-only baselines), convert, lower.
+
+    Args:
+        model: an eager model in eval mode.
+        recipe: see :mod:`vmq_fx.pt2e.recipes`, or a :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` (mixed precision).
+        calibration_images: ``[N, C, H, W]``.
+        schedule: steps, images per step and seed of the optimization, instead of the recipe's. Refused for recipes
+            without an optimization step (``sq-pts``, ``per-tensor``, ``vq-kmeans`` ...).
+        progress: progress bars.
+        diagnostic_images: when given, per-layer output errors are measured on them after calibration and after
+            optimization (not counted in ``seconds``).
+
+    Example:
+        >>> import vmq_fx
+        >>> from vmq_fx.app.data import calibration_images
+        >>> res = vmq_fx.quantize(vmq_fx.models.load_reference("vim-fm-tiny"), vmq_fx.recipes.vimvq(2),
+        ...                       calibration_images(64), vmq_fx.Schedule(steps=2, batch_size=16), progress=False)
+        >>> sorted({str(n.target) for n in res.lowered.graph.nodes if str(n.target).startswith("vmq.")})
+        ['vmq.causal_conv1d.default', 'vmq.selective_scan.default', 'vmq.vq_linear.default']
+    """
+    quantizer = recipe if isinstance(recipe, VisualMambaQuantizer) else VisualMambaQuantizer(recipe)
+    optimizers = {r.optimizer for r in quantizer.spec.recipes()}
+    if schedule is not None and optimizers == {None}:
+        names = ", ".join(r.name for r in quantizer.spec.recipes())
+        raise ValueError(f"quantize: {names} has no optimization step; steps / batch size / a schedule do not apply")
+    require_lowerable(quantizer)
+    t0 = time.perf_counter()
+    gm = export_model(model, calibration_images[:2]).module()
+    prepared = prepare_pt2e(gm, quantizer)
+    calibrate(prepared, calibration_images, progress=progress)
+    errors_init = None
+    if diagnostic_images is not None:
+        t1 = time.perf_counter()
+        vq = [w for _, _, w in linear_quantizers(prepared).values() if isinstance(w, VectorQuantizedWeight)]
+        with kmeans_assignment(vq):
+            errors_init = layer_errors(prepared, diagnostic_images)
+        t0 += time.perf_counter() - t1
+    report = None
+    for name in sorted(o for o in optimizers if o is not None):
+        report = _OPTIMIZERS[name](prepared, calibration_images, schedule=schedule, progress=progress)
+    if "vimvq" not in optimizers:  # plain k-means: the codes are the nearest codewords
+        for _, _, w in linear_quantizers(prepared).values():
+            if isinstance(w, VectorQuantizedWeight):
+                w.harden()
+                w.finalize()
+    t1 = time.perf_counter()
+    errors_final = None if diagnostic_images is None else layer_errors(prepared, diagnostic_images)
+    # The copy is the one kept for inspection: convert_pt2e must run on the original, whose quantization
+    # annotations point at its own nodes (a deep copy's still point at the original's, which torchao's
+    # PortNodeMetaForQDQ then searches for dynamic quantization's choose_qparams without end).
+    inspected = copy.deepcopy(prepared)
+    t0 += time.perf_counter() - t1
+    lowered = lower(convert_pt2e(prepared))
+    if hasattr(model, "config"):
+        lowered.meta["vmq_config"] = model.config  # save_quantized records it in the file
+    seconds = time.perf_counter() - t0
+    return QuantizeResult(inspected, lowered, seconds, report, errors_init, errors_final)

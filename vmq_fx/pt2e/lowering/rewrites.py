@@ -1,0 +1,214 @@
+"""Lowering of a ``convert_pt2e`` graph: each linear :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` quantized
+(``node.meta["vmq_linear"]``) becomes one vmq op.
+
+The rewrites form a table keyed by the pattern they replace (:data:`REWRITES`); the first whose pattern matches a
+linear's arguments rewrites it:
+
+``per-token static``::
+
+    x -> [div(x, s), tagged meta["vmq_smoothing"]] -> quantize_per_channel(axis=1) -> dequantize_per_channel --\\
+    W_int (constant) -> dequantize_per_channel(axis=0) ---------------------------------------------------------> linear
+
+``per-tensor static``: the same with ``quantize_per_tensor`` / ``dequantize_per_tensor`` on the activation.
+Both become one ``vmq::int8_linear`` holding the integer weight (int8 at run time whatever its bit width), its column
+sums and scales, and the per-token activation scales and zero points; the smoothing division is folded into the
+preceding norm's weight when ``x`` is ``mul(normalized, norm_weight)`` with no other user (exact:
+``(n * g) / s == n * (g / s)`` up to float rounding), else fused into the op's quantize step.
+
+``vector-quantized weight``: ``linear(x, vq_dequantize(codes, codebook, row_scale), bias)`` becomes
+``vq_linear(x, codes, codebook, row_scale, bias)``.
+
+Linears quantized by other quantizers keep their own Q/DQ patterns. Finally :func:`vmq_fx.pt2e.lowering.simplify.simplify`
+folds constants and drops no-op nodes.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx
+
+import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
+from vmq_fx.pt2e.observers.fake_quantize import SMOOTHING_META
+from vmq_fx.ops.int8_linear import prepare_weight
+from vmq_fx.pt2e.lowering.simplify import drop_unused_attributes, simplify
+from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
+
+__all__ = ["REWRITES", "Lowering", "lower", "rewrite"]
+
+_qd = torch.ops.quantized_decomposed
+_DYNAMIC = (torch.ops.torchao.dequantize_affine, torch.ops.torchao.dequantize_affine.default)
+
+@dataclass
+class Lowering:
+    """What a rewrite needs besides the linear: the graph module, the number of the linear among the lowered ones
+    (names its constants) and the options of :func:`lower`."""
+
+    gm: fx.GraphModule
+    index: int = 0
+    fold_smoothing: bool = True
+
+
+# pattern name -> rewrite(lowering, linear node, layer) -> the replacement node, or None when the pattern does not
+# match the linear's arguments
+REWRITES: dict[str, Callable[[Lowering, fx.Node, QuantizedLinear], fx.Node | None]] = {}
+
+
+def rewrite(pattern: str):
+    """Register a rewrite of a quantized linear under the name of the pattern it replaces."""
+    def register(fn):
+        REWRITES[pattern] = fn
+        return fn
+    return register
+
+
+def _get(gm: fx.GraphModule, target) -> torch.Tensor:
+    return operator.attrgetter(str(target))(gm)
+
+
+def _constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
+    return _get(gm, node.target) if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def _register(gm: fx.GraphModule, name: str, value: torch.Tensor) -> fx.Node:
+    gm.register_buffer(name, value.detach().clone())
+    return gm.graph.get_attr(name)
+
+
+def _is(node, target) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target is target
+
+
+def _fold_into_norm(gm: fx.GraphModule, div: fx.Node, index: int) -> bool:
+    """x = mul(n, g) with g a 1-D constant and div its only user: g <- g / s, so that x already is x / s.
+
+    Returns whether it folded; the division itself is left for dead-code elimination."""
+    x = div.args[0]
+    if not (_is(x, torch.ops.aten.mul.Tensor) and len(x.users) == 1):
+        return False
+    g, s = _constant(gm, x.args[1]), _constant(gm, div.args[1])
+    if g is None or s is None or g.dim() != 1 or g.shape != s.shape:
+        return False
+    with gm.graph.inserting_before(x):
+        folded = _register(gm, f"vmq_norm_weight_smoothed_{index}", g / s)
+    x.args = (x.args[0], folded)
+    return True
+
+
+def _integer_weight(gm: fx.GraphModule, dq_w):
+    """(int8 weight, per-row scale) of ``dequantize_per_channel(W_int, scale, zp, 0, ...)`` with a constant W_int."""
+    if not _is(dq_w, _qd.dequantize_per_channel.default):
+        return None
+    w_int, w_scale = _constant(gm, dq_w.args[0]), _constant(gm, dq_w.args[1])
+    if w_int is None or w_scale is None or dq_w.args[3] != 0:
+        return None
+    return w_int, w_scale.float()
+
+
+def _int8_linear(ctx: Lowering, node: fx.Node, layer: QuantizedLinear, x, act_scale, act_zp, qmin, qmax, w_int,
+                 w_scale) -> fx.Node:
+    gm, graph, index = ctx.gm, ctx.gm.graph, ctx.index
+    smooth = None
+    if _is(x, torch.ops.aten.div.Tensor) and x.meta.get(SMOOTHING_META):
+        div, x = x, x.args[0]
+        if not (ctx.fold_smoothing and _fold_into_norm(gm, div, index)):
+            with graph.inserting_before(node):
+                smooth = _register(gm, f"vmq_q{index}_smooth", _get(gm, div.args[1].target))
+    w8, w_sum = prepare_weight(w_int)
+    bias = node.args[2] if len(node.args) > 2 else None
+    prefix = f"vmq_q{index}_"
+    with graph.inserting_before(node):
+        args = (x, smooth, _register(gm, prefix + "act_scale", act_scale),
+                _register(gm, prefix + "act_zero_point", act_zp), _register(gm, prefix + "weight", w8),
+                _register(gm, prefix + "weight_scale", w_scale), _register(gm, prefix + "weight_sum", w_sum), bias,
+                int(qmin), int(qmax), layer.recipe.w_bits)
+        return graph.call_function(torch.ops.vmq.int8_linear.default, args)
+
+
+@rewrite("per-token static")
+def _per_token_static(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> fx.Node | None:
+    gm = ctx.gm
+    dq_x, weight = node.args[0], _integer_weight(gm, node.args[1])
+    if weight is None or not _is(dq_x, _qd.dequantize_per_channel.default):
+        return None
+    q_x = dq_x.args[0]
+    if not _is(q_x, _qd.quantize_per_channel.default) or q_x.args[3] != 1:
+        return None
+    x, scale, zp, _, qmin, qmax = q_x.args[:6]
+    return _int8_linear(ctx, node, layer, x, _constant(gm, scale).float(), _constant(gm, zp).to(torch.int32), qmin,
+                        qmax, *weight)
+
+
+@rewrite("per-tensor static")
+def _per_tensor_static(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> fx.Node | None:
+    dq_x, weight = node.args[0], _integer_weight(ctx.gm, node.args[1])
+    if weight is None or not _is(dq_x, _qd.dequantize_per_tensor.default):
+        return None
+    q_x = dq_x.args[0]
+    if not _is(q_x, _qd.quantize_per_tensor.default):
+        return None
+    x, scale, zp, qmin, qmax = q_x.args[:5]
+    length = x.meta["val"].shape[1]
+    return _int8_linear(ctx, node, layer, x, torch.full((length,), float(scale)),
+                        torch.full((length,), int(zp), dtype=torch.int32), qmin, qmax, *weight)
+
+
+@rewrite("vector-quantized weight")
+def _vector_quantized(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> fx.Node | None:
+    dq_x, dq_w = node.args[0], node.args[1]
+    if not _is(dq_w, torch.ops.vmq.vq_dequantize.default):
+        return None
+    if isinstance(dq_x, fx.Node) and dq_x.op == "call_function" and "dequantize" in str(dq_x.target):
+        raise ValueError(f"{layer.name}: vector-quantized weights with quantized activations are not lowered")
+    bias = node.args[2] if len(node.args) > 2 else None
+    with ctx.gm.graph.inserting_before(node):
+        return ctx.gm.graph.call_function(torch.ops.vmq.vq_linear.default, (dq_x, *dq_w.args[:3], bias,
+                                                                            dq_w.args[3]))
+
+
+def _describe(node: fx.Node) -> str:
+    if any(_is(a, t) for a in node.args[:1] for t in _DYNAMIC):
+        return ("per-token dynamic activations are not lowered (vmq::int8_linear takes static scales); evaluate the "
+                "convert_pt2e graph for this baseline")
+    shown = [str(a.target) if isinstance(a, fx.Node) else repr(a) for a in node.args[:2]]
+    return f"no rewrite ({', '.join(REWRITES)}) matches its inputs ({', '.join(shown)}); run convert_pt2e first"
+
+
+def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphModule:
+    """Lower every linear a :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` quantized in a ``convert_pt2e`` output
+    to ``vmq::int8_linear`` / ``vmq::vq_linear`` (in place).
+
+    Args:
+        quantized: ``convert_pt2e(prepared)`` of a model prepared with ``VisualMambaQuantizer``.
+        fold_smoothing: fold smoothing scales into preceding norm weights where exact (else they are fused into
+            the op's quantize step).
+
+    Returns:
+        The lowered graph module; each of those linears is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node.
+
+    Example:
+        >>> lowered = vmq_fx.lower(convert_pt2e(prepared))  # doctest: +SKIP
+    """
+    gm, graph = quantized, quantized.graph
+    ctx = Lowering(gm, fold_smoothing=fold_smoothing)
+    for node in list(graph.nodes):
+        layer = node.meta.get(LAYER_META)
+        if layer is None or node.target is not torch.ops.aten.linear.default:
+            continue
+        new = next((r for r in (fn(ctx, node, layer) for fn in REWRITES.values()) if r is not None), None)
+        if new is None:
+            raise ValueError(f"{layer.name}: {_describe(node)}")
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+        ctx.index += 1
+    if not ctx.index:
+        raise ValueError("lower: no linear quantized by VisualMambaQuantizer in this graph (no node carries "
+                         f"meta[{LAYER_META!r}])")
+    graph.eliminate_dead_code()
+    drop_unused_attributes(gm)
+    graph.lint()
+    gm.recompile()
+    return simplify(gm)
