@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 
@@ -134,3 +136,24 @@ def test_int8_linear_opcheck_and_shape_errors():
     bad[4] = pack_int4(torch.zeros(8, 16, dtype=torch.int8))  # packed 4-bit storage with w_bits=8
     with pytest.raises(ValueError, match="packed"):
         int8_linear(*bad)
+
+
+@pytest.mark.parametrize("path", ["torch", "fused"])
+def test_an_input_that_requires_grad_is_refused_with_one_message_on_every_path(path):
+    """The quantized linears have no backward: on the pure-torch and the C++ path alike, an input that requires grad
+    is refused at the call (not silently given an output without gradient), with the same text; under no_grad the call
+    runs."""
+    op_args, _ = int8_case(2, 17, 16, 8, w_bits=8, a_bits=8, seed=3)
+    x = op_args[0].clone().requires_grad_()
+    args = (x, *op_args[1:])
+    context = native.disabled() if path == "torch" else contextlib.nullcontext()
+    if path == "fused":
+        assert native.kernels() is not None
+    with context:
+        with pytest.raises(RuntimeError) as err:
+            torch.ops.vmq.int8_linear(*args)
+        with torch.no_grad():
+            out = torch.ops.vmq.int8_linear(*args)
+    assert out.shape == (2, 17, 8) and not out.requires_grad
+    assert "vmq.int8_linear: no backward (the weights and scales are quantized constants); run the quantized model " \
+           "under torch.no_grad(), or differentiate the prepared (fake-quantized) model" in str(err.value)

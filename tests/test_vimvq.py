@@ -146,6 +146,16 @@ def test_vq_linear_matches_dequantize_then_matmul(rows, cols, d, k, implementati
     torch.library.opcheck(torch.ops.vmq.vq_linear.default, (x, codes, codebook, scale, bias, cols))
 
 
+def test_vq_linear_refuses_an_input_that_requires_grad(implementation):
+    codes = pack_codes(torch.randint(0, 16, (3, 2)), 4)
+    codebook, scale = torch.randn(16, 4).half(), torch.full((3,), 128, dtype=torch.uint8)
+    x = torch.randn(1, 5, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"vmq.vq_linear: no backward \(the weights and scales are quantized "):
+        torch.ops.vmq.vq_linear(x, codes, codebook, scale, None, 8)
+    with torch.no_grad():
+        assert torch.ops.vmq.vq_linear(x, codes, codebook, scale, None, 8).shape == (1, 5, 3)
+
+
 def test_vq_linear_rejects_codes_of_the_wrong_size():
     with pytest.raises(ValueError, match="codes must be uint8"):
         vq_linear(torch.randn(2, 8), torch.zeros(3, 1, dtype=torch.uint8), torch.randn(256, 4), torch.ones(3, dtype=torch.uint8), None, 8)

@@ -4,6 +4,9 @@
 // with the pure-torch path).
 #include <torch/extension.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+
 #include <memory>
 
 #include "kernels.h"
@@ -13,6 +16,21 @@ namespace {
 
 std::unique_ptr<torch::Library> cpu_impls, autograd_impls;
 
+// The quantized linears have no backward (their weights and scales are quantized constants). With grad mode on, an
+// input that requires grad is refused here, with the text of the pure-torch implementation
+// (vmq_fx/ops/_no_backward.py; tests/test_int8_linear.py checks both); otherwise the call goes on below autograd
+// without the Python autograd layer's cost.
+void no_backward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  if (at::GradMode::is_enabled()) {
+    const auto n = op.schema().arguments().size();
+    for (const c10::IValue& v : torch::jit::last(*stack, n))
+      TORCH_CHECK(!(v.isTensor() && v.toTensor().requires_grad()), "vmq.", op.schema().name().substr(5),
+                  ": no backward (the weights and scales are quantized constants); run the quantized model under "
+                  "torch.no_grad(), or differentiate the prepared (fake-quantized) model");
+  }
+  op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
 void register_cpu_kernels() {
   if (cpu_impls) return;
   cpu_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -21,12 +39,11 @@ void register_cpu_kernels() {
   cpu_impls->impl("int8_linear", TORCH_FN(vmq_fx::int8_linear_cpu));
   cpu_impls->impl("vq_linear", TORCH_FN(vmq_fx::vq_linear_cpu));
   cpu_impls->impl("vq_dequantize", TORCH_FN(vmq_fx::vq_dequantize_cpu));
-  // The quantized linears are not differentiable: skip the (Python) autograd layer on CPU. The scan and the
-  // convolution keep their autograd formulas (vmq_fx/ops), which call the kernels.
+  // The scan and the convolution keep their autograd formulas (vmq_fx/ops), which call the kernels.
   autograd_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::AutogradCPU,
                                                     __FILE__, __LINE__);
   for (const char* op : {"int8_linear", "vq_linear", "vq_dequantize"})
-    autograd_impls->impl(op, torch::CppFunction::makeFallthrough());
+    autograd_impls->impl(op, torch::CppFunction::makeFromBoxedFunction<&no_backward>());
 }
 
 void deregister_cpu_kernels() {

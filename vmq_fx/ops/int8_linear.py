@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from vmq_fx.ops import native
+from vmq_fx.ops._no_backward import register_no_backward
 
 __all__ = ["int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
 
@@ -145,6 +146,9 @@ def int8_linear(
 def _(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
     _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits)
     return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+register_no_backward(int8_linear, "int8_linear")
 
 
 def int8_linear_reference(x, smooth, act_scale, act_zero_point, w_int, w_scale, bias, act_qmin, act_qmax):

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from vmq_fx.ops import native
+from vmq_fx.ops._no_backward import register_no_backward
 
 __all__ = ["code_bits", "decode_row_scale", "encode_row_scale", "pack_codes", "unpack_codes", "vq_dequantize",
            "vq_linear", "vq_linear_reference"]
@@ -147,6 +148,10 @@ def vq_linear(x: Tensor, codes: Tensor, codebook: Tensor, row_scale: Tensor, bia
 def _(x, codes, codebook, row_scale, bias, in_features):
     _check(codes, codebook, row_scale, in_features)
     return x.new_empty(*x.shape[:-1], codes.shape[0])
+
+
+register_no_backward(vq_dequantize, "vq_dequantize")
+register_no_backward(vq_linear, "vq_linear")
 
 
 def vq_linear_reference(x, codes, codebook, row_scale, bias, in_features):
