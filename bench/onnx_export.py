@@ -30,21 +30,21 @@ from vmq_fx.export import ort_session  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
 
 
-def _variants(gm, calib, vq_schedule):
+def _variants(gm, calib, vq_config):
     yield "FP32", None
     for name, recipe in (("W8A8", recipes.smoothquant_pts(8, 8)), ("W4A8", recipes.smoothquant_pts(4, 8)),
-                         ("VQ 3-bit", recipes.vimvq(3, schedule=vq_schedule)), ("VQ 2-bit", recipes.vimvq(2, schedule=vq_schedule))):
+                         ("VQ 3-bit", recipes.vimvq(3)), ("VQ 2-bit", recipes.vimvq(2))):
         prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipe))
         vmq_fx.calibrate(prepared, calib, progress=False)
-        if recipe.optimizer == "vimvq":
-            vmq_fx.vector_quantize(prepared, calib, progress=False)
+        if isinstance(recipe, vmq_fx.VQRecipe):
+            vmq_fx.vector_quantize(prepared, calib, vq_config, progress=False)
         yield name, vmq_fx.lower(convert_pt2e(prepared))
 
 
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--models", nargs="+", default=["vim-fm-tiny", "vmamba-fm-tiny"])
-    p.add_argument("--vq-steps", type=int, default=None, help="ViM-VQ steps per block (default: the recipe's)")
+    p.add_argument("--vq-steps", type=int, default=None, help="ViM-VQ steps per block (default: VQConfig's)")
     p.add_argument("--threads", type=int, default=0, help="torch and onnxruntime threads (0: default)")
     p.add_argument("--limit", type=int, default=None, help="test images (default: all 10,000)")
     p.add_argument("--out", default="bench/results/onnx.md")
@@ -53,7 +53,7 @@ def main():
         torch.set_num_threads(args.threads)
     x_test, labels = test_set(args.limit)
     calib = calibration_images(256)
-    vq_schedule = vmq_fx.Schedule(steps=args.vq_steps)
+    vq_config = vmq_fx.VQConfig() if args.vq_steps is None else vmq_fx.VQConfig(steps=args.vq_steps)
     rows = []
     header = [
         "# ONNX export and onnxruntime", "",
@@ -72,7 +72,7 @@ def main():
         model = load_reference(name)
         gm = vmq_fx.export_model(model, x_test[:2]).module()
         base = {}
-        for variant, lowered in _variants(gm, calib, vq_schedule):
+        for variant, lowered in _variants(gm, calib, vq_config):
             m = model if lowered is None else lowered
             res = vmq_fx.export_onnx(m, x_test[:2], tmp / f"{name}-{variant.replace(' ', '')}.onnx")
             sess = ort_session(res.path, threads=args.threads or None)

@@ -33,30 +33,32 @@ from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e  # noqa: E40
 from vmq_fx.app.data import calibration_images  # noqa: E402
 from vmq_fx.app.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
-from vmq_fx.pt2e.recipes import from_name  # noqa: E402
+from vmq_fx.pt2e.flow import method_from_name  # noqa: E402
 
-# ptq4vm: vmq_fx's default (JLSS on the residual stream); ptq4vm[jlss_target=mixer]: the authors' settings
-DEFAULT_METHODS = ["per-tensor", "per-token-dynamic", "sq-pts", "ptq4vm[jlss_target=mixer]", "ptq4vm"]
+# ptq4vm: vmq_fx's default (JLSS on the residual stream); ptq4vm[target=mixer]: the authors' settings (results files
+# written before the JLSSConfig split name it ptq4vm[jlss_target=mixer])
+DEFAULT_METHODS = ["per-tensor", "per-token-dynamic", "sq-pts", "ptq4vm[target=mixer]", "ptq4vm"]
 BASELINES = ["per-token-dynamic", "sq-pts"]  # paired differences of every other method against these
 
 
 def recipe_for(method: str, bits: str, seed: int):
+    """(recipe, JLSS config seeded with ``seed``, or None without JLSS) of a method at ``bits``."""
     base, _, extra = method.partition("[")
-    recipe = from_name(f"{base}-{bits}" + (f"[{extra}" if extra else ""))
+    recipe, config = method_from_name(f"{base}-{bits}" + (f"[{extra}" if extra else ""))
     if recipe.jlss:
-        recipe = dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, seed=seed))
-    return recipe
+        config = dataclasses.replace(config or vmq_fx.JLSSConfig(), seed=seed)
+    return recipe, config
 
 
 def measure(name: str, method: str, bits: str, seed: int, calib_n: int, x_test, labels, fp_logits) -> dict:
     model = load_reference(name)
-    recipe = recipe_for(method, bits, seed)
+    recipe, config = recipe_for(method, bits, seed)
     calib = calibration_images(calib_n, seed=seed)
     t0 = time.perf_counter()
     # The convert_pt2e graph (Q/DQ) is what every method shares; per-token dynamic is not lowered.
     prepared = prepare_pt2e(vmq_fx.export_model(model, calib[:2]).module(), VisualMambaQuantizer(recipe))
     vmq_fx.calibrate(prepared, calib, progress=False)
-    report = vmq_fx.jlss(prepared, calib, progress=False) if recipe.jlss else None
+    report = vmq_fx.jlss(prepared, calib, config, progress=False) if recipe.jlss else None
     quantized = convert_pt2e(prepared)
     secs = time.perf_counter() - t0
     logits = predict(quantized, x_test)

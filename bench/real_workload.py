@@ -37,7 +37,7 @@ from vmq_fx.pt2e.memory import PeakRSS  # noqa: E402
 from vmq_fx.models import create_model, load_checkpoint  # noqa: E402
 from vmq_fx.pt2e.diagnostics import bits_per_weight  # noqa: E402
 
-REDUCED = vmq_fx.Schedule(steps=4, batch_size=32)  # the optimization schedule run here (per block)
+REDUCED_STEPS, REDUCED_BATCH = 4, 32  # the optimization schedule run here (per block)
 PAPERS = {"jlss_vim": (100, 256), "jlss_vmamba": (400, 256), "vimvq": (100, 64)}  # steps per block, batch
 
 
@@ -125,28 +125,29 @@ def bench_model(name: str, args, folder: Path, work: Path) -> list[str]:
              "parameters)", ""]
     results = []
     for label, recipe in (("sq-pts W8A8", recipes.smoothquant_pts(8, 8)), ("PTQ4VM W4A8", recipes.ptq4vm(4, 8)),
-                          ("ViM-VQ 2-bit", recipes.vimvq(2, schedule=REDUCED))):
+                          ("ViM-VQ 2-bit", recipes.vimvq(2))):
         print(f"{name} {label}", file=sys.stderr, flush=True)
         rs = Stages()
         prepared = rs.run("prepare", lambda: prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipe)))
         with _Captured("vmq_fx.pt2e.calibrate") as phases:
             rs.run("calibrate", lambda: vmq_fx.calibrate(prepared, calib, batch_size=32, progress=False))
         report, projection = None, ""
-        if recipe.optimizer is not None:
-            optimize = vmq_fx.vector_quantize if recipe.optimizer == "vimvq" else vmq_fx.jlss
-            steps, batch = PAPERS["vimvq" if recipe.optimizer == "vimvq" else f"jlss_{family}"]
+        if recipe.optimizes:
+            vq = isinstance(recipe, vmq_fx.VQRecipe)
+            optimize = vmq_fx.vector_quantize if vq else vmq_fx.jlss
+            reduced = (vmq_fx.VQConfig if vq else vmq_fx.JLSSConfig)(steps=REDUCED_STEPS, batch_size=REDUCED_BATCH)
+            steps, batch = PAPERS["vimvq" if vq else f"jlss_{family}"]
             # The same optimization with no step, on a copy: the per-block cost that does not depend on the
             # schedule (capturing each block's inputs and targets, the loss before and after).
             fixed = rs.run("captures alone (0 steps, on a copy)", lambda: optimize(
-                copy.deepcopy(prepared), calib, dataclasses.replace(REDUCED, steps=0), progress=False))
-            name_ = f"{'ViM-VQ' if recipe.optimizer == 'vimvq' else 'JLSS'} ({REDUCED.steps} steps x " \
-                    f"{REDUCED.batch_size} images per block)"
-            report = rs.run(name_, lambda: optimize(prepared, calib, REDUCED, progress=False))
+                copy.deepcopy(prepared), calib, dataclasses.replace(reduced, steps=0), progress=False))
+            name_ = f"{'ViM-VQ' if vq else 'JLSS'} ({REDUCED_STEPS} steps x {REDUCED_BATCH} images per block)"
+            report = rs.run(name_, lambda: optimize(prepared, calib, reduced, progress=False))
             seconds, fixed_s, blocks = rs.rows[-1][1], rs.rows[-2][1], report.blocks
-            per_step = max(seconds - fixed_s, 0.0) / (blocks * REDUCED.steps)
-            projected = fixed_s + per_step * batch / REDUCED.batch_size * steps * blocks
+            per_step = max(seconds - fixed_s, 0.0) / (blocks * REDUCED_STEPS)
+            projected = fixed_s + per_step * batch / REDUCED_BATCH * steps * blocks
             projection = (f"{blocks} blocks; captures {fixed_s / blocks:.1f} s per block; "
-                          f"{per_step:.2f} s per step of {REDUCED.batch_size} images; the paper's schedule ({steps} "
+                          f"{per_step:.2f} s per step of {REDUCED_BATCH} images; the paper's schedule ({steps} "
                           f"steps x {batch} images per block) projected at {projected / 60:.0f} min (step time taken "
                           "as linear in the batch)")
         with torch.no_grad():
@@ -196,7 +197,7 @@ def main():
              f"{args.note}", "",
              f"Calibration: {args.calib} JPEGs cut from the foolbox wheel's 20 ImageNet photos (random crops and flips, "
              "seed 0), read with the model's preprocessing. Optimization schedules reduced to "
-             f"{REDUCED.steps} steps x {REDUCED.batch_size} images per block (the projection to the papers' "
+             f"{REDUCED_STEPS} steps x {REDUCED_BATCH} images per block (the projection to the papers' "
              "schedules is given). Random weights: the times, memory and sizes are those of the real shapes; the "
              "accuracy is not measured here.", ""]
     for name in args.models:

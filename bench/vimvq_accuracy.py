@@ -28,7 +28,7 @@ import vmq_fx  # noqa: E402
 from vmq_fx.app.data import calibration_images  # noqa: E402
 from vmq_fx.app.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
-from vmq_fx.pt2e.recipes import from_name  # noqa: E402
+from vmq_fx.pt2e.flow import method_from_name  # noqa: E402
 from vmq_fx.pt2e.diagnostics import bits_per_weight  # noqa: E402
 
 DEFAULT_METHODS = ["vq-kmeans", "vq-convex", "vimvq"]
@@ -36,12 +36,13 @@ BASELINES = ["vq-kmeans", "vq-convex"]  # paired differences of every other meth
 
 
 def recipe_for(method: str, bits: int, seed: int):
+    """(recipe with its k-means seeded, ViM-VQ config seeded with ``seed`` or None without optimization)."""
     base, _, extra = method.partition("[")
-    recipe = from_name(f"{base}-{bits}bit" + (f"[{extra}" if extra else ""))
+    recipe, config = method_from_name(f"{base}-{bits}bit" + (f"[{extra}" if extra else ""))
     recipe = dataclasses.replace(recipe, kmeans_seed=seed)
-    if recipe.method == "kmeans":  # no optimization, so no schedule to seed
-        return recipe
-    return dataclasses.replace(recipe, schedule=dataclasses.replace(recipe.schedule, seed=seed))
+    if not recipe.optimizes:  # plain k-means: no optimization to seed
+        return recipe, None
+    return recipe, dataclasses.replace(config or vmq_fx.VQConfig(), seed=seed)
 
 
 def _bytes(tensors) -> int:
@@ -50,9 +51,9 @@ def _bytes(tensors) -> int:
 
 def measure(name: str, method: str, bits: int, seed: int, calib_n: int, x_test, labels, fp_logits) -> dict:
     model = load_reference(name)
-    recipe = recipe_for(method, bits, seed)
+    recipe, config = recipe_for(method, bits, seed)
     t0 = time.perf_counter()
-    res = vmq_fx.quantize(model, recipe, calibration_images(calib_n, seed=seed), progress=False)
+    res = vmq_fx.quantize(model, recipe, calibration_images(calib_n, seed=seed), config, progress=False)
     secs = time.perf_counter() - t0
     logits = predict(res.lowered, x_test)
     return {"model": name, "method": method, "bits": bits, "seed": seed, "calib": calib_n, "test": len(labels),

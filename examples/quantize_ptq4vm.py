@@ -24,7 +24,7 @@ def main():
     gm = vmq_fx.export_model(model, calib[:2]).module()
     prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipes.ptq4vm(args.w_bits, args.a_bits)))
     vmq_fx.calibrate(prepared, calib)
-    print(vmq_fx.jlss(prepared, calib, vmq_fx.Schedule(steps=args.jlss_steps, batch_size=args.jlss_batch)))
+    print(vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=args.jlss_steps, batch_size=args.jlss_batch)))
     lowered = vmq_fx.lower(convert_pt2e(prepared))
     print("FP32      ", evaluate(model))
     print(f"W{args.w_bits}A{args.a_bits} int  ", evaluate(lowered))

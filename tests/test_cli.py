@@ -135,8 +135,10 @@ def test_quantize_mixes_precisions_per_layer(tmp_path, capsys):
     # per block: in_proj, out_proj at 4 bits; dt_proj, dt_proj_b at 8; x_proj, x_proj_b and the head stay float
     assert sorted(weight_bits.values()) == [4] * 2 * blocks + [8] * 2 * blocks
     assert len(float_linears) == 2 * blocks + 1
-    assert loaded.meta["vmq_quantizer"].roles == (("dt_proj", vmq_fx.recipes.from_name("sq-pts-w8a8")),
-                                                   ("x_proj", None))
+    # each lowered linear's node keeps its layer and recipe through save and load
+    recipes = {n.meta["vmq_linear"].role: n.meta["vmq_linear"].recipe for n in int8}
+    assert recipes == {"dt_proj": vmq_fx.recipes.from_name("sq-pts-w8a8"), "in_proj": vmq_fx.recipes.from_name("sq-pts-w4a4"), "out_proj": vmq_fx.recipes.from_name("sq-pts-w4a4")}
+    assert all("vmq_linear" not in n.meta for n in float_linears)
     assert main(["quantize", "vim-fm-tiny", "--recipe", "sq-pts-w4a4", "--layer-recipe", "dt_proj",
                  "--out-dir", str(out)]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -192,10 +192,10 @@ def test_qdq_reference_graph_exports_and_runs(tmp_path, test_batch):
 @pytest.mark.parametrize("name", REFERENCES)
 def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch):
     model, gm = _ref(name)
-    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vimvq(2, schedule=vmq_fx.Schedule(steps=2))))
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vimvq(2)))
     calib = calibration_images(32)
     vmq_fx.calibrate(prepared, calib, progress=False)
-    vmq_fx.vector_quantize(prepared, calib, progress=False)
+    vmq_fx.vector_quantize(prepared, calib, vmq_fx.VQConfig(steps=2), progress=False)
     quantized = convert_pt2e(prepared)
     n_linears = len(vmq_fx.pt2e.quantizer.quantized_linears(quantized))
     lowered = vmq_fx.lower(quantized)

@@ -89,7 +89,7 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path
     n_linears = len(find_quantizable_linears(gm))
     calib = torch.randn(16, 1, 28, 28)
     vmq_fx.calibrate(prepared, calib, progress=False)
-    report = vmq_fx.jlss(prepared, calib, vmq_fx.Schedule(steps=3, batch_size=8), progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=3, batch_size=8), progress=False)
     assert report.blocks == (2 if fixture == "vim" else 2)
     x = torch.randn(6, 1, 28, 28)
     fake_q = prepared(x)
@@ -197,7 +197,7 @@ def test_composes_with_another_quantizer_that_claims_out_proj(vim, tmp_path):
         assert "vmq_linear" not in n.meta
     calib = torch.randn(16, 1, 28, 28)
     vmq_fx.calibrate(prepared, calib, progress=False)
-    report = vmq_fx.jlss(prepared, calib, vmq_fx.Schedule(steps=2, batch_size=8), progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=2, batch_size=8), progress=False)
     assert report.blocks == 2
     quantized = convert_pt2e(prepared)
     t = _targets(quantized)
@@ -228,9 +228,9 @@ def test_jlss_lowers_the_block_loss_and_learns_only_what_it_should(vim):
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(4, 4)))
     vmq_fx.calibrate(prepared, calib, progress=False)
     before = _quantizer_params(prepared)
-    still = vmq_fx.jlss(copy.deepcopy(prepared), calib, vmq_fx.Schedule(steps=0), progress=False)
+    still = vmq_fx.jlss(copy.deepcopy(prepared), calib, vmq_fx.JLSSConfig(steps=0), progress=False)
     assert still.loss_after == still.loss_before  # no step: nothing moves
-    report = vmq_fx.jlss(prepared, calib, vmq_fx.Schedule(steps=20), progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=20), progress=False)
     assert report.loss_before[0] == still.loss_before[0]  # later blocks start from the learned earlier ones
     assert all(a < b for a, b in zip(report.loss_after, report.loss_before)), report
     after = _quantizer_params(prepared)
@@ -285,10 +285,10 @@ def test_jlss_targets_the_mixer_output_or_the_residual_stream(vim):
 
 def test_jlss_in_the_log_domain_changes_step_sizes_by_relative_amounts(vim):
     calib = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.ptq4vm(4, 4, step_domain="log")))
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.ptq4vm(4, 4)))
     vmq_fx.calibrate(prepared, calib, progress=False)
     before = _quantizer_params(prepared)
-    report = vmq_fx.jlss(prepared, calib, vmq_fx.Schedule(steps=20), progress=False)
+    report = vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=20, step_domain="log"), progress=False)
     assert all(a < b for a, b in zip(report.loss_after, report.loss_before)), report
     after = _quantizer_params(prepared)
     moved = 0
@@ -317,7 +317,7 @@ def test_mixed_precision_per_role_and_module_name(vim):
     with pytest.raises(ValueError, match="unknown role"):
         VisualMambaQuantizer().set_role("gate_proj", None)
     mixed = VisualMambaQuantizer(recipes.ptq4vm(8, 8)).set_role("fc1", recipes.vimvq(2))
-    with pytest.raises(ValueError, match="mixes integer"):
+    with pytest.raises(ValueError, match=r"mixes recipe families \(PTQ4VMRecipe, VQRecipe\)"):
         prepare_pt2e(copy.deepcopy(vim[1]), mixed)
 
 
@@ -341,15 +341,58 @@ def test_per_token_dynamic_baseline(vim):
 
 def test_recipe_names_round_trip_and_jlss_flag():
     for name in ("ptq4vm-w4a8", "sq-pts-w8a8", "pts-w8a8", "per-tensor-w8a8", "per-token-dynamic-w4a4", "vimvq-2bit",
-                 "vq-convex-3bit", "vq-kmeans-1bit", "ptq4vm-w4a4[alpha=0.6,steps=50]", "vimvq-1bit[n=2]"):
+                 "vq-convex-3bit", "vq-kmeans-1bit", "ptq4vm-w4a4[alpha=0.6]", "vimvq-1bit[n=2]"):
         assert recipes.from_name(name).name == name
     # every recipe, not only the named ones, has a name that gives it back
-    for recipe in (vmq_fx.PTQ4VMRecipe(smooth=False), vmq_fx.PTQ4VMRecipe(learn_all_projections=True, lr_act=1e-3),
+    for recipe in (vmq_fx.PTQ4VMRecipe(smooth=False), vmq_fx.PTQ4VMRecipe(jlss=False, num_candidates=50),
                    recipes.vimvq(None, d=3, k=256), recipes.smoothquant_pts(6, 6, p=2.0),
-                   recipes.vq_convex(2, schedule=vmq_fx.Schedule(steps=7, batch_size=4, seed=3))):
+                   recipes.vq_convex(2, codebook="layer", n=8)):
         assert recipes.from_name(recipe.name) == recipe, recipe.name
     assert recipes.ptq4vm(8, 8).jlss and not recipes.smoothquant_pts(8, 8).jlss
     with pytest.raises(ValueError, match="unknown recipe 'ptq4vm-3bit'"):
         recipes.from_name("ptq4vm-3bit")
     with pytest.raises(ValueError, match="JLSS learns per-token static step sizes"):
         vmq_fx.PTQ4VMRecipe(act_granularity="per_tensor_static", smooth=False)
+
+
+def test_two_composed_visual_mamba_quantizers_each_keep_their_settings(vim):
+    """The first quantizer claims in_proj with PTQ4VM W4A8 (JLSS), the second takes the rest with SmoothQuant + PTS
+    W8A8 (no JLSS). Each layer keeps its own recipe on its node, nothing is kept on the graph module for one to
+    overwrite, and JLSS learns the first's layers only."""
+    first = VisualMambaQuantizer().set_global(None).set_role("in_proj", recipes.ptq4vm(4, 8))
+    second = VisualMambaQuantizer(recipes.smoothquant_pts(8, 8))
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), ComposableQuantizer([first, second]))
+    assert "vmq_quantizer" not in prepared.meta
+    layers = vmq_fx.pt2e.quantizer.quantized_linears(prepared).values()
+    assert {(layer.role, layer.recipe.name) for layer in layers} == {
+        ("in_proj", "ptq4vm-w4a8"), ("x_proj", "sq-pts-w8a8"), ("dt_proj", "sq-pts-w8a8"), ("out_proj", "sq-pts-w8a8")}
+    calib = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    before = _quantizer_params(prepared)
+    vmq_fx.jlss(prepared, calib, vmq_fx.JLSSConfig(steps=3), progress=False)
+    after = _quantizer_params(prepared)
+    for (name, kind), value in before.items():
+        assert (not torch.equal(value, after[(name, kind)])) == name.endswith("in_proj"), (name, kind)
+    lowered = vmq_fx.lower(convert_pt2e(prepared))
+    bits = Counter(n.args[10] for n in lowered.graph.nodes if n.target is torch.ops.vmq.int8_linear.default)
+    assert bits == {4: 2, 8: 10}  # in_proj at 4 bits, the other 5 linears of each of the 2 blocks at 8
+
+
+def test_the_config_must_fit_the_recipe_family(vim):
+    model = vim[0]
+    calib = torch.randn(8, 1, 28, 28)
+    with pytest.raises(TypeError, match="ptq4vm-w8a8 is optimized with a JLSSConfig, got a VQConfig"):
+        vmq_fx.quantize(model, recipes.ptq4vm(8, 8), calib, vmq_fx.VQConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="sq-pts-w8a8 has no optimization step; a config"):
+        vmq_fx.quantize(model, recipes.smoothquant_pts(8, 8), calib, vmq_fx.JLSSConfig(steps=1), progress=False)
+    with pytest.raises(ValueError, match="JLSSConfig: target must be 'mixer' or 'stream'"):
+        vmq_fx.JLSSConfig(target="block")
+    with pytest.raises(ValueError, match=r"PTQ4VMRecipe has no field 'steps' \(a setting of the optimization: "
+                                         r"JLSSConfig\)"):
+        recipes.from_name("ptq4vm-w4a4[steps=50]")
+    from vmq_fx.pt2e.flow import method_from_name
+
+    recipe, config = method_from_name("ptq4vm-w4a4[alpha=0.6,target=mixer,steps=50]")
+    assert recipe == recipes.ptq4vm(4, 4, alpha=0.6) and config == vmq_fx.JLSSConfig(steps=50, target="mixer")
+    with pytest.raises(ValueError, match="neither PTQ4VMRecipe nor JLSSConfig has a field 'lr'"):
+        method_from_name("ptq4vm-w4a4[lr=0.1]")

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import vmq_fx
-from vmq_fx.pt2e.recipes import Schedule
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.models import CheckpointMismatchError, create_model
 from vmq_fx.pt2e.observers import NotCalibratedError, VectorQuantizedWeight, kmeans, nearest_codewords
@@ -13,6 +12,7 @@ from vmq_fx.pt2e.observers.codebook import codebook_shape
 from vmq_fx.ops import pack_codes, unpack_codes, vq_dequantize, vq_linear_reference
 from vmq_fx.ops.vq_linear import code_bits, decode_row_scale, encode_row_scale, vq_linear
 from vmq_fx.pt2e.diagnostics import bits_per_weight
+from vmq_fx.pt2e.flow import method_from_name
 from vmq_fx.pt2e.vq import _confirm_schedule
 
 VQ_DQ = torch.ops.vmq.vq_dequantize.default
@@ -111,7 +111,7 @@ def test_confirmation_is_monotone_by_confidence_and_ends_all_hard():
 
 
 def test_confirm_schedule_grows_to_all_at_the_last_step():
-    sched = _confirm_schedule(recipes.vimvq(2, confirm_rounds=4, confirm_start=0.5), steps=100)
+    sched = _confirm_schedule(vmq_fx.VQConfig(confirm_rounds=4, confirm_start=0.5), steps=100)
     assert sorted(sched.items()) == [(62, 0.25), (75, 0.5), (87, 0.75), (100, 1.0)]
 
 
@@ -199,8 +199,8 @@ def test_row_scale_codes_are_a_log_grid():
     rel = (decode_row_scale(encode_row_scale(s.float())).double() / s - 1).abs()
     assert rel.max() <= 2 ** (1 / 32) - 1 + 1e-6  # at most half a step of 2^(1/16) away
     assert encode_row_scale(torch.tensor([1e-9, 1e9])).tolist() == [0, 255]  # clamped at the ends
-    with pytest.raises(ValueError, match="plain k-means has none"):
-        recipes.vq_kmeans(2, schedule=Schedule(steps=5))
+    with pytest.raises(ValueError, match=r"vq-kmeans-2bit has no optimization step, so no field 'steps'"):
+        method_from_name("vq-kmeans-2bit[steps=5]")
 
 
 @pytest.fixture(scope="module")
@@ -229,11 +229,11 @@ def test_vector_quantize_needs_calibration_and_a_vq_recipe(tiny):
 def test_end_to_end_vimvq_graph_numbers_and_save_load(tiny, tmp_path):
     model, gm, calib = tiny
     results = {}
-    for recipe in (recipes.vq_kmeans(2), recipes.vimvq(2, schedule=Schedule(steps=24, batch_size=16))):
+    for recipe, config in ((recipes.vq_kmeans(2), None), (recipes.vimvq(2), vmq_fx.VQConfig(steps=24, batch_size=16))):
         prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipe))
         vmq_fx.calibrate(prepared, calib, progress=False)
         _assert_nearest_codewords(prepared)
-        report = vmq_fx.vector_quantize(prepared, calib, progress=False)
+        report = vmq_fx.vector_quantize(prepared, calib, config, progress=False)
         results[recipe.method] = report
         x = torch.randn(3, 1, 28, 28)
         fake = prepared(x)
@@ -261,13 +261,16 @@ def test_end_to_end_vimvq_graph_numbers_and_save_load(tiny, tmp_path):
 
 
 def _assert_nearest_codewords(prepared):
-    """After calibration every sub-vector's code is its nearest codeword (brute-force distances in float64)."""
+    """After calibration every sub-vector's code is its nearest codeword (brute-force distances in float64). Plain
+    k-means layers have their codebook rounded to float16 at calibration's end (what convert stores): a few
+    sub-vectors in a thousand then sit nearer another rounded codeword."""
     for layer, _, vq in vmq_fx.pt2e.utils.linear_quantizers(prepared).values():
         w = prepared.get_parameter(layer.name + ".weight").detach().double()
         w = w / vq.scales.double()[:, None]
         sub = torch.nn.functional.pad(w, (0, -w.shape[1] % vq.d)).reshape(-1, vq.d)
         nearest = torch.cdist(sub, vq.codebook.detach().double()).argmin(1)
-        assert (nearest == vq.codes).float().mean() > 0.999  # float32 ties aside
+        rounded = not layer.recipe.optimizes
+        assert (nearest == vq.codes).float().mean() > (0.995 if rounded else 0.999)  # float32 ties aside
 
 
 def _with_decoded_weights(model, lowered):

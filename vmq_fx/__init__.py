@@ -28,11 +28,12 @@ _EXPORTS = {
     "VisualMambaQuantizer": "vmq_fx.pt2e.quantizer",
     "PTQ4VMRecipe": "vmq_fx.pt2e.recipes",
     "VQRecipe": "vmq_fx.pt2e.recipes",
-    "Schedule": "vmq_fx.pt2e.recipes",
     "calibrate": "vmq_fx.pt2e.calibrate",
     "jlss": "vmq_fx.pt2e.jlss",
+    "JLSSConfig": "vmq_fx.pt2e.jlss",
     "JLSSReport": "vmq_fx.pt2e.jlss",
     "vector_quantize": "vmq_fx.pt2e.vq",
+    "VQConfig": "vmq_fx.pt2e.vq",
     "VQReport": "vmq_fx.pt2e.vq",
     "lower": "vmq_fx.pt2e.lowering",
     "quantize": "vmq_fx.pt2e.flow",
@@ -82,9 +83,9 @@ if TYPE_CHECKING:  # what static tools see
     from vmq_fx.pt2e import recipes  # noqa: F401
     from vmq_fx.pt2e.calibrate import calibrate  # noqa: F401
     from vmq_fx.pt2e.flow import QuantizeResult, quantize  # noqa: F401
-    from vmq_fx.pt2e.jlss import JLSSReport, jlss  # noqa: F401
+    from vmq_fx.pt2e.jlss import JLSSConfig, JLSSReport, jlss  # noqa: F401
     from vmq_fx.pt2e.lowering import lower  # noqa: F401
     from vmq_fx.pt2e.quantizer import VisualMambaQuantizer  # noqa: F401
-    from vmq_fx.pt2e.recipes import PTQ4VMRecipe, Schedule, VQRecipe  # noqa: F401
+    from vmq_fx.pt2e.recipes import PTQ4VMRecipe, VQRecipe  # noqa: F401
     from vmq_fx.pt2e.serialization import load_quantized, save_quantized  # noqa: F401
-    from vmq_fx.pt2e.vq import VQReport, vector_quantize  # noqa: F401
+    from vmq_fx.pt2e.vq import VQConfig, VQReport, vector_quantize  # noqa: F401

@@ -49,6 +49,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
     print("recipes (vmq quantize --recipe):")
     for pattern in recipes.names():
         print(f"  {pattern}")
+    print("  and the optimization's settings: JLSSConfig / VQConfig fields, e.g. ptq4vm-w4a4[target=mixer,steps=50]")
     return 0
 
 
@@ -124,23 +125,33 @@ def _quantizer(recipe, args: argparse.Namespace):
     return quantizer
 
 
+def _method(name: str, args: argparse.Namespace):
+    """The quantizer and the optimization config of one --recipe (its bracketed run-level fields, then --steps and
+    --batch-size)."""
+    import dataclasses
+
+    from vmq_fx.pt2e.flow import method_from_name
+    from vmq_fx.pt2e.recipes import family_of
+
+    recipe, config = method_from_name(name)
+    if args.steps is not None or args.batch_size is not None:
+        if not recipe.optimizes:
+            raise ValueError(f"--steps / --batch-size are for the optimization of JLSS / ViM-VQ; {name} has none")
+        given = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+        config = dataclasses.replace(config if config is not None else family_of(recipe).config_type()(), **given)
+    return _quantizer(recipe, args), config
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import vmq_fx
     from vmq_fx.app import report as plots
     from vmq_fx.pt2e.flow import require_lowerable
 
-    chosen = [_quantizer(vmq_fx.recipes.from_name(name), args) for name in args.recipe]  # bad input fails here
+    chosen = [_method(name, args) for name in args.recipe]  # bad input fails here
     if not args.no_onnx:
         _require_onnx_scan(args.onnx_scan)
-    for quantizer in chosen:
+    for quantizer, _ in chosen:
         require_lowerable(quantizer)
-    schedule = None
-    if args.steps is not None or args.batch_size is not None:
-        schedule = vmq_fx.Schedule(steps=args.steps, batch_size=args.batch_size)
-        plain = [n for n, q in zip(args.recipe, chosen) if {r.optimizer for r in q.spec.recipes()} == {None}]
-        if plain:
-            raise ValueError(f"--steps / --batch-size are for the optimization of JLSS / ViM-VQ; {', '.join(plain)} "
-                             "has none")
     progress = not args.quiet
     model = _load_model(args)
     workload = _workload(args, model, progress)
@@ -153,10 +164,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     notes, figures, points = [], [], []
     calib = workload.calibration
     example = calib[:2]
-    for name, quantizer in zip(args.recipe, chosen):
+    for name, (quantizer, config) in zip(args.recipe, chosen):
         log.info("%s: quantizing", name)
-        res = vmq_fx.quantize(model, quantizer, calib, schedule=schedule, progress=progress,
-                              diagnostic_images=calib[:32])
+        res = vmq_fx.quantize(model, quantizer, calib, config, progress=progress, diagnostic_images=calib[:32])
         sub = out / name
         sub.mkdir(exist_ok=True)
         vmq_fx.save_quantized(res.lowered, sub / "model.safetensors", model.config)
@@ -491,15 +501,16 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a model, save it, export it to ONNX and write a report")
     _model_args(q, quantized=False)
     q.add_argument("--recipe", required=True, nargs="+",
-                   help="one or more, e.g. ptq4vm-w8a8 ptq4vm-w4a8 vimvq-2bit (see `vmq list`)")
+                   help="one or more methods, e.g. ptq4vm-w8a8 ptq4vm-w4a8 vimvq-2bit[steps=50] (see `vmq list`; "
+                        "bracketed fields set the recipe's or the optimization's settings)")
     q.add_argument("--calib-dir", type=_folder, help="a folder of your images to calibrate with (needed for any model "
                                                     "but the shipped Fashion-MNIST ones)")
     q.add_argument("--calib", type=_count(1), default=256, help="calibration images (drawn from --calib-dir, or the "
                                                                  "Fashion-MNIST training split)")
     q.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample")
     _image_args(q)
-    q.add_argument("--steps", type=_count(0), help="optimization steps per block (JLSS / ViM-VQ; default: the "
-                                                   "recipe's)")
+    q.add_argument("--steps", type=_count(0), help="optimization steps per block (JLSS / ViM-VQ; default: "
+                                                   "JLSS 100 on Vim and 400 on VMamba, ViM-VQ 100)")
     q.add_argument("--batch-size", type=_count(1), help="images per optimization step (default: JLSS all, ViM-VQ 64)")
     q.add_argument("--layer-recipe", nargs="+", metavar="WHERE=RECIPE",
                    help="mixed precision: another recipe for a role (in_proj, x_proj, dt_proj, out_proj, fc1, fc2) or "

@@ -12,20 +12,29 @@ so learning updates the prepared model in place. For block ``k``:
   is its mixer's (``"mixer"``, PTQ4VM's loss; a VMamba block adds its residual inside, so there it is the block's
   output) or the residual stream after the block (``"stream"``: Vim's residual plus the mixer output, what the next
   block reads).
+
+:func:`optimize_blocks` is the per-block training loop both methods run; a :class:`BlockMethod` says what each
+method learns and does around the steps.
 """
 from __future__ import annotations
 
+import abc
 import operator
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.fx.passes.split_module import split_module
 
-from vmq_fx.pt2e.utils import linear_quantizers, set_fake_quant
-from vmq_fx.pt2e.recipes import LossTarget
+from tqdm.auto import tqdm
 
-__all__ = ["BlockRunner"]
+from vmq_fx.pt2e.utils import linear_quantizers, set_fake_quant
+
+__all__ = ["BlockLosses", "BlockMethod", "BlockRunner", "LossTarget", "optimize_blocks"]
+
+LossTarget = Literal["mixer", "stream"]
 
 _BATCH = object()  # stands for "the batch size" among a block's captured arguments
 
@@ -240,3 +249,92 @@ class BlockRunner:
         for p in frozen:
             p.requires_grad_(False)
         return frozen
+
+
+class BlockMethod(abc.ABC):
+    """What a block-wise method does in :func:`optimize_blocks`, block by block; the hooks without a body do nothing.
+
+    The loop calls, for block ``k``: :meth:`begin` (what to learn), then per step the loss of a mini-batch plus
+    :meth:`penalty`, backward, :meth:`after_backward`, the optimizer's step and :meth:`after_step`; then :meth:`end`.
+    """
+
+    @abc.abstractmethod
+    def begin(self, runner: BlockRunner, k: int) -> tuple[list[nn.Parameter], torch.optim.Optimizer] | None:
+        """The parameters of the prepared model block ``k`` learns and the optimizer that steps them (which may
+        hold other tensors, e.g. their logarithms); ``None``: nothing to learn in this block."""
+
+    def loss_before(self, runner: BlockRunner, k: int, q_in: list, fp_out: list, q_out: list) -> float:
+        """The block's loss before learning (default: on the captured fake-quantized outputs)."""
+        return runner.loss_of_outputs(k, fp_out, q_out, self.target).item()
+
+    def penalty(self, step: int, steps: int) -> Tensor | float:
+        """A term added to the reconstruction loss at ``step`` (1-based) of ``steps``."""
+        return 0.0
+
+    def after_backward(self) -> None:
+        """After ``backward``, before the optimizer's step (e.g. gradient transforms, clipping)."""
+
+    def after_step(self, step: int, steps: int, optimizer: torch.optim.Optimizer) -> None:
+        """After the optimizer's step ``step`` (1-based) of ``steps``."""
+
+    def end(self, runner: BlockRunner, k: int) -> bool:
+        """After the block's last step, before its final loss; returns whether it changed the block."""
+        return False
+
+    target: LossTarget = "mixer"  # what the reconstruction loss compares (see BlockRunner.loss)
+
+
+@dataclass(frozen=True)
+class BlockLosses:
+    """Per-block reconstruction loss before and after :func:`optimize_blocks`."""
+
+    before: list[float]
+    after: list[float]
+
+
+def optimize_blocks(runner: BlockRunner, method: BlockMethod, steps: int, batch_size: int | None, seed: int,
+                    desc: str, progress: bool = True) -> BlockLosses:
+    """The per-block training loop of JLSS and ViM-VQ.
+
+    For each block in order: capture its floating-point target and its fake-quantized inputs, learn what
+    ``method.begin`` returns for ``steps`` steps on mini-batches of ``batch_size`` images (``None``: all of them)
+    drawn with ``seed``, with every other parameter of the prepared model frozen, and record the loss before and
+    after.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    n = len(runner.images)
+    before, after = [], []
+    for k, block in enumerate(runner.blocks):
+        _, fp_out = runner.capture(k, fake_quant=False)
+        q_in, q_out = runner.capture(k, fake_quant=True)
+        with torch.no_grad():
+            before.append(method.loss_before(runner, k, q_in, fp_out, q_out))
+        del q_out
+        learned = method.begin(runner, k) if steps else None
+        if learned is not None:
+            params, optimizer = learned
+            frozen = runner.frozen_except(params)
+            try:
+                bar = tqdm(range(1, steps + 1), desc=f"{desc} {block}", disable=not progress, leave=False)
+                for step in bar:
+                    idx = None if batch_size is None or batch_size >= n else torch.randperm(
+                        n, generator=gen)[:batch_size]
+                    recon = runner.loss(k, q_in, fp_out, idx, method.target)
+                    loss = recon + method.penalty(step, steps)
+                    optimizer.zero_grad(set_to_none=True)
+                    for p in params:  # the optimizer may hold other tensors than these
+                        p.grad = None
+                    loss.backward()
+                    method.after_backward()
+                    optimizer.step()
+                    method.after_step(step, steps, optimizer)
+                    bar.set_postfix(loss=f"{recon.item():.4g}", refresh=False)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(True)
+        if not method.end(runner, k) and learned is None:
+            after.append(before[-1])  # nothing changed
+            continue
+        with torch.no_grad():
+            after.append(runner.loss(k, q_in, fp_out, target=method.target).item())
+    return BlockLosses(before, after)

@@ -68,6 +68,16 @@ def _run(gm: fx.GraphModule, batches: list[Tensor], desc: str, progress: bool) -
             gm(x)
 
 
+def _initialize_codebooks(group: list, key: str) -> None:
+    """Fit a codebook group; layers whose recipe has no optimization (plain k-means) keep the nearest codewords, as
+    convert_pt2e will write them."""
+    initialize_codebook_group([w for _, w in group], key)
+    for layer, w in group:
+        if not layer.recipe.optimizes:
+            w.harden()
+            w.finalize()
+
+
 def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int = 64, progress: bool = True) -> None:
     """Calibrate a prepared model in place: smoothing scales (if the recipe smooths) and initial step sizes.
 
@@ -112,7 +122,7 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
     initialize = [q.initialize for q in modules if isinstance(q, (PerTokenStaticFakeQuantize,
                                                                   PerChannelWeightFakeQuantize))]
-    initialize += [lambda key=key, g=group: initialize_codebook_group([w for _, w in g], key)
+    initialize += [lambda key=key, g=group: _initialize_codebooks(g, key)
                    for key, group in codebook_groups(quantizers).items()]
     t0 = time.perf_counter()
     for init in tqdm(initialize, desc="initialize quantizers", disable=not progress, leave=False):

@@ -5,33 +5,98 @@ For each block in order, with the weights frozen:
 * target: the floating-point block's output on floating-point inputs;
 * input: the output of the already-quantized blocks before it (fake quantization on);
 * loss: mean over tokens of ``1 - cos`` between the target and the fake-quantized block output along channels (the
-  residual stream after the block by default, or the mixer's output as PTQ4VM's authors:
-  ``PTQ4VMRecipe.jlss_target``);
-* learned: the block's weight step sizes (per output channel), activation step sizes (per token) and smoothing
-  scales (per input channel), with AdamW (weight decay 1e-5), gradient-norm clip 2.0 and no schedule, on the values
-  themselves (PTQ4VM) or on their logarithms (``PTQ4VMRecipe.step_domain``).
+  residual stream after the block by default, or the mixer's output as PTQ4VM's authors: ``JLSSConfig.target``);
+* learned: the weight step sizes (per output channel), activation step sizes (per token) and smoothing scales (per
+  input channel) of the block's linears whose recipe has ``jlss=True``, with AdamW (weight decay 1e-5),
+  gradient-norm clip 2.0 and no schedule, on the values themselves (PTQ4VM) or on their logarithms
+  (``JLSSConfig.step_domain``).
 
-The block-by-block machinery (graph split, input capture, loss) is :class:`vmq_fx.pt2e.blockwise.BlockRunner`; learning
-updates the prepared model in place.
+The per-block loop is :func:`vmq_fx.pt2e.blockwise.optimize_blocks`; learning updates the prepared model in place.
 """
 from __future__ import annotations
 
 import logging
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import fx, nn
-from tqdm.auto import tqdm
 
-from vmq_fx.pt2e.blockwise import BlockRunner
-from vmq_fx.pt2e.utils import linear_quantizers, split_batches
+from vmq_fx.pt2e.blockwise import BlockMethod, BlockRunner, LossTarget, optimize_blocks
 from vmq_fx.pt2e.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
-from vmq_fx.pt2e.recipes import Schedule
+from vmq_fx.pt2e.utils import linear_quantizers, split_batches
 
-__all__ = ["JLSSReport", "jlss", "resolved_schedule"]
+__all__ = ["JLSSConfig", "JLSSReport", "jlss"]
 
 log = logging.getLogger(__name__)
+
+StepDomain = Literal["linear", "log"]
+
+
+@dataclass(frozen=True)
+class JLSSConfig:
+    """How :func:`jlss` runs (the run-level settings; which layers learn is their recipe's ``jlss``).
+
+    Args:
+        steps: optimization steps per block (``None``: PTQ4VM's, 100 on Vim and 400 on VMamba).
+        batch_size: calibration images per step (``None``: all of them, PTQ4VM's one batch).
+        seed: seed of the mini-batch sampling.
+        lr_weight, lr_act, lr_smooth: learning rates of the weight step sizes, activation step sizes and smoothing
+            scales (``None``: PTQ4VM's, Vim 5e-4 / 5e-4 / 1e-2, VMamba 1e-4 for all three; with
+            ``step_domain="log"`` 1e-3 for all three).
+        target: what the ``1 - cos`` loss compares: ``"stream"`` (the default: the residual stream after the block,
+            what the next block reads) or ``"mixer"`` (the authors' PTQ4VM: the mixer's output; VMamba blocks add
+            their residual inside). With 3 calibration seeds the stream target scored +0.22 points over the mixer's on
+            vim-fm-tiny at W4A4 and was within noise of it elsewhere (``bench/results/ptq4vm_accuracy.md``).
+        step_domain: ``"linear"`` (PTQ4VM: Adam on the step sizes and smoothing scales themselves) or ``"log"``
+            (Adam on their logarithms: an update is a relative change, the same for a step of 0.002 and of 0.2).
+        weight_decay, grad_clip: AdamW's weight decay and the gradient-norm clip.
+        learn_all_projections: also learn the x_proj / dt_proj parameters (the authors' code leaves them at init).
+    """
+
+    steps: int | None = None
+    batch_size: int | None = None
+    seed: int = 0
+    lr_weight: float | None = None
+    lr_act: float | None = None
+    lr_smooth: float | None = None
+    target: LossTarget = "stream"
+    step_domain: StepDomain = "linear"
+    weight_decay: float = 1e-5
+    grad_clip: float = 2.0
+    learn_all_projections: bool = False
+
+    def __post_init__(self):
+        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
+            raise ValueError(f"JLSSConfig: steps must be a non-negative integer, got {self.steps!r}")
+        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
+            raise ValueError(f"JLSSConfig: batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.target not in ("mixer", "stream"):
+            raise ValueError(f"JLSSConfig: target must be 'mixer' or 'stream', got {self.target!r}")
+        if self.step_domain not in ("linear", "log"):
+            raise ValueError(f"JLSSConfig: step_domain must be 'linear' or 'log', got {self.step_domain!r}")
+        for name in ("lr_weight", "lr_act", "lr_smooth"):
+            lr = getattr(self, name)
+            if lr is not None and lr < 0:
+                raise ValueError(f"JLSSConfig: {name} must be >= 0, got {lr}")
+        if self.weight_decay < 0 or self.grad_clip <= 0:
+            raise ValueError("JLSSConfig: grad_clip must be positive and weight_decay >= 0")
+
+    def steps_for(self, family: str) -> int:
+        """Steps per block on a model of ``family`` (``"vim"`` / ``"vmamba"``)."""
+        return (100 if family == "vim" else 400) if self.steps is None else self.steps
+
+    def learning_rates(self, family: str) -> dict[str, float]:
+        """The learning rates for ``"weight"``, ``"act"`` and ``"smooth"`` (PTQ4VM's per family by default)."""
+        vim = family == "vim"
+        if self.step_domain == "log":
+            defaults = {"weight": 1e-3, "act": 1e-3, "smooth": 1e-3}
+        else:
+            defaults = {"weight": 5e-4 if vim else 1e-4, "act": 5e-4 if vim else 1e-4,
+                        "smooth": 1e-2 if vim else 1e-4}
+        given = {"weight": self.lr_weight, "act": self.lr_act, "smooth": self.lr_smooth}
+        return {k: defaults[k] if given[k] is None else given[k] for k in defaults}
 
 
 @dataclass(frozen=True)
@@ -45,17 +110,6 @@ class JLSSReport:
         before, after = sum(self.loss_before) / self.blocks, sum(self.loss_after) / self.blocks
         return (f"JLSS: {self.blocks} blocks in {self.seconds:.1f} s; mean block loss (1 - cos) "
                 f"{before:.4g} -> {after:.4g}")
-
-
-def resolved_schedule(schedule: Schedule, family: str, optimizer: str) -> tuple[int, int | None, int]:
-    """(steps, batch_size, seed) of a block-wise optimization: the schedule's, else the method's defaults (JLSS:
-    Vim 100 steps, VMamba 400, on all images, as PTQ4VM; ViM-VQ: 100 steps of 64 images)."""
-    if optimizer == "jlss":
-        steps, batch = (100 if family == "vim" else 400), None
-    else:
-        steps, batch = 100, 64
-    return (steps if schedule.steps is None else schedule.steps,
-            batch if schedule.batch_size is None else schedule.batch_size, schedule.seed)
 
 
 class _LogDomain:
@@ -78,9 +132,9 @@ class _LogDomain:
             u.grad = None if p.grad is None else p.grad * p
 
 
-def _learned(layer, act, weight) -> dict[str, list[nn.Parameter]]:
+def _learned(layer, act, weight, config: JLSSConfig) -> dict[str, list[nn.Parameter]]:
     """The JLSS parameters of one linear, by learning-rate group."""
-    if layer.role in ("x_proj", "dt_proj") and not layer.recipe.learn_all_projections:
+    if not layer.recipe.optimizes or (layer.role in ("x_proj", "dt_proj") and not config.learn_all_projections):
         return {}
     groups = {"act": [act.scale], "weight": [weight.scale]}
     if act.smooth is not None:
@@ -88,17 +142,52 @@ def _learned(layer, act, weight) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
-def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None = None, progress: bool = True,
+class _JLSS(BlockMethod):
+    """JLSS in the shared per-block loop: AdamW on the block's step sizes and smoothing scales."""
+
+    def __init__(self, config: JLSSConfig, family: str):
+        self.config, self.family, self.target = config, family, config.target
+        self.params: list[nn.Parameter] = []
+        self.stepped: list[torch.Tensor] = []
+        self.log_domain: _LogDomain | None = None
+
+    def begin(self, runner: BlockRunner, k: int):
+        lrs = self.config.learning_rates(self.family)
+        groups = [{"params": ps, "lr": lrs[kind], "weight_decay": self.config.weight_decay}
+                  for layer, act, weight in runner.layers(k)
+                  for kind, ps in _learned(layer, act, weight, self.config).items()]
+        self.params = [p for g in groups for p in g["params"]]
+        if not self.params:
+            return None
+        self.log_domain = _LogDomain(groups) if self.config.step_domain == "log" else None
+        if self.log_domain is not None:  # the optimizer holds the logarithms, not the parameters
+            groups = self.log_domain.groups
+        self.stepped = [p for g in groups for p in g["params"]]
+        return self.params, torch.optim.AdamW(groups)
+
+    def after_backward(self) -> None:
+        if self.log_domain is not None:
+            self.log_domain.pull_grads()
+        torch.nn.utils.clip_grad_norm_(self.stepped, self.config.grad_clip)
+
+    @torch.no_grad()
+    def after_step(self, step: int, steps: int, optimizer) -> None:
+        if self.log_domain is not None:
+            self.log_domain.write()
+        for p in self.params:
+            p.clamp_(min=1e-8)
+
+
+def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig | None = None, progress: bool = True,
          ) -> JLSSReport:
     """Learn smoothing scales and step sizes of a calibrated prepared model, block by block (in place).
 
-    Each linear learns with its recipe's learning rates (:meth:`vmq_fx.pt2e.recipes.PTQ4VMRecipe.learning_rates`).
-
     Args:
-        prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.ptq4vm(...)))`` after :func:`vmq_fx.calibrate`.
+        prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.ptq4vm(...)))`` after :func:`vmq_fx.calibrate`;
+            the linears whose recipe has ``jlss=True`` learn.
         calibration_data: the calibration images (tensor [N, C, H, W] or iterable of batches).
-        schedule: steps per block, images per step, seed (default: the global recipe's schedule, whose unset
-            fields take PTQ4VM's: 100 steps on Vim, 400 on VMamba, all images per step).
+        config: steps, images per step, seed, learning rates, loss target (default :class:`JLSSConfig()`: PTQ4VM's
+            100 steps on Vim, 400 on VMamba, all images per step).
         progress: one progress bar per block.
 
     Returns:
@@ -108,13 +197,16 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
         >>> import torch, vmq_fx
         >>> model = vmq_fx.models.create_model("vim_fm_tiny", depth=2).eval()
         >>> gm = vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
-        >>> prepared = vmq_fx.prepare_pt2e(gm, vmq_fx.VisualMambaQuantizer(vmq_fx.pt2e.recipes.ptq4vm(4, 4)))
+        >>> prepared = vmq_fx.prepare_pt2e(gm, vmq_fx.VisualMambaQuantizer(vmq_fx.recipes.ptq4vm(4, 4)))
         >>> calibration_images = torch.randn(16, 1, 28, 28)
         >>> vmq_fx.calibrate(prepared, calibration_images, progress=False)
-        >>> report = vmq_fx.jlss(prepared, calibration_images, vmq_fx.Schedule(steps=10), progress=False)
+        >>> report = vmq_fx.jlss(prepared, calibration_images, vmq_fx.JLSSConfig(steps=10), progress=False)
         >>> report.blocks, len(report.loss_after)
         (2, 2)
     """
+    config = JLSSConfig() if config is None else config
+    if not isinstance(config, JLSSConfig):
+        raise TypeError(f"jlss: config must be a JLSSConfig, got {type(config).__name__}")
     t0 = time.perf_counter()
     quantizers = linear_quantizers(prepared)
     all_q = [m for _, a, w in quantizers.values() for m in (a, w)]
@@ -123,62 +215,14 @@ def jlss(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None =
                          "quantizers have no step sizes it learns")
     if not all(q.initialized for q in all_q):
         raise ValueError("jlss: the prepared model is not calibrated; run vmq_fx.calibrate(prepared, data) first")
-    first = next(iter(quantizers.values()))[0]
-    family = first.family
-    settings = prepared.meta.get("vmq_quantizer")
-    recipe = settings.global_recipe if settings is not None and settings.global_recipe is not None else first.recipe
-    steps, batch_size, seed = resolved_schedule(schedule or recipe.schedule, family, "jlss")
+    if not any(layer.recipe.optimizes for layer, _, _ in quantizers.values()):
+        raise ValueError("jlss: no linear of this model has a recipe with JLSS (jlss=True, recipes.ptq4vm); "
+                         "calibration-only recipes (sq-pts, pts) learn nothing")
+    family = next(iter(quantizers.values()))[0].family
     images = torch.cat(split_batches(calibration_data, 256))
     runner = BlockRunner(prepared, images)
-    gen = torch.Generator().manual_seed(seed)
-    before, after = [], []
-    for k, block in enumerate(runner.blocks):
-        _, fp_out = runner.capture(k, fake_quant=False)
-        q_in, q_out = runner.capture(k, fake_quant=True)
-        param_groups = []
-        for layer, act, weight in runner.layers(k):
-            lrs = layer.recipe.learning_rates(family)
-            for kind, ps in _learned(layer, act, weight).items():
-                param_groups.append({"params": ps, "lr": lrs[kind], "weight_decay": layer.recipe.weight_decay})
-        params = [p for g in param_groups for p in g["params"]]
-        n = len(images)
-        with torch.no_grad():
-            before.append(runner.loss_of_outputs(k, fp_out, q_out, recipe.jlss_target).item())
-        del q_out
-        if params and steps:
-            log_domain = _LogDomain(param_groups) if recipe.step_domain == "log" else None
-            groups = param_groups if log_domain is None else log_domain.groups
-            opt = torch.optim.AdamW(groups)
-            stepped = [p for g in groups for p in g["params"]]
-            frozen = runner.frozen_except(params)
-            try:
-                bar = tqdm(range(steps), desc=f"JLSS {block}", disable=not progress, leave=False)
-                for _ in bar:
-                    idx = None if batch_size is None or batch_size >= n else torch.randperm(
-                        n, generator=gen)[:batch_size]
-                    loss = runner.loss(k, q_in, fp_out, idx, recipe.jlss_target)
-                    opt.zero_grad(set_to_none=True)
-                    if log_domain is not None:  # the optimizer holds the logarithms, not these
-                        for p in params:
-                            p.grad = None
-                    loss.backward()
-                    if log_domain is not None:
-                        log_domain.pull_grads()
-                    torch.nn.utils.clip_grad_norm_(stepped, recipe.grad_clip)
-                    opt.step()
-                    with torch.no_grad():
-                        if log_domain is not None:
-                            log_domain.write()
-                        for p in params:
-                            p.clamp_(min=1e-8)
-                    bar.set_postfix(loss=f"{loss.item():.4g}", refresh=False)
-            finally:
-                for p in frozen:
-                    p.requires_grad_(True)
-            with torch.no_grad():
-                after.append(runner.loss(k, q_in, fp_out, target=recipe.jlss_target).item())
-        else:  # nothing learned: the loss is the one before
-            after.append(before[-1])
-    report = JLSSReport(len(runner.blocks), before, after, time.perf_counter() - t0)
+    losses = optimize_blocks(runner, _JLSS(config, family), config.steps_for(family), config.batch_size, config.seed,
+                             "JLSS", progress)
+    report = JLSSReport(len(runner.blocks), losses.before, losses.after, time.perf_counter() - t0)
     log.info("%s", report)
     return report

@@ -12,7 +12,8 @@ The graph contract (what other passes and quantizers can rely on):
   to it (as executorch's XNNPACK quantizer leaves annotated partitions alone).
 * Each linear it quantizes carries ``node.meta["vmq_linear"]``: a :class:`QuantizedLinear` with its module path,
   role, block, model family and recipe. Calibration, optimization, lowering, saving and the report find their layers
-  through it, on the node, across ``prepare_pt2e`` and ``convert_pt2e``.
+  through it, on the node, across ``prepare_pt2e`` and ``convert_pt2e``; nothing is kept on the graph module, so
+  quantizers composed with torchao's ``ComposableQuantizer`` each keep their own settings.
 * SmoothQuant smoothing is part of the observers, not of the graph: with a smoothing recipe the activation observer
   outputs ``q(x / s)`` and the weight observer ``q(W * s)``, sharing one parameter ``s``. At ``convert_pt2e`` the
   activation observer writes ``div(x, s)`` before its ``quantize_per_channel``, tagged ``node.meta["vmq_smoothing"]``,
@@ -21,7 +22,7 @@ The graph contract (what other passes and quantizers can rely on):
 Mixed precision, as torchao / XNNPACK quantizers do it: :meth:`VisualMambaQuantizer.set_global`,
 :meth:`~VisualMambaQuantizer.set_module_name` (a module path, or a pattern such as ``layers.*.mixer.dt_proj``) and
 :meth:`~VisualMambaQuantizer.set_role` (``dt_proj``, ``x_proj`` ...), most specific first; ``None`` keeps a layer in
-floating point. All quantized layers of a model use one kind of recipe (integer PTQ4VM-family or VQ).
+floating point. All quantized layers of a model use one recipe family (integer PTQ4VM or vector ViM-VQ).
 
 Example:
     >>> import torch
@@ -43,7 +44,7 @@ from torch import fx
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, Quantizer
 
 from vmq_fx.pt2e.observers.fake_quantize import SMOOTHING_META
-from vmq_fx.pt2e.recipes import PTQ4VMRecipe, Recipe, VQRecipe
+from vmq_fx.pt2e.recipes import PTQ4VMRecipe, Recipe, family_of
 
 __all__ = ["LAYER_META", "ROLES", "SMOOTHING_META", "QuantizedLinear", "QuantizerSpec", "VisualMambaQuantizer",
            "find_quantizable_linears", "quantized_linears"]
@@ -65,7 +66,7 @@ class QuantizedLinear:
 
 @dataclass(frozen=True)
 class QuantizerSpec:
-    """What a :class:`VisualMambaQuantizer` was configured with (recorded in saved quantized models)."""
+    """What a :class:`VisualMambaQuantizer` was configured with: a recipe per layer, most specific first."""
 
     global_recipe: Recipe | None
     module_names: tuple[tuple[str, Recipe | None], ...] = ()
@@ -165,9 +166,11 @@ def quantized_linears(gm: fx.GraphModule) -> dict[str, QuantizedLinear]:
 
 
 def _check_recipe(recipe, what: str) -> None:
-    if recipe is not None and not isinstance(recipe, (PTQ4VMRecipe, VQRecipe)):
+    if recipe is not None and not isinstance(recipe, Recipe):
         raise TypeError(f"VisualMambaQuantizer: {what} must be a recipe (vmq_fx.pt2e.recipes) or None, got "
                         f"{type(recipe).__name__}")
+    if recipe is not None:
+        family_of(recipe)  # a registered family (TypeError otherwise)
 
 
 class VisualMambaQuantizer(Quantizer):
@@ -216,10 +219,10 @@ class VisualMambaQuantizer(Quantizer):
         return self
 
     def _check_one_kind(self) -> None:
-        kinds = {type(r) for r in self.spec.recipes()}
+        kinds = sorted({type(r).__name__ for r in self.spec.recipes()})
         if len(kinds) > 1:
-            raise ValueError("VisualMambaQuantizer: one model mixes integer (PTQ4VM-family) and VQ recipes; use one "
-                             "kind per model (mixed bit widths within a kind are fine)")
+            raise ValueError(f"VisualMambaQuantizer: one model mixes recipe families ({', '.join(kinds)}); use one "
+                             "family per model (mixed bit widths within a family are fine)")
 
     def transform_for_annotation(self, model: fx.GraphModule) -> fx.GraphModule:
         return model  # annotation needs no rewrite: smoothing lives in the observers
@@ -237,7 +240,6 @@ class VisualMambaQuantizer(Quantizer):
             qspecs = {w: weight} if act is None else {x: act, w: weight}
             node.meta["quantization_annotation"] = QuantizationAnnotation(input_qspec_map=qspecs, _annotated=True)
             node.meta[LAYER_META] = dataclasses.replace(layer, recipe=recipe)
-        model.meta["vmq_quantizer"] = self.spec
         return model
 
     def validate(self, model: fx.GraphModule) -> None:

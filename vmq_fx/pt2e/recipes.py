@@ -1,11 +1,17 @@
-"""Recipes: how the linears of a Visual Mamba model are quantized, and how the result is optimized.
+"""Recipes: how each linear of a Visual Mamba model is quantized.
 
-Every recipe is a frozen dataclass with one interface (:class:`Recipe`): the quantization specs it annotates a linear
-with (:meth:`Recipe.act_qspec`, :meth:`Recipe.weight_qspec`), whether it has an optimization step and which
-(:attr:`Recipe.optimizer`: ``"jlss"``, ``"vimvq"`` or ``None``), and a :class:`Schedule` for that step, the one place
-for the settings both optimizers share. Every recipe has a :attr:`Recipe.name` that :func:`from_name` turns back into
-the same recipe: the family's short name (``ptq4vm-w4a8``, ``vimvq-2bit``) and, in brackets, the fields that differ
-from the family's defaults (``ptq4vm-w4a8[alpha=0.6,steps=50]``).
+A recipe is a per-layer spec, like torchao's ``QuantizationConfig``: a frozen dataclass that gives the quantization
+specs a linear is annotated with (:meth:`Recipe.act_qspec`, :meth:`Recipe.weight_qspec`) and says whether the layer
+takes part in its family's optimization after calibration (:attr:`Recipe.optimizes`). How that optimization runs
+(steps, learning rates, loss target) is not in the recipe: it is the run-level config passed to the optimization
+(:class:`~vmq_fx.pt2e.jlss.JLSSConfig` for :func:`vmq_fx.jlss`, :class:`~vmq_fx.pt2e.vq.VQConfig` for
+:func:`vmq_fx.vector_quantize`, either for :func:`vmq_fx.quantize`).
+
+Recipe families are registered (:func:`register_recipe`), as executorch's XNNPACK quantizer registers its annotators:
+a family is one dataclass with its named presets and the optimization that follows its calibration. Names
+(:attr:`Recipe.name`, :func:`from_name`) go through the registry: the preset's name, the bit widths
+(``ptq4vm-w4a8``, ``vimvq-2bit``) and, in brackets, the fields that differ from the preset
+(``ptq4vm-w4a8[alpha=0.6]``). A new family is one new module that registers itself; nothing here changes.
 
 Example:
     >>> from vmq_fx import recipes
@@ -20,63 +26,118 @@ from __future__ import annotations
 import abc
 import ast
 import dataclasses
+import importlib
 import re
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Literal, Mapping
 
 import torch
 from torchao.quantization.pt2e.observer import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
+from vmq_fx.ops.vq_linear import code_bits
 from vmq_fx.pt2e.observers import (
     PerChannelWeightFakeQuantize,
     PerTokenDynamicFakeQuantize,
     PerTokenStaticFakeQuantize,
     VectorQuantizedWeight,
 )
-from vmq_fx.ops.vq_linear import code_bits
 
-__all__ = ["PTQ4VMRecipe", "Recipe", "Schedule", "VQRecipe", "from_name", "names", "per_tensor_static",
-           "per_token_dynamic", "ptq4vm", "smoothquant_pts", "vimvq", "vq_convex", "vq_kmeans"]
+__all__ = ["RECIPE_FAMILIES", "PTQ4VMRecipe", "Recipe", "RecipeFamily", "VQRecipe", "family_of", "from_name",
+           "names", "parse_name", "per_tensor_static", "per_token_dynamic", "ptq4vm", "pts", "register_recipe",
+           "smoothquant_pts", "vimvq", "vq_convex", "vq_kmeans"]
 
 ActGranularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
-LossTarget = Literal["mixer", "stream"]
-StepDomain = Literal["linear", "log"]
 VQMethod = Literal["kmeans", "convex", "incremental"]
+CodebookScope = Literal["layer", "block"]
+
+
+def _load(reference: str):
+    """``"package.module:attribute"`` -> the attribute (the module is imported now)."""
+    module, _, attr = reference.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """How a recipe's block-by-block optimization runs (JLSS and ViM-VQ alike).
+class RecipeFamily:
+    """A registered recipe family (see :func:`register_recipe`).
 
     Args:
-        steps: optimization steps per block (``None``: the method's default: JLSS 100 on Vim and 400 on VMamba, as
-            PTQ4VM; ViM-VQ 100).
-        batch_size: calibration images per step (``None``: JLSS all of them, PTQ4VM's one batch; ViM-VQ 64).
-        seed: seed of the mini-batch sampling.
+        recipe_type: the family's recipe class.
+        presets: preset name -> field values over the class's defaults (``{"sq-pts": {"jlss": False}}``).
+        optimizer: ``"module:function"`` of the block-wise optimization its layers with ``recipe.optimizes`` take
+            part in after calibration, called as ``function(prepared, data, config, progress=...)``; ``None``: the
+            family calibrates only.
+        config: ``"module:Class"`` of that optimization's run-level config (``None`` without an optimizer).
     """
 
-    steps: int | None = None
-    batch_size: int | None = None
-    seed: int = 0
+    recipe_type: type
+    presets: Mapping[str, Mapping[str, Any]]
+    optimizer: str | None = None
+    config: str | None = None
 
     def __post_init__(self):
-        if self.steps is not None and (not isinstance(self.steps, int) or self.steps < 0):
-            raise ValueError(f"Schedule: steps must be a non-negative integer, got {self.steps!r}")
-        if self.batch_size is not None and (not isinstance(self.batch_size, int) or self.batch_size < 1):
-            raise ValueError(f"Schedule: batch_size must be a positive integer, got {self.batch_size!r}")
+        if (self.optimizer is None) != (self.config is None):
+            raise ValueError(f"{self.recipe_type.__name__}: give both optimizer and config, or neither")
+        if not self.presets:
+            raise ValueError(f"{self.recipe_type.__name__}: a recipe family needs at least one preset")
+
+    def optimize(self) -> Callable:
+        """The optimization function (imported now)."""
+        return _load(self.optimizer)
+
+    def config_type(self) -> type:
+        """The run-level config class of the optimization (imported now)."""
+        return _load(self.config)
+
+
+RECIPE_FAMILIES: dict[str, RecipeFamily] = {}  # recipe class name -> family
+
+
+def register_recipe(*, presets: Mapping[str, Mapping[str, Any]], optimizer: str | None = None,
+                    config: str | None = None):
+    """Class decorator that registers a :class:`Recipe` subclass as a family (see :class:`RecipeFamily`).
+
+    Raises:
+        TypeError: the class is not a frozen dataclass derived from :class:`Recipe`.
+        ValueError: a preset name is taken by another family.
+    """
+    def register(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Recipe) and dataclasses.is_dataclass(cls)
+                and cls.__dataclass_params__.frozen):
+            raise TypeError(f"register_recipe: {cls!r} is not a frozen dataclass derived from Recipe")
+        taken = {p: name for name, f in RECIPE_FAMILIES.items() for p in f.presets if name != cls.__name__}
+        clash = sorted(set(presets) & set(taken))
+        if clash:
+            raise ValueError(f"register_recipe: preset {clash[0]!r} of {cls.__name__} is {taken[clash[0]]}'s")
+        RECIPE_FAMILIES[cls.__name__] = RecipeFamily(cls, dict(presets), optimizer, config)
+        return cls
+    return register
+
+
+def family_of(recipe: Recipe | type) -> RecipeFamily:
+    """The registered family of a recipe (or recipe class).
+
+    Raises:
+        TypeError: its class is not registered.
+    """
+    cls = recipe if isinstance(recipe, type) else type(recipe)
+    family = RECIPE_FAMILIES.get(cls.__name__)
+    if family is None or family.recipe_type is not cls:
+        raise TypeError(f"{cls.__name__} is not a registered recipe family (vmq_fx.pt2e.recipes.register_recipe)")
+    return family
 
 
 @dataclass(frozen=True)
 class Recipe(abc.ABC):
-    """The interface of every recipe (an abstract base)."""
+    """The interface of every recipe family (an abstract base).
 
-    schedule: Schedule = field(default_factory=Schedule)
+    A family says how its names show the bit widths: :attr:`head_pattern` (a regular expression with named groups)
+    matches that part of a name, :meth:`head` writes it, :meth:`head_fields` turns a match back into fields.
+    """
 
-    @property
-    @abc.abstractmethod
-    def optimizer(self) -> str | None:
-        """``"jlss"``, ``"vimvq"`` or ``None`` (calibration only)."""
+    head_pattern: ClassVar[str]
+    example_head: ClassVar[str] = "<bits>"  # how names() shows the head
 
     @abc.abstractmethod
     def act_qspec(self) -> QuantizationSpec | None:
@@ -87,11 +148,116 @@ class Recipe(abc.ABC):
         """The spec of the linear's weight."""
 
     @property
+    def optimizes(self) -> bool:
+        """Whether the layer takes part in its family's optimization after calibration."""
+        return False
+
+    @abc.abstractmethod
+    def head(self) -> str:
+        """The bit-width part of the name (``w4a8``, ``2bit``)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def head_fields(cls, match: re.Match, extra: Mapping[str, Any]) -> dict[str, Any]:
+        """The fields a :attr:`head_pattern` match stands for (``extra``: the fields given in brackets)."""
+
+    def bracketed_first(self) -> tuple[str, ...]:
+        """Fields always written in brackets, first (those the head cannot show)."""
+        return ()
+
+    @property
     def name(self) -> str:
         """A name :func:`from_name` turns back into this recipe."""
-        return _name_of(self)
+        family = family_of(self)
+        own = _fields(self)
+        head = self.head()
+        match = re.fullmatch(type(self).head_pattern, head)
+        forced = {k: own[k] for k in self.bracketed_first()}
+        head_fields = type(self).head_fields(match, forced)
+        best = None
+        for preset, values in family.presets.items():
+            try:
+                base = _fields(type(self)(**{**values, **head_fields, **forced}))
+            except (TypeError, ValueError):
+                continue
+            diff = {k: v for k, v in own.items() if k not in head_fields and k not in forced and base[k] != v}
+            if best is None or len(diff) < len(best[1]):
+                best = (preset, diff)
+        if best is None:
+            raise ValueError(f"{type(self).__name__}: no preset of the family fits {head}")
+        preset, diff = best
+        diff = {**forced, **diff}
+        extra = f"[{','.join(f'{k}={v!r}' for k, v in diff.items())}]" if diff else ""
+        return f"{preset}-{head}{extra}"
 
 
+def _fields(recipe: Recipe) -> dict[str, Any]:
+    return {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe)}
+
+
+def names() -> list[str]:
+    """Recipe name patterns accepted by :func:`from_name`."""
+    out = []
+    for family in RECIPE_FAMILIES.values():
+        out += [f"{preset}-{family.recipe_type.example_head}" for preset in family.presets]
+    return out + ["any of them with [field=value,...] for fields other than the preset's"]
+
+
+def _bracket_fields(text: str | None) -> dict[str, Any]:
+    fields = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        try:
+            fields[key.strip()] = ast.literal_eval(value.strip()) if sep else None
+        except (ValueError, SyntaxError):
+            fields[key.strip()] = value.strip()  # a bare word: a string value
+    return fields
+
+
+def parse_name(name: str) -> tuple[RecipeFamily, dict[str, Any], dict[str, Any]]:
+    """Split a name into its family, the recipe's fields and the bracketed fields that are not the recipe's (run-level
+    settings such as ``steps``; :func:`vmq_fx.pt2e.flow.method_from_name` gives them to the family's config).
+
+    Raises:
+        ValueError: no family has this preset and head.
+    """
+    m = re.fullmatch(r"(?P<preset>[a-z0-9-]+?)-(?P<head>[^-\[]+)(?:\[(?P<extra>.*)\])?", name.strip())
+    for family in ([] if m is None else RECIPE_FAMILIES.values()):
+        head = re.fullmatch(family.recipe_type.head_pattern, m.group("head"))
+        if m.group("preset") in family.presets and head:
+            extra = _bracket_fields(m.group("extra"))
+            own = {f.name for f in dataclasses.fields(family.recipe_type)}
+            fields = {**family.presets[m.group("preset")], **family.recipe_type.head_fields(head, extra)}
+            fields.update({k: v for k, v in extra.items() if k in own})
+            return family, fields, {k: v for k, v in extra.items() if k not in own}
+    raise ValueError(f"unknown recipe {name!r}; known: {', '.join(names())}")
+
+
+def from_name(name: str) -> Recipe:
+    """The recipe a name stands for: ``ptq4vm-w4a8``, ``sq-pts-w8a8``, ``pts-w8a8``, ``per-tensor-w8a8``,
+    ``per-token-dynamic-w4a4``, ``vimvq-2bit``, ``vq-convex-3bit``, ``vq-kmeans-1bit``, each optionally with
+    ``[field=value,...]`` (``ptq4vm-w4a4[alpha=0.6]``, ``vimvq-1bit[d=8,k=256]``).
+
+    Raises:
+        ValueError: an unknown name, a field the recipe does not have, or a value it refuses.
+
+    Example:
+        >>> from_name("vimvq-2bit").bits
+        2
+    """
+    family, fields, other = parse_name(name)
+    if other:
+        raise ValueError(f"recipe {name!r}: {family.recipe_type.__name__} has no field {sorted(other)[0]!r}"
+                         + (f" (a setting of the optimization: {family.config.split(':')[1]})" if family.config
+                            else ""))
+    return family.recipe_type(**fields)
+
+
+@register_recipe(
+    presets={"ptq4vm": {}, "sq-pts": {"jlss": False}, "pts": {"smooth": False, "jlss": False},
+             "per-tensor": {"act_granularity": "per_tensor_static", "smooth": False, "jlss": False},
+             "per-token-dynamic": {"act_granularity": "per_token_dynamic", "smooth": False, "jlss": False}},
+    optimizer="vmq_fx.pt2e.jlss:jlss", config="vmq_fx.pt2e.jlss:JLSSConfig")
 @dataclass(frozen=True)
 class PTQ4VMRecipe(Recipe):
     """PTQ4VM (per-token static activations, SmoothQuant smoothing, JLSS) and the baselines it is compared with.
@@ -105,23 +271,14 @@ class PTQ4VMRecipe(Recipe):
             range per image and token computed at run time: the dynamic baseline).
         smooth: SmoothQuant smoothing scales ``s``: the linear computes ``q(x / s) @ q(W * s)^T``.
         alpha: SmoothQuant migration strength; ``None`` picks 0.5 for Vim and 0.65 for VMamba, as PTQ4VM.
-        jlss: the recipe learns smoothing scales and step sizes with JLSS after calibration (PTQ4VM) or stops there.
-        learn_all_projections: JLSS also learns x_proj / dt_proj parameters (the authors' code leaves them at init).
-        lr_weight, lr_act, lr_smooth: JLSS learning rates (``None``: PTQ4VM's, Vim 5e-4 / 5e-4 / 1e-2, VMamba 1e-4
-            for all three; with ``step_domain="log"`` 1e-3 for all three).
-        jlss_target: what JLSS's ``1 - cos`` compares: ``"stream"`` (the default: the residual stream after the
-            block, what the next block reads) or ``"mixer"`` (the authors' PTQ4VM: the mixer's output; VMamba blocks
-            add their residual inside). With 3 calibration seeds the stream target scored +0.22 points over the
-            mixer's on vim-fm-tiny at W4A4 and was within noise of it elsewhere (``bench/results/ptq4vm_accuracy.md``);
-            ``ptq4vm-w4a4[jlss_target=mixer]`` reproduces the authors' settings.
-        step_domain: ``"linear"`` (PTQ4VM: Adam on the step sizes and smoothing scales themselves) or ``"log"``
-            (Adam on their logarithms: an update is a relative change, the same for a step of 0.002 and of 0.2).
-            Like the schedule and ``grad_clip``, ``jlss_target`` and ``step_domain`` are read from the global recipe.
-        weight_decay, grad_clip: JLSS's AdamW weight decay and gradient-norm clip.
+        jlss: the layer's smoothing scales and step sizes are learned by JLSS after calibration (PTQ4VM); its
+            settings are a :class:`~vmq_fx.pt2e.jlss.JLSSConfig`.
         p: exponent of the Lp error used by the range searches.
         num_candidates: candidates of the range searches.
-        schedule: JLSS's steps, batch size and seed.
     """
+
+    head_pattern: ClassVar[str] = r"w(?P<w>\d)a(?P<a>\d)"
+    example_head: ClassVar[str] = "w<W>a<A>"
 
     w_bits: int = 8
     a_bits: int = 8
@@ -129,14 +286,6 @@ class PTQ4VMRecipe(Recipe):
     smooth: bool = True
     alpha: float | None = None
     jlss: bool = True
-    learn_all_projections: bool = False
-    lr_weight: float | None = None
-    lr_act: float | None = None
-    lr_smooth: float | None = None
-    jlss_target: LossTarget = "stream"
-    step_domain: StepDomain = "linear"
-    weight_decay: float = 1e-5
-    grad_clip: float = 2.0
     p: float = 2.4
     num_candidates: int = 100
 
@@ -155,34 +304,19 @@ class PTQ4VMRecipe(Recipe):
         if self.jlss and self.act_granularity != "per_token_static":
             raise ValueError("PTQ4VMRecipe: JLSS learns per-token static step sizes; use jlss=False with "
                              f"{self.act_granularity}")
-        if not self.jlss and self.schedule != Schedule():
-            raise ValueError("PTQ4VMRecipe: a schedule (steps, batch_size, seed) is for JLSS; this recipe has none "
-                             "(jlss=False)")
-        if self.jlss_target not in ("mixer", "stream"):
-            raise ValueError(f"PTQ4VMRecipe: jlss_target must be 'mixer' or 'stream', got {self.jlss_target!r}")
-        if self.step_domain not in ("linear", "log"):
-            raise ValueError(f"PTQ4VMRecipe: step_domain must be 'linear' or 'log', got {self.step_domain!r}")
-        for name in ("lr_weight", "lr_act", "lr_smooth"):
-            lr = getattr(self, name)
-            if lr is not None and lr < 0:
-                raise ValueError(f"PTQ4VMRecipe: {name} must be >= 0, got {lr}")
-        if self.p <= 0 or self.num_candidates < 1 or self.weight_decay < 0 or self.grad_clip <= 0:
-            raise ValueError("PTQ4VMRecipe: p, num_candidates and grad_clip must be positive, weight_decay >= 0")
+        if self.p <= 0 or self.num_candidates < 1:
+            raise ValueError("PTQ4VMRecipe: p and num_candidates must be positive")
 
     @property
-    def optimizer(self) -> str | None:
-        return "jlss" if self.jlss else None
+    def optimizes(self) -> bool:
+        return self.jlss
 
-    def learning_rates(self, family: str) -> dict[str, float]:
-        """JLSS's learning rates for ``"weight"``, ``"act"`` and ``"smooth"`` (PTQ4VM's per family by default)."""
-        vim = family == "vim"
-        if self.step_domain == "log":
-            defaults = {"weight": 1e-3, "act": 1e-3, "smooth": 1e-3}
-        else:
-            defaults = {"weight": 5e-4 if vim else 1e-4, "act": 5e-4 if vim else 1e-4,
-                        "smooth": 1e-2 if vim else 1e-4}
-        given = {"weight": self.lr_weight, "act": self.lr_act, "smooth": self.lr_smooth}
-        return {k: defaults[k] if given[k] is None else given[k] for k in defaults}
+    def head(self) -> str:
+        return f"w{self.w_bits}a{self.a_bits}"
+
+    @classmethod
+    def head_fields(cls, match, extra) -> dict[str, Any]:
+        return {"w_bits": int(match.group("w")), "a_bits": int(match.group("a"))}
 
     def weight_qspec(self) -> QuantizationSpec:
         qmax = 2 ** (self.w_bits - 1) - 1
@@ -207,16 +341,16 @@ class PTQ4VMRecipe(Recipe):
         )
 
 
-CodebookScope = Literal["layer", "block"]
-
-
+@register_recipe(presets={"vimvq": {"method": "incremental"}, "vq-convex": {"method": "convex"},
+                          "vq-kmeans": {"method": "kmeans"}},
+                 optimizer="vmq_fx.pt2e.vq:vector_quantize", config="vmq_fx.pt2e.vq:VQConfig")
 @dataclass(frozen=True)
 class VQRecipe(Recipe):
     """ViM-VQ weight-only vector quantization of the same linears (activations stay floating point).
 
     Bits per weight, all in, are the index bits plus the codebooks (float16) and the row scales (8 bits per output
-    row); :func:`vmq_fx.pt2e.diagnostics.bits_per_weight` counts them on a lowered model. The defaults keep the all-in width
-    within about 0.25 bits of ``bits`` on small models too: one codebook per block, of the shape
+    row); :func:`vmq_fx.pt2e.diagnostics.bits_per_weight` counts them on a lowered model. The defaults keep the
+    all-in width within about 0.25 bits of ``bits`` on small models too: one codebook per block, of the shape
     :func:`~vmq_fx.pt2e.observers.codebook.codebook_shape` picks for the block's size (a Vim-T block at 2 bits: d = 4,
     k = 256; a 28x28 reference model's block: d = 2, k = 16).
 
@@ -230,17 +364,14 @@ class VQRecipe(Recipe):
         codebook_budget: bits per weight a codebook may cost when its shape is chosen automatically.
         n: candidate codewords per sub-vector (the convex hull).
         method: ``"incremental"`` (ViM-VQ: convex-combination optimization with incremental confirmation),
-            ``"convex"`` (optimization, rounded to the largest ratio at the end) or ``"kmeans"`` (no optimization).
+            ``"convex"`` (optimization, rounded to the largest ratio at the end) or ``"kmeans"`` (no optimization);
+            the optimization's settings are a :class:`~vmq_fx.pt2e.vq.VQConfig`.
         row_scale: one scale per output row, rows clustered at unit RMS.
-        lr_ratio, lr_codebook: Adam learning rates of the ratio logits and of the codebook.
-        reg: weight of the one-hot regularizer ``n * mean(r (1 - r))`` at the end of a block's schedule (it grows
-            linearly from 0).
-        reselect_every: steps between candidate re-selections (0: never).
-        confirm_start: fraction of the steps after which confirmation starts (incremental method).
-        confirm_rounds: confirmation rounds; round ``r`` of ``R`` leaves ``r / R`` of the sub-vectors confirmed.
         kmeans_iters, kmeans_seed: k-means initialization.
-        schedule: the optimization's steps, batch size and seed.
     """
+
+    head_pattern: ClassVar[str] = r"(?P<bits>\d+(?:\.\d+)?)bit"
+    example_head: ClassVar[str] = "<bits>bit"
 
     bits: float | None = 2
     d: int | None = None
@@ -250,12 +381,6 @@ class VQRecipe(Recipe):
     n: int = 4
     method: VQMethod = "incremental"
     row_scale: bool = True
-    lr_ratio: float = 5e-2
-    lr_codebook: float = 1e-3
-    reg: float = 1e-3
-    reselect_every: int = 20
-    confirm_start: float = 0.3
-    confirm_rounds: int = 8
     kmeans_iters: int = 25
     kmeans_seed: int = 0
 
@@ -283,15 +408,22 @@ class VQRecipe(Recipe):
             raise ValueError(f"VQRecipe: n must be in 1..256, got {self.n}")
         if self.method not in ("kmeans", "convex", "incremental"):
             raise ValueError(f"VQRecipe: method must be kmeans, convex or incremental, got {self.method!r}")
-        if self.method == "kmeans" and self.schedule != Schedule():
-            raise ValueError("VQRecipe: a schedule (steps, batch_size, seed) is for the optimization; plain k-means "
-                             "has none")
-        if self.confirm_rounds < 1 or not 0 <= self.confirm_start < 1 or self.kmeans_iters < 0:
-            raise ValueError("VQRecipe: confirm_rounds >= 1, 0 <= confirm_start < 1 and kmeans_iters >= 0")
+        if self.kmeans_iters < 0:
+            raise ValueError(f"VQRecipe: kmeans_iters must be >= 0, got {self.kmeans_iters}")
 
     @property
-    def optimizer(self) -> str | None:
-        return None if self.method == "kmeans" else "vimvq"
+    def optimizes(self) -> bool:
+        return self.method != "kmeans"
+
+    def head(self) -> str:
+        return f"{self.bits:g}bit"
+
+    @classmethod
+    def head_fields(cls, match, extra) -> dict[str, Any]:
+        return {"bits": None if "d" in extra else float(match.group("bits"))}
+
+    def bracketed_first(self) -> tuple[str, ...]:
+        return () if self.d is None else ("d", "k")
 
     def weight_qspec(self) -> QuantizationSpec:
         return QuantizationSpec(
@@ -305,7 +437,7 @@ class VQRecipe(Recipe):
         return None
 
 
-# -- the named recipes ---------------------------------------------------------------------------------------------
+# -- the presets as functions --------------------------------------------------------------------------------------
 def ptq4vm(w_bits: int = 8, a_bits: int = 8, **kwargs) -> PTQ4VMRecipe:
     """PTQ4VM: per-token static activations, smoothing, Lp init, JLSS (:func:`vmq_fx.jlss`)."""
     return PTQ4VMRecipe(w_bits=w_bits, a_bits=a_bits, **kwargs)
@@ -347,78 +479,3 @@ def vq_convex(bits: float | None = 2, **kwargs) -> VQRecipe:
 def vq_kmeans(bits: float | None = 2, **kwargs) -> VQRecipe:
     """Baseline: plain k-means VQ (each sub-vector to its nearest codeword, no optimization)."""
     return VQRecipe(bits=bits, **{"method": "kmeans", **kwargs})
-
-
-_INTEGER = {"ptq4vm": ptq4vm, "sq-pts": smoothquant_pts, "pts": pts, "per-tensor": per_tensor_static,
-            "per-token-dynamic": per_token_dynamic}
-_VECTOR = {"vimvq": vimvq, "vq-convex": vq_convex, "vq-kmeans": vq_kmeans}
-_SCHEDULE_FIELDS = {f.name for f in dataclasses.fields(Schedule)}
-
-
-def names() -> list[str]:
-    """Recipe name patterns accepted by :func:`from_name`."""
-    return ([f"{p}-w<W>a<A>" for p in _INTEGER] + [f"{p}-<bits>bit" for p in _VECTOR] +
-            ["any of them with [field=value,...] for fields other than the family's defaults"])
-
-
-def _fields(recipe: Recipe) -> dict:
-    out = {f.name: getattr(recipe, f.name) for f in dataclasses.fields(recipe) if f.name != "schedule"}
-    out.update({k: getattr(recipe.schedule, k) for k in _SCHEDULE_FIELDS})
-    return out
-
-
-def _name_of(recipe: Recipe) -> str:
-    if isinstance(recipe, PTQ4VMRecipe):
-        base_args, families, head = (recipe.w_bits, recipe.a_bits), _INTEGER, f"w{recipe.w_bits}a{recipe.a_bits}"
-        skip = {"w_bits", "a_bits"}
-    else:
-        base_args, families, head = (recipe.bits,), _VECTOR, f"{recipe.bits:g}bit"
-        skip = {"bits"}
-    own = _fields(recipe)
-    best = None
-    for prefix, make in families.items():
-        try:
-            base = _fields(make(*base_args) if skip != {"bits"} or recipe.d is None else
-                           make(None, d=recipe.d, k=recipe.k))
-        except ValueError:
-            continue
-        diff = {k: v for k, v in own.items() if k not in skip and base[k] != v}
-        if skip == {"bits"} and recipe.d is not None:
-            diff = {"d": recipe.d, "k": recipe.k, **{k: v for k, v in diff.items() if k not in ("d", "k")}}
-        if best is None or len(diff) < len(best[1]):
-            best = (prefix, diff)
-    prefix, diff = best
-    extra = f"[{','.join(f'{k}={v!r}' for k, v in diff.items())}]" if diff else ""
-    return f"{prefix}-{head}{extra}"
-
-
-def from_name(name: str) -> Recipe:
-    """The recipe a name stands for: ``ptq4vm-w4a8``, ``sq-pts-w8a8``, ``pts-w8a8``, ``per-tensor-w8a8``,
-    ``per-token-dynamic-w4a4``, ``vimvq-2bit``, ``vq-convex-3bit``, ``vq-kmeans-1bit``, each optionally with
-    ``[field=value,...]`` (``ptq4vm-w4a4[alpha=0.6,steps=50]``, ``vimvq-1bit[d=8,k=256]``).
-
-    Example:
-        >>> from_name("vimvq-2bit").bits
-        2
-    """
-    m = re.fullmatch(r"(?P<base>[a-z0-9-]+?)-(?:w(?P<w>\d)a(?P<a>\d)|(?P<bits>[\d.]+)bit)(?:\[(?P<extra>.*)\])?",
-                     name.strip())
-    make = None if m is None else (_INTEGER if m.group("w") else _VECTOR).get(m.group("base"))
-    if make is None:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(names())}")
-    kwargs = {}
-    for item in filter(None, (m.group("extra") or "").split(",")):
-        key, sep, value = item.partition("=")
-        try:
-            kwargs[key.strip()] = ast.literal_eval(value.strip()) if sep else None
-        except (ValueError, SyntaxError):
-            kwargs[key.strip()] = value.strip()  # a bare word: a string value
-    schedule = {k: kwargs.pop(k) for k in list(kwargs) if k in _SCHEDULE_FIELDS}
-    if schedule:
-        kwargs["schedule"] = Schedule(**schedule)
-    args = (int(m.group("w")), int(m.group("a"))) if m.group("w") else (
-        None if "d" in kwargs else float(m.group("bits")),)
-    try:
-        return make(*args, **kwargs)
-    except TypeError as e:  # an unknown field
-        raise ValueError(f"recipe {name!r}: {e}") from None

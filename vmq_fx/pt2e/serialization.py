@@ -30,40 +30,39 @@ from vmq_fx.models.vim import VimConfig
 from vmq_fx.models.vmamba import VMambaConfig
 from vmq_fx.ops.int8_linear import pack_int4, unpack_int4
 from vmq_fx.pt2e.lowering.int4_storage import int4_weight_names
-from vmq_fx.pt2e.quantizer import QuantizerSpec
-from vmq_fx.pt2e.recipes import PTQ4VMRecipe, Schedule, VQRecipe
+from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
+from vmq_fx.pt2e.recipes import RECIPE_FAMILIES, Recipe
 
 __all__ = ["load_quantized", "save_quantized"]
 
-_FORMAT = "vmq_fx.lowered/4"  # /4: the graph is in the file (loading traces nothing)
+_FORMAT = "vmq_fx.lowered/5"  # /5: each quantized linear's recipe, by node (/4 held the quantizer's settings)
 _CONFIGS = {c.__name__: c for c in (VimConfig, VMambaConfig)}
-_RECIPES = {c.__name__: c for c in (PTQ4VMRecipe, VQRecipe)}
 
 
-def _recipe_json(recipe):
-    return None if recipe is None else {"type": type(recipe).__name__, "fields": dataclasses.asdict(recipe)}
+def _recipe_json(recipe: Recipe) -> dict:
+    return {"type": type(recipe).__name__, "fields": dataclasses.asdict(recipe)}
 
 
-def _recipe_from(blob):
-    if blob is None:
-        return None
-    if blob.get("type") not in _RECIPES:
-        raise ValueError(f"unknown recipe type {blob.get('type')!r} in the file; known: {sorted(_RECIPES)}")
-    fields = dict(blob["fields"])
-    fields["schedule"] = Schedule(**fields.get("schedule", {}))
-    return _RECIPES[blob["type"]](**fields)
+def _recipe_from(blob: dict) -> Recipe:
+    family = RECIPE_FAMILIES.get(blob.get("type"))
+    if family is None:
+        raise ValueError(f"unknown recipe type {blob.get('type')!r} in the file; known: {sorted(RECIPE_FAMILIES)}")
+    return family.recipe_type(**blob["fields"])
 
 
-def _spec_json(spec: QuantizerSpec) -> str:
-    return json.dumps({"global": _recipe_json(spec.global_recipe),
-                       "module_names": [[p, _recipe_json(r)] for p, r in spec.module_names],
-                       "roles": [[p, _recipe_json(r)] for p, r in spec.roles]})
+def _layers_json(lowered: fx.GraphModule) -> str:
+    """The :class:`QuantizedLinear` (with its recipe) of every lowered linear, by node name."""
+    return json.dumps({n.name: {**{f.name: getattr(layer, f.name) for f in dataclasses.fields(layer)
+                                   if f.name != "recipe"}, "recipe": _recipe_json(layer.recipe)}
+                       for n in lowered.graph.nodes if (layer := n.meta.get(LAYER_META)) is not None})
 
 
-def _spec_from(text: str) -> QuantizerSpec:
-    blob = json.loads(text)
-    return QuantizerSpec(_recipe_from(blob["global"]), tuple((p, _recipe_from(r)) for p, r in blob["module_names"]),
-                         tuple((p, _recipe_from(r)) for p, r in blob["roles"]))
+def _attach_layers(gm: fx.GraphModule, text: str) -> None:
+    layers = json.loads(text)
+    for node in gm.graph.nodes:
+        blob = layers.get(node.name)
+        if blob is not None:
+            node.meta[LAYER_META] = QuantizedLinear(**{**blob, "recipe": _recipe_from(blob["recipe"])})
 
 
 def _config_from(text: str):
@@ -129,9 +128,7 @@ def save_quantized(lowered: fx.GraphModule, path: str | os.PathLike, config: Vim
             "int4_packed": json.dumps(packed)}
     if config is not None:
         meta["config"] = json.dumps({"type": type(config).__name__, "fields": dataclasses.asdict(config)})
-    spec = lowered.meta.get("vmq_quantizer")
-    if spec is not None:
-        meta["quantizer"] = _spec_json(spec)
+    meta["layers"] = _layers_json(lowered)
     save_file(tensors, path, metadata=meta)
 
 
@@ -144,8 +141,9 @@ def _input_shape(lowered: fx.GraphModule) -> list[int]:
 def load_quantized(path: str | os.PathLike) -> fx.GraphModule:
     """Load a model written by :func:`save_quantized`: the lowered graph module, ready to run.
 
-    Its ``meta`` holds the configuration (``"vmq_config"``) and the quantizer's recipes (``"vmq_quantizer"``) when
-    the file has them, and its input node's ``meta["val"]`` is a meta-device tensor of the input's shape at batch 1.
+    Its ``meta`` holds the configuration (``"vmq_config"``) when the file has it, each quantized linear's node its
+    :class:`~vmq_fx.pt2e.quantizer.QuantizedLinear` with the recipe (``node.meta["vmq_linear"]``) as in the model
+    that was saved, and its input node's ``meta["val"]`` is a meta-device tensor of the input's shape at batch 1.
 
     Raises:
         FileNotFoundError: no such file.
@@ -177,10 +175,10 @@ def load_quantized(path: str | os.PathLike) -> fx.GraphModule:
         if name in tensors and name in own:
             tensors[name] = unpack_int4(tensors[name], own[name].shape[1])
     load_state_dict_strict(gm, tensors, source=path)
+    gm.requires_grad_(False)  # as lower() leaves it: an inference model
     placeholder = next(n for n in gm.graph.nodes if n.op == "placeholder")
     placeholder.meta["val"] = torch.empty(1, *json.loads(meta["input_shape"]), device="meta")
     if "config" in meta:
         gm.meta["vmq_config"] = _config_from(meta["config"])
-    if "quantizer" in meta:
-        gm.meta["vmq_quantizer"] = _spec_from(meta["quantizer"])
+    _attach_layers(gm, meta.get("layers", "{}"))
     return gm

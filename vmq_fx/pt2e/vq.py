@@ -6,7 +6,8 @@ After :func:`vmq_fx.calibrate` has fit the k-means codebooks (one per block, or 
   preceding blocks (the reconstruction set-up of :class:`vmq_fx.pt2e.blockwise.BlockRunner`);
 * loss: mean over tokens of ``1 - cos`` between target and output, plus ``reg * t / T`` times the one-hot penalty
   ``n * mean(r (1 - r))`` of the unconfirmed ratios (``t`` the step, ``T`` the steps: the push grows over time);
-* learned: every layer's ratio logits and the block's codebook(s), with Adam;
+* learned: every layer's ratio logits and the block's codebook(s), with Adam (the shared per-block loop,
+  :func:`vmq_fx.pt2e.blockwise.optimize_blocks`);
 * every ``reselect_every`` steps the unconfirmed sub-vectors get the ``n`` codewords nearest their current soft value
   as new candidates (the hulls move);
 * ``"incremental"``: from ``confirm_start * T`` on, ``confirm_rounds`` rounds hard-assign the most confident
@@ -24,18 +25,54 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx
-from tqdm.auto import tqdm
 
-from vmq_fx.pt2e.blockwise import BlockRunner
-from vmq_fx.pt2e.jlss import resolved_schedule
+from vmq_fx.pt2e.blockwise import BlockMethod, BlockRunner, optimize_blocks
 from vmq_fx.pt2e.memory import PeakRSS
-from vmq_fx.pt2e.utils import linear_quantizers, split_batches
 from vmq_fx.pt2e.observers import VectorQuantizedWeight
-from vmq_fx.pt2e.recipes import Schedule, VQRecipe
+from vmq_fx.pt2e.recipes import VQRecipe
+from vmq_fx.pt2e.utils import linear_quantizers, split_batches
 
-__all__ = ["VQReport", "kmeans_assignment", "vector_quantize"]
+__all__ = ["VQConfig", "VQReport", "kmeans_assignment", "vector_quantize"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """How :func:`vector_quantize` runs (the run-level settings; the codebooks' shapes and the method are the
+    layers' :class:`~vmq_fx.pt2e.recipes.VQRecipe`).
+
+    Args:
+        steps: optimization steps per block.
+        batch_size: calibration images per step.
+        seed: seed of the mini-batch sampling.
+        lr_ratio, lr_codebook: Adam learning rates of the ratio logits and of the codebook.
+        reg: weight of the one-hot regularizer ``n * mean(r (1 - r))`` at the end of a block's schedule (it grows
+            linearly from 0).
+        reselect_every: steps between candidate re-selections (0: never).
+        confirm_start: fraction of the steps after which confirmation starts (``"incremental"`` method).
+        confirm_rounds: confirmation rounds; round ``r`` of ``R`` leaves ``r / R`` of the sub-vectors confirmed.
+    """
+
+    steps: int = 100
+    batch_size: int = 64
+    seed: int = 0
+    lr_ratio: float = 5e-2
+    lr_codebook: float = 1e-3
+    reg: float = 1e-3
+    reselect_every: int = 20
+    confirm_start: float = 0.3
+    confirm_rounds: int = 8
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"VQConfig: steps must be a non-negative integer, got {self.steps!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"VQConfig: batch_size must be a positive integer, got {self.batch_size!r}")
+        if self.lr_ratio < 0 or self.lr_codebook < 0 or self.reg < 0 or self.reselect_every < 0:
+            raise ValueError("VQConfig: lr_ratio, lr_codebook, reg and reselect_every must be >= 0")
+        if self.confirm_rounds < 1 or not 0 <= self.confirm_start < 1:
+            raise ValueError("VQConfig: confirm_rounds >= 1 and 0 <= confirm_start < 1")
 
 
 @dataclass(frozen=True)
@@ -58,13 +95,13 @@ class VQReport:
                 f"(1 - cos) k-means {before:.4g} -> {after:.4g}")
 
 
-def _confirm_schedule(recipe: VQRecipe, steps: int) -> dict[int, float]:
+def _confirm_schedule(config: VQConfig, steps: int) -> dict[int, float]:
     """Step (1-based) -> fraction confirmed after it; the last round is at the last step with fraction 1."""
-    rounds, start = recipe.confirm_rounds, recipe.confirm_start
+    rounds, start = config.confirm_rounds, config.confirm_start
     return {max(1, int(steps * (start + (1 - start) * r / rounds))): r / rounds for r in range(1, rounds + 1)}
 
 
-def vector_quantize(prepared: fx.GraphModule, calibration_data, schedule: Schedule | None = None,
+def vector_quantize(prepared: fx.GraphModule, calibration_data, config: VQConfig | None = None,
                     progress: bool = True) -> VQReport:
     """Optimize the vector-quantized weights of a calibrated prepared model block by block (in place).
 
@@ -72,8 +109,8 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, schedule: Schedu
         prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.vimvq(bits)))`` after :func:`vmq_fx.calibrate`
             (which fits the k-means codebooks).
         calibration_data: the calibration images (tensor ``[N, C, H, W]`` or iterable of batches).
-        schedule: steps per block, images per step, seed (default: the global recipe's; unset fields: 100 steps of
-            64 images).
+        config: steps, images per step, seed, learning rates, confirmation (default :class:`VQConfig()`: 100 steps
+            of 64 images).
         progress: one progress bar per block.
 
     Returns:
@@ -84,21 +121,26 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, schedule: Schedu
         >>> from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
         >>> gm = vmq_fx.export_model(vmq_fx.models.create_model("vim_fm_tiny", depth=2).eval(),
         ...                          torch.randn(2, 1, 28, 28)).module()
-        >>> recipe = recipes.vimvq(None, k=16, d=4, schedule=recipes.Schedule(steps=4))
-        >>> prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipe))
+        >>> prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipes.vimvq(None, k=16, d=4)))
         >>> calib = torch.randn(16, 1, 28, 28)
         >>> vmq_fx.calibrate(prepared, calib, progress=False)
-        >>> report = vmq_fx.vector_quantize(prepared, calib, progress=False)
+        >>> report = vmq_fx.vector_quantize(prepared, calib, vmq_fx.VQConfig(steps=4), progress=False)
         >>> quantized = convert_pt2e(prepared)
     """
+    given, config = config is not None, VQConfig() if config is None else config
+    if not isinstance(config, VQConfig):
+        raise TypeError(f"vector_quantize: config must be a VQConfig, got {type(config).__name__}")
     quantizers = linear_quantizers(prepared)
-    kinds = {type(layer.recipe).__name__ for layer, _, _ in quantizers.values()}
-    if kinds != {"VQRecipe"}:
+    kinds = {type(layer.recipe).__name__ for layer, _, _ in quantizers.values()
+             if not isinstance(layer.recipe, VQRecipe)}
+    if kinds:
         raise ValueError("vector_quantize needs a model prepared with a VQ recipe (recipes.vimvq / vq_convex / "
                          f"vq_kmeans), got {', '.join(sorted(kinds))}")
-    settings = prepared.meta.get("vmq_quantizer")
-    first = next(iter(quantizers.values()))[0]
-    recipe = settings.global_recipe if settings is not None and settings.global_recipe is not None else first.recipe
+    methods = {layer.recipe.method for layer, _, _ in quantizers.values()}
+    if len(methods) > 1:
+        raise ValueError(f"vector_quantize: one method per model, got {', '.join(sorted(methods))}")
+    if given and methods == {"kmeans"}:
+        raise ValueError("vector_quantize: plain k-means (vq-kmeans) has no optimization; a VQConfig does not apply")
     if not all(w.initialized for _, _, w in quantizers.values()):
         raise ValueError("vector_quantize: the prepared model is not calibrated (no codebooks); run "
                          "vmq_fx.calibrate(prepared, data) first")
@@ -106,29 +148,13 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, schedule: Schedu
     if len(images) == 0:
         raise ValueError("vector_quantize: calibration data is empty")
     t0 = time.perf_counter()
-    if recipe.optimizer is None and schedule is not None:
-        raise ValueError(f"vector_quantize: {recipe.name} has no optimization step; a schedule does not apply")
-    steps, batch_size, seed = resolved_schedule(schedule or recipe.schedule, first.family, "vimvq")
-    gen = torch.Generator().manual_seed(seed)
-    confirmation = _confirm_schedule(recipe, steps)
-    optimize = recipe.optimizer is not None and steps > 0
+    method = methods.pop()
     with PeakRSS() as rss:
         runner = BlockRunner(prepared, images)
-        loss_kmeans, loss_after = [], []
-        for k, block in enumerate(runner.blocks):
-            mods: list[VectorQuantizedWeight] = [w for _, _, w in runner.layers(k)]
-            _, fp_out = runner.capture(k, fake_quant=False)
-            q_in, _ = runner.capture(k, fake_quant=True)
-            loss_kmeans.append(_kmeans_loss(runner, k, mods, q_in, fp_out))
-            if optimize:
-                _optimize_block(runner, k, block, mods, q_in, fp_out, recipe, steps, batch_size, confirmation, gen,
-                                progress)
-            for m in mods:
-                m.harden()
-                m.finalize()
-            with torch.no_grad():
-                loss_after.append(runner.loss(k, q_in, fp_out).item())
-    report = VQReport(recipe.method, len(runner.blocks), len(quantizers), loss_kmeans, loss_after,
+        steps = config.steps if method != "kmeans" else 0
+        losses = optimize_blocks(runner, _ViMVQ(config, method, steps), steps, config.batch_size, config.seed,
+                                 "ViM-VQ", progress)
+    report = VQReport(method, len(runner.blocks), len(quantizers), losses.before, losses.after,
                       time.perf_counter() - t0, rss.peak, rss.start)
     log.info("%s", report)
     return report
@@ -154,32 +180,39 @@ def _kmeans_loss(runner, k, mods, q_in, fp_out) -> float:
         return runner.loss(k, q_in, fp_out).item()
 
 
-def _optimize_block(runner, k, block, mods, q_in, fp_out, recipe: VQRecipe, steps: int, batch_size: int,
-                    confirmation: dict[int, float], gen, progress) -> None:
-    logits = [m.logits for m in mods]
-    codebooks = list({id(m.codebook): m.codebook for m in mods}.values())  # a block's shared codebook once
-    opt = torch.optim.Adam([{"params": logits, "lr": recipe.lr_ratio},
-                            {"params": codebooks, "lr": recipe.lr_codebook}])
-    frozen = runner.frozen_except(logits + codebooks)
-    n = len(runner.images)
-    try:
-        bar = tqdm(range(1, steps + 1), desc=f"ViM-VQ {block}", disable=not progress, leave=False)
-        for step in bar:
-            idx = None if batch_size >= n else torch.randperm(n, generator=gen)[:batch_size]
-            recon = runner.loss(k, q_in, fp_out, idx)
-            penalty = torch.stack([m.one_hot_penalty() for m in mods]).mean()
-            loss = recon + recipe.reg * step / steps * penalty
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if recipe.method == "incremental" and step in confirmation:
-                for m in mods:
-                    m.confirm(confirmation[step])
-            elif recipe.reselect_every and step % recipe.reselect_every == 0 and step < steps:
-                for m in mods:
-                    m.reselect()
-                    opt.state.pop(m.logits, None)  # the moments belonged to the old candidates
-            bar.set_postfix(loss=f"{recon.item():.4g}", refresh=False)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
+class _ViMVQ(BlockMethod):
+    """ViM-VQ in the shared per-block loop: Adam on the ratio logits and the block's codebook(s), candidate
+    re-selection, incremental confirmation, and hard assignment at the end of each block."""
+
+    def __init__(self, config: VQConfig, method: str, steps: int):
+        self.config, self.method = config, method
+        self.confirmation = _confirm_schedule(config, steps)
+        self.mods: list[VectorQuantizedWeight] = []
+
+    def loss_before(self, runner, k, q_in, fp_out, q_out) -> float:
+        self.mods = [w for _, _, w in runner.layers(k)]
+        return _kmeans_loss(runner, k, self.mods, q_in, fp_out)  # the loss of plain k-means
+
+    def begin(self, runner, k):
+        logits = [m.logits for m in self.mods]
+        codebooks = list({id(m.codebook): m.codebook for m in self.mods}.values())  # a block's shared codebook once
+        return logits + codebooks, torch.optim.Adam([{"params": logits, "lr": self.config.lr_ratio},
+                                                     {"params": codebooks, "lr": self.config.lr_codebook}])
+
+    def penalty(self, step: int, steps: int):
+        return self.config.reg * step / steps * torch.stack([m.one_hot_penalty() for m in self.mods]).mean()
+
+    def after_step(self, step: int, steps: int, optimizer) -> None:
+        if self.method == "incremental" and step in self.confirmation:
+            for m in self.mods:
+                m.confirm(self.confirmation[step])
+        elif self.config.reselect_every and step % self.config.reselect_every == 0 and step < steps:
+            for m in self.mods:
+                m.reselect()
+                optimizer.state.pop(m.logits, None)  # the moments belonged to the old candidates
+
+    def end(self, runner, k) -> bool:
+        for m in self.mods:
+            m.harden()
+            m.finalize()
+        return True

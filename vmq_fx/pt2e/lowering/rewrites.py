@@ -186,7 +186,9 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
             the op's quantize step).
 
     Returns:
-        The lowered graph module; each of those linears is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node.
+        The lowered graph module; each of those linears is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node. It is
+        for inference: its parameters are frozen (``requires_grad=False``), as the quantized linears have no
+        backward.
 
     Example:
         >>> lowered = vmq_fx.lower(convert_pt2e(prepared))  # doctest: +SKIP
@@ -209,6 +211,7 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
                          f"meta[{LAYER_META!r}])")
     graph.eliminate_dead_code()
     drop_unused_attributes(gm)
+    gm.requires_grad_(False)
     graph.lint()
     gm.recompile()
     return simplify(gm)
