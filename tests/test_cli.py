@@ -129,7 +129,7 @@ def test_quantize_mixes_precisions_per_layer(tmp_path, capsys):
                  "--keep-float", "x_proj", "--calib", "16", "--limit", "64", "--out-dir", str(out), "--quiet"]) == 0
     loaded = vmq_fx.load_quantized(out / "sq-pts-w4a4" / "model.safetensors")
     int8 = [n for n in loaded.graph.nodes if n.target is torch.ops.vmq.int8_linear.default]
-    weight_bits = {str(n.args[4].target): n.args[-1] for n in int8}
+    weight_bits = {str(a.w.target): a.w_bits for a in map(Int8LinearArgs.from_node, int8)}
     float_linears = [n for n in loaded.graph.nodes if n.target is torch.ops.aten.linear.default]
     blocks = len(create_model("vim_fm_tiny").layers)
     # per block: in_proj, out_proj at 4 bits; dt_proj, dt_proj_b at 8; x_proj, x_proj_b and the head stay float

@@ -1,4 +1,7 @@
 import copy
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import onnx
@@ -65,6 +68,7 @@ def _ref(name):
 REFERENCES = ["vim-fm-tiny", "vmamba-fm-tiny"]
 
 
+@pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
 @pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny"])
 def test_fp_reference_models_export_with_one_scan_per_direction(name, tmp_path, test_batch):
     model = load_reference(name)
@@ -155,6 +159,7 @@ def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, k, tmp_
     torch.testing.assert_close(_run(res.path, x).double(), want, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
 @pytest.mark.parametrize("name", REFERENCES)
 @pytest.mark.parametrize("w_bits", [8, 4])
 def test_lowered_w8a8_w4a8_match_in_onnxruntime(w_bits, name, tmp_path, test_batch):
@@ -178,6 +183,7 @@ def test_lowered_w8a8_w4a8_match_in_onnxruntime(w_bits, name, tmp_path, test_bat
     assert all(list(t.dims) == [getattr(lowered, t.name).shape[0], k_stored[t.name]] for t in weights)
 
 
+@pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
 def test_qdq_reference_graph_exports_and_runs(tmp_path, test_batch):
     model, gm = _ref("vim-fm-tiny")
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(8, 8)))
@@ -189,6 +195,7 @@ def test_qdq_reference_graph_exports_and_runs(tmp_path, test_batch):
     _check(quantized, res.path, test_batch, fp_model=model)
 
 
+@pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
 @pytest.mark.parametrize("name", REFERENCES)
 def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch):
     model, gm = _ref(name)
@@ -225,12 +232,33 @@ def test_op_without_translation_is_named(tmp_path):
         vmq_fx.export_onnx(Odd(), torch.randn(2, 3), tmp_path / "odd.onnx")
 
 
+_EXPORT_IN_A_FRESH_PROCESS = """
+import sys, torch, vmq_fx
+torch.manual_seed(0)
+model = vmq_fx.models.create_model("vim_fm_tiny", depth=1).eval()
+calib = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+lowered = vmq_fx.quantize(model, vmq_fx.recipes.smoothquant_pts(4, 8), calib, progress=False).lowered
+vmq_fx.export_onnx(lowered, calib[:2], sys.argv[1])
+"""
+
+
 def test_same_model_exports_the_same_bytes(tmp_path):
     model = create_model("vim_fm_tiny", depth=1).eval()
     x = torch.randn(2, 1, 28, 28)
     first = vmq_fx.export_onnx(model, x, tmp_path / "a.onnx").path
     second = vmq_fx.export_onnx(model, x, tmp_path / "b.onnx").path
     assert open(first, "rb").read() == open(second, "rb").read()
+    # Across processes too (nothing taken from hash seeds, ids or addresses), for a quantized model: the same seeds
+    # give the same file.
+    files = []
+    for i, seed in enumerate(("0", "1")):
+        path = tmp_path / f"q{i}.onnx"
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        done = subprocess.run([sys.executable, "-c", _EXPORT_IN_A_FRESH_PROCESS, str(path)], capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        files.append(path.read_bytes())
+    assert files[0] == files[1] and len(files[0]) > 10_000
 
 
 # -- vmq.SelectiveScan: the fused kernel as an onnxruntime custom op (export_onnx(scan="vmq")) -------------------------
@@ -281,6 +309,7 @@ def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, so
     torch.testing.assert_close(last, ref_last, atol=1e-5 * ref_last.abs().max(), rtol=1e-5)
 
 
+@pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
 @pytest.mark.parametrize("name", REFERENCES)
 def test_models_with_the_custom_scan_match_torch(name, tmp_path, test_batch, ort_custom_ops):
     model, gm = _ref(name)

@@ -11,6 +11,7 @@ import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.models import create_model
 from vmq_fx.pt2e.observers import NotCalibratedError
+from vmq_fx.ops.int8_linear import Int8LinearArgs
 from vmq_fx.pt2e.quantizer import find_quantizable_linears
 
 qd = torch.ops.quantized_decomposed
@@ -120,7 +121,8 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path
     # Saved and loaded: the same numbers; 4-bit weights run as int8 and are stored two per byte.
     path = tmp_path / "q.safetensors"
     vmq_fx.save_quantized(lowered, path, model.config)
-    weights = [n.args[4].target for n in lowered.graph.nodes if n.target is torch.ops.vmq.int8_linear.default]
+    weights = [Int8LinearArgs.from_node(n).w.target for n in lowered.graph.nodes
+               if n.target is torch.ops.vmq.int8_linear.default]
     stored = load_file(path)
     for name in weights:
         runtime = lowered.get_buffer(name)
@@ -138,7 +140,7 @@ def test_smoothing_folds_into_norm_exactly(vim):
     folded = vmq_fx.lower(copy.deepcopy(quantized), fold_smoothing=True)
     fused = vmq_fx.lower(copy.deepcopy(quantized), fold_smoothing=False)
     inv = lambda gm: sum(1 for n in gm.graph.nodes  # noqa: E731
-                         if n.target is torch.ops.vmq.int8_linear.default and n.args[1] is not None)
+                         if n.target is torch.ops.vmq.int8_linear.default and Int8LinearArgs.from_node(n).smooth is not None)
     assert inv(fused) == 12 and inv(folded) == 10  # both in_proj smoothings went into the RMSNorm weights
     assert not any(n.target is torch.ops.aten.div.Tensor and "smooth" in str(n.args[1]) for n in folded.graph.nodes)
     # Folded and unfolded agree to float rounding (a rare level flip moves a logit by one step at most).
@@ -311,7 +313,8 @@ def test_mixed_precision_per_role_and_module_name(vim):
     assert {(layers[n].recipe.w_bits, layers[n].recipe.a_bits) for n in layers if layers[n].role != "dt_proj"} == {(4, 4)}
     vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
     lowered = vmq_fx.lower(convert_pt2e(prepared))
-    bits = sorted(n.args[10] for n in lowered.graph.nodes if n.target is torch.ops.vmq.int8_linear.default)
+    bits = sorted(Int8LinearArgs.from_node(n).w_bits for n in lowered.graph.nodes
+                  if n.target is torch.ops.vmq.int8_linear.default)
     assert bits == [4] * 6 + [8] * 4  # per block: in_proj, x_proj, out_proj at 4; dt_proj, dt_proj_b at 8
     assert sum(n.target is torch.ops.aten.linear.default for n in lowered.graph.nodes) == 2 + 1  # x_proj_b x2, head
     with pytest.raises(ValueError, match="unknown role"):
@@ -374,7 +377,8 @@ def test_two_composed_visual_mamba_quantizers_each_keep_their_settings(vim):
     for (name, kind), value in before.items():
         assert (not torch.equal(value, after[(name, kind)])) == name.endswith("in_proj"), (name, kind)
     lowered = vmq_fx.lower(convert_pt2e(prepared))
-    bits = Counter(n.args[10] for n in lowered.graph.nodes if n.target is torch.ops.vmq.int8_linear.default)
+    bits = Counter(Int8LinearArgs.from_node(n).w_bits for n in lowered.graph.nodes
+                   if n.target is torch.ops.vmq.int8_linear.default)
     assert bits == {4: 2, 8: 10}  # in_proj at 4 bits, the other 5 linears of each of the 2 blocks at 8
 
 

@@ -10,6 +10,7 @@ from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxO
 from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
 import vmq_fx
+from vmq_fx.ops.int8_linear import Int8LinearArgs
 from vmq_fx.pt2e import recipes
 from vmq_fx.pt2e.recipes import RECIPE_FAMILIES, Recipe, register_recipe
 
@@ -59,7 +60,8 @@ def test_a_toy_family_registered_in_one_file_runs_through_the_whole_flow(toy_fam
         vmq_fx.quantize(model, recipe, calib, vmq_fx.JLSSConfig(), progress=False)
     res = vmq_fx.quantize(model, recipe, calib, progress=False)
     int8 = [n for n in res.lowered.graph.nodes if n.target is torch.ops.vmq.int8_linear.default]
-    assert len(int8) == 12 and {n.args[9] for n in int8} == {127} and {n.args[10] for n in int8} == {6}
+    args = [Int8LinearArgs.from_node(n) for n in int8]
+    assert len(args) == 12 and {a.act_qmax for a in args} == {127} and {a.w_bits for a in args} == {6}
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         rel = ((res.lowered(x) - model(x)).norm() / model(x).norm()).item()

@@ -9,11 +9,6 @@ import vmq_fx.ops.selective_scan as scan_mod
 from vmq_fx.ops import selective_scan_fn, selective_scan_op
 
 
-@pytest.fixture(autouse=True)
-def _both_implementations(implementation):
-    """Every test here runs on the fused C++ kernel and on the pure-torch fallback (see conftest.py)."""
-
-
 def scan_loop_f64(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False):
     """Independent float64 reference: one step at a time, groups indexed explicitly."""
     u, delta, A, B, C = (t.double() for t in (u, delta, A, B, C))
@@ -75,7 +70,7 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("softplus", [True, False])
-def test_forward_matches_mamba_ssm_ref_and_float64_loop(shape, softplus, mamba_ssm_ref):
+def test_forward_matches_mamba_ssm_ref_and_float64_loop(shape, softplus, mamba_ssm_ref, implementation):
     args = make_inputs(**shape)
     out, last = selective_scan_fn(**args, delta_softplus=softplus, return_last_state=True)
     ref_out, ref_last = mamba_ssm_ref(**args, delta_softplus=softplus, return_last_state=True)
@@ -87,7 +82,7 @@ def test_forward_matches_mamba_ssm_ref_and_float64_loop(shape, softplus, mamba_s
     torch.testing.assert_close(out, ref_out, atol=1e-5 * scale, rtol=1e-5)
 
 
-def test_float64_inputs_compute_in_float64():
+def test_float64_inputs_compute_in_float64(implementation):
     args = {k: (v.double() if v is not None else None) for k, v in make_inputs(length=40).items()}
     out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
     loop_out, loop_last = scan_loop_f64(**args, delta_softplus=True)
@@ -97,7 +92,7 @@ def test_float64_inputs_compute_in_float64():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_inputs_match_ref(dtype, mamba_ssm_ref):
+def test_low_precision_inputs_match_ref(dtype, mamba_ssm_ref, implementation):
     args = make_inputs(dtype=dtype, length=21)
     out = selective_scan_fn(**args, delta_softplus=True)
     ref = mamba_ssm_ref(**args, delta_softplus=True)
@@ -130,12 +125,7 @@ def _loss(out, last):
 GRAD_NAMES = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
 
 
-@pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("sliced", [False, True])
-def test_gradients_match_float64_loop(shape, sliced, monkeypatch):
-    if sliced:  # one image per batch slice, 3 steps per chunk: exercises both seams of the backward
-        monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 1)
-        monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 3 * 8 * 4)
+def _assert_gradients_match_float64_loop(shape):
     base = {k: (v.double() if v is not None else None) for k, v in make_inputs(**shape).items()}
     leaves = {k: v.clone().requires_grad_() for k, v in base.items() if v is not None}
     ours = torch.autograd.grad(_loss(*selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True)),
@@ -146,7 +136,21 @@ def test_gradients_match_float64_loop(shape, sliced, monkeypatch):
         torch.testing.assert_close(g_ours, g_ref, atol=1e-10, rtol=1e-9, msg=f"gradient of {name}")
 
 
-def test_gradients_match_mamba_ssm_ref_float32(mamba_ssm_ref):
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_match_float64_loop(shape, implementation):
+    _assert_gradients_match_float64_loop(shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradients_across_batch_slices_and_chunks_match_float64_loop(shape, monkeypatch):
+    # one image per batch slice, 3 steps per chunk: both seams of the pure-torch backward (the C++ one has none)
+    monkeypatch.setattr(scan_mod, "_STATE_ELEMENTS", 1)
+    monkeypatch.setattr(scan_mod, "_CHUNK_ELEMENTS", 3 * 8 * 4)
+    with native.disabled():
+        _assert_gradients_match_float64_loop(shape)
+
+
+def test_gradients_match_mamba_ssm_ref_float32(mamba_ssm_ref, implementation):
     base = make_inputs(groups_b=4, groups_c=4, length=17)
     grads = []
     for fn in (selective_scan_fn, mamba_ssm_ref):
@@ -157,7 +161,7 @@ def test_gradients_match_mamba_ssm_ref_float32(mamba_ssm_ref):
         torch.testing.assert_close(g_ours, g_ref, atol=1e-4 * g_ref.abs().max().item(), rtol=1e-4, msg=name)
 
 
-def test_gradcheck_small():
+def test_gradcheck_small(implementation):
     args = {k: v.double().requires_grad_() for k, v in make_inputs(batch=1, dim=4, length=5, n=2,
                                                                       groups_b=2).items()}
     fn = lambda *a: selective_scan_fn(*a, delta_softplus=True, return_last_state=True)  # noqa: E731
@@ -170,7 +174,7 @@ def _flipped(args):
 
 
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[1], SHAPES[5], SHAPES[6]])
-def test_reverse_equals_the_float64_loop_on_the_flipped_sequence(shape):
+def test_reverse_equals_the_float64_loop_on_the_flipped_sequence(shape, implementation):
     base = {k: v.double() if v is not None else v for k, v in make_inputs(**shape).items()}
     leaves = {k: v.clone().requires_grad_() if v is not None else v for k, v in base.items()}
     out, last = selective_scan_fn(**leaves, delta_softplus=True, return_last_state=True, reverse=True)
@@ -189,7 +193,7 @@ def test_reverse_equals_the_float64_loop_on_the_flipped_sequence(shape):
     assert (forward[..., 0] - out[..., 0].detach()).abs().max() > 1e-3
 
 
-def test_reverse_gradcheck_and_opcheck():
+def test_reverse_gradcheck_and_opcheck(implementation):
     args = {k: v.double().requires_grad_() for k, v in make_inputs(batch=1, dim=4, length=5, n=2,
                                                                       groups_b=2).items()}
     fn = lambda *a: selective_scan_fn(*a, delta_softplus=True, return_last_state=True, reverse=True)  # noqa: E731
@@ -197,7 +201,7 @@ def test_reverse_gradcheck_and_opcheck():
     torch.library.opcheck(selective_scan_op, tuple(make_inputs(length=6).values()) + (True, True))
 
 
-def test_only_requested_gradients_are_computed():
+def test_only_requested_gradients_are_computed(implementation):
     args = make_inputs()
     u = args["u"].clone().requires_grad_()
     out = selective_scan_fn(**{**args, "u": u}, delta_softplus=True)
@@ -206,7 +210,7 @@ def test_only_requested_gradients_are_computed():
 
 
 @pytest.mark.parametrize("reverse", [False, True])
-def test_output_is_stored_sequence_major_by_every_implementation_and_the_fake(reverse):
+def test_output_is_stored_sequence_major_by_every_implementation_and_the_fake(reverse, implementation):
     args = make_inputs(batch=3, dim=40, length=19, n=16)  # strides of a contiguous [batch, L, dim]: (760, 1, 40)
     out, _ = selective_scan_op(*args.values(), True, reverse)
     assert out.shape == (3, 40, 19) and out.stride() == (19 * 40, 1, 40)
@@ -215,7 +219,7 @@ def test_output_is_stored_sequence_major_by_every_implementation_and_the_fake(re
     assert fake.stride() == out.stride()
 
 
-def test_opcheck():
+def test_opcheck(implementation):
     args = make_inputs(length=6)
     torch.library.opcheck(selective_scan_op, tuple(args.values()) + (True,))
 
@@ -246,13 +250,13 @@ def test_export_keeps_one_scan_node():
         (dict(z=torch.randn(2, 8, 3)), "z must have"),
     ],
 )
-def test_bad_shapes_raise_clear_errors(change, message):
+def test_bad_shapes_raise_clear_errors(change, message, implementation):
     args = {**make_inputs(), **change}
     with pytest.raises(ValueError, match=message):
         selective_scan_fn(**args)
 
 
-def test_extreme_time_steps_match_float64_loop():
+def test_extreme_time_steps_match_float64_loop(implementation):
     # softplus tails (delta + bias far below 0 and above its pass-through at 20) and decays that underflow to 0
     args = make_inputs(batch=2, dim=20, length=15, n=16)
     args["delta"] = torch.linspace(-60, 60, args["delta"].numel()).reshape(args["delta"].shape)

@@ -10,7 +10,7 @@ from vmq_fx.models import CheckpointMismatchError, create_model
 from vmq_fx.pt2e.observers import NotCalibratedError, VectorQuantizedWeight, kmeans, nearest_codewords
 from vmq_fx.pt2e.observers.codebook import codebook_shape
 from vmq_fx.ops import pack_codes, unpack_codes, vq_dequantize, vq_linear_reference
-from vmq_fx.ops.vq_linear import code_bits, decode_row_scale, encode_row_scale, vq_linear
+from vmq_fx.ops.vq_linear import VQLinearArgs, code_bits, decode_row_scale, encode_row_scale, vq_linear
 from vmq_fx.pt2e.diagnostics import bits_per_weight
 from vmq_fx.pt2e.flow import method_from_name
 from vmq_fx.pt2e.vq import _confirm_schedule
@@ -281,10 +281,12 @@ def _with_decoded_weights(model, lowered):
     replaced = 0
     for node in lowered.graph.nodes:
         if node.target is VQ_LINEAR:
-            codes, codebook, scale = (lowered.get_buffer(str(a.target)) for a in node.args[1:4])
-            k_in = node.args[5]
+            args = VQLinearArgs.from_node(node)
+            codes, codebook, scale = (lowered.get_buffer(str(a.target)) for a in (args.codes, args.codebook,
+                                                                                   args.row_scale))
+            k_in = args.in_features
             w = vq_linear_reference(torch.eye(k_in), codes, codebook, scale, None, k_in).t()
-            name = by_flat[str(node.args[1].target).removesuffix("_vq_codes")]
+            name = by_flat[str(args.codes.target).removesuffix("_vq_codes")]
             out.get_parameter(name).data.copy_(w.float())
             replaced += 1
     assert replaced
@@ -297,11 +299,12 @@ def _all_in_bits(lowered) -> float:
     codebooks, total, weights = {}, 0, 0
     for node in lowered.graph.nodes:
         if node.target is VQ_LINEAR:
-            codebook = lowered.get_buffer(str(node.args[2].target))
+            args = VQLinearArgs.from_node(node)
+            codebook = lowered.get_buffer(str(args.codebook.target))
             k, d = codebook.shape
-            rows, k_in = lowered.get_buffer(str(node.args[1].target)).shape[0], node.args[5]
+            rows, k_in = lowered.get_buffer(str(args.codes.target)).shape[0], args.in_features
             total += rows * -(-(-(-k_in // d)) * code_bits(k) // 8) * 8 + rows * 8
-            codebooks[str(node.args[2].target)] = k * d * 16
+            codebooks[str(args.codebook.target)] = k * d * 16
             weights += rows * k_in
     return (total + sum(codebooks.values())) / weights
 
@@ -314,26 +317,40 @@ def test_block_codebooks_keep_all_in_bits_within_a_quarter_bit(tiny, bits):
     vmq_fx.vector_quantize(prepared, calib, progress=False)
     lowered = vmq_fx.lower(convert_pt2e(prepared))
     nodes = [n for n in lowered.graph.nodes if n.target is VQ_LINEAR]
-    codebooks = {str(n.args[2].target) for n in nodes}
+    codebooks = {str(VQLinearArgs.from_node(n).codebook.target) for n in nodes}
     assert len(nodes) == 12 and len(codebooks) == 2  # one codebook per block, shared by its six linears
     assert bits_per_weight(lowered) == pytest.approx(_all_in_bits(lowered), rel=1e-9)
     assert bits <= bits_per_weight(lowered) <= bits + 0.25
     per_layer = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vq_kmeans(bits, codebook="layer")))
     vmq_fx.calibrate(per_layer, calib, progress=False)
     vmq_fx.vector_quantize(per_layer, calib, progress=False)
-    assert len({str(n.args[2].target) for n in vmq_fx.lower(convert_pt2e(per_layer)).graph.nodes
+    assert len({str(VQLinearArgs.from_node(n).codebook.target) for n in vmq_fx.lower(convert_pt2e(per_layer)).graph.nodes
                 if n.target is VQ_LINEAR}) == 12
 
 
 def test_dt_proj_with_input_not_divisible_by_d_is_padded(tiny):
-    _, gm, calib = tiny  # dt_proj has K = dt_rank = 6, d = 8
+    model, gm, calib = tiny  # dt_proj has K = dt_rank = 6, d = 8
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vq_kmeans(None, d=8, k=256)))
     vmq_fx.calibrate(prepared, calib, progress=False)
     vmq_fx.vector_quantize(prepared, calib, progress=False)
     lowered = vmq_fx.lower(convert_pt2e(prepared))
-    dt = next(n for n in lowered.graph.nodes if n.target is VQ_LINEAR and "dt_proj" in str(n.args[1].target))
-    assert dt.args[-1] == 6  # in_features; codes hold one padded 8-vector per row
-    assert tuple(getattr(lowered, str(dt.args[1].target)).shape) == (192, 1)
+    args = next(a for a in (VQLinearArgs.from_node(n) for n in lowered.graph.nodes if n.target is VQ_LINEAR)
+                if "layers_0_mixer_dt_proj_" in str(a.codes.target))
+    codes, codebook, row_scale = (lowered.get_buffer(str(a.target)) for a in (args.codes, args.codebook,
+                                                                              args.row_scale))
+    assert args.bias is None  # Mamba adds dt_proj's bias in the scan (delta_bias)
+    assert args.in_features == 6 and codes.shape == (192, 1)  # one 8-bit code per row: one padded 8-vector
+    # The weight the codes stand for, decoded here: codeword (its first 6 of 8 entries) times the row scale 2^(c/16-12)
+    w_dec = codebook.double()[codes[:, 0].long(), :6] * (2.0 ** (row_scale.double() / 16 - 12))[:, None]
+    x = torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(0))
+    out = torch.ops.vmq.vq_linear(x, codes, codebook, row_scale, None, 6)
+    torch.testing.assert_close(out.double(), x.double() @ w_dec.T, rtol=1e-5, atol=1e-6)
+    # ... and it is a fit of the float weight (k-means over the block's sub-vectors), not merely the right shape:
+    # codes shifted by one row, or the padding read as weights, land far off.
+    w = model.layers[0].mixer.dt_proj.weight.detach().double()
+    err = ((w_dec - w).norm() / w.norm()).item()
+    assert err < 0.6, err
+    assert ((w_dec.roll(1, 0) - w).norm() / w.norm()).item() > 1.2 * err
 
 
 def test_load_quantized_errors(tmp_path):
@@ -371,15 +388,35 @@ def test_load_quantized_reports_mismatched_tensors(tiny, tmp_path):
 
 
 def test_blockwise_loss_on_all_images_of_vmamba_blocks():
-    # VMamba blocks get the batch size as an int argument next to parameters: it must follow the batch given
+    """VMamba blocks get the batch size as an int argument next to parameters: it must follow the batch given. The
+    per-block losses on all 80 images (captured in chunks of 64 and 16) against an independent computation: the eager
+    float model and a copy holding the decoded k-means weights, run on all images at once, each block's output
+    compared by ``1 - cos`` over channels, averaged over tokens."""
     torch.manual_seed(0)
     model = create_model("vmamba_fm_tiny", depths=(1, 1)).eval()
     gm = vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
     prepared = prepare_pt2e(gm, VisualMambaQuantizer(recipes.vq_kmeans(2)))
-    calib = torch.randn(80, 1, 28, 28)  # captured in chunks of 64 and 16, scored on all 80
+    calib = torch.randn(80, 1, 28, 28, generator=torch.Generator().manual_seed(2))
     vmq_fx.calibrate(prepared, calib, progress=False)
     report = vmq_fx.vector_quantize(prepared, calib, progress=False)
-    assert report.blocks == 2 and all(0 < v < 1 for v in report.loss_after)
+    decoded = _with_decoded_weights(model, vmq_fx.lower(convert_pt2e(prepared)))
+    blocks = ("layers.0.blocks.0", "layers.1.blocks.0")
+
+    def block_outputs(net):
+        seen = {}
+        hooks = [net.get_submodule(b).register_forward_hook(lambda m, i, o, b=b: seen.update({b: o.double()}))
+                 for b in blocks]
+        with torch.no_grad():
+            net(calib)
+        for h in hooks:
+            h.remove()
+        return seen
+
+    fp, q = block_outputs(model), block_outputs(decoded)
+    expected = [(1 - torch.nn.functional.cosine_similarity(fp[b], q[b], dim=-1)).mean().item() for b in blocks]
+    assert report.blocks == 2
+    # float32 against float64 (~2e-7 apart); scoring the first 64 images only is ~1e-3 off
+    assert report.loss_after == pytest.approx(expected, rel=1e-5), (report.loss_after, expected)
 
 
 def test_load_quantized_reads_registered_ops_only(tiny, tmp_path):

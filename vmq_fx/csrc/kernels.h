@@ -4,10 +4,29 @@
 #include <torch/extension.h>
 
 #include <optional>
+#include <string>
 #include <tuple>
 #include <vector>
 
 namespace vmq_fx {
+
+// A dtype as Python's str(torch.<dtype>) without "torch.", so that the kernels' refusals read as the pure-torch
+// implementations' (tests/test_op_definitions.py compares them).
+inline std::string dtype_name(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kShort: return "int16";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    case at::kDouble: return "float64";
+    case at::kBool: return "bool";
+    default: return c10::toString(t.scalar_type());
+  }
+}
 
 std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const at::Tensor& delta,
                                                       const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,

@@ -85,10 +85,10 @@ void check_vq(const at::Tensor& codes, const at::Tensor& codebook, const at::Ten
   const int64_t bytes = (per_row * bits + 7) / 8;
   TORCH_CHECK_VALUE(codes.dim() == 2 && codes.scalar_type() == at::kByte && codes.size(1) == bytes,
                     "vmq.vq_linear: codes must be uint8 [N, ", bytes, "] for K=", K, ", d=", d, ", k=", k, "; got ",
-                    codes.scalar_type(), " ", codes.sizes());
+                    vmq_fx::dtype_name(codes), " ", codes.sizes());
   TORCH_CHECK_VALUE(row_scale.dim() == 1 && row_scale.size(0) == codes.size(0) && row_scale.scalar_type() == at::kByte,
                     "vmq.vq_linear: row_scale must be uint8 [N=", codes.size(0), "] (encode_row_scale), got ",
-                    row_scale.scalar_type(), " ", row_scale.sizes());
+                    vmq_fx::dtype_name(row_scale), " ", row_scale.sizes());
 }
 
 // 2^(c / 16 - 12) for every 8-bit row-scale code, computed once as vmq_fx.ops.vq_linear._row_scales is (so

@@ -32,13 +32,13 @@ __all__ = ["causal_conv1d_fn", "causal_conv1d_op"]
 
 def _check_inputs(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     if x.dim() != 3:
-        raise ValueError(f"vmq.causal_conv1d: x must be [batch, L, channels], got shape {tuple(x.shape)}")
+        raise ValueError(f"vmq.causal_conv1d: x must be [batch, L, channels], got shape {list(x.shape)}")
     channels = x.shape[2]
     if weight.dim() != 2 or weight.shape[0] != channels:
         raise ValueError(f"vmq.causal_conv1d: weight must be [channels={channels}, K], got shape "
-                         f"{tuple(weight.shape)}")
+                         f"{list(weight.shape)}")
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != channels):
-        raise ValueError(f"vmq.causal_conv1d: bias must be [channels={channels}], got shape {tuple(bias.shape)}")
+        raise ValueError(f"vmq.causal_conv1d: bias must be [channels={channels}], got shape {list(bias.shape)}")
 
 
 @torch.library.custom_op("vmq::causal_conv1d", mutates_args=())

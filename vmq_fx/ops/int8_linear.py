@@ -21,15 +21,17 @@ integer levels.
 """
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from vmq_fx.ops import native
 from vmq_fx.ops._no_backward import register_no_backward
+from vmq_fx.ops._schema import node_arguments
 
-__all__ = ["int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
+__all__ = ["Int8LinearArgs", "int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
 
 
 def pack_int4(w: Tensor) -> Tensor:
@@ -75,17 +77,17 @@ def _weight_int8(w: Tensor, k: int) -> Tensor:
 
 def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
     if x.dim() < 2:
-        raise ValueError(f"vmq.int8_linear: x must be [..., L, K], got {tuple(x.shape)}")
+        raise ValueError(f"vmq.int8_linear: x must be [..., L, K], got {list(x.shape)}")
     length, k = x.shape[-2], x.shape[-1]
     if act_scale.shape != (length,) or act_zero_point.shape != (length,):
         raise ValueError(f"vmq.int8_linear: act_scale / act_zero_point must be [L={length}], got "
-                         f"{tuple(act_scale.shape)} / {tuple(act_zero_point.shape)}")
+                         f"{list(act_scale.shape)} / {list(act_zero_point.shape)}")
     if is_packed(w) and w_bits > 4:
         raise ValueError(f"vmq.int8_linear: a packed (uint8) weight holds 4-bit values, but w_bits={w_bits}")
     k_w = (k + 1) // 2 if is_packed(w) else k
     if w.shape[1] != k_w or w_scale.shape != (w.shape[0],) or w_sum.shape != (w.shape[0],):
-        raise ValueError(f"vmq.int8_linear: weight {tuple(w.shape)} ({w_bits}-bit), scale {tuple(w_scale.shape)} and "
-                         f"column sums {tuple(w_sum.shape)} do not fit x with K={k}")
+        raise ValueError(f"vmq.int8_linear: weight {list(w.shape)} ({w_bits}-bit), scale {list(w_scale.shape)} and "
+                         f"column sums {list(w_sum.shape)} do not fit x with K={k}")
 
 
 def _float_product() -> bool:
@@ -149,6 +151,33 @@ def _(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, a
 
 
 register_no_backward(int8_linear, "int8_linear")
+
+
+@dataclass(frozen=True)
+class Int8LinearArgs:
+    """The arguments of one ``vmq::int8_linear`` call by name (graph nodes or values), as the schema above declares
+    them: what the lowering writes (:meth:`as_kwargs`) and what the passes, the report and the exporters read
+    (:meth:`from_node`) instead of positions."""
+
+    x: Any
+    smooth: Any
+    act_scale: Any
+    act_zero_point: Any
+    w: Any
+    w_scale: Any
+    w_sum: Any
+    bias: Any
+    act_qmin: int
+    act_qmax: int
+    w_bits: int
+
+    @classmethod
+    def from_node(cls, node: fx.Node) -> "Int8LinearArgs":
+        """The arguments of a ``vmq.int8_linear`` node (passed by position or keyword)."""
+        return cls(**node_arguments(node, torch.ops.vmq.int8_linear.default))
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def int8_linear_reference(x, smooth, act_scale, act_zero_point, w_int, w_scale, bias, act_qmin, act_qmax):

@@ -54,12 +54,12 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError(f"vmq.selective_scan: {msg}")
 
     if u.dim() != 3:
-        fail(f"u must be [batch, dim, L], got shape {tuple(u.shape)}")
+        fail(f"u must be [batch, dim, L], got shape {list(u.shape)}")
     batch, dim, length = u.shape
     if tuple(delta.shape) != tuple(u.shape):
-        fail(f"delta must have u's shape {tuple(u.shape)}, got {tuple(delta.shape)}")
+        fail(f"delta must have u's shape {list(u.shape)}, got {list(delta.shape)}")
     if A.dim() != 2 or A.shape[0] != dim:
-        fail(f"A must be [dim={dim}, N], got {tuple(A.shape)}")
+        fail(f"A must be [dim={dim}, N], got {list(A.shape)}")
     if A.is_complex():
         fail("complex A is not supported (Visual Mamba models use real A)")
     n = A.shape[1]
@@ -73,15 +73,15 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
         if not ok:
             fail(
                 f"{name} must be [batch={batch}, N={n}, L={length}] or [batch, G, N, L] with G dividing dim={dim}, "
-                f"got {tuple(t.shape)} (input-independent B/C of shape [dim, N] are not supported)"
+                f"got {list(t.shape)} (input-independent B/C of shape [dim, N] are not supported)"
             )
     if B.dim() == 4 and C.dim() == 4 and B.shape[1] != C.shape[1]:
         fail(f"B and C must have the same number of groups, got {B.shape[1]} and {C.shape[1]}")
     for name, t in (("D", D), ("delta_bias", delta_bias)):
         if t is not None and tuple(t.shape) != (dim,):
-            fail(f"{name} must be [dim={dim}], got {tuple(t.shape)}")
+            fail(f"{name} must be [dim={dim}], got {list(t.shape)}")
     if z is not None and tuple(z.shape) != tuple(u.shape):
-        fail(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+        fail(f"z must have u's shape {list(u.shape)}, got {list(z.shape)}")
 
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:

@@ -21,16 +21,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from dataclasses import dataclass, fields
+from typing import Any, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, fx
 
 from vmq_fx.ops import native
 from vmq_fx.ops._no_backward import register_no_backward
+from vmq_fx.ops._schema import node_arguments
 
-__all__ = ["code_bits", "decode_row_scale", "encode_row_scale", "pack_codes", "unpack_codes", "vq_dequantize",
-           "vq_linear", "vq_linear_reference"]
+__all__ = ["VQLinearArgs", "code_bits", "decode_row_scale", "encode_row_scale", "pack_codes", "unpack_codes",
+           "vq_dequantize", "vq_linear", "vq_linear_reference"]
 
 _ROWS = 256  # output rows decoded per slice by the CPU implementation
 # The row-scale code: scale = 2^(code * _RS_STEP + _RS_MIN_LOG2). The C++ kernel (csrc/vq_linear.cpp), the Triton
@@ -72,7 +74,7 @@ def code_bits(k: int) -> int:
 def pack_codes(codes: Tensor, bits: int) -> Tensor:
     """Integer codes ``[N, S]`` in ``[0, 2^bits)`` -> ``uint8 [N, ceil(S * bits / 8)]`` (bitstream per row)."""
     if codes.dim() != 2:
-        raise ValueError(f"pack_codes: codes must be [rows, codes_per_row], got {tuple(codes.shape)}")
+        raise ValueError(f"pack_codes: codes must be [rows, codes_per_row], got {list(codes.shape)}")
     if codes.numel() and (codes.min() < 0 or codes.max() >= 1 << bits):
         raise ValueError(f"pack_codes: codes must lie in [0, {1 << bits}) for {bits} bits")
     rows, per_row = codes.shape
@@ -94,15 +96,15 @@ def unpack_codes(packed: Tensor, bits: int, per_row: int) -> Tensor:
 
 def _check(codes: Tensor, codebook: Tensor, row_scale: Tensor, in_features: int) -> tuple[int, int]:
     if codebook.dim() != 2:
-        raise ValueError(f"vmq.vq_linear: codebook must be [k, d], got {tuple(codebook.shape)}")
+        raise ValueError(f"vmq.vq_linear: codebook must be [k, d], got {list(codebook.shape)}")
     k, d = codebook.shape
     bits, per_row = code_bits(k), -(-in_features // d)
     if codes.dim() != 2 or codes.dtype != torch.uint8 or codes.shape[1] != -(-per_row * bits // 8):
         raise ValueError(f"vmq.vq_linear: codes must be uint8 [N, {-(-per_row * bits // 8)}] for K={in_features}, "
-                         f"d={d}, k={k}; got {codes.dtype} {tuple(codes.shape)}")
+                         f"d={d}, k={k}; got {str(codes.dtype).removeprefix('torch.')} {list(codes.shape)}")
     if row_scale.shape != (codes.shape[0],) or row_scale.dtype != torch.uint8:
         raise ValueError(f"vmq.vq_linear: row_scale must be uint8 [N={codes.shape[0]}] (encode_row_scale), got "
-                         f"{row_scale.dtype} {tuple(row_scale.shape)}")
+                         f"{str(row_scale.dtype).removeprefix('torch.')} {list(row_scale.shape)}")
     return bits, per_row
 
 
@@ -152,6 +154,26 @@ def _(x, codes, codebook, row_scale, bias, in_features):
 
 register_no_backward(vq_dequantize, "vq_dequantize")
 register_no_backward(vq_linear, "vq_linear")
+
+
+@dataclass(frozen=True)
+class VQLinearArgs:
+    """The arguments of one ``vmq::vq_linear`` call by name (graph nodes or values), as its schema declares them."""
+
+    x: Any
+    codes: Any
+    codebook: Any
+    row_scale: Any
+    bias: Any
+    in_features: int
+
+    @classmethod
+    def from_node(cls, node: fx.Node) -> "VQLinearArgs":
+        """The arguments of a ``vmq.vq_linear`` node (passed by position or keyword)."""
+        return cls(**node_arguments(node, torch.ops.vmq.vq_linear.default))
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def vq_linear_reference(x, codes, codebook, row_scale, bias, in_features):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx
 
+from vmq_fx.ops.int8_linear import Int8LinearArgs
+from vmq_fx.ops.vq_linear import VQLinearArgs
 from vmq_fx.pt2e.observers import PerTokenStaticFakeQuantize
 from vmq_fx.pt2e.quantizer import quantized_linears
 from vmq_fx.pt2e.utils import linear_quantizers, set_fake_quant
@@ -49,19 +51,20 @@ def bits_per_weight(lowered: fx.GraphModule) -> float:
     vmq = torch.ops.vmq
     for node in lowered.graph.nodes:
         if node.target is vmq.int8_linear.default:
-            w, w_scale, w_sum = node.args[4], node.args[5], node.args[6]
-            tensor = lowered.get_buffer(str(w.target))
+            args = Int8LinearArgs.from_node(node)
+            tensor = lowered.get_buffer(str(args.w.target))
             weights += tensor.shape[0] * (tensor.shape[1] * (2 if tensor.dtype == torch.uint8 else 1))
-            packed_bits = 4 if node.args[10] <= 4 else 8
-            stored[str(w.target)] = tensor.shape[0] * -(-tensor.shape[1] * packed_bits // 8) if (
+            packed_bits = 4 if args.w_bits <= 4 else 8
+            stored[str(args.w.target)] = tensor.shape[0] * -(-tensor.shape[1] * packed_bits // 8) if (
                 tensor.dtype == torch.int8) else tensor.numel()
-            for a in (w_scale, w_sum):
+            for a in (args.w_scale, args.w_sum):
                 t = lowered.get_buffer(str(a.target))
                 stored[str(a.target)] = t.numel() * t.element_size()
         elif node.target is vmq.vq_linear.default:
-            codes = lowered.get_buffer(str(node.args[1].target))
-            weights += codes.shape[0] * node.args[5]
-            for a in node.args[1:4]:
+            args = VQLinearArgs.from_node(node)
+            codes = lowered.get_buffer(str(args.codes.target))
+            weights += codes.shape[0] * args.in_features
+            for a in (args.codes, args.codebook, args.row_scale):
                 t = lowered.get_buffer(str(a.target))
                 stored[str(a.target)] = t.numel() * t.element_size()
     if not weights:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from vmq_fx.ops.int8_linear import is_packed, pack_int4
+from vmq_fx.ops.int8_linear import Int8LinearArgs, is_packed, pack_int4
 
 __all__ = ["int4_weight_names", "pack_int4_weights"]
-
-_W_ARG, _W_BITS_ARG = 4, 10
 
 
 def int4_weight_names(gm: fx.GraphModule) -> list[str]:
@@ -21,8 +19,9 @@ def int4_weight_names(gm: fx.GraphModule) -> list[str]:
     names = []
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target is torch.ops.vmq.int8_linear.default:
-            w = node.args[_W_ARG]
-            if node.args[_W_BITS_ARG] <= 4 and w.op == "get_attr" and not is_packed(gm.get_buffer(str(w.target))):
+            args = Int8LinearArgs.from_node(node)
+            w = args.w
+            if args.w_bits <= 4 and w.op == "get_attr" and not is_packed(gm.get_buffer(str(w.target))):
                 names.append(str(w.target))
     return names
 

@@ -32,7 +32,8 @@ from torch import fx
 
 import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 from vmq_fx.pt2e.observers.fake_quantize import SMOOTHING_META
-from vmq_fx.ops.int8_linear import prepare_weight
+from vmq_fx.ops.int8_linear import Int8LinearArgs, prepare_weight
+from vmq_fx.ops.vq_linear import VQLinearArgs
 from vmq_fx.pt2e.lowering.simplify import drop_unused_attributes, simplify
 from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
 
@@ -120,11 +121,12 @@ def _int8_linear(ctx: Lowering, node: fx.Node, layer: QuantizedLinear, x, act_sc
     bias = node.args[2] if len(node.args) > 2 else None
     prefix = f"vmq_q{index}_"
     with graph.inserting_before(node):
-        args = (x, smooth, _register(gm, prefix + "act_scale", act_scale),
-                _register(gm, prefix + "act_zero_point", act_zp), _register(gm, prefix + "weight", w8),
-                _register(gm, prefix + "weight_scale", w_scale), _register(gm, prefix + "weight_sum", w_sum), bias,
-                int(qmin), int(qmax), layer.recipe.w_bits)
-        return graph.call_function(torch.ops.vmq.int8_linear.default, args)
+        args = Int8LinearArgs(
+            x=x, smooth=smooth, act_scale=_register(gm, prefix + "act_scale", act_scale),
+            act_zero_point=_register(gm, prefix + "act_zero_point", act_zp), w=_register(gm, prefix + "weight", w8),
+            w_scale=_register(gm, prefix + "weight_scale", w_scale), w_sum=_register(gm, prefix + "weight_sum", w_sum),
+            bias=bias, act_qmin=int(qmin), act_qmax=int(qmax), w_bits=layer.recipe.w_bits)
+        return graph.call_function(torch.ops.vmq.int8_linear.default, kwargs=args.as_kwargs())
 
 
 @rewrite("per-token static")
@@ -163,9 +165,11 @@ def _vector_quantized(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> f
     if isinstance(dq_x, fx.Node) and dq_x.op == "call_function" and "dequantize" in str(dq_x.target):
         raise ValueError(f"{layer.name}: vector-quantized weights with quantized activations are not lowered")
     bias = node.args[2] if len(node.args) > 2 else None
+    codes, codebook, row_scale, in_features = dq_w.args[:4]
+    args = VQLinearArgs(x=dq_x, codes=codes, codebook=codebook, row_scale=row_scale, bias=bias,
+                        in_features=in_features)
     with ctx.gm.graph.inserting_before(node):
-        return ctx.gm.graph.call_function(torch.ops.vmq.vq_linear.default, (dq_x, *dq_w.args[:3], bias,
-                                                                            dq_w.args[3]))
+        return ctx.gm.graph.call_function(torch.ops.vmq.vq_linear.default, kwargs=args.as_kwargs())
 
 
 def _describe(node: fx.Node) -> str:

@@ -1,0 +1,111 @@
+"""Each vmq op has one definition (its torch.library schema in vmq_fx/ops/<op>.py). What restates it elsewhere is
+checked against it here: the named views of a node's arguments, the ONNX translations, the Triton launchers, and the
+input checks of the C++ kernels (same refusal, same text, on every path)."""
+import dataclasses
+import inspect
+
+import pytest
+import torch
+
+from int8_cases import int8_case
+from vmq_fx.export.onnx import onnx_translation_table
+from vmq_fx.ops import native, pack_codes, pack_int4
+from vmq_fx.ops._schema import argument_names
+from vmq_fx.ops.int8_linear import Int8LinearArgs
+from vmq_fx.ops.vq_linear import VQLinearArgs
+
+vmq = torch.ops.vmq
+OPS = (vmq.selective_scan.default, vmq.causal_conv1d.default, vmq.int8_linear.default, vmq.vq_linear.default,
+       vmq.vq_dequantize.default)
+
+
+@pytest.mark.parametrize("view, op", [(Int8LinearArgs, vmq.int8_linear.default), (VQLinearArgs, vmq.vq_linear.default)])
+def test_named_views_are_the_schema(view, op):
+    assert [f.name for f in dataclasses.fields(view)] == argument_names(op)
+
+
+@pytest.mark.parametrize("scan", ["onnx", "vmq"])
+def test_onnx_translations_take_the_schema_arguments(scan):
+    table = onnx_translation_table(scan)
+    assert set(table) == set(OPS)
+    for op, fn in table.items():
+        assert list(inspect.signature(fn).parameters) == argument_names(op), op
+
+
+def test_triton_launchers_take_the_schema_arguments():
+    pytest.importorskip("triton")
+    from vmq_fx.ops.triton.int8_linear import int8_linear_triton
+    from vmq_fx.ops.triton.selective_scan import selective_scan_triton
+    from vmq_fx.ops.triton.vq_linear import vq_linear_triton
+
+    for fn, op in ((int8_linear_triton, vmq.int8_linear.default), (vq_linear_triton, vmq.vq_linear.default),
+                   (selective_scan_triton, vmq.selective_scan.default)):
+        assert list(inspect.signature(fn).parameters) == argument_names(op), fn.__name__
+
+
+def test_named_view_reads_positional_and_keyword_calls():
+    op_args, _ = int8_case(1, 5, 8, 4, w_bits=8)
+    graph = torch.fx.Graph()
+    nodes = [graph.placeholder(f"a{i}") if isinstance(a, torch.Tensor) else a for i, a in enumerate(op_args)]
+    by_position = graph.call_function(vmq.int8_linear.default, tuple(nodes))
+    by_keyword = graph.call_function(vmq.int8_linear.default, (), dict(zip(argument_names(vmq.int8_linear.default),
+                                                                         nodes)))
+    assert Int8LinearArgs.from_node(by_position) == Int8LinearArgs.from_node(by_keyword)
+    assert Int8LinearArgs.from_node(by_keyword).w_bits == op_args[10]
+    with pytest.raises(ValueError, match="not vmq.vq_linear.default"):
+        VQLinearArgs.from_node(by_position)
+
+
+def _refusal(call) -> str:
+    with pytest.raises(ValueError) as err:
+        call()
+    return str(err.value)
+
+
+def _on_every_path(call) -> dict[str, str]:
+    messages = {}
+    with native.disabled():
+        messages["torch"] = _refusal(call)
+    for isa in native.executable_isas():
+        with native.use_isa(isa):
+            messages[isa] = _refusal(call)
+    return messages
+
+
+def _bad_calls():
+    op_args, _ = int8_case(2, 17, 16, 8, w_bits=8)
+    bad_scale = list(op_args)
+    bad_scale[2] = torch.ones(5)
+    bad_sum = list(op_args)
+    bad_sum[6] = torch.ones(3, dtype=torch.int32)
+    packed_8bit = list(op_args)
+    packed_8bit[4] = pack_int4(torch.zeros(8, 16, dtype=torch.int8))
+    codes = pack_codes(torch.randint(0, 16, (3, 2)), 4)
+    book, scale = torch.randn(16, 4).half(), torch.full((3,), 128, dtype=torch.uint8)
+    x3 = torch.randn(1, 6, 3)
+    return {
+        "int8_linear act_scale": lambda: vmq.int8_linear(*bad_scale),
+        "int8_linear column sums": lambda: vmq.int8_linear(*bad_sum),
+        "int8_linear packed 8-bit": lambda: vmq.int8_linear(*packed_8bit),
+        "vq_linear codes": lambda: vmq.vq_linear(torch.randn(2, 9), codes, book, scale, None, 9),
+        "vq_linear row scale": lambda: vmq.vq_linear(torch.randn(2, 8), codes, book, scale[:2], None, 8),
+        "causal_conv1d weight": lambda: vmq.causal_conv1d(x3, torch.randn(4, 4), None, True, False),
+        "causal_conv1d bias": lambda: vmq.causal_conv1d(x3, torch.randn(3, 4), torch.randn(2), True, False),
+        "causal_conv1d x": lambda: vmq.causal_conv1d(torch.randn(6, 3), torch.randn(3, 4), None, True, False),
+        **{f"selective_scan {name}": (lambda change=change: vmq.selective_scan(**{**_scan_args(), **change}))
+           for name, change in (("delta", {"delta": torch.randn(2, 8, 4)}), ("A", {"A": torch.randn(7, 4)}),
+                                ("B", {"B": torch.randn(8, 4)}), ("C groups", {"C": torch.randn(2, 3, 4, 5)}),
+                                ("D", {"D": torch.randn(5)}), ("z", {"z": torch.randn(2, 8, 3)}))},
+    }
+
+
+def _scan_args():
+    return dict(u=torch.randn(2, 8, 5), delta=torch.randn(2, 8, 5), A=-torch.rand(8, 4), B=torch.randn(2, 4, 5),
+                C=torch.randn(2, 4, 5), D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False)
+
+
+@pytest.mark.parametrize("case", list(_bad_calls()))
+def test_bad_input_is_refused_with_the_same_message_on_every_path(case):
+    messages = _on_every_path(_bad_calls()[case])
+    assert len(set(messages.values())) == 1, messages
+    assert next(iter(messages.values())).startswith("vmq."), messages
