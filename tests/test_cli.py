@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from vmq_fx.app.cli import main
 from vmq_fx.app.images import imagenet_synsets
 from vmq_fx.models import create_model
+from vmq_fx.ops.int8_linear import Int8LinearArgs
 
 
 
