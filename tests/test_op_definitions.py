@@ -92,6 +92,11 @@ def _bad_calls():
         "causal_conv1d weight": lambda: vmq.causal_conv1d(x3, torch.randn(4, 4), None, True, False),
         "causal_conv1d bias": lambda: vmq.causal_conv1d(x3, torch.randn(3, 4), torch.randn(2), True, False),
         "causal_conv1d x": lambda: vmq.causal_conv1d(torch.randn(6, 3), torch.randn(3, 4), None, True, False),
+        "token_stats x": lambda: vmq.token_stats(torch.randn(4, 5)),
+        "histogram_add x": lambda: vmq.histogram_add(torch.randn(4, 5), torch.zeros(4, 8), torch.zeros(4),
+                                                     torch.ones(4), torch.zeros(4), torch.ones(4)),
+        "histogram_add counts": lambda: vmq.histogram_add(torch.randn(2, 4, 3), torch.zeros(4, 7), torch.zeros(4),
+                                                          torch.ones(4), torch.zeros(4), torch.ones(4)),
         **{f"selective_scan {name}": (lambda change=change: vmq.selective_scan(**{**_scan_args(), **change}))
            for name, change in (("delta", {"delta": torch.randn(2, 8, 4)}), ("A", {"A": torch.randn(7, 4)}),
                                 ("B", {"B": torch.randn(8, 4)}), ("C groups", {"C": torch.randn(2, 3, 4, 5)}),
@@ -109,3 +114,26 @@ def test_bad_input_is_refused_with_the_same_message_on_every_path(case):
     messages = _on_every_path(_bad_calls()[case])
     assert len(set(messages.values())) == 1, messages
     assert next(iter(messages.values())).startswith("vmq."), messages
+
+
+def _helper_calls():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 6, 5, generator=g)
+    lo, hi = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
+    counts, start, width = torch.zeros(6, 16), lo.clone(), (hi - lo) / 16 * 1.01
+    u, delta = torch.randn(2, 4, 5, generator=g), torch.rand(2, 4, 5, generator=g)
+    A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
+    return {
+        "token_stats": (vmq.token_stats.default, (x,)),
+        "histogram_add": (vmq.histogram_add.default, (2 * x, counts, start, width, 2 * lo, 2 * hi)),
+        "histogram_search": (vmq.histogram_search.default, (counts + 1, start, width, lo, hi, 16, 2.4, 20)),
+        "selective_scan_backward": (vmq.selective_scan_backward.default,
+                                    (u, delta, A, B, C, torch.randn(4, generator=g), None, None, True, False,
+                                     torch.randn(2, 4, 5, generator=g), torch.randn(2, 4, 3, generator=g))),
+    }
+
+
+@pytest.mark.parametrize("name", list(_helper_calls()))
+def test_helper_ops_pass_opcheck_on_every_path(name, implementation):
+    op, args = _helper_calls()[name]
+    torch.library.opcheck(op, args)

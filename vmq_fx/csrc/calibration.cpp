@@ -2,7 +2,7 @@
 //
 // token_stats: per-token min / max and per-channel max |x| of a [batch, L, C] activation, in one pass (torch needs
 // three, plus a transposing copy). histogram_add: grows the per-token histograms' ranges to hold the values
-// (RowHistograms' doubling, which took longer in torch ops than the counting) and counts them. search_ranges: the Lp
+// (RowHistograms' doubling, which took longer in torch ops than the counting) and counts them. histogram_search: the Lp
 // range search of PTQ4VM over a histogram, each non-empty bin standing for its values at its center: the candidate
 // ranges and the quantization arithmetic of vmq_fx.pt2e.observers.lp_search.search_asymmetric_ranges, with |e|^p from
 // vexp2 / vlog2 (relative error ~1e-6).
@@ -20,8 +20,8 @@
 
 namespace vmq_fx {
 
-std::vector<at::Tensor> token_stats(const at::Tensor& x_in) {
-  TORCH_CHECK_VALUE(x_in.dim() == 3, "token_stats: x must be [batch, L, channels]");
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_stats(const at::Tensor& x_in) {
+  TORCH_CHECK_VALUE(x_in.dim() == 3, "vmq.token_stats: x must be [batch, L, channels], got ", x_in.sizes());
   const at::Tensor x = x_in.to(at::kFloat);
   const int64_t B = x.size(0), L = x.size(1), C = x.size(2);
   const int64_t sb = x.stride(0), st = x.stride(1), sc = x.stride(2);
@@ -72,13 +72,17 @@ static void grow_row(float* h, float& start, float& width, int64_t bins, float l
 
 void histogram_add(const at::Tensor& x_in, at::Tensor& counts, at::Tensor& start, at::Tensor& width,
                    const at::Tensor& lo_in, const at::Tensor& hi_in) {
+  TORCH_CHECK_VALUE(x_in.dim() == 3, "vmq.histogram_add: x must be [batch, L, channels], got ", x_in.sizes());
   const int64_t L = x_in.size(1);
-  TORCH_CHECK_VALUE(x_in.dim() == 3 && counts.dim() == 2 && counts.is_contiguous() &&
-                        counts.scalar_type() == at::kFloat && counts.size(0) == L && counts.size(1) % 2 == 0,
-                    "histogram_add: x [batch, L, C] and contiguous float counts [L, bins] (bins even)");
-  TORCH_CHECK_VALUE(start.is_contiguous() && width.is_contiguous() && start.scalar_type() == at::kFloat &&
-                        width.scalar_type() == at::kFloat && start.numel() == L && width.numel() == L,
-                    "histogram_add: start and width are contiguous float [L], grown in place");
+  TORCH_CHECK_VALUE(counts.dim() == 2 && counts.size(0) == L && counts.size(1) % 2 == 0 && start.dim() == 1 &&
+                        start.size(0) == L && width.dim() == 1 && width.size(0) == L,
+                    "vmq.histogram_add: counts must be [L=", L, ", bins] (bins even), start and width [L], got ",
+                    counts.sizes(), ", ", start.sizes(), ", ", width.sizes());
+  // Grown and counted in place, through raw pointers: the C++ kernel needs them as RowHistograms keeps them.
+  TORCH_CHECK_VALUE(counts.is_contiguous() && start.is_contiguous() && width.is_contiguous() &&
+                        counts.scalar_type() == at::kFloat && start.scalar_type() == at::kFloat &&
+                        width.scalar_type() == at::kFloat,
+                    "vmq.histogram_add: the C++ kernel needs contiguous float32 counts, start and width");
   const at::Tensor x = x_in.to(at::kFloat);
   const at::Tensor lo = lo_in.to(at::kFloat).contiguous(), hi = hi_in.to(at::kFloat).contiguous();
   const int64_t B = x.size(0), C = x.size(2), bins = counts.size(1);
@@ -101,7 +105,7 @@ void histogram_add(const at::Tensor& x_in, at::Tensor& counts, at::Tensor& start
   });
 }
 
-std::vector<at::Tensor> search_ranges(const at::Tensor& counts_in, const at::Tensor& start_in,
+std::tuple<at::Tensor, at::Tensor> histogram_search(const at::Tensor& counts_in, const at::Tensor& start_in,
                                       const at::Tensor& width_in, const at::Tensor& lo_in, const at::Tensor& hi_in,
                                       int64_t levels, double p, int64_t num_candidates) {
   using V = Lanes<float>::V;

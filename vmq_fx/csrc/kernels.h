@@ -76,11 +76,12 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
 
 // Calibration statistics (vmq_fx/observers): per-token min / max and channel max |x| of [batch, L, C]; per-token
 // histogram counting; the Lp range search over histograms.
-std::vector<at::Tensor> token_stats(const at::Tensor& x);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> token_stats(const at::Tensor& x);
 void histogram_add(const at::Tensor& x, at::Tensor& counts, at::Tensor& start, at::Tensor& width, const at::Tensor& lo,
                    const at::Tensor& hi);
-std::vector<at::Tensor> search_ranges(const at::Tensor& counts, const at::Tensor& start, const at::Tensor& width,
-                                      const at::Tensor& lo, const at::Tensor& hi, int64_t levels, double p,
-                                      int64_t num_candidates);
+std::tuple<at::Tensor, at::Tensor> histogram_search(const at::Tensor& counts, const at::Tensor& start,
+                                                    const at::Tensor& width, const at::Tensor& lo,
+                                                    const at::Tensor& hi, int64_t levels, double p,
+                                                    int64_t num_candidates);
 
 }  // namespace vmq_fx

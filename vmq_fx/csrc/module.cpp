@@ -31,6 +31,20 @@ void no_backward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
+// vmq::selective_scan_backward returns a Tensor[]: an absent optional input's gradient is an empty tensor there (the
+// kernel leaves it undefined).
+std::vector<at::Tensor> selective_scan_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                const at::Tensor& B, const at::Tensor& C,
+                                                const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                                const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                                bool reverse, const at::Tensor& grad_out, const at::Tensor& grad_last) {
+  auto grads = vmq_fx::selective_scan_backward_cpu(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, grad_out,
+                                                   grad_last);
+  for (auto& g : grads)
+    if (!g.defined()) g = at::empty({0}, u.options());
+  return grads;
+}
+
 void register_cpu_kernels() {
   if (cpu_impls) return;
   cpu_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::CPU, __FILE__, __LINE__);
@@ -39,6 +53,10 @@ void register_cpu_kernels() {
   cpu_impls->impl("int8_linear", TORCH_FN(vmq_fx::int8_linear_cpu));
   cpu_impls->impl("vq_linear", TORCH_FN(vmq_fx::vq_linear_cpu));
   cpu_impls->impl("vq_dequantize", TORCH_FN(vmq_fx::vq_dequantize_cpu));
+  cpu_impls->impl("selective_scan_backward", TORCH_FN(selective_scan_backward));
+  cpu_impls->impl("token_stats", TORCH_FN(vmq_fx::token_stats));
+  cpu_impls->impl("histogram_add", TORCH_FN(vmq_fx::histogram_add));
+  cpu_impls->impl("histogram_search", TORCH_FN(vmq_fx::histogram_search));
   // The scan and the convolution keep their autograd formulas (vmq_fx/ops), which call the kernels.
   autograd_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::AutogradCPU,
                                                     __FILE__, __LINE__);
@@ -59,11 +77,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("register_cpu_kernels", &register_cpu_kernels);
   m.def("deregister_cpu_kernels", &deregister_cpu_kernels);
   m.def("cpu_kernels_registered", &cpu_kernels_registered);
-  m.def("selective_scan_backward", &vmq_fx::selective_scan_backward_cpu);
-  m.def("quantize_per_token", &vmq_fx::quantize_per_token_cpu);
-  m.def("token_stats", &vmq_fx::token_stats);
-  m.def("histogram_add", &vmq_fx::histogram_add);
-  m.def("search_ranges", &vmq_fx::search_ranges);
+  m.def("quantize_per_token", &vmq_fx::quantize_per_token_cpu);  // the activation levels, for tests
   m.def("set_int8_gemm", &vmq_fx::set_int8_gemm);
   m.def("int8_gemm", &vmq_fx::int8_gemm);
   m.attr("isa") = VMQ_ISA_NAME;

@@ -9,18 +9,24 @@ op                           definition                            kernels
 ``vmq::int8_linear``         :mod:`vmq_fx.ops.int8_linear`         ``csrc/int8_linear.cpp``, ``triton/int8_linear.py``
 ``vmq::vq_linear``,          :mod:`vmq_fx.ops.vq_linear`           ``csrc/vq_linear.cpp``, ``triton/vq_linear.py``
 ``vmq::vq_dequantize``
+``vmq::token_stats``,        :mod:`vmq_fx.ops.calibration`         ``csrc/calibration.cpp``
+``vmq::histogram_add``,
+``vmq::histogram_search``
 ============================ ===================================== ===================================================
+
+``vmq::selective_scan_backward`` (:mod:`vmq_fx.ops.selective_scan`) is the scan's backward, which its autograd
+formula calls: the dispatcher picks the C++ kernel for it as for the others.
 
 The C++ kernels (:mod:`vmq_fx.ops.native`) are built or loaded at the first call of an op on CPU tensors, not at
 import; the Triton kernels (:mod:`vmq_fx.ops.triton`) are registered for CUDA when CUDA and Triton are available.
 """
-from vmq_fx.ops import causal_conv1d, int8_linear, native, selective_scan, vq_linear
+from vmq_fx.ops import calibration, causal_conv1d, int8_linear, native, selective_scan, vq_linear
 from vmq_fx.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_op
 from vmq_fx.ops.int8_linear import int8_linear_reference, pack_int4, unpack_int4
 from vmq_fx.ops.selective_scan import selective_scan_fn, selective_scan_op
 from vmq_fx.ops.vq_linear import pack_codes, unpack_codes, vq_dequantize, vq_linear_reference
 
-__all__ = ["causal_conv1d", "causal_conv1d_fn", "causal_conv1d_op", "int8_linear", "int8_linear_reference", "native",
+__all__ = ["calibration", "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_op", "int8_linear", "int8_linear_reference", "native",
            "pack_codes", "pack_int4", "selective_scan", "selective_scan_fn", "selective_scan_op", "unpack_codes",
            "unpack_int4", "vq_dequantize", "vq_linear", "vq_linear_reference"]
 

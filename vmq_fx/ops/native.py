@@ -308,6 +308,8 @@ def builds_on_first_call(op: str):
         # torch.library infers the op's schema from the signature, resolving string annotations in the globals of
         # the function it is given: hand it the resolved ones of the definition.
         hints = typing.get_type_hints(fn)
+        if hints.get("return") is type(None):  # get_type_hints turns "-> None" into NoneType, which torch refuses
+            hints["return"] = None
         sig = inspect.signature(fn)
         run.__signature__ = sig.replace(
             parameters=[p.replace(annotation=hints.get(p.name, p.annotation)) for p in sig.parameters.values()],

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from vmq_fx.ops import native
 
-__all__ = ["selective_scan_fn", "selective_scan_op"]
+__all__ = ["selective_scan_backward", "selective_scan_fn", "selective_scan_op"]
 
 # The work is done on slices of the batch and chunks of the sequence sized so that one chunk's [T, batch, dim, N]
 # tensors stay in cache (1 MB): the scan is bound by memory traffic, and batch elements are independent. Measured on
@@ -253,7 +253,7 @@ def _to_groups(grad: Tensor, groups: int) -> Tensor:
     return grad if grad.shape[2] == groups else grad.sum(dim=2, keepdim=True)
 
 
-def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor, needs_bc: tuple[bool, bool]):
+def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor):
     """Reverse-mode scan. Returns gradients in compute dtype, time-major where the inputs were."""
     g, h = p.groups, p.dim // p.groups
     gout = _time_major(grad_out, g, p.cdt)
@@ -269,8 +269,8 @@ def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor, needs_bc: tuple
     g_delta = torch.zeros_like(p.u)
     g_z = None if p.z is None else torch.zeros_like(p.u)
     g_A = torch.zeros_like(p.A)
-    g_B = torch.zeros_like(p.B) if needs_bc[0] else None
-    g_C = torch.zeros_like(p.C) if needs_bc[1] else None
+    g_B = torch.zeros_like(p.B)
+    g_C = torch.zeros_like(p.C)
     g_D = None if p.D is None else torch.zeros_like(p.D)
     carry = grad_last.to(p.cdt).reshape(p.batch, g, h, p.n)  # d loss / d h_t arriving from step t+1
     for (s, e), h0 in zip(reversed(chunks), reversed(starts)):
@@ -285,8 +285,7 @@ def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor, needs_bc: tuple
         if p.D is not None:
             g_D += (gy * p.u[s:e]).sum(dim=(0, 1))
             g_u[s:e] += gy * p.D
-        if g_C is not None:
-            g_C[s:e] += _to_groups(torch.matmul(gy.unsqueeze(-2), hs).squeeze(-2), g_C.shape[2])
+        g_C[s:e] += _to_groups(torch.matmul(gy.unsqueeze(-2), hs).squeeze(-2), g_C.shape[2])
         lam = gy.unsqueeze(-1) * p.C[s:e].unsqueeze(3)  # becomes d loss / d h_t in place
         for t in range(e - s - 1, -1, -1):
             lam[t] += carry
@@ -299,8 +298,7 @@ def _backward(p: _Prepared, grad_out: Tensor, grad_last: Tensor, needs_bc: tuple
         lam_b = torch.matmul(lam, p.B[s:e].unsqueeze(3).transpose(-1, -2)).squeeze(-1)  # sum_n lam * B
         g_delta[s:e] += lam_b * p.u[s:e]
         g_u[s:e] += lam_b * dl
-        if g_B is not None:
-            g_B[s:e] += _to_groups((lam * (dl * p.u[s:e]).unsqueeze(-1)).sum(dim=3), g_B.shape[2])
+        g_B[s:e] += _to_groups((lam * (dl * p.u[s:e]).unsqueeze(-1)).sum(dim=3), g_B.shape[2])
     return g_u, g_delta, g_A, g_B, g_C, g_D, g_z
 
 
@@ -310,18 +308,16 @@ def _setup_context(ctx, inputs, output):
     ctx.reverse = inputs[9]
 
 
-def _grad_bc(grad: Optional[Tensor], like: Tensor) -> Optional[Tensor]:
+def _grad_bc(grad: Tensor, like: Tensor) -> Tensor:
     """[L, batch, G|1, N] -> B/C's own layout and dtype."""
-    if grad is None:
-        return None
     grad = grad.permute(1, 2, 3, 0)
     return (grad.squeeze(1) if like.dim() == 3 else grad).to(like.dtype).contiguous()
 
 
-def _backward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last, needs):
+def _backward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_out, grad_last):
     """Gradients for one batch slice: per-sample ones in the inputs' layouts, A / D / delta_bias ones to be summed."""
     p = _Prepared(u, delta, A, B, C, D, z, delta_bias, delta_softplus)
-    g_u, g_delta, g_A, g_B, g_C, g_D, g_z = _backward(p, grad_out, grad_last, (needs[3], needs[4]))
+    g_u, g_delta, g_A, g_B, g_C, g_D, g_z = _backward(p, grad_out, grad_last)
     if delta_softplus:
         g_delta = g_delta * torch.sigmoid(p.delta_raw)
     return (
@@ -336,26 +332,20 @@ def _backward_slice(u, delta, A, B, C, D, z, delta_bias, delta_softplus, grad_ou
     )
 
 
-def _selective_scan_backward(ctx, grad_out, grad_last):
-    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    if grad_out is None:
-        grad_out = torch.zeros_like(u)
-    if grad_last is None:
-        grad_last = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype, device=u.device)
-    kernels = native.kernels() if u.device.type == "cpu" else None
-    if kernels is not None:
-        with torch.no_grad():
-            grads = kernels.selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
-                                                    ctx.reverse, grad_out, grad_last)
-        return tuple(g if g is not None and needs[i] else None for i, g in enumerate(grads)) + (None, None)
-    if ctx.reverse:
+@torch.library.custom_op("vmq::selective_scan_backward", mutates_args=())
+@native.builds_on_first_call("selective_scan_backward")
+def selective_scan_backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
+                            z: Optional[Tensor], delta_bias: Optional[Tensor], delta_softplus: bool, reverse: bool,
+                            grad_out: Tensor, grad_last: Tensor) -> list[Tensor]:
+    """The gradients of ``vmq::selective_scan``'s inputs ``(u, delta, A, B, C, D, z, delta_bias)`` from those of its
+    outputs, in the inputs' dtypes and layouts; an empty tensor for an optional input that is absent."""
+    if reverse:
         u, delta, B, C, z, grad_out = _flip_time(u, delta, B, C, z, grad_out)
     parts = []
     with torch.no_grad():
         for sl in _batch_slices(u.shape[0], u.shape[1], A.shape[1]):
             parts.append(_backward_slice(u[sl], delta[sl], A, B[sl], C[sl], D, _per_batch(z, sl), delta_bias,
-                                         ctx.delta_softplus, grad_out[sl], grad_last[sl], needs))
+                                         delta_softplus, grad_out[sl], grad_last[sl]))
 
     def cat(i):
         return None if parts[0][i] is None else torch.cat([q[i] for q in parts])
@@ -364,20 +354,30 @@ def _selective_scan_backward(ctx, grad_out, grad_last):
         return None if parts[0][i] is None else torch.stack([q[i] for q in parts]).sum(0)
 
     g_u, g_bias, g_delta, g_A, g_B, g_C, g_D, g_z = cat(0), total(1), cat(2), total(3), cat(4), cat(5), total(6), cat(7)
-    if ctx.reverse:
+    if reverse:
         g_u, g_delta, g_B, g_C, g_z = _flip_time(g_u, g_delta, g_B, g_C, g_z)
-    return (
-        g_u if needs[0] else None,
-        g_delta if needs[1] else None,
-        g_A.to(A.dtype) if needs[2] else None,
-        g_B if needs[3] else None,
-        g_C if needs[4] else None,
-        g_D.to(D.dtype) if D is not None and needs[5] else None,
-        g_z if z is not None and needs[6] else None,
-        g_bias.to(delta_bias.dtype) if delta_bias is not None and needs[7] else None,
-        None,
-        None,
-    )
+    return [g_u, g_delta, g_A.to(A.dtype), g_B, g_C, u.new_empty(0) if D is None else g_D.to(D.dtype),
+            u.new_empty(0) if z is None else g_z,
+            u.new_empty(0) if delta_bias is None else g_bias.to(delta_bias.dtype)]
+
+
+@selective_scan_backward.register_fake
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse, grad_out, grad_last):
+    return [torch.empty_like(t) if t is not None else u.new_empty(0) for t in (u, delta, A, B, C, D, z, delta_bias)]
+
+
+def _selective_scan_backward(ctx, grad_out, grad_last):
+    u, delta, A, B, C, D, z, delta_bias = ctx.saved_tensors
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    if grad_out is None:
+        grad_out = torch.zeros_like(u)
+    if grad_last is None:
+        grad_last = torch.zeros(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype, device=u.device)
+    with torch.no_grad():
+        grads = torch.ops.vmq.selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
+                                                      ctx.reverse, grad_out, grad_last)
+    return tuple(g if inputs[i] is not None and ctx.needs_input_grad[i] else None
+                 for i, g in enumerate(grads)) + (None, None)
 
 
 selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_setup_context)

@@ -24,7 +24,6 @@ from torch import Tensor, nn
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from vmq_fx.pt2e.observers.lp_search import RowHistograms, round_ste, search_symmetric_clips
-from vmq_fx.ops import native
 
 __all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenDynamicFakeQuantize",
            "PerTokenStaticFakeQuantize", "SMOOTHING_META"]
@@ -141,11 +140,7 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         x = x.detach().float()
         if self.min_val is not None and x.shape[1] != self.min_val.numel():
             raise ValueError(f"calibration input has {x.shape[1]} tokens, earlier inputs had {self.min_val.numel()}")
-        kernels = native.kernels() if x.device.type == "cpu" else None
-        if kernels is not None:
-            lo, hi, cmax = kernels.token_stats(x)  # one pass instead of three and a transposing copy
-        else:
-            lo, hi, cmax = x.amin(dim=(0, 2)), x.amax(dim=(0, 2)), x.abs().amax(dim=(0, 1))
+        lo, hi, cmax = torch.ops.vmq.token_stats(x)
         if self.min_val is None:
             self.min_val, self.max_val, self.channel_absmax = lo, hi, cmax
         else:

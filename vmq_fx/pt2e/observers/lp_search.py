@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from vmq_fx.ops import native
+from vmq_fx.ops.calibration import best_ranges, count_rows, grow_histograms, lp_error
 
 __all__ = ["RowHistograms", "round_ste", "search_asymmetric_ranges", "search_symmetric_clips"]
 
@@ -13,11 +13,6 @@ __all__ = ["RowHistograms", "round_ste", "search_asymmetric_ranges", "search_sym
 def round_ste(x: Tensor) -> Tensor:
     """Round with a straight-through gradient."""
     return (x.round() - x).detach() + x
-
-
-def _lp(err: Tensor, p: float, dim: int, weights: Tensor | None = None) -> Tensor:
-    e = err.abs().pow(p)
-    return (e if weights is None else e * weights).sum(dim)
 
 
 @torch.no_grad()
@@ -31,7 +26,7 @@ def search_symmetric_clips(w: Tensor, qmax: int, p: float = 2.4, num_candidates:
     for i in range(1, num_candidates + 1):
         scale = (absmax * (i / num_candidates) / qmax)[:, None]
         q = (w / scale).round().clamp(-qmax, qmax) * scale
-        err = _lp(w - q, p, dim=1)
+        err = lp_error(w - q, p, dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale[:, 0], best_scale)
@@ -52,28 +47,8 @@ def search_asymmetric_ranges(x: Tensor, lo: Tensor, hi: Tensor, levels: int, p: 
 
     Returns ``(scale [rows], zero_point [rows] as integers in float)``.
     """
-    best_lo, best_hi = _best_ranges(x.float(), lo, hi, levels, p, num_candidates, weights)
+    best_lo, best_hi = best_ranges(x.float(), lo, hi, levels, p, num_candidates, weights)
     return _widened_to_zero(best_lo, best_hi, levels)
-
-
-def _best_ranges(x: Tensor, lo: Tensor, hi: Tensor, levels: int, p: float, num_candidates: int,
-                 weights: Tensor | None) -> tuple[Tensor, Tensor]:
-    mid = (lo + hi) / 2
-    half = (hi - lo) / 2
-    best_err = torch.full_like(lo, float("inf"))
-    best_lo, best_hi = lo.clone(), hi.clone()
-    for i in range(num_candidates):
-        shrink = 1.0 - i / num_candidates
-        c_lo, c_hi = mid - half * shrink, mid + half * shrink
-        scale = ((c_hi - c_lo) / (levels - 1)).clamp(min=1e-8)[:, None]
-        zp = (-c_lo[:, None] / scale).round()
-        q = ((x / scale).round() + zp).clamp(0, levels - 1)
-        err = _lp(x - (q - zp) * scale, p, dim=1, weights=weights)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, c_lo, best_lo)
-        best_hi = torch.where(better, c_hi, best_hi)
-    return best_lo, best_hi
 
 
 def _widened_to_zero(best_lo: Tensor, best_hi: Tensor, levels: int) -> tuple[Tensor, Tensor]:
@@ -107,20 +82,7 @@ class RowHistograms:
 
     def _grow(self, lo: Tensor, hi: Tensor) -> None:
         """Double the width of the rows whose range does not hold [lo, hi], until every row does."""
-        half = self.bins // 2
-        while True:
-            end = self.start + self.width * self.bins
-            left, right = lo < self.start, hi >= end
-            grow = left | right
-            if not bool(grow.any()):
-                return
-            merged = self.counts.view(-1, half, 2).sum(-1)
-            zeros = torch.zeros_like(merged)
-            # growing to the left puts the old range in the upper half of the new one
-            grown = torch.where(left[:, None], torch.cat([zeros, merged], 1), torch.cat([merged, zeros], 1))
-            self.counts = torch.where(grow[:, None], grown, self.counts)
-            self.start = torch.where(left, self.start - self.width * self.bins, self.start)
-            self.width = torch.where(grow, self.width * 2, self.width)
+        self.counts, self.start, self.width = grow_histograms(self.counts, self.start, self.width, lo, hi)
 
     def _open(self, rows: int, lo: Tensor, hi: Tensor) -> None:
         if self.counts is None:
@@ -141,33 +103,22 @@ class RowHistograms:
         lo = rows.amin(1) if lo is None else lo
         hi = rows.amax(1) if hi is None else hi
         self._start(rows.shape[0], lo, hi)
-        idx = ((rows - self.start[:, None]) / self.width[:, None]).floor().long().clamp_(0, self.bins - 1)
-        flat = idx + torch.arange(rows.shape[0], device=rows.device)[:, None] * self.bins
-        counts = self.counts.contiguous()
-        counts.view(-1).scatter_add_(0, flat.reshape(-1), torch.ones(flat.numel(), dtype=counts.dtype))
-        self.counts = counts
+        self.counts = count_rows(self.counts, self.start, self.width, rows)
 
     @torch.no_grad()
     def add_tokens(self, x: Tensor, lo: Tensor, hi: Tensor) -> None:
         """Count an activation [batch, L, C] into the L token histograms, pooled over images and channels
-        (``lo`` / ``hi``: its per-token min and max). Uses the C++ kernel (growth and counting) where it is built."""
-        kernels = native.kernels() if x.device.type == "cpu" else None
-        if kernels is None:
-            self.add(x.transpose(0, 1).reshape(x.shape[1], -1), lo, hi)
-            return
+        (``lo`` / ``hi``: its per-token min and max): ``vmq::histogram_add``, growth and counting in one op."""
         self._open(x.shape[1], lo, hi)
         self.counts, self.start, self.width = (t.contiguous() for t in (self.counts, self.start, self.width))
-        kernels.histogram_add(x, self.counts, self.start, self.width, lo, hi)
+        torch.ops.vmq.histogram_add(x, self.counts, self.start, self.width, lo, hi)
 
     def search(self, lo: Tensor, hi: Tensor, levels: int, p: float = 2.4,
                num_candidates: int = 100) -> tuple[Tensor, Tensor]:
-        """:func:`search_asymmetric_ranges` on the histograms (bin centers weighted by their counts): ``(scale,
-        zero_point)`` per row. Uses the C++ kernel where it is built."""
-        kernels = native.kernels() if self.counts.device.type == "cpu" else None
-        if kernels is None:
-            return search_asymmetric_ranges(self.centers(), lo, hi, levels, p, num_candidates, weights=self.counts)
-        best_lo, best_hi = kernels.search_ranges(self.counts, self.start, self.width, lo, hi, levels, p,
-                                                 num_candidates)
+        """:func:`search_asymmetric_ranges` on the histograms (bin centers weighted by their counts):
+        ``vmq::histogram_search``, then widened to hold 0; ``(scale, zero_point)`` per row."""
+        best_lo, best_hi = torch.ops.vmq.histogram_search(self.counts, self.start, self.width, lo, hi, levels, p,
+                                                          num_candidates)
         return _widened_to_zero(best_lo, best_hi, levels)
 
     def centers(self) -> Tensor:
