@@ -154,3 +154,29 @@ def test_a_lock_left_by_an_interrupted_build_does_not_block_the_next(caplog):
                                         isa=isa)
     assert module.isa == isa and not lock.exists()
     assert "did not finish" in caplog.text
+
+
+def test_each_build_registers_its_own_kernels_when_several_are_loaded():
+    """Every build (avx512, avx2, generic) is its own module in one process; registering one must put that build's
+    kernels in the dispatcher, not another's (a registration list shared between the loaded modules did). Each build
+    keeps its own integer-product switch, so which build runs vmq::int8_linear shows in the ATen ops it calls."""
+    isas = native.executable_isas()
+    if len(isas) < 2:
+        pytest.skip("one build runs on this CPU")
+    from int8_cases import int8_case
+
+    op_args, _ = int8_case(2, 17, 96, 40, w_bits=8)
+
+    def aten_ops():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            torch.ops.vmq.int8_linear(*op_args)
+        return {e.key for e in prof.key_averages()}
+
+    for isa in isas:  # load them all first
+        with native.use_isa(isa):
+            pass
+    for isa in isas:
+        for path in ("int_mm", "float"):
+            with native.use_isa(isa, int8_gemm=path) as kernels:
+                assert native.native_kernels() is kernels and kernels.isa == isa
+                assert ("aten::_int_mm" in aten_ops()) == (path == "int_mm"), (isa, path)

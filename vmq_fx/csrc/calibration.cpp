@@ -162,4 +162,11 @@ std::tuple<at::Tensor, at::Tensor> histogram_search(const at::Tensor& counts_in,
   return {best_lo, best_hi};
 }
 
+static void register_calibration(torch::Library& cpu, torch::Library&) {
+  cpu.impl("token_stats", TORCH_FN(token_stats));
+  cpu.impl("histogram_add", TORCH_FN(histogram_add));
+  cpu.impl("histogram_search", TORCH_FN(histogram_search));
+}
+VMQ_FX_CPU_KERNELS(register_calibration);
+
 }  // namespace vmq_fx

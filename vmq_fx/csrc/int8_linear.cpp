@@ -267,4 +267,11 @@ void set_int8_gemm(const std::string& path) {
 
 std::string int8_gemm() { return g_float_gemm.load() ? "float" : "int_mm"; }
 
+// No backward: the AutogradCPU kernel refuses inputs that require grad and skips the Python autograd layer.
+static void register_int8_linear(torch::Library& cpu, torch::Library& autograd_cpu) {
+  cpu.impl("int8_linear", TORCH_FN(int8_linear_cpu));
+  autograd_cpu.impl("int8_linear", torch::CppFunction::makeFromBoxedFunction<&no_backward>());
+}
+VMQ_FX_CPU_KERNELS(register_int8_linear);
+
 }  // namespace vmq_fx

@@ -3,12 +3,33 @@
 
 #include <torch/extension.h>
 
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
+
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
 namespace vmq_fx {
+
+// Each kernel file registers its own ops (VMQ_FX_CPU_KERNELS(fn): fn(cpu, autograd_cpu) adds the impls to the two
+// libraries); module.cpp's register_cpu_kernels() applies every registration, so a new op's kernel touches its own
+// file only.
+// Hidden: with default visibility the list would be one process-wide (STB_GNU_UNIQUE) object shared by every loaded
+// build (avx512, avx2, ...), and registering one build would register the others' kernels too.
+using Registration = void (*)(torch::Library& cpu, torch::Library& autograd_cpu);
+__attribute__((visibility("hidden"))) inline std::vector<Registration>& registrations() {
+  static std::vector<Registration> all;
+  return all;
+}
+struct AddRegistration {
+  explicit AddRegistration(Registration r) { registrations().push_back(r); }
+};
+#define VMQ_FX_CPU_KERNELS(fn) static const ::vmq_fx::AddRegistration vmq_fx_registration_##fn(&fn)
+
+// The AutogradCPU kernel of ops without a backward (module.cpp): refuses inputs that require grad.
+void no_backward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
 
 // A dtype as Python's str(torch.<dtype>) without "torch.", so that the kernels' refusals read as the pure-torch
 // implementations' (tests/test_op_definitions.py compares them).

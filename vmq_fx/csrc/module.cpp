@@ -12,9 +12,7 @@
 #include "kernels.h"
 #include "vec.h"
 
-namespace {
-
-std::unique_ptr<torch::Library> cpu_impls, autograd_impls;
+namespace vmq_fx {
 
 // The quantized linears have no backward (their weights and scales are quantized constants). With grad mode on, an
 // input that requires grad is refused here, with the text of the pure-torch implementation
@@ -31,37 +29,18 @@ void no_backward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch:
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
 }
 
-// vmq::selective_scan_backward returns a Tensor[]: an absent optional input's gradient is an empty tensor there (the
-// kernel leaves it undefined).
-std::vector<at::Tensor> selective_scan_backward(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
-                                                const at::Tensor& B, const at::Tensor& C,
-                                                const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                                                const std::optional<at::Tensor>& delta_bias, bool softplus,
-                                                bool reverse, const at::Tensor& grad_out, const at::Tensor& grad_last) {
-  auto grads = vmq_fx::selective_scan_backward_cpu(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, grad_out,
-                                                   grad_last);
-  for (auto& g : grads)
-    if (!g.defined()) g = at::empty({0}, u.options());
-  return grads;
-}
+}  // namespace vmq_fx
+
+namespace {
+
+std::unique_ptr<torch::Library> cpu_impls, autograd_impls;
 
 void register_cpu_kernels() {
   if (cpu_impls) return;
   cpu_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::CPU, __FILE__, __LINE__);
-  cpu_impls->impl("selective_scan", TORCH_FN(vmq_fx::selective_scan_cpu));
-  cpu_impls->impl("causal_conv1d", TORCH_FN(vmq_fx::causal_conv1d_cpu));
-  cpu_impls->impl("int8_linear", TORCH_FN(vmq_fx::int8_linear_cpu));
-  cpu_impls->impl("vq_linear", TORCH_FN(vmq_fx::vq_linear_cpu));
-  cpu_impls->impl("vq_dequantize", TORCH_FN(vmq_fx::vq_dequantize_cpu));
-  cpu_impls->impl("selective_scan_backward", TORCH_FN(selective_scan_backward));
-  cpu_impls->impl("token_stats", TORCH_FN(vmq_fx::token_stats));
-  cpu_impls->impl("histogram_add", TORCH_FN(vmq_fx::histogram_add));
-  cpu_impls->impl("histogram_search", TORCH_FN(vmq_fx::histogram_search));
-  // The scan and the convolution keep their autograd formulas (vmq_fx/ops), which call the kernels.
   autograd_impls = std::make_unique<torch::Library>(torch::Library::IMPL, "vmq", c10::DispatchKey::AutogradCPU,
                                                     __FILE__, __LINE__);
-  for (const char* op : {"int8_linear", "vq_linear", "vq_dequantize"})
-    autograd_impls->impl(op, torch::CppFunction::makeFromBoxedFunction<&no_backward>());
+  for (const auto registration : vmq_fx::registrations()) registration(*cpu_impls, *autograd_impls);
 }
 
 void deregister_cpu_kernels() {

@@ -491,4 +491,24 @@ std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const a
           bc(g[4], C), like(g[5], D), like(g[6], z), like(g[7], delta_bias)};
 }
 
+// vmq::selective_scan_backward returns a Tensor[]: an absent optional input's gradient is an empty tensor there (the
+// kernel leaves it undefined).
+static std::vector<at::Tensor> selective_scan_backward_op(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                const at::Tensor& B, const at::Tensor& C,
+                                                const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
+                                                const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                                bool reverse, const at::Tensor& grad_out, const at::Tensor& grad_last) {
+  auto grads = selective_scan_backward_cpu(u, delta, A, B, C, D, z, delta_bias, softplus, reverse, grad_out,
+                                                   grad_last);
+  for (auto& g : grads)
+    if (!g.defined()) g = at::empty({0}, u.options());
+  return grads;
+}
+
+static void register_selective_scan(torch::Library& cpu, torch::Library&) {
+  cpu.impl("selective_scan", TORCH_FN(selective_scan_cpu));
+  cpu.impl("selective_scan_backward", TORCH_FN(selective_scan_backward_op));
+}
+VMQ_FX_CPU_KERNELS(register_selective_scan);
+
 }  // namespace vmq_fx

@@ -152,4 +152,13 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   return out.view(sizes).to(x.scalar_type());
 }
 
+// No backward: the AutogradCPU kernels refuse inputs that require grad and skip the Python autograd layer.
+static void register_vq_linear(torch::Library& cpu, torch::Library& autograd_cpu) {
+  cpu.impl("vq_linear", TORCH_FN(vq_linear_cpu));
+  cpu.impl("vq_dequantize", TORCH_FN(vq_dequantize_cpu));
+  for (const char* op : {"vq_linear", "vq_dequantize"})
+    autograd_cpu.impl(op, torch::CppFunction::makeFromBoxedFunction<&no_backward>());
+}
+VMQ_FX_CPU_KERNELS(register_vq_linear);
+
 }  // namespace vmq_fx

@@ -59,9 +59,9 @@ __all__ = ["ONEDNN_CAPS_WITHOUT_INT8_DOT", "builds_on_first_call", "disabled", "
 log = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("module.cpp", "selective_scan.cpp", "causal_conv1d.cpp", "int8_linear.cpp", "vq_linear.cpp",
-            "calibration.cpp")
-_HEADERS = ("kernels.h", "vec.h", "linear_common.h")
+# Every kernel file of csrc/ (each registers its own ops, csrc/kernels.h); csrc/ort/ is the onnxruntime library's.
+_SOURCES = tuple(sorted(p.name for p in _CSRC.glob("*.cpp")))
+_HEADERS = tuple(sorted(p.name for p in _CSRC.glob("*.h")))
 _BASE_FLAGS = ["-O3", "-fopenmp", "-Wno-psabi"]
 ISA_FLAGS: dict[str, tuple[str, ...]] = {
     "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c"),
