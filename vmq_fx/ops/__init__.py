@@ -20,7 +20,15 @@ formula calls: the dispatcher picks the C++ kernel for it as for the others.
 The C++ kernels (:mod:`vmq_fx.ops.native`) are built or loaded at the first call of an op on CPU tensors, not at
 import; the Triton kernels (:mod:`vmq_fx.ops.triton`) are registered for CUDA when CUDA and Triton are available.
 """
+import importlib
+import pkgutil
+
 from vmq_fx.ops import calibration, causal_conv1d, int8_linear, native, selective_scan, vq_linear
+
+# Every op module defines its op when imported: import all of them, so that a new op is one new module here.
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_") and _module.name != "triton":
+        importlib.import_module(f"{__name__}.{_module.name}")
 from vmq_fx.ops.causal_conv1d import causal_conv1d_fn, causal_conv1d_op
 from vmq_fx.ops.int8_linear import int8_linear_reference, pack_int4, unpack_int4
 from vmq_fx.ops.selective_scan import selective_scan_fn, selective_scan_op
