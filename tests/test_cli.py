@@ -44,7 +44,22 @@ def test_errors_are_one_line_and_nonzero(capsys):
     (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--out-dir", "/etc/hostname"], "is not a folder"),
     (["bench", "vim-fm-tiny", "--batch", "0"], "--batch: must be at least 1, got 0"),
     (["export-onnx", "vim-huge", "-o", "x.onnx"], "unknown model 'vim-huge'"),
-    (["eval", "vim-fm-tiny", "--threads", "-1"], "--threads: must be at least 0"),
+    (["eval", "vim-fm-tiny", "--threads", "-1"], "--threads: expected a count >= 1 or auto (all cores), got -1"),
+    (["eval", "vim-fm-tiny", "--threads", "0"], "--threads: expected a count >= 1 or auto (all cores), got 0"),
+    (["eval", "vim-fm-tiny", "--config", "vmamba_tiny"],
+     "--config is for checkpoints; vim-fm-tiny is a shipped reference model with its own configuration"),
+    (["quantize", "vim-fm-tiny", "--recipe", "sq-pts-w8a8", "--keep-float", "foo_proj", "--out-dir", "x"],
+     "--keep-float 'foo_proj': neither a role (in_proj, x_proj, dt_proj, out_proj, fc1, fc2) nor the path of a "
+     "linear of this model"),
+    (["quantize", "vim-fm-tiny", "--recipe", "sq-pts-w8a8", "--layer-recipe", "layers.9.*=sq-pts-w4a8",
+      "--out-dir", "x"], "--layer-recipe 'layers.9.*': neither a role"),
+    (["quantize", "vim-fm-tiny", "--recipe", "ptq4vm-w4a4[alpha=abc]", "--out-dir", "x"],
+     "PTQ4VMRecipe: alpha='abc' is not float or None"),
+    (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit[steps=1.5]", "--out-dir", "x"],
+     "VQConfig: steps=1.5 is not int"),
+    (["export-onnx", "vim-fm-tiny", "-o", "/tmp"], "-o /tmp: is a folder; give the file to write"),
+    (["export-onnx", "vim-fm-tiny", "-o", "/nonexistent/m.onnx"], "-o /nonexistent/m.onnx: its folder /nonexistent "
+                                                                   "does not exist"),
 ])
 def test_cli_errors_exit_nonzero_with_one_line(argv, message, capsys):
     _one_error_line(capsys, main(argv), message)

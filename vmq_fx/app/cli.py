@@ -73,6 +73,12 @@ def _load_model(args: argparse.Namespace, quantized_ok: bool = False):
 
     spec = args.model
     if spec in list_references():
+        for option in ("config", "img_size"):
+            if getattr(args, option, None):
+                raise ValueError(f"--{option.replace('_', '-')} is for checkpoints; {spec} is a shipped reference "
+                                 "model with its own configuration")
+        if getattr(args, "ema", False):
+            raise ValueError(f"--ema is for checkpoints; {spec} is a shipped reference model")
         return load_reference(spec)
     if not os.path.exists(spec):
         raise ValueError(f"unknown model {spec!r}: not a shipped reference model ({', '.join(list_references())}) "
@@ -142,6 +148,23 @@ def _method(name: str, args: argparse.Namespace):
     return _quantizer(recipe, args), config
 
 
+def _check_layer_choices(args: argparse.Namespace, model) -> None:
+    """Each --keep-float / --layer-recipe WHERE must name a role or match a linear of the model (before any work)."""
+    import fnmatch
+
+    import torch
+
+    from vmq_fx.pt2e.quantizer import ROLES
+
+    linears = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    wheres = [("--keep-float", w) for w in args.keep_float or []]
+    wheres += [("--layer-recipe", item.partition("=")[0]) for item in args.layer_recipe or []]
+    for option, where in wheres:
+        if where not in ROLES and not any(n == where or fnmatch.fnmatchcase(n, where) for n in linears):
+            raise ValueError(f"{option} {where!r}: neither a role ({', '.join(ROLES)}) nor the path of a linear of "
+                             f"this model (e.g. {', '.join(linears[:3])})")
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import vmq_fx
     from vmq_fx.app import report as plots
@@ -154,6 +177,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         require_lowerable(quantizer)
     progress = not args.quiet
     model = _load_model(args)
+    _check_layer_choices(args, model)
     workload = _workload(args, model, progress)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -257,6 +281,15 @@ def _require_onnx_scan(scan: str) -> None:
         custom_ops_library()
 
 
+def _check_output_file(path: str, option: str) -> None:
+    """Refuse, before any work, an output path that cannot be written as a file."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a folder; give the file to write (e.g. {target / 'model.onnx'})")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: its folder {target.parent} does not exist")
+
+
 def _cmd_export_onnx(args: argparse.Namespace) -> int:
     import torch
 
@@ -264,6 +297,7 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     from vmq_fx.export import ort_session
 
     _require_onnx_scan(args.onnx_scan)
+    _check_output_file(args.output, "-o")
     model = _load_model(args, quantized_ok=True)
     shape = _input_shape(model)
     x = torch.randn(args.batch, *[int(d) for d in shape], generator=torch.Generator().manual_seed(0))
@@ -411,6 +445,19 @@ def _fashion_mnist_input(model) -> bool:
     return _input_shape(model) == (1, 28, 28)
 
 
+def _threads(text: str) -> int:
+    """An argparse type: ``auto`` (0 inside: torch's and onnxruntime's defaults, all cores) or a count >= 1."""
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or auto, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1 or auto (all cores), got {n}")
+    return n
+
+
 def _count(minimum: int):
     """An argparse type: an integer of at least ``minimum`` (checked when the command line is read)."""
     def parse(text: str) -> int:
@@ -465,8 +512,8 @@ def _image_args(p: argparse.ArgumentParser) -> None:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vmq", description="Quantize and export Visual Mamba models.")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--threads", type=_count(0), default=0,
-                        help="CPU threads for torch and onnxruntime (0: their defaults, all cores)")
+    common.add_argument("--threads", type=_threads, default="auto",
+                        help="CPU threads for torch and onnxruntime (a count, or auto: their defaults, all cores)")
     sub = p.add_subparsers(dest="command", required=True, parser_class=lambda **kw: _Parser(parents=[common], **kw))
     sub.add_parser("list", help="list known models").set_defaults(fn=_cmd_list)
     r = sub.add_parser("reference", help="evaluate, export and quantize (W8A8) a shipped reference model")

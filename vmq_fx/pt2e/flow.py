@@ -16,7 +16,7 @@ from vmq_fx.pt2e.diagnostics import layer_errors
 from vmq_fx.pt2e.lowering import lower
 from vmq_fx.pt2e.observers import VectorQuantizedWeight
 from vmq_fx.pt2e.quantizer import VisualMambaQuantizer
-from vmq_fx.pt2e.recipes import Recipe, family_of, parse_name
+from vmq_fx.pt2e.recipes import Recipe, check_field_types, family_of, parse_name
 from vmq_fx.pt2e.utils import linear_quantizers
 from vmq_fx.pt2e.vq import kmeans_assignment
 
@@ -58,6 +58,7 @@ def method_from_name(name: str) -> tuple[Recipe, object | None]:
     if unknown:
         raise ValueError(f"{name}: neither {type(recipe).__name__} nor {config_type.__name__} has a field "
                          f"{unknown[0]!r}")
+    check_field_types(config_type, other)
     return recipe, config_type(**other)
 
 

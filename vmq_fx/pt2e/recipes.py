@@ -28,6 +28,8 @@ import ast
 import dataclasses
 import importlib
 import re
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Literal, Mapping
 
@@ -43,7 +45,8 @@ from vmq_fx.pt2e.observers import (
     VectorQuantizedWeight,
 )
 
-__all__ = ["RECIPE_FAMILIES", "PTQ4VMRecipe", "Recipe", "RecipeFamily", "VQRecipe", "family_of", "from_name",
+__all__ = ["RECIPE_FAMILIES", "PTQ4VMRecipe", "Recipe", "RecipeFamily", "VQRecipe", "check_field_types", "family_of",
+           "from_name",
            "names", "parse_name", "per_tensor_static", "per_token_dynamic", "ptq4vm", "pts", "register_recipe",
            "smoothquant_pts", "vimvq", "vq_convex", "vq_kmeans"]
 
@@ -214,6 +217,47 @@ def _bracket_fields(text: str | None) -> dict[str, Any]:
     return fields
 
 
+def _fits(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp) if isinstance(tp, type) else True
+
+
+def _describe(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def check_field_types(cls: type, values: Mapping[str, Any]) -> None:
+    """Refuse a value whose type does not fit its field of the dataclass ``cls``, in one line that names the field
+    (``ptq4vm-w4a4[alpha=abc]``: ``alpha='abc' is not float or None``), before the class's own checks compare it.
+
+    Raises:
+        ValueError: a value of the wrong type.
+    """
+    hints = typing.get_type_hints(cls)
+    own = {f.name for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name in own and not _fits(value, hints[name]):
+            raise ValueError(f"{cls.__name__}: {name}={value!r} is not {_describe(hints[name])}")
+
+
 def parse_name(name: str) -> tuple[RecipeFamily, dict[str, Any], dict[str, Any]]:
     """Split a name into its family, the recipe's fields and the bracketed fields that are not the recipe's (run-level
     settings such as ``steps``; :func:`vmq_fx.pt2e.flow.method_from_name` gives them to the family's config).
@@ -229,6 +273,7 @@ def parse_name(name: str) -> tuple[RecipeFamily, dict[str, Any], dict[str, Any]]
             own = {f.name for f in dataclasses.fields(family.recipe_type)}
             fields = {**family.presets[m.group("preset")], **family.recipe_type.head_fields(head, extra)}
             fields.update({k: v for k, v in extra.items() if k in own})
+            check_field_types(family.recipe_type, fields)
             return family, fields, {k: v for k, v in extra.items() if k not in own}
     raise ValueError(f"unknown recipe {name!r}; known: {', '.join(names())}")
 
