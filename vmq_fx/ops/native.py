@@ -1,9 +1,9 @@
 """The compiled CPU kernels of vmq_fx: fused selective scan (forward and backward), causal convolution, integer and
-VQ linears.
+VQ linears, calibration statistics.
 
-:func:`enable` registers them in torch's dispatcher as the CPU implementations of ``vmq::selective_scan``,
-``vmq::causal_conv1d``, ``vmq::int8_linear``, ``vmq::vq_linear`` and ``vmq::vq_dequantize``, over the pure-torch
-implementations the ops are defined with: a call from an exported graph goes straight to C++. Nothing is built or
+:func:`enable` registers them in torch's dispatcher as the CPU implementations of the vmq ops (each kernel file of
+``csrc/`` registers its own), over the pure-torch implementations the ops are defined with: a call from an exported
+graph goes straight to C++. Nothing is built or
 loaded at import: the first call of a vmq op on CPU tensors (:func:`builds_on_first_call`) or the first
 :func:`kernels` lookup calls :func:`enable`. :func:`disabled` switches back to the pure-torch implementations for a
 while (tests, benchmarks).
@@ -284,8 +284,8 @@ def native_kernels() -> ModuleType | None:
 
 
 def kernels() -> ModuleType | None:
-    """:func:`native_kernels`, after :func:`enable` if nothing has tried it yet (outside :func:`disabled`): what the
-    Python side calls for the helper kernels (calibration statistics, the scan's backward)."""
+    """:func:`native_kernels`, after :func:`enable` if nothing has tried it yet (outside :func:`disabled`): which
+    build runs, for tests, benchmarks and ``make venv``'s build step."""
     if not _attempted and not _suppressed:
         enable()
     return native_kernels()
