@@ -2,12 +2,13 @@
 arguments: the ``torch.library.custom_op`` signature in the op's module)."""
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 from torch import fx
 
-__all__ = ["argument_names", "node_arguments"]
+__all__ = ["NamedArguments", "argument_names", "node_arguments"]
 
 
 def argument_names(op: torch._ops.OpOverload) -> list[str]:
@@ -32,3 +33,20 @@ def node_arguments(node: fx.Node, op: torch._ops.OpOverload) -> dict[str, Any]:
                 raise ValueError(f"node {node.name}: no value for {op}'s argument {a.name!r}")
             values[a.name] = a.default_value
     return values
+
+
+@dataclass(frozen=True)
+class NamedArguments:
+    """Base of an op's named view: a frozen dataclass whose fields are the op's arguments in schema order (a test
+    holds them to the schema), with ``op`` the overload it describes."""
+
+    op: ClassVar[torch._ops.OpOverload]
+
+    @classmethod
+    def from_node(cls, node: fx.Node):
+        """The arguments of a node that calls :attr:`op` (passed by position or keyword)."""
+        return cls(**node_arguments(node, cls.op))
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The arguments by name, as the lowering writes them into a node."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -21,15 +21,15 @@ integer levels.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
-from torch import Tensor, fx
+from torch import Tensor
 
 from vmq_fx.ops import native
 from vmq_fx.ops._no_backward import register_no_backward
-from vmq_fx.ops._schema import node_arguments
+from vmq_fx.ops._schema import NamedArguments
 
 __all__ = ["Int8LinearArgs", "int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
 
@@ -154,10 +154,12 @@ register_no_backward(int8_linear, "int8_linear")
 
 
 @dataclass(frozen=True)
-class Int8LinearArgs:
+class Int8LinearArgs(NamedArguments):
     """The arguments of one ``vmq::int8_linear`` call by name (graph nodes or values), as the schema above declares
     them: what the lowering writes (:meth:`as_kwargs`) and what the passes, the report and the exporters read
     (:meth:`from_node`) instead of positions."""
+
+    op: ClassVar = torch.ops.vmq.int8_linear.default
 
     x: Any
     smooth: Any
@@ -170,14 +172,6 @@ class Int8LinearArgs:
     act_qmin: int
     act_qmax: int
     w_bits: int
-
-    @classmethod
-    def from_node(cls, node: fx.Node) -> "Int8LinearArgs":
-        """The arguments of a ``vmq.int8_linear`` node (passed by position or keyword)."""
-        return cls(**node_arguments(node, torch.ops.vmq.int8_linear.default))
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def int8_linear_reference(x, smooth, act_scale, act_zero_point, w_int, w_scale, bias, act_qmin, act_qmax):

@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
-from torch import Tensor, fx
+from torch import Tensor
 
 from vmq_fx.ops import native
 from vmq_fx.ops._no_backward import register_no_backward
-from vmq_fx.ops._schema import node_arguments
+from vmq_fx.ops._schema import NamedArguments
 
 __all__ = ["VQLinearArgs", "code_bits", "decode_row_scale", "encode_row_scale", "pack_codes", "unpack_codes",
            "vq_dequantize", "vq_linear", "vq_linear_reference"]
@@ -157,8 +157,10 @@ register_no_backward(vq_linear, "vq_linear")
 
 
 @dataclass(frozen=True)
-class VQLinearArgs:
+class VQLinearArgs(NamedArguments):
     """The arguments of one ``vmq::vq_linear`` call by name (graph nodes or values), as its schema declares them."""
+
+    op: ClassVar = torch.ops.vmq.vq_linear.default
 
     x: Any
     codes: Any
@@ -166,14 +168,6 @@ class VQLinearArgs:
     row_scale: Any
     bias: Any
     in_features: int
-
-    @classmethod
-    def from_node(cls, node: fx.Node) -> "VQLinearArgs":
-        """The arguments of a ``vmq.vq_linear`` node (passed by position or keyword)."""
-        return cls(**node_arguments(node, torch.ops.vmq.vq_linear.default))
-
-    def as_kwargs(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def vq_linear_reference(x, codes, codebook, row_scale, bias, in_features):
