@@ -58,6 +58,7 @@ def test_errors_are_one_line_and_nonzero(capsys):
     (["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit[steps=1.5]", "--out-dir", "x"],
      "VQConfig: steps=1.5 is not int"),
     (["export-onnx", "vim-fm-tiny", "-o", "/tmp"], "-o /tmp: is a folder; give the file to write"),
+    (["eval", "vim-fm-tiny", "--stride", "8"], "--stride is for checkpoints"),
     (["export-onnx", "vim-fm-tiny", "-o", "/nonexistent/m.onnx"], "-o /nonexistent/m.onnx: its folder /nonexistent "
                                                                    "does not exist"),
 ])
@@ -69,7 +70,7 @@ def test_unreadable_checkpoint_is_named(tmp_path, capsys):
     bad = tmp_path / "ckpt.pth"
     bad.write_bytes(b"garbage")
     _one_error_line(capsys, main(["quantize", str(bad), "--recipe", "vimvq-2bit", "--out-dir", str(tmp_path / "o")]),
-                    "could not read", "ckpt.pth")
+                    "ckpt.pth is neither a torch checkpoint nor safetensors")
 
 
 @pytest.mark.fashion_mnist
@@ -182,11 +183,11 @@ def test_vim_tiny_checkpoint_evaluates_a_folder_of_photos_by_wordnet_id(photos, 
 
 def test_vim_197_tokens_quantize_from_photos_ptq4vm_and_vq(photos, tmp_path, capsys):
     # Vim-T's width and 197 tokens at 224x224 (two blocks instead of 24 keep the test fast); the configuration is
-    # inferred from the checkpoint's shapes.
+    # inferred from the checkpoint's shapes; calibration images are drawn from a class-subfolder tree.
     ckpt = _checkpoint(tmp_path / "vim.pth", create_model("vim_tiny", depth=2))
     out = tmp_path / "q"
     assert main(["quantize", str(ckpt), "--recipe", "ptq4vm-w4a8", "vimvq-2bit", "--steps", "2",
-                 "--calib-dir", str(photos / "calib"), "--calib", "12", "--eval-dir", str(photos / "val"),
+                 "--calib-dir", str(photos / "val"), "--calib", "12", "--eval-dir", str(photos / "val"),
                  "--out-dir", str(out), "--quiet", "--workers", "0"]) == 0
     rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]]
             for r in capsys.readouterr().out.splitlines() if r.startswith("| ")}
@@ -245,6 +246,35 @@ def test_bad_image_folders_are_one_line_errors(photos, tmp_path, capsys):
     fm = _checkpoint(tmp_path / "fm.pth", create_model("vim_fm_tiny"))
     _one_error_line(capsys, main(["eval", str(fm), "--eval-dir", str(many), "--quiet"]),
                     "12 class folders but the model has 10 classes")
+
+
+def test_calibration_folders_are_searched_recursively_and_drawn_with_a_seed(photos, tmp_path):
+    from vmq_fx.app.images import ImageFiles
+
+    preprocess = create_model("vim_tiny").config.preprocess
+    flat = ImageFiles.open(photos / "calib", preprocess)
+    nested = ImageFiles.open(photos / "val", preprocess)  # ImageNet layout: one subfolder per class
+    assert len(flat.files) == 20 and sorted(f.name for f in nested.files) == sorted(f.name for f in flat.files)
+    loop = tmp_path / "tree" / "a"
+    loop.mkdir(parents=True)
+    shutil.copy(flat.files[0], loop)
+    (loop / "up").symlink_to(tmp_path / "tree")  # a link back up the tree is walked once
+    assert [f.name for f in ImageFiles.open(tmp_path / "tree", preprocess).files] == [flat.files[0].name]
+    draws = {seed: [f.name for f in nested.sample(8, seed).files] for seed in (0, 0, 1)}
+    assert len(draws[0]) == 8 and draws[0] != draws[1]
+    assert [f.name for f in nested.sample(8, 0).files] == draws[0]  # the same seed draws the same images
+    assert len(nested.sample(50, 0).files) == 20
+
+
+def test_a_mismatched_checkpoint_lists_its_keys_in_the_cli(tmp_path, capsys):
+    state = create_model("vim_fm_tiny").state_dict()
+    path = tmp_path / "renamed.pth"
+    torch.save({"model": {k.replace("mixer.", "mamba."): v for k, v in state.items()}}, path)
+    assert main(["eval", str(path), "--config", "vim_fm_tiny", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == f"vmq: error: {path} does not match VisionMamba:"
+    assert err[1].startswith("  missing keys (") and err[1].count("mixer.") == 10 and err[1].endswith("more)")
+    assert err[2].startswith("  unexpected keys (") and err[2].count("mamba.") == 10
 
 
 def test_grayscale_rgba_and_cmyk_photos_are_converted(photos, tmp_path):

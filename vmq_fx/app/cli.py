@@ -67,13 +67,13 @@ def _is_quantized_file(path: str) -> bool:
 
 def _load_model(args: argparse.Namespace, quantized_ok: bool = False):
     """The model ``args.model`` names: a shipped reference model, a checkpoint file (official Vim / VMamba or a
-    vmq_fx state dict; ``--config`` optional, ``--ema``, ``--img-size``), or, where ``quantized_ok``, a quantized model
+    vmq_fx state dict; ``--config`` optional, ``--ema``, ``--img-size``, ``--stride``), or, where ``quantized_ok``, a quantized model
     saved by ``vmq quantize``."""
     from vmq_fx.models import list_references, load_checkpoint, load_reference
 
     spec = args.model
     if spec in list_references():
-        for option in ("config", "img_size"):
+        for option in ("config", "img_size", "stride"):
             if getattr(args, option, None):
                 raise ValueError(f"--{option.replace('_', '-')} is for checkpoints; {spec} is a shipped reference "
                                  "model with its own configuration")
@@ -89,7 +89,7 @@ def _load_model(args: argparse.Namespace, quantized_ok: bool = False):
         import vmq_fx
 
         return vmq_fx.load_quantized(spec)
-    overrides = {"img_size": args.img_size} if getattr(args, "img_size", None) else {}
+    overrides = {k: getattr(args, k) for k in ("img_size", "stride") if getattr(args, k, None)}
     return load_checkpoint(spec, getattr(args, "config", None), use_ema=getattr(args, "ema", False), **overrides)
 
 
@@ -496,7 +496,10 @@ def _model_args(p: argparse.ArgumentParser, quantized: bool) -> None:
                                  "Vim / VMamba .pth (as released or as their training scripts save it) or a state dict")
     p.add_argument("--config", help="the checkpoint's configuration (see `vmq list`; default: inferred from its shapes)")
     p.add_argument("--ema", action="store_true", help="load the checkpoint's model_ema weights")
-    p.add_argument("--img-size", type=_count(1), help="input size of a VMamba checkpoint (default 224)")
+    p.add_argument("--img-size", type=_count(1), help="input size of a VMamba checkpoint (default 224), or of a Vim "
+                                                      "checkpoint whose stride is not the one inferred")
+    p.add_argument("--stride", type=_count(1), help="patch stride of a Vim checkpoint (its tensors do not fix it: "
+                                                    "default the named configuration's, else the patch size)")
 
 
 def _image_args(p: argparse.ArgumentParser) -> None:
@@ -550,10 +553,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--recipe", required=True, nargs="+",
                    help="one or more methods, e.g. ptq4vm-w8a8 ptq4vm-w4a8 vimvq-2bit[steps=50] (see `vmq list`; "
                         "bracketed fields set the recipe's or the optimization's settings)")
-    q.add_argument("--calib-dir", type=_folder, help="a folder of your images to calibrate with (needed for any model "
-                                                    "but the shipped Fashion-MNIST ones)")
-    q.add_argument("--calib", type=_count(1), default=256, help="calibration images (drawn from --calib-dir, or the "
-                                                                 "Fashion-MNIST training split)")
+    q.add_argument("--calib-dir", type=_folder, help="a folder of your images to calibrate with, searched with its "
+                                                    "subfolders (flat, or a training set's class folders: labels are "
+                                                    "not used); needed for any model but the shipped Fashion-MNIST "
+                                                    "ones")
+    q.add_argument("--calib", type=_count(1), default=256, help="calibration images (drawn with --calib-seed from "
+                                                                 "--calib-dir, or the Fashion-MNIST training split)")
     q.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample")
     _image_args(q)
     q.add_argument("--steps", type=_count(0), help="optimization steps per block (JLSS / ViM-VQ; default: "
@@ -639,8 +644,9 @@ def _run(args) -> int:
         # One line for people; the traceback is for developers (VMQ_DEBUG=1).
         if os.environ.get("VMQ_DEBUG"):
             raise
-        print(f"vmq: error: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}",
-              file=sys.stderr)
+        text = str(e).strip() or type(e).__name__
+        # one line, unless the error's own indented lines are its detail (the keys of a checkpoint mismatch)
+        print(f"vmq: error: {text if getattr(e, 'cli_detail', False) else text.splitlines()[0]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("vmq: interrupted", file=sys.stderr)

@@ -52,6 +52,19 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def _images_below(folder: Path) -> list[Path]:
+    """Every image in ``folder`` and its subfolders (symbolic links followed, each real folder once), sorted."""
+    seen, found = set(), []
+    for parent, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(parent)
+        if real in seen:  # a link back up the tree
+            dirs.clear()
+            continue
+        seen.add(real)
+        found += [Path(parent) / f for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(found)
+
+
 def _check_folder(folder: str | os.PathLike) -> Path:
     folder = Path(folder)
     if not folder.exists():
@@ -148,7 +161,8 @@ class ImageFolder:
 
 @dataclass
 class ImageFiles:
-    """A flat folder of unlabelled images (calibration)."""
+    """Unlabelled images (calibration): a folder and its subfolders, so a flat folder and an ImageNet-style training
+    folder (one subfolder per class) both serve; class folders are not labels here."""
 
     root: Path
     files: list[Path]
@@ -157,12 +171,9 @@ class ImageFiles:
     @classmethod
     def open(cls, root: str | os.PathLike, preprocess: Preprocess) -> "ImageFiles":
         root = _check_folder(root)
-        files = _images_in(root)
+        files = _images_below(root)
         if not files:
-            sub = [p.name for p in root.iterdir() if p.is_dir()]
-            raise ValueError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)})" + (
-                f"; its subfolders ({', '.join(sub[:3])}...) are not searched: give one folder of images" if sub
-                else ""))
+            raise ValueError(f"{root} holds no images ({', '.join(IMAGE_EXTENSIONS)}), nor do its subfolders")
         return cls(root, files, preprocess)
 
     def sample(self, n: int, seed: int = 0) -> "ImageFiles":

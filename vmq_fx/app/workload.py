@@ -75,7 +75,8 @@ class FashionMNISTWorkload:
 
 
 class FolderWorkload:
-    """A user's images: ``calib_dir`` (unlabelled, flat) and optionally ``eval_dir`` (one subfolder per class).
+    """A user's images: ``calib_dir`` (searched with its subfolders; labels unused) and optionally ``eval_dir`` (one
+    subfolder per class).
 
     Args:
         preprocess: the model's preprocessing (``model.config.preprocess``).

@@ -1,21 +1,25 @@
 """Loading Vim and VMamba checkpoints: official files as released or as their training scripts write them.
 
-:func:`load_checkpoint` reads a ``.pth`` / ``.pt`` (``torch.load`` with ``weights_only=True``; the ``argparse.Namespace``
-that the Vim and VMamba training scripts store under ``"args"`` is allow-listed, nothing else is unpickled) or a
-``.safetensors`` file; takes the state dict from ``"model"`` (or ``"model_ema"`` with ``use_ema``, or
-``"state_dict"``, or the file itself); tells Vim from VMamba by their keys; converts the released VMamba layout
-(stacked per-direction ``x_proj_weight`` / ``dt_projs_weight`` / ``dt_projs_bias``, ``classifier.norm`` /
-``classifier.head``) into vmq_fx's; infers the configuration from the tensor shapes when none is named; and loads
-with strict key and shape checks. Every refusal names the file and the keys that decided it.
+:func:`load_checkpoint` reads a ``.pth`` / ``.pt`` (``torch.load`` with ``weights_only=True``; besides tensors and
+containers only the training scripts' metadata is unpickled: the ``argparse.Namespace`` stored under ``"args"`` and
+VMamba's yacs ``CfgNode`` under ``"config"``, the latter as a plain dict without importing yacs) or a ``.safetensors``
+file; takes the state dict from ``"model"`` (or ``"model_ema"`` with ``use_ema``, or ``"state_dict"``, or the file
+itself); tells Vim from VMamba by their keys; converts the released VMamba layout (stacked per-direction
+``x_proj_weight`` / ``dt_projs_weight`` / ``dt_projs_bias``, ``classifier.norm`` / ``classifier.head``) into vmq_fx's;
+infers the configuration from the tensor shapes when none is named, preferring a named one; and loads with strict key
+and shape checks. Every refusal names the file and the keys that decided it, as the file names them.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import logging
 import math
 import os
+import pickletools
 import re
+import zipfile
 from typing import Mapping
 
 import torch
@@ -29,11 +33,14 @@ __all__ = ["CheckpointMismatchError", "infer_config", "load_checkpoint", "load_s
 
 log = logging.getLogger(__name__)
 
-_SHOWN = 8
+_SHOWN = 10
 
 
 class CheckpointMismatchError(ValueError):
-    """A checkpoint's keys or shapes do not match the model it is loaded into, or cannot be told apart."""
+    """A checkpoint's keys or shapes do not match the model it is loaded into, or cannot be told apart. The message's
+    indented lines list the keys; the CLI prints them all."""
+
+    cli_detail = True
 
 
 def _preview(keys) -> str:
@@ -42,16 +49,23 @@ def _preview(keys) -> str:
     return ", ".join(keys[:_SHOWN]) + more
 
 
-def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint") -> None:
-    """Load ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key raises an error listing them."""
+def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], source: str = "checkpoint",
+                           file_names: "_FileNames | None" = None) -> None:
+    """Load ``state_dict`` into ``model``; any missing, unexpected or mis-shaped key raises an error listing up to ten
+    of each (named as in the file where the loader renamed or split them: ``file_names``)."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = sorted(
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in set(own) & set(state_dict)
-        if tuple(state_dict[k].shape) != tuple(own[k].shape)
-    )
+    name = file_names.name if file_names is not None else (lambda key: key)
+    missing = sorted({name(k) for k in set(own) - set(state_dict)})
+    unexpected = sorted({name(k) for k in set(state_dict) - set(own)})
+    shapes = {}
+    for k in sorted(set(own) & set(state_dict)):
+        if tuple(state_dict[k].shape) != tuple(own[k].shape) and name(k) not in shapes:
+            in_file = file_names.tensors.get(name(k)) if file_names is not None else None
+            theirs, ours = tuple(state_dict[k].shape), tuple(own[k].shape)
+            if in_file is not None and in_file.dim() == state_dict[k].dim() + 1:  # stacked in the file
+                theirs = tuple(in_file.shape)
+                ours = (sum(name(j) == name(k) for j in own), *ours)
+            shapes[name(k)] = f"{name(k)}: checkpoint {theirs} vs model {ours}"
     if missing or unexpected or shapes:
         lines = [f"{source} does not match {type(model).__name__}:"]
         if missing:
@@ -59,7 +73,9 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], s
         if unexpected:
             lines.append(f"  unexpected keys ({len(unexpected)}): {_preview(unexpected)}")
         if shapes:
-            lines.append(f"  shape mismatches ({len(shapes)}): {_preview(shapes)}")
+            lines.append(f"  shape mismatches ({len(shapes)}):")
+            lines += [f"    {line}" for line in list(shapes.values())[:_SHOWN]]
+            lines += [f"    ... (+{len(shapes) - _SHOWN} more)"] if len(shapes) > _SHOWN else []
         if len(missing) > len(own) // 2:
             lines.append("  (most keys differ: is this a checkpoint of another architecture or configuration?)")
         raise CheckpointMismatchError("\n".join(lines))
@@ -67,34 +83,92 @@ def load_state_dict_strict(model: nn.Module, state_dict: Mapping[str, Tensor], s
 
 
 # -- reading -----------------------------------------------------------------------------------------------------------
-def _torch_load(path: str):
+class _YacsNodeAsDict:
+    """Stands in for ``yacs.config.CfgNode`` (the ``config`` entry of VMamba's training checkpoints) while
+    unpickling: each node becomes a plain ``OrderedDict`` (the unpickler fills only exact dict types), so yacs is
+    neither needed nor run."""
+
+    def __new__(cls, *args):
+        return collections.OrderedDict()
+
+
+# What torch's weights-only unpickler may build besides tensors and containers: the training scripts' metadata.
+_ALLOWED_GLOBALS = [argparse.Namespace, (_YacsNodeAsDict, "yacs.config.CfgNode")]
+_ALLOWED_TEXT = "tensors, containers, argparse.Namespace and yacs CfgNode"
+_TORCH_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # the first pickle of torch.save(..., _use_new_zipfile_serialization=False)
+
+
+def _pickle_globals(path: str) -> tuple[bool, list[str]]:
+    """Whether the pickle stream at the start of ``path`` is torch's legacy header, and the globals the stream would
+    import. Read with :mod:`pickletools` (opcodes only: nothing is imported or run)."""
+    names, strings = [], []
+    with open(path, "rb") as f:
+        for opcode, arg, _ in pickletools.genops(f):
+            if opcode.name in ("LONG1", "LONG4") and arg == _TORCH_LEGACY_MAGIC and not names:
+                return True, []
+            if opcode.name == "GLOBAL":
+                names.append(arg.replace(" ", "."))
+            elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(".".join(strings[-2:]))
+            elif isinstance(arg, str):
+                strings.append(arg)
+    return False, sorted(set(names))
+
+
+def _check_container(path: str) -> None:
+    """Refuse, in one line, a file that is not a complete torch checkpoint, before torch tries to read it."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    size = os.path.getsize(path)
+    if head.startswith(b"PK"):  # torch.save's zip archive: its directory is at the end of the file
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is cut short or damaged ({size} bytes, and the zip archive torch.save writes has "
+                             "no directory at its end): copy or download it again")
+        return
+    if not head.startswith(b"\x80"):
+        raise ValueError(f"{path} is neither a torch checkpoint nor safetensors (it begins with {head!r})")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        legacy, names = _pickle_globals(path)
+    except ValueError as e:  # pickletools: the stream ends before its STOP opcode
+        raise ValueError(f"{path} is cut short or damaged ({size} bytes; {e}): copy or download it again") from None
+    if not legacy:
+        raise ValueError(
+            f"{path} is a plain Python pickle, not a torch.save file; unpickling it could run code"
+            + (f" (it imports {', '.join(names[:5])})" if names else "")
+            + ", so it is not read: where you trust it, save its tensors with torch.save or safetensors")
+
+
+def _torch_load(path: str):
+    _check_container(path)
+    try:
+        with torch.serialization.safe_globals(_ALLOWED_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unreadable, not a torch file, or a global outside the allow-list
-        text = str(e)
-        unsafe = re.search(r"GLOBAL ([\w.]+)", text)
+    except Exception as e:  # a global outside the allow-list, or damage inside the archive
+        unsafe = re.search(r"GLOBAL ([\w.]+)", str(e))
         if unsafe:
-            raise ValueError(f"{path}: holds a pickled {unsafe.group(1)} object, which is not loaded (only tensors, "
-                             "containers and argparse.Namespace are); save the state dict alone "
-                             "(torch.save({'model': model.state_dict()}, path))") from e
-        raise ValueError(f"could not read {path} as a torch checkpoint: {text.strip().splitlines()[0][:300]}") from e
+            raise ValueError(f"{path}: holds a pickled {unsafe.group(1)} object, which is not loaded (only "
+                             f"{_ALLOWED_TEXT} are): save the state dict alone "
+                             "(torch.save({'model': model.state_dict()}, path))") from None
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} could not be read as a torch checkpoint ({reason[:200]}): it may be damaged; copy or "
+                         "download it again") from None
 
 
-def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, Tensor]:
-    """The model state dict inside a checkpoint file.
+@dataclasses.dataclass(frozen=True)
+class _Weights:
+    """A checkpoint's model state dict, the entry it came from (``None``: the file is the state dict) and the file's
+    other entries."""
 
-    Args:
-        path: ``.safetensors``, or a torch file: a state dict, or a dict holding one under ``"model"`` (Vim /
-            VMamba training scripts), ``"model_ema"`` or ``"state_dict"``.
-        use_ema: take ``"model_ema"`` (the exponential moving average the training scripts keep) instead of
-            ``"model"``.
+    state: dict[str, Tensor]
+    entry: str | None
+    others: tuple[str, ...]
 
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: unreadable, or no state dict where one was expected (the keys found are named).
-    """
-    path = os.fspath(path)
+    def describe(self) -> str:
+        where = f"weights from {self.entry!r}" if self.entry else "a bare state dict"
+        return where + (f" (the file also holds {_preview(self.others)})" if self.others else "")
+
+
+def _read_weights(path: str, use_ema: bool) -> _Weights:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
@@ -124,7 +198,27 @@ def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str,
     prefix = "module."  # DistributedDataParallel
     if state and all(k.startswith(prefix) for k in state):
         state = {k[len(prefix):]: v for k, v in state.items()}
-    return dict(state)
+    others = tuple(sorted(str(k) for k in blob if k != key)) if key is not None else ()
+    return _Weights(dict(state), key, others)
+
+
+def read_state_dict(path: str | os.PathLike, use_ema: bool = False) -> dict[str, Tensor]:
+    """The model state dict inside a checkpoint file.
+
+    Args:
+        path: ``.safetensors``, or a torch file: a state dict, or a dict holding one under ``"model"`` (Vim /
+            VMamba training scripts), ``"model_ema"`` or ``"state_dict"``. Only tensors, containers and the training
+            scripts' ``argparse.Namespace`` / yacs ``CfgNode`` are unpickled (the latter as a plain dict, without
+            yacs); plain Python pickles are refused unread.
+        use_ema: take ``"model_ema"`` (the exponential moving average the training scripts keep) instead of
+            ``"model"``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: unreadable, cut short, unsafe to unpickle, or no state dict where one was expected (the keys
+            found are named).
+    """
+    return _read_weights(os.fspath(path), use_ema).state
 
 
 # -- layouts ---------------------------------------------------------------------------------------------------------
@@ -145,29 +239,58 @@ def _family(state: Mapping[str, Tensor], source: str) -> str:
     return "vim" if vim else "vmamba"
 
 
-def _vmamba_to_vmq(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The released VMamba layout -> vmq_fx's: split the stacked per-direction projections, rename the classifier."""
-    out = {}
+@dataclasses.dataclass(frozen=True)
+class _FileNames:
+    """How the keys of a converted state dict are named in the file: ``origin`` for the keys the file held, the
+    released layout's rules (where the file uses it) for keys it lacks; ``tensors`` are the file's own."""
+
+    origin: Mapping[str, str]
+    released: bool
+    tensors: Mapping[str, Tensor]
+
+    def name(self, key: str) -> str:
+        if key in self.origin:
+            return self.origin[key]
+        if not self.released:
+            return key
+        stacked = re.fullmatch(r"(.*)\.(x_proj|dt_proj)\.\d+\.(weight|bias)", key)
+        if stacked:
+            stem, kind, leaf = stacked.groups()
+            return f"{stem}.x_proj_weight" if kind == "x_proj" else f"{stem}.dt_projs_{leaf}"
+        return "classifier." + key if key.split(".")[0] in ("norm", "head") else key
+
+
+def _vmamba_to_vmq(state: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], _FileNames]:
+    """The released VMamba layout -> vmq_fx's: split the stacked per-direction projections, rename the classifier;
+    and where each key came from."""
+    out, origin = {}, {}
+
+    def put(new: str, value: Tensor, old: str) -> None:
+        out[new] = value
+        if new != old:
+            origin[new] = old
+
     for key, value in state.items():
         stem, _, name = key.rpartition(".")
         if name == "x_proj_weight":
-            out.update({f"{stem}.x_proj.{k}.weight": value[k] for k in range(value.shape[0])})
-        elif name == "dt_projs_weight":
-            out.update({f"{stem}.dt_proj.{k}.weight": value[k] for k in range(value.shape[0])})
-        elif name == "dt_projs_bias":
-            out.update({f"{stem}.dt_proj.{k}.bias": value[k] for k in range(value.shape[0])})
+            for k in range(value.shape[0]):
+                put(f"{stem}.x_proj.{k}.weight", value[k], key)
+        elif name in ("dt_projs_weight", "dt_projs_bias"):
+            for k in range(value.shape[0]):
+                put(f"{stem}.dt_proj.{k}.{name.rpartition('_')[2]}", value[k], key)
         elif key.startswith("classifier."):
-            out[key[len("classifier."):]] = value
+            put(key[len("classifier."):], value, key)
         elif re.fullmatch(r".*\.(in_proj|out_proj|fc1|fc2)\.weight", key) and value.dim() == 4:
-            out[key] = value.flatten(1)  # Linear2d of the channel-first models, stored as a 1x1 convolution
+            put(key, value.flatten(1), key)  # Linear2d of the channel-first models, stored as a 1x1 convolution
         else:
-            out[key] = value
+            put(key, value, key)
     if "patch_embed.0.weight" in out and "patch_embed.5.weight" not in out:  # first-generation patch embedding
         for part, new in (("0", "patch_embed"), ("2", "patch_norm")):
             for p in ("weight", "bias"):
                 if f"patch_embed.{part}.{p}" in out:
-                    out[f"{new}.{p}"] = out.pop(f"patch_embed.{part}.{p}")
-    return out
+                    put(f"{new}.{p}", out.pop(f"patch_embed.{part}.{p}"), f"patch_embed.{part}.{p}")
+    released = any(k.endswith("x_proj_weight") or k.startswith("classifier.") for k in state)
+    return out, _FileNames(origin, released, state)
 
 
 def _need(state: Mapping[str, Tensor], key: str, source: str) -> Tensor:
@@ -176,7 +299,11 @@ def _need(state: Mapping[str, Tensor], key: str, source: str) -> Tensor:
     return state[key]
 
 
-def _infer_vim(state: Mapping[str, Tensor], source: str) -> VimConfig:
+def _infer_vim(state: Mapping[str, Tensor], source: str, img_size: int | None = None,
+               stride: int | None = None) -> VimConfig:
+    """Vim's shape from its tensors. The position embedding fixes the patch grid but not the stride: a grid of ``G``
+    patches of ``P`` pixels fits ``img_size = (G - 1) * stride + P`` for any stride. ``img_size`` or ``stride``
+    decides; without either the stride is the patch size."""
     proj = _need(state, "patch_embed.proj.weight", source)
     dim, in_chans, patch = proj.shape[0], proj.shape[1], proj.shape[2]
     depth = 1 + max(int(_VIM_KEY.fullmatch(k).group(1)) for k in state if _VIM_KEY.fullmatch(k))
@@ -193,9 +320,16 @@ def _infer_vim(state: Mapping[str, Tensor], source: str) -> VimConfig:
     if dt_rank != math.ceil(dim / 16) or state["layers.0.mixer.in_proj.weight"].shape[0] != 4 * dim:
         raise CheckpointMismatchError(f"{source}: layers.0.mixer.dt_proj.weight / in_proj.weight shapes are not "
                                       "Vim's (dt_rank ceil(dim / 16), expand 2)")
-    classes = _need(state, "head.weight", source).shape[0]
-    return VimConfig(img_size=grid * patch, patch_size=patch, in_chans=in_chans, embed_dim=dim, depth=depth,
-                     d_state=d_state, num_classes=classes)
+    if img_size is not None and stride is None:
+        stride = patch if grid == 1 else (img_size - patch) // (grid - 1)
+    stride = stride or patch
+    fits = (grid - 1) * stride + patch
+    if img_size is not None and img_size != fits:
+        raise CheckpointMismatchError(
+            f"{source}: {grid}x{grid} patches of {patch} pixels (pos_embed: {tokens} positions) do not tile "
+            f"img_size {img_size} with stride {stride}; they tile {fits} with that stride")
+    return VimConfig(img_size=fits, patch_size=patch, stride=None if stride == patch else stride, in_chans=in_chans,
+                     embed_dim=dim, depth=depth, d_state=d_state, num_classes=_need(state, "head.weight", source).shape[0])
 
 
 def _infer_vmamba(state: Mapping[str, Tensor], source: str) -> VMambaConfig:
@@ -240,32 +374,86 @@ def _infer_vmamba(state: Mapping[str, Tensor], source: str) -> VMambaConfig:
         dt_rank=dt_rank)
 
 
-def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint") -> VimConfig | VMambaConfig:
-    """The configuration a (vmq_fx-layout) state dict was trained with, from its keys and shapes."""
-    return _infer_vim(state, source) if _family(state, source) == "vim" else _infer_vmamba(state, source)
+def infer_config(state: Mapping[str, Tensor], source: str = "checkpoint", **geometry) -> VimConfig | VMambaConfig:
+    """The configuration a (vmq_fx-layout) state dict was trained with, from its keys and shapes; a Vim's
+    ``img_size`` / ``stride`` (which its tensors do not fix) may be given."""
+    if _family(state, source) == "vim":
+        return _infer_vim(state, source, **geometry)
+    return _infer_vmamba(state, source)
 
 
-def _named(cfg) -> str | None:
-    """The named configuration with the same architecture (preprocessing and training-only fields aside)."""
-    def arch(c):
-        return dataclasses.replace(c, drop_path_rate=0.0, preprocess=None)
+def _architecture(cfg, geometry: bool = True) -> dict:
+    """``cfg``'s fields without its preprocessing and training-only ones (and, with ``geometry=False``, without a
+    Vim's image size and stride, which its tensors do not fix: its patch grid instead)."""
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+              if f.name not in ("drop_path_rate", "preprocess")}
+    if isinstance(cfg, VimConfig):
+        fields["stride"] = cfg.stride or cfg.patch_size
+        if not geometry:
+            del fields["img_size"], fields["stride"]
+            fields["grid"] = cfg.grid
+    return fields
 
-    return next((name for name, c in MODEL_CONFIGS.items() if type(c) is type(cfg) and arch(c) == arch(cfg)), None)
+
+def _named_fits(cfg, geometry: bool) -> list[str]:
+    """The named configurations of ``cfg``'s architecture: the same tensors, and, with ``geometry``, the same input
+    size and stride."""
+    return [name for name, c in MODEL_CONFIGS.items()
+            if type(c) is type(cfg) and _architecture(c, geometry) == _architecture(cfg, geometry)]
+
+
+def _geometry(cfg) -> str:
+    return f"{cfg.img_size}x{cfg.img_size}, stride {cfg.stride or cfg.patch_size}"
+
+
+def _inferred(state: Mapping[str, Tensor], source: str, overrides: dict) -> tuple[VimConfig | VMambaConfig, str]:
+    """The configuration of a checkpoint without a named one, and how it was chosen (for the log). Among named
+    configurations with the same tensors the released one is taken, and the log says what else would fit; two
+    named candidates are refused."""
+    geometry = {k: overrides.pop(k) for k in ("img_size", "stride") if k in overrides} if _family(
+        state, source) == "vim" else {}
+    if "stride" in overrides:
+        raise CheckpointMismatchError(f"{source}: stride is a Vim setting; this is a VMamba checkpoint")
+    cfg = infer_config(state, source, **geometry)
+    if geometry or not isinstance(cfg, VimConfig):
+        names = _named_fits(cfg, geometry=True)
+        if names:
+            return dataclasses.replace(MODEL_CONFIGS[names[0]], drop_path_rate=0.0), f"the {names[0]} configuration"
+        return cfg, f"inferred configuration {cfg}"
+    names = _named_fits(cfg, geometry=False)
+    if len(names) > 1:
+        raise CheckpointMismatchError(
+            f"{source}: its tensors fit several configurations ("
+            + "; ".join(f"{n}: {_geometry(MODEL_CONFIGS[n])}" for n in names)
+            + "): name one (config=, --config) or give img_size / stride")
+    if names:
+        named = dataclasses.replace(MODEL_CONFIGS[names[0]], drop_path_rate=0.0)
+        how = f"the {names[0]} configuration ({_geometry(named)})"
+        if _architecture(named) != _architecture(cfg):
+            how += (f"; the same tensors would also fit {_geometry(cfg)}: give img_size / stride (--img-size / "
+                    "--stride) for that")
+        return named, how
+    return cfg, (f"inferred configuration {cfg} (the file does not fix the stride: stride = patch size assumed; "
+                 "give img_size / stride (--img-size / --stride) for another)")
 
 
 def load_checkpoint(path: str | os.PathLike, config: str | VimConfig | VMambaConfig | None = None,
                     use_ema: bool = False, **overrides) -> nn.Module:
     """A Vim or VMamba model from a checkpoint file, in eval mode.
 
+    One log line (``logging.INFO``) says which configuration was taken, which weights, and what else the file held.
+
     Args:
         path: official Vim (hustvl/Vim) or VMamba (MzeroMiko/VMamba v2 / v2v) checkpoints as released or as their
-            training scripts write them (with ``args``, ``optimizer``, ``model_ema`` ...), or a state dict saved from
-            a vmq_fx model (``.pth`` or ``.safetensors``).
-        config: a configuration name (``vim_tiny``, ``vmambav2v_tiny``, ... see ``vmq list``) or object; ``None``
-            infers it from the tensor shapes.
+            training scripts write them (with ``args`` or a yacs ``config``, ``optimizer``, ``model_ema`` ...), or a
+            state dict saved from a vmq_fx model (``.pth`` or ``.safetensors``).
+        config: a configuration name (``vim_tiny``, ``vim_tiny_stride8``, ``vmambav2v_tiny``, ... see ``vmq list``)
+            or object; ``None`` infers it from the tensor shapes, preferring a named configuration (a Vim's tensors
+            fix its patch grid but not its stride: ``vim_tiny_stride8`` at 224 and a stride-16 Vim-T at 432 have the
+            same tensors).
         use_ema: load the ``model_ema`` weights.
         **overrides: configuration fields to change (e.g. ``img_size`` for a VMamba, which has no position
-            embedding, or ``preprocess``).
+            embedding; ``img_size`` / ``stride`` for a Vim whose stride is not the one inferred; ``preprocess``).
 
     Example:
         >>> import torch, tempfile, os
@@ -278,21 +466,25 @@ def load_checkpoint(path: str | os.PathLike, config: str | VimConfig | VMambaCon
     source = os.fspath(path)
     if isinstance(config, str) and config not in MODEL_CONFIGS:  # before reading a possibly large file
         raise ValueError(f"unknown configuration {config!r}; known: {', '.join(sorted(MODEL_CONFIGS))}")
-    state = read_state_dict(source, use_ema=use_ema)
-    family = _family(state, source)
-    if family == "vmamba":
-        state = _vmamba_to_vmq(state)
+    weights = _read_weights(source, use_ema)
+    state, file_names, overrides = weights.state, None, dict(overrides)
     if config is None:
-        cfg = infer_config(state, source)
-        name = _named(cfg)
-        if name:  # a released shape: take the named configuration, with its preprocessing
-            cfg = dataclasses.replace(MODEL_CONFIGS[name], drop_path_rate=0.0)
-        log.info("%s: %s", source, f"the {name} configuration" if name else f"inferred configuration {cfg}")
+        if _family(state, source) == "vmamba":
+            state, file_names = _vmamba_to_vmq(state)
+        cfg, how = _inferred(state, source, overrides)
     else:
         cfg = MODEL_CONFIGS[config] if isinstance(config, str) else config
+        how = f"the {config} configuration" if isinstance(config, str) else f"configuration {cfg}"
+        try:
+            family = _family(state, source)
+        except CheckpointMismatchError:  # the configuration named decides; the key lists below say what differs
+            family = "vim" if isinstance(cfg, VimConfig) else "vmamba"
         if (family == "vim") != isinstance(cfg, VimConfig):
             raise CheckpointMismatchError(f"{source} is a {'Vim' if family == 'vim' else 'VMamba'} checkpoint, but "
                                           f"the configuration given is a {type(cfg).__name__}")
+        if family == "vmamba":
+            state, file_names = _vmamba_to_vmq(state)
     model = build_model(with_overrides(cfg, **overrides))
-    load_state_dict_strict(model, state, source=source)
+    load_state_dict_strict(model, state, source=source, file_names=file_names)
+    log.info("%s: %s; %s", source, how + (f" with {overrides}" if overrides else ""), weights.describe())
     return model.eval()

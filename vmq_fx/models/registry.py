@@ -23,6 +23,10 @@ MODEL_CONFIGS: dict[str, VimConfig | VMambaConfig] = {
     "vim_tiny": VimConfig(embed_dim=192, depth=24),
     "vim_small": VimConfig(embed_dim=384, depth=24),
     "vim_base": VimConfig(embed_dim=768, depth=24),
+    # The official *_patch16_stride8_224 models (overlapping patches: 27x27 + 1 = 730 tokens), which its fine-tuning
+    # scripts train. Their tensors equal a stride-16 model's at 432x432: loading prefers these names.
+    "vim_tiny_stride8": VimConfig(embed_dim=192, depth=24, stride=8),
+    "vim_small_stride8": VimConfig(embed_dim=384, depth=24, stride=8),
     # 28x28 single-channel (Fashion-MNIST): 4x4 patches of 7 pixels + class token = 17 tokens.
     "vim_fm_tiny": VimConfig(img_size=28, patch_size=7, in_chans=1, embed_dim=96, depth=8, num_classes=10,
                              preprocess=FASHION_MNIST),
