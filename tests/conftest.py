@@ -1,5 +1,8 @@
+import importlib.util
+import shutil
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +66,26 @@ def ort_custom_ops():
 
     if headers_dir() is None:
         pytest.skip("onnxruntime headers not fetched: python -m vmq_fx.export.ort_ops --fetch-headers")
+
+
+def _foolbox_photos() -> list[Path]:
+    spec = importlib.util.find_spec("foolbox")
+    if spec is None:
+        pytest.skip("foolbox's photos are not installed (pip install --no-deps foolbox==3.3.4; make venv does)")
+    return sorted(Path(next(iter(spec.submodule_search_locations))).joinpath("data").glob("imagenet_*.jpg"))
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory):
+    """calib/: the 20 photos in one folder; val/<WordNet id>/: the same photos by class (ImageNet-val layout)."""
+    root = tmp_path_factory.mktemp("photos")
+    from vmq_fx.app.images import imagenet_synsets
+
+    synsets = imagenet_synsets()
+    for f in _foolbox_photos():
+        cls = int(f.stem.split("_")[2])  # imagenet_<n>_<class index>.jpg
+        (root / "calib").mkdir(exist_ok=True)
+        shutil.copy(f, root / "calib")
+        (root / "val" / synsets[cls]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, root / "val" / synsets[cls])
+    return root

@@ -1,5 +1,4 @@
 import argparse
-import os
 import shutil
 from pathlib import Path
 
@@ -108,29 +107,6 @@ def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys):
 
 
 # -- real photographs: the 20 labelled ImageNet JPEGs that ship inside the foolbox wheel ---------------------------
-def _foolbox_photos() -> list[Path]:
-    import importlib.util
-
-    spec = importlib.util.find_spec("foolbox")
-    if spec is None:
-        pytest.skip("foolbox's photos are not installed (pip install --no-deps foolbox==3.3.4; make venv does)")
-    return sorted(Path(next(iter(spec.submodule_search_locations))).joinpath("data").glob("imagenet_*.jpg"))
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    """calib/: the 20 photos in one folder; val/<WordNet id>/: the same photos by class (ImageNet-val layout)."""
-    root = tmp_path_factory.mktemp("photos")
-    synsets = imagenet_synsets()
-    for f in _foolbox_photos():
-        cls = int(f.stem.split("_")[2])  # imagenet_<n>_<class index>.jpg
-        (root / "calib").mkdir(exist_ok=True)
-        shutil.copy(f, root / "calib")
-        (root / "val" / synsets[cls]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(f, root / "val" / synsets[cls])
-    return root
-
-
 def _checkpoint(path, model) -> Path:
     """As the Vim / VMamba training scripts save them: weights, optimizer state, the argparse namespace."""
     torch.manual_seed(0)

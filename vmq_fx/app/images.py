@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from vmq_fx.models.preprocess import Preprocess
 
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolder", "ImageFiles", "ImageReadError", "batches", "calibration_batch",
-           "imagenet_synsets"]
+           "imagenet_class_names", "imagenet_synsets"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _WNID = re.compile(r"n\d{8}")
@@ -74,18 +74,31 @@ def _check_folder(folder: str | os.PathLike) -> Path:
     return folder
 
 
-def imagenet_synsets() -> list[str]:
-    """The 1000 ImageNet-1k WordNet ids in class-index order (timm's list, read from its installed files)."""
+def _timm_list(name: str) -> Path:
+    """A file of the class lists timm ships (read as a file: timm is not imported)."""
     spec = importlib.util.find_spec("timm")
     path = None if spec is None or not spec.submodule_search_locations else (
-        Path(next(iter(spec.submodule_search_locations))) / "data" / "_info" / "imagenet_synsets.txt")
+        Path(next(iter(spec.submodule_search_locations))) / "data" / "_info" / name)
     if path is None or not path.is_file():
-        raise ImportError("class folders named by ImageNet WordNet ids need the synset list that timm ships "
-                          "(pip install --no-deps timm); or name the folders 0..C-1 in class order")
+        raise ImportError(f"the ImageNet class list {name} ships with timm (pip install --no-deps timm); without it, "
+                          "name class folders 0..C-1 in class order")
+    return path
+
+
+def imagenet_synsets() -> list[str]:
+    """The 1000 ImageNet-1k WordNet ids in class-index order (timm's list, read from its installed files)."""
+    path = _timm_list("imagenet_synsets.txt")
     synsets = path.read_text().split()
     if len(synsets) != 1000:
         raise ValueError(f"{path}: expected 1000 WordNet ids, found {len(synsets)}")
     return synsets
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet-1k class names in class-index order: the first lemma of each synset (timm's lists)."""
+    lemmas = dict(line.split("\t", 1) for line in _timm_list("imagenet_synset_to_lemma.txt").read_text().splitlines()
+                  if "\t" in line)
+    return [lemmas.get(s, s).split(",")[0].strip() for s in imagenet_synsets()]
 
 
 class _Images(Dataset):

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -44,7 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from vmq_fx.export.metadata import model_metadata
+
 __all__ = ["OnnxExportError", "OnnxExportResult", "export_onnx", "onnx_translation_table", "ort_session"]
+
+log = logging.getLogger(__name__)
 
 _OPSET = 18
 CUSTOM_DOMAIN = "vmq"  # the domain of vmq.SelectiveScan (export_onnx(scan="vmq"))
@@ -307,8 +312,12 @@ def _strip_metadata(model) -> None:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, dynamic_batch: bool = True,
-                scan: str = "onnx") -> OnnxExportResult:
+                scan: str = "onnx", config=None) -> OnnxExportResult:
     """Export an FP, ``convert_pt2e`` (Q/DQ) or lowered Visual Mamba model to an ONNX file.
+
+    The file carries the model's preprocessing and class names and the custom-op library it needs, if any, in its
+    metadata (:mod:`vmq_fx.export.metadata`), so that it deploys with nothing but onnxruntime
+    (``examples/deploy_onnxruntime.py``).
 
     Args:
         model: an eager model, ``torch.export``-ed graph module, ``convert_pt2e`` output or :func:`vmq_fx.lower`
@@ -319,6 +328,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         scan: ``"onnx"``: every selective scan as a standard ``Scan`` (portable: any ONNX runtime); ``"vmq"``: as
             one ``vmq.SelectiveScan`` node, which onnxruntime runs with vmq_fx's fused kernel
             (:mod:`vmq_fx.export.ort_ops`; :func:`ort_session` registers it; about as fast as torch).
+        config: the model's ``VimConfig`` / ``VMambaConfig`` (default: ``model.config``, or the configuration a
+            lowered or loaded quantized model records); ``None`` and none recorded: the file's metadata has no
+            preprocessing.
 
     Returns:
         An :class:`OnnxExportResult` with the path, the export time, the file size and the operator counts.
@@ -362,6 +374,11 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
     _strip_metadata(program.model)
     if scan == "vmq":
         program.model.opset_imports[CUSTOM_DOMAIN] = 1
+    if config is None:
+        config = getattr(model, "config", None) or getattr(model, "meta", {}).get("vmq_config")
+    if config is None:
+        log.warning("export_onnx: no model configuration: the file's metadata will not hold its preprocessing")
+    program.model.metadata_props.update(model_metadata(config, [CUSTOM_DOMAIN] if scan == "vmq" else []))
     path = os.fspath(path)
     program.save(path)
     seconds = time.perf_counter() - t0

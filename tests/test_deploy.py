@@ -1,0 +1,91 @@
+"""examples/deploy_onnxruntime.py: an exported file deploys with onnxruntime, numpy and Pillow alone (torch cannot be
+imported in its process), with the preprocessing and class names the file's metadata carries."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+import vmq_fx
+from vmq_fx.app.data import FASHION_MNIST_CLASSES, fashion_mnist
+from vmq_fx.app.images import imagenet_class_names
+from vmq_fx.models import create_model, load_reference
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "deploy_onnxruntime.py"
+
+
+def _deploy(tmp_path, model_file, images, *extra):
+    """Run the example where `import torch` fails; return {image path: (class index, name)}."""
+    blocker = tmp_path / "no_torch" / "torch"
+    blocker.mkdir(parents=True, exist_ok=True)
+    (blocker / "__init__.py").write_text("raise ImportError('torch is not available in a deployment')\n")
+    env = {**os.environ, "PYTHONPATH": str(blocker.parent)}
+    probe = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert probe.returncode != 0 and "not available in a deployment" in probe.stderr
+    done = subprocess.run([sys.executable, str(EXAMPLE), str(model_file), *map(str, images), *extra], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("\t") for line in done.stdout.splitlines()]
+    return {r[0]: (int(r[1].split(":")[0]), r[1].split(":")[1]) for r in rows}
+
+
+def _torch_top1(model, preprocess, images) -> list[int]:
+    x = torch.stack([preprocess(Image.open(p)) for p in images])
+    with torch.no_grad():
+        return torch.cat([model(b) for b in x.split(100)]).argmax(-1).tolist()
+
+
+def test_photos_classified_as_torch_does_with_the_files_preprocessing_and_names(photos, tmp_path):
+    torch.manual_seed(0)
+    model = create_model("vim_tiny", depth=2).eval()  # ImageNet-shaped: 224x224 RGB, bicubic resize + crop
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # away from the init's ties
+    path = tmp_path / "vim.onnx"
+    vmq_fx.export_onnx(model, torch.randn(2, 3, 224, 224), path)
+    cfg = json.loads({p.key: p.value for p in onnx.load(path).metadata_props}["vmq_fx.pretrained_cfg"])
+    assert cfg["input_size"] == [3, 224, 224] and cfg["crop_pct"] == 0.875 and cfg["resize_size"] == 256
+    images = sorted((photos / "calib").iterdir())
+    got = _deploy(tmp_path, path, images, "--batch", "8")
+    expected = _torch_top1(model, model.config.preprocess, images)
+    names = imagenet_class_names()
+    assert [got[str(p)] for p in images] == [(i, names[i]) for i in expected]
+
+
+@pytest.mark.fashion_mnist
+def test_fashion_mnist_fp_and_w8a8_files_match_torch_on_1000_test_images(tmp_path):
+    model = load_reference("vim-fm-tiny")
+    pixels, _ = fashion_mnist("test")
+    images = []
+    for i in range(1000):
+        images.append(tmp_path / f"{i:04d}.png")
+        Image.fromarray(pixels[i].numpy()).save(images[-1])
+    from vmq_fx.app.data import calibration_images
+
+    lowered = vmq_fx.quantize(model, vmq_fx.recipes.from_name("sq-pts-w8a8"), calibration_images(32),
+                              progress=False).lowered
+    for name, m in (("fp32", model), ("w8a8", lowered)):
+        path = tmp_path / f"{name}.onnx"
+        vmq_fx.export_onnx(m, torch.randn(2, 1, 28, 28), path)
+        got = _deploy(tmp_path, path, images, "--batch", "250")
+        expected = _torch_top1(m, model.config.preprocess, images)
+        differ = sum(got[str(p)][0] != e for p, e in zip(images, expected))
+        assert differ <= 2, (name, differ)
+        assert {got[str(p)][1] for p in images} <= set(FASHION_MNIST_CLASSES)
+
+
+def test_a_file_with_custom_ops_names_the_library_it_needs(tmp_path):
+    model = create_model("vim_fm_tiny", depth=1).eval()
+    path = tmp_path / "custom.onnx"
+    vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path, scan="vmq")
+    meta = {p.key: json.loads(p.value) for p in onnx.load(path).metadata_props}
+    assert list(meta["vmq_fx.custom_ops"]) == ["vmq"] and meta["vmq_fx.pretrained_cfg"]["input_size"] == [1, 28, 28]
+    image = tmp_path / "x.png"
+    Image.new("L", (28, 28)).save(image)
+    done = subprocess.run([sys.executable, str(EXAMPLE), str(path), str(image)], capture_output=True, text=True)
+    assert done.returncode == 1 and "--custom-op-library" in done.stderr and len(done.stderr.splitlines()) == 1
