@@ -54,7 +54,7 @@ import vmq_fx  # noqa: E402
 from vmq_fx import recipes  # noqa: E402
 from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
-TABLES = ("scan", "linears", "models", "train", "profile")
+TABLES = ("scan", "linears", "models", "dynamic", "train", "profile")
 # ONNX files per model: the portable standard Scan and the vmq.SelectiveScan custom op (export_onnx(scan=...))
 RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq scan"}
 VIM_T = dict(d_model=192, d_inner=384, length=197, d_state=16, dt_rank=12)
@@ -238,6 +238,47 @@ def table_models(args) -> list[str]:
                     out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(o[scan]['FP32'])} | - | "
                                + cells(o[scan], o[scan]["FP32"], quant) + " |")
                 print("\n".join(out[-1 - len(RUNTIMES):]), file=sys.stderr, flush=True)
+    return out
+
+
+# -- dynamic -----------------------------------------------------------------------------------------------------------
+def table_dynamic(args) -> list[str]:
+    """Per-token dynamic W8A8 (each row's parameters computed in the op) against static W8A8, in torch and in
+    onnxruntime with the vmq scan (the standard Scan would hide the linears)."""
+    from vmq_fx.export import ort_session
+
+    specs = [("vim-fm-tiny", lambda: vmq_fx.models.load_reference("vim-fm-tiny"), (1, 28, 28), (1, 64)),
+             ("vim_tiny 224x224", lambda: vmq_fx.models.create_model("vim_tiny").eval(), (3, 224, 224), (1, 8))]
+    if args.quick:
+        specs = specs[:1]
+    out = ["## Per-token dynamic W8A8 (median ms per forward; ratios against static W8A8 and FP32, same process)", "",
+           "| model | runtime | threads | batch | FP32 | W8A8 static | W8A8 per-token dynamic | dynamic / static speed |",
+           "|---|---|---|---|---|---|---|---|"]
+    tmp = Path(tempfile.mkdtemp())
+    for label, build, shape, batches in specs:
+        torch.manual_seed(0)
+        model = build()
+        calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+        models = {"FP32": model,
+                  "static": vmq_fx.quantize(model, recipes.smoothquant_pts(8, 8), calib, progress=False).lowered,
+                  "dynamic": vmq_fx.quantize(model, recipes.per_token_dynamic(8, 8), calib, progress=False).lowered}
+        paths = {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx", scan="vmq").path
+                 for name, m in models.items()}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            sessions = {name: ort_session(path, threads=threads) for name, path in paths.items()}
+            for batch in batches:
+                x = torch.randn(batch, *shape)
+                feed = {sessions["FP32"].get_inputs()[0].name: x.numpy()}
+                with torch.no_grad():
+                    t = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.reps)
+                o = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.reps)
+                for runtime, times in (("torch", t), ("onnxruntime, vmq scan", o)):
+                    out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
+                               f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
+                               f"{ms(times['dynamic'])} ({times['FP32'] / times['dynamic']:.2f}x FP32) | "
+                               f"{times['static'] / times['dynamic']:.2f}x |")
+                print("\n".join(out[-2:]), file=sys.stderr, flush=True)
     return out
 
 

@@ -55,7 +55,7 @@ def measure(name: str, method: str, bits: str, seed: int, calib_n: int, x_test, 
     recipe, config = recipe_for(method, bits, seed)
     calib = calibration_images(calib_n, seed=seed)
     t0 = time.perf_counter()
-    # The convert_pt2e graph (Q/DQ) is what every method shares; per-token dynamic is not lowered.
+    # The convert_pt2e graph (Q/DQ) is what every method shares.
     prepared = prepare_pt2e(vmq_fx.export_model(model, calib[:2]).module(), VisualMambaQuantizer(recipe))
     vmq_fx.calibrate(prepared, calib, progress=False)
     report = vmq_fx.jlss(prepared, calib, config, progress=False) if recipe.jlss else None

@@ -4,9 +4,10 @@ import torch
 from vmq_fx.ops.int8_linear import pack_int4, prepare_weight
 
 
-def int8_case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0, packed=None):
+def int8_case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0, packed=None, dynamic=False):
     """(op arguments, reference arguments): the reference gets the plain integer weight; the op's weight is packed
-    two per byte for 4-bit weights unless ``packed=False`` (the stored form; the lowering's is int8)."""
+    two per byte for 4-bit weights unless ``packed=False`` (the stored form; the lowering's is int8). ``dynamic``:
+    no activation scales or zero points (per-token dynamic)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(b, length, k, generator=g) * 3
     qmax_w = 2 ** (w_bits - 1) - 1
@@ -20,6 +21,8 @@ def int8_case(b, length, k, n, w_bits, a_bits=8, smooth=True, bias=True, seed=0,
     w_stored, w_sum = prepare_weight(w_int)
     if (w_bits <= 4) if packed is None else packed:
         w_stored = pack_int4(w_stored)
+    if dynamic:
+        act_scale = zp = None
     op_args = (x, s, act_scale, zp, w_stored, w_scale, w_sum, beta, 0, a_qmax, w_bits)
     ref_args = (x, s, act_scale, zp, w_int, w_scale, beta, 0, a_qmax)
     return op_args, ref_args

@@ -12,11 +12,12 @@ SHAPES = [(2, 17, 96, 40), (1, 5, 7, 3), (3, 50, 33, 65), (4, 1, 16, 16)]
 BITS = [(8, 8), (4, 8), (6, 6), (4, 4)]
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 8, False), (6, 6, False),
                                                     (4, 4, True)])
-def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bits, packed, implementation):
-    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed)
+def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bits, packed, dynamic, implementation):
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed, dynamic=dynamic)
     out = int8_linear(*op_args)
     ref = int8_linear_reference(*ref_args)
     assert out.shape == ref.shape and out.dtype == torch.float32
@@ -54,10 +55,34 @@ def test_ties_round_to_even(implementation):
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-9)
 
 
+def test_dynamic_rows_at_the_edges_of_the_range(implementation):
+    """Rows that exercise each clamp of the parameters: all zero (the scale is float32 epsilon), all positive (zero
+    point at qmin), all negative (at qmax), one huge value, ties; against torchao's choose_qparams_affine /
+    quantize_affine (the reference), for 8- and 4-bit activations, with and without smoothing."""
+    g = torch.Generator().manual_seed(5)
+    rows = torch.stack([torch.zeros(24), torch.rand(24, generator=g) + 1.0, -torch.rand(24, generator=g) - 0.5,
+                        torch.cat([torch.full((1,), 1e4), torch.randn(23, generator=g)]),
+                        (torch.randint(-8, 8, (24,), generator=g).float() + 0.5) * 0.25, torch.randn(24, generator=g)])
+    x = rows.reshape(2, 3, 24)
+    w = torch.randint(-127, 128, (10, 24), generator=g, dtype=torch.int8)
+    w_scale, bias = torch.rand(10, generator=g) * 0.01, torch.randn(10, generator=g)
+    for qmax, smooth in ((255, None), (15, torch.rand(24, generator=g) + 0.5)):
+        out = int8_linear(x, smooth, None, None, w, w_scale, w.int().sum(1, dtype=torch.int32), bias, 0, qmax, 8)
+        ref = int8_linear_reference(x, smooth, None, None, w, w_scale, bias, 0, qmax)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
+def test_dynamic_parameters_need_both_or_neither():
+    op_args, _ = int8_case(2, 17, 16, 8, w_bits=8)
+    with pytest.raises(ValueError, match="both given .static. or both None"):
+        int8_linear(*op_args[:3], None, *op_args[4:])
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 4, True)])
-def test_both_integer_product_paths_match_float64(shape, w_bits, a_bits, packed, int8_gemm):
-    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed)
+def test_both_integer_product_paths_match_float64(shape, w_bits, a_bits, packed, dynamic, int8_gemm):
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed, dynamic=dynamic)
     ref = int8_linear_reference(*ref_args)
     torch.testing.assert_close(int8_linear(*op_args).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
@@ -124,6 +149,7 @@ def test_int4_pack_round_trip(k):
 def test_int8_linear_opcheck_and_shape_errors():
     op_args, _ = int8_case(2, 17, 16, 8, w_bits=8)
     torch.library.opcheck(torch.ops.vmq.int8_linear.default, op_args)
+    torch.library.opcheck(torch.ops.vmq.int8_linear.default, int8_case(2, 17, 16, 8, w_bits=8, dynamic=True)[0])
     bad = list(op_args)
     bad[2] = torch.ones(5)
     with pytest.raises(ValueError, match="act_scale"):

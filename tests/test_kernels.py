@@ -26,8 +26,9 @@ def _gen(seed):
     (2, 5, 64, 70, 4, 4, True, False),    # 4-bit activations (clamp at 15)
     (40, 3, 16, 16, 8, 8, False, False),  # M = 120: the large-M tiles
 ])
-def test_int8_linear_kernel(batch, length, k, n, w_bits, a_bits, smooth, bias):
-    args, ref_args = int8_case(batch, length, k, n, w_bits, a_bits, smooth, bias, seed=k * n)
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_int8_linear_kernel(batch, length, k, n, w_bits, a_bits, smooth, bias, dynamic):
+    args, ref_args = int8_case(batch, length, k, n, w_bits, a_bits, smooth, bias, seed=k * n, dynamic=dynamic)
     out = int8_linear_triton(*args)
     torch.testing.assert_close(out, torch.ops.vmq.int8_linear(*args), rtol=1e-6, atol=1e-6)  # same levels
     ref = int8_linear_reference(*ref_args)

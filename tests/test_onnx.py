@@ -93,7 +93,7 @@ def test_scan_does_not_grow_with_sequence_length(tmp_path):
 
 
 class _Int8Linear(torch.nn.Module):
-    def __init__(self, k, n, w_bits, a_bits, smooth):
+    def __init__(self, k, n, w_bits, a_bits, smooth, dynamic=False):
         super().__init__()
         g = torch.Generator().manual_seed(k + n + w_bits)
         qmax = 2 ** (w_bits - 1) - 1
@@ -109,16 +109,22 @@ class _Int8Linear(torch.nn.Module):
         self.register_buffer("smooth", torch.rand(k, generator=g) + 0.5 if smooth else None)
         self.register_buffer("bias", torch.randn(n, generator=g))
         self.bits = (w_bits, 2**a_bits - 1)
+        if dynamic:  # per-token dynamic: each row's parameters computed in the graph
+            del self.act_scale, self.act_zp
+            self.act_scale = self.act_zp = None
 
     def forward(self, x):
         return torch.ops.vmq.int8_linear(x, self.smooth, self.act_scale, self.act_zp, self.w, self.w_scale, self.w_sum,
                                          self.bias, 0, self.bits[1], self.bits[0])
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("k,n,w_bits,a_bits,smooth", [(96, 40, 8, 8, True), (33, 7, 4, 8, False), (20, 9, 4, 4, True)])
-def test_int8_linear_translation_gives_the_same_levels(k, n, w_bits, a_bits, smooth, tmp_path):
-    m = _Int8Linear(k, n, w_bits, a_bits, smooth)
+def test_int8_linear_translation_gives_the_same_levels(k, n, w_bits, a_bits, smooth, dynamic, tmp_path):
+    m = _Int8Linear(k, n, w_bits, a_bits, smooth, dynamic)
     x = torch.randn(5, 17, k) * 2  # odd K, zero points, saturating values
+    if dynamic:
+        x[0, 0], x[0, 1], x[1, 2] = 0.0, x[0, 1].abs(), -x[1, 2].abs()  # a zero row; one-signed rows
     res = vmq_fx.export_onnx(m, x[:2], tmp_path / "l.onnx")
     assert _ops(res.path)["MatMulInteger"] == 1
     weight_type = onnx.TensorProto.UINT8 if w_bits == 8 else onnx.TensorProto.INT8  # see the next test

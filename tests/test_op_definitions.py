@@ -83,8 +83,11 @@ def _bad_calls():
     codes = pack_codes(torch.randint(0, 16, (3, 2)), 4)
     book, scale = torch.randn(16, 4).half(), torch.full((3,), 128, dtype=torch.uint8)
     x3 = torch.randn(1, 6, 3)
+    half_dynamic = list(op_args)
+    half_dynamic[3] = None
     return {
         "int8_linear act_scale": lambda: vmq.int8_linear(*bad_scale),
+        "int8_linear half dynamic": lambda: vmq.int8_linear(*half_dynamic),
         "int8_linear column sums": lambda: vmq.int8_linear(*bad_sum),
         "int8_linear packed 8-bit": lambda: vmq.int8_linear(*packed_8bit),
         "vq_linear codes": lambda: vmq.vq_linear(torch.randn(2, 9), codes, book, scale, None, 9),

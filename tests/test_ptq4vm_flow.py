@@ -324,7 +324,7 @@ def test_mixed_precision_per_role_and_module_name(vim):
         prepare_pt2e(copy.deepcopy(vim[1]), mixed)
 
 
-def test_per_token_dynamic_baseline(vim):
+def test_per_token_dynamic_baseline(vim, tmp_path):
     torch.manual_seed(0)
     prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.per_token_dynamic(8, 6)))
     vmq_fx.calibrate(prepared, torch.randn(8, 1, 28, 28), progress=False)  # weights only: activations need none
@@ -334,10 +334,23 @@ def test_per_token_dynamic_baseline(vim):
     t = _targets(quantized)
     assert t[torch.ops.torchao.choose_qparams_affine] == 12 and t[torch.ops.torchao.quantize_affine] == 12
     torch.testing.assert_close(quantized(x), fake_q)
-    with pytest.raises(ValueError, match="per-token dynamic activations are not lowered"):
-        vmq_fx.lower(quantized)
-    with pytest.raises(ValueError, match="computes activation ranges at run time"):  # before calibrating
-        vmq_fx.quantize(vim[0], recipes.per_token_dynamic(8, 6), torch.randn(8, 1, 28, 28), progress=False)
+    reference = quantized(x)
+    lowered = vmq_fx.lower(quantized)  # each row's parameters are computed by the op at run time
+    ops = [n for n in lowered.graph.nodes if n.op == "call_function"]
+    int8 = [Int8LinearArgs.from_node(n) for n in ops if n.target is torch.ops.vmq.int8_linear.default]
+    assert len(int8) == 12 and all(a.act_scale is None and a.act_zero_point is None for a in int8)
+    assert not [n for n in ops if "affine" in str(n.target)]  # no choose / quantize / dequantize left
+    # the same levels as the Q/DQ graph; products in int32 instead of float (a level flips where float rounding
+    # puts a later activation on a rounding boundary)
+    with torch.no_grad():
+        out = lowered(x)
+        assert float((out - reference).norm() / reference.norm()) < 1e-3
+        vmq_fx.save_quantized(lowered, tmp_path / "dynamic.safetensors")
+        assert torch.equal(vmq_fx.load_quantized(tmp_path / "dynamic.safetensors")(x), out)
+    res = vmq_fx.export_onnx(lowered, x[:2], tmp_path / "dynamic.onnx")
+    assert "QuantizeLinear" not in res.op_counts and res.op_counts["ReduceMin"] == 12  # the ranges, in the graph
+    ort_out = vmq_fx.export.ort_session(res.path).run(None, {"x": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(ort_out), out, rtol=1e-4, atol=1e-4 * float(out.abs().max()))
     with pytest.raises(ValueError, match="smoothing is initialized from per-token static"):
         vmq_fx.PTQ4VMRecipe(act_granularity="per_token_dynamic", smooth=True)
 

@@ -168,13 +168,10 @@ def _check_layer_choices(args: argparse.Namespace, model) -> None:
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import vmq_fx
     from vmq_fx.app import report as plots
-    from vmq_fx.pt2e.flow import require_lowerable
 
     chosen = [_method(name, args) for name in args.recipe]  # bad input fails here
     if not args.no_onnx:
         _require_onnx_scan(args.onnx_scan)
-    for quantizer, _ in chosen:
-        require_lowerable(quantizer)
     progress = not args.quiet
     model = _load_model(args)
     _check_layer_choices(args, model)

@@ -24,8 +24,11 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <limits>
 #include <mutex>
+#include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -87,6 +90,49 @@ inline void dequantize_row(const float* row, const float* smooth, float inv, flo
     void operator()(int64_t k, float v) const { out[k] = (v - z) * s; }
   } store{out, z, s};
   row_levels(row, smooth, inv, z, lo, hi, K, store);
+}
+
+// Per-token dynamic parameters of each row of x2 (/ smooth), as torchao's choose_qparams_affine computes them in
+// float32 (asymmetric, the range widened to hold 0, scale at least float32 epsilon): scale float [M], zero point int
+// [M]. The quantize and rescale passes then index them by row (their period is M instead of L).
+std::pair<at::Tensor, at::Tensor> dynamic_token_qparams(const at::Tensor& x2, const c10::optional<at::Tensor>& smooth,
+                                                        int64_t qmin, int64_t qmax) {
+  const int64_t M = x2.size(0), K = x2.size(1);
+  auto scale = at::empty({M}, x2.options());
+  auto zero_point = at::empty({M}, x2.options().dtype(at::kInt));
+  const float* xp = x2.data_ptr<float>();
+  const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
+  float* scp = scale.data_ptr<float>();
+  int32_t* zpp = zero_point.data_ptr<int32_t>();
+  const float lo_q = static_cast<float>(qmin), hi_q = static_cast<float>(qmax);
+  const float eps = std::numeric_limits<float>::epsilon();
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = xp + m * K;
+      VF vlo{}, vhi{};  // zeros: min(x, 0) and max(x, 0) are the range's ends
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes) {
+        VF v = loadf(row + k);
+        if (sp) v = v / loadf(sp + k);
+        vlo = v < vlo ? v : vlo;
+        vhi = v > vhi ? v : vhi;
+      }
+      float lo = 0.0f, hi = 0.0f;
+      for (int j = 0; j < kLanes; ++j) {
+        lo = std::min(lo, vlo[j]);
+        hi = std::max(hi, vhi[j]);
+      }
+      for (; k < K; ++k) {
+        const float v = sp ? row[k] / sp[k] : row[k];
+        lo = std::min(lo, v);
+        hi = std::max(hi, v);
+      }
+      const float s = std::max((hi - lo) / (hi_q - lo_q), eps);
+      scp[m] = s;
+      zpp[m] = static_cast<int32_t>(std::min(std::max(lo_q - std::nearbyint(lo / s), lo_q), hi_q));
+    }
+  });
+  return {scale, zero_point};
 }
 
 at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tensor>& smooth,
@@ -179,16 +225,23 @@ at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
 
 namespace vmq_fx {
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth_in, const at::Tensor& scale_in,
-                           const at::Tensor& zp_in, const at::Tensor& w_in, const at::Tensor& w_scale_in,
+at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth_in,
+                           const std::optional<at::Tensor>& scale_in, const std::optional<at::Tensor>& zp_in,
+                           const at::Tensor& w_in, const at::Tensor& w_scale_in,
                            const at::Tensor& w_sum_in, const std::optional<at::Tensor>& bias_in, int64_t qmin,
                            int64_t qmax, int64_t w_bits) {
   // The contract of vmq::int8_linear, with the messages of the Python implementation (ValueError in Python).
   TORCH_CHECK_VALUE(x.dim() >= 2, "vmq.int8_linear: x must be [..., L, K], got ", x.sizes());
   const int64_t length = x.size(-2), k_in = x.size(-1);
-  TORCH_CHECK_VALUE(scale_in.dim() == 1 && scale_in.size(0) == length && zp_in.dim() == 1 && zp_in.size(0) == length,
-                    "vmq.int8_linear: act_scale / act_zero_point must be [L=", length, "], got ", scale_in.sizes(),
-                    " / ", zp_in.sizes());
+  const bool dynamic = !scale_in.has_value();
+  TORCH_CHECK_VALUE(scale_in.has_value() == zp_in.has_value(),
+                    "vmq.int8_linear: act_scale and act_zero_point are both given (static) or both None (per-token "
+                    "dynamic)");
+  TORCH_CHECK_VALUE(dynamic || (scale_in->dim() == 1 && scale_in->size(0) == length && zp_in->dim() == 1 &&
+                                zp_in->size(0) == length),
+                    "vmq.int8_linear: act_scale / act_zero_point must be [L=", length, "], got ",
+                    dynamic ? std::string() : c10::str(scale_in->sizes()), " / ",
+                    dynamic ? std::string() : c10::str(zp_in->sizes()));
   const bool packed = w_in.scalar_type() == at::kByte;  // 4-bit weights two per byte (the stored form)
   TORCH_CHECK_VALUE(!packed || w_bits <= 4, "vmq.int8_linear: a packed (uint8) weight holds 4-bit values, but w_bits=",
                     w_bits);
@@ -198,11 +251,19 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                     "vmq.int8_linear: weight ", w_in.sizes(), " (", w_bits, "-bit), scale ", w_scale_in.sizes(),
                     " and column sums ", w_sum_in.sizes(), " do not fit x with K=", k_in);
   const auto smooth = f32(smooth_in), bias = f32(bias_in);
-  const at::Tensor act_scale = f32(scale_in), w_scale = f32(w_scale_in), w = w_in.contiguous();
-  const at::Tensor zero_point = zp_in.to(at::kInt).contiguous(), w_sum = w_sum_in.to(at::kInt).contiguous();
-  const int64_t K = x.size(-1), L = act_scale.size(0);
+  const at::Tensor w_scale = f32(w_scale_in), w = w_in.contiguous(), w_sum = w_sum_in.to(at::kInt).contiguous();
+  const int64_t K = x.size(-1);
   const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
   const int64_t M = x2.size(0);
+  // Static: one scale and zero point per token position (period L); dynamic: one per row (period M).
+  at::Tensor act_scale, zero_point;
+  if (dynamic) {
+    std::tie(act_scale, zero_point) = dynamic_token_qparams(x2, smooth, qmin, qmax);
+  } else {
+    act_scale = f32(*scale_in);
+    zero_point = zp_in->to(at::kInt).contiguous();
+  }
+  const int64_t L = act_scale.size(0);
   const int64_t shift = qmax > 127 ? 128 : 0;  // unsigned levels are moved into int8
   const at::Tensor w8 = packed ? unpack_int4(w, K) : w;
   const int64_t N = w8.size(0);

@@ -75,8 +75,9 @@ std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const a
 at::Tensor causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              bool silu, bool reverse);
 
-at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth, const at::Tensor& act_scale,
-                           const at::Tensor& act_zero_point, const at::Tensor& w, const at::Tensor& w_scale,
+at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth,
+                           const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& act_zero_point,
+                           const at::Tensor& w, const at::Tensor& w_scale,
                            const at::Tensor& w_sum, const std::optional<at::Tensor>& bias, int64_t act_qmin,
                            int64_t act_qmax, int64_t w_bits);
 

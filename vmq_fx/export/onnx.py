@@ -21,6 +21,9 @@ How the vmq ops become standard ONNX (opset 18):
   lowering stored) -> ``Cast`` -> ``* act_scale[t] * w_scale[n]`` (+ bias).
   onnxruntime's ``MatMulInteger`` takes only a per-tensor activation zero point, hence the explicit correction.
   4-bit weights stay packed two per byte in the file and are unpacked in the graph (``BitwiseAnd`` / ``BitShift``).
+  Per-token dynamic (no ``act_scale``): each row's parameters in the graph (``ReduceMin`` / ``ReduceMax``, then the
+  float32 arithmetic of torchao's ``choose_qparams_affine``), the levels by ``Round`` / ``Clip`` / ``Cast``, and the
+  same ``MatMulInteger``, correction and rescale with the per-row zero points and scales.
 * ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes, the float16 codebook (one initializer for a
   shared one) and the 8-bit row-scale codes stay in the file and are decoded in the graph (bit extraction, ``Gather``
   of codewords, ``2^(code / 16 - 12)`` row scales) before a ``MatMul``.
@@ -203,13 +206,28 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, 
     k = x.shape[-1]
     if smooth is not None:
         x = op.Div(x, smooth)
-    # x * (1 / scale) then QuantizeLinear with unit scales: the levels of the torch op, which multiplies by the
-    # reciprocal (QuantizeLinear itself divides, and would round a few boundary values the other way).
-    inv = op.Unsqueeze(op.Reciprocal(act_scale), _const(op, [-1], np.int64))
-    unit = op.Expand(_const(op, 1.0, np.float32), op.Shape(act_scale))
-    xq = op.QuantizeLinear(op.Mul(x, inv), unit, op.Cast(act_zero_point, to=2), axis=1)  # uint8 levels
-    if act_qmin != 0 or act_qmax != 255:
-        xq = op.Clip(xq, _const(op, act_qmin, np.uint8), _const(op, act_qmax, np.uint8))
+    last = _const(op, [-1], np.int64)
+    if act_scale is None:
+        # Per-token dynamic: each row's parameters in float32, in the order torchao's choose_qparams_affine computes
+        # them (the range widened to hold 0; scale at least float32 epsilon), then the levels as quantize_affine
+        # rounds them: round(x * (1 / scale)) + zp, clamped.
+        zero, lo_q, hi_q = (_const(op, v, np.float32) for v in (0.0, act_qmin, act_qmax))
+        lo = op.Min(op.ReduceMin(x, last, keepdims=1), zero)
+        hi = op.Max(op.ReduceMax(x, last, keepdims=1), zero)
+        scale = op.Max(op.Div(op.Sub(hi, lo), _const(op, act_qmax - act_qmin, np.float32)),
+                       _const(op, np.finfo(np.float32).eps, np.float32))  # [..., L, 1]
+        zp = op.Clip(op.Sub(lo_q, op.Round(op.Div(lo, scale))), lo_q, hi_q)
+        levels = op.Clip(op.Add(op.Round(op.Mul(x, op.Reciprocal(scale))), zp), lo_q, hi_q)
+        xq, zp_rows, scale_rows = op.Cast(levels, to=2), op.Cast(zp, to=6), scale  # uint8 levels; [..., L, 1]
+    else:
+        # x * (1 / scale) then QuantizeLinear with unit scales: the levels of the torch op, which multiplies by the
+        # reciprocal (QuantizeLinear itself divides, and would round a few boundary values the other way).
+        inv = op.Unsqueeze(op.Reciprocal(act_scale), last)
+        unit = op.Expand(_const(op, 1.0, np.float32), op.Shape(act_scale))
+        xq = op.QuantizeLinear(op.Mul(x, inv), unit, op.Cast(act_zero_point, to=2), axis=1)  # uint8 levels
+        if act_qmin != 0 or act_qmax != 255:
+            xq = op.Clip(xq, _const(op, act_qmin, np.uint8), _const(op, act_qmax, np.uint8))
+        zp_rows, scale_rows = op.Unsqueeze(act_zero_point, last), op.Unsqueeze(act_scale, last)  # [L, 1]
     # onnxruntime multiplies uint8 x int8 on AVX2 CPUs without VNNI in 16-bit pair sums that saturate (vpmaddubsw):
     # exact only while 2 x 255 x max|w| <= 32767, i.e. for weights of up to 7 bits (|w| <= 64). Those keep that form
     # (the fastest: 3.9x onnxruntime's fp32 MatMul at Vim-T shapes on AVX-512 VNNI); 8-bit weights are moved up by 128
@@ -222,9 +240,8 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, 
     else:
         w_u8 = op.Cast(op.Add(op.Cast(w_t, to=6), _const(op, 128, np.int32)), to=2)
         acc = op.MatMulInteger(xq, w_u8, _const(op, 0, np.uint8), _const(op, 128, np.uint8))
-    correction = op.Mul(op.Unsqueeze(act_zero_point, _const(op, [-1], np.int64)), w_sum)  # [L, N]
-    out = op.Cast(op.Sub(acc, correction), to=1)
-    out = op.Mul(op.Mul(out, op.Unsqueeze(act_scale, _const(op, [-1], np.int64))), w_scale)
+    out = op.Cast(op.Sub(acc, op.Mul(zp_rows, w_sum)), to=1)  # the zero points' share: zp x column sums
+    out = op.Mul(op.Mul(out, scale_rows), w_scale)
     return out if bias is None else op.Add(out, bias)
 
 

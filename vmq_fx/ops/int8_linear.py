@@ -1,7 +1,14 @@
-"""``vmq::int8_linear``: a linear layer with per-token static int activations and per-channel int weights.
+"""``vmq::int8_linear``: a linear layer with per-token int activations and per-channel int weights.
 
     y[b, t, :] = ((q(x[b, t] / smooth) - zp[t]) @ W_int^T) * act_scale[t] * w_scale + bias
     q(v)       = clamp(round(v * (1 / act_scale[t])) + zp[t], act_qmin, act_qmax)      (round half to even)
+
+Static (PTQ4VM): ``act_scale`` / ``act_zero_point`` are calibrated, one per token position ``[L]``. Dynamic (the
+per-token dynamic baseline): both are ``None`` and each row ``x[b, t]`` gets its own min-max parameters at run time,
+as torchao's ``choose_qparams_affine`` (asymmetric, ``eps`` = float32 epsilon) computes them in float32:
+
+    scale[b, t] = max((max(x[b, t], 0) - min(x[b, t], 0)) / (act_qmax - act_qmin), eps)
+    zp[b, t]    = clamp(act_qmin - round(min(x[b, t], 0) / scale[b, t]), act_qmin, act_qmax)
 
 Unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with int32 accumulation, and the shift and
 the zero points are corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
@@ -31,7 +38,8 @@ from vmq_fx.ops import native
 from vmq_fx.ops._no_backward import register_no_backward
 from vmq_fx.ops._schema import NamedArguments
 
-__all__ = ["Int8LinearArgs", "int8_linear", "int8_linear_reference", "pack_int4", "prepare_weight", "unpack_int4"]
+__all__ = ["Int8LinearArgs", "dynamic_token_qparams", "int8_linear", "int8_linear_reference", "pack_int4",
+           "prepare_weight", "unpack_int4"]
 
 
 def pack_int4(w: Tensor) -> Tensor:
@@ -79,7 +87,10 @@ def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
     if x.dim() < 2:
         raise ValueError(f"vmq.int8_linear: x must be [..., L, K], got {list(x.shape)}")
     length, k = x.shape[-2], x.shape[-1]
-    if act_scale.shape != (length,) or act_zero_point.shape != (length,):
+    if (act_scale is None) != (act_zero_point is None):
+        raise ValueError("vmq.int8_linear: act_scale and act_zero_point are both given (static) or both None "
+                         "(per-token dynamic)")
+    if act_scale is not None and (act_scale.shape != (length,) or act_zero_point.shape != (length,)):
         raise ValueError(f"vmq.int8_linear: act_scale / act_zero_point must be [L={length}], got "
                          f"{list(act_scale.shape)} / {list(act_zero_point.shape)}")
     if is_packed(w) and w_bits > 4:
@@ -96,27 +107,49 @@ def _float_product() -> bool:
     return (kernels.int8_gemm() if kernels is not None else native.int8_gemm_path()[0]) == "float"
 
 
+def dynamic_token_qparams(x: Tensor, act_qmin: int, act_qmax: int) -> tuple[Tensor, Tensor]:
+    """Per-row min-max parameters ``(scale float32 [...], zero point int32 [...])`` of ``x [..., K]``, in float32 as
+    torchao's ``choose_qparams_affine`` computes them (asymmetric, the range widened to hold 0, ``eps`` = float32
+    epsilon): what a dynamic ``vmq::int8_linear`` quantizes each row with.
+
+    Example:
+        >>> scale, zp = dynamic_token_qparams(torch.tensor([[-1.0, 0.0, 3.0]]), 0, 255)
+        >>> round(float(scale[0]) * 255, 4), int(zp[0])
+        (4.0, 64)
+    """
+    x = x.float()
+    lo = torch.clamp(x.amin(-1), max=0.0)
+    hi = torch.clamp(x.amax(-1), min=0.0)
+    scale = torch.clamp((hi - lo) / float(act_qmax - act_qmin), min=torch.finfo(torch.float32).eps)
+    zp = torch.clamp(act_qmin - torch.round(lo / scale), act_qmin, act_qmax)
+    return scale, zp.to(torch.int32)
+
+
 def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
     length, k = x.shape[-2], x.shape[-1]
     x = x.float().reshape(-1, length, k)
     if smooth is not None:
         # Divide (not multiply by 1/s) so the levels round exactly as in the convert_pt2e reference graph.
         x = x / smooth
+    if act_scale is None:  # per-token dynamic: one scale and zero point per row
+        scale, zp = dynamic_token_qparams(x, act_qmin, act_qmax)
+    else:
+        scale, zp = act_scale.float().expand(x.shape[0], length), act_zero_point.to(torch.int32).expand(x.shape[0],
+                                                                                                          length)
+    scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
     # x * (1 / scale) like quantized_decomposed.quantize_per_channel, so both round the same way.
-    inv = (1.0 / act_scale.float())[:, None]
-    xq = torch.clamp(torch.round(x * inv) + act_zero_point[:, None].float(), act_qmin, act_qmax)
+    xq = torch.clamp(torch.round(x.reshape(-1, k) * (1.0 / scale)) + zp.float(), act_qmin, act_qmax)
     w8 = _weight_int8(w, k)
     if _float_product():  # dequantized levels times the dequantized weight, as the C++ kernel's float path
-        x_dq = (xq - act_zero_point[:, None].float()) * act_scale.float()[:, None]
+        x_dq = (xq - zp.float()) * scale
         w_dq = w8.float() * w_scale.float()[:, None]
-        return torch.nn.functional.linear(x_dq.reshape(-1, k), w_dq, None if bias is None else bias.float())
+        return torch.nn.functional.linear(x_dq, w_dq, None if bias is None else bias.float())
     # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
     shift = 128 if act_qmax > 127 else 0
-    x8 = (xq - shift).to(torch.int8).reshape(-1, k)
+    x8 = (xq - shift).to(torch.int8)
     acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
-    reps = x8.shape[0] // length
-    acc = acc - (act_zero_point.to(torch.int32) - shift).repeat(reps)[:, None] * w_sum.to(torch.int32)[None, :]
-    out = acc.float() * act_scale.float().repeat(reps)[:, None] * w_scale.float()[None, :]
+    acc = acc - (zp - shift) * w_sum.to(torch.int32)[None, :]
+    out = acc.float() * scale * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()
     return out
@@ -127,8 +160,8 @@ def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
 def int8_linear(
     x: Tensor,
     smooth: Optional[Tensor],
-    act_scale: Tensor,
-    act_zero_point: Tensor,
+    act_scale: Optional[Tensor],
+    act_zero_point: Optional[Tensor],
     w: Tensor,
     w_scale: Tensor,
     w_sum: Tensor,
@@ -137,7 +170,8 @@ def int8_linear(
     act_qmax: int,
     w_bits: int,
 ) -> Tensor:
-    """Quantize ``x`` per token, integer matmul with int8 (or packed 4-bit) ``w``, rescale. See the module docstring."""
+    """Quantize ``x`` per token (static parameters, or dynamic ones where ``act_scale`` / ``act_zero_point`` are
+    ``None``), integer matmul with int8 (or packed 4-bit) ``w``, rescale. See the module docstring."""
     _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits)
     out = _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax,
                              w_bits)
@@ -177,14 +211,26 @@ class Int8LinearArgs(NamedArguments):
 def int8_linear_reference(x, smooth, act_scale, act_zero_point, w_int, w_scale, bias, act_qmin, act_qmax):
     """Float64 reference written independently of the op: quantize per token as ``quantize_per_channel(axis=-2)``
     specifies (the levels are computed in float32, as the spec rounds them), dequantize both operands, and multiply in
-    float64.
+    float64. Dynamic (``act_scale`` None): the per-row parameters from torchao's ``choose_qparams_affine`` and the
+    levels from its ``quantize_affine`` (the ops of the ``convert_pt2e`` graph).
 
     Args:
         w_int: the integer weight [N, K] (not packed), values in the weight's level range.
     """
     xs = x.float() if smooth is None else x.float() / smooth.float()
-    levels = torch.round(xs * (1.0 / act_scale.float()).unsqueeze(-1)) + act_zero_point.float().unsqueeze(-1)
-    levels = levels.clamp(act_qmin, act_qmax).double()
-    x_dq = (levels - act_zero_point.double().unsqueeze(-1)) * act_scale.double().unsqueeze(-1)
+    if act_scale is None:
+        from torchao.quantization.quant_primitives import choose_qparams_affine, quantize_affine
+        from torchao.quantization.quant_primitives import MappingType
+
+        block = [1] * (xs.dim() - 1) + [xs.shape[-1]]
+        scale, zp = choose_qparams_affine(xs, MappingType.ASYMMETRIC, block, torch.uint8, act_qmin, act_qmax,
+                                          torch.finfo(torch.float32).eps, torch.float32, torch.int32)
+        levels = quantize_affine(xs, block, scale, zp, torch.int32, act_qmin, act_qmax).double()
+        scale, zp = scale.reshape(xs.shape[:-1]), zp.reshape(xs.shape[:-1])
+        x_dq = (levels - zp.double().unsqueeze(-1)) * scale.double().unsqueeze(-1)
+    else:
+        levels = torch.round(xs * (1.0 / act_scale.float()).unsqueeze(-1)) + act_zero_point.float().unsqueeze(-1)
+        levels = levels.clamp(act_qmin, act_qmax).double()
+        x_dq = (levels - act_zero_point.double().unsqueeze(-1)) * act_scale.double().unsqueeze(-1)
     out = torch.einsum("...k,nk->...n", x_dq, w_int.double() * w_scale.double().unsqueeze(-1))
     return out if bias is None else out + bias.double()

@@ -62,15 +62,6 @@ def method_from_name(name: str) -> tuple[Recipe, object | None]:
     return recipe, config_type(**other)
 
 
-def require_lowerable(quantizer: VisualMambaQuantizer) -> None:
-    """Refuse, before any work, recipes whose quantized model :func:`vmq_fx.lower` cannot produce."""
-    dynamic = [r.name for r in quantizer.spec.recipes() if getattr(r, "act_granularity", None) == "per_token_dynamic"]
-    if dynamic:
-        raise ValueError(f"{', '.join(dynamic)} computes activation ranges at run time, which vmq_fx does not lower "
-                         "(vmq::int8_linear takes static scales); evaluate this baseline on the convert_pt2e graph "
-                         "(prepare_pt2e, calibrate, convert_pt2e)")
-
-
 def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibration_images: torch.Tensor,
              config: object | None = None, progress: bool = True,
              diagnostic_images: torch.Tensor | None = None) -> QuantizeResult:
@@ -109,7 +100,6 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
         if not isinstance(config, family.config_type()):
             raise TypeError(f"quantize: {optimizing[0].name} is optimized with a {family.config_type().__name__}, "
                             f"got a {type(config).__name__}")
-    require_lowerable(quantizer)
     t0 = time.perf_counter()
     gm = export_model(model, calibration_images[:2]).module()
     prepared = prepare_pt2e(gm, quantizer)

@@ -10,8 +10,11 @@ linear's arguments rewrites it:
     W_int (constant) -> dequantize_per_channel(axis=0) ---------------------------------------------------------> linear
 
 ``per-tensor static``: the same with ``quantize_per_tensor`` / ``dequantize_per_tensor`` on the activation.
-Both become one ``vmq::int8_linear`` holding the integer weight (int8 at run time whatever its bit width), its column
-sums and scales, and the per-token activation scales and zero points; the smoothing division is folded into the
+``per-token dynamic``: torchao's ``choose_qparams_affine`` -> ``quantize_affine`` -> ``dequantize_affine`` with a
+block of one row (what :class:`~vmq_fx.pt2e.observers.fake_quantize.PerTokenDynamicFakeQuantize` converts to).
+Each becomes one ``vmq::int8_linear`` holding the integer weight (int8 at run time whatever its bit width), its column
+sums and scales, and the per-token activation scales and zero points (none for the dynamic pattern: the op computes
+each row's at run time); the smoothing division is folded into the
 preceding norm's weight when ``x`` is ``mul(normalized, norm_weight)`` with no other user (exact:
 ``(n * g) / s == n * (g / s)`` up to float rounding), else fused into the op's quantize step.
 
@@ -40,7 +43,7 @@ from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
 __all__ = ["REWRITES", "Lowering", "lower", "rewrite"]
 
 _qd = torch.ops.quantized_decomposed
-_DYNAMIC = (torch.ops.torchao.dequantize_affine, torch.ops.torchao.dequantize_affine.default)
+_ao = torch.ops.torchao
 
 @dataclass
 class Lowering:
@@ -121,9 +124,11 @@ def _int8_linear(ctx: Lowering, node: fx.Node, layer: QuantizedLinear, x, act_sc
     bias = node.args[2] if len(node.args) > 2 else None
     prefix = f"vmq_q{index}_"
     with graph.inserting_before(node):
+        static = act_scale is not None
         args = Int8LinearArgs(
-            x=x, smooth=smooth, act_scale=_register(gm, prefix + "act_scale", act_scale),
-            act_zero_point=_register(gm, prefix + "act_zero_point", act_zp), w=_register(gm, prefix + "weight", w8),
+            x=x, smooth=smooth, act_scale=_register(gm, prefix + "act_scale", act_scale) if static else None,
+            act_zero_point=_register(gm, prefix + "act_zero_point", act_zp) if static else None,
+            w=_register(gm, prefix + "weight", w8),
             w_scale=_register(gm, prefix + "weight_scale", w_scale), w_sum=_register(gm, prefix + "weight_sum", w_sum),
             bias=bias, act_qmin=int(qmin), act_qmax=int(qmax), w_bits=layer.recipe.w_bits)
         return graph.call_function(torch.ops.vmq.int8_linear.default, kwargs=args.as_kwargs())
@@ -157,6 +162,28 @@ def _per_tensor_static(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> 
                         torch.full((length,), int(zp), dtype=torch.int32), qmin, qmax, *weight)
 
 
+@rewrite("per-token dynamic")
+def _per_token_dynamic(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> fx.Node | None:
+    dq_x, weight = node.args[0], _integer_weight(ctx.gm, node.args[1])
+    if weight is None or not any(_is(dq_x, t) for t in (_ao.dequantize_affine, _ao.dequantize_affine.default)):
+        return None
+    q_x = dq_x.args[0]
+    if not any(_is(q_x, t) for t in (_ao.quantize_affine, _ao.quantize_affine.default)):
+        return None
+    x, block, scale = q_x.args[:3]
+    qparams = scale.args[0] if _is(scale, operator.getitem) else None
+    choose = (_ao.choose_qparams_affine, _ao.choose_qparams_affine.default)
+    if qparams is None or qparams.args[0] is not x or not any(_is(qparams, t) for t in choose):
+        return None
+    # Only the parameters the op computes: asymmetric min-max over each whole row, float32 epsilon.
+    mapping, eps = qparams.args[1], qparams.args[6]
+    if list(block) != [1] * (len(block) - 1) + [x.meta["val"].shape[-1]] or str(mapping) != "ASYMMETRIC" or \
+            eps != torch.finfo(torch.float32).eps:
+        return None
+    qmin, qmax = q_x.args[5], q_x.args[6]
+    return _int8_linear(ctx, node, layer, x, None, None, qmin, qmax, *weight)
+
+
 @rewrite("vector-quantized weight")
 def _vector_quantized(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> fx.Node | None:
     dq_x, dq_w = node.args[0], node.args[1]
@@ -173,9 +200,6 @@ def _vector_quantized(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> f
 
 
 def _describe(node: fx.Node) -> str:
-    if any(_is(a, t) for a in node.args[:1] for t in _DYNAMIC):
-        return ("per-token dynamic activations are not lowered (vmq::int8_linear takes static scales); evaluate the "
-                "convert_pt2e graph for this baseline")
     shown = [str(a.target) if isinstance(a, fx.Node) else repr(a) for a in node.args[:2]]
     return f"no rewrite ({', '.join(REWRITES)}) matches its inputs ({', '.join(shown)}); run convert_pt2e first"
 
