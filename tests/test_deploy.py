@@ -79,6 +79,27 @@ def test_fashion_mnist_fp_and_w8a8_files_match_torch_on_1000_test_images(tmp_pat
         assert {got[str(p)][1] for p in images} <= set(FASHION_MNIST_CLASSES)
 
 
+def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
+    """The vmq.SelectiveScan library links no torch (its ELF needs no libtorch / libc10) and runs the custom-op file
+    in the process where torch cannot be imported, classifying as torch does."""
+    from vmq_fx.export.ort_ops import custom_ops_library
+
+    library = custom_ops_library()
+    needed = subprocess.run(["readelf", "-d", library], capture_output=True, text=True, check=True).stdout
+    assert "NEEDED" in needed and "torch" not in needed and "c10" not in needed, needed
+    model = load_reference("vim-fm-tiny")
+    path = tmp_path / "custom.onnx"
+    vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path, scan="vmq")
+    pixels, _ = fashion_mnist("test")
+    images = []
+    for i in range(200):
+        images.append(tmp_path / f"{i:03d}.png")
+        Image.fromarray(pixels[i].numpy()).save(images[-1])
+    got = _deploy(tmp_path, path, images, "--custom-op-library", library, "--threads", "2")
+    expected = _torch_top1(model, model.config.preprocess, images)
+    assert sum(got[str(p)][0] != e for p, e in zip(images, expected)) == 0
+
+
 def test_a_file_with_custom_ops_names_the_library_it_needs(tmp_path):
     model = create_model("vim_fm_tiny", depth=1).eval()
     path = tmp_path / "custom.onnx"

@@ -355,6 +355,14 @@ def test_per_token_dynamic_baseline(vim, tmp_path):
         vmq_fx.PTQ4VMRecipe(act_granularity="per_token_dynamic", smooth=True)
 
 
+def test_ptq4vm_gives_the_same_model_for_the_same_seed(vim):
+    """JLSS's batches come from its seed: two runs write the same tensors (the README's reproducibility claim)."""
+    calib = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    runs = [vmq_fx.quantize(vim[0], recipes.ptq4vm(8, 8), calib, config=vmq_fx.JLSSConfig(steps=3, batch_size=8),
+                            progress=False).lowered.state_dict() for _ in range(2)]
+    assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_recipe_names_round_trip_and_jlss_flag():
     for name in ("ptq4vm-w4a8", "sq-pts-w8a8", "pts-w8a8", "per-tensor-w8a8", "per-token-dynamic-w4a4", "vimvq-2bit",
                  "vq-convex-3bit", "vq-kmeans-1bit", "ptq4vm-w4a4[alpha=0.6]", "vimvq-1bit[n=2]"):

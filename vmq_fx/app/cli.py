@@ -36,14 +36,16 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
     print("model configurations (--config of a checkpoint; vmq export / vmq train):")
     for name, cfg in sorted(MODEL_CONFIGS.items()):
-        shape = (f"embed_dim {cfg.embed_dim}, depth {cfg.depth}, {cfg.num_tokens} tokens" if hasattr(cfg, "embed_dim")
+        stride = f", stride {cfg.stride}" if getattr(cfg, "stride", None) else ""
+        shape = (f"embed_dim {cfg.embed_dim}, depth {cfg.depth}{stride}, {cfg.num_tokens} tokens"
+                 if hasattr(cfg, "embed_dim")
                  else f"dims {'-'.join(map(str, cfg.dims))}, depths {'-'.join(map(str, cfg.depths))}")
-        print(f"  {name:16s} {type(cfg).__name__[:-6]:6s} {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {shape}, "
+        print(f"  {name:18s} {type(cfg).__name__[:-6]:6s} {cfg.img_size}x{cfg.img_size}x{cfg.in_chans}, {shape}, "
               f"{cfg.num_classes} classes")
     print("shipped reference models (vmq reference / vmq eval / vmq quantize):")
     for name in list_references():
         card = reference_card(name)
-        print(f"  {name:16s} {card['model']}, Fashion-MNIST test top-1 {card['test_top1']:.2f}%")
+        print(f"  {name:18s} {card['model']}, Fashion-MNIST test top-1 {card['test_top1']:.2f}%")
     from vmq_fx import recipes
 
     print("recipes (vmq quantize --recipe):")

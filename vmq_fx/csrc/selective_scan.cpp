@@ -16,12 +16,14 @@
 // reverse: the recurrence runs from t = L - 1 down to 0 (Vim's backward direction without flipping any tensor): the
 // time axis is read through negated strides when packing, and results are written back at the mirrored positions.
 //
+// The forward's core is torch-free (selective_scan_core.h), shared with the onnxruntime op (ort/selective_scan_op.cpp);
+// this file wraps it for torch and holds the backward.
 // Parallelism: at::parallel_for over tasks (torch's intra-op thread pool, so torch.set_num_threads applies).
 // Portability: GCC / Clang vector extensions one register wide, compiled once per CPU class (vec.h).
 #include <torch/extension.h>
 
 #include "kernels.h"
-#include "vec.h"
+#include "selective_scan_core.h"
 
 #include <ATen/Parallel.h>
 
@@ -33,59 +35,18 @@
 namespace {
 
 using namespace vmq_fx;
+using namespace vmq_fx::scan;
 
-// A [batch, channels, L] tensor viewed through its strides.
+// The views of the core (selective_scan_core.h) on tensors.
 template <typename T>
-struct Strided3 {
-  const T* p = nullptr;
-  int64_t sb = 0, sc = 0, st = 0;
-  Strided3() = default;
-  // reverse: time step t of the view is step L - 1 - t of the tensor.
-  Strided3(const at::Tensor& t, bool reverse)
-      : p(t.data_ptr<T>() + (reverse ? (t.size(2) - 1) * t.stride(2) : 0)),
-        sb(t.stride(0)),
-        sc(t.stride(1)),
-        st(reverse ? -t.stride(2) : t.stride(2)) {}
-  // rows [c0, c0 + n) of batch b -> buf[t * W + lane]; lanes past n are zero.
-  template <int W>
-  void pack(int64_t b, int64_t c0, int n, int64_t length, T* buf) const {
-    if (n < W) std::fill(buf, buf + length * W, T(0));
-    const T* base = p + b * sb + c0 * sc;
-    if (sc == 1) {  // channels contiguous (a transposed [batch, L, channels] tensor): one row of lanes per step
-      for (int64_t t = 0; t < length; ++t) std::memcpy(buf + t * W, base + t * st, n * sizeof(T));
-      return;
-    }
-    for (int c = 0; c < n; ++c) {
-      const T* row = base + c * sc;
-      for (int64_t t = 0; t < length; ++t) buf[t * W + c] = row[t * st];
-    }
-  }
-};
-
-// B or C [batch, G, N, L] of (b, g) -> buf[t * N + n] (t counted from the end when reverse).
-template <typename T>
-void pack_bc(const at::Tensor& x, int64_t b, int64_t g, int64_t n_state, int64_t length, bool reverse, T* buf) {
-  const T* p = x.data_ptr<T>() + b * x.stride(0) + g * x.stride(1) + (reverse ? (length - 1) * x.stride(3) : 0);
-  const int64_t sn = x.stride(2), st = reverse ? -x.stride(3) : x.stride(3);
-  for (int64_t n = 0; n < n_state; ++n)
-    for (int64_t t = 0; t < length; ++t) buf[t * n_state + n] = p[n * sn + t * st];
+Strided3<T> view3(const at::Tensor& t, bool reverse) {
+  return Strided3<T>(t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.size(2), reverse);
 }
 
-template <typename T, int W>
-void unpack(const T* buf, int n, int64_t length, bool reverse, T* dst, int64_t sc) {
-  // dst is a contiguous [*, channels, L] row block: row c at dst + c * sc.
-  for (int c = 0; c < n; ++c) {
-    T* row = dst + c * sc;
-    if (reverse)
-      for (int64_t t = 0; t < length; ++t) row[length - 1 - t] = buf[t * W + c];
-    else
-      for (int64_t t = 0; t < length; ++t) row[t] = buf[t * W + c];
-  }
+template <typename T>
+StridedBC<T> view_bc(const at::Tensor& t) {  // [batch, G, N, L]
+  return StridedBC<T>{t.data_ptr<T>(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
 }
-
-struct Shapes {
-  int64_t batch, dim, length, n_state, groups, per_group, blocks_per_group;
-};
 
 template <typename T>
 Shapes shapes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B) {
@@ -101,140 +62,29 @@ Shapes shapes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B) 
   return s;
 }
 
-// One block of channels: state in registers when the state size NS is known at compile time (NS = 0: any).
-template <typename T, int NS>
-struct Block {
-  using V = typename Lanes<T>::V;
-  static constexpr int W = Lanes<T>::W;
-
-  int64_t length, n;
-  const T *dt, *u, *bt, *ct;  // [L][W], [L][W], [L][N], [L][N]
-  const V* a;                 // [N] lanes of A * decay_scale<T>()
-
-  // Forward; y[t] (before D and the gate) and the final state. With `decay` / `hs` non-null the per-step decays
-  // and states are kept for the backward ([L][N] vectors each).
-  void forward(T* y, V* h_last, V* decay, V* hs) const {
-    const int64_t N = NS ? NS : n;
-    V h[NS ? NS : 1];
-    std::vector<V> h_dyn(NS ? 0 : N);
-    V* hp = NS ? h : h_dyn.data();
-    for (int64_t i = 0; i < N; ++i) hp[i] = V{};
-    for (int64_t t = 0; t < length; ++t) {
-      const V d = load<V>(dt + t * W);
-      const V du = d * load<V>(u + t * W);
-      const T* b = bt + t * N;
-      const T* c = ct + t * N;
-      V acc = V{};
-      for (int64_t i = 0; i < N; ++i) {
-        const V e = vdecay(d * a[i]);
-        hp[i] = e * hp[i] + du * b[i];
-        acc += hp[i] * c[i];
-        if (decay) {
-          decay[t * N + i] = e;
-          hs[t * N + i] = hp[i];
-        }
-      }
-      store(y + t * W, acc);
-    }
-    for (int64_t i = 0; i < N; ++i) h_last[i] = hp[i];
-  }
-};
-
-template <typename T, typename F>
-void dispatch_state(int64_t n, F&& f) {
-  switch (n) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 4: f(std::integral_constant<int, 4>{}); break;
-    case 8: f(std::integral_constant<int, 8>{}); break;
-    case 16: f(std::integral_constant<int, 16>{}); break;
-    default: f(std::integral_constant<int, 0>{});
-  }
-}
-
-// delta (+ delta_bias, softplus) for lanes of channels [c0, c0 + lanes): raw values in buf -> dt in place; with
-// `sig` non-null also sigmoid(raw) (the derivative of softplus) for the backward.
-template <typename T>
-void discretize(T* buf, const T* bias, int64_t c0, int lanes, int64_t length, bool softplus, T* sig) {
-  using V = typename Lanes<T>::V;
-  constexpr int W = Lanes<T>::W;
-  V bv = V{};
-  if (bias)
-    for (int c = 0; c < lanes; ++c) bv[c] = bias[c0 + c];
-  for (int64_t t = 0; t < length; ++t) {
-    const V raw = load<V>(buf + t * W) + bv;
-    if (sig) store(sig + t * W, vsigmoid(raw));
-    store(buf + t * W, softplus ? vsoftplus(raw) : raw);
-  }
-}
-
 template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                                      const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
                                      bool softplus, bool reverse, at::Tensor out_rows = {}, at::Tensor last = {}) {
-  using V = typename Lanes<T>::V;
-  constexpr int W = Lanes<T>::W;
   const Shapes s = shapes_of<T>(u, A, B);
-  // [batch, dim, L] stored as [batch, L, dim] (see vmq_fx.ops.selective_scan); out_rows / last: given or allocated
   if (!out_rows.defined()) out_rows = at::empty({s.batch, s.length, s.dim}, u.options());
   if (!last.defined()) last = at::empty({s.batch, s.dim, s.n_state}, u.options());
-  auto out = out_rows.transpose(1, 2);
-  const Strided3<T> su(u, reverse), sdt(delta, reverse);
-  const Strided3<T> sz = z ? Strided3<T>(*z, reverse) : Strided3<T>();
-  const T* Ap = A.data_ptr<T>();
-  const T* Dp = D ? D->data_ptr<T>() : nullptr;
-  const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
-  T* outp = out.data_ptr<T>();
-  T* lastp = last.data_ptr<T>();
-  const int64_t tasks = s.batch * s.groups * s.blocks_per_group;
-  const int64_t L = s.length, N = s.n_state;
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<T> ubuf(L * W), dbuf(L * W), ybuf(L * W), zbuf(z ? L * W : 0), bbuf(L * N), cbuf(L * N);
-    std::vector<V> a(N), h(N);
-    int64_t packed_bc = -1;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / (s.groups * s.blocks_per_group);
-      const int64_t g = (task / s.blocks_per_group) % s.groups;
-      const int64_t c0 = g * s.per_group + (task % s.blocks_per_group) * W;
-      const int lanes = static_cast<int>(std::min<int64_t>(W, (g + 1) * s.per_group - c0));
-      if (packed_bc != b * s.groups + g) {
-        pack_bc(B, b, g, N, L, reverse, bbuf.data());
-        pack_bc(C, b, g, N, L, reverse, cbuf.data());
-        packed_bc = b * s.groups + g;
-      }
-      su.template pack<W>(b, c0, lanes, L, ubuf.data());
-      sdt.template pack<W>(b, c0, lanes, L, dbuf.data());
-      if (biasp || softplus) discretize<T>(dbuf.data(), biasp, c0, lanes, L, softplus, nullptr);
-      for (int64_t i = 0; i < N; ++i) {
-        V v = V{};
-        for (int c = 0; c < lanes; ++c) v[c] = Ap[(c0 + c) * N + i];
-        a[i] = v * decay_scale<T>();
-      }
-      dispatch_state<T>(N, [&](auto ns) {
-        Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), ubuf.data(), bbuf.data(), cbuf.data(), a.data()};
-        blk.forward(ybuf.data(), h.data(), nullptr, nullptr);
-      });
-      if (z) sz.template pack<W>(b, c0, lanes, L, zbuf.data());
-      V dv = V{};
-      if (Dp)
-        for (int c = 0; c < lanes; ++c) dv[c] = Dp[c0 + c];
-      for (int64_t t = 0; t < L; ++t) {
-        V y = load<V>(&ybuf[t * W]) + dv * load<V>(&ubuf[t * W]);
-        if (z) {
-          const V zz = load<V>(&zbuf[t * W]);
-          y = y * zz * vsigmoid(zz);
-        }
-        store(&ybuf[t * W], y);
-      }
-      T* ob = outp + b * L * s.dim + c0;  // out's memory is [batch, L, dim]: one row of lanes per step
-      for (int64_t t = 0; t < L; ++t)
-        std::memcpy(ob + (reverse ? L - 1 - t : t) * s.dim, &ybuf[t * W], lanes * sizeof(T));
-      for (int c = 0; c < lanes; ++c)
-        for (int64_t i = 0; i < N; ++i) lastp[(b * s.dim + c0 + c) * N + i] = h[i][c];
-    }
-  });
-  return {out, last};
+  const ScanForward<T> fwd{s,
+                           view3<T>(u, reverse),
+                           view3<T>(delta, reverse),
+                           z ? view3<T>(*z, reverse) : Strided3<T>(),
+                           view_bc<T>(B),
+                           view_bc<T>(C),
+                           A.data_ptr<T>(),
+                           D ? D->data_ptr<T>() : nullptr,
+                           delta_bias ? delta_bias->data_ptr<T>() : nullptr,
+                           softplus,
+                           reverse,
+                           out_rows.data_ptr<T>(),
+                           last.data_ptr<T>()};
+  at::parallel_for(0, fwd.tasks(), 1, [&](int64_t begin, int64_t end) { fwd.run(begin, end); });
+  return {out_rows.transpose(1, 2), last};
 }
 
 template <typename T>
@@ -255,8 +105,9 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
   auto gD = at::empty({s.batch, s.dim}, opts);
   auto gB = at::empty({s.batch, s.groups, L, N}, opts);  // time-major; the caller transposes
   auto gC = at::empty({s.batch, s.groups, L, N}, opts);
-  const Strided3<T> su(u, reverse), sdt(delta, reverse), sg(gout, reverse);
-  const Strided3<T> sz = z ? Strided3<T>(*z, reverse) : Strided3<T>();
+  const Strided3<T> su = view3<T>(u, reverse), sdt = view3<T>(delta, reverse), sg = view3<T>(gout, reverse);
+  const Strided3<T> sz = z ? view3<T>(*z, reverse) : Strided3<T>();
+  const StridedBC<T> sB = view_bc<T>(B), sC = view_bc<T>(C);
   const T* Ap = A.data_ptr<T>();
   const T* Dp = D ? D->data_ptr<T>() : nullptr;
   const T* biasp = delta_bias ? delta_bias->data_ptr<T>() : nullptr;
@@ -269,8 +120,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
         gC_acc(L * N);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.groups, g = task % s.groups;
-      pack_bc(B, b, g, N, L, reverse, bbuf.data());
-      pack_bc(C, b, g, N, L, reverse, cbuf.data());
+      sB.pack(b, g, N, L, reverse, bbuf.data());
+      sC.pack(b, g, N, L, reverse, cbuf.data());
       std::fill(gB_acc.begin(), gB_acc.end(), V{});
       std::fill(gC_acc.begin(), gC_acc.end(), V{});
       for (int64_t blk_i = 0; blk_i < s.blocks_per_group; ++blk_i) {

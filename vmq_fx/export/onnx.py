@@ -10,7 +10,8 @@ How the vmq ops become standard ONNX (opset 18):
   with 1, 4, 8 or 16 steps per iteration: 1.2-1.35x slower at Vim-T shapes; ORT's ``com.microsoft.LinearAttention`` with
   per-key decay computes the same recurrence, 1.1-3x slower): the ``Scan`` is the portable path and the default.
   ``export_onnx(..., scan="vmq")`` writes one ``vmq.SelectiveScan`` node instead, which onnxruntime runs with vmq_fx's
-  fused kernel (:mod:`vmq_fx.export.ort_ops`, ~10x faster than the ``Scan``; the file then needs that library).
+  fused kernel (:mod:`vmq_fx.export.ort_ops`, ~10x faster than the ``Scan``; the file then needs that library, which
+  links no torch).
 * ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
   (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op.
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
@@ -415,8 +416,7 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, profile_pre
 
     Args:
         path: the ``.onnx`` file.
-        threads: intra-op threads (``None``: onnxruntime's default). A ``vmq.SelectiveScan`` runs on torch's
-            threads instead (``torch.set_num_threads``).
+        threads: intra-op threads (``None``: onnxruntime's default); a ``vmq.SelectiveScan`` runs on them too.
         profile_prefix: switch on onnxruntime's profiler; ``session.end_profiling()`` then writes its per-node
             timings (Chrome trace JSON) to a file named from this prefix.
     """
@@ -434,9 +434,6 @@ def ort_session(path: str | os.PathLike, threads: int | None = None, profile_pre
         from vmq_fx.export.ort_ops import custom_ops_library
 
         opts.register_custom_ops_library(custom_ops_library())
-        # The custom op runs on torch's threads: onnxruntime's threads spinning between ops would take their cores
-        # (measured: vim-fm-tiny, batch 64, 2 threads: 82 ms spinning, 48 ms not).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     produced = {out for n in graph.node for out in n.output}
     activation_qdq = any(n.op_type == "DequantizeLinear" and n.input[0] in produced for n in graph.node)
     if activation_qdq:

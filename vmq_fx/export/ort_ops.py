@@ -2,10 +2,9 @@
 
 An ONNX file exported with ``export_onnx(..., scan="vmq")`` holds one ``vmq.SelectiveScan`` node per scan instead of
 the portable standard ``Scan``; :func:`vmq_fx.export.ort_session` registers this library for such a file. The kernel
-is the one torch runs (``vmq_fx/csrc/selective_scan.cpp``), so the library links torch's C++ libraries: it runs in a
-process that has torch (a Python process that imported it, or a C++ one with libtorch on the library path), on
-torch's intra-op threads (``torch.set_num_threads``). That is the trade-off against the standard ``Scan``: about as
-fast as torch, but the file needs this library.
+is the core the torch op runs (``vmq_fx/csrc/selective_scan_core.h``: plain pointers and vector extensions), behind
+onnxruntime's C API (``vmq_fx/csrc/ort/selective_scan_op.cpp``). The library links no torch: a deployment needs only
+onnxruntime and this one file, and the op runs on onnxruntime's intra-op threads (``intra_op_num_threads``).
 
 Building it needs onnxruntime's C/C++ API headers, which the onnxruntime wheel does not ship. Fetch them once, at
 install time (Debian's ``libonnxruntime-dev`` 1.21 package, checked against its SHA-256; nothing is downloaded at run
@@ -14,8 +13,10 @@ time):
     python -m vmq_fx.export.ort_ops --fetch-headers
 
 or point ``$VMQ_FX_ORT_INCLUDE`` at an ``include/onnxruntime`` folder of onnxruntime >= 1.21 headers. The C API is
-versioned, so headers of 1.21 work with any newer onnxruntime. The library is then compiled on first use (about a
-minute) and cached under ``$VMQ_FX_CACHE``, as the torch kernels are.
+versioned, so headers of 1.21 work with any newer onnxruntime. The library is then compiled on first use (a few
+seconds, with the system's C++ compiler, for the CPU class :func:`vmq_fx.ops.native.selected_isa` picks) and cached
+under ``$VMQ_FX_CACHE``; ``python -m vmq_fx.export.ort_ops --build`` prints its path. Without Python, the compiler
+command at the top of ``selective_scan_op.cpp`` builds the same library.
 """
 from __future__ import annotations
 
@@ -25,11 +26,13 @@ import hashlib
 import io
 import logging
 import os
+import shutil
+import subprocess
 import tarfile
 import urllib.request
 from pathlib import Path
 
-from vmq_fx.ops.native import BuildError, build_extension, cache_root
+from vmq_fx.ops.native import ISA_FLAGS, cache_root, selected_isa
 
 __all__ = ["OrtCustomOpsUnavailable", "custom_ops_library", "fetch_headers", "headers_dir"]
 
@@ -39,8 +42,9 @@ log = logging.getLogger(__name__)
 _HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxruntime-dev_1.21.0+dfsg-1_amd64.deb",
                 "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 _HEADERS_NAME = "onnxruntime-1.21.0-include"
-_SOURCES = ("ort/selective_scan_op.cpp", "selective_scan.cpp")
-_DEPENDS = ("kernels.h", "vec.h")
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+_SOURCE = "ort/selective_scan_op.cpp"
+_DEPENDS = ("selective_scan_core.h", "vec.h")
 
 
 class OrtCustomOpsUnavailable(RuntimeError):
@@ -95,13 +99,21 @@ def fetch_headers(dest: str | os.PathLike | None = None) -> Path:
     return dest
 
 
+def _compiler() -> str:
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    if not cxx:
+        raise OrtCustomOpsUnavailable("no C++ compiler found (install g++, or set $CXX) to build the vmq.SelectiveScan "
+                                      "onnxruntime library")
+    return cxx
+
+
 @functools.cache
 def custom_ops_library() -> str:
     """The path of the compiled library (built on first use, then cached), for
-    ``SessionOptions.register_custom_ops_library``.
+    ``SessionOptions.register_custom_ops_library``. It links no torch.
 
     Raises:
-        OrtCustomOpsUnavailable: no onnxruntime headers, or the build failed.
+        OrtCustomOpsUnavailable: no onnxruntime headers or compiler, or the build failed.
     """
     include = headers_dir()
     if include is None:
@@ -109,11 +121,23 @@ def custom_ops_library() -> str:
             "the vmq.SelectiveScan onnxruntime kernel needs onnxruntime's C++ API headers: run `python -m "
             "vmq_fx.export.ort_ops --fetch-headers` once, or set VMQ_FX_ORT_INCLUDE (or keep the standard Scan: "
             "scan='onnx', --onnx-scan onnx)")
-    try:
-        return build_extension("vmq_fx_ort", _SOURCES, _DEPENDS, "the onnxruntime custom op",
-                               include_dirs=(str(include),), python_module=False)
-    except BuildError as e:
-        raise OrtCustomOpsUnavailable(f"the vmq.SelectiveScan onnxruntime kernel could not be built: {e}") from e
+    isa = selected_isa()
+    flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi", *ISA_FLAGS[isa]]
+    code = "".join((_CSRC / f).read_text() for f in (_SOURCE, *_DEPENDS))
+    key = hashlib.sha256("\n".join([" ".join(flags), str(include), code]).encode()).hexdigest()[:16]
+    library = cache_root() / f"vmq_fx_ort_{isa}-{key}" / "libvmq_fx_ort.so"
+    if library.is_file():
+        return str(library)
+    library.parent.mkdir(parents=True, exist_ok=True)
+    log.info("vmq_fx: compiling the vmq.SelectiveScan onnxruntime library for %s into %s", isa, library.parent)
+    partial = library.with_suffix(f".{os.getpid()}.tmp")  # renamed into place when whole: no lock needed
+    cmd = [_compiler(), *flags, f"-I{include}", f"-I{_CSRC}", str(_CSRC / _SOURCE), "-o", str(partial)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
+        raise OrtCustomOpsUnavailable(f"the vmq.SelectiveScan onnxruntime library could not be built: {last}")
+    os.replace(partial, library)
+    return str(library)
 
 
 def main(argv=None) -> None:

@@ -1,37 +1,54 @@
-// onnxruntime custom op vmq.SelectiveScan: the fused CPU selective scan of vmq_fx (selective_scan.cpp) behind
-// onnxruntime's C API, so that an ONNX file exported with export_onnx(..., scan="vmq") runs the same kernel as torch.
+// onnxruntime custom op vmq.SelectiveScan: the fused CPU selective scan of vmq_fx (selective_scan_core.h, the core
+// the torch op runs too) behind onnxruntime's C API, so that an ONNX file exported with export_onnx(..., scan="vmq")
+// runs the same kernel as torch. The library links no torch: onnxruntime's headers and this directory are all it
+// needs, and it runs on onnxruntime's intra-op threads (the session's intra_op_num_threads).
 //
 // Inputs: u, delta [batch, dim, L]; A [dim, N]; B, C [batch, N, L] or [batch, groups, N, L]; optional D [dim],
 // z [batch, dim, L], delta_bias [dim]. Attributes: softplus, reverse (0 / 1). Outputs: y sequence-major,
-// [batch, L, dim], and the last state [batch, dim, N], float32. onnxruntime's tensors are wrapped without copies and
-// the kernel writes straight into its outputs; it runs on torch's intra-op thread pool (torch.set_num_threads
-// applies, not the session's intra_op_num_threads).
+// [batch, L, dim], and the last state [batch, dim, N], float32. onnxruntime's tensors are read in place and the
+// kernel writes straight into its outputs.
+//
+// Standalone build (a deployment box without Python), with onnxruntime's include/onnxruntime headers:
+//   g++ -O3 -std=c++17 -shared -fPIC -mavx2 -mfma -mf16c -I ORT_INCLUDE -I vmq_fx/csrc \
+//       vmq_fx/csrc/ort/selective_scan_op.cpp -o libvmq_fx_ort.so
+// (-mavx512f -mavx512bw -mavx512vl -mavx512dq for AVX-512 CPUs, no -m flags for any x86-64 or ARM64 CPU.)
 #define ORT_API_MANUAL_INIT
 #include <onnxruntime_cxx_api.h>
 #undef ORT_API_MANUAL_INIT
 
+#include <algorithm>
+#include <cstdint>
 #include <mutex>
-#include <optional>
+#include <stdexcept>
+#include <string>
 #include <vector>
 
-#include "../kernels.h"
+#include "../selective_scan_core.h"
 
 namespace {
+
+using vmq_fx::scan::ScanForward;
+using vmq_fx::scan::Shapes;
+using vmq_fx::scan::Strided3;
+using vmq_fx::scan::StridedBC;
 
 constexpr const char* kDomain = "vmq";
 constexpr size_t kRequiredInputs = 5;  // u, delta, A, B, C; then D, z, delta_bias
 
-std::optional<at::Tensor> wrap(Ort::KernelContext& ctx, size_t index) {
-  if (index >= ctx.GetInputCount()) return std::nullopt;
+struct Input {
+  const float* data = nullptr;  // null: an optional input left empty
+  std::vector<int64_t> shape;
+};
+
+Input input(Ort::KernelContext& ctx, size_t index) {
+  if (index >= ctx.GetInputCount()) return {};
   Ort::ConstValue value = ctx.GetInput(index);
-  if (!value) return std::nullopt;  // an optional input left empty
-  std::vector<int64_t> shape = value.GetTensorTypeAndShapeInfo().GetShape();
-  return at::from_blob(const_cast<float*>(value.GetTensorData<float>()), shape, at::kFloat);
+  if (!value) return {};
+  return {value.GetTensorData<float>(), value.GetTensorTypeAndShapeInfo().GetShape()};
 }
 
-at::Tensor output(Ort::KernelContext& ctx, size_t index, std::vector<int64_t> shape) {
-  Ort::UnownedValue out = ctx.GetOutput(index, shape);
-  return at::from_blob(out.GetTensorMutableData<float>(), shape, at::kFloat);
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("vmq.SelectiveScan: " + what);
 }
 
 struct SelectiveScanKernel {
@@ -43,13 +60,61 @@ struct SelectiveScanKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    at::Tensor in[kRequiredInputs];
-    for (size_t i = 0; i < kRequiredInputs; ++i) in[i] = *wrap(ctx, i);
-    const int64_t batch = in[0].size(0), dim = in[0].size(1), length = in[0].size(2), n_state = in[2].size(1);
-    // the kernel writes y sequence-major; a Transpose after the node in the graph gives [batch, dim, L]
-    vmq_fx::selective_scan_cpu_out(in[0], in[1], in[2], in[3], in[4], wrap(ctx, 5), wrap(ctx, 6), wrap(ctx, 7),
-                                   softplus_, reverse_, output(ctx, 0, {batch, length, dim}),
-                                   output(ctx, 1, {batch, dim, n_state}));
+    const Input u = input(ctx, 0), delta = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
+    const Input D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7);
+    require(u.shape.size() == 3 && delta.shape == u.shape, "u and delta must be [batch, dim, L] alike");
+    const int64_t batch = u.shape[0], dim = u.shape[1], length = u.shape[2];
+    require(A.shape.size() == 2 && A.shape[0] == dim, "A must be [dim, N]");
+    const int64_t n_state = A.shape[1];
+    require(B.shape.size() == C.shape.size() && (B.shape.size() == 3 || B.shape.size() == 4),
+            "B and C must both be [batch, N, L] or [batch, groups, N, L]");
+    const bool grouped = B.shape.size() == 4;
+    const int64_t groups = grouped ? B.shape[1] : 1;
+    require(B.shape == C.shape && B.shape[0] == batch && B.shape[grouped ? 2 : 1] == n_state &&
+                B.shape.back() == length && dim % groups == 0,
+            "B and C must be [batch, (groups,) N, L] with groups dividing dim");
+    require(!z.data || z.shape == u.shape, "z must have u's shape");
+    require((!D.data || D.shape == std::vector<int64_t>{dim}) && (!bias.data || bias.shape == std::vector<int64_t>{dim}),
+            "D and delta_bias must be [dim]");
+
+    constexpr int W = vmq_fx::Lanes<float>::W;
+    Shapes s{batch, dim, length, n_state, groups, dim / groups, (dim / groups + W - 1) / W};
+    // Contiguous tensors: [batch, dim, L] strides (dim * L, L, 1); B / C [batch, (G,) N, L] (a 3-D one is shared by
+    // the single group).
+    const int64_t sbc = grouped ? groups * n_state * length : n_state * length;
+    float* out_rows = ctx.GetOutput(0, {batch, length, dim}).GetTensorMutableData<float>();
+    float* last = ctx.GetOutput(1, {batch, dim, n_state}).GetTensorMutableData<float>();
+    const ScanForward<float> fwd{s,
+                                 Strided3<float>(u.data, dim * length, length, 1, length, reverse_),
+                                 Strided3<float>(delta.data, dim * length, length, 1, length, reverse_),
+                                 z.data ? Strided3<float>(z.data, dim * length, length, 1, length, reverse_)
+                                        : Strided3<float>(),
+                                 StridedBC<float>{B.data, sbc, n_state * length, length, 1},
+                                 StridedBC<float>{C.data, sbc, n_state * length, length, 1},
+                                 A.data,
+                                 D.data,
+                                 bias.data,
+                                 softplus_,
+                                 reverse_,
+                                 out_rows,
+                                 last};
+    // onnxruntime's threads take chunks of tasks; each chunk keeps its buffers across its tasks.
+    const int64_t tasks = fwd.tasks();
+    struct Work {
+      const ScanForward<float>* fwd;
+      int64_t tasks, chunks;
+    } work{&fwd, tasks, std::min<int64_t>(tasks, 64)};
+    auto run_chunk = [](void* data, size_t chunk) {
+      const Work& w = *static_cast<const Work*>(data);
+      const int64_t begin = w.tasks * static_cast<int64_t>(chunk) / w.chunks;
+      const int64_t end = w.tasks * (static_cast<int64_t>(chunk) + 1) / w.chunks;
+      w.fwd->run(begin, end);
+    };
+    if (work.chunks > 1) {
+      ctx.ParallelFor(run_chunk, static_cast<size_t>(work.chunks), 0, &work);
+    } else if (work.chunks == 1) {
+      run_chunk(&work, 0);
+    }
   }
 
   bool softplus_ = false;

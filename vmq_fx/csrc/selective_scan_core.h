@@ -1,0 +1,210 @@
+// The fused CPU selective scan's core (vmq_fx/csrc/selective_scan.cpp describes the algorithm): plain pointers,
+// strides and GCC / Clang vector extensions (vec.h), no torch. The torch op (selective_scan.cpp) and the onnxruntime
+// op (ort/selective_scan_op.cpp) are thin wrappers around it, each with its own thread pool.
+#pragma once
+
+#include "vec.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace vmq_fx {
+namespace scan {
+
+// A [batch, channels, L] array viewed through its strides.
+template <typename T>
+struct Strided3 {
+  const T* p = nullptr;
+  int64_t sb = 0, sc = 0, st = 0;
+  Strided3() = default;
+  // reverse: time step t of the view is step length - 1 - t of the array.
+  Strided3(const T* base, int64_t sb_, int64_t sc_, int64_t st_, int64_t length, bool reverse)
+      : p(base + (reverse ? (length - 1) * st_ : 0)), sb(sb_), sc(sc_), st(reverse ? -st_ : st_) {}
+  // rows [c0, c0 + n) of batch b -> buf[t * W + lane]; lanes past n are zero.
+  template <int W>
+  void pack(int64_t b, int64_t c0, int n, int64_t length, T* buf) const {
+    if (n < W) std::fill(buf, buf + length * W, T(0));
+    const T* base = p + b * sb + c0 * sc;
+    if (sc == 1) {  // channels contiguous (a transposed [batch, L, channels] tensor): one row of lanes per step
+      for (int64_t t = 0; t < length; ++t) std::memcpy(buf + t * W, base + t * st, n * sizeof(T));
+      return;
+    }
+    for (int c = 0; c < n; ++c) {
+      const T* row = base + c * sc;
+      for (int64_t t = 0; t < length; ++t) buf[t * W + c] = row[t * st];
+    }
+  }
+};
+
+// B or C [batch, G, N, L] through its strides (a stride of 0 over G: one array shared by the groups).
+template <typename T>
+struct StridedBC {
+  const T* p = nullptr;
+  int64_t sb = 0, sg = 0, sn = 0, st = 0;
+  // (b, g) -> buf[t * N + n] (t counted from the end when reverse).
+  void pack(int64_t b, int64_t g, int64_t n_state, int64_t length, bool reverse, T* buf) const {
+    const T* q = p + b * sb + g * sg + (reverse ? (length - 1) * st : 0);
+    const int64_t step = reverse ? -st : st;
+    for (int64_t n = 0; n < n_state; ++n)
+      for (int64_t t = 0; t < length; ++t) buf[t * n_state + n] = q[n * sn + t * step];
+  }
+};
+
+template <typename T, int W>
+void unpack(const T* buf, int n, int64_t length, bool reverse, T* dst, int64_t sc) {
+  // dst is a contiguous [*, channels, L] row block: row c at dst + c * sc.
+  for (int c = 0; c < n; ++c) {
+    T* row = dst + c * sc;
+    if (reverse)
+      for (int64_t t = 0; t < length; ++t) row[length - 1 - t] = buf[t * W + c];
+    else
+      for (int64_t t = 0; t < length; ++t) row[t] = buf[t * W + c];
+  }
+}
+
+struct Shapes {
+  int64_t batch, dim, length, n_state, groups, per_group, blocks_per_group;
+};
+
+// One block of channels: state in registers when the state size NS is known at compile time (NS = 0: any).
+template <typename T, int NS>
+struct Block {
+  using V = typename Lanes<T>::V;
+  static constexpr int W = Lanes<T>::W;
+
+  int64_t length, n;
+  const T *dt, *u, *bt, *ct;  // [L][W], [L][W], [L][N], [L][N]
+  const V* a;                 // [N] lanes of A * decay_scale<T>()
+
+  // Forward; y[t] (before D and the gate) and the final state. With `decay` / `hs` non-null the per-step decays
+  // and states are kept for the backward ([L][N] vectors each).
+  void forward(T* y, V* h_last, V* decay, V* hs) const {
+    const int64_t N = NS ? NS : n;
+    V h[NS ? NS : 1];
+    std::vector<V> h_dyn(NS ? 0 : N);
+    V* hp = NS ? h : h_dyn.data();
+    for (int64_t i = 0; i < N; ++i) hp[i] = V{};
+    for (int64_t t = 0; t < length; ++t) {
+      const V d = load<V>(dt + t * W);
+      const V du = d * load<V>(u + t * W);
+      const T* b = bt + t * N;
+      const T* c = ct + t * N;
+      V acc = V{};
+      for (int64_t i = 0; i < N; ++i) {
+        const V e = vdecay(d * a[i]);
+        hp[i] = e * hp[i] + du * b[i];
+        acc += hp[i] * c[i];
+        if (decay) {
+          decay[t * N + i] = e;
+          hs[t * N + i] = hp[i];
+        }
+      }
+      store(y + t * W, acc);
+    }
+    for (int64_t i = 0; i < N; ++i) h_last[i] = hp[i];
+  }
+};
+
+template <typename T, typename F>
+void dispatch_state(int64_t n, F&& f) {
+  switch (n) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 8: f(std::integral_constant<int, 8>{}); break;
+    case 16: f(std::integral_constant<int, 16>{}); break;
+    default: f(std::integral_constant<int, 0>{});
+  }
+}
+
+// delta (+ delta_bias, softplus) for lanes of channels [c0, c0 + lanes): raw values in buf -> dt in place; with
+// `sig` non-null also sigmoid(raw) (the derivative of softplus) for the backward.
+template <typename T>
+void discretize(T* buf, const T* bias, int64_t c0, int lanes, int64_t length, bool softplus, T* sig) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  V bv = V{};
+  if (bias)
+    for (int c = 0; c < lanes; ++c) bv[c] = bias[c0 + c];
+  for (int64_t t = 0; t < length; ++t) {
+    const V raw = load<V>(buf + t * W) + bv;
+    if (sig) store(sig + t * W, vsigmoid(raw));
+    store(buf + t * W, softplus ? vsoftplus(raw) : raw);
+  }
+}
+
+// The forward of one call, on plain pointers and strides: what the torch op (selective_scan.cpp) and the
+// onnxruntime op (ort/selective_scan_op.cpp) share. Tasks are (batch, group, channel block); run(begin, end) does
+// tasks [begin, end) with its own buffers, so any parallel-for can split them.
+template <typename T>
+struct ScanForward {
+  using V = typename Lanes<T>::V;
+  static constexpr int W = Lanes<T>::W;
+
+  Shapes s;
+  Strided3<T> u, delta, z;  // z.p null: no gate
+  StridedBC<T> B, C;
+  const T* A;                // [dim, N], contiguous
+  const T* D;                // [dim] or null
+  const T* delta_bias;       // [dim] or null
+  bool softplus, reverse;
+  T* out_rows;               // [batch, L, dim], contiguous (sequence-major)
+  T* last;                   // [batch, dim, N], contiguous
+
+  int64_t tasks() const { return s.batch * s.groups * s.blocks_per_group; }
+
+  void run(int64_t begin, int64_t end) const {
+    const int64_t L = s.length, N = s.n_state;
+    const bool gated = z.p != nullptr;
+    std::vector<T> ubuf(L * W), dbuf(L * W), ybuf(L * W), zbuf(gated ? L * W : 0), bbuf(L * N), cbuf(L * N);
+    std::vector<V> a(N), h(N);
+    int64_t packed_bc = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (s.groups * s.blocks_per_group);
+      const int64_t g = (task / s.blocks_per_group) % s.groups;
+      const int64_t c0 = g * s.per_group + (task % s.blocks_per_group) * W;
+      const int lanes = static_cast<int>(std::min<int64_t>(W, (g + 1) * s.per_group - c0));
+      if (packed_bc != b * s.groups + g) {
+        B.pack(b, g, N, L, reverse, bbuf.data());
+        C.pack(b, g, N, L, reverse, cbuf.data());
+        packed_bc = b * s.groups + g;
+      }
+      u.template pack<W>(b, c0, lanes, L, ubuf.data());
+      delta.template pack<W>(b, c0, lanes, L, dbuf.data());
+      if (delta_bias || softplus) discretize<T>(dbuf.data(), delta_bias, c0, lanes, L, softplus, nullptr);
+      for (int64_t i = 0; i < N; ++i) {
+        V v = V{};
+        for (int c = 0; c < lanes; ++c) v[c] = A[(c0 + c) * N + i];
+        a[i] = v * decay_scale<T>();
+      }
+      dispatch_state<T>(N, [&](auto ns) {
+        Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), ubuf.data(), bbuf.data(), cbuf.data(), a.data()};
+        blk.forward(ybuf.data(), h.data(), nullptr, nullptr);
+      });
+      if (gated) z.template pack<W>(b, c0, lanes, L, zbuf.data());
+      V dv = V{};
+      if (D)
+        for (int c = 0; c < lanes; ++c) dv[c] = D[c0 + c];
+      for (int64_t t = 0; t < L; ++t) {
+        V y = load<V>(&ybuf[t * W]) + dv * load<V>(&ubuf[t * W]);
+        if (gated) {
+          const V zz = load<V>(&zbuf[t * W]);
+          y = y * zz * vsigmoid(zz);
+        }
+        store(&ybuf[t * W], y);
+      }
+      T* ob = out_rows + b * L * s.dim + c0;  // [batch, L, dim]: one row of lanes per step
+      for (int64_t t = 0; t < L; ++t)
+        std::memcpy(ob + (reverse ? L - 1 - t : t) * s.dim, &ybuf[t * W], lanes * sizeof(T));
+      for (int c = 0; c < lanes; ++c)
+        for (int64_t i = 0; i < N; ++i) last[(b * s.dim + c0 + c) * N + i] = h[i][c];
+    }
+  }
+};
+
+}  // namespace scan
+}  // namespace vmq_fx
