@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import os
 import re
 import shlex
@@ -189,13 +188,17 @@ def quantized_models(model, example_shape):
     return {name: vmq_fx.quantize(model, recipe, calib, progress=False).lowered for name, recipe in chosen}
 
 
+def model_specs(quick: bool):
+    """(label, build, input shape, batches) of the whole-model tables: vim-fm-tiny, and vim_tiny 224x224 unless quick."""
+    specs = [("vim-fm-tiny", lambda: vmq_fx.models.load_reference("vim-fm-tiny"), (1, 28, 28), (1, 64)),
+             ("vim_tiny 224x224", lambda: vmq_fx.models.create_model("vim_tiny").eval(), (3, 224, 224), (1, 8))]
+    return specs[:1] if quick else specs
+
+
 def table_models(args) -> list[str]:
     from vmq_fx.export import ort_session
 
-    specs = [("vim-fm-tiny", lambda: vmq_fx.models.load_reference("vim-fm-tiny"), (1, 28, 28), (1, 64)),
-             ("vim_tiny 224x224", lambda: vmq_fx.models.create_model("vim_tiny").eval(), (3, 224, 224), (1, 8))]
-    if args.quick:
-        specs = specs[:1]
+    specs = model_specs(args.quick)
     out = ["## Whole models (median ms per forward; ratio = FP32 eager / variant, same process and threads)", "",
            "| model | runtime | threads | batch | FP32 | FP32, pure-torch scan | W8A8 | W4A8 | VQ 3-bit | VQ 2-bit |",
            "|---|---|---|---|---|---|---|---|---|---|"]
@@ -247,10 +250,7 @@ def table_dynamic(args) -> list[str]:
     onnxruntime with the vmq scan (the standard Scan would hide the linears)."""
     from vmq_fx.export import ort_session
 
-    specs = [("vim-fm-tiny", lambda: vmq_fx.models.load_reference("vim-fm-tiny"), (1, 28, 28), (1, 64)),
-             ("vim_tiny 224x224", lambda: vmq_fx.models.create_model("vim_tiny").eval(), (3, 224, 224), (1, 8))]
-    if args.quick:
-        specs = specs[:1]
+    specs = model_specs(args.quick)
     out = ["## Per-token dynamic W8A8 (median ms per forward; ratios against static W8A8 and FP32, same process)", "",
            "| model | runtime | threads | batch | FP32 | W8A8 static | W8A8 per-token dynamic | dynamic / static speed |",
            "|---|---|---|---|---|---|---|---|"]
