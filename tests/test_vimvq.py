@@ -72,6 +72,27 @@ def test_soft_state_scales_with_n_not_k():
     assert all(sub * 256 > t.numel() for t in list(vq.buffers()) + list(vq.parameters()))
 
 
+def test_soft_weight_gradients_are_the_same_in_every_run():
+    """The codebook's gradient sums over every sub-vector that uses a codeword; with two threads an unordered
+    (atomic) accumulation gives a different sum in each run, and ViM-VQ's result with it. 8192 sub-vectors x 4
+    candidates x 2 values is above ATen's grain size, where its parallel paths start."""
+    torch.manual_seed(0)
+    vq = VectorQuantizedWeight(d=2, k=16, n=4)
+    vq(torch.randn(256, 64))
+    vq.initialize()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    grads = []
+    try:
+        for _ in range(8):
+            vq.codebook.grad = vq.logits.grad = None
+            vq.weight().pow(2).sum().backward()
+            grads.append((vq.codebook.grad.clone(), vq.logits.grad.clone()))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(g[0], grads[0][0]) and torch.equal(g[1], grads[0][1]) for g in grads)
+
+
 def test_ratios_start_nearest_first_and_stay_on_the_simplex():
     vq, w = _vq()
     r = vq.ratios()

@@ -215,12 +215,18 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         """Convex-combination weights ``[S, n]`` (rows on the probability simplex)."""
         return self.logits.softmax(-1)
 
+    def _codewords(self, index: Tensor) -> Tensor:
+        # index_select, not codebook[index]: the backward of advanced indexing accumulates the codebook's gradient with
+        # parallel atomic adds on CPU (index_put_ with accumulate), a different sum in every run once two threads
+        # share the work; index_select's backward (index_add_) is deterministic, and faster.
+        return self.codebook.index_select(0, index.reshape(-1)).reshape(*index.shape, self.codebook.shape[1])
+
     def soft_subvectors(self) -> Tensor:
-        return (self.ratios()[..., None] * self.codebook[self.candidates]).sum(1)
+        return (self.ratios()[..., None] * self._codewords(self.candidates)).sum(1)
 
     def subvectors(self) -> Tensor:
         """Current sub-vectors: the confirmed codeword where confirmed, the convex combination elsewhere."""
-        hard = self.codebook[self.codes]
+        hard = self._codewords(self.codes)
         if bool(self.confirmed.all()):
             return hard
         return torch.where(self.confirmed[:, None], hard, self.soft_subvectors())
