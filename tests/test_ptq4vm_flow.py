@@ -355,11 +355,15 @@ def test_per_token_dynamic_baseline(vim, tmp_path):
         vmq_fx.PTQ4VMRecipe(act_granularity="per_token_dynamic", smooth=True)
 
 
-def test_ptq4vm_gives_the_same_model_for_the_same_seed(vim):
-    """JLSS's batches come from its seed: two runs write the same tensors (the README's reproducibility claim)."""
+@pytest.mark.parametrize("family", ["ptq4vm", "vimvq"])
+def test_the_same_seed_gives_the_same_model(vim, family):
+    """JLSS's and ViM-VQ's batches and initializations come from their seeds, and their gradients are summed in a
+    fixed order: two runs write the same tensors (the README's reproducibility claim)."""
     calib = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(3))
-    runs = [vmq_fx.quantize(vim[0], recipes.ptq4vm(8, 8), calib, config=vmq_fx.JLSSConfig(steps=3, batch_size=8),
-                            progress=False).lowered.state_dict() for _ in range(2)]
+    recipe, config = ((recipes.ptq4vm(8, 8), vmq_fx.JLSSConfig(steps=3, batch_size=8)) if family == "ptq4vm" else
+                      (recipes.vimvq(2), vmq_fx.VQConfig(steps=3, batch_size=8)))
+    runs = [vmq_fx.quantize(vim[0], recipe, calib, config=config, progress=False).lowered.state_dict()
+            for _ in range(2)]
     assert runs[0].keys() == runs[1].keys() and all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
 
 
