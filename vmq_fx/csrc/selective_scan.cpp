@@ -50,16 +50,7 @@ StridedBC<T> view_bc(const at::Tensor& t) {  // [batch, G, N, L]
 
 template <typename T>
 Shapes shapes_of(const at::Tensor& u, const at::Tensor& A, const at::Tensor& B) {
-  constexpr int W = Lanes<T>::W;
-  Shapes s;
-  s.batch = u.size(0);
-  s.dim = u.size(1);
-  s.length = u.size(2);
-  s.n_state = A.size(1);
-  s.groups = B.size(1);
-  s.per_group = s.dim / s.groups;
-  s.blocks_per_group = (s.per_group + W - 1) / W;
-  return s;
+  return Shapes::of<T>(u.size(0), u.size(1), u.size(2), A.size(1), B.size(1));
 }
 
 template <typename T>

@@ -68,6 +68,13 @@ void unpack(const T* buf, int n, int64_t length, bool reverse, T* dst, int64_t s
 
 struct Shapes {
   int64_t batch, dim, length, n_state, groups, per_group, blocks_per_group;
+
+  // Channels split into groups (of B and C), each group into blocks of one register's lanes of T.
+  template <typename T>
+  static Shapes of(int64_t batch, int64_t dim, int64_t length, int64_t n_state, int64_t groups) {
+    constexpr int W = Lanes<T>::W;
+    return {batch, dim, length, n_state, groups, dim / groups, (dim / groups + W - 1) / W};
+  }
 };
 
 // One block of channels: state in registers when the state size NS is known at compile time (NS = 0: any).

@@ -406,16 +406,19 @@ def _geometry(cfg) -> str:
     return f"{cfg.img_size}x{cfg.img_size}, stride {cfg.stride or cfg.patch_size}"
 
 
-def _inferred(state: Mapping[str, Tensor], source: str, overrides: dict) -> tuple[VimConfig | VMambaConfig, str]:
+def _inferred(state: Mapping[str, Tensor], source: str, family: str,
+              overrides: dict) -> tuple[VimConfig | VMambaConfig, str]:
     """The configuration of a checkpoint without a named one, and how it was chosen (for the log). Among named
     configurations with the same tensors the released one is taken, and the log says what else would fit; two
     named candidates are refused."""
-    geometry = {k: overrides.pop(k) for k in ("img_size", "stride") if k in overrides} if _family(
-        state, source) == "vim" else {}
-    if "stride" in overrides:
-        raise CheckpointMismatchError(f"{source}: stride is a Vim setting; this is a VMamba checkpoint")
-    cfg = infer_config(state, source, **geometry)
-    if geometry or not isinstance(cfg, VimConfig):
+    if family == "vmamba":
+        if "stride" in overrides:
+            raise CheckpointMismatchError(f"{source}: stride is a Vim setting; this is a VMamba checkpoint")
+        cfg, geometry = _infer_vmamba(state, source), {}
+    else:
+        geometry = {k: overrides.pop(k) for k in ("img_size", "stride") if k in overrides}
+        cfg = _infer_vim(state, source, **geometry)
+    if family == "vmamba" or geometry:
         names = _named_fits(cfg, geometry=True)
         if names:
             return dataclasses.replace(MODEL_CONFIGS[names[0]], drop_path_rate=0.0), f"the {names[0]} configuration"
@@ -469,9 +472,10 @@ def load_checkpoint(path: str | os.PathLike, config: str | VimConfig | VMambaCon
     weights = _read_weights(source, use_ema)
     state, file_names, overrides = weights.state, None, dict(overrides)
     if config is None:
-        if _family(state, source) == "vmamba":
+        family = _family(state, source)
+        if family == "vmamba":
             state, file_names = _vmamba_to_vmq(state)
-        cfg, how = _inferred(state, source, overrides)
+        cfg, how = _inferred(state, source, family, overrides)
     else:
         cfg = MODEL_CONFIGS[config] if isinstance(config, str) else config
         how = f"the {config} configuration" if isinstance(config, str) else f"configuration {cfg}"

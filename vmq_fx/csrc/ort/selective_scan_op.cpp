@@ -77,8 +77,7 @@ struct SelectiveScanKernel {
     require((!D.data || D.shape == std::vector<int64_t>{dim}) && (!bias.data || bias.shape == std::vector<int64_t>{dim}),
             "D and delta_bias must be [dim]");
 
-    constexpr int W = vmq_fx::Lanes<float>::W;
-    Shapes s{batch, dim, length, n_state, groups, dim / groups, (dim / groups + W - 1) / W};
+    const Shapes s = Shapes::of<float>(batch, dim, length, n_state, groups);
     // Contiguous tensors: [batch, dim, L] strides (dim * L, L, 1); B / C [batch, (G,) N, L] (a 3-D one is shared by
     // the single group).
     const int64_t sbc = grouped ? groups * n_state * length : n_state * length;
