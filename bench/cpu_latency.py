@@ -54,8 +54,9 @@ from vmq_fx import recipes  # noqa: E402
 from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
 TABLES = ("scan", "linears", "models", "dynamic", "train", "profile")
-# ONNX files per model: the portable standard Scan and the vmq.SelectiveScan custom op (export_onnx(scan=...))
-RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq scan"}
+# ONNX files per model: standard operators only (the portable Scan), and vmq_fx's onnxruntime ops (vmq.SelectiveScan,
+# vmq.Int8Linear: export_onnx(ops=...))
+RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq ops"}
 VIM_T = dict(d_model=192, d_inner=384, length=197, d_state=16, dt_rank=12)
 
 
@@ -207,12 +208,12 @@ def table_models(args) -> list[str]:
         torch.manual_seed(0)
         model = build()
         models = {"FP32": model, **quantized_models(model, shape)}
-        onnx_paths = {scan: {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}_{scan}.onnx".replace(
-            " ", ""), scan=scan).path for name, m in models.items()} for scan in RUNTIMES}
+        onnx_paths = {ops: {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}_{ops}.onnx".replace(
+            " ", ""), ops=ops).path for name, m in models.items()} for ops in RUNTIMES}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            sessions = {scan: {name: ort_session(path, threads=threads) for name, path in paths.items()}
-                        for scan, paths in onnx_paths.items()}
+            sessions = {ops: {name: ort_session(path, threads=threads) for name, path in paths.items()}
+                        for ops, paths in onnx_paths.items()}
             for batch in batches:
                 x = torch.randn(batch, *shape)
                 feed = {sessions["onnx"]["FP32"].get_inputs()[0].name: x.numpy()}
@@ -227,8 +228,8 @@ def table_models(args) -> list[str]:
                 with torch.no_grad():
                     t = interleaved({"FP32": eager(model), "FP32 pure": pure_torch,
                                      **{k: eager(m) for k, m in models.items() if k != "FP32"}}, args.reps)
-                o = {scan: interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in by_name.items()}, args.reps)
-                     for scan, by_name in sessions.items()}
+                o = {ops: interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in by_name.items()}, args.reps)
+                     for ops, by_name in sessions.items()}
 
                 def cells(times, base, keys):
                     return " | ".join(f"{ms(times[k])} ({base / times[k]:.2f}x)" for k in keys)
@@ -237,9 +238,9 @@ def table_models(args) -> list[str]:
                 out.append(f"| {label} | torch | {threads} | {batch} | {ms(t['FP32'])} | "
                            f"{ms(t['FP32 pure'])} ({t['FP32'] / t['FP32 pure']:.2f}x) | "
                            + cells(t, t["FP32"], quant) + " |")
-                for scan, runtime in RUNTIMES.items():
-                    out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(o[scan]['FP32'])} | - | "
-                               + cells(o[scan], o[scan]["FP32"], quant) + " |")
+                for ops, runtime in RUNTIMES.items():
+                    out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(o[ops]['FP32'])} | - | "
+                               + cells(o[ops], o[ops]["FP32"], quant) + " |")
                 print("\n".join(out[-1 - len(RUNTIMES):]), file=sys.stderr, flush=True)
     return out
 
@@ -247,7 +248,7 @@ def table_models(args) -> list[str]:
 # -- dynamic -----------------------------------------------------------------------------------------------------------
 def table_dynamic(args) -> list[str]:
     """Per-token dynamic W8A8 (each row's parameters computed in the op) against static W8A8, in torch and in
-    onnxruntime with the vmq scan (the standard Scan would hide the linears)."""
+    onnxruntime with vmq_fx's ops (the standard Scan would hide the linears)."""
     from vmq_fx.export import ort_session
 
     specs = model_specs(args.quick)
@@ -262,7 +263,7 @@ def table_dynamic(args) -> list[str]:
         models = {"FP32": model,
                   "static": vmq_fx.quantize(model, recipes.smoothquant_pts(8, 8), calib, progress=False).lowered,
                   "dynamic": vmq_fx.quantize(model, recipes.per_token_dynamic(8, 8), calib, progress=False).lowered}
-        paths = {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx", scan="vmq").path
+        paths = {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx", ops="vmq").path
                  for name, m in models.items()}
         for threads in args.threads:
             torch.set_num_threads(threads)
@@ -273,7 +274,7 @@ def table_dynamic(args) -> list[str]:
                 with torch.no_grad():
                     t = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.reps)
                 o = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.reps)
-                for runtime, times in (("torch", t), ("onnxruntime, vmq scan", o)):
+                for runtime, times in (("torch", t), (RUNTIMES["vmq"], o)):
                     out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
                                f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
                                f"{ms(times['dynamic'])} ({times['FP32'] / times['dynamic']:.2f}x FP32) | "
@@ -366,13 +367,13 @@ def table_profile(args) -> list[str]:
     for label, m in torch_models.items():
         out += _torch_profile(label, m, x)
     out += ["onnxruntime's profiler, kernel time by operator type (the exported files of the same models; the FP32 "
-            "model with the standard Scan, then every model with the vmq.SelectiveScan custom op):", ""]
+            "model with standard operators, then every model with vmq_fx's onnxruntime ops):", ""]
     tmp = Path(tempfile.mkdtemp())
     runs = [("FP32", "onnx")] + [(label, "vmq") for label in torch_models]
-    for label, scan in runs:
+    for label, ops in runs:
         path = vmq_fx.export_onnx(torch_models[label], torch.randn(2, 3, 224, 224),
-                                  tmp / f"{label}_{scan}.onnx".replace(" ", ""), scan=scan).path
-        out += _ort_profile(f"{label} ({RUNTIMES[scan]})", path, x, threads, tmp)
+                                  tmp / f"{label}_{ops}.onnx".replace(" ", ""), ops=ops).path
+        out += _ort_profile(f"{label} ({RUNTIMES[ops]})", path, x, threads, tmp)
     return out
 
 

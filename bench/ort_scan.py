@@ -7,7 +7,7 @@ three ways in one process, interleaved, medians:
 
 * torch: ``torch.ops.vmq.selective_scan`` (the fused C++ kernel where it is built);
 * ORT Scan: the portable export of ``vmq_fx.export_onnx`` (one standard ``Scan``, a recurrence step per token);
-* ORT vmq.SelectiveScan: ``export_onnx(..., scan="vmq")``, one node of vmq_fx's compiled onnxruntime custom op
+* ORT vmq.SelectiveScan: ``export_onnx(..., ops="vmq")``, one node of vmq_fx's compiled onnxruntime custom op
   (``vmq_fx.export.ort_ops``), which calls the fused kernel on onnxruntime's buffers;
 * ORT PyOp: a custom op in onnxruntime-extensions' ``ai.onnx.contrib`` domain whose Python body calls the fused kernel.
   onnxruntime-extensions hands a Python op's outputs back as Python lists (``tolist``), which costs more than the scan
@@ -49,18 +49,18 @@ class Scan(torch.nn.Module):
         return torch.ops.vmq.selective_scan(u, delta, A, B, C, D, z, delta_bias, True)
 
 
-def exported_scan_session(feed, folder: Path, threads: int, scan: str):
-    """The op exported by vmq_fx's translation (``scan="onnx"``: a standard ``Scan``; ``"vmq"``: one
+def exported_scan_session(feed, folder: Path, threads: int, ops: str):
+    """The op exported by vmq_fx's translation (``ops="onnx"``: a standard ``Scan``; ``"vmq"``: one
     ``vmq.SelectiveScan``), in a session from :func:`vmq_fx.export.ort_session`."""
     from vmq_fx.export import ort_session
     from vmq_fx.export.onnx import CUSTOM_DOMAIN
 
     args = tuple(torch.from_numpy(feed[k]) for k in NAMES)
     ep = torch.export.export(Scan(), args)  # exported per batch size
-    path = folder / f"scan_{scan}.onnx"
-    program = torch.onnx.export(ep, args, dynamo=True, custom_translation_table=onnx_translation_table(scan),
+    path = folder / f"scan_{ops}.onnx"
+    program = torch.onnx.export(ep, args, dynamo=True, custom_translation_table=onnx_translation_table(ops),
                                 opset_version=18, optimize=False, verbose=False)
-    if scan == "vmq":
+    if ops == "vmq":
         program.model.opset_imports[CUSTOM_DOMAIN] = 1
     program.save(str(path))
     return ort_session(path, threads=threads)
@@ -148,7 +148,7 @@ def main() -> None:
         "|---|---|---|---|---|",
         *rows,
         "",
-        "The compiled custom op (`export_onnx(..., scan=\"vmq\")`, `vmq_fx/export/ort_ops.py`) runs the fused kernel "
+        "The compiled custom op (`export_onnx(..., ops=\"vmq\")`, `vmq_fx/export/ort_ops.py`) runs the fused kernel "
         "on onnxruntime's own buffers: the scan costs in onnxruntime what it costs in torch, plus a `Transpose` of y "
         "back to [batch, channels, L]. It ties the file to vmq_fx's library (built against onnxruntime's API headers "
         "from Debian's "

@@ -6,8 +6,8 @@
 Everything else comes from the file: vmq_fx writes the model's preprocessing (input size and channels, resize and
 center crop, interpolation, mean / std), its class names where known, and the custom-op library it needs, if any,
 into the ONNX metadata (``vmq_fx.pretrained_cfg``, ``vmq_fx.custom_ops``). Files exported with the portable
-standard ``Scan`` (the default) need nothing more; a file exported with ``--onnx-scan vmq`` needs vmq_fx's onnxruntime
-library (``--custom-op-library``).
+standard operators (the default) need nothing more; a file exported with ``--onnx-ops vmq`` needs vmq_fx's
+onnxruntime library (``--custom-op-library``).
 
 Prints one line per image: the path, then the ``K`` best classes as ``index:name:probability``, tab-separated.
 """
@@ -57,7 +57,7 @@ def session(path: str, threads: int | None, library: str | None) -> tuple[ort.In
     except Exception as e:  # onnxruntime's errors are long: its first line names the problem
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if not library and "vmq" in reason:  # an operator of vmq_fx's custom domain
-            sys.exit(f"{path} uses vmq_fx's custom ops (vmq.SelectiveScan): give vmq_fx's onnxruntime library with "
+            sys.exit(f"{path} uses vmq_fx's custom ops (domain vmq): give vmq_fx's onnxruntime library with "
                      "--custom-op-library (`python -m vmq_fx.export.ort_ops --build` prints its path)")
         sys.exit(f"{path}: onnxruntime cannot load it: {reason[:300]}")
     meta = run.get_modelmeta().custom_metadata_map

@@ -271,15 +271,15 @@ def test_grayscale_rgba_and_cmyk_photos_are_converted(photos, tmp_path):
 def test_export_onnx_with_the_custom_scan(tmp_path, capsys, monkeypatch, ort_custom_ops):
     from vmq_fx.export import ort_ops
 
-    assert main(["export-onnx", "vim-fm-tiny", "-o", str(tmp_path / "m.onnx"), "--onnx-scan", "vmq"]) == 0
+    assert main(["export-onnx", "vim-fm-tiny", "-o", str(tmp_path / "m.onnx"), "--onnx-ops", "vmq"]) == 0
     wrote, rel = capsys.readouterr().out.strip().splitlines()[-2:]
     assert "SelectiveScan 16" in wrote and "Scan" not in wrote.replace("SelectiveScan", "")
     assert float(rel.rsplit(" ", 1)[1]) < 1e-4
     monkeypatch.setenv("VMQ_FX_ORT_INCLUDE", str(tmp_path))  # no headers there: refused before any work
     ort_ops.custom_ops_library.cache_clear()
     try:
-        _one_error_line(capsys, main(["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--onnx-scan", "vmq",
-                                      "--out-dir", str(tmp_path / "o")]), "needs onnxruntime's C++ API headers")
+        _one_error_line(capsys, main(["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit", "--onnx-ops", "vmq",
+                                      "--out-dir", str(tmp_path / "o")]), "need onnxruntime's C++ API headers")
     finally:
         ort_ops.custom_ops_library.cache_clear()
     assert not (tmp_path / "o").exists()

@@ -89,7 +89,7 @@ def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
     assert "NEEDED" in needed and "torch" not in needed and "c10" not in needed, needed
     model = load_reference("vim-fm-tiny")
     path = tmp_path / "custom.onnx"
-    vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path, scan="vmq")
+    vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path, ops="vmq")
     pixels, _ = fashion_mnist("test")
     images = []
     for i in range(200):
@@ -103,7 +103,7 @@ def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
 def test_a_file_with_custom_ops_names_the_library_it_needs(tmp_path):
     model = create_model("vim_fm_tiny", depth=1).eval()
     path = tmp_path / "custom.onnx"
-    vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path, scan="vmq")
+    vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path, ops="vmq")
     meta = {p.key: json.loads(p.value) for p in onnx.load(path).metadata_props}
     assert list(meta["vmq_fx.custom_ops"]) == ["vmq"] and meta["vmq_fx.pretrained_cfg"]["input_size"] == [1, 28, 28]
     image = tmp_path / "x.png"

@@ -122,14 +122,37 @@ class _Int8Linear(torch.nn.Module):
 @pytest.mark.parametrize("k,n,w_bits,a_bits,smooth", [(96, 40, 8, 8, True), (33, 7, 4, 8, False), (20, 9, 4, 4, True)])
 def test_int8_linear_translation_gives_the_same_levels(k, n, w_bits, a_bits, smooth, dynamic, tmp_path):
     m = _Int8Linear(k, n, w_bits, a_bits, smooth, dynamic)
-    x = torch.randn(5, 17, k) * 2  # odd K, zero points, saturating values
-    if dynamic:
-        x[0, 0], x[0, 1], x[1, 2] = 0.0, x[0, 1].abs(), -x[1, 2].abs()  # a zero row; one-signed rows
+    x = _int8_linear_input(k, dynamic)
     res = vmq_fx.export_onnx(m, x[:2], tmp_path / "l.onnx")
     assert _ops(res.path)["MatMulInteger"] == 1
     weight_type = onnx.TensorProto.UINT8 if w_bits == 8 else onnx.TensorProto.INT8  # see the next test
     assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, weight_type)]
     onnx.checker.check_model(onnx.load(res.path), full_check=True)
+    torch.testing.assert_close(_run(res.path, x), m(x), rtol=1e-6, atol=1e-6)
+
+
+def _int8_linear_input(k, dynamic):
+    x = torch.randn(5, 17, k, generator=torch.Generator().manual_seed(k)) * 2  # odd K, zero points, saturating values
+    if dynamic:
+        x[0, 0], x[0, 1], x[1, 2] = 0.0, x[0, 1].abs(), -x[1, 2].abs()  # a zero row; one-signed rows
+    return x
+
+
+@pytest.mark.parametrize("uint8_weights", [False, True], ids=["cpu-chosen", "uint8-weights"])
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("k,n,w_bits,a_bits,smooth", [(96, 40, 8, 8, True), (33, 7, 4, 8, False), (20, 9, 4, 4, True)])
+def test_custom_int8_linear_op_matches_the_torch_op(k, n, w_bits, a_bits, smooth, dynamic, uint8_weights, tmp_path,
+                                                    ort_custom_ops, monkeypatch):
+    """vmq.Int8Linear (export_onnx(ops="vmq")) gives the torch op's levels and floats: its quantize and rescale are
+    the torch op's row arithmetic, its product exact either way the kernel multiplies."""
+    if uint8_weights:
+        monkeypatch.setenv("VMQ_FX_ORT_UINT8_WEIGHTS", "1")
+    m = _Int8Linear(k, n, w_bits, a_bits, smooth, dynamic)
+    x = _int8_linear_input(k, dynamic)
+    res = vmq_fx.export_onnx(m, x[:2], tmp_path / "l.onnx", ops="vmq")
+    assert res.op_counts["Int8Linear"] == 1 and "MatMulInteger" not in res.op_counts
+    node = next(n for n in onnx.load(res.path).graph.node if n.op_type == "Int8Linear")
+    assert node.domain == "vmq" and sum(bool(i) for i in node.input) == 8 - 2 * dynamic - (not smooth)
     torch.testing.assert_close(_run(res.path, x), m(x), rtol=1e-6, atol=1e-6)
 
 
@@ -140,13 +163,20 @@ def _matmul_integer_input_types(path):
     return [tuple(types.get(i) for i in n.input[:2]) for n in model.graph.node if n.op_type == "MatMulInteger"]
 
 
+@pytest.mark.parametrize("ops", ["onnx", "vmq", "vmq-uint8-weights"])
 @pytest.mark.parametrize("k", [64, 200])
 @pytest.mark.parametrize("w_bits", [8, 7, 4])
-def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, k, tmp_path):
+def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, k, ops, tmp_path, request, monkeypatch):
     """Every activation at the top level (255) against the largest weights: a uint8 x int8 ``MatMulInteger`` sums pairs
     of products in saturating 16 bits on AVX2 CPUs without VNNI, wrong once 2 x 255 x |w| > 32767 (8-bit weights of
     127). The file must give the exact sums on every CPU: uint8 x uint8 (widened to 16 bits first) for 8-bit weights;
-    uint8 x int8 only for weights of up to 7 bits (|w| <= 64: 2 x 255 x 64 = 32640)."""
+    uint8 x int8 only for weights of up to 7 bits (|w| <= 64: 2 x 255 x 64 = 32640). ``vmq.Int8Linear`` picks the
+    form for the CPU it runs on: both of its forms are checked here (the forced uint8 x uint8 one is what CPUs without
+    VNNI take)."""
+    if ops != "onnx":
+        request.getfixturevalue("ort_custom_ops")
+    if ops == "vmq-uint8-weights":
+        monkeypatch.setenv("VMQ_FX_ORT_UINT8_WEIGHTS", "1")
     m = _Int8Linear(k, 6, 8, 8, smooth=False)
     top = 2 ** (w_bits - 1)
     m.w = torch.full_like(m.w, top - 1)
@@ -156,9 +186,10 @@ def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, k, tmp_
     x = torch.full((2, 17, k), 1e3)  # clamps to level 255 on every token
     x[:, ::3] = -1e3  # and to level 0 on others
     m.bits = (w_bits, 255)
-    res = vmq_fx.export_onnx(m, x, tmp_path / "sat.onnx")
-    weight_type = onnx.TensorProto.UINT8 if w_bits == 8 else onnx.TensorProto.INT8
-    assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, weight_type)]
+    res = vmq_fx.export_onnx(m, x, tmp_path / "sat.onnx", ops=ops.split("-")[0])
+    if ops == "onnx":
+        weight_type = onnx.TensorProto.UINT8 if w_bits == 8 else onnx.TensorProto.INT8
+        assert _matmul_integer_input_types(res.path) == [(onnx.TensorProto.UINT8, weight_type)]
     levels = torch.where(x > 0, 255.0, 0.0).double()
     want = levels @ (m.w.double() * m.w_scale.double()[:, None]).t() * m.act_scale.double()[:, None] + m.bias.double()
     assert want.abs().max() > 1  # the products are large, not cancelled
@@ -267,7 +298,7 @@ def test_same_model_exports_the_same_bytes(tmp_path):
     assert files[0] == files[1] and len(files[0]) > 10_000
 
 
-# -- vmq.SelectiveScan: the fused kernel as an onnxruntime custom op (export_onnx(scan="vmq")) -------------------------
+# -- vmq.SelectiveScan: the fused kernel as an onnxruntime custom op (export_onnx(ops="vmq")) -------------------------
 class _Scan(torch.nn.Module):
     """One vmq::selective_scan; the image-shaped input is u, the rest are buffers."""
 
@@ -301,7 +332,7 @@ def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, so
     batch, dim, length, n, groups = shape
     m = _Scan(batch, dim, length, n, groups, optional, softplus, reverse)
     u = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
-    res = vmq_fx.export_onnx(m, u, tmp_path / "scan.onnx", dynamic_batch=False, scan="vmq")
+    res = vmq_fx.export_onnx(m, u, tmp_path / "scan.onnx", dynamic_batch=False, ops="vmq")
     assert res.op_counts == {"SelectiveScan": 1, "Transpose": 1}  # y comes out sequence-major
     node = next(n for n in onnx.load(res.path).graph.node if n.op_type == "SelectiveScan")
     assert node.domain == "vmq" and sum(bool(i) for i in node.input) == (8 if optional else 5)
@@ -319,7 +350,7 @@ def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, so
 @pytest.mark.parametrize("name", REFERENCES)
 def test_models_with_the_custom_scan_match_torch(name, tmp_path, test_batch, ort_custom_ops):
     model, gm = _ref(name)
-    res = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx", scan="vmq")
+    res = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx", ops="vmq")
     scans = sum(n.target is torch.ops.vmq.selective_scan.default for n in gm.graph.nodes)
     assert res.op_counts["SelectiveScan"] == scans and "Scan" not in res.op_counts
     out = _run(res.path, test_batch)
@@ -336,6 +367,6 @@ def test_custom_scan_without_headers_says_how_to_get_them(tmp_path, monkeypatch)
             ort_ops.custom_ops_library()
     finally:
         ort_ops.custom_ops_library.cache_clear()
-    with pytest.raises(ValueError, match="scan must be one of onnx, vmq"):
+    with pytest.raises(ValueError, match="ops must be one of onnx, vmq"):
         vmq_fx.export_onnx(create_model("vim_fm_tiny", depth=1).eval(), torch.randn(2, 1, 28, 28),
-                           tmp_path / "x.onnx", scan="fast")
+                           tmp_path / "x.onnx", ops="fast")

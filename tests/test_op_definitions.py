@@ -24,9 +24,9 @@ def test_named_views_are_the_schema(view, op):
     assert [f.name for f in dataclasses.fields(view)] == argument_names(op)
 
 
-@pytest.mark.parametrize("scan", ["onnx", "vmq"])
-def test_onnx_translations_take_the_schema_arguments(scan):
-    table = onnx_translation_table(scan)
+@pytest.mark.parametrize("ops", ["onnx", "vmq"])
+def test_onnx_translations_take_the_schema_arguments(ops):
+    table = onnx_translation_table(ops)
     assert set(table) == set(OPS)
     for op, fn in table.items():
         assert list(inspect.signature(fn).parameters) == argument_names(op), op

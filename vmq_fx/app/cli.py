@@ -173,7 +173,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
     chosen = [_method(name, args) for name in args.recipe]  # bad input fails here
     if not args.no_onnx:
-        _require_onnx_scan(args.onnx_scan)
+        _require_onnx_ops(args.onnx_ops)
     progress = not args.quiet
     model = _load_model(args)
     _check_layer_choices(args, model)
@@ -197,7 +197,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         score = workload.score(res.lowered, progress)
         ort = "-"
         if not args.no_onnx:
-            onnx_res = vmq_fx.export_onnx(res.lowered, example, sub / "model.onnx", scan=args.onnx_scan)
+            onnx_res = vmq_fx.export_onnx(res.lowered, example, sub / "model.onnx", ops=args.onnx_ops)
             ort = str(workload.score_onnx(onnx_res.path, args.threads))
             files.append(f"{name}/model.onnx ({onnx_res.bytes / 1024:.0f} KB)")
         bits = vmq_fx.pt2e.diagnostics.bits_per_weight(res.lowered)
@@ -265,16 +265,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _onnx_scan_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--onnx-scan", choices=("onnx", "vmq"), default="onnx",
-                        help="the selective scan in the ONNX file: a standard Scan (onnx, portable) or one "
-                             "vmq.SelectiveScan node run by vmq_fx's onnxruntime kernel (vmq: ~4x faster; needs "
-                             "`python -m vmq_fx.export.ort_ops --fetch-headers` once)")
+def _onnx_ops_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--onnx-ops", choices=("onnx", "vmq"), default="onnx",
+                        help="the operators of the ONNX file: standard ONNX only (onnx, portable: the selective scan "
+                             "as a Scan), or the selective scans and integer linears as ops of vmq_fx's onnxruntime "
+                             "library (vmq: ~4x faster; no torch needed; needs `python -m vmq_fx.export.ort_ops "
+                             "--fetch-headers` once)")
 
 
-def _require_onnx_scan(scan: str) -> None:
-    """``--onnx-scan vmq`` needs the onnxruntime custom-op library: build it (or say why not) before any work."""
-    if scan == "vmq":
+def _require_onnx_ops(ops: str) -> None:
+    """``--onnx-ops vmq`` needs the onnxruntime custom-op library: build it (or say why not) before any work."""
+    if ops == "vmq":
         from vmq_fx.export.ort_ops import custom_ops_library
 
         custom_ops_library()
@@ -295,12 +296,12 @@ def _cmd_export_onnx(args: argparse.Namespace) -> int:
     import vmq_fx
     from vmq_fx.export import ort_session
 
-    _require_onnx_scan(args.onnx_scan)
+    _require_onnx_ops(args.onnx_ops)
     _check_output_file(args.output, "-o")
     model = _load_model(args, quantized_ok=True)
     shape = _input_shape(model)
     x = torch.randn(args.batch, *[int(d) for d in shape], generator=torch.Generator().manual_seed(0))
-    res = vmq_fx.export_onnx(model, x, args.output, scan=args.onnx_scan)
+    res = vmq_fx.export_onnx(model, x, args.output, ops=args.onnx_ops)
     sess = ort_session(res.path, threads=args.threads)
     out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
     with torch.no_grad():
@@ -569,14 +570,14 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", nargs="+", metavar="WHERE",
                    help="roles or module paths (fnmatch pattern) left in floating point, e.g. x_proj")
     q.add_argument("--no-onnx", action="store_true", help="do not export model.onnx")
-    _onnx_scan_arg(q)
+    _onnx_ops_arg(q)
     q.add_argument("--out-dir", type=_out_dir, required=True, help="output folder")
     q.set_defaults(fn=_cmd_quantize)
     o = sub.add_parser("export-onnx", help="export a model or a saved quantized model to ONNX, check in onnxruntime")
     _model_args(o, quantized=True)
     o.add_argument("-o", "--output", required=True, help="the .onnx file to write")
     o.add_argument("--batch", type=_count(2), default=2, help="example batch (the exported batch stays dynamic)")
-    _onnx_scan_arg(o)
+    _onnx_ops_arg(o)
     o.set_defaults(fn=_cmd_export_onnx)
     b = sub.add_parser("bench", help="forward latency of models (the first is the baseline of the ratios)")
     b.add_argument("models", nargs="+", help="reference model names, checkpoints or quantized .safetensors files")

@@ -1,12 +1,12 @@
-// What the CPU linears (int8_linear.cpp, vq_linear.cpp) share: per-thread scratch buffers, vector loads, float32
-// views of their inputs.
+// What the CPU linears' torch wrappers (int8_linear.cpp, vq_linear.cpp) share: per-thread scratch buffers, float32
+// views of their inputs, and the torch-free row arithmetic of linear_core.h.
 #pragma once
 
 #include <torch/extension.h>
 
 #include <cstring>
 
-#include "vec.h"
+#include "linear_core.h"
 
 namespace vmq_fx::linear {
 
@@ -19,22 +19,6 @@ inline at::Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype)
   const int64_t bytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
   if (!buf.defined() || buf.nbytes() < static_cast<size_t>(bytes)) buf = at::empty({bytes}, at::kByte);
   return buf.narrow(0, 0, bytes).view(dtype).view(sizes);
-}
-
-using VF = vmq_fx::Lanes<float>::V;
-using VI = vmq_fx::Lanes<float>::I;
-constexpr int kLanes = vmq_fx::Lanes<float>::W;
-
-inline VF loadf(const float* p) {
-  VF v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline VI loadi(const int32_t* p) {
-  VI v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
 }
 
 // float32 contiguous (a no-op for what the lowering stores).

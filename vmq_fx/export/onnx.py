@@ -9,7 +9,7 @@ How the vmq ops become standard ONNX (opset 18):
   alternatives in standard ops were slower in onnxruntime (decays and inputs computed for all steps outside the loop
   with 1, 4, 8 or 16 steps per iteration: 1.2-1.35x slower at Vim-T shapes; ORT's ``com.microsoft.LinearAttention`` with
   per-key decay computes the same recurrence, 1.1-3x slower): the ``Scan`` is the portable path and the default.
-  ``export_onnx(..., scan="vmq")`` writes one ``vmq.SelectiveScan`` node instead, which onnxruntime runs with vmq_fx's
+  ``export_onnx(..., ops="vmq")`` writes one ``vmq.SelectiveScan`` node instead, which onnxruntime runs with vmq_fx's
   fused kernel (:mod:`vmq_fx.export.ort_ops`, ~10x faster than the ``Scan``; the file then needs that library, which
   links no torch).
 * ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
@@ -25,6 +25,10 @@ How the vmq ops become standard ONNX (opset 18):
   Per-token dynamic (no ``act_scale``): each row's parameters in the graph (``ReduceMin`` / ``ReduceMax``, then the
   float32 arithmetic of torchao's ``choose_qparams_affine``), the levels by ``Round`` / ``Clip`` / ``Cast``, and the
   same ``MatMulInteger``, correction and rescale with the per-row zero points and scales.
+  ``export_onnx(..., ops="vmq")`` writes one ``vmq.Int8Linear`` node instead: the torch op's quantize and rescale as
+  one pass each around onnxruntime's own ``MatMulInteger``, whose operand types the kernel picks for the CPU it runs
+  on (uint8 x int8 with VNNI for every weight width): 1.2-1.3x the FP32 file's speed for vim_tiny W8A8, where the
+  standard form is 0.93x (``bench/cpu_latency.py``).
 * ``vmq::vq_linear`` / ``vmq::vq_dequantize`` -> the bit-packed codes, the float16 codebook (one initializer for a
   shared one) and the 8-bit row-scale codes stay in the file and are decoded in the graph (bit extraction, ``Gather``
   of codewords, ``2^(code / 16 - 12)`` row scales) before a ``MatMul``.
@@ -56,7 +60,7 @@ __all__ = ["OnnxExportError", "OnnxExportResult", "export_onnx", "onnx_translati
 log = logging.getLogger(__name__)
 
 _OPSET = 18
-CUSTOM_DOMAIN = "vmq"  # the domain of vmq.SelectiveScan (export_onnx(scan="vmq"))
+CUSTOM_DOMAIN = "vmq"  # the domain of vmq_fx's onnxruntime ops (export_onnx(ops="vmq"))
 
 
 class OnnxExportError(RuntimeError):
@@ -246,6 +250,17 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, 
     return out if bias is None else op.Add(out, bias)
 
 
+def _int8_linear_custom(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
+    """One ``vmq.Int8Linear`` node (:mod:`vmq_fx.export.ort_ops`): the torch op's quantize and rescale around
+    onnxruntime's own ``MatMulInteger``, whose operand types the kernel picks for the CPU it runs on. The weight goes in
+    transposed and unpacked (``[K, N]`` int8; onnxruntime folds that at load)."""
+    _, op, call_op = _ops()
+    w8 = _unpack_int4(op, w, x.shape[-1]) if w.dtype == _ops()[0].DataType.UINT8 else w
+    (out,) = call_op("Int8Linear", x, smooth, act_scale, act_zero_point, op.Transpose(w8, perm=[1, 0]), w_scale,
+                     w_sum, bias, _domain=CUSTOM_DOMAIN, qmin=int(act_qmin), qmax=int(act_qmax), w_bits=int(w_bits))
+    return out
+
+
 def _vq_weight(op, codes, codebook, row_scale, in_features: int):
     k, d = codebook.shape
     bits = max(1, int(np.ceil(np.log2(k))))
@@ -284,27 +299,33 @@ def _vq_linear(x, codes, codebook, row_scale, bias, in_features):
     return out if bias is None else op.Add(out, bias)
 
 
-_SCAN_TRANSLATIONS = {"onnx": _selective_scan, "vmq": _selective_scan_custom}
+OPS = ("onnx", "vmq")  # export_onnx(ops=...): standard ONNX everywhere, or vmq_fx's onnxruntime ops where it has one
 
 
-def onnx_translation_table(scan: str = "onnx") -> dict:
+def onnx_translation_table(ops: str = "onnx") -> dict:
     """``{torch.ops.vmq.<op>.default: translation}`` for ``torch.onnx.export(custom_translation_table=...)``.
 
     Args:
-        scan: ``"onnx"`` (the selective scan as a standard ``Scan``) or ``"vmq"`` (one ``vmq.SelectiveScan`` node).
+        ops: ``"onnx"``: standard ONNX operators only (the selective scan as a ``Scan``); ``"vmq"``: the selective
+            scan as one ``vmq.SelectiveScan`` node and the integer linear as one ``vmq.Int8Linear`` node (vmq_fx's
+            onnxruntime library).
     """
     import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 
-    if scan not in _SCAN_TRANSLATIONS:
-        raise ValueError(f"scan must be one of {', '.join(_SCAN_TRANSLATIONS)}, got {scan!r}")
+    if ops not in OPS:
+        raise ValueError(f"ops must be one of {', '.join(OPS)}, got {ops!r}")
     vmq = torch.ops.vmq
-    return {
-        vmq.selective_scan.default: _SCAN_TRANSLATIONS[scan],
+    table = {
+        vmq.selective_scan.default: _selective_scan,
         vmq.causal_conv1d.default: _causal_conv1d,
         vmq.int8_linear.default: _int8_linear,
         vmq.vq_linear.default: _vq_linear,
         vmq.vq_dequantize.default: _vq_dequantize,
     }
+    if ops == "vmq":
+        table.update({vmq.selective_scan.default: _selective_scan_custom,
+                      vmq.int8_linear.default: _int8_linear_custom})
+    return table
 
 
 _STANDARD_NAMESPACES = {"aten", "prims", "quantized_decomposed", "higher_order"}
@@ -330,7 +351,7 @@ def _strip_metadata(model) -> None:
 
 
 def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike, dynamic_batch: bool = True,
-                scan: str = "onnx", config=None) -> OnnxExportResult:
+                ops: str = "onnx", config=None) -> OnnxExportResult:
     """Export an FP, ``convert_pt2e`` (Q/DQ) or lowered Visual Mamba model to an ONNX file.
 
     The file carries the model's preprocessing and class names and the custom-op library it needs, if any, in its
@@ -343,9 +364,10 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         example: an example image batch (batch of 2 or more when ``dynamic_batch``).
         path: the ``.onnx`` file to write.
         dynamic_batch: keep the batch dimension dynamic.
-        scan: ``"onnx"``: every selective scan as a standard ``Scan`` (portable: any ONNX runtime); ``"vmq"``: as
-            one ``vmq.SelectiveScan`` node, which onnxruntime runs with vmq_fx's fused kernel
-            (:mod:`vmq_fx.export.ort_ops`; :func:`ort_session` registers it; about as fast as torch).
+        ops: ``"onnx"``: standard ONNX operators only (portable: any ONNX runtime; every selective scan is a
+            ``Scan``); ``"vmq"``: the selective scans and the integer linears as ops of vmq_fx's
+            onnxruntime library (:mod:`vmq_fx.export.ort_ops`, no torch; :func:`ort_session` registers it; the scan
+            about as fast as torch).
         config: the model's ``VimConfig`` / ``VMambaConfig`` (default: ``model.config``, or the configuration a
             lowered or loaded quantized model records); ``None`` and none recorded: the file's metadata has no
             preprocessing.
@@ -369,7 +391,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
 
     if isinstance(model, torch.fx.GraphModule) and int4_weight_names(model):
         model = pack_int4_weights(copy.deepcopy(model))  # 4-bit weights go to the file two per byte
-    table = onnx_translation_table(scan)
+    table = onnx_translation_table(ops)
     dynamic = ({0: torch.export.Dim("batch")},) if dynamic_batch else None
     if dynamic_batch and example.shape[0] < 2:
         raise ValueError("export_onnx: trace a dynamic batch with an example batch of at least 2 (got 1)")
@@ -390,13 +412,14 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
             root = root.__cause__
         raise OnnxExportError(f"ONNX export failed: {type(root).__name__}: {str(root).splitlines()[0][:500]}") from e
     _strip_metadata(program.model)
-    if scan == "vmq":
-        program.model.opset_imports[CUSTOM_DOMAIN] = 1
+    used_domains = sorted({n.domain for n in program.model.graph} & {CUSTOM_DOMAIN})
+    for domain in used_domains:
+        program.model.opset_imports[domain] = 1
     if config is None:
         config = getattr(model, "config", None) or getattr(model, "meta", {}).get("vmq_config")
     if config is None:
         log.warning("export_onnx: no model configuration: the file's metadata will not hold its preprocessing")
-    program.model.metadata_props.update(model_metadata(config, [CUSTOM_DOMAIN] if scan == "vmq" else []))
+    program.model.metadata_props.update(model_metadata(config, used_domains))
     path = os.fspath(path)
     program.save(path)
     seconds = time.perf_counter() - t0

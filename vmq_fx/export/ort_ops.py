@@ -1,10 +1,18 @@
-"""The onnxruntime custom-op library of vmq_fx: ``vmq.SelectiveScan``, the fused CPU selective scan in onnxruntime.
+"""The onnxruntime custom-op library of vmq_fx (domain ``vmq``): the fused CPU selective scan and the integer linear.
 
-An ONNX file exported with ``export_onnx(..., scan="vmq")`` holds one ``vmq.SelectiveScan`` node per scan instead of
-the portable standard ``Scan``; :func:`vmq_fx.export.ort_session` registers this library for such a file. The kernel
-is the core the torch op runs (``vmq_fx/csrc/selective_scan_core.h``: plain pointers and vector extensions), behind
-onnxruntime's C API (``vmq_fx/csrc/ort/selective_scan_op.cpp``). The library links no torch: a deployment needs only
-onnxruntime and this one file, and the op runs on onnxruntime's intra-op threads (``intra_op_num_threads``).
+An ONNX file exported with ``export_onnx(..., ops="vmq")`` holds, instead of the portable standard operators,
+
+* ``vmq.SelectiveScan``: one node per scan (instead of a standard ``Scan``), the core the torch op runs
+  (``vmq_fx/csrc/selective_scan_core.h``: plain pointers and vector extensions);
+* ``vmq.Int8Linear``: one node per lowered integer linear, the torch op's per-token quantize and rescale
+  (``vmq_fx/csrc/linear_core.h``) around onnxruntime's own ``MatMulInteger``, invoked from the kernel with the operand
+  types that are exact and fastest on the CPU it runs on (uint8 x int8 with VNNI; 8-bit weights as uint8 x uint8
+  without it, where uint8 x int8 saturates). ``VMQ_FX_ORT_UINT8_WEIGHTS=1`` forces the second form (tests and
+  benchmarks of it on VNNI machines).
+
+:func:`vmq_fx.export.ort_session` registers this library for such a file. The wrappers around the shared cores are
+in ``vmq_fx/csrc/ort/``. The library links no torch: a deployment needs only onnxruntime and this one file, and the
+ops run on onnxruntime's intra-op threads (``intra_op_num_threads``).
 
 Building it needs onnxruntime's C/C++ API headers, which the onnxruntime wheel does not ship. Fetch them once, at
 install time (Debian's ``libonnxruntime-dev`` 1.21 package, checked against its SHA-256; nothing is downloaded at run
@@ -16,7 +24,7 @@ or point ``$VMQ_FX_ORT_INCLUDE`` at an ``include/onnxruntime`` folder of onnxrun
 versioned, so headers of 1.21 work with any newer onnxruntime. The library is then compiled on first use (a few
 seconds, with the system's C++ compiler, for the CPU class :func:`vmq_fx.ops.native.selected_isa` picks) and cached
 under ``$VMQ_FX_CACHE``; ``python -m vmq_fx.export.ort_ops --build`` prints its path. Without Python, the compiler
-command at the top of ``selective_scan_op.cpp`` builds the same library.
+command at the top of ``vmq_fx/csrc/ort/library.cpp`` builds the same library.
 """
 from __future__ import annotations
 
@@ -43,12 +51,12 @@ _HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxrun
                 "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 _HEADERS_NAME = "onnxruntime-1.21.0-include"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCE = "ort/selective_scan_op.cpp"
-_DEPENDS = ("selective_scan_core.h", "vec.h")
+_SOURCES = ("ort/library.cpp", "ort/selective_scan_op.cpp", "ort/int8_linear_op.cpp")
+_DEPENDS = ("ort/ops.h", "selective_scan_core.h", "linear_core.h", "vec.h")
 
 
 class OrtCustomOpsUnavailable(RuntimeError):
-    """The ``vmq.SelectiveScan`` onnxruntime library cannot be built here (the message says why)."""
+    """vmq_fx's onnxruntime library cannot be built here (the message says why)."""
 
 
 def headers_dir() -> Path | None:
@@ -102,7 +110,7 @@ def fetch_headers(dest: str | os.PathLike | None = None) -> Path:
 def _compiler() -> str:
     cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
     if not cxx:
-        raise OrtCustomOpsUnavailable("no C++ compiler found (install g++, or set $CXX) to build the vmq.SelectiveScan "
+        raise OrtCustomOpsUnavailable("no C++ compiler found (install g++, or set $CXX) to build vmq_fx's "
                                       "onnxruntime library")
     return cxx
 
@@ -118,31 +126,31 @@ def custom_ops_library() -> str:
     include = headers_dir()
     if include is None:
         raise OrtCustomOpsUnavailable(
-            "the vmq.SelectiveScan onnxruntime kernel needs onnxruntime's C++ API headers: run `python -m "
+            "vmq_fx's onnxruntime ops need onnxruntime's C++ API headers: run `python -m "
             "vmq_fx.export.ort_ops --fetch-headers` once, or set VMQ_FX_ORT_INCLUDE (or keep the standard Scan: "
-            "scan='onnx', --onnx-scan onnx)")
+            "ops='onnx', --onnx-ops onnx)")
     isa = selected_isa()
     flags = ["-O3", "-std=c++17", "-shared", "-fPIC", "-Wno-psabi", *ISA_FLAGS[isa]]
-    code = "".join((_CSRC / f).read_text() for f in (_SOURCE, *_DEPENDS))
+    code = "".join((_CSRC / f).read_text() for f in (*_SOURCES, *_DEPENDS))
     key = hashlib.sha256("\n".join([" ".join(flags), str(include), code]).encode()).hexdigest()[:16]
     library = cache_root() / f"vmq_fx_ort_{isa}-{key}" / "libvmq_fx_ort.so"
     if library.is_file():
         return str(library)
     library.parent.mkdir(parents=True, exist_ok=True)
-    log.info("vmq_fx: compiling the vmq.SelectiveScan onnxruntime library for %s into %s", isa, library.parent)
+    log.info("vmq_fx: compiling the vmq onnxruntime library for %s into %s", isa, library.parent)
     partial = library.with_suffix(f".{os.getpid()}.tmp")  # renamed into place when whole: no lock needed
-    cmd = [_compiler(), *flags, f"-I{include}", f"-I{_CSRC}", str(_CSRC / _SOURCE), "-o", str(partial)]
+    cmd = [_compiler(), *flags, f"-I{include}", f"-I{_CSRC}", *(str(_CSRC / f) for f in _SOURCES), "-o", str(partial)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-        raise OrtCustomOpsUnavailable(f"the vmq.SelectiveScan onnxruntime library could not be built: {last}")
+        raise OrtCustomOpsUnavailable(f"the vmq onnxruntime library could not be built: {last}")
     os.replace(partial, library)
     return str(library)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m vmq_fx.export.ort_ops",
-                                description="Set up the vmq.SelectiveScan onnxruntime kernel.")
+                                description="Set up vmq_fx's onnxruntime custom-op library.")
     p.add_argument("--fetch-headers", action="store_true", help="download onnxruntime's API headers (install time)")
     p.add_argument("--build", action="store_true", help="compile the library now instead of on first use")
     args = p.parse_args(argv)

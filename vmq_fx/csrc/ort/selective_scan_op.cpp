@@ -8,17 +8,11 @@
 // [batch, L, dim], and the last state [batch, dim, N], float32. onnxruntime's tensors are read in place and the
 // kernel writes straight into its outputs.
 //
-// Standalone build (a deployment box without Python), with onnxruntime's include/onnxruntime headers:
-//   g++ -O3 -std=c++17 -shared -fPIC -mavx2 -mfma -mf16c -I ORT_INCLUDE -I vmq_fx/csrc \
-//       vmq_fx/csrc/ort/selective_scan_op.cpp -o libvmq_fx_ort.so
-// (-mavx512f -mavx512bw -mavx512vl -mavx512dq for AVX-512 CPUs, no -m flags for any x86-64 or ARM64 CPU.)
-#define ORT_API_MANUAL_INIT
-#include <onnxruntime_cxx_api.h>
-#undef ORT_API_MANUAL_INIT
+// Built into vmq_fx's onnxruntime library with the other ops (library.cpp registers them).
+#include "ops.h"
 
 #include <algorithm>
 #include <cstdint>
-#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -32,7 +26,6 @@ using vmq_fx::scan::Shapes;
 using vmq_fx::scan::Strided3;
 using vmq_fx::scan::StridedBC;
 
-constexpr const char* kDomain = "vmq";
 constexpr size_t kRequiredInputs = 5;  // u, delta, A, B, C; then D, z, delta_bias
 
 struct Input {
@@ -97,23 +90,7 @@ struct SelectiveScanKernel {
                                  reverse_,
                                  out_rows,
                                  last};
-    // onnxruntime's threads take chunks of tasks; each chunk keeps its buffers across its tasks.
-    const int64_t tasks = fwd.tasks();
-    struct Work {
-      const ScanForward<float>* fwd;
-      int64_t tasks, chunks;
-    } work{&fwd, tasks, std::min<int64_t>(tasks, 64)};
-    auto run_chunk = [](void* data, size_t chunk) {
-      const Work& w = *static_cast<const Work*>(data);
-      const int64_t begin = w.tasks * static_cast<int64_t>(chunk) / w.chunks;
-      const int64_t end = w.tasks * (static_cast<int64_t>(chunk) + 1) / w.chunks;
-      w.fwd->run(begin, end);
-    };
-    if (work.chunks > 1) {
-      ctx.ParallelFor(run_chunk, static_cast<size_t>(work.chunks), 0, &work);
-    } else if (work.chunks == 1) {
-      run_chunk(&work, 0);
-    }
+    vmq_fx::ort::parallel_chunks(ctx, fwd.tasks(), [&fwd](int64_t begin, int64_t end) { fwd.run(begin, end); });
   }
 
   bool softplus_ = false;
@@ -135,24 +112,7 @@ struct SelectiveScanOp : Ort::CustomOpBase<SelectiveScanOp, SelectiveScanKernel>
 
 }  // namespace
 
-// The entry point of onnxruntime's SessionOptions.register_custom_ops_library.
-extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
-                                                                const OrtApiBase* api_base) {
-  Ort::InitApi(api_base->GetApi(ORT_API_VERSION));
-  // One domain object for the process: onnxruntime keeps a pointer to it in every session that registers it.
+const OrtCustomOp* vmq_fx::ort::selective_scan_op() {
   static const SelectiveScanOp op;
-  static Ort::CustomOpDomain* domain = nullptr;
-  static std::mutex mutex;
-  Ort::Status status{nullptr};
-  try {
-    std::lock_guard<std::mutex> lock(mutex);
-    if (domain == nullptr) {
-      domain = new Ort::CustomOpDomain(kDomain);
-      domain->Add(&op);
-    }
-    Ort::UnownedSessionOptions(options).Add(*domain);
-  } catch (const std::exception& e) {
-    status = Ort::Status(e.what(), ORT_FAIL);
-  }
-  return status.release();
+  return &op;
 }

@@ -1,0 +1,221 @@
+// onnxruntime custom op vmq.Int8Linear: vmq::int8_linear as one node. One pass quantizes the activation per token
+// (static or per-token dynamic parameters) with the torch op's arithmetic (linear_core.h), onnxruntime's own
+// MatMulInteger multiplies (invoked from the kernel: MLAS, on the session's threads), and one pass rescales the int32
+// accumulators in place into the float output.
+//
+// The operand types of the integer product are chosen here, for the CPU the library runs on, which a standard
+// MatMulInteger node in the file cannot do: uint8 x int8 is onnxruntime's fast form (3.9x its fp32 MatMul at Vim-T
+// shapes with VNNI), but without VNNI its 16-bit pair sums (vpmaddubsw) saturate once 2 x 255 x |w| passes 32767,
+// i.e. for 8-bit weights. Those then go uint8 x uint8 (moved up by 128 once per weight, b_zero_point 128), exact on
+// every CPU; weights of up to 7 bits always go uint8 x int8. VMQ_FX_ORT_UINT8_WEIGHTS=1 takes uint8 x uint8 for 8-bit
+// weights on every CPU (what CPUs without VNNI run: for tests and benchmarks on VNNI machines).
+//
+// Inputs: x [..., L, K] float; smooth [K]?; act_scale [L]? and act_zero_point [L] int32? (both absent: per-token
+// dynamic, each row's parameters as torchao's choose_qparams_affine computes them); w_t [K, N] int8 (the weight,
+// transposed and unpacked by the graph, folded at load); w_scale [N]; w_sum [N] int32 (column sums of the weight);
+// bias [N]?. Attributes: qmin, qmax (unsigned activation levels), w_bits. Output: [..., L, N] float.
+#include "ops.h"
+
+#include <cstdint>
+#include <cstdlib>
+#include <mutex>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../linear_core.h"
+
+namespace {
+
+using vmq_fx::ort::parallel_chunks;
+
+template <typename T>
+struct Input {
+  const OrtValue* value = nullptr;  // null: an optional input left empty
+  const T* data = nullptr;
+  std::vector<int64_t> shape;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+template <typename T>
+Input<T> input(Ort::KernelContext& ctx, size_t index) {
+  if (index >= ctx.GetInputCount()) return {};
+  Ort::ConstValue value = ctx.GetInput(index);
+  if (!value) return {};
+  return {value, value.GetTensorData<T>(), value.GetTensorTypeAndShapeInfo().GetShape()};
+}
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("vmq.Int8Linear: " + what);
+}
+
+// Whether MLAS multiplies uint8 x int8 with VNNI dot products (exact) rather than saturating 16-bit pair sums.
+bool exact_u8s8() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni");
+#else
+  return false;  // ARM64 and others: take the form that is exact everywhere
+#endif
+}
+
+// Rows are handed to threads in tasks of this many.
+constexpr int64_t kRowsPerTask = 16;
+
+struct Int8LinearKernel {
+  Int8LinearKernel(const OrtApi&, const OrtKernelInfo* info)
+      : memory_(Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault)) {
+    Ort::ConstKernelInfo kernel_info(info);
+    qmin_ = kernel_info.GetAttribute<int64_t>("qmin");
+    qmax_ = kernel_info.GetAttribute<int64_t>("qmax");
+    const int64_t w_bits = kernel_info.GetAttribute<int64_t>("w_bits");
+    require(0 <= qmin_ && qmin_ < qmax_ && qmax_ <= 255,
+            "qmin / qmax must be unsigned 8-bit levels, got " + std::to_string(qmin_) + " / " + std::to_string(qmax_));
+    require(2 <= w_bits && w_bits <= 8, "w_bits must be 2-8, got " + std::to_string(w_bits));
+    const char* unsigned_weights = std::getenv("VMQ_FX_ORT_UINT8_WEIGHTS");
+    signed_weight_ = w_bits <= 7 || (exact_u8s8() && !(unsigned_weights && std::string(unsigned_weights) == "1"));
+    const char* names[] = {"T1", "T2", "T3"};
+    const ONNXTensorElementDataType types[] = {
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+        signed_weight_ ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
+        ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32};
+    // A and B alone for uint8 x int8; with the zero points 0 and 128 for uint8 x uint8.
+    matmul_ = Ort::Op::Create(info, "MatMulInteger", "", 10, names, types, 3, nullptr, 0, signed_weight_ ? 2 : 4, 1);
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const auto x = input<float>(ctx, 0), smooth = input<float>(ctx, 1), scale = input<float>(ctx, 2);
+    const auto zero_point = input<int32_t>(ctx, 3), w_sum = input<int32_t>(ctx, 6);
+    const auto w = input<int8_t>(ctx, 4);
+    const auto w_scale = input<float>(ctx, 5), bias = input<float>(ctx, 7);
+    require(x.shape.size() >= 2, "x must be [..., L, K]");
+    const int64_t K = x.shape.back(), L = x.shape[x.shape.size() - 2], M = x.numel() / (K ? K : 1);
+    require(w.shape.size() == 2 && w.shape[0] == K, "the weight must be [K, N] with x's K");
+    const int64_t N = w.shape[1];
+    require(!smooth.data || smooth.numel() == K, "smooth must be [K]");
+    const bool dynamic = !scale.data;
+    require(dynamic == !zero_point.data,
+            "act_scale and act_zero_point are both given (static) or both absent (per-token dynamic)");
+    require(dynamic || (scale.numel() == L && zero_point.numel() == L), "act_scale / act_zero_point must be [L]");
+    require(w_sum.numel() == N && w_scale.numel() == N && (!bias.data || bias.numel() == N),
+            "w_sum, w_scale and bias must be [N]");
+
+    // The levels, and per row its scale and zero point (dynamic) or its token's (static, period L).
+    thread_local std::vector<uint8_t> levels;
+    thread_local std::vector<float> row_scale;
+    thread_local std::vector<int32_t> row_zero_point;
+    levels.resize(static_cast<size_t>(M * K));
+    const float* scales = scale.data;
+    const int32_t* zero_points = zero_point.data;
+    int64_t period = L;
+    if (dynamic) {
+      row_scale.resize(static_cast<size_t>(M));
+      row_zero_point.resize(static_cast<size_t>(M));
+      scales = row_scale.data();
+      zero_points = row_zero_point.data();
+      period = M;
+    }
+    const float lo = static_cast<float>(qmin_), hi = static_cast<float>(qmax_);
+    // Pointers, not the thread_local vectors, go into the lambdas: those run on onnxruntime's other threads.
+    uint8_t* q = levels.data();
+    float* dynamic_scale = row_scale.data();
+    int32_t* dynamic_zero_point = row_zero_point.data();
+    parallel_chunks(ctx, (M + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin * kRowsPerTask; m < std::min(end * kRowsPerTask, M); ++m) {
+        const float* row = x.data + m * K;
+        if (dynamic)
+          vmq_fx::linear::token_qparams(row, smooth.data, K, qmin_, qmax_, dynamic_scale + m, dynamic_zero_point + m);
+        const int64_t t = m % period;
+        // as quantize_per_channel: x * (1 / scale)
+        vmq_fx::linear::quantize_row(row, smooth.data, 1.0f / scales[t], static_cast<float>(zero_points[t]), lo, hi,
+                                     0.0f, K, q + m * K);
+      }
+    });
+
+    // The int32 product goes into the output's memory and is rescaled in place.
+    std::vector<int64_t> out_shape = x.shape;
+    out_shape.back() = N;
+    float* out = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+    const int64_t a_shape[] = {M, K}, c_shape[] = {M, N}, scalar[] = {1};
+    Ort::Value a = Ort::Value::CreateTensor<uint8_t>(memory_, q, static_cast<size_t>(M * K), a_shape, 2);
+    Ort::Value c = Ort::Value::CreateTensor<int32_t>(memory_, reinterpret_cast<int32_t*>(out),
+                                                     static_cast<size_t>(M * N), c_shape, 2);
+    uint8_t a_zero = 0, b_zero = 128;
+    Ort::Value a_zp = Ort::Value::CreateTensor<uint8_t>(memory_, &a_zero, 1, scalar, 0);
+    Ort::Value b_zp = Ort::Value::CreateTensor<uint8_t>(memory_, &b_zero, 1, scalar, 0);
+    if (signed_weight_) {
+      const OrtValue* inputs[] = {a, w.value};
+      OrtValue* outputs[] = {c};
+      matmul_.Invoke(context, inputs, 2, outputs, 1);
+    } else {
+      Ort::Value b = shifted_weight(w, K, N);
+      const OrtValue* inputs[] = {a, b, a_zp, b_zp};
+      OrtValue* outputs[] = {c};
+      matmul_.Invoke(context, inputs, 4, outputs, 1);
+    }
+    const int32_t* acc = reinterpret_cast<const int32_t*>(out);
+    parallel_chunks(ctx, (M + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin * kRowsPerTask; m < std::min(end * kRowsPerTask, M); ++m) {
+        const int64_t t = m % period;
+        vmq_fx::linear::rescale_row(acc + m * N, zero_points[t], scales[t], w_sum.data, w_scale.data, bias.data, N,
+                                    out + m * N);
+      }
+    });
+  }
+
+  // The weight moved up by 128 into uint8, made on the first call and kept (the weight is an initializer: the same
+  // memory and values in every call).
+  Ort::Value shifted_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (shifted_source_ != w.data) {
+      shifted_.resize(static_cast<size_t>(K * N));
+      for (int64_t i = 0; i < K * N; ++i) shifted_[i] = static_cast<uint8_t>(w.data[i] + 128);
+      shifted_source_ = w.data;
+    }
+    const int64_t shape[] = {K, N};
+    return Ort::Value::CreateTensor<uint8_t>(memory_, shifted_.data(), shifted_.size(), shape, 2);
+  }
+
+  Ort::MemoryInfo memory_;
+  Ort::Op matmul_{nullptr};
+  int64_t qmin_ = 0, qmax_ = 255;
+  bool signed_weight_ = true;
+  std::mutex mutex_;
+  std::vector<uint8_t> shifted_;
+  const int8_t* shifted_source_ = nullptr;
+};
+
+struct Int8LinearOp : Ort::CustomOpBase<Int8LinearOp, Int8LinearKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new Int8LinearKernel(api, info); }
+  const char* GetName() const { return "Int8Linear"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 8; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    switch (index) {
+      case 3:
+      case 6:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+      case 4:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      default:
+        return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 1 || index == 2 || index == 3 || index == 7 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+const OrtCustomOp* vmq_fx::ort::int8_linear_op() {
+  static const Int8LinearOp op;
+  return &op;
+}

@@ -1,0 +1,36 @@
+// The ops of vmq_fx's onnxruntime custom-op library (domain "vmq"), registered together by library.cpp.
+#pragma once
+
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <cstdint>
+
+namespace vmq_fx::ort {
+
+const OrtCustomOp* selective_scan_op();     // selective_scan_op.cpp
+const OrtCustomOp* int8_linear_op();     // int8_linear_op.cpp
+
+// run(begin, end) over [0, tasks) in up to 64 contiguous chunks on onnxruntime's intra-op threads (the session's
+// intra_op_num_threads); a chunk's tasks run on one thread, which keeps its buffers across them.
+template <typename Run>
+void parallel_chunks(Ort::KernelContext& ctx, int64_t tasks, Run&& run) {
+  struct Work {
+    Run* run;
+    int64_t tasks, chunks;
+  } work{&run, tasks, std::min<int64_t>(tasks, 64)};
+  auto run_chunk = [](void* data, size_t chunk) {
+    const Work& w = *static_cast<const Work*>(data);
+    const auto c = static_cast<int64_t>(chunk);
+    (*w.run)(w.tasks * c / w.chunks, w.tasks * (c + 1) / w.chunks);
+  };
+  if (work.chunks > 1) {
+    ctx.ParallelFor(run_chunk, static_cast<size_t>(work.chunks), 0, &work);
+  } else if (work.chunks == 1) {
+    run(0, tasks);
+  }
+}
+
+}  // namespace vmq_fx::ort
