@@ -300,9 +300,10 @@ def test_same_model_exports_the_same_bytes(tmp_path):
 
 # -- vmq.SelectiveScan: the fused kernel as an onnxruntime custom op (export_onnx(ops="vmq")) -------------------------
 class _Scan(torch.nn.Module):
-    """One vmq::selective_scan; the image-shaped input is u, the rest are buffers."""
+    """One vmq::selective_scan; the image-shaped input is u, the rest are buffers. ``sequence_major``: u, delta, B, C
+    and z are held [batch, L, channels] and handed to the scan transposed, as the models do."""
 
-    def __init__(self, batch, dim, length, n, groups, optional, softplus, reverse):
+    def __init__(self, batch, dim, length, n, groups, optional, softplus, reverse, sequence_major=False):
         super().__init__()
         g = torch.Generator().manual_seed(dim + length + n)
         bc = (batch, n, length) if groups is None else (batch, groups, n, length)
@@ -312,38 +313,83 @@ class _Scan(torch.nn.Module):
         self.register_buffer("C", torch.randn(*bc, generator=g))
         for name, shape in (("D", (dim,)), ("z", (batch, dim, length)), ("delta_bias", (dim,))):
             self.register_buffer(name, torch.randn(*shape, generator=g) if optional else None)
-        self.softplus, self.reverse = softplus, reverse
+        self.softplus, self.reverse, self.sequence_major = softplus, reverse, sequence_major
+        if sequence_major:  # stored [batch, L, channels]; forward transposes them back
+            for name in ("delta", "B", "C", "z"):
+                t = getattr(self, name)
+                if t is not None and t.dim() == 3:
+                    setattr(self, name, t.transpose(1, 2).contiguous())
 
     def forward(self, u):
-        y, last = torch.ops.vmq.selective_scan(u, self.delta, self.A, self.B, self.C, self.D, self.z, self.delta_bias,
-                                               self.softplus, self.reverse)
+        def view(t):
+            return t.transpose(1, 2) if self.sequence_major and t is not None and t.dim() == 3 else t
+
+        y, last = torch.ops.vmq.selective_scan(view(u), view(self.delta), self.A, view(self.B), view(self.C), self.D,
+                                               view(self.z), self.delta_bias, self.softplus, self.reverse)
         return y, last
 
 
-@pytest.mark.parametrize("shape,optional,softplus,reverse", [
-    ((2, 8, 13, 4, None), True, True, False),
-    ((2, 8, 13, 4, None), True, True, True),
-    ((3, 40, 19, 16, 4), True, False, True),  # grouped B, C (VMamba)
-    ((2, 6, 7, 3, None), False, False, False),  # no D, z, delta bias
-    ((1, 32, 11, 1, 4), False, True, True),  # d_state 1
+@pytest.mark.parametrize("shape,optional,softplus,reverse,sequence_major", [
+    ((2, 8, 13, 4, None), True, True, False, False),
+    ((2, 8, 13, 4, None), True, True, True, False),
+    ((2, 8, 13, 4, None), True, True, True, True),
+    ((3, 40, 19, 16, 4), True, False, True, False),  # grouped B, C (VMamba)
+    ((3, 40, 19, 16, 4), True, False, False, True),  # u, delta, z sequence-major; grouped B, C not
+    ((2, 6, 7, 3, None), False, False, False, False),  # no D, z, delta bias
+    ((1, 32, 11, 1, 4), False, True, True, False),  # d_state 1
 ])
-def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, softplus, reverse, tmp_path,
-                                                            mamba_ssm_ref, ort_custom_ops):
+def test_custom_scan_op_matches_mamba_ssm_ref_in_onnxruntime(shape, optional, softplus, reverse, sequence_major,
+                                                            tmp_path, mamba_ssm_ref, ort_custom_ops):
     batch, dim, length, n, groups = shape
-    m = _Scan(batch, dim, length, n, groups, optional, softplus, reverse)
+    m = _Scan(batch, dim, length, n, groups, optional, softplus, reverse, sequence_major)
     u = torch.randn(batch, dim, length, generator=torch.Generator().manual_seed(1))
+    if sequence_major:
+        u = u.transpose(1, 2).contiguous()
     res = vmq_fx.export_onnx(m, u, tmp_path / "scan.onnx", dynamic_batch=False, ops="vmq")
-    assert res.op_counts == {"SelectiveScan": 1, "Transpose": 1}  # y comes out sequence-major
+    assert res.op_counts == {"SelectiveScan": 1, "Transpose": 1}  # y comes out sequence-major; no copies of inputs
     node = next(n for n in onnx.load(res.path).graph.node if n.op_type == "SelectiveScan")
     assert node.domain == "vmq" and sum(bool(i) for i in node.input) == (8 if optional else 5)
+    taken = {a.name: list(a.ints) for a in node.attribute}.get("sequence_major", [])
+    want = [i for i, given in zip((0, 1, 3, 4, 6), (True, True, groups is None, groups is None, optional)) if given]
+    assert taken == (want if sequence_major else [])
     sess = ort_session(res.path)
     y, last = (torch.from_numpy(a) for a in sess.run(None, {sess.get_inputs()[0].name: u.numpy()}))
     flip = (lambda t: t.flip(-1) if t is not None and t.dim() >= 3 else t) if reverse else (lambda t: t)  # noqa: E731
-    ref_y, ref_last = mamba_ssm_ref(flip(u), flip(m.delta), m.A, flip(m.B), flip(m.C), m.D, flip(m.z), m.delta_bias,
-                                    delta_softplus=softplus, return_last_state=True)
+    view = (lambda t: t.transpose(1, 2) if t is not None and t.dim() == 3 else t) if sequence_major else (  # noqa: E731
+        lambda t: t)
+    ref_y, ref_last = mamba_ssm_ref(flip(view(u)), flip(view(m.delta)), m.A, flip(view(m.B)), flip(view(m.C)), m.D,
+                                    flip(view(m.z)), m.delta_bias, delta_softplus=softplus, return_last_state=True)
     scale = ref_y.abs().max()
     torch.testing.assert_close(y, flip(ref_y), atol=1e-5 * scale, rtol=1e-5)
     torch.testing.assert_close(last, ref_last, atol=1e-5 * ref_last.abs().max(), rtol=1e-5)
+
+
+class _Conv(torch.nn.Module):
+    def __init__(self, weight, bias, silu, reverse):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.silu, self.reverse = silu, reverse
+
+    def forward(self, x):
+        return torch.ops.vmq.causal_conv1d(x, self.weight, self.bias, self.silu, self.reverse)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("bias,kernel,channels", [(True, 4, 20), (False, 2, 33), (True, 1, 8)])
+def test_custom_causal_conv_op_matches_float64_convolution(bias, kernel, channels, silu, reverse, tmp_path,
+                                                           ort_custom_ops):
+    from test_causal_conv1d import conv_reference
+
+    g = torch.Generator().manual_seed(kernel + channels)
+    x, w = torch.randn(3, 9, channels, generator=g), torch.randn(channels, kernel, generator=g)
+    b = torch.randn(channels, generator=g) if bias else None
+    res = vmq_fx.export_onnx(_Conv(w, b, silu, reverse), x, tmp_path / "conv.onnx", ops="vmq")
+    assert res.op_counts["CausalConv1d"] == 1 and "Slice" not in res.op_counts and "Pad" not in res.op_counts
+    ref = conv_reference(x, w, b, silu, reverse)
+    out = _run(res.path, x).double()
+    assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
 
 
 @pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split

@@ -13,7 +13,8 @@ How the vmq ops become standard ONNX (opset 18):
   fused kernel (:mod:`vmq_fx.export.ort_ops`, ~10x faster than the ``Scan``; the file then needs that library, which
   links no torch).
 * ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
-  (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op.
+  (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op. ``export_onnx(..., ops="vmq")``
+  writes one ``vmq.CausalConv1d`` node instead (the torch op's kernel).
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
   (uint8 x int8 -> int32 for weights of up to 7 bits; 8-bit weights as uint8 x uint8, moved up by 128 (folded at load)
@@ -161,14 +162,35 @@ def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
     return y, op.Reshape(h, _const(op, [0, channels, d_state], np.int64))
 
 
+def _transposed_from(value):
+    """The ``[batch, L, channels]`` value that a ``[batch, channels, L]`` value is a ``Transpose(perm=[0, 2, 1])`` of,
+    or ``None``."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Transpose" or node.domain not in ("", "ai.onnx"):
+        return None
+    perm = node.attributes.get("perm")
+    return node.inputs[0] if perm is not None and list(perm.as_ints()) == [0, 2, 1] else None
+
+
 def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
-    """One ``vmq.SelectiveScan`` node (the fused kernel, :mod:`vmq_fx.export.ort_ops`). It writes ``y`` sequence-major
-    (``[batch, L, channels]``, as the kernel stores it) and a ``Transpose`` gives the op's ``[batch, channels, L]``:
-    onnxruntime's transpose costs less than the strided copy the kernel would otherwise make (``bench/ort_scan.py``:
-    1.3x -> 1.1x the torch op)."""
+    """One ``vmq.SelectiveScan`` node (the fused kernel, :mod:`vmq_fx.export.ort_ops`).
+
+    The model hands the scan ``[batch, channels, L]`` transposes of its sequence-major activations; the node takes
+    those activations themselves where it can see the ``Transpose`` (attribute ``sequence_major``), since the kernel
+    reads either layout in place: the copies would cost ~8 % of a Vim forward in onnxruntime. It writes ``y``
+    sequence-major (``[batch, L, channels]``, as the kernel stores it) and a ``Transpose`` gives the op's
+    ``[batch, channels, L]`` (onnxruntime's transpose optimizer cancels it against the model's own where it can)."""
     _, op, call_op = _ops()
-    y_rows, last = call_op("SelectiveScan", u, delta, A, B, C, D, z, delta_bias, _num_outputs=2,
-                           _domain=CUSTOM_DOMAIN, softplus=int(delta_softplus), reverse=int(reverse))
+    inputs = [u, delta, A, B, C, D, z, delta_bias]
+    sequence_major = []
+    for index in (0, 1, 3, 4, 6):  # u, delta, B, C, z: 3-D [batch, channels, L]
+        source = _transposed_from(inputs[index]) if inputs[index] is not None and len(inputs[index].shape) == 3 else None
+        if source is not None:
+            inputs[index] = source
+            sequence_major.append(index)
+    attrs = {"sequence_major": sequence_major} if sequence_major else {}
+    y_rows, last = call_op("SelectiveScan", *inputs, _num_outputs=2, _domain=CUSTOM_DOMAIN,
+                           softplus=int(delta_softplus), reverse=int(reverse), **attrs)
     return op.Transpose(y_rows, perm=[0, 2, 1]), last
 
 
@@ -192,6 +214,15 @@ def _causal_conv1d(x, weight, bias=None, silu=False, reverse=False):
     if bias is not None:
         y = op.Add(y, bias)
     return op.Mul(y, op.Sigmoid(y)) if silu else y
+
+
+def _causal_conv1d_custom(x, weight, bias=None, silu=False, reverse=False):
+    """One ``vmq.CausalConv1d`` node (the torch op's kernel, :mod:`vmq_fx.export.ort_ops`); the taps go in as
+    ``[K, channels]`` (a ``Transpose`` of the weight, folded at load)."""
+    _, op, call_op = _ops()
+    (y,) = call_op("CausalConv1d", x, op.Transpose(weight, perm=[1, 0]), bias, _domain=CUSTOM_DOMAIN,
+                   silu=int(silu), reverse=int(reverse))
+    return y
 
 
 def _unpack_int4(op, w, k: int):
@@ -307,8 +338,8 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
 
     Args:
         ops: ``"onnx"``: standard ONNX operators only (the selective scan as a ``Scan``); ``"vmq"``: the selective
-            scan as one ``vmq.SelectiveScan`` node and the integer linear as one ``vmq.Int8Linear`` node (vmq_fx's
-            onnxruntime library).
+            scan, the causal convolution and the integer linear as one node each (``vmq.SelectiveScan``,
+            ``vmq.CausalConv1d``, ``vmq.Int8Linear``: vmq_fx's onnxruntime library).
     """
     import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 
@@ -324,6 +355,7 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
     }
     if ops == "vmq":
         table.update({vmq.selective_scan.default: _selective_scan_custom,
+                      vmq.causal_conv1d.default: _causal_conv1d_custom,
                       vmq.int8_linear.default: _int8_linear_custom})
     return table
 
@@ -365,7 +397,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         path: the ``.onnx`` file to write.
         dynamic_batch: keep the batch dimension dynamic.
         ops: ``"onnx"``: standard ONNX operators only (portable: any ONNX runtime; every selective scan is a
-            ``Scan``); ``"vmq"``: the selective scans and the integer linears as ops of vmq_fx's
+            ``Scan``); ``"vmq"``: the selective scans, causal convolutions and integer linears as ops of vmq_fx's
             onnxruntime library (:mod:`vmq_fx.export.ort_ops`, no torch; :func:`ort_session` registers it; the scan
             about as fast as torch).
         config: the model's ``VimConfig`` / ``VMambaConfig`` (default: ``model.config``, or the configuration a

@@ -12,6 +12,7 @@ namespace vmq_fx::ort {
 
 const OrtCustomOp* selective_scan_op();     // selective_scan_op.cpp
 const OrtCustomOp* int8_linear_op();     // int8_linear_op.cpp
+const OrtCustomOp* causal_conv1d_op();   // causal_conv1d_op.cpp
 
 // run(begin, end) over [0, tasks) in up to 64 contiguous chunks on onnxruntime's intra-op threads (the session's
 // intra_op_num_threads); a chunk's tasks run on one thread, which keeps its buffers across them.

@@ -1,12 +1,14 @@
 // onnxruntime custom op vmq.SelectiveScan: the fused CPU selective scan of vmq_fx (selective_scan_core.h, the core
-// the torch op runs too) behind onnxruntime's C API, so that an ONNX file exported with export_onnx(..., scan="vmq")
+// the torch op runs too) behind onnxruntime's C API, so that an ONNX file exported with export_onnx(..., ops="vmq")
 // runs the same kernel as torch. The library links no torch: onnxruntime's headers and this directory are all it
 // needs, and it runs on onnxruntime's intra-op threads (the session's intra_op_num_threads).
 //
 // Inputs: u, delta [batch, dim, L]; A [dim, N]; B, C [batch, N, L] or [batch, groups, N, L]; optional D [dim],
-// z [batch, dim, L], delta_bias [dim]. Attributes: softplus, reverse (0 / 1). Outputs: y sequence-major,
-// [batch, L, dim], and the last state [batch, dim, N], float32. onnxruntime's tensors are read in place and the
-// kernel writes straight into its outputs.
+// z [batch, dim, L], delta_bias [dim]. Attributes: softplus, reverse (0 / 1); sequence_major (optional): the indices
+// of the inputs among u, delta, B, C (3-D) and z that come sequence-major instead, [batch, L, dim] / [batch, L, N]
+// (the exporter passes the tensor that a Transpose to [batch, dim, L] was made from: the kernel reads either layout in
+// place, and channels-contiguous rows fastest). Outputs: y sequence-major, [batch, L, dim], and the last state
+// [batch, dim, N], float32. The kernel writes straight into its outputs.
 //
 // Built into vmq_fx's onnxruntime library with the other ops (library.cpp registers them).
 #include "ops.h"
@@ -44,57 +46,79 @@ void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("vmq.SelectiveScan: " + what);
 }
 
+// [batch, C, L] strides of a [batch, C, L] tensor, or of a sequence-major [batch, L, C] one.
+struct Layout {
+  int64_t sb, sc, st;
+};
+Layout layout(int64_t channels, int64_t length, bool sequence_major) {
+  return sequence_major ? Layout{length * channels, 1, channels} : Layout{channels * length, length, 1};
+}
+
 struct SelectiveScanKernel {
   SelectiveScanKernel(const OrtApi&, const OrtKernelInfo* info) {
     Ort::ConstKernelInfo kernel_info(info);
     softplus_ = kernel_info.GetAttribute<int64_t>("softplus") != 0;
     reverse_ = kernel_info.GetAttribute<int64_t>("reverse") != 0;
+    try {
+      for (int64_t index : kernel_info.GetAttributes<int64_t>("sequence_major")) {
+        require(index == 0 || index == 1 || index == 3 || index == 4 || index == 6,
+                "sequence_major names inputs among u (0), delta (1), B (3), C (4) and z (6)");
+        sequence_major_[index] = true;
+      }
+    } catch (const Ort::Exception&) {  // absent: every input is [batch, channels, L]
+    }
+  }
+
+  // An input's shape as [batch, channels, L] (or [batch, groups, N, L]) whatever its layout.
+  std::vector<int64_t> logical(const Input& in, size_t index) const {
+    if (!sequence_major_[index] || in.shape.size() != 3) return in.shape;
+    return {in.shape[0], in.shape[2], in.shape[1]};
   }
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const Input u = input(ctx, 0), delta = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
     const Input D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7);
-    require(u.shape.size() == 3 && delta.shape == u.shape, "u and delta must be [batch, dim, L] alike");
-    const int64_t batch = u.shape[0], dim = u.shape[1], length = u.shape[2];
+    const std::vector<int64_t> u_shape = logical(u, 0), b_shape = logical(B, 3);
+    require(u_shape.size() == 3 && logical(delta, 1) == u_shape, "u and delta must be [batch, dim, L] alike");
+    const int64_t batch = u_shape[0], dim = u_shape[1], length = u_shape[2];
     require(A.shape.size() == 2 && A.shape[0] == dim, "A must be [dim, N]");
     const int64_t n_state = A.shape[1];
     require(B.shape.size() == C.shape.size() && (B.shape.size() == 3 || B.shape.size() == 4),
             "B and C must both be [batch, N, L] or [batch, groups, N, L]");
     const bool grouped = B.shape.size() == 4;
+    require(!grouped || !(sequence_major_[3] || sequence_major_[4]), "grouped B and C come [batch, groups, N, L]");
     const int64_t groups = grouped ? B.shape[1] : 1;
-    require(B.shape == C.shape && B.shape[0] == batch && B.shape[grouped ? 2 : 1] == n_state &&
-                B.shape.back() == length && dim % groups == 0,
+    require(logical(C, 4) == b_shape && b_shape[0] == batch && b_shape[grouped ? 2 : 1] == n_state &&
+                b_shape.back() == length && dim % groups == 0,
             "B and C must be [batch, (groups,) N, L] with groups dividing dim");
-    require(!z.data || z.shape == u.shape, "z must have u's shape");
+    require(!z.data || logical(z, 6) == u_shape, "z must have u's shape");
     require((!D.data || D.shape == std::vector<int64_t>{dim}) && (!bias.data || bias.shape == std::vector<int64_t>{dim}),
             "D and delta_bias must be [dim]");
 
     const Shapes s = Shapes::of<float>(batch, dim, length, n_state, groups);
-    // Contiguous tensors: [batch, dim, L] strides (dim * L, L, 1); B / C [batch, (G,) N, L] (a 3-D one is shared by
-    // the single group).
-    const int64_t sbc = grouped ? groups * n_state * length : n_state * length;
+    auto rows = [&](const Input& in, size_t index) {
+      if (!in.data) return Strided3<float>();
+      const Layout l = layout(dim, length, sequence_major_[index]);
+      return Strided3<float>(in.data, l.sb, l.sc, l.st, length, reverse_);
+    };
+    // B / C [batch, (G,) N, L] (a 3-D one is shared by the single group, whose stride is then never used), or a 3-D
+    // one sequence-major.
+    auto states = [&](const Input& in, size_t index) {
+      const Layout l = layout(n_state, length, sequence_major_[index]);
+      return StridedBC<float>{in.data, grouped ? groups * n_state * length : l.sb, n_state * length, l.sc, l.st};
+    };
     float* out_rows = ctx.GetOutput(0, {batch, length, dim}).GetTensorMutableData<float>();
     float* last = ctx.GetOutput(1, {batch, dim, n_state}).GetTensorMutableData<float>();
-    const ScanForward<float> fwd{s,
-                                 Strided3<float>(u.data, dim * length, length, 1, length, reverse_),
-                                 Strided3<float>(delta.data, dim * length, length, 1, length, reverse_),
-                                 z.data ? Strided3<float>(z.data, dim * length, length, 1, length, reverse_)
-                                        : Strided3<float>(),
-                                 StridedBC<float>{B.data, sbc, n_state * length, length, 1},
-                                 StridedBC<float>{C.data, sbc, n_state * length, length, 1},
-                                 A.data,
-                                 D.data,
-                                 bias.data,
-                                 softplus_,
-                                 reverse_,
-                                 out_rows,
+    const ScanForward<float> fwd{s,           rows(u, 0), rows(delta, 1), rows(z, 6), states(B, 3), states(C, 4),
+                                 A.data,      D.data,     bias.data,      softplus_,  reverse_,     out_rows,
                                  last};
     vmq_fx::ort::parallel_chunks(ctx, fwd.tasks(), [&fwd](int64_t begin, int64_t end) { fwd.run(begin, end); });
   }
 
   bool softplus_ = false;
   bool reverse_ = false;
+  bool sequence_major_[8] = {};
 };
 
 struct SelectiveScanOp : Ort::CustomOpBase<SelectiveScanOp, SelectiveScanKernel> {

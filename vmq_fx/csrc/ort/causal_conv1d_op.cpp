@@ -1,0 +1,77 @@
+// onnxruntime custom op vmq.CausalConv1d: vmq::causal_conv1d (depthwise (anti-)causal convolution + optional SiLU, the
+// core the torch op runs: causal_conv1d_core.h) as one node, instead of the Pad, K shifted Slice windows, products and
+// sums of the portable translation.
+//
+// Inputs: x [batch, L, channels] float; taps [K, channels] (the weight transposed by the graph, folded at load);
+// bias [channels]?. Attributes: silu, reverse (0 / 1). Output: [batch, L, channels].
+#include "ops.h"
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "../causal_conv1d_core.h"
+
+namespace {
+
+void require(bool ok, const std::string& what) {
+  if (!ok) throw std::invalid_argument("vmq.CausalConv1d: " + what);
+}
+
+struct CausalConv1dKernel {
+  CausalConv1dKernel(const OrtApi&, const OrtKernelInfo* info) {
+    Ort::ConstKernelInfo kernel_info(info);
+    silu_ = kernel_info.GetAttribute<int64_t>("silu") != 0;
+    reverse_ = kernel_info.GetAttribute<int64_t>("reverse") != 0;
+  }
+
+  void Compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    Ort::ConstValue x = ctx.GetInput(0), taps = ctx.GetInput(1);
+    Ort::ConstValue bias = ctx.GetInputCount() > 2 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
+    const std::vector<int64_t> shape = x.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> taps_shape = taps.GetTensorTypeAndShapeInfo().GetShape();
+    require(shape.size() == 3, "x must be [batch, L, channels]");
+    const int64_t batch = shape[0], length = shape[1], channels = shape[2];
+    require(taps_shape.size() == 2 && taps_shape[1] == channels && taps_shape[0] >= 1 &&
+                taps_shape[0] <= vmq_fx::conv::kMaxWidth,
+            "the taps must be [K, channels] with K from 1 to 8");
+    require(!bias || bias.GetTensorTypeAndShapeInfo().GetShape() == std::vector<int64_t>{channels},
+            "bias must be [channels]");
+    const float* xp = x.GetTensorData<float>();
+    const float* wp = taps.GetTensorData<float>();
+    const float* bp = bias ? bias.GetTensorData<float>() : nullptr;
+    float* out = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+    const int64_t kernel = taps_shape[0];
+    const bool silu = silu_, reverse = reverse_;
+    vmq_fx::ort::parallel_chunks(ctx, vmq_fx::conv::conv_tasks<float>(batch, channels), [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task)
+        vmq_fx::conv::conv_task(task, xp, length * channels, channels, length, channels, wp, kernel, bp, silu, reverse,
+                                out);
+    });
+  }
+
+  bool silu_ = false;
+  bool reverse_ = false;
+};
+
+struct CausalConv1dOp : Ort::CustomOpBase<CausalConv1dOp, CausalConv1dKernel> {
+  void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new CausalConv1dKernel(api, info); }
+  const char* GetName() const { return "CausalConv1d"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 3; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
+    return index == 2 ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+};
+
+}  // namespace
+
+const OrtCustomOp* vmq_fx::ort::causal_conv1d_op() {
+  static const CausalConv1dOp op;
+  return &op;
+}
