@@ -80,24 +80,31 @@ def test_fashion_mnist_fp_and_w8a8_files_match_torch_on_1000_test_images(tmp_pat
 
 
 def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
-    """The vmq.SelectiveScan library links no torch (its ELF needs no libtorch / libc10) and runs the custom-op file
-    in the process where torch cannot be imported, classifying as torch does."""
+    """vmq_fx's onnxruntime library links no torch (its ELF needs no libtorch / libc10) and runs the custom-op files
+    (FP32: vmq.SelectiveScan and vmq.CausalConv1d; W8A8 also vmq.Int8Linear) in the process where torch cannot be
+    imported, classifying as torch does."""
+    from vmq_fx.app.data import calibration_images
     from vmq_fx.export.ort_ops import custom_ops_library
 
     library = custom_ops_library()
     needed = subprocess.run(["readelf", "-d", library], capture_output=True, text=True, check=True).stdout
     assert "NEEDED" in needed and "torch" not in needed and "c10" not in needed, needed
     model = load_reference("vim-fm-tiny")
-    path = tmp_path / "custom.onnx"
-    vmq_fx.export_onnx(model, torch.randn(2, 1, 28, 28), path, ops="vmq")
+    lowered = vmq_fx.quantize(model, vmq_fx.recipes.from_name("sq-pts-w8a8"), calibration_images(32),
+                              progress=False).lowered
     pixels, _ = fashion_mnist("test")
     images = []
     for i in range(200):
         images.append(tmp_path / f"{i:03d}.png")
         Image.fromarray(pixels[i].numpy()).save(images[-1])
-    got = _deploy(tmp_path, path, images, "--custom-op-library", library, "--threads", "2")
-    expected = _torch_top1(model, model.config.preprocess, images)
-    assert sum(got[str(p)][0] != e for p, e in zip(images, expected)) == 0
+    for name, m, ops, allowed in (("fp32", model, {"SelectiveScan", "CausalConv1d"}, 0),
+                                  ("w8a8", lowered, {"SelectiveScan", "CausalConv1d", "Int8Linear"}, 2)):
+        path = tmp_path / f"{name}.onnx"
+        res = vmq_fx.export_onnx(m, torch.randn(2, 1, 28, 28), path, ops="vmq")
+        assert {n.op_type for n in onnx.load(path).graph.node if n.domain == "vmq"} == ops, res.op_counts
+        got = _deploy(tmp_path, path, images, "--custom-op-library", library, "--threads", "2")
+        expected = _torch_top1(m, model.config.preprocess, images)
+        assert sum(got[str(p)][0] != e for p, e in zip(images, expected)) <= allowed, name
 
 
 def test_a_file_with_custom_ops_names_the_library_it_needs(tmp_path):
