@@ -28,20 +28,19 @@ struct CausalConv1dKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    Ort::ConstValue x = ctx.GetInput(0), taps = ctx.GetInput(1);
-    Ort::ConstValue bias = ctx.GetInputCount() > 2 ? ctx.GetInput(2) : Ort::ConstValue{nullptr};
-    const std::vector<int64_t> shape = x.GetTensorTypeAndShapeInfo().GetShape();
-    const std::vector<int64_t> taps_shape = taps.GetTensorTypeAndShapeInfo().GetShape();
+    const auto x = vmq_fx::ort::input<float>(ctx, 0), taps = vmq_fx::ort::input<float>(ctx, 1);
+    const auto bias = vmq_fx::ort::input<float>(ctx, 2);
+    const std::vector<int64_t>& shape = x.shape;
+    const std::vector<int64_t>& taps_shape = taps.shape;
     require(shape.size() == 3, "x must be [batch, L, channels]");
     const int64_t batch = shape[0], length = shape[1], channels = shape[2];
     require(taps_shape.size() == 2 && taps_shape[1] == channels && taps_shape[0] >= 1 &&
                 taps_shape[0] <= vmq_fx::conv::kMaxWidth,
             "the taps must be [K, channels] with K from 1 to 8");
-    require(!bias || bias.GetTensorTypeAndShapeInfo().GetShape() == std::vector<int64_t>{channels},
-            "bias must be [channels]");
-    const float* xp = x.GetTensorData<float>();
-    const float* wp = taps.GetTensorData<float>();
-    const float* bp = bias ? bias.GetTensorData<float>() : nullptr;
+    require(!bias.data || bias.shape == std::vector<int64_t>{channels}, "bias must be [channels]");
+    const float* xp = x.data;
+    const float* wp = taps.data;
+    const float* bp = bias.data;
     float* out = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
     const int64_t kernel = taps_shape[0];
     const bool silu = silu_, reverse = reverse_;

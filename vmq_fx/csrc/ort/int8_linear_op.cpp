@@ -27,27 +27,9 @@
 
 namespace {
 
+using vmq_fx::ort::Input;
+using vmq_fx::ort::input;
 using vmq_fx::ort::parallel_chunks;
-
-template <typename T>
-struct Input {
-  const OrtValue* value = nullptr;  // null: an optional input left empty
-  const T* data = nullptr;
-  std::vector<int64_t> shape;
-  int64_t numel() const {
-    int64_t n = 1;
-    for (int64_t d : shape) n *= d;
-    return n;
-  }
-};
-
-template <typename T>
-Input<T> input(Ort::KernelContext& ctx, size_t index) {
-  if (index >= ctx.GetInputCount()) return {};
-  Ort::ConstValue value = ctx.GetInput(index);
-  if (!value) return {};
-  return {value, value.GetTensorData<T>(), value.GetTensorTypeAndShapeInfo().GetShape()};
-}
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("vmq.Int8Linear: " + what);

@@ -7,12 +7,34 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 namespace vmq_fx::ort {
 
 const OrtCustomOp* selective_scan_op();     // selective_scan_op.cpp
 const OrtCustomOp* int8_linear_op();     // int8_linear_op.cpp
 const OrtCustomOp* causal_conv1d_op();   // causal_conv1d_op.cpp
+
+// One input of a kernel, read in place; data is null for an optional input left empty.
+template <typename T>
+struct Input {
+  const OrtValue* value = nullptr;
+  const T* data = nullptr;
+  std::vector<int64_t> shape;
+  int64_t numel() const {
+    int64_t n = 1;
+    for (int64_t d : shape) n *= d;
+    return n;
+  }
+};
+
+template <typename T>
+Input<T> input(Ort::KernelContext& ctx, size_t index) {
+  if (index >= ctx.GetInputCount()) return {};
+  Ort::ConstValue value = ctx.GetInput(index);
+  if (!value) return {};
+  return {value, value.GetTensorData<T>(), value.GetTensorTypeAndShapeInfo().GetShape()};
+}
 
 // run(begin, end) over [0, tasks) in up to 64 contiguous chunks on onnxruntime's intra-op threads (the session's
 // intra_op_num_threads); a chunk's tasks run on one thread, which keeps its buffers across them.

@@ -30,17 +30,8 @@ using vmq_fx::scan::StridedBC;
 
 constexpr size_t kRequiredInputs = 5;  // u, delta, A, B, C; then D, z, delta_bias
 
-struct Input {
-  const float* data = nullptr;  // null: an optional input left empty
-  std::vector<int64_t> shape;
-};
-
-Input input(Ort::KernelContext& ctx, size_t index) {
-  if (index >= ctx.GetInputCount()) return {};
-  Ort::ConstValue value = ctx.GetInput(index);
-  if (!value) return {};
-  return {value.GetTensorData<float>(), value.GetTensorTypeAndShapeInfo().GetShape()};
-}
+using Input = vmq_fx::ort::Input<float>;
+constexpr auto input = vmq_fx::ort::input<float>;
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("vmq.SelectiveScan: " + what);
