@@ -421,11 +421,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from vmq_fx import distributed
     from vmq_fx.app.evaluate import evaluate, evaluate_folder
     from vmq_fx.app.images import ImageFolder
 
     model = _load_model(args, quantized_ok=True)
-    progress = not args.quiet
+    progress = not args.quiet and distributed.is_main()
     if args.eval_dir:
         cfg = model.config if hasattr(model, "config") else model.meta["vmq_config"]
         folder = ImageFolder.open(args.eval_dir, cfg.num_classes, cfg.preprocess)
@@ -437,7 +438,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.model} does not take 28x28 Fashion-MNIST images: give --eval-dir DIR (one "
                              "subfolder per class)")
         result = evaluate(model, limit=args.limit, data_dir=args.data_dir, progress=progress)
-    print(f"{args.model}: {result}")
+    if distributed.is_main():
+        print(f"{args.model}: {result}" + (f" ({distributed.world_size()} processes)"
+                                           if distributed.world_size() > 1 else ""))
     return 0
 
 
@@ -633,12 +636,22 @@ def main(argv: list[str] | None = None) -> int:
         return _run(args)
 
 
+# The commands that run under torchrun (several processes, one result): the others refuse it.
+_DISTRIBUTED_COMMANDS = ("eval",)
+
+
 def _run(args) -> int:
+    from vmq_fx import distributed
+
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     try:
+        if distributed.launched() and args.command not in _DISTRIBUTED_COMMANDS:
+            raise ValueError(f"vmq {args.command} does not run under torchrun yet (only "
+                             f"{', '.join('vmq ' + c for c in _DISTRIBUTED_COMMANDS)} does): run it as one process")
+        distributed.init_from_env()
         return args.fn(args)
     except (ValueError, OSError, RuntimeError, TypeError, ImportError) as e:
         # One line for people; the traceback is for developers (VMQ_DEBUG=1).
@@ -651,6 +664,8 @@ def _run(args) -> int:
     except KeyboardInterrupt:
         print("vmq: interrupted", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

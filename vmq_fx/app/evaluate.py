@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from vmq_fx import distributed
 from vmq_fx.app.data import fashion_mnist, normalize
 
 __all__ = ["Agreement", "EvalResult", "agreement", "evaluate", "evaluate_folder", "predict"]
@@ -31,16 +32,19 @@ class EvalResult:
 @torch.no_grad()
 def predict(model: Callable[[Tensor], Tensor], images: Tensor, batch_size: int = 500, progress: bool = False,
             desc: str = "eval") -> Tensor:
-    """Logits of ``model`` on normalized images [N, 1, 28, 28], in batches."""
+    """Logits of ``model`` on normalized images [N, 1, 28, 28], in batches. Under ``torchrun`` each process runs its
+    share of the batches (:func:`vmq_fx.distributed.batch_shard`) and every process gets all the logits, in order."""
+    shard = distributed.batch_shard(len(images), batch_size)
     outs = []
-    for start in tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False):
-        outs.append(model(images[start:start + batch_size]))
-    return torch.cat(outs)
+    for start in tqdm(range(shard.start, shard.stop, batch_size), desc=desc, disable=not progress, leave=False):
+        outs.append(model(images[start:min(start + batch_size, shard.stop)]))
+    return distributed.all_gather_rows(torch.cat(outs) if outs else None)
 
 
 def evaluate(model: Callable[[Tensor], Tensor], split: str = "test", limit: int | None = None, batch_size: int = 500,
              data_dir: str | os.PathLike | None = None, progress: bool = True) -> EvalResult:
-    """Top-1 accuracy of ``model`` on a Fashion-MNIST split.
+    """Top-1 accuracy of ``model`` on a Fashion-MNIST split (under ``torchrun``: the batches shared out over the
+    processes, the same result on every one).
 
     Args:
         model: anything callable on a float [batch, 1, 28, 28] tensor returning logits: an ``nn.Module`` in eval mode,
@@ -68,22 +72,29 @@ def evaluate(model: Callable[[Tensor], Tensor], split: str = "test", limit: int 
 
 def evaluate_folder(model: Callable[[Tensor], Tensor], folder, batch_size: int = 64, workers: int | None = None,
                     progress: bool = True) -> EvalResult:
-    """Top-1 accuracy of ``model`` on a labelled image folder (:class:`vmq_fx.app.images.ImageFolder`), streamed.
+    """Top-1 accuracy of ``model`` on a labelled image folder (:class:`vmq_fx.app.images.ImageFolder`), streamed
+    (under ``torchrun``: the batches shared out over the processes, the counts summed).
 
     Example:
         >>> from vmq_fx.app.images import ImageFolder
         >>> folder = ImageFolder.open("imagenet/val", 1000, model.config.preprocess)  # doctest: +SKIP
         >>> print(evaluate_folder(model, folder))  # doctest: +SKIP
     """
+    import dataclasses
+
     from vmq_fx.app.images import batches
 
     t0 = time.perf_counter()
+    shard = distributed.batch_shard(len(folder.files), batch_size)
+    mine = dataclasses.replace(folder, files=folder.files[shard.start:shard.stop],
+                               labels=folder.labels[shard.start:shard.stop])
     correct = total = 0
     with torch.no_grad():
-        for x, y in tqdm(batches(folder, batch_size, workers), total=-(-len(folder.files) // batch_size),
+        for x, y in tqdm(batches(mine, batch_size, workers), total=-(-len(mine.files) // batch_size),
                          desc=f"eval {folder.root.name}", disable=not progress, leave=False):
             correct += int((model(x).argmax(-1) == y).sum())
             total += len(y)
+    correct, total = distributed.all_reduce_sum([correct, total])
     return EvalResult(100.0 * correct / total, correct, total, time.perf_counter() - t0)
 
 

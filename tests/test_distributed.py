@@ -1,0 +1,69 @@
+"""Several processes under torchrun (gloo on this CPU) against one process: the same evaluation, by whole batches."""
+import re
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from vmq_fx import distributed
+from vmq_fx.app.cli import main
+
+
+@pytest.mark.parametrize("n,batch,size", [(1100, 500, 2), (1100, 500, 3), (30, 64, 2), (0, 8, 2), (10, 1, 4)])
+def test_batch_shards_are_whole_batches_in_order(n, batch, size, monkeypatch):
+    shards = []
+    for r in range(size):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        monkeypatch.setattr(distributed, "world_size", lambda: size)
+        shards.append(distributed.batch_shard(n, batch))
+    assert [i for s in shards for i in s] == list(range(n))  # a partition, in rank order
+    for s in shards:  # each starts on a batch boundary and ends on one (or at n)
+        assert s.start % batch == 0 and (s.stop % batch == 0 or s.stop == n)
+    counts = [len(range(s.start, s.stop, batch)) for s in shards]
+    assert max(counts) - min(counts) <= 1  # batches dealt out evenly
+
+
+def _torchrun(*args) -> str:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "vmq_fx.app.cli", *args, "--threads", "1", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _counts(text: str) -> tuple[int, int]:
+    correct, total = re.search(r"\((\d+)/(\d+)\)", text).groups()
+    return int(correct), int(total)
+
+
+@pytest.mark.fashion_mnist
+def test_eval_under_torchrun_equals_one_process(tmp_path, capsys):
+    """1,100 Fashion-MNIST test images (batches of 500: one process takes one, the other two), and a labelled folder
+    of 40 images (batches of 64: the second process has none): the counts of one process, printed once."""
+    from vmq_fx.app.data import fashion_mnist
+
+    pixels, labels = fashion_mnist("test")
+    for i in range(40):
+        folder = tmp_path / "images" / f"class{int(labels[i])}"  # sorted: the label order
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels[i].numpy()).save(folder / f"{i:02d}.png")
+    for args in (["eval", "vim-fm-tiny", "--limit", "1100"],
+                 ["eval", "vim-fm-tiny", "--eval-dir", str(tmp_path / "images")]):
+        assert main([*args, "--threads", "1", "--quiet"]) == 0
+        alone = capsys.readouterr().out
+        together = _torchrun(*args)
+        assert len(together.strip().splitlines()) == 1 and "(2 processes)" in together  # rank 0 reports
+        assert _counts(together) == _counts(alone)
+        assert _counts(alone)[1] == (1100 if "--limit" in args else 40)
+
+
+@pytest.mark.parametrize("command", [["quantize", "vim-fm-tiny", "--recipe", "ptq4vm-w8a8", "--out-dir", "o"],
+                                     ["export-onnx", "vim-fm-tiny", "-o", "m.onnx"]])
+def test_commands_that_do_not_run_distributed_refuse_torchrun(command, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not run under torchrun yet" in err[0] and "vmq eval" in err[0], err
+    assert not list(tmp_path.iterdir())  # refused before any work
