@@ -2,8 +2,10 @@
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from vmq_fx import distributed
@@ -67,3 +69,49 @@ def test_commands_that_do_not_run_distributed_refuse_torchrun(command, capsys, m
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "does not run under torchrun yet" in err[0] and "vmq eval" in err[0], err
     assert not list(tmp_path.iterdir())  # refused before any work
+
+
+def test_merged_histograms_keep_every_count_on_the_coarsest_grid():
+    from vmq_fx.pt2e.observers.lp_search import RowHistograms
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 4000, generator=g) * torch.tensor([[1.0], [5.0], [0.1]])
+    parts = [RowHistograms(64) for _ in range(2)]
+    parts[0].add(x[:, :1000])
+    parts[1].add(x[:, 1000:] * 3)  # a wider range: its grid is the coarser one
+    merged = RowHistograms.merged(64, [p.state() for p in parts])
+    assert torch.equal(merged.counts.sum(1), torch.full((3,), 4000.0))
+    assert torch.equal(merged.width, parts[1].width) and torch.equal(merged.start, parts[1].start)  # held it already
+    assert bool((merged.counts >= parts[1].counts).all())  # the coarsest histogram's bins nest: kept as they are
+    # the finer one's values land within one of its own bins of their place: the merged cumulative counts are those
+    # of one histogram of all the values, up to the counts of one fine bin's width at each edge
+    whole = RowHistograms(64)
+    whole.start, whole.width, whole.counts = merged.start.clone(), merged.width.clone(), torch.zeros(3, 64)
+    whole.add(torch.cat([x[:, :1000], x[:, 1000:] * 3], 1))
+    assert torch.equal(whole.width, merged.width)
+    fine = parts[0].counts.amax(1, keepdim=True)  # the most values one fine bin holds
+    assert bool(((merged.counts.cumsum(1) - whole.counts.cumsum(1)).abs() <= fine).all())
+
+
+@pytest.mark.fashion_mnist
+def test_calibration_under_torchrun_matches_one_process(tmp_path):
+    """SmoothQuant + PTS calibration of vim-fm-tiny on 8 batches: 2 processes of 4 batches each against one process.
+    The maxima and the smoothing scales are exact; the step sizes come from merged histograms, as close to one
+    process's as one process's are to themselves with another batch size (measured: max 3.0 % / mean 0.32 % apart,
+    against 2.1 % / 0.20 % for batches of 16 instead of 8)."""
+    from distributed_calibration import calibrated_statistics
+
+    out = tmp_path / "two.pt"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(__file__).parent / "distributed_calibration.py"), str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two, one = torch.load(out), calibrated_statistics()
+    assert one.keys() == two.keys() and len(one) == 48
+    rel = []
+    for name in one:
+        for key in ("min", "max", "channel_absmax", "smooth"):
+            assert torch.equal(one[name][key], two[name][key]), (name, key)
+        rel.append(((one[name]["scale"] - two[name]["scale"]).abs() / one[name]["scale"]).double())
+    rel = torch.cat(rel)
+    assert rel.max() < 0.05 and rel.mean() < 0.005, (float(rel.max()), float(rel.mean()))

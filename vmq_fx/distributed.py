@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["all_gather_rows", "all_reduce_sum", "batch_shard", "init_from_env", "is_main", "launched", "rank",
+__all__ = ["all_gather_objects", "all_gather_rows", "all_reduce_sum", "batch_shard", "init_from_env", "is_main", "launched", "rank",
            "shutdown", "world_size"]
 
 log = logging.getLogger(__name__)
@@ -104,17 +104,26 @@ def batch_shard(n: int, batch_size: int) -> range:
     return range(min(first * batch_size, n), min(last * batch_size, n))
 
 
+def all_gather_objects(obj) -> list:
+    """Every process's ``obj`` (picklable: tensors go to the CPU first), in rank order. Without a process group:
+    ``[obj]``."""
+    if not _active():
+        return [obj]
+    import torch.distributed as dist
+
+    parts: list = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def all_gather_rows(rows: Tensor | None) -> Tensor:
-    """Every process's ``rows`` (its shard's results along dim 0, on the CPU; ``None`` for an empty shard),
-    concatenated in rank order on every process. Without a process group: ``rows``."""
+    """Every process's ``rows`` (its shard's results along dim 0; ``None`` for an empty shard), concatenated in rank
+    order on every process. Without a process group: ``rows``."""
     if not _active():
         return rows
     import torch
-    import torch.distributed as dist
 
-    parts: list[Tensor | None] = [None] * world_size()
-    dist.all_gather_object(parts, None if rows is None else rows.cpu())
-    return torch.cat([p for p in parts if p is not None])
+    return torch.cat([p for p in all_gather_objects(None if rows is None else rows.cpu()) if p is not None])
 
 
 def all_reduce_sum(values: list[int]) -> list[int]:

@@ -11,6 +11,11 @@ PTQ4VM's calibration has two passes over the calibration images:
 
 Without smoothing (``recipe.smooth=False``) only the second pass runs. Each linear follows its own recipe
 (``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
+
+Under ``torchrun`` each process runs a contiguous share of the batches (:func:`vmq_fx.distributed.batch_shard`) and
+the activation quantizers combine their statistics after each pass
+(:meth:`~vmq_fx.pt2e.observers.PerTokenStaticFakeQuantize.all_reduce_statistics`), so every process ends with the
+same quantizers: maxima exactly those of one process, step sizes from merged histograms.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor, fx
 from tqdm.auto import tqdm
 
+from vmq_fx import distributed
 from vmq_fx.pt2e.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
 from vmq_fx.pt2e.observers.codebook import initialize_codebook_group
 from vmq_fx.pt2e.utils import codebook_groups, linear_quantizers, split_batches
@@ -98,6 +104,12 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     quantizers = linear_quantizers(prepared)
     batches = split_batches(data, batch_size)
     _check_inputs(prepared, batches)
+    if len(batches) < distributed.world_size():
+        raise ValueError(f"calibration has {len(batches)} batches for {distributed.world_size()} processes: every "
+                         "process needs one (more images or a smaller batch size)")
+    share = distributed.batch_shard(len(batches), 1)
+    batches = batches[share.start:share.stop]
+    activations = [act for _, act, _ in quantizers.values() if isinstance(act, PerTokenStaticFakeQuantize)]
     smoothed = [(layer, act, weight) for layer, act, weight in quantizers.values()
                 if isinstance(act, PerTokenStaticFakeQuantize) and act.smoothing]
     seconds = {}
@@ -106,6 +118,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         for _, act, _ in smoothed:  # this pass needs the channel maxima only
             act.record_distribution = False
         _run(prepared, batches, "calibrate (smoothing)", progress)
+        for _, act, _ in smoothed:
+            act.all_reduce_statistics()
         for layer, act, weight in smoothed:
             act.record_distribution = True
             alpha = layer.recipe.alpha if layer.recipe.alpha is not None else (0.65 if layer.family == "vmamba" else 0.5)
@@ -118,6 +132,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         seconds["smoothing pass"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     _run(prepared, batches, "calibrate (step sizes)", progress)
+    for act in activations:
+        act.all_reduce_statistics()
     seconds["statistics pass"] = time.perf_counter() - t0
     modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
     initialize = [q.initialize for q in modules if isinstance(q, (PerTokenStaticFakeQuantize,

@@ -150,6 +150,27 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         if self.record_distribution:
             self._hist.add_tokens(x, lo, hi)
 
+    @torch.no_grad()
+    def all_reduce_statistics(self) -> None:
+        """Combine what every process recorded on its share of the calibration images (under ``torchrun``): the
+        per-token minima and maxima and the channel maxima exactly, the histograms by :meth:`RowHistograms.merged`.
+        Every process then holds the same statistics. A no-op in a single process."""
+        from vmq_fx import distributed
+
+        if distributed.world_size() == 1:
+            return
+        mine = None if self.min_val is None else (self.min_val.cpu(), self.max_val.cpu(), self.channel_absmax.cpu(),
+                                                 self._hist.state())
+        parts = [p for p in distributed.all_gather_objects(mine) if p is not None]
+        if not parts:
+            return
+        device = parts[0][0].device if self.min_val is None else self.min_val.device
+        self.min_val = torch.stack([p[0] for p in parts]).amin(0).to(device)
+        self.max_val = torch.stack([p[1] for p in parts]).amax(0).to(device)
+        self.channel_absmax = torch.stack([p[2] for p in parts]).amax(0).to(device)
+        histograms = [tuple(t.to(device) for t in p[3]) for p in parts if p[3] is not None]
+        self._hist = RowHistograms.merged(self.bins, histograms) if histograms else RowHistograms(self.bins)
+
     def set_smooth(self, s: Tensor) -> nn.Parameter:
         """Give the quantizer its smoothing scale (per input channel); returns the parameter, which the weight
         quantizer of the same linear shares (:meth:`PerChannelWeightFakeQuantize.share_smooth`)."""

@@ -113,6 +113,33 @@ class RowHistograms:
         self.counts, self.start, self.width = (t.contiguous() for t in (self.counts, self.start, self.width))
         torch.ops.vmq.histogram_add(x, self.counts, self.start, self.width, lo, hi)
 
+    def state(self) -> tuple[Tensor, Tensor, Tensor] | None:
+        """``(counts, start, width)``, or ``None`` before any value."""
+        return None if self.counts is None else (self.counts, self.start, self.width)
+
+    @classmethod
+    def merged(cls, bins: int, states: list[tuple[Tensor, Tensor, Tensor]]) -> "RowHistograms":
+        """One histogram per row holding the counts of several (the :meth:`state` of each, e.g. one per process).
+
+        Per row, the grid is the coarsest of theirs, grown by doubling until it holds every other's bins; each bin of
+        each histogram is then counted at its center, as the range search reads it (exact for the coarsest one, whose
+        bins nest in the grown grid; within one of its own bins for the others).
+        """
+        out = cls(bins)
+        counts, starts, widths = (torch.stack(t) for t in zip(*states))  # [P, rows, bins], [P, rows], [P, rows]
+        coarsest = widths.argmax(0, keepdim=True)  # [1, rows]
+        start, width = starts.gather(0, coarsest)[0], widths.gather(0, coarsest)[0]
+        steps = torch.arange(bins, dtype=torch.float32, device=counts.device) + 0.5
+        centers = starts[..., None] + widths[..., None] * steps  # [P, rows, bins]
+        _, start, width = grow_histograms(torch.zeros_like(counts[0]), start.clone(), width.clone(),
+                                          centers[..., 0].amin(0), centers[..., -1].amax(0))
+        idx = ((centers - start[:, None]) / width[:, None]).floor().long().clamp_(0, bins - 1)
+        total = torch.zeros_like(counts[0])
+        for part_idx, part_counts in zip(idx, counts):
+            total.scatter_add_(1, part_idx, part_counts)
+        out.counts, out.start, out.width = total, start, width
+        return out
+
     def search(self, lo: Tensor, hi: Tensor, levels: int, p: float = 2.4,
                num_candidates: int = 100) -> tuple[Tensor, Tensor]:
         """:func:`search_asymmetric_ranges` on the histograms (bin centers weighted by their counts):
