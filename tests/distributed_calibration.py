@@ -1,8 +1,21 @@
-"""Calibration of vim-fm-tiny (SmoothQuant + PTS, W8A8) whose activation statistics tests/test_distributed.py compares
-between one process and two under torchrun: ``python tests/distributed_calibration.py OUT.pt``."""
+"""What tests/test_distributed.py compares between one process and two under torchrun, on vim-fm-tiny:
+``python tests/distributed_calibration.py OUT.pt`` saves (rank 0) the activation statistics of a SmoothQuant + PTS
+W8A8 calibration, and the block losses and learned tensors of a short JLSS and a short ViM-VQ run."""
+import contextlib
 import sys
 
 import torch
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One thread, as each torchrun process runs here: the float sums then add up in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
@@ -14,9 +27,10 @@ def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tens
 
     model = vmq_fx.models.load_reference("vim-fm-tiny")
     images = calibration_images(64)
-    prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(),
-                            VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
-    vmq_fx.calibrate(prepared, images, batch_size=batch_size, progress=False)
+    with one_thread():
+        prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(),
+                                VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
+        vmq_fx.calibrate(prepared, images, batch_size=batch_size, progress=False)
     out = {}
     for name, module in prepared.named_modules():
         if isinstance(module, PerTokenStaticFakeQuantize):
@@ -26,12 +40,43 @@ def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tens
     return out
 
 
+def block_optimizations() -> dict:
+    """JLSS (W4A4) and ViM-VQ (2-bit), 3 steps of 16 of the 64 images per block on vim-fm-tiny: their per-block losses
+    and what they learned. Every process calibrates on all the images as one process would (the distributed
+    calibration's merged histograms would give slightly other step sizes to start from): the block optimization alone
+    is compared."""
+    from unittest import mock
+
+    import vmq_fx
+    from vmq_fx import VisualMambaQuantizer, prepare_pt2e, recipes
+    from vmq_fx.app.data import calibration_images
+
+    model = vmq_fx.models.load_reference("vim-fm-tiny")
+    images = calibration_images(64)
+    out = {}
+    for name, recipe, run in (
+            ("jlss", recipes.ptq4vm(4, 4), lambda p: vmq_fx.jlss(p, images, vmq_fx.JLSSConfig(steps=3, batch_size=16),
+                                                                 progress=False)),
+            ("vimvq", recipes.vimvq(2), lambda p: vmq_fx.vector_quantize(
+                p, images, vmq_fx.VQConfig(steps=3, batch_size=16), progress=False))):
+        torch.manual_seed(0)
+        prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(), VisualMambaQuantizer(recipe))
+        with one_thread():
+            with mock.patch("vmq_fx.distributed.world_size", lambda: 1), mock.patch("vmq_fx.distributed.rank",
+                                                                                    lambda: 0):
+                vmq_fx.calibrate(prepared, images, batch_size=8, progress=False)
+            report = run(prepared)
+        out[name] = {"before": getattr(report, "loss_before", None) or report.loss_kmeans, "after": report.loss_after,
+                     "params": {k: v.detach().clone() for k, v in prepared.named_parameters()}}
+    return out
+
+
 if __name__ == "__main__":
     from vmq_fx import distributed
 
     torch.set_num_threads(1)
     distributed.init_from_env()
-    stats = calibrated_statistics()
+    results = {"calibration": calibrated_statistics(), **block_optimizations()}
     if distributed.is_main():
-        torch.save(stats, sys.argv[1])
+        torch.save(results, sys.argv[1])
     distributed.shutdown()

@@ -15,6 +15,12 @@ so learning updates the prepared model in place. For block ``k``:
 
 :func:`optimize_blocks` is the per-block training loop both methods run; a :class:`BlockMethod` says what each
 method learns and does around the steps.
+
+Under ``torchrun`` each process captures and holds only its share of the images (a contiguous run,
+:func:`vmq_fx.distributed.batch_shard`), so the captures' memory per process falls as 1 / N. Every process draws the
+same mini-batch of the whole set, computes the loss of the part it holds (weighted by that part's share of the
+mini-batch), and the gradients are summed over the processes before the optimizer's step: the step of one process on
+the whole mini-batch, up to float rounding, with the same parameters everywhere.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from torch.fx.passes.split_module import split_module
 
 from tqdm.auto import tqdm
 
+from vmq_fx import distributed
 from vmq_fx.pt2e.utils import linear_quantizers, set_fake_quant
 
 __all__ = ["BlockLosses", "BlockMethod", "BlockRunner", "LossTarget", "optimize_blocks"]
@@ -147,12 +154,18 @@ class BlockRunner:
 
     Args:
         prepared: a model prepared with :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` and calibrated.
-        images: the calibration images ``[N, C, H, W]``.
+        images: the calibration images ``[N, C, H, W]``; under ``torchrun`` the runner keeps this process's share
+            (``self.images``, items ``self.share`` of the ``self.total``).
     """
 
     def __init__(self, prepared: fx.GraphModule, images: Tensor):
+        if len(images) < distributed.world_size():
+            raise ValueError(f"{len(images)} calibration images for {distributed.world_size()} processes: every "
+                             "process needs one")
         self.prepared = prepared
-        self.images = images
+        self.total = len(images)
+        self.share = distributed.batch_shard(len(images), 1)
+        self.images = images[self.share.start:self.share.stop]
         self.quantizers = linear_quantizers(prepared)
         self.blocks: list[str] = []
         for layer, _, _ in self.quantizers.values():
@@ -302,13 +315,20 @@ def optimize_blocks(runner: BlockRunner, method: BlockMethod, steps: int, batch_
     after.
     """
     gen = torch.Generator().manual_seed(seed)
-    n = len(runner.images)
+    n, share, processes = runner.total, runner.share, distributed.world_size()
     before, after = [], []
+
+    def whole(local_mean: float) -> float:
+        """The mean over all the images of a mean over this process's."""
+        if processes == 1:
+            return local_mean
+        return _sum_over_processes(torch.tensor([local_mean * len(share) / n], dtype=torch.float64))[0].item()
+
     for k, block in enumerate(runner.blocks):
         _, fp_out = runner.capture(k, fake_quant=False)
         q_in, q_out = runner.capture(k, fake_quant=True)
         with torch.no_grad():
-            before.append(method.loss_before(runner, k, q_in, fp_out, q_out))
+            before.append(whole(method.loss_before(runner, k, q_in, fp_out, q_out)))
         del q_out
         learned = method.begin(runner, k) if steps else None
         if learned is not None:
@@ -317,18 +337,24 @@ def optimize_blocks(runner: BlockRunner, method: BlockMethod, steps: int, batch_
             try:
                 bar = tqdm(range(1, steps + 1), desc=f"{desc} {block}", disable=not progress, leave=False)
                 for step in bar:
-                    idx = None if batch_size is None or batch_size >= n else torch.randperm(
+                    chosen = None if batch_size is None or batch_size >= n else torch.randperm(
                         n, generator=gen)[:batch_size]
-                    recon = runner.loss(k, q_in, fp_out, idx, method.target)
-                    loss = recon + method.penalty(step, steps)
+                    idx, weight = _local_part(chosen, share, n)
+                    recon = runner.loss(k, q_in, fp_out, idx, method.target) * weight if weight else None
+                    penalty = method.penalty(step, steps)
+                    loss = (0.0 if recon is None else recon) + (penalty / processes if processes > 1 else penalty)
                     optimizer.zero_grad(set_to_none=True)
                     for p in params:  # the optimizer may hold other tensors than these
                         p.grad = None
-                    loss.backward()
+                    if isinstance(loss, Tensor):
+                        loss.backward()
+                    if processes > 1:
+                        _sum_gradients(params)
                     method.after_backward()
                     optimizer.step()
                     method.after_step(step, steps, optimizer)
-                    bar.set_postfix(loss=f"{recon.item():.4g}", refresh=False)
+                    if recon is not None:
+                        bar.set_postfix(loss=f"{recon.item() / weight:.4g}", refresh=False)
             finally:
                 for p in frozen:
                     p.requires_grad_(True)
@@ -336,5 +362,31 @@ def optimize_blocks(runner: BlockRunner, method: BlockMethod, steps: int, batch_
             after.append(before[-1])  # nothing changed
             continue
         with torch.no_grad():
-            after.append(runner.loss(k, q_in, fp_out, target=method.target).item())
+            after.append(whole(runner.loss(k, q_in, fp_out, target=method.target).item()))
     return BlockLosses(before, after)
+
+
+def _local_part(chosen: Tensor | None, share: range, n: int) -> tuple[Tensor | None, float]:
+    """The mini-batch ``chosen`` (indices into all ``n`` images; ``None``: all of them) as indices into this process's
+    share, and that part's weight in the mini-batch's mean."""
+    if chosen is None:
+        return None, len(share) / n
+    mine = chosen[(chosen >= share.start) & (chosen < share.stop)] - share.start
+    return (mine if len(mine) < len(chosen) else chosen), len(mine) / len(chosen)
+
+
+def _sum_over_processes(t: Tensor) -> Tensor:
+    if distributed.world_size() > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+def _sum_gradients(params: list[nn.Parameter]) -> None:
+    """Every parameter's gradient summed over the processes, in one message (a process whose share of the mini-batch
+    was empty contributes zeros)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _sum_over_processes(torch.cat([g.reshape(-1) for g in grads]))
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p).clone()
