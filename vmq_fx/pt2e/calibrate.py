@@ -136,12 +136,19 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         act.all_reduce_statistics()
     seconds["statistics pass"] = time.perf_counter() - t0
     modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
-    initialize = [q.initialize for q in modules if isinstance(q, (PerTokenStaticFakeQuantize,
-                                                                  PerChannelWeightFakeQuantize))]
+    searched = [q for q in modules if isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize))]
+    # Under torchrun the processes share out the range searches (same statistics everywhere) and swap the results.
+    mine = range(distributed.rank(), len(searched), distributed.world_size())
+    initialize = [searched[i].initialize for i in mine]
     initialize += [lambda key=key, g=group: _initialize_codebooks(g, key)
                    for key, group in codebook_groups(quantizers).items()]
     t0 = time.perf_counter()
     for init in tqdm(initialize, desc="initialize quantizers", disable=not progress, leave=False):
         init()
+    if distributed.world_size() > 1:
+        found = distributed.all_gather_objects([(i, *searched[i].calculate_qparams()) for i in mine])
+        for i, scale, zero_point in (entry for part in found for entry in part):
+            if i not in mine:
+                searched[i].adopt(scale, zero_point)
     seconds["range searches and k-means"] = time.perf_counter() - t0
     log.info("calibration: %s", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))

@@ -91,6 +91,15 @@ class _TwoPhaseFakeQuantize(FakeQuantizeBase):
         self.enable_fake_quant()
         self.disable_observer()
 
+    def adopt(self, scale: Tensor, zero_point: Tensor) -> None:
+        """Take the parameters :meth:`initialize` found in another process for the same statistics (under
+        ``torchrun`` the processes share out the searches), and drop the recorded statistics it would have dropped."""
+        self._drop_recorded()
+        self._set(scale, zero_point)
+
+    def _drop_recorded(self) -> None:
+        """Free what :meth:`initialize` frees once it has searched."""
+
     def extra_repr(self) -> str:
         return (f"dtype={self.dtype}, quant_min={self.quant_min}, quant_max={self.quant_max}, ch_axis={self.ch_axis}, "
                 f"initialized={self.initialized}")
@@ -220,8 +229,11 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
                                      "(record_distribution was off)")
         levels = self.quant_max - self.quant_min + 1
         scale, zp = self._hist.search(self.min_val, self.max_val, levels, self.p, self.num_candidates)
-        self._hist = RowHistograms(self.bins)
+        self._drop_recorded()
         self._set(scale, zp + self.quant_min)
+
+    def _drop_recorded(self) -> None:
+        self._hist = RowHistograms(self.bins)
 
 
 class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
@@ -269,8 +281,11 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
         if self._weight is None:
             raise NotCalibratedError("PerChannelWeightFakeQuantize.initialize: no weight was observed")
         scale = search_symmetric_clips(self._weight.flatten(1), self.quant_max, self.p, self.num_candidates)
-        self._weight = None
+        self._drop_recorded()
         self._set(scale, torch.zeros_like(scale, dtype=torch.int64))
+
+    def _drop_recorded(self) -> None:
+        self._weight = None
 
     def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
         """``dequantize_per_channel(axis=0)`` of the integer ``W * s`` (a constant) in place of the module."""

@@ -1,0 +1,104 @@
+"""Calibration and JLSS under ``torchrun``: one process against N, one thread each.
+
+* Calibration speed: SmoothQuant + PTS W8A8 calibration (both passes and the range searches) of vim_tiny 224² on 256
+  images, timed between barriers in the processes (``vmq_fx.calibrate`` alone: no start-up, no export).
+* JLSS memory: the peak resident memory of each process (``ru_maxrss``) through calibration and one JLSS step per
+  block on all the images (PTQ4VM's schedule: every step sees every image), on a 2-block vim_tiny 224² and 128 images;
+  the largest over the processes.
+
+Random images (the work does not depend on their content) and random weights in the official layout.
+
+    python bench/distributed_calibration.py [--procs 2] [--rounds 3] [--note '...']
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _util import machine_line  # noqa: E402
+
+
+def worker(task: str) -> None:
+    """One process of a run (alone, or one of torchrun's): prints a JSON line on rank 0."""
+    import torch
+
+    import vmq_fx
+    from vmq_fx import VisualMambaQuantizer, distributed, prepare_pt2e, recipes
+
+    torch.set_num_threads(1)
+    distributed.init_from_env()
+    torch.manual_seed(0)
+    depth, count = (24, 256) if task == "calibrate" else (2, 128)
+    model = vmq_fx.models.create_model("vim_tiny", depth=depth).eval()
+    images = torch.randn(count, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    recipe = recipes.smoothquant_pts(8, 8) if task == "calibrate" else recipes.ptq4vm(8, 8)
+    prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(), VisualMambaQuantizer(recipe))
+    barrier = (lambda: torch.distributed.barrier()) if distributed.world_size() > 1 else (lambda: None)
+    barrier()
+    t0 = time.perf_counter()
+    vmq_fx.calibrate(prepared, images, batch_size=16, progress=False)
+    barrier()
+    seconds = time.perf_counter() - t0
+    if task == "jlss":
+        vmq_fx.jlss(prepared, images, vmq_fx.JLSSConfig(steps=1), progress=False)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peaks = distributed.all_gather_objects(peak)
+    if distributed.is_main():
+        print(json.dumps({"seconds": seconds, "peak_gib": max(peaks)}))
+    distributed.shutdown()
+
+
+def run(task: str, procs: int) -> dict:
+    me = [str(Path(__file__).resolve()), "--worker", task]
+    cmd = [sys.executable, *me] if procs == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *me]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--procs", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--note", default="", help="what else ran on the machine")
+    p.add_argument("--out", default="bench/results/distributed_calibration.md")
+    p.add_argument("--worker", choices=("calibrate", "jlss"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+    counts = (1, args.procs)
+    calib = {n: [] for n in counts}
+    for _ in range(args.rounds):
+        for n in counts:
+            calib[n].append(run("calibrate", n)["seconds"])
+            print("calibrate", n, calib[n][-1], file=sys.stderr, flush=True)
+    peak = {n: run("jlss", n)["peak_gib"] for n in counts}
+    print("jlss", peak, file=sys.stderr, flush=True)
+    med = {n: statistics.median(v) for n, v in calib.items()}
+    lines = ["# Calibration and JLSS under torchrun", "",
+             f"Machine: {machine_line()}. Command: `python bench/distributed_calibration.py "
+             f"{shlex.join(sys.argv[1:])}`. {args.note}".rstrip(), "",
+             "One thread per process (gloo). Calibration: SmoothQuant + PTS W8A8 of vim_tiny 224² on 256 random images "
+             f"in batches of 16, `vmq_fx.calibrate` timed between barriers, medians of {args.rounds} interleaved runs. "
+             "JLSS memory: the largest peak resident memory of the processes through calibration and one JLSS step "
+             "per block on all 128 images, a 2-block vim_tiny 224² (one run each).", "",
+             "| processes | calibration s | speed-up | JLSS peak memory per process GiB | vs one process |",
+             "|---|---|---|---|---|"]
+    for n in counts:
+        lines.append(f"| {n} | {med[n]:.1f} | {med[1] / med[n]:.2f}x | {peak[n]:.2f} | {peak[n] / peak[1]:.2f}x |")
+    text = "\n".join(lines) + "\n"
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
