@@ -60,14 +60,13 @@ def test_eval_under_torchrun_equals_one_process(tmp_path, capsys):
         assert _counts(alone)[1] == (1100 if "--limit" in args else 40)
 
 
-@pytest.mark.parametrize("command", [["quantize", "vim-fm-tiny", "--recipe", "ptq4vm-w8a8", "--out-dir", "o"],
-                                     ["export-onnx", "vim-fm-tiny", "-o", "m.onnx"]])
+@pytest.mark.parametrize("command", [["export-onnx", "vim-fm-tiny", "-o", "m.onnx"], ["bench", "vim-fm-tiny"]])
 def test_commands_that_do_not_run_distributed_refuse_torchrun(command, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.chdir(tmp_path)
     assert main(command) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "does not run under torchrun yet" in err[0] and "vmq eval" in err[0], err
+    assert len(err) == 1 and "does not run under torchrun yet" in err[0] and "vmq quantize" in err[0], err
     assert not list(tmp_path.iterdir())  # refused before any work
 
 
@@ -148,3 +147,32 @@ def test_block_optimizations_under_torchrun_match_one_process(two_processes):
             assert abs(a["after"][0] - b["after"][0]) / a["after"][0] < 1e-4
             assert max(losses) < 0.02 and rel.max() < 0.05 and rel.median() < 1e-3, (max(losses), float(rel.max()),
                                                                                        float(rel.median()))
+
+
+def _table(report: str) -> dict[str, str]:
+    """{model: top-1} of a quantize report's table."""
+    rows = [line.split("|")[1:3] for line in report.splitlines() if line.startswith("| ") and "---" not in line]
+    return {name.strip(): top1.strip() for name, top1 in rows[1:]}
+
+
+@pytest.mark.fashion_mnist
+def test_quantize_under_torchrun_writes_once_what_one_process_does(tmp_path, capsys):
+    """vmq quantize with SmoothQuant + PTS and a short ViM-VQ on 2 processes: one report and one set of files (rank
+    0's), the FP32 score of one process exactly, ViM-VQ's too (its calibration is the weights' k-means, the same in
+    every process), and the PTS model's within a few images (step sizes from merged histograms)."""
+    args = ["quantize", "vim-fm-tiny", "--recipe", "sq-pts-w8a8", "vimvq-2bit[steps=2]", "--calib", "64", "--limit",
+            "1000", "--no-onnx", "--threads", "1", "--quiet"]
+    assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
+    capsys.readouterr()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+           "vmq_fx.app.cli", *args, "--out-dir", str(tmp_path / "two")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.count("wrote ") == 1  # rank 0 reports
+    files = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*"))
+    assert files == sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*"))
+    one, two = ((tmp_path / d / "report.md").read_text() for d in ("one", "two"))
+    assert "2 processes (torchrun)" in two
+    one, two = _table(one), _table(two)
+    assert one["FP32"] == two["FP32"] and one["vimvq-2bit[steps=2] (lowered)"] == two["vimvq-2bit[steps=2] (lowered)"]
+    assert abs(float(one["sq-pts-w8a8 (lowered)"]) - float(two["sq-pts-w8a8 (lowered)"])) <= 0.5  # 5 of 1000

@@ -169,17 +169,21 @@ def _check_layer_choices(args: argparse.Namespace, model) -> None:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import vmq_fx
+    from vmq_fx import distributed
     from vmq_fx.app import report as plots
 
     chosen = [_method(name, args) for name in args.recipe]  # bad input fails here
     if not args.no_onnx:
         _require_onnx_ops(args.onnx_ops)
-    progress = not args.quiet
+    # Under torchrun every process calibrates, optimizes and scores its share; rank 0 alone writes and reports.
+    main = distributed.is_main()
+    progress = not args.quiet and main
     model = _load_model(args)
     _check_layer_choices(args, model)
     workload = _workload(args, model, progress)
     out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     workload.set_reference(model)
     fp = workload.score(model, progress)
     table = [f"| model | {workload.metric}, torch | onnxruntime | bits per weight, all in | quantization s | files |",
@@ -190,11 +194,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     for name, (quantizer, config) in zip(args.recipe, chosen):
         log.info("%s: quantizing", name)
         res = vmq_fx.quantize(model, quantizer, calib, config, progress=progress, diagnostic_images=calib[:32])
+        score = workload.score(res.lowered, progress)
+        if not main:
+            continue
         sub = out / name
         sub.mkdir(exist_ok=True)
         vmq_fx.save_quantized(res.lowered, sub / "model.safetensors", model.config)
         files = [f"{name}/model.safetensors ({(sub / 'model.safetensors').stat().st_size / 1024:.0f} KB)"]
-        score = workload.score(res.lowered, progress)
         ort = "-"
         if not args.no_onnx:
             onnx_res = vmq_fx.export_onnx(res.lowered, example, sub / "model.onnx", ops=args.onnx_ops)
@@ -215,12 +221,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             plots.plot_token_scales(scales, out / png, f"{Path(args.model).name} {name}: per-token activation step "
                                     "sizes", class_token=getattr(model, "token_position", None))
             figures.append(f"![{png}]({png})")
+    if not main:
+        return 0
     if len(points) > 1:
         plots.plot_accuracy_vs_bits(points, fp.value, out / "accuracy_vs_bits.png",
                                     f"{Path(args.model).name}: {workload.metric.split(' (')[0]} vs bits")
         figures.append("![accuracy_vs_bits.png](accuracy_vs_bits.png)")
+    processes = f" {distributed.world_size()} processes (torchrun)." if distributed.world_size() > 1 else ""
     report = [f"# {args.command_line}", "",
-              f"{workload.description} Quantization time: calibration + optimization + convert + lower, this machine. "
+              f"{workload.description}{processes} Quantization time: calibration + optimization + convert + lower, "
+              "this machine. "
               "Load a model with `vmq_fx.load_quantized(path)`.", "", *table, "", *notes, "", *figures, ""]
     (out / "report.md").write_text("\n".join(report))
     print("\n".join(table))
@@ -637,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # The commands that run under torchrun (several processes, one result): the others refuse it.
-_DISTRIBUTED_COMMANDS = ("eval",)
+_DISTRIBUTED_COMMANDS = ("eval", "quantize")
 
 
 def _run(args) -> int:

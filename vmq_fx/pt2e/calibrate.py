@@ -90,7 +90,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     Args:
         prepared: the output of ``prepare_pt2e(gm, VisualMambaQuantizer(recipe))``.
         data: calibration images, a tensor [N, C, H, W] or an iterable of tensors / (tensor, label) pairs.
-        batch_size: split size when ``data`` is one tensor.
+        batch_size: split size when ``data`` is one tensor (under ``torchrun`` at most ``N / processes``, so that every
+            process has a batch).
         progress: show progress bars.
 
     Example:
@@ -102,6 +103,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         >>> vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
     """
     quantizers = linear_quantizers(prepared)
+    if isinstance(data, Tensor) and distributed.world_size() > 1:  # enough batches for every process
+        batch_size = max(1, min(batch_size, -(-len(data) // distributed.world_size())))
     batches = split_batches(data, batch_size)
     _check_inputs(prepared, batches)
     if len(batches) < distributed.world_size():
