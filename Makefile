@@ -25,8 +25,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --no-deps --no-build-isolation -e .
 	# Build the fused CPU kernels now (cached in ~/.cache/vmq_fx) rather than inside the first test or job.
 	$(PY) -c "from vmq_fx.ops.native import kernels; assert kernels() is not None"
-	# onnxruntime's API headers (Debian's libonnxruntime-dev, SHA-256 checked) for the vmq.SelectiveScan onnxruntime
-	# kernel (export_onnx(scan="vmq")); built now too.
+	# onnxruntime's API headers (Debian's libonnxruntime-dev, SHA-256 checked) for vmq_fx's onnxruntime custom-op
+	# library (export_onnx(ops="vmq")); built now too.
 	$(PY) -m vmq_fx.export.ort_ops --fetch-headers --build
 	touch $(STAMP)
 

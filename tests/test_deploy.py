@@ -94,7 +94,7 @@ def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
                               progress=False).lowered
     pixels, _ = fashion_mnist("test")
     images = []
-    for i in range(200):
+    for i in range(100):
         images.append(tmp_path / f"{i:03d}.png")
         Image.fromarray(pixels[i].numpy()).save(images[-1])
     for name, m, ops, allowed in (("fp32", model, {"SelectiveScan", "CausalConv1d"}, 0),

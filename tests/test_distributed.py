@@ -41,8 +41,8 @@ def _counts(text: str) -> tuple[int, int]:
 
 @pytest.mark.fashion_mnist
 def test_eval_under_torchrun_equals_one_process(tmp_path, capsys):
-    """1,100 Fashion-MNIST test images (batches of 500: one process takes one, the other two), and a labelled folder
-    of 40 images (batches of 64: the second process has none): the counts of one process, printed once."""
+    """600 Fashion-MNIST test images (batches of 500: one process takes 500, the other 100), and a labelled folder of
+    40 images (batches of 64: the second process has none): the counts of one process, printed once."""
     from vmq_fx.app.data import fashion_mnist
 
     pixels, labels = fashion_mnist("test")
@@ -50,14 +50,14 @@ def test_eval_under_torchrun_equals_one_process(tmp_path, capsys):
         folder = tmp_path / "images" / f"class{int(labels[i])}"  # sorted: the label order
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(pixels[i].numpy()).save(folder / f"{i:02d}.png")
-    for args in (["eval", "vim-fm-tiny", "--limit", "1100"],
+    for args in (["eval", "vim-fm-tiny", "--limit", "600"],
                  ["eval", "vim-fm-tiny", "--eval-dir", str(tmp_path / "images")]):
         assert main([*args, "--threads", "1", "--quiet"]) == 0
         alone = capsys.readouterr().out
         together = _torchrun(*args)
         assert len(together.strip().splitlines()) == 1 and "(2 processes)" in together  # rank 0 reports
         assert _counts(together) == _counts(alone)
-        assert _counts(alone)[1] == (1100 if "--limit" in args else 40)
+        assert _counts(alone)[1] == (600 if "--limit" in args else 40)
 
 
 @pytest.mark.parametrize("command", [["export-onnx", "vim-fm-tiny", "-o", "m.onnx"], ["bench", "vim-fm-tiny"]])
@@ -157,11 +157,11 @@ def _table(report: str) -> dict[str, str]:
 
 @pytest.mark.fashion_mnist
 def test_quantize_under_torchrun_writes_once_what_one_process_does(tmp_path, capsys):
-    """vmq quantize with SmoothQuant + PTS and a short ViM-VQ on 2 processes: one report and one set of files (rank
-    0's), the FP32 score of one process exactly, ViM-VQ's too (its calibration is the weights' k-means, the same in
-    every process), and the PTS model's within a few images (step sizes from merged histograms)."""
-    args = ["quantize", "vim-fm-tiny", "--recipe", "sq-pts-w8a8", "vimvq-2bit[steps=2]", "--calib", "64", "--limit",
-            "1000", "--no-onnx", "--threads", "1", "--quiet"]
+    """vmq quantize with a short ViM-VQ on 2 processes: one report and one set of files (rank 0's), and the scores of
+    one process (ViM-VQ's calibration is the weights' k-means, the same in every process; the optimization's sums
+    over the processes are tested above)."""
+    args = ["quantize", "vim-fm-tiny", "--recipe", "vimvq-2bit[steps=1]", "--calib", "32", "--limit", "600",
+            "--no-onnx", "--threads", "1", "--quiet"]
     assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
     capsys.readouterr()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
@@ -173,6 +173,4 @@ def test_quantize_under_torchrun_writes_once_what_one_process_does(tmp_path, cap
     assert files == sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*"))
     one, two = ((tmp_path / d / "report.md").read_text() for d in ("one", "two"))
     assert "2 processes (torchrun)" in two
-    one, two = _table(one), _table(two)
-    assert one["FP32"] == two["FP32"] and one["vimvq-2bit[steps=2] (lowered)"] == two["vimvq-2bit[steps=2] (lowered)"]
-    assert abs(float(one["sq-pts-w8a8 (lowered)"]) - float(two["sq-pts-w8a8 (lowered)"])) <= 0.5  # 5 of 1000
+    assert _table(one) == _table(two) and set(_table(one)) == {"FP32", "vimvq-2bit[steps=1] (lowered)"}

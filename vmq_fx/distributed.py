@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from torch import Tensor
 
-__all__ = ["all_gather_objects", "all_gather_rows", "all_reduce_sum", "batch_shard", "init_from_env", "is_main", "launched", "rank",
+__all__ = ["all_gather_objects", "all_gather_rows", "all_reduce_", "all_reduce_sum", "batch_shard", "init_from_env", "is_main", "launched", "rank",
            "shutdown", "world_size"]
 
 log = logging.getLogger(__name__)
@@ -126,13 +126,19 @@ def all_gather_rows(rows: Tensor | None) -> Tensor:
     return torch.cat([p for p in all_gather_objects(None if rows is None else rows.cpu()) if p is not None])
 
 
+def all_reduce_(t: Tensor) -> Tensor:
+    """``t`` summed over the processes, in place (gloo: a CPU tensor); returns ``t``. Without a process group: ``t``."""
+    if _active():
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
 def all_reduce_sum(values: list[int]) -> list[int]:
     """The element-wise sums of ``values`` over the processes (integer counts). Without a process group: ``values``."""
     if not _active():
         return list(values)
     import torch
-    import torch.distributed as dist
 
-    t = torch.tensor(values, dtype=torch.int64)
-    dist.all_reduce(t)
-    return [int(v) for v in t]
+    return [int(v) for v in all_reduce_(torch.tensor(values, dtype=torch.int64))]

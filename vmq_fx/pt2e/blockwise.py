@@ -322,7 +322,7 @@ def optimize_blocks(runner: BlockRunner, method: BlockMethod, steps: int, batch_
         """The mean over all the images of a mean over this process's."""
         if processes == 1:
             return local_mean
-        return _sum_over_processes(torch.tensor([local_mean * len(share) / n], dtype=torch.float64))[0].item()
+        return distributed.all_reduce_(torch.tensor([local_mean * len(share) / n], dtype=torch.float64))[0].item()
 
     for k, block in enumerate(runner.blocks):
         _, fp_out = runner.capture(k, fake_quant=False)
@@ -341,8 +341,7 @@ def optimize_blocks(runner: BlockRunner, method: BlockMethod, steps: int, batch_
                         n, generator=gen)[:batch_size]
                     idx, weight = _local_part(chosen, share, n)
                     recon = runner.loss(k, q_in, fp_out, idx, method.target) * weight if weight else None
-                    penalty = method.penalty(step, steps)
-                    loss = (0.0 if recon is None else recon) + (penalty / processes if processes > 1 else penalty)
+                    loss = (0.0 if recon is None else recon) + method.penalty(step, steps) / processes  # counted once
                     optimizer.zero_grad(set_to_none=True)
                     for p in params:  # the optimizer may hold other tensors than these
                         p.grad = None
@@ -375,18 +374,10 @@ def _local_part(chosen: Tensor | None, share: range, n: int) -> tuple[Tensor | N
     return (mine if len(mine) < len(chosen) else chosen), len(mine) / len(chosen)
 
 
-def _sum_over_processes(t: Tensor) -> Tensor:
-    if distributed.world_size() > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(t)
-    return t
-
-
 def _sum_gradients(params: list[nn.Parameter]) -> None:
     """Every parameter's gradient summed over the processes, in one message (a process whose share of the mini-batch
     was empty contributes zeros)."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = _sum_over_processes(torch.cat([g.reshape(-1) for g in grads]))
+    flat = distributed.all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
     for p, g in zip(params, flat.split([g.numel() for g in grads])):
         p.grad = g.view_as(p).clone()
