@@ -176,13 +176,13 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if not args.no_onnx:
         _require_onnx_ops(args.onnx_ops)
     # Under torchrun every process calibrates, optimizes and scores its share; rank 0 alone writes and reports.
-    main = distributed.is_main()
-    progress = not args.quiet and main
+    writer = distributed.is_main()
+    progress = not args.quiet and writer
     model = _load_model(args)
     _check_layer_choices(args, model)
     workload = _workload(args, model, progress)
     out = Path(args.out_dir)
-    if main:
+    if writer:
         out.mkdir(parents=True, exist_ok=True)
     workload.set_reference(model)
     fp = workload.score(model, progress)
@@ -195,7 +195,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         log.info("%s: quantizing", name)
         res = vmq_fx.quantize(model, quantizer, calib, config, progress=progress, diagnostic_images=calib[:32])
         score = workload.score(res.lowered, progress)
-        if not main:
+        if not writer:
             continue
         sub = out / name
         sub.mkdir(exist_ok=True)
@@ -221,7 +221,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
             plots.plot_token_scales(scales, out / png, f"{Path(args.model).name} {name}: per-token activation step "
                                     "sizes", class_token=getattr(model, "token_position", None))
             figures.append(f"![{png}]({png})")
-    if not main:
+    if not writer:
         return 0
     if len(points) > 1:
         plots.plot_accuracy_vs_bits(points, fp.value, out / "accuracy_vs_bits.png",
@@ -278,9 +278,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _onnx_ops_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx-ops", choices=("onnx", "vmq"), default="onnx",
                         help="the operators of the ONNX file: standard ONNX only (onnx, portable: the selective scan "
-                             "as a Scan), or the selective scans and integer linears as ops of vmq_fx's onnxruntime "
-                             "library (vmq: ~4x faster; no torch needed; needs `python -m vmq_fx.export.ort_ops "
-                             "--fetch-headers` once)")
+                             "as a Scan), or the selective scans, causal convolutions and integer linears as ops of "
+                             "vmq_fx's onnxruntime library (vmq: ~5x faster; no torch needed; needs `python -m "
+                             "vmq_fx.export.ort_ops --fetch-headers` once)")
 
 
 def _require_onnx_ops(ops: str) -> None:
