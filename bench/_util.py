@@ -10,6 +10,15 @@ from pathlib import Path
 import torch
 
 
+def launch_command(procs: int, args: list[str]) -> list[str]:
+    """The command that runs ``python ARGS`` as one process, or as ``procs`` processes under ``torchrun``."""
+    import sys
+
+    if procs == 1:
+        return [sys.executable, *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *args]
+
+
 def median_seconds(fn, reps: int = 7, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line  # noqa: E402
+from _util import launch_command, machine_line  # noqa: E402
 
 
 def worker(task: str) -> None:
@@ -61,9 +61,7 @@ def worker(task: str) -> None:
 
 def run(task: str, procs: int) -> dict:
     me = [str(Path(__file__).resolve()), "--worker", task]
-    cmd = [sys.executable, *me] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *me]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(launch_command(procs, me), capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -20,16 +20,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import machine_line  # noqa: E402
+from _util import launch_command, machine_line  # noqa: E402
 
 
 def run(procs: int) -> tuple[float, float, str]:
     """(eval seconds, wall seconds, the printed counts) of one run."""
     cli = ["-m", "vmq_fx.app.cli", "eval", "vim-fm-tiny", "--threads", "1", "--quiet"]
-    cmd = [sys.executable, *cli] if procs == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs), *cli]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    done = subprocess.run(launch_command(procs, cli), capture_output=True, text=True, check=True)
     wall = time.perf_counter() - t0
     found = re.search(r"\((\d+/\d+)\) in ([\d.]+) s", done.stdout)
     return float(found.group(2)), wall, found.group(1)

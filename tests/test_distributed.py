@@ -27,9 +27,10 @@ def test_batch_shards_are_whole_batches_in_order(n, batch, size, monkeypatch):
 
 
 def _torchrun(*args) -> str:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "vmq_fx.app.cli", *args, "--threads", "1", "--quiet"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    """stdout of ``torchrun --standalone --nproc_per_node 2 ARGS`` (a script, or ``-m module ...``), which must
+    succeed."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -54,7 +55,7 @@ def test_eval_under_torchrun_equals_one_process(tmp_path, capsys):
                  ["eval", "vim-fm-tiny", "--eval-dir", str(tmp_path / "images")]):
         assert main([*args, "--threads", "1", "--quiet"]) == 0
         alone = capsys.readouterr().out
-        together = _torchrun(*args)
+        together = _torchrun("-m", "vmq_fx.app.cli", *args, "--threads", "1", "--quiet")
         assert len(together.strip().splitlines()) == 1 and "(2 processes)" in together  # rank 0 reports
         assert _counts(together) == _counts(alone)
         assert _counts(alone)[1] == (600 if "--limit" in args else 40)
@@ -96,10 +97,7 @@ def test_merged_histograms_keep_every_count_on_the_coarsest_grid():
 def two_processes(tmp_path_factory):
     """What tests/distributed_calibration.py saves when run by torchrun with 2 processes."""
     out = tmp_path_factory.mktemp("torchrun") / "two.pt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(__file__).parent / "distributed_calibration.py"), str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    _torchrun(str(Path(__file__).parent / "distributed_calibration.py"), str(out))
     return torch.load(out)
 
 
@@ -164,11 +162,7 @@ def test_quantize_under_torchrun_writes_once_what_one_process_does(tmp_path, cap
             "--no-onnx", "--threads", "1", "--quiet"]
     assert main([*args, "--out-dir", str(tmp_path / "one")]) == 0
     capsys.readouterr()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-           "vmq_fx.app.cli", *args, "--out-dir", str(tmp_path / "two")]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("wrote ") == 1  # rank 0 reports
+    assert _torchrun("-m", "vmq_fx.app.cli", *args, "--out-dir", str(tmp_path / "two")).count("wrote ") == 1  # rank 0
     files = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*"))
     assert files == sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*"))
     one, two = ((tmp_path / d / "report.md").read_text() for d in ("one", "two"))

@@ -237,6 +237,12 @@ def _unpack_int4(op, w, k: int):
     return op.Cast(signed, to=3)  # int32 -> int8
 
 
+def _int8_weight(w, k: int):
+    """The stored weight as int8 ``[N, K]``: unpacked when it holds 4-bit values two per byte."""
+    ir, op, _ = _ops()
+    return _unpack_int4(op, w, k) if w.dtype == ir.DataType.UINT8 else w
+
+
 def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, act_qmin, act_qmax, w_bits):
     _, op, _ = _ops()
     k = x.shape[-1]
@@ -269,7 +275,7 @@ def _int8_linear(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, bias, 
     # (the fastest: 3.9x onnxruntime's fp32 MatMul at Vim-T shapes on AVX-512 VNNI); 8-bit weights are moved up by 128
     # into uint8 (folded once, at load: the file keeps int8) with b_zero_point 128, exact on every CPU (1.5x fp32; int8
     # x int8 would be 0.3x). bench/ort_matmul_integer.py measures the three.
-    w8 = _unpack_int4(op, w, k) if w.dtype == _ops()[0].DataType.UINT8 else w
+    w8 = _int8_weight(w, k)
     w_t = op.Transpose(w8, perm=[1, 0])
     if w_bits <= 7:
         acc = op.MatMulInteger(xq, w_t)
@@ -286,7 +292,7 @@ def _int8_linear_custom(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum,
     onnxruntime's own ``MatMulInteger``, whose operand types the kernel picks for the CPU it runs on. The weight goes in
     transposed and unpacked (``[K, N]`` int8; onnxruntime folds that at load)."""
     _, op, call_op = _ops()
-    w8 = _unpack_int4(op, w, x.shape[-1]) if w.dtype == _ops()[0].DataType.UINT8 else w
+    w8 = _int8_weight(w, x.shape[-1])
     (out,) = call_op("Int8Linear", x, smooth, act_scale, act_zero_point, op.Transpose(w8, perm=[1, 0]), w_scale,
                      w_sum, bias, _domain=CUSTOM_DOMAIN, qmin=int(act_qmin), qmax=int(act_qmax), w_bits=int(w_bits))
     return out

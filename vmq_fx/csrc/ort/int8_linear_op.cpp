@@ -45,8 +45,14 @@ bool exact_u8s8() {
 #endif
 }
 
-// Rows are handed to threads in tasks of this many.
-constexpr int64_t kRowsPerTask = 16;
+// row(m) for m in [0, M), on onnxruntime's threads in tasks of 16 rows.
+template <typename Row>
+void for_rows(Ort::KernelContext& ctx, int64_t M, Row&& row) {
+  constexpr int64_t kRowsPerTask = 16;
+  parallel_chunks(ctx, (M + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin * kRowsPerTask; m < std::min(end * kRowsPerTask, M); ++m) row(m);
+  });
+}
 
 struct Int8LinearKernel {
   Int8LinearKernel(const OrtApi&, const OrtKernelInfo* info)
@@ -107,16 +113,14 @@ struct Int8LinearKernel {
     uint8_t* q = levels.data();
     float* dynamic_scale = row_scale.data();
     int32_t* dynamic_zero_point = row_zero_point.data();
-    parallel_chunks(ctx, (M + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin * kRowsPerTask; m < std::min(end * kRowsPerTask, M); ++m) {
-        const float* row = x.data + m * K;
-        if (dynamic)
-          vmq_fx::linear::token_qparams(row, smooth.data, K, qmin_, qmax_, dynamic_scale + m, dynamic_zero_point + m);
-        const int64_t t = m % period;
-        // as quantize_per_channel: x * (1 / scale)
-        vmq_fx::linear::quantize_row(row, smooth.data, 1.0f / scales[t], static_cast<float>(zero_points[t]), lo, hi,
-                                     0.0f, K, q + m * K);
-      }
+    for_rows(ctx, M, [&](int64_t m) {
+      const float* row = x.data + m * K;
+      if (dynamic)
+        vmq_fx::linear::token_qparams(row, smooth.data, K, qmin_, qmax_, dynamic_scale + m, dynamic_zero_point + m);
+      const int64_t t = m % period;
+      // as quantize_per_channel: x * (1 / scale)
+      vmq_fx::linear::quantize_row(row, smooth.data, 1.0f / scales[t], static_cast<float>(zero_points[t]), lo, hi,
+                                   0.0f, K, q + m * K);
     });
 
     // The int32 product goes into the output's memory and is rescaled in place.
@@ -141,12 +145,10 @@ struct Int8LinearKernel {
       matmul_.Invoke(context, inputs, 4, outputs, 1);
     }
     const int32_t* acc = reinterpret_cast<const int32_t*>(out);
-    parallel_chunks(ctx, (M + kRowsPerTask - 1) / kRowsPerTask, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin * kRowsPerTask; m < std::min(end * kRowsPerTask, M); ++m) {
-        const int64_t t = m % period;
-        vmq_fx::linear::rescale_row(acc + m * N, zero_points[t], scales[t], w_sum.data, w_scale.data, bias.data, N,
-                                    out + m * N);
-      }
+    for_rows(ctx, M, [&](int64_t m) {
+      const int64_t t = m % period;
+      vmq_fx::linear::rescale_row(acc + m * N, zero_points[t], scales[t], w_sum.data, w_scale.data, bias.data, N,
+                                  out + m * N);
     });
   }
 
