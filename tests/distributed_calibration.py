@@ -1,6 +1,7 @@
 """What tests/test_distributed.py compares between one process and two under torchrun, on vim-fm-tiny:
 ``python tests/distributed_calibration.py OUT.pt`` saves (rank 0) the activation statistics of a SmoothQuant + PTS
-W8A8 calibration, and the block losses and learned tensors of a short JLSS and a short ViM-VQ run."""
+W8A8 calibration, the second moments a KLT + PTS one fits its rotations on, and the block losses and learned tensors of a short JLSS and a short
+ViM-VQ run."""
 import contextlib
 import sys
 
@@ -18,19 +19,43 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
-    """What each activation quantizer holds after calibrating on 64 Fashion-MNIST training images in batches of 8."""
+def _calibrated(recipe, batch_size: int):
     import vmq_fx
-    from vmq_fx import VisualMambaQuantizer, prepare_pt2e, recipes
+    from vmq_fx import VisualMambaQuantizer, prepare_pt2e
     from vmq_fx.app.data import calibration_images
-    from vmq_fx.pt2e.observers import PerTokenStaticFakeQuantize
 
     model = vmq_fx.models.load_reference("vim-fm-tiny")
     images = calibration_images(64)
     with one_thread():
-        prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(),
-                                VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
+        prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(), VisualMambaQuantizer(recipe))
         vmq_fx.calibrate(prepared, images, batch_size=batch_size, progress=False)
+    return prepared
+
+
+def klt_moments(batch_size: int = 8) -> list[torch.Tensor]:
+    """The second-moment matrices a KLT + PTS W8A8 calibration (as above) fits its rotations on, in layer order."""
+    from unittest import mock
+
+    from vmq_fx import recipes
+    from vmq_fx.pt2e import rotation
+
+    moments = []
+
+    def fit(moment):
+        moments.append(moment.clone())
+        return rotation.klt(moment)
+
+    with mock.patch("vmq_fx.pt2e.calibrate.klt", fit):
+        _calibrated(recipes.pts(8, 8, rotation="klt"), batch_size)
+    return moments
+
+
+def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
+    """What each activation quantizer holds after calibrating on 64 Fashion-MNIST training images in batches of 8."""
+    from vmq_fx import recipes
+    from vmq_fx.pt2e.observers import PerTokenStaticFakeQuantize
+
+    prepared = _calibrated(recipes.smoothquant_pts(8, 8), batch_size)
     out = {}
     for name, module in prepared.named_modules():
         if isinstance(module, PerTokenStaticFakeQuantize):
@@ -76,7 +101,7 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     distributed.init_from_env()
-    results = {"calibration": calibrated_statistics(), **block_optimizations()}
+    results = {"calibration": calibrated_statistics(), "klt": klt_moments(), **block_optimizations()}
     if distributed.is_main():
         torch.save(results, sys.argv[1])
     distributed.shutdown()

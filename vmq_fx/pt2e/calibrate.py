@@ -9,7 +9,11 @@ PTQ4VM's calibration has two passes over the calibration images:
 2. record the per-token statistics of the smoothed inputs ``x / s`` and the smoothed weights ``W * s``, and
    initialize every step size by the Lp (p = 2.4) searches.
 
-Without smoothing (``recipe.smooth=False``) only the second pass runs. Each linear follows its own recipe
+A rotation (``recipe.rotation``) is set before the second pass: a Hadamard one needs no data, a KLT one is fitted on
+the second moments of the first pass's inputs (divided by ``s s^T`` when the layer smooths, which is the second
+moment of ``x / s``), so it costs no extra pass.
+
+Without smoothing or a KLT rotation only the second pass runs. Each linear follows its own recipe
 (``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
 
 Under ``torchrun`` each process runs a contiguous share of the batches (:func:`vmq_fx.distributed.batch_shard`) and
@@ -30,6 +34,7 @@ from tqdm.auto import tqdm
 from vmq_fx import distributed
 from vmq_fx.pt2e.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
 from vmq_fx.pt2e.observers.codebook import initialize_codebook_group
+from vmq_fx.pt2e.rotation import hadamard, klt
 from vmq_fx.pt2e.utils import codebook_groups, linear_quantizers, split_batches
 
 log = logging.getLogger(__name__)
@@ -85,7 +90,8 @@ def _initialize_codebooks(group: list, key: str) -> None:
 
 
 def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int = 64, progress: bool = True) -> None:
-    """Calibrate a prepared model in place: smoothing scales (if the recipe smooths) and initial step sizes.
+    """Calibrate a prepared model in place: smoothing scales and rotations (if the recipe has them) and initial step
+    sizes.
 
     Args:
         prepared: the output of ``prepare_pt2e(gm, VisualMambaQuantizer(recipe))``.
@@ -113,26 +119,38 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     share = distributed.batch_shard(len(batches), 1)
     batches = batches[share.start:share.stop]
     activations = [act for _, act, _ in quantizers.values() if isinstance(act, PerTokenStaticFakeQuantize)]
-    smoothed = [(layer, act, weight) for layer, act, weight in quantizers.values()
-                if isinstance(act, PerTokenStaticFakeQuantize) and act.smoothing]
+    first_pass = [(layer, act, weight) for layer, act, weight in quantizers.values()
+                  if isinstance(act, PerTokenStaticFakeQuantize) and (act.smoothing or act.records_second_moment)]
     seconds = {}
     t0 = time.perf_counter()
-    if smoothed:
-        for _, act, _ in smoothed:  # this pass needs the channel maxima only
+    if first_pass:
+        for _, act, _ in first_pass:  # this pass needs the channel maxima (and second moments) only
             act.record_distribution = False
-        _run(prepared, batches, "calibrate (smoothing)", progress)
-        for _, act, _ in smoothed:
+        _run(prepared, batches, "calibrate (smoothing, rotations)", progress)
+        for _, act, _ in first_pass:
             act.all_reduce_statistics()
-        for layer, act, weight in smoothed:
+        for layer, act, weight in first_pass:
             act.record_distribution = True
-            alpha = layer.recipe.alpha if layer.recipe.alpha is not None else (0.65 if layer.family == "vmamba" else 0.5)
-            w = prepared.get_parameter(layer.name + ".weight")
-            weight.share_smooth(act.set_smooth(smoothquant_scales(act.channel_absmax, w, alpha)))
+            if act.smoothing:
+                alpha = layer.recipe.alpha if layer.recipe.alpha is not None else (
+                    0.65 if layer.family == "vmamba" else 0.5)
+                w = prepared.get_parameter(layer.name + ".weight")
+                weight.share_smooth(act.set_smooth(smoothquant_scales(act.channel_absmax, w, alpha)))
+            if act.records_second_moment:
+                moment = act.second_moment
+                if act.smooth is not None:
+                    s = act.smooth.detach().double()
+                    moment = moment / torch.outer(s, s)
+                weight.share_rotation(act.set_rotation(klt(moment)))
         for _, act, weight in quantizers.values():
             for q in (act, weight):
                 if q is not None:
                     q.reset_statistics()
-        seconds["smoothing pass"] = time.perf_counter() - t0
+        seconds["smoothing / rotation pass"] = time.perf_counter() - t0
+    for layer, act, weight in quantizers.values():
+        if isinstance(act, PerTokenStaticFakeQuantize) and act.rotation == "hadamard":
+            d = prepared.get_parameter(layer.name + ".weight").shape[1]
+            weight.share_rotation(act.set_rotation(hadamard(d)))
     t0 = time.perf_counter()
     _run(prepared, batches, "calibrate (step sizes)", progress)
     for act in activations:

@@ -38,6 +38,7 @@ from torchao.quantization.pt2e.observer import MinMaxObserver
 from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
 from vmq_fx.ops.vq_linear import code_bits
+from vmq_fx.pt2e.rotation import ROTATIONS
 from vmq_fx.pt2e.observers import (
     PerChannelWeightFakeQuantize,
     PerTokenDynamicFakeQuantize,
@@ -51,6 +52,7 @@ __all__ = ["RECIPE_FAMILIES", "PTQ4VMRecipe", "Recipe", "RecipeFamily", "VQRecip
            "smoothquant_pts", "vimvq", "vq_convex", "vq_kmeans"]
 
 ActGranularity = Literal["per_token_static", "per_tensor_static", "per_token_dynamic"]
+Rotation = Literal["none", "hadamard", "klt"]
 VQMethod = Literal["kmeans", "convex", "incremental"]
 CodebookScope = Literal["layer", "block"]
 
@@ -301,7 +303,10 @@ def from_name(name: str) -> Recipe:
 @register_recipe(
     presets={"ptq4vm": {}, "sq-pts": {"jlss": False}, "pts": {"smooth": False, "jlss": False},
              "per-tensor": {"act_granularity": "per_tensor_static", "smooth": False, "jlss": False},
-             "per-token-dynamic": {"act_granularity": "per_token_dynamic", "smooth": False, "jlss": False}},
+             "per-token-dynamic": {"act_granularity": "per_token_dynamic", "smooth": False, "jlss": False},
+             "hadamard-pts": {"rotation": "hadamard", "smooth": False, "jlss": False},
+             "klt-pts": {"rotation": "klt", "smooth": False, "jlss": False},
+             "klt-sq-pts": {"rotation": "klt", "jlss": False}},
     optimizer="vmq_fx.pt2e.jlss:jlss", config="vmq_fx.pt2e.jlss:JLSSConfig")
 @dataclass(frozen=True)
 class PTQ4VMRecipe(Recipe):
@@ -318,6 +323,11 @@ class PTQ4VMRecipe(Recipe):
         alpha: SmoothQuant migration strength; ``None`` picks 0.5 for Vim and 0.65 for VMamba, as PTQ4VM.
         jlss: the layer's smoothing scales and step sizes are learned by JLSS after calibration (PTQ4VM); its
             settings are a :class:`~vmq_fx.pt2e.jlss.JLSSConfig`.
+        rotation: an orthogonal rotation ``R`` of the (smoothed) input, MambaQuant-style
+            (:mod:`vmq_fx.pt2e.rotation`): the linear computes ``q((x / s) @ R) @ q((W * s) @ R)^T``. ``"hadamard"``
+            (fixed), ``"klt"`` (eigenvectors of the calibration inputs, then Hadamard) or ``"none"``. Per-token
+            static activations only; the lowered model multiplies the input by ``R / s[:, None]`` in floating point
+            before the integer linear.
         p: exponent of the Lp error used by the range searches.
         num_candidates: candidates of the range searches.
     """
@@ -331,6 +341,7 @@ class PTQ4VMRecipe(Recipe):
     smooth: bool = True
     alpha: float | None = None
     jlss: bool = True
+    rotation: Rotation = "none"
     p: float = 2.4
     num_candidates: int = 100
 
@@ -349,6 +360,11 @@ class PTQ4VMRecipe(Recipe):
         if self.jlss and self.act_granularity != "per_token_static":
             raise ValueError("PTQ4VMRecipe: JLSS learns per-token static step sizes; use jlss=False with "
                              f"{self.act_granularity}")
+        if self.rotation not in ROTATIONS:
+            raise ValueError(f"PTQ4VMRecipe: rotation must be one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
+        if self.rotation != "none" and self.act_granularity != "per_token_static":
+            raise ValueError(f"PTQ4VMRecipe: rotations are fitted with per-token static statistics; use "
+                             f"rotation='none' with {self.act_granularity}")
         if self.p <= 0 or self.num_candidates < 1:
             raise ValueError("PTQ4VMRecipe: p and num_candidates must be positive")
 
@@ -382,7 +398,7 @@ class PTQ4VMRecipe(Recipe):
         return QuantizationSpec(
             dtype=torch.uint8, quant_min=0, quant_max=qmax, qscheme=torch.per_channel_affine, ch_axis=1,
             observer_or_fake_quant_ctr=PerTokenStaticFakeQuantize.with_args(
-                ch_axis=1, p=self.p, num_candidates=self.num_candidates, smooth=self.smooth),
+                ch_axis=1, p=self.p, num_candidates=self.num_candidates, smooth=self.smooth, rotation=self.rotation),
         )
 
 

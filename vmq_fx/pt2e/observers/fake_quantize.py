@@ -10,10 +10,13 @@ SmoothQuant smoothing is part of the pair of quantizers of a linear: once :func:
 smoothing scale ``s`` (one ``nn.Parameter`` both hold), the activation quantizer works on ``x / s`` and the weight
 quantizer on ``W * s``, so that the linear computes ``q(x / s) @ q(W * s)^T``.
 
+A rotation (:mod:`vmq_fx.pt2e.rotation`) works the same way: the activation quantizer holds the orthogonal matrix
+``R`` and quantizes ``(x / s) @ R``, the weight quantizer ``(W * s) @ R``; the product is unchanged in floating point.
+
 ``convert_pt2e`` then calls each module's :meth:`convert`, which writes its own nodes: for activations
 ``[div(x, s)] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` with the learned per-token step sizes (the
-division tagged ``meta["vmq_smoothing"]``), for weights ``dequantize_per_channel(axis=0)`` of the integers of
-``W * s``.
+division tagged ``meta["vmq_smoothing"]``; with a rotation ``matmul(x, R / s[:, None])`` instead, tagged
+``meta["vmq_rotation"]``), for weights ``dequantize_per_channel(axis=0)`` of the integers of ``(W * s) [@ R]``.
 """
 from __future__ import annotations
 
@@ -24,9 +27,10 @@ from torch import Tensor, nn
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from vmq_fx.pt2e.observers.lp_search import RowHistograms, round_ste, search_symmetric_clips
+from vmq_fx.pt2e.rotation import ROTATIONS
 
 __all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenDynamicFakeQuantize",
-           "PerTokenStaticFakeQuantize", "SMOOTHING_META"]
+           "PerTokenStaticFakeQuantize", "ROTATION_META", "SMOOTHING_META"]
 
 
 class NotCalibratedError(RuntimeError):
@@ -35,6 +39,7 @@ class NotCalibratedError(RuntimeError):
 
 _qd = torch.ops.quantized_decomposed
 SMOOTHING_META = "vmq_smoothing"  # the node.meta key of the div(x, s) a smoothing quantizer writes at convert
+ROTATION_META = "vmq_rotation"  # the node.meta key of the matmul(x, R / s[:, None]) a rotating quantizer writes
 
 
 def _constant(model: torch.fx.GraphModule, name: str, value: Tensor) -> torch.fx.Node:
@@ -115,7 +120,8 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
     with the number of calibration images (Vim-T at 224x224: 197 tokens x 2048 bins per linear); the chosen range
     is the exact search's within a fraction of a bin (tested).
 
-    It also records the per-channel maximum of |x|, which the SmoothQuant initialization of the smoothing scales uses.
+    It also records the per-channel maximum of |x|, which the SmoothQuant initialization of the smoothing scales uses,
+    and, for a KLT rotation that is not fitted yet, the second-moment matrix ``sum x^T x`` over all tokens.
 
     Example:
         >>> import torch
@@ -128,20 +134,29 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
 
     def __init__(self, dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_channel_affine, ch_axis=1,
                  is_dynamic=False, p: float = 2.4, num_candidates: int = 100, bins: int = 2048, smooth: bool = False,
-                 **kwargs):
+                 rotation: str = "none", **kwargs):
         super().__init__(dtype, quant_min, quant_max, qscheme, ch_axis, p, num_candidates)
         if ch_axis != 1:
             raise ValueError(f"PerTokenStaticFakeQuantize: the token axis must be 1 ([batch, L, C]), got {ch_axis}")
+        if rotation not in ROTATIONS:
+            raise ValueError(f"PerTokenStaticFakeQuantize: rotation must be one of {ROTATIONS}, got {rotation!r}")
         self.bins = bins
         self.smoothing = smooth  # the recipe smooths: vmq_fx.calibrate gives this quantizer a scale
         self.smooth: nn.Parameter | None = None
+        self.rotation = rotation  # the recipe rotates: vmq_fx.calibrate gives this quantizer its matrix
+        self.register_buffer("rotation_matrix", None)
         # Off while only the channel maxima are wanted (the smoothing pass of vmq_fx.calibrate).
         self.record_distribution = True
         self.reset_statistics()
 
     def reset_statistics(self) -> None:
-        self.min_val = self.max_val = self.channel_absmax = None
+        self.min_val = self.max_val = self.channel_absmax = self.second_moment = None
         self._hist = RowHistograms(self.bins)
+
+    @property
+    def records_second_moment(self) -> bool:
+        """Whether observing records ``sum x^T x`` (a KLT rotation waiting for its statistics)."""
+        return self.rotation == "klt" and self.rotation_matrix is None
 
     def _observe(self, x: Tensor) -> None:
         if x.dim() != 3:
@@ -156,6 +171,10 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
             self.min_val = torch.minimum(self.min_val, lo)
             self.max_val = torch.maximum(self.max_val, hi)
             self.channel_absmax = torch.maximum(self.channel_absmax, cmax)
+        if self.records_second_moment:
+            flat = x.reshape(-1, x.shape[-1]).double()
+            moment = flat.T @ flat
+            self.second_moment = moment if self.second_moment is None else self.second_moment + moment
         if self.record_distribution:
             self._hist.add_tokens(x, lo, hi)
 
@@ -169,7 +188,8 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         if distributed.world_size() == 1:
             return
         mine = None if self.min_val is None else (self.min_val.cpu(), self.max_val.cpu(), self.channel_absmax.cpu(),
-                                                 self._hist.state())
+                                                 self._hist.state(),
+                                                 None if self.second_moment is None else self.second_moment.cpu())
         parts = [p for p in distributed.all_gather_objects(mine) if p is not None]
         if not parts:
             return
@@ -177,6 +197,8 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         self.min_val = torch.stack([p[0] for p in parts]).amin(0).to(device)
         self.max_val = torch.stack([p[1] for p in parts]).amax(0).to(device)
         self.channel_absmax = torch.stack([p[2] for p in parts]).amax(0).to(device)
+        moments = [p[4] for p in parts if p[4] is not None]
+        self.second_moment = torch.stack(moments).sum(0).to(device) if moments else None
         histograms = [tuple(t.to(device) for t in p[3]) for p in parts if p[3] is not None]
         self._hist = RowHistograms.merged(self.bins, histograms) if histograms else RowHistograms(self.bins)
 
@@ -186,8 +208,23 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         self.smooth = nn.Parameter(s.detach().float().clone())
         return self.smooth
 
+    def set_rotation(self, r: Tensor) -> Tensor:
+        """Give the quantizer its rotation (``[channels, channels]``, orthogonal); returns the buffer, which the weight
+        quantizer of the same linear shares (:meth:`PerChannelWeightFakeQuantize.share_rotation`)."""
+        if r.dim() != 2 or r.shape[0] != r.shape[1]:
+            raise ValueError(f"set_rotation: expected a square matrix, got shape {tuple(r.shape)}")
+        self.rotation_matrix = r.detach().float().clone()
+        return self.rotation_matrix
+
+    def input_map(self) -> Tensor:
+        """``R / s[:, None]``: the one matrix a rotating quantizer multiplies its input by (``(x / s) @ R``)."""
+        r = self.rotation_matrix
+        return r if self.smooth is None else r / self.smooth.reshape(-1, 1)
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.smooth is not None:
+        if self.rotation_matrix is not None:
+            x = x @ self.input_map()  # the same product convert writes, so both round alike
+        elif self.smooth is not None:
             x = x / self.smooth
         if self.observer_enabled[0] == 1:
             self._observe(x)
@@ -198,12 +235,19 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         return x
 
     def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
-        """``[div(x, s)] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` in place of the module."""
+        """``[div(x, s) | matmul(x, R / s[:, None])] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` in
+        place of the module."""
         scale, zp = self.calculate_qparams()
         graph, base = model.graph, observer_node.name
         x = observer_node.args[0]
         with graph.inserting_before(observer_node):
-            if self.smooth is not None:
+            if self.rotation_matrix is not None:
+                m = _constant(model, f"{base}_rotation", self.input_map())
+                x_val = x.meta.get("val")
+                x = graph.call_function(torch.ops.aten.matmul.default, (x, m))
+                x.meta.update({"val": x_val, ROTATION_META: True,
+                               "nn_module_stack": observer_node.meta.get("nn_module_stack", {})})
+            elif self.smooth is not None:
                 s = _constant(model, f"{base}_smooth", self.smooth)
                 x_val = x.meta.get("val")
                 x = graph.call_function(torch.ops.aten.div.Tensor, (x, s))
@@ -258,6 +302,7 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
             raise ValueError(f"PerChannelWeightFakeQuantize: output channels must be axis 0, got {ch_axis}")
         self._weight: Tensor | None = None
         self.smooth: nn.Parameter | None = None
+        self.register_buffer("rotation_matrix", None)
 
     def reset_statistics(self) -> None:
         self._weight = None
@@ -266,9 +311,17 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
         """Work on ``W * smooth`` from now on (the smoothing parameter of the activation quantizer of the linear)."""
         self.smooth = smooth
 
-    def forward(self, w: Tensor) -> Tensor:
+    def share_rotation(self, r: Tensor) -> None:
+        """Work on ``(W * s) @ R`` from now on (the rotation of the activation quantizer of the linear)."""
+        self.rotation_matrix = r
+
+    def _transformed(self, w: Tensor) -> Tensor:
         if self.smooth is not None:
             w = w * self.smooth
+        return w if self.rotation_matrix is None else w @ self.rotation_matrix
+
+    def forward(self, w: Tensor) -> Tensor:
+        w = self._transformed(w)
         if self.observer_enabled[0] == 1:
             self._weight = w.detach()
         if self.fake_quant_enabled[0] == 1:
@@ -288,15 +341,13 @@ class PerChannelWeightFakeQuantize(_TwoPhaseFakeQuantize):
         self._weight = None
 
     def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
-        """``dequantize_per_channel(axis=0)`` of the integer ``W * s`` (a constant) in place of the module."""
+        """``dequantize_per_channel(axis=0)`` of the integer ``(W * s) [@ R]`` (a constant) in place of the module."""
         scale, zp = self.calculate_qparams()
         weight_node = observer_node.args[0]
         if not (isinstance(weight_node, torch.fx.Node) and weight_node.op == "get_attr"):
             raise ValueError(f"{observer_node.name}: the weight is not a constant ({weight_node})")
         with torch.no_grad():
-            w = operator.attrgetter(str(weight_node.target))(model).float()
-            if self.smooth is not None:
-                w = w * self.smooth
+            w = self._transformed(operator.attrgetter(str(weight_node.target))(model).float())
             shape = (-1,) + (1,) * (w.dim() - 1)
             # w * (1 / scale), as quantize_per_channel and the fake quantization round
             w_int = torch.clamp(torch.round(w * (1.0 / scale).reshape(shape)), self.quant_min, self.quant_max)
