@@ -87,6 +87,15 @@ def test_both_integer_product_paths_match_float64(shape, w_bits, a_bits, packed,
     torch.testing.assert_close(int8_linear(*op_args).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("w_bits", [8, 4])
+def test_one_input_channel_on_every_path(w_bits, implementation, int8_gemm):
+    """K = 1 (an outlier-channel linear of dt_proj): torch._int_mm returns wrong numbers for the transposed [1, N]
+    weight (strides (1, 1)), so the ops must not hand it such a product. 34 rows: past _int_mm's 16-row minimum."""
+    op_args, ref_args = int8_case(2, 17, 1, 38, w_bits=w_bits, packed=False)
+    ref = int8_linear_reference(*ref_args)
+    torch.testing.assert_close(int8_linear(*op_args).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
 def _names(fn):
     with torch.profiler.profile() as prof:
         fn()

@@ -198,9 +198,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     // The int32 accumulators are written where their float results go, and rescaled in place: the rescale reads and
     // writes the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
     at::Tensor acc = out.view(at::kInt);
-    if (M > 16) {
+    if (M > 16 && K > 1) {
       at::_int_mm_out(acc, xq, w8.t());
-    } else {  // at::_int_mm needs more than 16 rows; tiny inputs take the exact int32 product instead
+    } else {  // at::_int_mm needs more than 16 rows, and with K = 1 its transposed weight (strides (1, 1)) comes back
+              // wrong (torch 2.13, oneDNN): those take the exact int32 product instead
       acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
     }
     const int32_t* ap = acc.data_ptr<int32_t>();

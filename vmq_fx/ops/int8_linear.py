@@ -147,7 +147,10 @@ def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
     # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
     shift = 128 if act_qmax > 127 else 0
     x8 = (xq - shift).to(torch.int8)
-    acc = torch._int_mm(x8, w8.t()) if x8.shape[0] > 16 else (x8.int() @ w8.int().t())
+    # torch._int_mm needs more than 16 rows, and with one input channel its transposed weight ([1, N], strides
+    # (1, 1)) comes back wrong (torch 2.13, oneDNN): those take the exact int32 product.
+    int_mm = x8.shape[0] > 16 and k > 1
+    acc = torch._int_mm(x8, w8.t()) if int_mm else (x8.int() @ w8.int().t())
     acc = acc - (zp - shift) * w_sum.to(torch.int32)[None, :]
     out = acc.float() * scale * w_scale.float()[None, :]
     if bias is not None:
