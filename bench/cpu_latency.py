@@ -53,7 +53,7 @@ import vmq_fx  # noqa: E402
 from vmq_fx import recipes  # noqa: E402
 from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
-TABLES = ("scan", "linears", "models", "dynamic", "train", "profile")
+TABLES = ("scan", "linears", "models", "dynamic", "rotation", "train", "profile")
 # ONNX files per model: standard operators only (the portable Scan), and vmq_fx's onnxruntime ops (vmq.SelectiveScan,
 # vmq.Int8Linear: export_onnx(ops=...))
 RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq ops"}
@@ -279,6 +279,45 @@ def table_dynamic(args) -> list[str]:
                                f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
                                f"{ms(times['dynamic'])} ({times['FP32'] / times['dynamic']:.2f}x FP32) | "
                                f"{times['static'] / times['dynamic']:.2f}x |")
+                print("\n".join(out[-2:]), file=sys.stderr, flush=True)
+    return out
+
+
+# -- rotation ----------------------------------------------------------------------------------------------------------
+def table_rotation(args) -> list[str]:
+    """What a rotation (Hadamard factored, KLT dense) or outlier channels cost in the lowered W8A8 model, against plain
+    static W8A8 (SmoothQuant + PTS), in torch and in onnxruntime with vmq_fx's ops."""
+    from vmq_fx.export import ort_session
+
+    variants = {"static": recipes.smoothquant_pts(8, 8), "Hadamard": recipes.smoothquant_pts(8, 8, rotation="hadamard"),
+                "KLT": recipes.smoothquant_pts(8, 8, rotation="klt"),
+                "outliers": recipes.smoothquant_pts(8, 8, outlier_fraction=1 / 32)}
+    out = ["## Rotations and outlier channels, W8A8 (median ms per forward; ratios against static W8A8, same process)",
+           "", "| model | runtime | threads | batch | FP32 | W8A8 static | " + " | ".join(list(variants)[1:]) + " |",
+           "|---|---|---|---|---|---|" + "---|" * (len(variants) - 1)]
+    tmp = Path(tempfile.mkdtemp())
+    for label, build, shape, batches in model_specs(args.quick):
+        torch.manual_seed(0)
+        model = build()
+        calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+        models = {"FP32": model, **{name: vmq_fx.quantize(model, r, calib, progress=False).lowered
+                                    for name, r in variants.items()}}
+        paths = {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx", ops="vmq").path
+                 for name, m in models.items()}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            sessions = {name: ort_session(path, threads=threads) for name, path in paths.items()}
+            for batch in batches:
+                x = torch.randn(batch, *shape)
+                feed = {sessions["FP32"].get_inputs()[0].name: x.numpy()}
+                with torch.no_grad():
+                    t = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.reps)
+                o = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.reps)
+                for runtime, times in (("torch", t), (RUNTIMES["vmq"], o)):
+                    out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
+                               f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
+                               + " | ".join(f"{ms(times[k])} ({times['static'] / times[k]:.2f}x)"
+                                            for k in list(variants)[1:]) + " |")
                 print("\n".join(out[-2:]), file=sys.stderr, flush=True)
     return out
 

@@ -33,6 +33,7 @@ from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e  # noqa: E40
 from vmq_fx.app.data import calibration_images  # noqa: E402
 from vmq_fx.app.evaluate import predict  # noqa: E402
 from vmq_fx.models import load_reference  # noqa: E402
+from vmq_fx.pt2e.diagnostics import bits_per_activation, bits_per_weight  # noqa: E402
 from vmq_fx.pt2e.flow import method_from_name  # noqa: E402
 
 # ptq4vm: vmq_fx's default (JLSS on the residual stream); ptq4vm[target=mixer]: the authors' settings (results files
@@ -64,10 +65,11 @@ def measure(name: str, method: str, bits: str, seed: int, calib_n: int, x_test, 
     logits = predict(quantized, x_test)
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True,
                                     reduction="batchmean").item()
+    lowered = vmq_fx.lower(quantized)
     return {"model": name, "method": method, "bits": bits, "seed": seed, "calib": calib_n, "test": len(labels),
             "recipe": recipe.name, "top1": top1(logits, labels),
             "agree": 100.0 * (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item(), "kl": kl,
-            "seconds": secs,
+            "seconds": secs, "bits_w": bits_per_weight(lowered), "bits_a": bits_per_activation(lowered),
             "block_loss": None if report is None else [sum(report.loss_before) / report.blocks,
                                                        sum(report.loss_after) / report.blocks]}
 
@@ -81,7 +83,9 @@ def render(cache: ResultCache, args, fps: dict) -> str:
         "mini-batches seeded with s); `n`: seeds. Paired differences (same seeds) against the baselines: mean ± "
         "std of the per-seed differences; a difference counts when a two-sided paired t-test at 95 % says so (with "
         "3 seeds: mean above 2.5 times that std), \"within noise\" otherwise. Agreement: same top-1 as FP32; KL: "
-        "KL(FP32 || quantized) of the logits, batch mean. JLSS loss: the mean block loss (1 - cos) before -> after. "
+        "KL(FP32 || quantized) of the logits, batch mean. Bits W / A: all in, as the lowered model holds and "
+        "computes them (weights with their row scales and column sums; activations per input channel, outlier "
+        "channels counted twice: once in the main op, once at 8 bits; rows measured before this column: -). JLSS loss: the mean block loss (1 - cos) before -> after. "
         f"Time: quantization on this CPU. {args.note}", "",
     ]
     for name in args.models:
@@ -89,8 +93,8 @@ def render(cache: ResultCache, args, fps: dict) -> str:
             continue
         lines += [f"## {name} (FP32 {fps[name]:.2f} %)", "",
                   "| bits | method | n | top-1 % | vs FP32 | vs " + " | vs ".join(BASELINES) +
-                  " | agreement % | KL | JLSS loss | time s |",
-                  "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|---|"]
+                  " | agreement % | KL | bits W / A | JLSS loss | time s |",
+                  "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|---|---|"]
         for bits in args.bits:
             by_method = cache.by_method(args.methods, args.seeds, model=name, bits=bits, test=args.limit or 10000)
             for method, recs in by_method.items():
@@ -100,11 +104,14 @@ def render(cache: ResultCache, args, fps: dict) -> str:
                 losses = [r["block_loss"] for r in recs.values() if r["block_loss"]]
                 loss = (f"{mean_std(v[0] for v in losses)[0]:.4f} -> {mean_std(v[1] for v in losses)[0]:.4f}"
                         if losses else "-")
+                sized = [r for r in recs.values() if "bits_w" in r]
+                sizes = (f"{mean_std(r['bits_w'] for r in sized)[0]:.2f} / {mean_std(r['bits_a'] for r in sized)[0]:.2f}"
+                         if sized else "-")
                 lines.append(
                     f"| {bits.upper()} | {method} | {len(acc)} | {fmt_spread(acc.values())} "
                     f"| {mean_std(acc.values())[0] - fps[name]:+.2f} | " + " | ".join(cmp) +
                     f" | {fmt_spread(r['agree'] for r in recs.values())} "
-                    f"| {mean_std(r['kl'] for r in recs.values())[0]:.4f} | {loss} "
+                    f"| {mean_std(r['kl'] for r in recs.values())[0]:.4f} | {sizes} | {loss} "
                     f"| {mean_std(r['seconds'] for r in recs.values())[0]:.0f} |")
         lines.append("")
     return "\n".join(lines)

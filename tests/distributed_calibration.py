@@ -1,6 +1,7 @@
 """What tests/test_distributed.py compares between one process and two under torchrun, on vim-fm-tiny:
 ``python tests/distributed_calibration.py OUT.pt`` saves (rank 0) the activation statistics of a SmoothQuant + PTS
-W8A8 calibration, the second moments a KLT + PTS one fits its rotations on, and the block losses and learned tensors of a short JLSS and a short
+W8A8 calibration, the second moments a KLT + PTS one fits its rotations on, the outlier channels of
+an outlier-channel one, and the block losses and learned tensors of a short JLSS and a short
 ViM-VQ run."""
 import contextlib
 import sys
@@ -48,6 +49,18 @@ def klt_moments(batch_size: int = 8) -> list[torch.Tensor]:
     with mock.patch("vmq_fx.pt2e.calibrate.klt", fit):
         _calibrated(recipes.pts(8, 8, rotation="klt"), batch_size)
     return moments
+
+
+def outlier_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
+    """Each activation quantizer's outlier channels and their 8-bit steps after an outlier-channel PTS W4A4
+    calibration (as above)."""
+    from vmq_fx import recipes
+    from vmq_fx.pt2e.observers import PerTokenStaticFakeQuantize
+
+    prepared = _calibrated(recipes.pts(4, 4, outlier_fraction=1 / 16), batch_size)
+    return {name: {"mask": m.outlier_mask, "min": m.outliers.min_val, "max": m.outliers.max_val,
+                   "scale": m.outliers.calculate_qparams()[0]}
+            for name, m in prepared.named_modules() if isinstance(m, PerTokenStaticFakeQuantize) and m.outliers}
 
 
 def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
@@ -101,7 +114,7 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     distributed.init_from_env()
-    results = {"calibration": calibrated_statistics(), "klt": klt_moments(), **block_optimizations()}
+    results = {"calibration": calibrated_statistics(), "klt": klt_moments(), "outliers": outlier_statistics(), **block_optimizations()}
     if distributed.is_main():
         torch.save(results, sys.argv[1])
     distributed.shutdown()

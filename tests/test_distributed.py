@@ -135,6 +135,21 @@ def test_klt_moments_under_torchrun_match_one_process(two_processes):
 
 
 @pytest.mark.fashion_mnist
+def test_outlier_channels_under_torchrun_match_one_process(two_processes):
+    """The channel maxima that pick the outlier channels and their per-token ranges are combined exactly; their 8-bit
+    steps, searched by one process and adopted by the other, as close as the other step sizes (above)."""
+    from distributed_calibration import outlier_statistics
+
+    two, one = two_processes["outliers"], outlier_statistics()
+    assert one.keys() == two.keys() and len(one) == 48
+    for name in one:
+        for key in ("mask", "min", "max"):
+            assert torch.equal(one[name][key], two[name][key]), (name, key)
+        rel = (one[name]["scale"] - two[name]["scale"]).abs() / one[name]["scale"]
+        assert rel.max() < 0.05, (name, float(rel.max()))
+
+
+@pytest.mark.fashion_mnist
 def test_block_optimizations_under_torchrun_match_one_process(two_processes):
     """JLSS and ViM-VQ with each process holding half of the captures: the same mini-batches, the loss of each half
     weighted by its share, the gradients summed. ViM-VQ ends where one process does (to float rounding); JLSS's

@@ -11,7 +11,8 @@ PTQ4VM's calibration has two passes over the calibration images:
 
 A rotation (``recipe.rotation``) is set before the second pass: a Hadamard one needs no data, a KLT one is fitted on
 the second moments of the first pass's inputs (divided by ``s s^T`` when the layer smooths, which is the second
-moment of ``x / s``), so it costs no extra pass.
+moment of ``x / s``), so it costs no extra pass. Outlier channels (``recipe.outlier_fraction``) are the largest
+channels of the first pass's ``max|x| / s``; the second pass records them apart, and they get their own 8-bit steps.
 
 Without smoothing or a KLT rotation only the second pass runs. Each linear follows its own recipe
 (``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
@@ -24,6 +25,7 @@ same quantizers: maxima exactly those of one process, step sizes from merged his
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Iterable
 
@@ -120,7 +122,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     batches = batches[share.start:share.stop]
     activations = [act for _, act, _ in quantizers.values() if isinstance(act, PerTokenStaticFakeQuantize)]
     first_pass = [(layer, act, weight) for layer, act, weight in quantizers.values()
-                  if isinstance(act, PerTokenStaticFakeQuantize) and (act.smoothing or act.records_second_moment)]
+                  if isinstance(act, PerTokenStaticFakeQuantize)
+                  and (act.smoothing or act.records_second_moment or act.outlier_fraction)]
     seconds = {}
     t0 = time.perf_counter()
     if first_pass:
@@ -142,6 +145,10 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
                     s = act.smooth.detach().double()
                     moment = moment / torch.outer(s, s)
                 weight.share_rotation(act.set_rotation(klt(moment)))
+            if act.outlier_fraction:
+                absmax = act.channel_absmax if act.smooth is None else act.channel_absmax / act.smooth.detach()
+                k = math.ceil(act.outlier_fraction * absmax.numel())
+                act.set_outlier_channels(absmax.topk(k).indices, absmax.numel())
         for _, act, weight in quantizers.values():
             for q in (act, weight):
                 if q is not None:
@@ -156,7 +163,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
     for act in activations:
         act.all_reduce_statistics()
     seconds["statistics pass"] = time.perf_counter() - t0
-    modules = [q for _, act, weight in quantizers.values() for q in (act, weight)]
+    modules = [q for _, act, weight in quantizers.values()
+               for q in (act, weight, getattr(act, "outliers", None))]
     searched = [q for q in modules if isinstance(q, (PerTokenStaticFakeQuantize, PerChannelWeightFakeQuantize))]
     # Under torchrun the processes share out the range searches (same statistics everywhere) and swap the results.
     mine = range(distributed.rank(), len(searched), distributed.world_size())

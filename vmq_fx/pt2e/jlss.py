@@ -136,7 +136,8 @@ def _learned(layer, act, weight, config: JLSSConfig) -> dict[str, list[nn.Parame
     """The JLSS parameters of one linear, by learning-rate group."""
     if not layer.recipe.optimizes or (layer.role in ("x_proj", "dt_proj") and not config.learn_all_projections):
         return {}
-    groups = {"act": [act.scale], "weight": [weight.scale]}
+    groups = {"act": [act.scale] + ([act.outliers.scale] if act.outliers is not None else []),
+              "weight": [weight.scale]}
     if act.smooth is not None:
         groups["smooth"] = [act.smooth]
     return groups

@@ -306,7 +306,9 @@ def from_name(name: str) -> Recipe:
              "per-token-dynamic": {"act_granularity": "per_token_dynamic", "smooth": False, "jlss": False},
              "hadamard-pts": {"rotation": "hadamard", "smooth": False, "jlss": False},
              "klt-pts": {"rotation": "klt", "smooth": False, "jlss": False},
-             "klt-sq-pts": {"rotation": "klt", "jlss": False}},
+             "klt-sq-pts": {"rotation": "klt", "jlss": False},
+             "outlier-pts": {"outlier_fraction": 1 / 32, "smooth": False, "jlss": False},
+             "outlier-sq-pts": {"outlier_fraction": 1 / 32, "jlss": False}},
     optimizer="vmq_fx.pt2e.jlss:jlss", config="vmq_fx.pt2e.jlss:JLSSConfig")
 @dataclass(frozen=True)
 class PTQ4VMRecipe(Recipe):
@@ -328,6 +330,10 @@ class PTQ4VMRecipe(Recipe):
             (fixed), ``"klt"`` (eigenvectors of the calibration inputs, then Hadamard) or ``"none"``. Per-token
             static activations only; the lowered model multiplies the input by ``R / s[:, None]`` in floating point
             before the integer linear.
+        outlier_fraction: OuroMamba-style outlier channels: this fraction of each linear's input channels (at least
+            one when positive), those with the largest calibration max|x| (after smoothing), keeps 8-bit activations
+            with their own per-token steps; the other channels' steps no longer have to reach them. The lowered linear
+            is two integer linears (the other channels at ``a_bits``, the outlier channels at 8 bits). ``0``: none.
         p: exponent of the Lp error used by the range searches.
         num_candidates: candidates of the range searches.
     """
@@ -342,6 +348,7 @@ class PTQ4VMRecipe(Recipe):
     alpha: float | None = None
     jlss: bool = True
     rotation: Rotation = "none"
+    outlier_fraction: float = 0.0
     p: float = 2.4
     num_candidates: int = 100
 
@@ -365,6 +372,11 @@ class PTQ4VMRecipe(Recipe):
         if self.rotation != "none" and self.act_granularity != "per_token_static":
             raise ValueError(f"PTQ4VMRecipe: rotations are fitted with per-token static statistics; use "
                              f"rotation='none' with {self.act_granularity}")
+        if not 0.0 <= self.outlier_fraction < 0.5:
+            raise ValueError(f"PTQ4VMRecipe: outlier_fraction must be in [0, 0.5), got {self.outlier_fraction}")
+        if self.outlier_fraction and (self.act_granularity != "per_token_static" or self.rotation != "none"):
+            raise ValueError("PTQ4VMRecipe: outlier channels need per-token static activations without a rotation (a "
+                             "rotation spreads the outliers over every channel)")
         if self.p <= 0 or self.num_candidates < 1:
             raise ValueError("PTQ4VMRecipe: p and num_candidates must be positive")
 
@@ -398,7 +410,8 @@ class PTQ4VMRecipe(Recipe):
         return QuantizationSpec(
             dtype=torch.uint8, quant_min=0, quant_max=qmax, qscheme=torch.per_channel_affine, ch_axis=1,
             observer_or_fake_quant_ctr=PerTokenStaticFakeQuantize.with_args(
-                ch_axis=1, p=self.p, num_candidates=self.num_candidates, smooth=self.smooth, rotation=self.rotation),
+                ch_axis=1, p=self.p, num_candidates=self.num_candidates, smooth=self.smooth, rotation=self.rotation,
+                outlier_fraction=self.outlier_fraction),
         )
 
 

@@ -10,7 +10,9 @@ Two kinds, named by :attr:`vmq_fx.pt2e.recipes.PTQ4VMRecipe.rotation`:
 
 * ``"hadamard"``: a normalized Walsh-Hadamard matrix. Its size must be a power of two; for ``d = 2^k * m`` with
   ``m`` odd (Vim-T: 192 = 64 * 3) the matrix is ``kron(Q_m, H_{2^k})`` with ``Q_m`` a fixed random orthogonal
-  ``m x m`` matrix, so that every output channel still mixes all ``d`` inputs. Needs no calibration data.
+  ``m x m`` matrix, so that every output channel still mixes all ``d`` inputs. Needs no calibration data. It is
+  applied in its factored form (:func:`apply_hadamard`: ``Q_m^T X H`` on ``x`` viewed as ``[m, 2^k]``): ``d (2^k + m)``
+  multiply-adds per token instead of ``d^2``, and one ``H`` per size for the whole model.
 * ``"klt"``: MambaQuant's KLT-enhanced rotation ``K @ H``, ``K`` the eigenvectors of the calibration inputs'
   second-moment matrix (the Karhunen-Loeve transform): in that basis the channels are uncorrelated, and the
   Hadamard matrix then spreads their unequal variances evenly.
@@ -27,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ROTATIONS", "hadamard", "klt"]
+__all__ = ["ROTATIONS", "apply_hadamard", "hadamard", "hadamard_factors", "klt"]
 
 ROTATIONS = ("none", "hadamard", "klt")
 _SEED = 0x5EED  # the odd factor's orthogonal matrix: fixed, so that a recipe always means the same rotation
@@ -48,8 +50,8 @@ def _random_orthogonal(m: int) -> Tensor:
     return (q * torch.sign(torch.diagonal(r))).contiguous()  # the Haar-distributed factor, not LAPACK's sign convention
 
 
-def hadamard(d: int) -> Tensor:
-    """The ``d x d`` rotation of kind ``"hadamard"`` (float64): ``kron(Q_m, H_{2^k})`` for ``d = 2^k * m``, m odd.
+def hadamard_factors(d: int) -> tuple[Tensor, Tensor]:
+    """``(Q_m, H_{2^k})`` (float64) for ``d = 2^k * m``, m odd: the factors of :func:`hadamard`.
 
     Raises:
         ValueError: ``d < 1``.
@@ -57,7 +59,34 @@ def hadamard(d: int) -> Tensor:
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"hadamard: the size must be a positive integer, got {d!r}")
     power = d & -d  # the largest power of two dividing d
-    return torch.kron(_random_orthogonal(d // power), _sylvester(power))
+    return _random_orthogonal(d // power), _sylvester(power)
+
+
+def hadamard(d: int) -> Tensor:
+    """The ``d x d`` rotation of kind ``"hadamard"`` (float64): ``kron(Q_m, H_{2^k})`` for ``d = 2^k * m``, m odd.
+
+    Raises:
+        ValueError: ``d < 1``.
+    """
+    return torch.kron(*hadamard_factors(d))
+
+
+def apply_hadamard(x: Tensor, q_t: Tensor, h: Tensor) -> Tensor:
+    """``x @ kron(q, h)`` over the last axis without forming the product: ``q^T X h`` with ``X`` the last axis viewed
+    as ``[m, 2^k]`` (``q_t``: ``q^T``). :meth:`~vmq_fx.pt2e.observers.PerTokenStaticFakeQuantize.convert` writes these
+    ops in this order, so the fake-quantized and the converted model round alike.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(2, 5, 12, dtype=torch.float64)
+        >>> q, h = hadamard_factors(12)
+        >>> bool(torch.allclose(apply_hadamard(x, q.T, h), x @ hadamard(12)))
+        True
+    """
+    y = x.unflatten(-1, (q_t.shape[0], h.shape[0])) @ h
+    if q_t.shape[0] > 1:
+        y = q_t @ y
+    return y.flatten(-2)
 
 
 def klt(second_moment: Tensor) -> Tensor:

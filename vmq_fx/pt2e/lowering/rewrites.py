@@ -9,6 +9,10 @@ linear's arguments rewrites it:
     x -> [div(x, s), tagged meta["vmq_smoothing"]] -> quantize_per_channel(axis=1) -> dequantize_per_channel --\\
     W_int (constant) -> dequantize_per_channel(axis=0) ---------------------------------------------------------> linear
 
+``outlier channels``: the per-token static pattern twice on the same ``x`` (the second with 8-bit levels), joined by
+``where(mask, dq8, dq)`` (tagged ``meta["vmq_outliers"]``). It becomes two ``vmq::int8_linear`` s added: one on all of
+``x`` with the outlier channels' weight columns set to zero (their levels, clamped to the other channels' range, then
+add nothing), one on ``index_select(x, -1, outliers)`` with those columns and the 8-bit steps.
 ``per-tensor static``: the same with ``quantize_per_tensor`` / ``dequantize_per_tensor`` on the activation.
 ``per-token dynamic``: torchao's ``choose_qparams_affine`` -> ``quantize_affine`` -> ``dequantize_affine`` with a
 block of one row (what :class:`~vmq_fx.pt2e.observers.fake_quantize.PerTokenDynamicFakeQuantize` converts to).
@@ -34,7 +38,7 @@ import torch
 from torch import fx
 
 import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
-from vmq_fx.pt2e.observers.fake_quantize import SMOOTHING_META
+from vmq_fx.pt2e.observers.fake_quantize import OUTLIER_META, SMOOTHING_META
 from vmq_fx.ops.int8_linear import Int8LinearArgs, prepare_weight
 from vmq_fx.ops.vq_linear import VQLinearArgs
 from vmq_fx.pt2e.lowering.simplify import drop_unused_attributes, simplify
@@ -111,19 +115,32 @@ def _integer_weight(gm: fx.GraphModule, dq_w):
     return w_int, w_scale.float()
 
 
+def _unsmoothed(ctx: Lowering, x) -> tuple:
+    """(the input before a tagged smoothing division, the smoothing scales the op must still divide by or ``None``):
+    the division is folded into the preceding norm where exact, else left to the op."""
+    if not (_is(x, torch.ops.aten.div.Tensor) and x.meta.get(SMOOTHING_META)):
+        return x, None
+    div, x = x, x.args[0]
+    if ctx.fold_smoothing and _fold_into_norm(ctx.gm, div, ctx.index):
+        return x, None
+    return x, _get(ctx.gm, div.args[1].target)
+
+
+def _bias(linear: fx.Node):
+    return linear.args[2] if len(linear.args) > 2 else None
+
+
 def _int8_linear(ctx: Lowering, node: fx.Node, layer: QuantizedLinear, x, act_scale, act_zp, qmin, qmax, w_int,
-                 w_scale) -> fx.Node:
+                 w_scale, bias, smooth: torch.Tensor | None = None, name: str = "") -> fx.Node:
+    """One ``vmq::int8_linear`` (constants named ``vmq_q{index}{name}_*``); ``x`` may still carry its smoothing
+    division, unless ``smooth`` is given (then ``x`` is the input before it)."""
     gm, graph, index = ctx.gm, ctx.gm.graph, ctx.index
-    smooth = None
-    if _is(x, torch.ops.aten.div.Tensor) and x.meta.get(SMOOTHING_META):
-        div, x = x, x.args[0]
-        if not (ctx.fold_smoothing and _fold_into_norm(gm, div, index)):
-            with graph.inserting_before(node):
-                smooth = _register(gm, f"vmq_q{index}_smooth", _get(gm, div.args[1].target))
+    if smooth is None:
+        x, smooth = _unsmoothed(ctx, x)
     w8, w_sum = prepare_weight(w_int)
-    bias = node.args[2] if len(node.args) > 2 else None
-    prefix = f"vmq_q{index}_"
+    prefix = f"vmq_q{index}{name}_"
     with graph.inserting_before(node):
+        smooth = None if smooth is None else _register(gm, prefix + "smooth", smooth)
         static = act_scale is not None
         args = Int8LinearArgs(
             x=x, smooth=smooth, act_scale=_register(gm, prefix + "act_scale", act_scale) if static else None,
@@ -145,7 +162,39 @@ def _per_token_static(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> f
         return None
     x, scale, zp, _, qmin, qmax = q_x.args[:6]
     return _int8_linear(ctx, node, layer, x, _constant(gm, scale).float(), _constant(gm, zp).to(torch.int32), qmin,
-                        qmax, *weight)
+                        qmax, *weight, _bias(node))
+
+
+@rewrite("outlier channels")
+def _outlier_channels(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> fx.Node | None:
+    gm, graph = ctx.gm, ctx.gm.graph
+    where, weight = node.args[0], _integer_weight(gm, node.args[1])
+    if weight is None or not (_is(where, torch.ops.aten.where.self) and where.meta.get(OUTLIER_META)):
+        return None
+    mask, parts = _constant(gm, where.args[0]), []
+    for dq in where.args[1:]:  # (8-bit outliers, the rest)
+        q = dq.args[0] if _is(dq, _qd.dequantize_per_channel.default) else None
+        if mask is None or not _is(q, _qd.quantize_per_channel.default) or q.args[3] != 1:
+            return None
+        parts.append((_constant(gm, q.args[1]).float(), _constant(gm, q.args[2]).to(torch.int32), *q.args[4:6]))
+    x = where.args[2].args[0].args[0]
+    if where.args[1].args[0].args[0] is not x:
+        return None
+    x, smooth = _unsmoothed(ctx, x)
+    w_int, w_scale = weight
+    channels = mask.nonzero().flatten()
+    rest = w_int.clone()
+    rest[:, channels] = 0
+    main = _int8_linear(ctx, node, layer, x, *parts[1], rest, w_scale, _bias(node), smooth=smooth)
+    with graph.inserting_before(node):
+        picked = graph.call_function(torch.ops.aten.index_select.default,
+                                     (x, -1, _register(gm, f"vmq_q{ctx.index}_outlier_channels", channels)))
+    outliers = _int8_linear(ctx, node, layer, picked, *parts[0], w_int[:, channels].contiguous(), w_scale, None,
+                            smooth=None if smooth is None else smooth[channels], name="_outliers")
+    outliers.meta[OUTLIER_META] = True  # the 8-bit part: its weights are the same linear's (bits_per_weight)
+    outliers.update_kwarg("w_scale", main.kwargs["w_scale"])  # the same row scales: stored once
+    with graph.inserting_before(node):
+        return graph.call_function(torch.ops.aten.add.Tensor, (main, outliers))
 
 
 @rewrite("per-tensor static")
@@ -159,7 +208,7 @@ def _per_tensor_static(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> 
     x, scale, zp, qmin, qmax = q_x.args[:5]
     length = x.meta["val"].shape[1]
     return _int8_linear(ctx, node, layer, x, torch.full((length,), float(scale)),
-                        torch.full((length,), int(zp), dtype=torch.int32), qmin, qmax, *weight)
+                        torch.full((length,), int(zp), dtype=torch.int32), qmin, qmax, *weight, _bias(node))
 
 
 @rewrite("per-token dynamic")
@@ -181,7 +230,7 @@ def _per_token_dynamic(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> 
             eps != torch.finfo(torch.float32).eps:
         return None
     qmin, qmax = q_x.args[5], q_x.args[6]
-    return _int8_linear(ctx, node, layer, x, None, None, qmin, qmax, *weight)
+    return _int8_linear(ctx, node, layer, x, None, None, qmin, qmax, *weight, _bias(node))
 
 
 @rewrite("vector-quantized weight")
@@ -191,7 +240,7 @@ def _vector_quantized(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> f
         return None
     if isinstance(dq_x, fx.Node) and dq_x.op == "call_function" and "dequantize" in str(dq_x.target):
         raise ValueError(f"{layer.name}: vector-quantized weights with quantized activations are not lowered")
-    bias = node.args[2] if len(node.args) > 2 else None
+    bias = _bias(node)
     codes, codebook, row_scale, in_features = dq_w.args[:4]
     args = VQLinearArgs(x=dq_x, codes=codes, codebook=codebook, row_scale=row_scale, bias=bias,
                         in_features=in_features)

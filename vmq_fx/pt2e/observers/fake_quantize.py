@@ -15,8 +15,11 @@ A rotation (:mod:`vmq_fx.pt2e.rotation`) works the same way: the activation quan
 
 ``convert_pt2e`` then calls each module's :meth:`convert`, which writes its own nodes: for activations
 ``[div(x, s)] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` with the learned per-token step sizes (the
-division tagged ``meta["vmq_smoothing"]``; with a rotation ``matmul(x, R / s[:, None])`` instead, tagged
-``meta["vmq_rotation"]``), for weights ``dequantize_per_channel(axis=0)`` of the integers of ``(W * s) [@ R]``.
+division tagged ``meta["vmq_smoothing"]``; with a KLT rotation ``matmul(x, R / s[:, None])`` instead, with a
+Hadamard one the division then :func:`~vmq_fx.pt2e.rotation.apply_hadamard`'s ops, tagged ``meta["vmq_rotation"]``), for weights ``dequantize_per_channel(axis=0)`` of the integers of ``(W * s) [@ R]``.
+With outlier channels (OuroMamba-style: a few input channels kept at 8 bits) the activation writes a second, 8-bit
+``quantize_per_channel -> dequantize_per_channel`` of the same input and picks it for those channels:
+``where(mask, dq8, dq)``, tagged ``meta["vmq_outliers"]``.
 """
 from __future__ import annotations
 
@@ -27,10 +30,10 @@ from torch import Tensor, nn
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from vmq_fx.pt2e.observers.lp_search import RowHistograms, round_ste, search_symmetric_clips
-from vmq_fx.pt2e.rotation import ROTATIONS
+from vmq_fx.pt2e.rotation import ROTATIONS, apply_hadamard, hadamard_factors
 
 __all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenDynamicFakeQuantize",
-           "PerTokenStaticFakeQuantize", "ROTATION_META", "SMOOTHING_META"]
+           "PerTokenStaticFakeQuantize", "OUTLIER_META", "ROTATION_META", "SMOOTHING_META"]
 
 
 class NotCalibratedError(RuntimeError):
@@ -40,10 +43,20 @@ class NotCalibratedError(RuntimeError):
 _qd = torch.ops.quantized_decomposed
 SMOOTHING_META = "vmq_smoothing"  # the node.meta key of the div(x, s) a smoothing quantizer writes at convert
 ROTATION_META = "vmq_rotation"  # the node.meta key of the matmul(x, R / s[:, None]) a rotating quantizer writes
+OUTLIER_META = "vmq_outliers"  # the node.meta key of the where(mask, dq8, dq) of a quantizer with outlier channels
 
 
 def _constant(model: torch.fx.GraphModule, name: str, value: Tensor) -> torch.fx.Node:
     model.register_buffer(name, value.detach().clone())
+    node = model.graph.get_attr(name)
+    node.meta["val"] = value
+    return node
+
+
+def _shared(model: torch.fx.GraphModule, name: str, value: Tensor) -> torch.fx.Node:
+    """A constant every quantizer that needs ``value`` reads from one buffer (registered by the first)."""
+    if not hasattr(model, name):
+        model.register_buffer(name, value.detach().clone())
     node = model.graph.get_attr(name)
     node.meta["val"] = value
     return node
@@ -123,6 +136,11 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
     It also records the per-channel maximum of |x|, which the SmoothQuant initialization of the smoothing scales uses,
     and, for a KLT rotation that is not fitted yet, the second-moment matrix ``sum x^T x`` over all tokens.
 
+    With ``outlier_fraction > 0`` (OuroMamba-style), :func:`vmq_fx.calibrate` picks that fraction of the input channels
+    with the largest max|x| (:meth:`set_outlier_channels`); they get their own 8-bit per-token steps (the child
+    quantizer :attr:`outliers`, which records and searches them) and are left out of this quantizer's ranges, so a
+    few outlier channels no longer stretch every token's step.
+
     Example:
         >>> import torch
         >>> from vmq_fx.pt2e.observers import PerTokenStaticFakeQuantize
@@ -134,7 +152,7 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
 
     def __init__(self, dtype=torch.uint8, quant_min=0, quant_max=255, qscheme=torch.per_channel_affine, ch_axis=1,
                  is_dynamic=False, p: float = 2.4, num_candidates: int = 100, bins: int = 2048, smooth: bool = False,
-                 rotation: str = "none", **kwargs):
+                 rotation: str = "none", outlier_fraction: float = 0.0, **kwargs):
         super().__init__(dtype, quant_min, quant_max, qscheme, ch_axis, p, num_candidates)
         if ch_axis != 1:
             raise ValueError(f"PerTokenStaticFakeQuantize: the token axis must be 1 ([batch, L, C]), got {ch_axis}")
@@ -145,6 +163,11 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         self.smooth: nn.Parameter | None = None
         self.rotation = rotation  # the recipe rotates: vmq_fx.calibrate gives this quantizer its matrix
         self.register_buffer("rotation_matrix", None)
+        self.register_buffer("hadamard_q_t", None)  # a Hadamard rotation's factors, applied to x in factored form
+        self.register_buffer("hadamard_h", None)
+        self.outlier_fraction = outlier_fraction
+        self.outliers: PerTokenStaticFakeQuantize | None = None  # 8-bit steps of the outlier channels
+        self.register_buffer("outlier_mask", None)  # [channels] bool, True at an outlier channel
         # Off while only the channel maxima are wanted (the smoothing pass of vmq_fx.calibrate).
         self.record_distribution = True
         self.reset_statistics()
@@ -162,6 +185,9 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         if x.dim() != 3:
             raise ValueError(f"per-token quantization expects [batch, L, channels] inputs, got {tuple(x.shape)}")
         x = x.detach().float()
+        if self.outlier_mask is not None:
+            self.outliers._observe(x[..., self.outlier_mask])
+            x = x[..., ~self.outlier_mask]
         if self.min_val is not None and x.shape[1] != self.min_val.numel():
             raise ValueError(f"calibration input has {x.shape[1]} tokens, earlier inputs had {self.min_val.numel()}")
         lo, hi, cmax = torch.ops.vmq.token_stats(x)
@@ -185,6 +211,8 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         Every process then holds the same statistics. A no-op in a single process."""
         from vmq_fx import distributed
 
+        if self.outliers is not None:
+            self.outliers.all_reduce_statistics()
         if distributed.world_size() == 1:
             return
         mine = None if self.min_val is None else (self.min_val.cpu(), self.max_val.cpu(), self.channel_absmax.cpu(),
@@ -214,7 +242,20 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         if r.dim() != 2 or r.shape[0] != r.shape[1]:
             raise ValueError(f"set_rotation: expected a square matrix, got shape {tuple(r.shape)}")
         self.rotation_matrix = r.detach().float().clone()
+        if self.rotation == "hadamard":
+            q, h = hadamard_factors(r.shape[0])
+            if not torch.allclose(torch.kron(q, h), r.double(), atol=1e-6):
+                raise ValueError("set_rotation: a Hadamard quantizer takes vmq_fx.pt2e.rotation.hadamard(d)")
+            self.hadamard_q_t, self.hadamard_h = q.T.contiguous().float(), h.float()
         return self.rotation_matrix
+
+    def set_outlier_channels(self, channels: Tensor, num_channels: int) -> None:
+        """Keep these input channels (indices) at 8 bits from now on, with their own per-token steps."""
+        mask = torch.zeros(num_channels, dtype=torch.bool, device=channels.device)
+        mask[channels] = True
+        self.outlier_mask = mask
+        self.outliers = PerTokenStaticFakeQuantize(quant_min=0, quant_max=255, p=self.p,
+                                                   num_candidates=self.num_candidates, bins=self.bins)
 
     def input_map(self) -> Tensor:
         """``R / s[:, None]``: the one matrix a rotating quantizer multiplies its input by (``(x / s) @ R``)."""
@@ -222,46 +263,73 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         return r if self.smooth is None else r / self.smooth.reshape(-1, 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.rotation_matrix is not None:
-            x = x @ self.input_map()  # the same product convert writes, so both round alike
-        elif self.smooth is not None:
-            x = x / self.smooth
+        # the same ops convert writes, so both round alike
+        if self.rotation_matrix is not None and self.hadamard_h is None:
+            x = x @ self.input_map()
+        else:
+            if self.smooth is not None:
+                x = x / self.smooth
+            if self.hadamard_h is not None:
+                x = apply_hadamard(x, self.hadamard_q_t, self.hadamard_h)
         if self.observer_enabled[0] == 1:
             self._observe(x)
         if self.fake_quant_enabled[0] == 1:
             if x.shape[1] != self.scale.numel():
                 raise ValueError(f"input has {x.shape[1]} tokens, the quantizer was calibrated for {self.scale.numel()}")
-            return self._fake_quant(x, (1, -1, 1))
+            out = self._fake_quant(x, (1, -1, 1))
+            if self.outlier_mask is not None:
+                out = torch.where(self.outlier_mask, self.outliers._fake_quant(x, (1, -1, 1)), out)
+            return out
         return x
 
     def convert(self, model: torch.fx.GraphModule, observer_node: torch.fx.Node) -> None:
         """``[div(x, s) | matmul(x, R / s[:, None])] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` in
-        place of the module."""
+        place of the module; with outlier channels also the 8-bit pair and ``where(mask, dq8, dq)``."""
         scale, zp = self.calculate_qparams()
         graph, base = model.graph, observer_node.name
         x = observer_node.args[0]
+        x_val, stack = x.meta.get("val"), observer_node.meta.get("nn_module_stack", {})
+
+        def call(op, args, tag):
+            node = graph.call_function(op, args)
+            node.meta.update({"val": x_val, tag: True, "nn_module_stack": stack})
+            return node
+
         with graph.inserting_before(observer_node):
-            if self.rotation_matrix is not None:
-                m = _constant(model, f"{base}_rotation", self.input_map())
-                x_val = x.meta.get("val")
-                x = graph.call_function(torch.ops.aten.matmul.default, (x, m))
-                x.meta.update({"val": x_val, ROTATION_META: True,
-                               "nn_module_stack": observer_node.meta.get("nn_module_stack", {})})
-            elif self.smooth is not None:
-                s = _constant(model, f"{base}_smooth", self.smooth)
-                x_val = x.meta.get("val")
-                x = graph.call_function(torch.ops.aten.div.Tensor, (x, s))
-                x.meta.update({"val": x_val, SMOOTHING_META: True,
-                               "nn_module_stack": observer_node.meta.get("nn_module_stack", {})})
-            args = (_constant(model, f"{base}_scale", scale), _constant(model, f"{base}_zero_point", zp), 1,
-                    self.quant_min, self.quant_max, torch.uint8)
-            q = graph.call_function(_qd.quantize_per_channel.default, (x,) + args)
-            dq = graph.call_function(_qd.dequantize_per_channel.default, (q,) + args)
-        for node in (q, dq):
+            if self.rotation_matrix is not None and self.hadamard_h is None:
+                x = call(torch.ops.aten.matmul.default, (x, _constant(model, f"{base}_rotation", self.input_map())),
+                         ROTATION_META)
+            else:
+                if self.smooth is not None:
+                    x = call(torch.ops.aten.div.Tensor, (x, _constant(model, f"{base}_smooth", self.smooth)),
+                             SMOOTHING_META)
+                if self.hadamard_h is not None:  # apply_hadamard's ops; one constant per size for the whole model
+                    m, b = self.hadamard_q_t.shape[0], self.hadamard_h.shape[0]
+                    x = call(torch.ops.aten.unflatten.int, (x, -1, [m, b]), ROTATION_META)
+                    x = call(torch.ops.aten.matmul.default, (x, _shared(model, f"vmq_hadamard_{b}", self.hadamard_h)),
+                             ROTATION_META)
+                    if m > 1:
+                        x = call(torch.ops.aten.matmul.default,
+                                 (_shared(model, f"vmq_hadamard_q_{m}", self.hadamard_q_t), x), ROTATION_META)
+                    x = call(torch.ops.aten.flatten.using_ints, (x, -2, -1), ROTATION_META)
+            written = self._write_qdq(model, x, f"{base}", scale, zp)
+            if self.outlier_mask is not None:
+                scale8, zp8 = self.outliers.calculate_qparams()
+                written += self._write_qdq(model, x, f"{base}_outliers", scale8, zp8, self.outliers.quant_max)
+                mask = _constant(model, f"{base}_outlier_mask", self.outlier_mask)
+                written.append(graph.call_function(torch.ops.aten.where.self, (mask, written[-1], written[1])))
+                written[-1].meta[OUTLIER_META] = True
+        for node in written:
             node.meta["val"] = observer_node.meta.get("val")
             node.meta["nn_module_stack"] = observer_node.meta.get("nn_module_stack", {})
-        observer_node.replace_all_uses_with(dq)
+        observer_node.replace_all_uses_with(written[-1])
         graph.erase_node(observer_node)
+
+    def _write_qdq(self, model, x, name: str, scale: Tensor, zp: Tensor, quant_max: int | None = None) -> list:
+        args = (_constant(model, f"{name}_scale", scale), _constant(model, f"{name}_zero_point", zp), 1,
+                self.quant_min, self.quant_max if quant_max is None else quant_max, torch.uint8)
+        q = model.graph.call_function(_qd.quantize_per_channel.default, (x,) + args)
+        return [q, model.graph.call_function(_qd.dequantize_per_channel.default, (q,) + args)]
 
     @torch.no_grad()
     def initialize(self) -> None:
