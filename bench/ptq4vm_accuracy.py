@@ -66,10 +66,11 @@ def measure(name: str, method: str, bits: str, seed: int, calib_n: int, x_test, 
     kl = torch.nn.functional.kl_div(logits.log_softmax(-1), fp_logits.log_softmax(-1), log_target=True,
                                     reduction="batchmean").item()
     lowered = vmq_fx.lower(quantized)
+    lowered_top1 = top1(predict(lowered, x_test), labels)
     return {"model": name, "method": method, "bits": bits, "seed": seed, "calib": calib_n, "test": len(labels),
             "recipe": recipe.name, "top1": top1(logits, labels),
             "agree": 100.0 * (logits.argmax(-1) == fp_logits.argmax(-1)).float().mean().item(), "kl": kl,
-            "seconds": secs, "bits_w": bits_per_weight(lowered), "bits_a": bits_per_activation(lowered),
+            "seconds": secs, "top1_lowered": lowered_top1, "bits_w": bits_per_weight(lowered), "bits_a": bits_per_activation(lowered),
             "block_loss": None if report is None else [sum(report.loss_before) / report.blocks,
                                                        sum(report.loss_after) / report.blocks]}
 
@@ -83,7 +84,8 @@ def render(cache: ResultCache, args, fps: dict) -> str:
         "mini-batches seeded with s); `n`: seeds. Paired differences (same seeds) against the baselines: mean ± "
         "std of the per-seed differences; a difference counts when a two-sided paired t-test at 95 % says so (with "
         "3 seeds: mean above 2.5 times that std), \"within noise\" otherwise. Agreement: same top-1 as FP32; KL: "
-        "KL(FP32 || quantized) of the logits, batch mean. Bits W / A: all in, as the lowered model holds and "
+        "KL(FP32 || quantized) of the logits, batch mean. Lowered: top-1 of the lowered model (vmq::int8_linear), mean "
+        "over the same seeds. Bits W / A: all in, as the lowered model holds and "
         "computes them (weights with their row scales and column sums; activations per input channel, outlier "
         "channels counted twice: once in the main op, once at 8 bits; rows measured before this column: -). JLSS loss: the mean block loss (1 - cos) before -> after. "
         f"Time: quantization on this CPU. {args.note}", "",
@@ -93,8 +95,8 @@ def render(cache: ResultCache, args, fps: dict) -> str:
             continue
         lines += [f"## {name} (FP32 {fps[name]:.2f} %)", "",
                   "| bits | method | n | top-1 % | vs FP32 | vs " + " | vs ".join(BASELINES) +
-                  " | agreement % | KL | bits W / A | JLSS loss | time s |",
-                  "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|---|---|"]
+                  " | agreement % | KL | lowered % | bits W / A | JLSS loss | time s |",
+                  "|---|---|---|---|---|" + "---|" * len(BASELINES) + "---|---|---|---|---|---|"]
         for bits in args.bits:
             by_method = cache.by_method(args.methods, args.seeds, model=name, bits=bits, test=args.limit or 10000)
             for method, recs in by_method.items():
@@ -105,13 +107,14 @@ def render(cache: ResultCache, args, fps: dict) -> str:
                 loss = (f"{mean_std(v[0] for v in losses)[0]:.4f} -> {mean_std(v[1] for v in losses)[0]:.4f}"
                         if losses else "-")
                 sized = [r for r in recs.values() if "bits_w" in r]
+                low = (f"{mean_std(r['top1_lowered'] for r in sized)[0]:.2f}" if len(sized) == len(recs) else "-")
                 sizes = (f"{mean_std(r['bits_w'] for r in sized)[0]:.2f} / {mean_std(r['bits_a'] for r in sized)[0]:.2f}"
                          if sized else "-")
                 lines.append(
                     f"| {bits.upper()} | {method} | {len(acc)} | {fmt_spread(acc.values())} "
                     f"| {mean_std(acc.values())[0] - fps[name]:+.2f} | " + " | ".join(cmp) +
                     f" | {fmt_spread(r['agree'] for r in recs.values())} "
-                    f"| {mean_std(r['kl'] for r in recs.values())[0]:.4f} | {sizes} | {loss} "
+                    f"| {mean_std(r['kl'] for r in recs.values())[0]:.4f} | {low} | {sizes} | {loss} "
                     f"| {mean_std(r['seconds'] for r in recs.values())[0]:.0f} |")
         lines.append("")
     return "\n".join(lines)
