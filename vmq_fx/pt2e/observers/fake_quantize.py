@@ -16,7 +16,8 @@ A rotation (:mod:`vmq_fx.pt2e.rotation`) works the same way: the activation quan
 ``convert_pt2e`` then calls each module's :meth:`convert`, which writes its own nodes: for activations
 ``[div(x, s)] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` with the learned per-token step sizes (the
 division tagged ``meta["vmq_smoothing"]``; with a KLT rotation ``matmul(x, R / s[:, None])`` instead, with a
-Hadamard one the division then :func:`~vmq_fx.pt2e.rotation.apply_hadamard`'s ops, tagged ``meta["vmq_rotation"]``), for weights ``dequantize_per_channel(axis=0)`` of the integers of ``(W * s) [@ R]``.
+Hadamard one the division then :func:`~vmq_fx.pt2e.rotation.apply_hadamard`'s ops, tagged ``meta["vmq_rotation"]``),
+for weights ``dequantize_per_channel(axis=0)`` of the integers of ``(W * s) [@ R]``.
 With outlier channels (OuroMamba-style: a few input channels kept at 8 bits) the activation writes a second, 8-bit
 ``quantize_per_channel -> dequantize_per_channel`` of the same input and picks it for those channels:
 ``where(mask, dq8, dq)``, tagged ``meta["vmq_outliers"]``.
@@ -42,7 +43,7 @@ class NotCalibratedError(RuntimeError):
 
 _qd = torch.ops.quantized_decomposed
 SMOOTHING_META = "vmq_smoothing"  # the node.meta key of the div(x, s) a smoothing quantizer writes at convert
-ROTATION_META = "vmq_rotation"  # the node.meta key of the matmul(x, R / s[:, None]) a rotating quantizer writes
+ROTATION_META = "vmq_rotation"  # the node.meta key of the nodes of the rotation a rotating quantizer writes
 OUTLIER_META = "vmq_outliers"  # the node.meta key of the where(mask, dq8, dq) of a quantizer with outlier channels
 
 
@@ -290,9 +291,11 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         x = observer_node.args[0]
         x_val, stack = x.meta.get("val"), observer_node.meta.get("nn_module_stack", {})
 
-        def call(op, args, tag):
+        def call(op, args, tag, same_shape=True):
             node = graph.call_function(op, args)
-            node.meta.update({"val": x_val, tag: True, "nn_module_stack": stack})
+            node.meta.update({tag: True, "nn_module_stack": stack})
+            if same_shape:  # the rotation's inner nodes ([..., m, 2^k]) carry no value
+                node.meta["val"] = x_val
             return node
 
         with graph.inserting_before(observer_node):
@@ -305,12 +308,12 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
                              SMOOTHING_META)
                 if self.hadamard_h is not None:  # apply_hadamard's ops; one constant per size for the whole model
                     m, b = self.hadamard_q_t.shape[0], self.hadamard_h.shape[0]
-                    x = call(torch.ops.aten.unflatten.int, (x, -1, [m, b]), ROTATION_META)
+                    x = call(torch.ops.aten.unflatten.int, (x, -1, [m, b]), ROTATION_META, False)
                     x = call(torch.ops.aten.matmul.default, (x, _shared(model, f"vmq_hadamard_{b}", self.hadamard_h)),
-                             ROTATION_META)
+                             ROTATION_META, False)
                     if m > 1:
                         x = call(torch.ops.aten.matmul.default,
-                                 (_shared(model, f"vmq_hadamard_q_{m}", self.hadamard_q_t), x), ROTATION_META)
+                                 (_shared(model, f"vmq_hadamard_q_{m}", self.hadamard_q_t), x), ROTATION_META, False)
                     x = call(torch.ops.aten.flatten.using_ints, (x, -2, -1), ROTATION_META)
             written = self._write_qdq(model, x, f"{base}", scale, zp)
             if self.outlier_mask is not None:
