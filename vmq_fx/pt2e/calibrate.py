@@ -14,7 +14,7 @@ the second moments of the first pass's inputs (divided by ``s s^T`` when the lay
 moment of ``x / s``), so it costs no extra pass. Outlier channels (``recipe.outlier_fraction``) are the largest
 channels of the first pass's ``max|x| / s``; the second pass records them apart, and they get their own 8-bit steps.
 
-Without smoothing or a KLT rotation only the second pass runs. Each linear follows its own recipe
+Without smoothing, a KLT rotation or outlier channels only the second pass runs. Each linear follows its own recipe
 (``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
 
 Under ``torchrun`` each process runs a contiguous share of the batches (:func:`vmq_fx.distributed.batch_shard`) and
