@@ -3,6 +3,7 @@
 ======================= ==================================================================================
 ``quantizer``           :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer`: annotates the linears to quantize
 ``recipes``             per-layer specs (PTQ4VM integer, ViM-VQ vector) and their registry of families
+``rotation``            Hadamard and KLT rotations of a linear's input (MambaQuant-style recipes)
 ``observers``           the observer / fake-quantize modules ``prepare_pt2e`` inserts
 ``calibrate``           calibration: smoothing scales, step sizes, codebooks
 ``blockwise``           block-by-block reconstruction, shared by ``jlss`` (PTQ4VM) and ``vq`` (ViM-VQ)
@@ -20,7 +21,7 @@ from __future__ import annotations
 import importlib
 
 _SUBMODULES = ("blockwise", "calibrate", "diagnostics", "flow", "jlss", "lowering", "memory", "observers",
-               "quantizer", "recipes", "serialization", "utils", "vq")
+               "quantizer", "recipes", "rotation", "serialization", "utils", "vq")
 
 
 def __getattr__(name: str):
