@@ -113,6 +113,23 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
         native.int8_gemm_path()
 
 
+def test_use_isa_leaves_every_build_as_it_found_it():
+    """A product path asked for inside disabled() (the torch implementation) must not stay on the build that
+    disabled() re-registers afterwards (it did: later tests ran on the float path)."""
+    assert native.kernels() is not None
+    isa = native.selected_isa()
+    before = native.native_kernels().int8_gemm()
+    other = "float" if before == "int_mm" else "int_mm"
+    with native.disabled():
+        with native.use_isa(isa, int8_gemm=other):
+            assert native.native_kernels().int8_gemm() == other
+    assert native.native_kernels().int8_gemm() == before
+    for build in native.executable_isas():
+        with native.use_isa(build, int8_gemm=other):
+            pass
+    assert native.native_kernels().int8_gemm() == before
+
+
 def _arm64_compiler():
     cxx = shutil.which("aarch64-linux-gnu-g++")
     if cxx is None:

@@ -362,10 +362,13 @@ def use_isa(isa: str, int8_gemm: str | None = None):
     previous = native_kernels()
     previous_gemm = previous.int8_gemm() if previous is not None else None
     module = _build(isa)
+    module_gemm = module.int8_gemm()
     _register(module, int8_gemm)
     try:
         yield module
     finally:
+        if module is not previous:  # its own setting too: a disabled() block around this one re-registers it as is
+            module.set_int8_gemm(module_gemm)
         if previous is not None:
             _register(previous, previous_gemm)
         else:
