@@ -138,8 +138,8 @@ def main():
     for bits in args.bits:
         if not re.fullmatch(r"w\d+a\d+", bits):
             p.error(f"--bits {bits!r}: expected w<W>a<A>, e.g. w4a4")
-    for method in args.methods:  # fail on a bad name before any work
-        recipe_for(method, args.bits[0], 0)
+    for method in [] if args.render_only else args.methods:  # fail on a bad name before any work (the cache may
+        recipe_for(method, args.bits[0], 0)                    # hold names of earlier versions: render them as they are)
     if args.threads:
         torch.set_num_threads(args.threads)
 
