@@ -66,13 +66,17 @@ def summarize(a: torch.Tensor) -> dict:
             "channel": channel, "token": token}
 
 
-def plot(model_name: str, stats: dict[str, dict], out_dir: Path, cls_pos: int | None) -> list[str]:
+def plot(model_name: str, stats: dict[str, dict], out_dir: Path, cls_pos: int | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out_dir / f"{name}_{model_name}.png", dpi=110)
+        plt.close(fig)
+
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for ax, role in zip(axes, ("in_proj", "out_proj")):
         for name, s in stats.items():
@@ -83,11 +87,7 @@ def plot(model_name: str, stats: dict[str, dict], out_dir: Path, cls_pos: int | 
         ax.set_title(f"{model_name}: {role} input, per-channel max|x| / median")
         ax.set_xlabel("channels, largest first")
         ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out_dir / f"activation_channels_{model_name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path.name)
+    save(fig, "activation_channels")
 
     blocks = sorted({name.rsplit(".", 2)[0] for name in stats if name.endswith("in_proj")})
     middle = blocks[len(blocks) // 2]
@@ -100,12 +100,7 @@ def plot(model_name: str, stats: dict[str, dict], out_dir: Path, cls_pos: int | 
     ax.set_title(f"{model_name}, {middle}: per-token max|x| / median over token positions")
     ax.set_xlabel("token position")
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    path = out_dir / f"activation_tokens_{model_name}.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    files.append(path.name)
-    return files
+    save(fig, "activation_tokens")
 
 
 def class_token_position(model) -> int | None:

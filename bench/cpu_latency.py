@@ -246,55 +246,11 @@ def table_models(args) -> list[str]:
 
 
 # -- dynamic -----------------------------------------------------------------------------------------------------------
-def table_dynamic(args) -> list[str]:
-    """Per-token dynamic W8A8 (each row's parameters computed in the op) against static W8A8, in torch and in
-    onnxruntime with vmq_fx's ops (the standard Scan would hide the linears)."""
+def timed_lowered(args, variants: dict):
+    """Yield ``(label, runtime, threads, batch, {name: median s})`` for FP32 and each recipe's lowered model (built
+    on 8 random images), in torch and in onnxruntime with vmq_fx's ops, interleaved in one process."""
     from vmq_fx.export import ort_session
 
-    specs = model_specs(args.quick)
-    out = ["## Per-token dynamic W8A8 (median ms per forward; ratios against static W8A8 and FP32, same process)", "",
-           "| model | runtime | threads | batch | FP32 | W8A8 static | W8A8 per-token dynamic | dynamic / static speed |",
-           "|---|---|---|---|---|---|---|---|"]
-    tmp = Path(tempfile.mkdtemp())
-    for label, build, shape, batches in specs:
-        torch.manual_seed(0)
-        model = build()
-        calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
-        models = {"FP32": model,
-                  "static": vmq_fx.quantize(model, recipes.smoothquant_pts(8, 8), calib, progress=False).lowered,
-                  "dynamic": vmq_fx.quantize(model, recipes.per_token_dynamic(8, 8), calib, progress=False).lowered}
-        paths = {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx", ops="vmq").path
-                 for name, m in models.items()}
-        for threads in args.threads:
-            torch.set_num_threads(threads)
-            sessions = {name: ort_session(path, threads=threads) for name, path in paths.items()}
-            for batch in batches:
-                x = torch.randn(batch, *shape)
-                feed = {sessions["FP32"].get_inputs()[0].name: x.numpy()}
-                with torch.no_grad():
-                    t = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.reps)
-                o = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.reps)
-                for runtime, times in (("torch", t), (RUNTIMES["vmq"], o)):
-                    out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
-                               f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
-                               f"{ms(times['dynamic'])} ({times['FP32'] / times['dynamic']:.2f}x FP32) | "
-                               f"{times['static'] / times['dynamic']:.2f}x |")
-                print("\n".join(out[-2:]), file=sys.stderr, flush=True)
-    return out
-
-
-# -- rotation ----------------------------------------------------------------------------------------------------------
-def table_rotation(args) -> list[str]:
-    """What a rotation (Hadamard factored, KLT dense) or outlier channels cost in the lowered W8A8 model, against plain
-    static W8A8 (SmoothQuant + PTS), in torch and in onnxruntime with vmq_fx's ops."""
-    from vmq_fx.export import ort_session
-
-    variants = {"static": recipes.smoothquant_pts(8, 8), "Hadamard": recipes.smoothquant_pts(8, 8, rotation="hadamard"),
-                "KLT": recipes.smoothquant_pts(8, 8, rotation="klt"),
-                "outliers": recipes.smoothquant_pts(8, 8, outlier_fraction=1 / 32)}
-    out = ["## Rotations and outlier channels, W8A8 (median ms per forward; ratios against static W8A8, same process)",
-           "", "| model | runtime | threads | batch | FP32 | W8A8 static | " + " | ".join(list(variants)[1:]) + " |",
-           "|---|---|---|---|---|---|" + "---|" * (len(variants) - 1)]
     tmp = Path(tempfile.mkdtemp())
     for label, build, shape, batches in model_specs(args.quick):
         torch.manual_seed(0)
@@ -313,12 +269,42 @@ def table_rotation(args) -> list[str]:
                 with torch.no_grad():
                     t = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, args.reps)
                 o = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.reps)
-                for runtime, times in (("torch", t), (RUNTIMES["vmq"], o)):
-                    out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
-                               f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
-                               + " | ".join(f"{ms(times[k])} ({times['static'] / times[k]:.2f}x)"
-                                            for k in list(variants)[1:]) + " |")
-                print("\n".join(out[-2:]), file=sys.stderr, flush=True)
+                yield label, "torch", threads, batch, t
+                yield label, RUNTIMES["vmq"], threads, batch, o
+
+
+def table_dynamic(args) -> list[str]:
+    """Per-token dynamic W8A8 (each row's parameters computed in the op) against static W8A8, in torch and in
+    onnxruntime with vmq_fx's ops (the standard Scan would hide the linears)."""
+    out = ["## Per-token dynamic W8A8 (median ms per forward; ratios against static W8A8 and FP32, same process)", "",
+           "| model | runtime | threads | batch | FP32 | W8A8 static | W8A8 per-token dynamic | dynamic / static speed |",
+           "|---|---|---|---|---|---|---|---|"]
+    variants = {"static": recipes.smoothquant_pts(8, 8), "dynamic": recipes.per_token_dynamic(8, 8)}
+    for label, runtime, threads, batch, times in timed_lowered(args, variants):
+        out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
+                   f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
+                   f"{ms(times['dynamic'])} ({times['FP32'] / times['dynamic']:.2f}x FP32) | "
+                   f"{times['static'] / times['dynamic']:.2f}x |")
+        print(out[-1], file=sys.stderr, flush=True)
+    return out
+
+
+# -- rotation ----------------------------------------------------------------------------------------------------------
+def table_rotation(args) -> list[str]:
+    """What a rotation (Hadamard factored, KLT dense) or outlier channels cost in the lowered W8A8 model, against plain
+    static W8A8 (SmoothQuant + PTS), in torch and in onnxruntime with vmq_fx's ops."""
+    variants = {"static": recipes.smoothquant_pts(8, 8), "Hadamard": recipes.smoothquant_pts(8, 8, rotation="hadamard"),
+                "KLT": recipes.smoothquant_pts(8, 8, rotation="klt"),
+                "outliers": recipes.smoothquant_pts(8, 8, outlier_fraction=1 / 32)}
+    out = ["## Rotations and outlier channels, W8A8 (median ms per forward; ratios against static W8A8, same process)",
+           "", "| model | runtime | threads | batch | FP32 | W8A8 static | " + " | ".join(list(variants)[1:]) + " |",
+           "|---|---|---|---|---|---|" + "---|" * (len(variants) - 1)]
+    for label, runtime, threads, batch, times in timed_lowered(args, variants):
+        out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
+                   f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
+                   + " | ".join(f"{ms(times[k])} ({times['static'] / times[k]:.2f}x)" for k in list(variants)[1:])
+                   + " |")
+        print(out[-1], file=sys.stderr, flush=True)
     return out
 
 

@@ -89,3 +89,26 @@ def photos(tmp_path_factory):
         (root / "val" / synsets[cls]).mkdir(parents=True, exist_ok=True)
         shutil.copy(f, root / "val" / synsets[cls])
     return root
+
+
+def _tiny(name, **kw):
+    import torch
+
+    import vmq_fx
+    from vmq_fx.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(name, **kw).eval()
+    return model, vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
+
+
+@pytest.fixture(scope="module")
+def vim():
+    """(eager model, exported graph module) of a randomly initialized 2-block vim_fm_tiny."""
+    return _tiny("vim_fm_tiny", depth=2)
+
+
+@pytest.fixture(scope="module")
+def vmamba():
+    """(eager model, exported graph module) of a randomly initialized vmamba_fm_tiny with one block per stage."""
+    return _tiny("vmamba_fm_tiny", depths=(1, 1))

@@ -11,7 +11,6 @@ import torch
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.export import ort_session
-from vmq_fx.models import create_model
 from vmq_fx.pt2e.diagnostics import bits_per_activation
 from vmq_fx.pt2e.observers.fake_quantize import OUTLIER_META
 from vmq_fx.pt2e.quantizer import quantized_linears
@@ -20,13 +19,6 @@ from vmq_fx.pt2e.utils import linear_quantizers
 
 def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-@pytest.fixture(scope="module")
-def vim():
-    torch.manual_seed(0)
-    model = create_model("vim_fm_tiny", depth=2).eval()
-    return model, vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
 
 
 def _images(n, seed):

@@ -9,28 +9,11 @@ from torchao.quantization.pt2e.quantizer import ComposableQuantizer, Quantizer
 
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
-from vmq_fx.models import create_model
 from vmq_fx.pt2e.observers import NotCalibratedError
 from vmq_fx.ops.int8_linear import Int8LinearArgs
 from vmq_fx.pt2e.quantizer import find_quantizable_linears
 
 qd = torch.ops.quantized_decomposed
-
-
-def _gm(name="vim_fm_tiny", **kw):
-    torch.manual_seed(0)
-    model = create_model(name, **kw).eval()
-    return model, vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
-
-
-@pytest.fixture(scope="module")
-def vim():
-    return _gm("vim_fm_tiny", depth=2)
-
-
-@pytest.fixture(scope="module")
-def vmamba():
-    return _gm("vmamba_fm_tiny", depths=(1, 1))
 
 
 def _targets(gm):

@@ -10,7 +10,6 @@ import torch
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.export import ort_session
-from vmq_fx.models import create_model
 from vmq_fx.pt2e.observers.fake_quantize import ROTATION_META, SMOOTHING_META
 from vmq_fx.pt2e.quantizer import quantized_linears
 from vmq_fx.pt2e.rotation import hadamard, klt
@@ -82,22 +81,6 @@ def test_rotation_needs_per_token_static_activations():
         recipes.from_name("hadamard-pts-w4a4[rotation=givens]")
     with pytest.raises(ValueError, match="rotation must be one of none, hadamard, klt"):
         recipes.pts(4, 4, rotation="givens")
-
-
-def _gm(name="vim_fm_tiny", **kw):
-    torch.manual_seed(0)
-    model = create_model(name, **kw).eval()
-    return model, vmq_fx.export_model(model, torch.randn(2, 1, 28, 28)).module()
-
-
-@pytest.fixture(scope="module")
-def vim():
-    return _gm("vim_fm_tiny", depth=2)
-
-
-@pytest.fixture(scope="module")
-def vmamba():
-    return _gm("vmamba_fm_tiny", depths=(1, 1))
 
 
 def _calibrated(gm, recipe, n=16, seed=1):
