@@ -172,9 +172,11 @@ def _outlier_channels(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> f
     if weight is None or not (_is(where, torch.ops.aten.where.self) and where.meta.get(OUTLIER_META)):
         return None
     mask, parts = _constant(gm, where.args[0]), []
+    if mask is None:
+        return None
     for dq in where.args[1:]:  # (8-bit outliers, the rest)
         q = dq.args[0] if _is(dq, _qd.dequantize_per_channel.default) else None
-        if mask is None or not _is(q, _qd.quantize_per_channel.default) or q.args[3] != 1:
+        if not _is(q, _qd.quantize_per_channel.default) or q.args[3] != 1:
             return None
         parts.append((_constant(gm, q.args[1]).float(), _constant(gm, q.args[2]).to(torch.int32), *q.args[4:6]))
     x = where.args[2].args[0].args[0]

@@ -47,16 +47,10 @@ ROTATION_META = "vmq_rotation"  # the node.meta key of the nodes of the rotation
 OUTLIER_META = "vmq_outliers"  # the node.meta key of the where(mask, dq8, dq) of a quantizer with outlier channels
 
 
-def _constant(model: torch.fx.GraphModule, name: str, value: Tensor) -> torch.fx.Node:
-    model.register_buffer(name, value.detach().clone())
-    node = model.graph.get_attr(name)
-    node.meta["val"] = value
-    return node
-
-
-def _shared(model: torch.fx.GraphModule, name: str, value: Tensor) -> torch.fx.Node:
-    """A constant every quantizer that needs ``value`` reads from one buffer (registered by the first)."""
-    if not hasattr(model, name):
+def _constant(model: torch.fx.GraphModule, name: str, value: Tensor, shared: bool = False) -> torch.fx.Node:
+    """A ``get_attr`` of ``value`` registered as buffer ``name``; ``shared``: every quantizer that needs the same
+    constant reads the one buffer the first registered."""
+    if not (shared and hasattr(model, name)):
         model.register_buffer(name, value.detach().clone())
     node = model.graph.get_attr(name)
     node.meta["val"] = value
@@ -309,11 +303,11 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
                 if self.hadamard_h is not None:  # apply_hadamard's ops; one constant per size for the whole model
                     m, b = self.hadamard_q_t.shape[0], self.hadamard_h.shape[0]
                     x = call(torch.ops.aten.unflatten.int, (x, -1, [m, b]), ROTATION_META, False)
-                    x = call(torch.ops.aten.matmul.default, (x, _shared(model, f"vmq_hadamard_{b}", self.hadamard_h)),
-                             ROTATION_META, False)
+                    h = _constant(model, f"vmq_hadamard_{b}", self.hadamard_h, shared=True)
+                    x = call(torch.ops.aten.matmul.default, (x, h), ROTATION_META, False)
                     if m > 1:
-                        x = call(torch.ops.aten.matmul.default,
-                                 (_shared(model, f"vmq_hadamard_q_{m}", self.hadamard_q_t), x), ROTATION_META, False)
+                        q_t = _constant(model, f"vmq_hadamard_q_{m}", self.hadamard_q_t, shared=True)
+                        x = call(torch.ops.aten.matmul.default, (q_t, x), ROTATION_META, False)
                     x = call(torch.ops.aten.flatten.using_ints, (x, -2, -1), ROTATION_META)
             written = self._write_qdq(model, x, f"{base}", scale, zp)
             if self.outlier_mask is not None:
