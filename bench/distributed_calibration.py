@@ -5,16 +5,20 @@
 * JLSS memory: the peak resident memory of each process (``ru_maxrss``) through calibration and one JLSS step per
   block on all the images (PTQ4VM's schedule: every step sees every image), on a 2-block vim_tiny 224² and 256 images;
   the largest over the processes, and its growth during JLSS (over the peak the process had reached before it: torch,
-  the model, calibration).
+  the model, calibration). Once with glibc's malloc as it comes, once with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc
+  raises its mmap threshold each time a large block is freed, so later large tensors come from the heap and their
+  memory stays with the process after they are freed; a fixed threshold gives every large tensor back at free (at
+  the cost of a page fault per page of each new one), and JLSS's time is reported beside it for that reason.
 
 Random images (the work does not depend on their content) and random weights in the official layout.
 
-    python bench/distributed_calibration.py [--procs 2] [--rounds 3] [--note '...']
+    python bench/distributed_calibration.py [--procs 2] [--rounds 3] [--tables calibration memory] [--note '...']
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shlex
 import statistics
@@ -50,7 +54,11 @@ def worker(task: str) -> None:
     seconds = time.perf_counter() - t0
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
     if task == "jlss":
+        barrier()
+        t0 = time.perf_counter()
         vmq_fx.jlss(prepared, images, vmq_fx.JLSSConfig(steps=1), progress=False)
+        barrier()
+        seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     peaks = distributed.all_gather_objects((before, peak))
     if distributed.is_main():
@@ -59,9 +67,13 @@ def worker(task: str) -> None:
     distributed.shutdown()
 
 
-def run(task: str, procs: int) -> dict:
+MALLOC = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+
+
+def run(task: str, procs: int, env: dict | None = None) -> dict:
     me = [str(Path(__file__).resolve()), "--worker", task]
-    done = subprocess.run(launch_command(procs, me), capture_output=True, text=True, check=True)
+    done = subprocess.run(launch_command(procs, me), capture_output=True, text=True, check=True,
+                          env={**os.environ, **(env or {})})
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -72,34 +84,44 @@ def main() -> None:
     p.add_argument("--note", default="", help="what else ran on the machine")
     p.add_argument("--out", default="bench/results/distributed_calibration.md")
     p.add_argument("--worker", choices=("calibrate", "jlss"), help=argparse.SUPPRESS)
+    p.add_argument("--tables", nargs="+", choices=("calibration", "memory"), default=["calibration", "memory"])
     args = p.parse_args()
     if args.worker:
         worker(args.worker)
         return
     counts = (1, args.procs)
-    calib = {n: [] for n in counts}
-    for _ in range(args.rounds):
-        for n in counts:
-            calib[n].append(run("calibrate", n)["seconds"])
-            print("calibrate", n, calib[n][-1], file=sys.stderr, flush=True)
-    jlss = {n: run("jlss", n) for n in counts}
-    peak = {n: r["peak_gib"] for n, r in jlss.items()}
-    growth = {n: r["peak_gib"] - r["peak_before_gib"] for n, r in jlss.items()}
-    print("jlss", peak, file=sys.stderr, flush=True)
-    med = {n: statistics.median(v) for n, v in calib.items()}
     lines = ["# Calibration and JLSS under torchrun", "",
              f"Machine: {machine_line()}. Command: `python bench/distributed_calibration.py "
-             f"{shlex.join(sys.argv[1:])}`. {args.note}".rstrip(), "",
-             "One thread per process (gloo). Calibration: SmoothQuant + PTS W8A8 of vim_tiny 224² on 256 random images "
-             f"in batches of 16, `vmq_fx.calibrate` timed between barriers, medians of {args.rounds} interleaved runs. "
-             "JLSS memory: the largest peak resident memory of the processes through calibration and one JLSS step "
-             "per block on all 256 images, a 2-block vim_tiny 224² (one run each), and how much it grew during JLSS.", "",
-             "| processes | calibration s | speed-up | peak memory per process GiB | vs one process | growth during JLSS "
-             "GiB | vs one process |", "|---|---|---|---|---|---|---|"]
-    for n in counts:
-        lines.append(f"| {n} | {med[n]:.1f} | {med[1] / med[n]:.2f}x | {peak[n]:.2f} | {peak[n] / peak[1]:.2f}x | "
-                     f"{growth[n]:.2f} | {growth[n] / growth[1]:.2f}x |")
-    text = "\n".join(lines) + "\n"
+             f"{shlex.join(sys.argv[1:])}`. {args.note}".rstrip(), "", "One thread per process (gloo).", ""]
+    if "calibration" in args.tables:
+        calib = {n: [] for n in counts}
+        for _ in range(args.rounds):
+            for n in counts:
+                calib[n].append(run("calibrate", n)["seconds"])
+                print("calibrate", n, calib[n][-1], file=sys.stderr, flush=True)
+        med = {n: statistics.median(v) for n, v in calib.items()}
+        lines += ["## Calibration", "",
+                  "SmoothQuant + PTS W8A8 of vim_tiny 224² on 256 random images in batches of 16, `vmq_fx.calibrate` "
+                  f"timed between barriers, medians of {args.rounds} interleaved runs.", "",
+                  "| processes | calibration s | speed-up |", "|---|---|---|"]
+        lines += [f"| {n} | {med[n]:.1f} | {med[1] / med[n]:.2f}x |" for n in counts]
+        lines.append("")
+    if "memory" in args.tables:
+        lines += ["## JLSS memory", "",
+                  "The largest peak resident memory of the processes through calibration and one JLSS step per block "
+                  "on all 256 images, a 2-block vim_tiny 224² (one run each), how much it grew during JLSS, and "
+                  "JLSS's time between barriers (one run: indicative only).", "",
+                  "| malloc | processes | peak memory per process GiB | vs one process | growth during JLSS GiB "
+                  "| vs one process | JLSS s |", "|---|---|---|---|---|---|---|"]
+        for label, env in MALLOC.items():
+            jlss = {n: run("jlss", n, env) for n in counts}
+            print("jlss", label, jlss, file=sys.stderr, flush=True)
+            peak = {n: r["peak_gib"] for n, r in jlss.items()}
+            growth = {n: r["peak_gib"] - r["peak_before_gib"] for n, r in jlss.items()}
+            lines += [f"| {label} | {n} | {peak[n]:.2f} | {peak[n] / peak[1]:.2f}x | {growth[n]:.2f} | "
+                      f"{growth[n] / growth[1]:.2f}x | {jlss[n]['seconds']:.1f} |" for n in counts]
+        lines.append("")
+    text = "\n".join(lines)
     Path(args.out).write_text(text)
     print(text)
 

@@ -225,6 +225,23 @@ def test_jlss_lowers_the_block_loss_and_learns_only_what_it_should(vim):
         assert moved == (name.endswith("in_proj") or name.endswith("out_proj")), (name, kind)
 
 
+def test_block_runner_views_a_tensor_of_images_and_takes_batches_as_given(vim):
+    """The block-wise methods hold the images they learn on: a tensor is the caller's (no second copy of the set),
+    an iterable's batches are concatenated in order, and empty data is one clear error."""
+    from vmq_fx.pt2e.blockwise import BlockRunner
+
+    _, gm = vim
+    calib = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.ptq4vm(8, 8)))
+    vmq_fx.calibrate(prepared, calib, progress=False)
+    runner = BlockRunner(prepared, calib)
+    assert runner.images.data_ptr() == calib.data_ptr() and runner.total == 8
+    batches = BlockRunner(prepared, [(calib[:3], 0), (calib[3:], 1)])
+    assert torch.equal(batches.images, calib) and batches.images.data_ptr() != calib.data_ptr()
+    with pytest.raises(ValueError, match="calibration data is empty"):
+        BlockRunner(prepared, calib[:0])
+
+
 def test_jlss_targets_the_mixer_output_or_the_residual_stream(vim):
     from vmq_fx.pt2e.blockwise import BlockRunner
 

@@ -37,7 +37,7 @@ from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
 from vmq_fx import distributed
-from vmq_fx.pt2e.utils import linear_quantizers, set_fake_quant
+from vmq_fx.pt2e.utils import linear_quantizers, set_fake_quant, split_batches
 
 __all__ = ["BlockLosses", "BlockMethod", "BlockRunner", "LossTarget", "optimize_blocks"]
 
@@ -154,18 +154,25 @@ class BlockRunner:
 
     Args:
         prepared: a model prepared with :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` and calibrated.
-        images: the calibration images ``[N, C, H, W]``; under ``torchrun`` the runner keeps this process's share
-            (``self.images``, items ``self.share`` of the ``self.total``).
+        calibration_data: the calibration images (tensor ``[N, C, H, W]`` or iterable of batches); under
+            ``torchrun`` the runner keeps this process's share (``self.images``, items ``self.share`` of the
+            ``self.total``).
     """
 
-    def __init__(self, prepared: fx.GraphModule, images: Tensor):
-        if len(images) < distributed.world_size():
-            raise ValueError(f"{len(images)} calibration images for {distributed.world_size()} processes: every "
+    def __init__(self, prepared: fx.GraphModule, calibration_data):
+        whole = calibration_data if isinstance(calibration_data, Tensor) else torch.cat(
+            split_batches(calibration_data, 256))
+        if len(whole) == 0:
+            raise ValueError("calibration data is empty: pass calibration images")
+        if len(whole) < distributed.world_size():
+            raise ValueError(f"{len(whole)} calibration images for {distributed.world_size()} processes: every "
                              "process needs one")
         self.prepared = prepared
-        self.total = len(images)
-        self.share = distributed.batch_shard(len(images), 1)
-        self.images = images[self.share.start:self.share.stop]
+        self.total = len(whole)
+        self.share = distributed.batch_shard(len(whole), 1)
+        mine = whole[self.share.start:self.share.stop]
+        # The caller's tensor is viewed, not copied; a concatenation made here keeps only this process's part.
+        self.images = mine if whole is calibration_data or len(mine) == len(whole) else mine.clone()
         self.quantizers = linear_quantizers(prepared)
         self.blocks: list[str] = []
         for layer, _, _ in self.quantizers.values():
@@ -325,6 +332,7 @@ def optimize_blocks(runner: BlockRunner, method: BlockMethod, steps: int, batch_
         return distributed.all_reduce_(torch.tensor([local_mean * len(share) / n], dtype=torch.float64))[0].item()
 
     for k, block in enumerate(runner.blocks):
+        q_in = fp_out = None  # the previous block's captures go before this block's are made
         _, fp_out = runner.capture(k, fake_quant=False)
         q_in, q_out = runner.capture(k, fake_quant=True)
         with torch.no_grad():

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from vmq_fx.pt2e.blockwise import BlockMethod, BlockRunner, LossTarget, optimize_blocks
 from vmq_fx.pt2e.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
-from vmq_fx.pt2e.utils import linear_quantizers, split_batches
+from vmq_fx.pt2e.utils import linear_quantizers
 
 __all__ = ["JLSSConfig", "JLSSReport", "jlss"]
 
@@ -220,8 +220,7 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig | None =
         raise ValueError("jlss: no linear of this model has a recipe with JLSS (jlss=True, recipes.ptq4vm); "
                          "calibration-only recipes (sq-pts, pts) learn nothing")
     family = next(iter(quantizers.values()))[0].family
-    images = torch.cat(split_batches(calibration_data, 256))
-    runner = BlockRunner(prepared, images)
+    runner = BlockRunner(prepared, calibration_data)
     losses = optimize_blocks(runner, _JLSS(config, family), config.steps_for(family), config.batch_size, config.seed,
                              "JLSS", progress)
     report = JLSSReport(len(runner.blocks), losses.before, losses.after, time.perf_counter() - t0)

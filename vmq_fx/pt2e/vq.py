@@ -30,7 +30,7 @@ from vmq_fx.pt2e.blockwise import BlockMethod, BlockRunner, optimize_blocks
 from vmq_fx.pt2e.memory import PeakRSS
 from vmq_fx.pt2e.observers import VectorQuantizedWeight
 from vmq_fx.pt2e.recipes import VQRecipe
-from vmq_fx.pt2e.utils import linear_quantizers, split_batches
+from vmq_fx.pt2e.utils import linear_quantizers
 
 __all__ = ["VQConfig", "VQReport", "kmeans_assignment", "vector_quantize"]
 
@@ -144,13 +144,10 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, config: VQConfig
     if not all(w.initialized for _, _, w in quantizers.values()):
         raise ValueError("vector_quantize: the prepared model is not calibrated (no codebooks); run "
                          "vmq_fx.calibrate(prepared, data) first")
-    images = torch.cat(split_batches(calibration_data, 256))
-    if len(images) == 0:
-        raise ValueError("vector_quantize: calibration data is empty")
     t0 = time.perf_counter()
     method = methods.pop()
     with PeakRSS() as rss:
-        runner = BlockRunner(prepared, images)
+        runner = BlockRunner(prepared, calibration_data)
         steps = config.steps if method != "kmeans" else 0
         losses = optimize_blocks(runner, _ViMVQ(config, method, steps), steps, config.batch_size, config.seed,
                                  "ViM-VQ", progress)
