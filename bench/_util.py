@@ -142,15 +142,23 @@ class ResultCache:
                 out[method] = runs
         return out
 
-    def missing(self, seeds, bits, methods, **key):
-        """(seed, bits, method) of the runs matching ``key`` that the cache lacks, seeds outermost: a partial run
-        still gives every method on the same seeds."""
-        return [(seed, b, method) for seed in seeds for b in bits for method in methods
-                if self.get(seed=seed, bits=b, method=method, **key) is None]
+    def missing(self, seeds, bits, methods, require=(), **key):
+        """(seed, bits, method) of the runs matching ``key`` that the cache lacks, or holds without a field of
+        ``require`` (a run recorded before the benchmark measured that), seeds outermost: a partial run still gives
+        every method on the same seeds."""
+        def lacking(r) -> bool:
+            return r is None or any(f not in r for f in require)
 
-    def add(self, record: dict) -> dict:
+        return [(seed, b, method) for seed in seeds for b in bits for method in methods
+                if lacking(self.get(seed=seed, bits=b, method=method, **key))]
+
+    def add(self, record: dict, replaces: dict | None = None) -> dict:
+        """Append ``record``; with ``replaces`` (an older record of the same run), the file is rewritten without it."""
         import json
 
+        if replaces is not None:
+            self.records.remove(replaces)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
         self.records.append(record)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
