@@ -575,7 +575,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration sample")
     _image_args(q)
     q.add_argument("--steps", type=_count(0), help="optimization steps per block (JLSS / ViM-VQ; default: "
-                                                   "JLSS 100 on Vim and 400 on VMamba, ViM-VQ 100)")
+                                                   "JLSS 100 on Vim and 400 on VMamba, ViM-VQ 400)")
     q.add_argument("--batch-size", type=_count(1), help="images per optimization step (default: JLSS all, ViM-VQ 64)")
     q.add_argument("--layer-recipe", nargs="+", metavar="WHERE=RECIPE",
                    help="mixed precision: another recipe for a role (in_proj, x_proj, dt_proj, out_proj, fc1, fc2) or "

@@ -43,9 +43,9 @@ def method_from_name(name: str) -> tuple[Recipe, object | None]:
         ValueError: an unknown name or field.
 
     Example:
-        >>> recipe, config = method_from_name("vimvq-2bit[codebook=layer,lr_codebook=0.01,steps=400]")
+        >>> recipe, config = method_from_name("vimvq-2bit[codebook=layer,lr_codebook=0.001,steps=100]")
         >>> recipe.name, config.lr_codebook, config.steps
-        ("vimvq-2bit[codebook='layer']", 0.01, 400)
+        ("vimvq-2bit[codebook='layer']", 0.001, 100)
     """
     family, fields, other = parse_name(name)
     recipe = family.recipe_type(**fields)
