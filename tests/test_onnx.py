@@ -288,9 +288,11 @@ def test_same_model_exports_the_same_bytes(tmp_path):
     assert open(first, "rb").read() == open(second, "rb").read()
     # Across processes too (nothing taken from hash seeds, ids or addresses), for a quantized model: the same seeds
     # give the same file.
-    paths = [tmp_path / f"q{seed}.onnx" for seed in ("0", "1")]
+    hash_seeds = ("0", "1")
+    paths = [tmp_path / f"q{seed}.onnx" for seed in hash_seeds]
     runs = [subprocess.Popen([sys.executable, "-c", _EXPORT_IN_A_FRESH_PROCESS, str(path)], stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "PYTHONHASHSEED": path.stem[1:]}) for path in paths]
+                             text=True, env={**os.environ, "PYTHONHASHSEED": seed})
+            for seed, path in zip(hash_seeds, paths)]
     for run in runs:  # side by side: each is mostly importing torch and tracing
         err = run.communicate(timeout=300)[1]
         assert run.returncode == 0, err[-2000:]
