@@ -8,7 +8,8 @@ A method is a recipe name without its bit widths (``ptq4vm``, ``sq-pts``, ``ptq4
 "ptq4vm[jlss_target=mixer]" ptq4vm ... --out bench/results/jlss_ablation.md``). A calibration seed picks the 256
 calibration images from the training split and seeds the optimization's sampling. Every run is evaluated on the
 convert_pt2e graph (Q/DQ; the lowered integer model agrees with it, tests/test_ptq4vm_flow.py) and appended to the
-cache (``.jsonl``), so that an interrupted or extended run measures only what is missing; the table is rendered from
+cache (``.jsonl``), so that an interrupted or extended run measures only what is missing (``--lowered``: also the runs
+recorded before the lowered model's top-1 was measured); the table is rendered from
 the cache after every run: top-1 as mean ± std over seeds, and paired differences (same seeds) against the
 baselines, with the verdict of ``_util.compare``. Agreement with FP (top-1 of the same image) and KL(FP || Q) of the
 logits are finer-grained than accuracy and are reported too.
