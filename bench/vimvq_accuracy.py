@@ -31,11 +31,12 @@ from vmq_fx.models import load_reference  # noqa: E402
 from vmq_fx.pt2e.flow import method_from_name  # noqa: E402
 from vmq_fx.pt2e.diagnostics import bits_per_weight  # noqa: E402
 
-# The paper's schedule (the VQConfig defaults before they were chosen from this table) is named in full, so that the
-# cached runs keep meaning what they measured; "vimvq" alone is today's default, vimvq[lr_codebook=0.01,steps=400].
+# Methods name their optimization settings in full, so that the cached runs keep meaning what they measured when the
+# defaults change: the paper's schedule (the VQConfig defaults before they were chosen from this table) and today's.
 PAPER = "[lr_codebook=0.001,steps=100]"
+TODAY = f"[lr_codebook={vmq_fx.VQConfig().lr_codebook},steps={vmq_fx.VQConfig().steps}]"
 DEFAULT_METHODS = ["vq-kmeans", f"vq-convex{PAPER}", f"vimvq{PAPER}", "vimvq[lr_codebook=0.01,steps=100]",
-                   "vimvq[lr_codebook=0.01,steps=400]"]
+                   f"vimvq{TODAY}"]
 BASELINES = ["vq-kmeans", f"vq-convex{PAPER}"]  # paired differences of every other method against these
 
 
@@ -81,7 +82,7 @@ def render(cache: ResultCache, args, fps: dict) -> str:
         "tensor of the lowered model (embedding, norms, head and SSM parameters stay fp32). Agreement: same top-1 "
         "as FP32. Time: quantization on this CPU. A method's brackets name its optimization settings: "
         f"`{PAPER[1:-1]}` is the paper's schedule (the defaults until they were chosen from this table), "
-        "`vimvq[lr_codebook=0.01,steps=400]` is today's default (`VQConfig()`, what `vimvq` alone means). "
+        f"`vimvq{TODAY}` is today's default (`VQConfig()`, what `vimvq` alone means). "
         f"{args.note}", "",
     ]
     for name in args.models:
