@@ -12,8 +12,8 @@ import torch
 
 from vmq_fx.ops import native
 
-OPS = ("selective_scan", "causal_conv1d", "int8_linear", "vq_linear", "vq_dequantize", "selective_scan_backward",
-       "token_stats", "histogram_add", "histogram_search")
+OPS = ("selective_scan", "causal_conv1d", "hadamard_transform", "int8_linear", "vq_linear", "vq_dequantize",
+       "selective_scan_backward", "token_stats", "histogram_add", "histogram_search")
 
 
 def _cpu_kernel_source(op: str) -> str | None:

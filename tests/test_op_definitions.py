@@ -15,8 +15,8 @@ from vmq_fx.ops.int8_linear import Int8LinearArgs
 from vmq_fx.ops.vq_linear import VQLinearArgs
 
 vmq = torch.ops.vmq
-OPS = (vmq.selective_scan.default, vmq.causal_conv1d.default, vmq.int8_linear.default, vmq.vq_linear.default,
-       vmq.vq_dequantize.default)
+OPS = (vmq.selective_scan.default, vmq.causal_conv1d.default, vmq.hadamard_transform.default,
+       vmq.int8_linear.default, vmq.vq_linear.default, vmq.vq_dequantize.default)
 
 
 @pytest.mark.parametrize("view, op", [(Int8LinearArgs, vmq.int8_linear.default), (VQLinearArgs, vmq.vq_linear.default)])
@@ -95,6 +95,10 @@ def _bad_calls():
         "causal_conv1d weight": lambda: vmq.causal_conv1d(x3, torch.randn(4, 4), None, True, False),
         "causal_conv1d bias": lambda: vmq.causal_conv1d(x3, torch.randn(3, 4), torch.randn(2), True, False),
         "causal_conv1d x": lambda: vmq.causal_conv1d(torch.randn(6, 3), torch.randn(3, 4), None, True, False),
+        "hadamard_transform size": lambda: vmq.hadamard_transform(torch.randn(2, 24), torch.eye(5)),
+        "hadamard_transform odd": lambda: vmq.hadamard_transform(torch.randn(2, 24), torch.eye(3)[:2]),
+        "hadamard_transform dtype": lambda: vmq.hadamard_transform(torch.ones(2, 8, dtype=torch.int32), None),
+        "hadamard_transform scalar": lambda: vmq.hadamard_transform(torch.tensor(1.0), None),
         "token_stats x": lambda: vmq.token_stats(torch.randn(4, 5)),
         "histogram_add x": lambda: vmq.histogram_add(torch.randn(4, 5), torch.zeros(4, 8), torch.zeros(4),
                                                      torch.ones(4), torch.zeros(4), torch.ones(4)),
@@ -127,6 +131,8 @@ def _helper_calls():
     u, delta = torch.randn(2, 4, 5, generator=g), torch.rand(2, 4, 5, generator=g)
     A, B, C = -torch.rand(4, 3, generator=g), torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, 5, generator=g)
     return {
+        "hadamard_transform": (vmq.hadamard_transform.default, (torch.randn(2, 3, 12, generator=g, requires_grad=True),
+                                                               torch.eye(3)[[2, 0, 1]])),
         "token_stats": (vmq.token_stats.default, (x,)),
         "histogram_add": (vmq.histogram_add.default, (2 * x, counts, start, width, 2 * lo, 2 * hi)),
         "histogram_search": (vmq.histogram_search.default, (counts + 1, start, width, lo, hi, 16, 2.4, 20)),

@@ -226,23 +226,49 @@ def test_rotation_composes_with_jlss(vim):
     assert targets[torch.ops.aten.matmul.default] == targets[torch.ops.vmq.int8_linear.default] == 12
 
 
-def test_hadamard_is_applied_factored_with_one_constant_per_size(vim):
-    """Vim-T-like sizes 96 = 3 x 32, 192 = 3 x 64, 6 = 3 x 2: the lowered graph holds one H per power-of-two size and
-    one Q per odd size, never a d x d matrix; a KLT rotation holds its d x d matrix per linear. bits_per_weight
-    counts what is stored."""
+def test_hadamard_is_applied_by_the_transform_op_with_one_constant_per_odd_size(vim):
+    """Vim-T-like sizes 96 = 3 x 32, 192 = 3 x 64, 6 = 3 x 2: the lowered graph rotates each linear's input with one
+    vmq.hadamard_transform node (no matmul) and holds one Q per odd size, never a d x d matrix; a KLT rotation holds
+    its d x d matrix per linear. bits_per_weight counts what is stored."""
     from vmq_fx.pt2e.diagnostics import bits_per_weight
 
     _, gm = vim
     lowered = {r: vmq_fx.lower(convert_pt2e(_calibrated(gm, recipes.pts(8, 8, rotation=r))))
                for r in ("none", "hadamard", "klt")}
     had = lowered["hadamard"]
+    targets = Counter(node.target for node in had.graph.nodes if node.op == "call_function")
+    assert targets[torch.ops.vmq.hadamard_transform.default] == targets[torch.ops.vmq.int8_linear.default] == 12
+    assert targets[torch.ops.aten.matmul.default] == 0
     constants = sorted(name for name, _ in had.named_buffers() if name.startswith("vmq_hadamard"))
-    assert constants == ["vmq_hadamard_2", "vmq_hadamard_32", "vmq_hadamard_64", "vmq_hadamard_q_3"]
-    assert not any(b.dim() == 2 and b.shape[0] == b.shape[1] and b.shape[0] > 64 for b in had.buffers())
+    assert constants == ["vmq_hadamard_odd_3"]
+    assert not any(b.dim() == 2 and b.shape[0] == b.shape[1] and b.shape[0] > 3 for b in had.buffers())
     bits = {r: bits_per_weight(m) for r, m in lowered.items()}
     fp = vim[0]
     n = sum(fp.get_submodule(layer.name).weight.numel() for layer in quantized_linears(convert_pt2e(
         _calibrated(gm, recipes.pts(8, 8)))).values())
-    assert bits["hadamard"] - bits["none"] == pytest.approx(32 * (2**2 + 32**2 + 64**2 + 3**2) / n, rel=1e-9)
+    assert bits["hadamard"] - bits["none"] == pytest.approx(32 * 3**2 / n, rel=1e-9)
     square = 2 * (96**2 + 2 * (192**2 + 6**2) + 192**2)  # one d x d matrix per linear
     assert bits["klt"] - bits["none"] == pytest.approx(32 * square / n, rel=1e-9)
+
+
+def test_smoothing_before_a_hadamard_transform_folds_into_the_norm(vim):
+    """SmoothQuant + Hadamard: each in_proj's input is the norm's output, so its division by s goes into the norm
+    weight; the other linears keep theirs in front of the transform. Both lowerings compute the converted graph's
+    numbers (float rounding apart, within a small share of the quantization noise)."""
+    fp, gm = vim
+    prepared = _calibrated(gm, recipes.smoothquant_pts(8, 8, rotation="hadamard"))
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    out, divisions = {}, {}
+    for fold in (False, True):
+        lowered = vmq_fx.lower(convert_pt2e(copy.deepcopy(prepared)), fold_smoothing=fold)
+        divisions[fold] = sum(1 for node in lowered.graph.nodes if node.meta.get(SMOOTHING_META))
+        inputs = [node.args[0] for node in lowered.graph.nodes
+                  if node.target is torch.ops.vmq.hadamard_transform.default]
+        assert len(inputs) == 12
+        with torch.no_grad():
+            out[fold] = lowered(x)
+    in_projs = 2  # one per block
+    assert divisions == {False: 12, True: 12 - in_projs}
+    with torch.no_grad():
+        noise = _rel(out[False], fp(x))
+    assert _rel(out[True], out[False]) < 0.05 * noise

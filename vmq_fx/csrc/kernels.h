@@ -75,6 +75,9 @@ std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const a
 at::Tensor causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                              bool silu, bool reverse);
 
+// x @ kron(odd, H) over the last axis (the fast Walsh-Hadamard transform; odd [m, m] or none).
+at::Tensor hadamard_transform_cpu(const at::Tensor& x, const std::optional<at::Tensor>& odd);
+
 at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth,
                            const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& act_zero_point,
                            const at::Tensor& w, const at::Tensor& w_scale,

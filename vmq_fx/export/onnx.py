@@ -15,6 +15,10 @@ How the vmq ops become standard ONNX (opset 18):
 * ``vmq::causal_conv1d`` -> ``Pad`` along the sequence, then ``K`` shifted ``Slice`` windows times their taps, summed
   (``+ bias``, ``* Sigmoid`` for the SiLU), in the channels-last layout of the op. ``export_onnx(..., ops="vmq")``
   writes one ``vmq.CausalConv1d`` node instead (the torch op's kernel).
+* ``vmq::hadamard_transform`` -> ``Reshape`` of the last axis to ``[m, a, c]`` (``a c = 2^k``), ``MatMul`` by the
+  constants ``H_c`` and ``H_a`` (``H_{2^k} = kron(H_a, H_c)``: two small matrices instead of one ``2^k`` square per
+  node), ``MatMul`` by ``odd^T``, ``Reshape`` back. ``export_onnx(..., ops="vmq")`` writes one
+  ``vmq.HadamardTransform`` node instead (the torch op's fast transform).
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
   (uint8 x int8 -> int32 for weights of up to 7 bits; 8-bit weights as uint8 x uint8, moved up by 128 (folded at load)
@@ -225,6 +229,39 @@ def _causal_conv1d_custom(x, weight, bias=None, silu=False, reverse=False):
     return y
 
 
+def _hadamard_transform(x, odd=None):
+    """``x @ kron(odd, H_b)`` over the last axis in ``MatMul`` s: ``H_b = kron(H_a, H_c)`` (``a c = b``, both powers of
+    two), so the last axis is viewed as ``[m, a, c]`` and multiplied by ``H_c``, then ``H_a`` from the left, then
+    ``odd^T`` from the left: ``a + c + m`` multiply-adds per value, and two constants of at most ``sqrt(2b)``
+    squared."""
+    from vmq_fx.ops.hadamard import walsh_hadamard
+
+    _, op, _ = _ops()
+    d, rank = x.shape[-1], len(x.shape)
+    m = 1 if odd is None else odd.shape[0]
+    if not isinstance(d, int) or not isinstance(m, int):
+        raise OnnxExportError("vmq.hadamard_transform: the transformed axis must be static for ONNX export")
+    b = d // m
+    a = 1 << (b.bit_length() - 1) // 2
+    c = b // a
+    keep = [0] * (rank - 1)  # Reshape copies these axes
+    y = op.Reshape(x, _const(op, keep + [m, a, c], np.int64))
+    if c > 1:
+        y = op.MatMul(y, _const(op, walsh_hadamard(c).numpy(), np.float32))
+    if a > 1:
+        y = op.MatMul(_const(op, walsh_hadamard(a).numpy(), np.float32), y)
+    if odd is not None:
+        y = op.MatMul(op.Transpose(odd, perm=[1, 0]), op.Reshape(y, _const(op, keep + [m, b], np.int64)))
+    return op.Reshape(y, _const(op, keep + [d], np.int64))
+
+
+def _hadamard_transform_custom(x, odd=None):
+    """One ``vmq.HadamardTransform`` node (the torch op's fast transform, :mod:`vmq_fx.export.ort_ops`)."""
+    _, _, call_op = _ops()
+    (y,) = call_op("HadamardTransform", x, odd, _domain=CUSTOM_DOMAIN)
+    return y
+
+
 def _unpack_int4(op, w, k: int):
     """uint8 [N, ceil(K/2)] (low nibble first) -> int8 [N, K] in [-8, 7]."""
     lo = op.BitwiseAnd(w, _const(op, 15, np.uint8))
@@ -344,8 +381,9 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
 
     Args:
         ops: ``"onnx"``: standard ONNX operators only (the selective scan as a ``Scan``); ``"vmq"``: the selective
-            scan, the causal convolution and the integer linear as one node each (``vmq.SelectiveScan``,
-            ``vmq.CausalConv1d``, ``vmq.Int8Linear``: vmq_fx's onnxruntime library).
+            scan, the causal convolution, the Hadamard transform and the integer linear as one node each
+            (``vmq.SelectiveScan``, ``vmq.CausalConv1d``, ``vmq.HadamardTransform``, ``vmq.Int8Linear``: vmq_fx's
+            onnxruntime library).
     """
     import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 
@@ -355,6 +393,7 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
     table = {
         vmq.selective_scan.default: _selective_scan,
         vmq.causal_conv1d.default: _causal_conv1d,
+        vmq.hadamard_transform.default: _hadamard_transform,
         vmq.int8_linear.default: _int8_linear,
         vmq.vq_linear.default: _vq_linear,
         vmq.vq_dequantize.default: _vq_dequantize,
@@ -362,6 +401,7 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
     if ops == "vmq":
         table.update({vmq.selective_scan.default: _selective_scan_custom,
                       vmq.causal_conv1d.default: _causal_conv1d_custom,
+                      vmq.hadamard_transform.default: _hadamard_transform_custom,
                       vmq.int8_linear.default: _int8_linear_custom})
     return table
 
@@ -403,9 +443,9 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
         path: the ``.onnx`` file to write.
         dynamic_batch: keep the batch dimension dynamic.
         ops: ``"onnx"``: standard ONNX operators only (portable: any ONNX runtime; every selective scan is a
-            ``Scan``); ``"vmq"``: the selective scans, causal convolutions and integer linears as ops of vmq_fx's
-            onnxruntime library (:mod:`vmq_fx.export.ort_ops`, no torch; :func:`ort_session` registers it; the scan
-            about as fast as torch).
+            ``Scan``); ``"vmq"``: the selective scans, causal convolutions, Hadamard transforms and integer linears
+            as ops of vmq_fx's onnxruntime library (:mod:`vmq_fx.export.ort_ops`, no torch; :func:`ort_session`
+            registers it; the scan about as fast as torch).
         config: the model's ``VimConfig`` / ``VMambaConfig`` (default: ``model.config``, or the configuration a
             lowered or loaded quantized model records); ``None`` and none recorded: the file's metadata has no
             preprocessing.

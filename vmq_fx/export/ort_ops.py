@@ -6,6 +6,8 @@ An ONNX file exported with ``export_onnx(..., ops="vmq")`` holds, instead of the
   (``vmq_fx/csrc/selective_scan_core.h``: plain pointers and vector extensions);
 * ``vmq.CausalConv1d``: the depthwise convolution + SiLU of the Mamba block, the torch op's kernel
   (``vmq_fx/csrc/causal_conv1d_core.h``);
+* ``vmq.HadamardTransform``: the online half of a Hadamard rotation, the torch op's fast Walsh-Hadamard transform
+  (``vmq_fx/csrc/hadamard_core.h``);
 * ``vmq.Int8Linear``: one node per lowered integer linear, the torch op's per-token quantize and rescale
   (``vmq_fx/csrc/linear_core.h``) around onnxruntime's own ``MatMulInteger``, invoked from the kernel with the operand
   types that are exact and fastest on the CPU it runs on (uint8 x int8 with VNNI; 8-bit weights as uint8 x uint8
@@ -53,8 +55,9 @@ _HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxrun
                 "14f7d959d5deacbcf1504830d4189f91fc67382b399ed9ae9d3aa9c4050ced08")
 _HEADERS_NAME = "onnxruntime-1.21.0-include"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-_SOURCES = ("ort/library.cpp", "ort/selective_scan_op.cpp", "ort/int8_linear_op.cpp", "ort/causal_conv1d_op.cpp")
-_DEPENDS = ("ort/ops.h", "selective_scan_core.h", "linear_core.h", "causal_conv1d_core.h", "vec.h")
+_SOURCES = ("ort/library.cpp", "ort/selective_scan_op.cpp", "ort/int8_linear_op.cpp", "ort/causal_conv1d_op.cpp",
+            "ort/hadamard_op.cpp")
+_DEPENDS = ("ort/ops.h", "selective_scan_core.h", "linear_core.h", "causal_conv1d_core.h", "hadamard_core.h", "vec.h")
 
 
 class OrtCustomOpsUnavailable(RuntimeError):

@@ -10,9 +10,10 @@ Two kinds, named by :attr:`vmq_fx.pt2e.recipes.PTQ4VMRecipe.rotation`:
 
 * ``"hadamard"``: a normalized Walsh-Hadamard matrix. Its size must be a power of two; for ``d = 2^k * m`` with
   ``m`` odd (Vim-T: 192 = 64 * 3) the matrix is ``kron(Q_m, H_{2^k})`` with ``Q_m`` a fixed random orthogonal
-  ``m x m`` matrix, so that every output channel still mixes all ``d`` inputs. Needs no calibration data. It is
-  applied in its factored form (:func:`apply_hadamard`: ``Q_m^T X H`` on ``x`` viewed as ``[m, 2^k]``): ``d (2^k + m)``
-  multiply-adds per token instead of ``d^2``, and one ``H`` per size for the whole model.
+  ``m x m`` matrix, so that every output channel still mixes all ``d`` inputs. Needs no calibration data. The
+  activation side is applied in its factored form by ``vmq::hadamard_transform`` (:mod:`vmq_fx.ops.hadamard`: the fast
+  Walsh-Hadamard transform, then ``Q_m``): ``d (k + m)`` operations per token instead of ``d^2``, and only ``Q_m`` is
+  stored (one per odd size for the whole model).
 * ``"klt"``: MambaQuant's KLT-enhanced rotation ``K @ H``, ``K`` the eigenvectors of the calibration inputs'
   second-moment matrix (the Karhunen-Loeve transform): in that basis the channels are uncorrelated, and the
   Hadamard matrix then spreads their unequal variances evenly.
@@ -29,17 +30,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["ROTATIONS", "apply_hadamard", "hadamard", "hadamard_factors", "klt"]
+from vmq_fx.ops.hadamard import walsh_hadamard
+
+__all__ = ["ROTATIONS", "hadamard", "hadamard_factors", "klt"]
 
 ROTATIONS = ("none", "hadamard", "klt")
 _SEED = 0x5EED  # the odd factor's orthogonal matrix: fixed, so that a recipe always means the same rotation
-
-
-def _sylvester(n: int) -> Tensor:
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / n ** 0.5
 
 
 def _random_orthogonal(m: int) -> Tensor:
@@ -59,7 +55,7 @@ def hadamard_factors(d: int) -> tuple[Tensor, Tensor]:
     if not isinstance(d, int) or d < 1:
         raise ValueError(f"hadamard: the size must be a positive integer, got {d!r}")
     power = d & -d  # the largest power of two dividing d
-    return _random_orthogonal(d // power), _sylvester(power)
+    return _random_orthogonal(d // power), walsh_hadamard(power)
 
 
 def hadamard(d: int) -> Tensor:
@@ -69,24 +65,6 @@ def hadamard(d: int) -> Tensor:
         ValueError: ``d < 1``.
     """
     return torch.kron(*hadamard_factors(d))
-
-
-def apply_hadamard(x: Tensor, q_t: Tensor, h: Tensor) -> Tensor:
-    """``x @ kron(q, h)`` over the last axis without forming the product: ``q^T X h`` with ``X`` the last axis viewed
-    as ``[m, 2^k]`` (``q_t``: ``q^T``). :meth:`~vmq_fx.pt2e.observers.PerTokenStaticFakeQuantize.convert` writes these
-    ops in this order, so the fake-quantized and the converted model round alike.
-
-    Example:
-        >>> import torch
-        >>> x = torch.randn(2, 5, 12, dtype=torch.float64)
-        >>> q, h = hadamard_factors(12)
-        >>> bool(torch.allclose(apply_hadamard(x, q.T, h), x @ hadamard(12)))
-        True
-    """
-    y = x.unflatten(-1, (q_t.shape[0], h.shape[0])) @ h
-    if q_t.shape[0] > 1:
-        y = q_t @ y
-    return y.flatten(-2)
 
 
 def klt(second_moment: Tensor) -> Tensor:

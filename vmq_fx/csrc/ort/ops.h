@@ -14,6 +14,7 @@ namespace vmq_fx::ort {
 const OrtCustomOp* selective_scan_op();     // selective_scan_op.cpp
 const OrtCustomOp* int8_linear_op();     // int8_linear_op.cpp
 const OrtCustomOp* causal_conv1d_op();   // causal_conv1d_op.cpp
+const OrtCustomOp* hadamard_transform_op();  // hadamard_op.cpp
 
 // One input of a kernel, read in place; data is null for an optional input left empty.
 template <typename T>

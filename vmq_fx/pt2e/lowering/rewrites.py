@@ -20,7 +20,9 @@ Each becomes one ``vmq::int8_linear`` holding the integer weight (int8 at run ti
 sums and scales, and the per-token activation scales and zero points (none for the dynamic pattern: the op computes
 each row's at run time); the smoothing division is folded into the
 preceding norm's weight when ``x`` is ``mul(normalized, norm_weight)`` with no other user (exact:
-``(n * g) / s == n * (g / s)`` up to float rounding), else fused into the op's quantize step.
+``(n * g) / s == n * (g / s)`` up to float rounding), else fused into the op's quantize step. A Hadamard rotation's
+``vmq::hadamard_transform`` (tagged ``meta["vmq_rotation"]``) stays in front of the op; the division before it is
+folded into the norm the same way, else kept.
 
 ``vector-quantized weight``: ``linear(x, vq_dequantize(codes, codebook, row_scale), bias)`` becomes
 ``vq_linear(x, codes, codebook, row_scale, bias)``.
@@ -115,10 +117,20 @@ def _integer_weight(gm: fx.GraphModule, dq_w):
     return w_int, w_scale.float()
 
 
+def _is_smoothing(x) -> bool:
+    return _is(x, torch.ops.aten.div.Tensor) and bool(x.meta.get(SMOOTHING_META))
+
+
 def _unsmoothed(ctx: Lowering, x) -> tuple:
     """(the input before a tagged smoothing division, the smoothing scales the op must still divide by or ``None``):
-    the division is folded into the preceding norm where exact, else left to the op."""
-    if not (_is(x, torch.ops.aten.div.Tensor) and x.meta.get(SMOOTHING_META)):
+    the division is folded into the preceding norm where exact, else left to the op. Before a Hadamard transform
+    (``x = hadamard_transform(div(x, s))``) it is folded likewise, else left in the graph."""
+    if _is(x, torch.ops.vmq.hadamard_transform.default) and _is_smoothing(x.args[0]):
+        div = x.args[0]
+        if ctx.fold_smoothing and _fold_into_norm(ctx.gm, div, ctx.index):
+            x.replace_input_with(div, div.args[0])
+        return x, None
+    if not _is_smoothing(x):
         return x, None
     div, x = x, x.args[0]
     if ctx.fold_smoothing and _fold_into_norm(ctx.gm, div, ctx.index):

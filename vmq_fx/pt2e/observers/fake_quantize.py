@@ -16,7 +16,7 @@ A rotation (:mod:`vmq_fx.pt2e.rotation`) works the same way: the activation quan
 ``convert_pt2e`` then calls each module's :meth:`convert`, which writes its own nodes: for activations
 ``[div(x, s)] -> quantize_per_channel(axis=1) -> dequantize_per_channel`` with the learned per-token step sizes (the
 division tagged ``meta["vmq_smoothing"]``; with a KLT rotation ``matmul(x, R / s[:, None])`` instead, with a
-Hadamard one the division then :func:`~vmq_fx.pt2e.rotation.apply_hadamard`'s ops, tagged ``meta["vmq_rotation"]``),
+Hadamard one the division then ``vmq::hadamard_transform(x, Q_m)``, tagged ``meta["vmq_rotation"]``),
 for weights ``dequantize_per_channel(axis=0)`` of the integers of ``(W * s) [@ R]``.
 With outlier channels (OuroMamba-style: a few input channels kept at 8 bits) the activation writes a second, 8-bit
 ``quantize_per_channel -> dequantize_per_channel`` of the same input and picks it for those channels:
@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torchao.quantization.pt2e.fake_quantize import FakeQuantizeBase
 
 from vmq_fx.pt2e.observers.lp_search import RowHistograms, round_ste, search_symmetric_clips
-from vmq_fx.pt2e.rotation import ROTATIONS, apply_hadamard, hadamard_factors
+from vmq_fx.pt2e.rotation import ROTATIONS, hadamard_factors
 
 __all__ = ["NotCalibratedError", "PerChannelWeightFakeQuantize", "PerTokenDynamicFakeQuantize",
            "PerTokenStaticFakeQuantize", "OUTLIER_META", "ROTATION_META", "SMOOTHING_META"]
@@ -158,8 +158,8 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         self.smooth: nn.Parameter | None = None
         self.rotation = rotation  # the recipe rotates: vmq_fx.calibrate gives this quantizer its matrix
         self.register_buffer("rotation_matrix", None)
-        self.register_buffer("hadamard_q_t", None)  # a Hadamard rotation's factors, applied to x in factored form
-        self.register_buffer("hadamard_h", None)
+        # the odd factor Q_m of a Hadamard rotation (None for a power-of-two size): x is rotated in factored form
+        self.register_buffer("hadamard_odd", None)
         self.outlier_fraction = outlier_fraction
         self.outliers: PerTokenStaticFakeQuantize | None = None  # 8-bit steps of the outlier channels
         self.register_buffer("outlier_mask", None)  # [channels] bool, True at an outlier channel
@@ -241,8 +241,14 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
             q, h = hadamard_factors(r.shape[0])
             if not torch.allclose(torch.kron(q, h), r.double(), atol=1e-6):
                 raise ValueError("set_rotation: a Hadamard quantizer takes vmq_fx.pt2e.rotation.hadamard(d)")
-            self.hadamard_q_t, self.hadamard_h = q.T.contiguous().float(), h.float()
+            self.hadamard_odd = q.float() if q.shape[0] > 1 else None
         return self.rotation_matrix
+
+    @property
+    def dense_rotation(self) -> bool:
+        """Whether the input is multiplied by the whole matrix ``R / s[:, None]`` (a KLT rotation), rather than
+        divided by ``s`` and rotated by the Hadamard transform in factored form."""
+        return self.rotation_matrix is not None and self.rotation != "hadamard"
 
     def set_outlier_channels(self, channels: Tensor, num_channels: int) -> None:
         """Keep these input channels (indices) at 8 bits from now on, with their own per-token steps."""
@@ -259,13 +265,13 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
 
     def forward(self, x: Tensor) -> Tensor:
         # the same ops convert writes, so both round alike
-        if self.rotation_matrix is not None and self.hadamard_h is None:
+        if self.dense_rotation:
             x = x @ self.input_map()
         else:
             if self.smooth is not None:
                 x = x / self.smooth
-            if self.hadamard_h is not None:
-                x = apply_hadamard(x, self.hadamard_q_t, self.hadamard_h)
+            if self.rotation_matrix is not None:
+                x = torch.ops.vmq.hadamard_transform(x, self.hadamard_odd)
         if self.observer_enabled[0] == 1:
             self._observe(x)
         if self.fake_quant_enabled[0] == 1:
@@ -285,30 +291,24 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
         x = observer_node.args[0]
         x_val, stack = x.meta.get("val"), observer_node.meta.get("nn_module_stack", {})
 
-        def call(op, args, tag, same_shape=True):
+        def call(op, args, tag):
             node = graph.call_function(op, args)
-            node.meta.update({tag: True, "nn_module_stack": stack})
-            if same_shape:  # the rotation's inner nodes ([..., m, 2^k]) carry no value
-                node.meta["val"] = x_val
+            node.meta.update({tag: True, "nn_module_stack": stack, "val": x_val})
             return node
 
         with graph.inserting_before(observer_node):
-            if self.rotation_matrix is not None and self.hadamard_h is None:
+            if self.dense_rotation:
                 x = call(torch.ops.aten.matmul.default, (x, _constant(model, f"{base}_rotation", self.input_map())),
                          ROTATION_META)
             else:
                 if self.smooth is not None:
                     x = call(torch.ops.aten.div.Tensor, (x, _constant(model, f"{base}_smooth", self.smooth)),
                              SMOOTHING_META)
-                if self.hadamard_h is not None:  # apply_hadamard's ops; one constant per size for the whole model
-                    m, b = self.hadamard_q_t.shape[0], self.hadamard_h.shape[0]
-                    x = call(torch.ops.aten.unflatten.int, (x, -1, [m, b]), ROTATION_META, False)
-                    h = _constant(model, f"vmq_hadamard_{b}", self.hadamard_h, shared=True)
-                    x = call(torch.ops.aten.matmul.default, (x, h), ROTATION_META, False)
-                    if m > 1:
-                        q_t = _constant(model, f"vmq_hadamard_q_{m}", self.hadamard_q_t, shared=True)
-                        x = call(torch.ops.aten.matmul.default, (q_t, x), ROTATION_META, False)
-                    x = call(torch.ops.aten.flatten.using_ints, (x, -2, -1), ROTATION_META)
+                if self.rotation_matrix is not None:  # Q_m stored once per odd size for the whole model
+                    odd = self.hadamard_odd
+                    odd = None if odd is None else _constant(model, f"vmq_hadamard_odd_{odd.shape[0]}", odd,
+                                                             shared=True)
+                    x = call(torch.ops.vmq.hadamard_transform.default, (x, odd), ROTATION_META)
             written = self._write_qdq(model, x, f"{base}", scale, zp)
             if self.outlier_mask is not None:
                 scale8, zp8 = self.outliers.calculate_qparams()
