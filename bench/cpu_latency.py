@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import re
 import shlex
@@ -246,9 +247,10 @@ def table_models(args) -> list[str]:
 
 
 # -- dynamic -----------------------------------------------------------------------------------------------------------
-def timed_lowered(args, variants: dict):
+def timed_lowered(args, variants: dict, derived: dict | None = None):
     """Yield ``(label, runtime, threads, batch, {name: median s})`` for FP32 and each recipe's lowered model (built
-    on 8 random images), in torch and in onnxruntime with vmq_fx's ops, interleaved in one process."""
+    on 8 random images), in torch and in onnxruntime with vmq_fx's ops, interleaved in one process. ``derived``:
+    ``{name: (variant, fn)}``, more models made by ``fn`` from a copy of a variant's lowered model."""
     from vmq_fx.export import ort_session
 
     tmp = Path(tempfile.mkdtemp())
@@ -258,6 +260,7 @@ def timed_lowered(args, variants: dict):
         calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
         models = {"FP32": model, **{name: vmq_fx.quantize(model, r, calib, progress=False).lowered
                                     for name, r in variants.items()}}
+        models.update({name: fn(copy.deepcopy(models[base])) for name, (base, fn) in (derived or {}).items()})
         paths = {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx", ops="vmq").path
                  for name, m in models.items()}
         for threads in args.threads:
@@ -290,20 +293,40 @@ def table_dynamic(args) -> list[str]:
 
 
 # -- rotation ----------------------------------------------------------------------------------------------------------
+def _hadamard_matmuls(x, odd):
+    """The Hadamard rotation as matmuls (what the graph held before ``vmq::hadamard_transform``): ``x`` viewed as
+    ``[m, 2^k]`` times ``H_{2^k}``, then ``odd^T`` from the left."""
+    from vmq_fx.ops.hadamard import walsh_hadamard
+
+    m = 1 if odd is None else odd.shape[0]
+    y = x.unflatten(-1, (m, x.shape[-1] // m)) @ walsh_hadamard(x.shape[-1] // m).to(x.dtype)
+    return (y if odd is None else odd.T @ y).flatten(-2)
+
+
+def as_hadamard_matmuls(lowered):
+    for node in lowered.graph.nodes:
+        if node.target is torch.ops.vmq.hadamard_transform.default:
+            node.target = _hadamard_matmuls
+    lowered.recompile()
+    return lowered
+
+
 def table_rotation(args) -> list[str]:
-    """What a rotation (Hadamard factored, KLT dense) or outlier channels cost in the lowered W8A8 model, against plain
-    static W8A8 (SmoothQuant + PTS), in torch and in onnxruntime with vmq_fx's ops."""
+    """What a rotation (Hadamard by the fast transform op, and as the matmuls it replaced; KLT dense) or outlier
+    channels cost in the lowered W8A8 model, against plain static W8A8 (SmoothQuant + PTS), in torch and in
+    onnxruntime with vmq_fx's ops."""
     variants = {"static": recipes.smoothquant_pts(8, 8), "Hadamard": recipes.smoothquant_pts(8, 8, rotation="hadamard"),
                 "KLT": recipes.smoothquant_pts(8, 8, rotation="klt"),
                 "outliers": recipes.smoothquant_pts(8, 8, outlier_fraction=1 / 32)}
+    derived = {"Hadamard as matmuls": ("Hadamard", as_hadamard_matmuls)}
+    shown = [*list(variants)[1:], *derived]
     out = ["## Rotations and outlier channels, W8A8 (median ms per forward; ratios against static W8A8, same process)",
-           "", "| model | runtime | threads | batch | FP32 | W8A8 static | " + " | ".join(list(variants)[1:]) + " |",
-           "|---|---|---|---|---|---|" + "---|" * (len(variants) - 1)]
-    for label, runtime, threads, batch, times in timed_lowered(args, variants):
+           "", "| model | runtime | threads | batch | FP32 | W8A8 static | " + " | ".join(shown) + " |",
+           "|---|---|---|---|---|---|" + "---|" * len(shown)]
+    for label, runtime, threads, batch, times in timed_lowered(args, variants, derived):
         out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
                    f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
-                   + " | ".join(f"{ms(times[k])} ({times['static'] / times[k]:.2f}x)" for k in list(variants)[1:])
-                   + " |")
+                   + " | ".join(f"{ms(times[k])} ({times['static'] / times[k]:.2f}x)" for k in shown) + " |")
         print(out[-1], file=sys.stderr, flush=True)
     return out
 
