@@ -22,6 +22,10 @@ shared CPU hits all of them, and ratios are taken within the table. Tables:
   pure-torch scan and convolution (``native.disabled()``: what the project ran before the fused kernels; the column
   says "pure-torch scan"), and the lowered W8A8, W4A8, VQ 3-bit and VQ 2-bit
   models, in torch and in onnxruntime (the standard ``Scan`` export and the ``vmq.SelectiveScan`` custom op).
+* ``dynamic``: the lowered per-token dynamic W8A8 model against static W8A8 (SmoothQuant + PTS), in torch and in
+  onnxruntime with vmq_fx's ops.
+* ``rotation``: the lowered W8A8 model with a Hadamard rotation (``vmq::hadamard_transform``, and the same model with
+  the matmuls that op replaced), a KLT rotation and outlier channels, against static W8A8, same runtimes.
 * ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused kernels and
   the pure-torch scan and convolution.
 * ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32, W8A8, VQ 2-bit), by operator, in torch and

@@ -9,7 +9,8 @@ A method is a recipe name without its bit widths (``ptq4vm``, ``sq-pts``, ``ptq4
 calibration images from the training split and seeds the optimization's sampling. Every run is evaluated on the
 convert_pt2e graph (Q/DQ; the lowered integer model agrees with it, tests/test_ptq4vm_flow.py) and appended to the
 cache (``.jsonl``), so that an interrupted or extended run measures only what is missing (``--lowered``: also the runs
-recorded before the lowered model's top-1 was measured); the table is rendered from
+recorded before the lowered model's top-1 was measured; ``--remeasure``: every run asked for, after a change to
+their code path); the table is rendered from
 the cache after every run: top-1 as mean ± std over seeds, and paired differences (same seeds) against the
 baselines, with the verdict of ``_util.compare``. Agreement with FP (top-1 of the same image) and KL(FP || Q) of the
 logits are finer-grained than accuracy and are reported too.
@@ -135,6 +136,9 @@ def main():
     p.add_argument("--lowered", action="store_true",
                    help="measure again the cached runs that lack the lowered model's top-1 (recorded before the "
                         "benchmark measured it)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure every run asked for again, replacing the cached records (after a change to the code "
+                        "those runs go through)")
     p.add_argument("--render-only", action="store_true", help="rewrite the table from the cache, measure nothing")
     p.add_argument("--cache", default="bench/results/ptq4vm_accuracy.jsonl")
     p.add_argument("--out", default="bench/results/ptq4vm_accuracy.md")
@@ -154,8 +158,13 @@ def main():
         fp_logits = predict(load_reference(name), x_test)
         fps[name] = top1(fp_logits, labels)
         key = dict(model=name, calib=args.calib, test=len(labels))
-        todo = [] if args.render_only else cache.missing(
-            args.seeds, args.bits, args.methods, require=("top1_lowered",) if args.lowered else (), **key)
+        if args.render_only:
+            todo = []
+        elif args.remeasure:
+            todo = [(seed, bits, method) for seed in args.seeds for bits in args.bits for method in args.methods]
+        else:
+            todo = cache.missing(args.seeds, args.bits, args.methods,
+                                 require=("top1_lowered",) if args.lowered else (), **key)
         for seed, bits, method in todo:
             rec = cache.add(measure(name, method, bits, seed, args.calib, x_test, labels, fp_logits),
                             replaces=cache.get(seed=seed, bits=bits, method=method, **key))

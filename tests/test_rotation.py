@@ -207,11 +207,14 @@ def test_rotated_lowered_model_exports_to_onnx_and_saves(vim, tmp_path):
         assert torch.equal(loaded(x), ref)
 
 
-def test_rotation_composes_with_jlss(vim):
+@pytest.mark.parametrize("rotation,op", [("klt", torch.ops.aten.matmul.default),
+                                         ("hadamard", torch.ops.vmq.hadamard_transform.default)])
+def test_rotation_composes_with_jlss(vim, rotation, op):
     """JLSS learns the smoothing scales and steps through the rotation (the matrix stays fixed; x_proj and dt_proj are
-    not learned, as in PTQ4VM); the learned model lowers with one rotation product per linear."""
+    not learned, as in PTQ4VM); the learned model lowers with one rotation (a matmul, or the Hadamard transform) per
+    linear."""
     _, gm = vim
-    prepared = _calibrated(gm, recipes.ptq4vm(4, 4, rotation="klt"), n=32)
+    prepared = _calibrated(gm, recipes.ptq4vm(4, 4, rotation=rotation), n=32)
     quantizers = linear_quantizers(prepared)
     before = {layer.name: (act.smooth.detach().clone(), act.rotation_matrix.clone())
               for layer, act, _ in quantizers.values()}
@@ -223,7 +226,7 @@ def test_rotation_composes_with_jlss(vim):
         assert torch.equal(act.smooth.detach(), smooth) == (layer.role in ("x_proj", "dt_proj")), layer.name
     lowered = vmq_fx.lower(convert_pt2e(prepared))
     targets = Counter(node.target for node in lowered.graph.nodes if node.op == "call_function")
-    assert targets[torch.ops.aten.matmul.default] == targets[torch.ops.vmq.int8_linear.default] == 12
+    assert targets[op] == targets[torch.ops.vmq.int8_linear.default] == 12
 
 
 def test_hadamard_is_applied_by_the_transform_op_with_one_constant_per_odd_size(vim):

@@ -328,8 +328,10 @@ class PTQ4VMRecipe(Recipe):
         rotation: an orthogonal rotation ``R`` of the (smoothed) input, MambaQuant-style
             (:mod:`vmq_fx.pt2e.rotation`): the linear computes ``q((x / s) @ R) @ q((W * s) @ R)^T``. ``"hadamard"``
             (fixed), ``"klt"`` (eigenvectors of the calibration inputs, then Hadamard) or ``"none"``. Per-token
-            static activations only; the lowered model multiplies the input by ``R / s[:, None]`` in floating point
-            before the integer linear.
+            static activations only. ``R`` is folded into the weight; the lowered model rotates the input in floating
+            point before the integer linear: a KLT rotation by a matmul with ``R / s[:, None]``, a Hadamard one by
+            ``vmq::hadamard_transform`` (the fast Walsh-Hadamard transform) after ``x / s`` (folded into the norm
+            weight for inputs that are a norm's output).
         outlier_fraction: OuroMamba-style outlier channels: this fraction of each linear's input channels (at least
             one when positive), those with the largest calibration max|x| (after smoothing), keeps 8-bit activations
             with their own per-token steps; the other channels' steps no longer have to reach them. The lowered linear
