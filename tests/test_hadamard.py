@@ -54,6 +54,22 @@ def test_transform_is_the_product_with_kron_odd_h(d, m, dtype, implementation):
     assert _rel(out, _reference(x, odd)) < TOL[dtype]
 
 
+def test_every_build_computes_the_same_butterflies():
+    """With m = 1 the kernel is butterflies only (a + c, a - c, then one scaling), in the same order whatever the
+    vector width: every build gives the same bits, whether a stage runs inside a register, across registers or in the
+    scalar loop."""
+    from vmq_fx.ops import native
+
+    x = torch.randn(9, 1024, generator=torch.Generator().manual_seed(7))
+    outs = {}
+    for isa in native.executable_isas():
+        with native.use_isa(isa):
+            outs[isa] = [hadamard_transform(x[:, :n].contiguous(), None) for n in (2, 8, 64, 128, 256, 1024)]
+    first = next(iter(outs.values()))
+    for isa, out in outs.items():
+        assert all(torch.equal(a, b) for a, b in zip(out, first)), isa
+
+
 def test_transform_takes_any_leading_shape_strides_and_half_precision(implementation):
     g = torch.Generator().manual_seed(0)
     odd = _orthogonal(3, 1)
@@ -134,3 +150,5 @@ def test_onnx_translations_match_float64(d, m, ops, tmp_path, request):
     for batch in (x, x[:1]):  # the batch stays dynamic
         out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: batch.numpy()})[0])
         assert _rel(out, _reference(batch, odd)) < TOL[torch.float32]
+        if ops == "vmq" and m == 1:  # the torch op's own core: the same bits
+            assert torch.equal(out, hadamard_transform(batch, None))

@@ -80,8 +80,65 @@ inline void fwht(T* v, int64_t n) {
       }
 }
 
+// The vectors a segment may span and still be transformed in registers: half the register file (AVX-512 and NEON
+// have 32 vector registers, AVX2 and SSE2 16), the rest for the butterflies' temporaries.
+#if VMQ_VEC_BYTES == 64 || defined(__aarch64__)
+constexpr int kRegisterVectors = 16;
+#else
+constexpr int kRegisterVectors = 8;
+#endif
+
+// fwht() on N = NV * W values held in NV vectors: the same butterflies in the same order (so the same sums, bit for
+// bit), with the loops' bounds known at compile time, so that the segment is loaded once, stays in registers and is
+// stored once.
+template <typename T, int NV>
+inline void fwht_vectors(typename Lanes<T>::V* v) {
+  for (int j = 0; j < NV; ++j) v[j] = stages_in_vector<T>(v[j]);
+  for (int h = 1; h < NV; h *= 2)
+    for (int i = 0; i < NV; i += 2 * h)
+      for (int j = i; j < i + h; ++j) {
+        const typename Lanes<T>::V a = v[j], c = v[j + h];
+        v[j] = a + c;
+        v[j + h] = a - c;
+      }
+}
+
+// out[r] = scale * H x[r] for each row of length NV * W (scale folds H's normalization, or nothing when 1).
+template <typename T, int NV>
+inline void fwht_rows(const T* x, int64_t begin, int64_t end, int64_t stride_in, int64_t stride_out, T scale,
+                      T* out) {
+  using V = typename Lanes<T>::V;
+  constexpr int W = Lanes<T>::W;
+  for (int64_t r = begin; r < end; ++r) {
+    V v[NV];
+    for (int j = 0; j < NV; ++j) v[j] = load<V>(x + r * stride_in + j * W);
+    fwht_vectors<T, NV>(v);
+    for (int j = 0; j < NV; ++j) store(out + r * stride_out + j * W, scale == T(1) ? v[j] : v[j] * scale);
+  }
+}
+
 // Whether b is a power of two (the sizes the transform takes).
 inline bool power_of_two(int64_t b) { return b > 0 && (b & (b - 1)) == 0; }
+
+template <typename T>
+using RowsKernel = void (*)(const T*, int64_t, int64_t, int64_t, int64_t, T, T*);
+
+// fwht_rows<T, NV> for segments of b = NV * W values where this ISA keeps NV vectors in registers; null otherwise.
+template <typename T>
+inline RowsKernel<T> in_registers(int64_t b) {
+  constexpr int W = Lanes<T>::W;
+  if (b % W) return nullptr;
+  switch (b / W) {
+    case 1: return &fwht_rows<T, 1>;
+    case 2: return &fwht_rows<T, 2>;
+    case 4: return &fwht_rows<T, 4>;
+    case 8: return &fwht_rows<T, 8>;
+    case 16:
+      if constexpr (kRegisterVectors >= 16) return &fwht_rows<T, 16>;
+      return nullptr;
+    default: return nullptr;
+  }
+}
 
 // out[r, :] = x[r, :] @ kron(odd, H_b) for rows r in [begin, end) of d = m * b values each (rows contiguous);
 // odd [m, m] row-major, or null for m = 1; work: d values of scratch (unused when m = 1).
@@ -91,12 +148,21 @@ void transform_rows(const T* x, int64_t begin, int64_t end, int64_t d, const T* 
   constexpr int W = Lanes<T>::W;
   const int64_t b = d / m;
   const T norm = static_cast<T>(1.0 / std::sqrt(static_cast<double>(b)));
+  const RowsKernel<T> segments = in_registers<T>(b);
+  if (m == 1 && segments) {  // one load and one store per value
+    segments(x, begin, end, d, d, norm, out);
+    return;
+  }
   for (int64_t r = begin; r < end; ++r) {
     const T* xr = x + r * d;
     T* yr = out + r * d;
     T* buf = m == 1 ? yr : work;
-    std::memcpy(buf, xr, static_cast<size_t>(d) * sizeof(T));
-    for (int64_t i = 0; i < m; ++i) fwht(buf + i * b, b);
+    if (segments) {
+      for (int64_t i = 0; i < m; ++i) segments(xr + i * b, 0, 1, d, d, T(1), buf + i * b);
+    } else {
+      std::memcpy(buf, xr, static_cast<size_t>(d) * sizeof(T));
+      for (int64_t i = 0; i < m; ++i) fwht(buf + i * b, b);
+    }
     if (m == 1) {
       int64_t j = 0;
       for (; j + W <= d; j += W) store(yr + j, load<V>(yr + j) * norm);
