@@ -2,9 +2,12 @@
 // kron(odd, H_b), H_b Sylvester's Walsh-Hadamard matrix / sqrt(b). The core the torch op (hadamard.cpp) and the
 // onnxruntime op (ort/hadamard_op.cpp) share. No torch.
 //
-// Each row is copied once into a work buffer (L1: a few KiB), transformed there by the fast Walsh-Hadamard transform
-// (log2(b) add/subtract passes, the strides below the vector width by lane shuffles inside a register), then mixed by
-// the m x m matrix (the normalization folded into its coefficients) into the output row.
+// The fast Walsh-Hadamard transform is log2(b) butterfly stages (a + c, a - c), the strides below the vector width by
+// lane shuffles inside a register. A segment of up to kRegisterVectors vectors is loaded once, transformed in
+// registers and stored once; a longer one (or one shorter than a vector) is copied into a work buffer (L1: a few KiB)
+// and transformed there. With m > 1 the m transformed segments of a row are then mixed by the m x m matrix (the
+// normalization folded into its coefficients) into the output row. Every path runs the same stages in the same order,
+// so the transform gives the same bits on every build.
 #pragma once
 
 #include <cmath>

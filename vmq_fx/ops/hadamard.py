@@ -11,12 +11,12 @@ computed as ``odd^T X H`` on ``X``, the last axis viewed as ``[m, 2^k]``: the Ha
 (:mod:`vmq_fx.pt2e.rotation`): a rotating quantizer multiplies its linear's input by it, the weight side is folded
 into the weight at calibration.
 
-Why an op: written as ``unflatten`` -> ``matmul(H)`` -> ``matmul(odd^T)`` -> ``flatten``, the rotation cost 0.6x of a
-lowered W8A8 Vim-T's speed (``bench/cpu_latency.py --tables rotation``); the C++ kernel (:mod:`vmq_fx.ops.native`)
-does the butterflies in registers, one row at a time. Under ``torch.export`` it is one graph node; ONNX export writes
-it as ``Reshape`` + ``MatMul`` (standard ops) or one ``vmq.HadamardTransform`` node (vmq_fx's onnxruntime library).
-The pure-torch implementation below (two matmuls) is the reference, the fallback and the CUDA implementation (there
-the matmuls are memory-bound, as the transform would be). The backward is the op itself:
+Why an op: written as ``unflatten`` -> ``matmul(H)`` -> ``matmul(odd^T)`` -> ``flatten``, the rotation made a lowered
+W8A8 Vim-T run at about 0.6x of the unrotated model's speed (``bench/cpu_latency.py --tables rotation`` keeps both
+forms); the C++ kernel (:mod:`vmq_fx.ops.native`) does the butterflies in registers, one row at a time. Under
+``torch.export`` it is one graph node; ONNX export writes it as ``Reshape`` + ``MatMul`` (standard ops) or one
+``vmq.HadamardTransform`` node (vmq_fx's onnxruntime library). The pure-torch implementation below (two matmuls) is
+the reference, the fallback and what runs on CUDA (no GPU kernel of its own). The backward is the op itself:
 ``kron(odd, H)^T = kron(odd^T, H)``; ``odd`` is a constant (no gradient).
 """
 from __future__ import annotations

@@ -241,7 +241,7 @@ class PerTokenStaticFakeQuantize(_TwoPhaseFakeQuantize):
             q, h = hadamard_factors(r.shape[0])
             if not torch.allclose(torch.kron(q, h), r.double(), atol=1e-6):
                 raise ValueError("set_rotation: a Hadamard quantizer takes vmq_fx.pt2e.rotation.hadamard(d)")
-            self.hadamard_odd = q.float() if q.shape[0] > 1 else None
+            self.hadamard_odd = q.float().to(r.device) if q.shape[0] > 1 else None
         return self.rotation_matrix
 
     @property
