@@ -297,20 +297,30 @@ def table_dynamic(args) -> list[str]:
 
 
 # -- rotation ----------------------------------------------------------------------------------------------------------
-def _hadamard_matmuls(x, odd):
+def _hadamard_matmuls(x, odd, h):
     """The Hadamard rotation as matmuls (what the graph held before ``vmq::hadamard_transform``): ``x`` viewed as
     ``[m, 2^k]`` times ``H_{2^k}``, then ``odd^T`` from the left."""
-    from vmq_fx.ops.hadamard import walsh_hadamard
-
     m = 1 if odd is None else odd.shape[0]
-    y = x.unflatten(-1, (m, x.shape[-1] // m)) @ walsh_hadamard(x.shape[-1] // m).to(x.dtype)
+    y = x.unflatten(-1, (m, h.shape[0])) @ h
     return (y if odd is None else odd.T @ y).flatten(-2)
 
 
 def as_hadamard_matmuls(lowered):
-    for node in lowered.graph.nodes:
+    """Each ``vmq.hadamard_transform`` node of a lowered model as :func:`_hadamard_matmuls`, with ``H`` a buffer per
+    size, as the graph held it."""
+    from vmq_fx.ops.hadamard import walsh_hadamard
+
+    graph = lowered.graph
+    for node in list(graph.nodes):
         if node.target is torch.ops.vmq.hadamard_transform.default:
-            node.target = _hadamard_matmuls
+            x, odd = node.args
+            m = 1 if odd is None else lowered.get_buffer(str(odd.target)).shape[0]
+            b = node.meta["val"].shape[-1] // m
+            if not hasattr(lowered, f"bench_hadamard_{b}"):
+                lowered.register_buffer(f"bench_hadamard_{b}", walsh_hadamard(b).float())
+            with graph.inserting_before(node):
+                h = graph.get_attr(f"bench_hadamard_{b}")
+            node.target, node.args = _hadamard_matmuls, (x, odd, h)
     lowered.recompile()
     return lowered
 
