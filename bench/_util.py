@@ -88,6 +88,17 @@ def machine_line() -> str:
             + f"; {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}")
 
 
+def write_class_section(path, intro: str, section: list[str]) -> None:
+    """Writes ``section`` (lines, its first a ``## <cpu_class()>`` heading) into the results file at ``path``, replacing
+    that CPU class's earlier section and keeping the other classes'; ``intro`` heads a new file."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else intro.rstrip("\n") + "\n\n"
+    head, *sections = text.split("\n## ")
+    kept = [s for s in sections if not s.startswith(section[0][3:] + "\n")]
+    path.write_text("\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in kept]])
+                    + ("\n" if kept else "") + "\n".join(section) + "\n")
+
+
 def mamba_ssm_ref():
     """mamba-ssm's pure-torch selective_scan_ref, importable on a CPU machine (see tests/conftest.py)."""
     import sys

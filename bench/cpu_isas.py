@@ -1,5 +1,5 @@
 """Every CPU kernel build this machine runs, side by side: the scan, the causal convolution and the integer linear's
-two product paths, at Vim-T shapes, one thread, in one process.
+product paths, at Vim-T shapes, one thread, in one process.
 
     python bench/cpu_isas.py [--reps 5] [--emulate-avx2] [--note '...'] [--out bench/results/cpu_isas.md]
 
@@ -10,8 +10,9 @@ Variants are interleaved round by round (medians of 3 rounds of ``--reps`` runs)
 * scan: ``vmq::selective_scan`` (d_inner 384, L 197, N 16, D, z, delta bias, softplus), forward at batch 1 and 8 and
   forward + backward at batch 8; state updates per second.
 * conv: ``vmq::causal_conv1d`` (batch 8, L 197, 768 channels, 4 taps, SiLU).
-* linears: fp32 ``F.linear`` against ``vmq::int8_linear`` (W8A8) with ``torch._int_mm`` and with the fp32 GEMM on the
-  levels, Vim-T's in_proj (192 -> 768) and out_proj (384 -> 192) at batch 1 and 8.
+* linears: fp32 ``F.linear`` against ``vmq::int8_linear`` (W8A8) with ``torch._int_mm``, with oneDNN's matmul primitive
+  (on CPUs with AMX, where it is chosen) and with the fp32 GEMM on the levels, Vim-T's in_proj (192 -> 768) and
+  out_proj (384 -> 192) at batch 1 and 8.
 """
 from __future__ import annotations
 
@@ -84,9 +85,11 @@ def run(args) -> list[str]:
     out += ["", "### Causal convolution + SiLU (batch 8, L 197, 768 channels, 4 taps), ms", "",
             "| " + " | ".join(isas) + " |", "|" + "---|" * len(isas),
             "| " + " | ".join(f"{t[i] * 1e3:.2f}" for i in isas) + " |"]
+    # the oneDNN matmul primitive's path where it would be chosen (AMX)
+    gemms = [g for g in native.INT8_GEMM_PATHS if g != "onednn" or native.int8_gemm_path()[0] == "onednn"]
     out += ["", "### W8A8 linear: fp32 F.linear / vmq::int8_linear per build and product path (ms; speed-up over fp32)",
-            "", "| layer (K -> N) | batch | fp32 | " + " | ".join(f"{i} int_mm | {i} float" for i in isas) + " |",
-            "|---|---|---|" + "---|---|" * len(isas)]
+            "", "| layer (K -> N) | batch | fp32 | " + " | ".join(f"{i} {g}" for i in isas for g in gemms) + " |",
+            "|---|---|---|" + "---|" * len(gemms) * len(isas)]
     g = torch.Generator().manual_seed(0)
     for name, k, n in (("in_proj", 192, 768), ("out_proj", 384, 192)):
         wq, w_sum = prepare_weight(torch.randint(-127, 128, (n, k), generator=g))
@@ -97,7 +100,7 @@ def run(args) -> list[str]:
             xx = torch.randn(batch, 197, k, generator=g)
             variants = {"fp32": lambda xx=xx: F.linear(xx, wf)}
             for isa in isas:
-                for gemm in ("int_mm", "float"):
+                for gemm in gemms:
                     variants[f"{isa} {gemm}"] = on(isa, lambda xx=xx, a=a: torch.ops.vmq.int8_linear(xx, *a), gemm)
             with torch.no_grad():
                 t = interleaved(variants, args.reps)
@@ -122,16 +125,11 @@ def main():
     args = p.parse_args()
     if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in AVX2_CAPS.items()):
         sys.exit(subprocess.call([sys.executable, *sys.argv], env={**os.environ, **AVX2_CAPS}))
-    from _util import cpu_class
+    from _util import cpu_class, write_class_section
 
     section = [f"## {cpu_class()}", "", *run(args), ""]
-    path = Path(args.out)
-    text = path.read_text() if path.exists() else (
-        "# CPU kernels per build\n\nOne section per CPU class measured; a re-run replaces its own class's section.\n\n")
-    head, *sections = text.split("\n## ")
-    kept = [s for s in sections if not s.startswith(section[0][3:] + "\n")]
-    path.write_text("\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in kept]])
-                    + ("\n" if kept else "") + "\n".join(section) + "\n")
+    write_class_section(args.out, "# CPU kernels per build\n\nOne section per CPU class measured; a re-run replaces its "
+                        "own class's section.", section)
     print("\n".join(section))
 
 

@@ -5,7 +5,7 @@ MatMul, and exactness at the largest products (where AVX2 without VNNI saturates
 
 Shapes: Vim-T in_proj at batch 8 (M 1576, K 192, N 768); one thread; medians of 15 runs per variant, interleaved
 rounds. Exactness: every activation at its largest level against weights of +-127 (or 255 / 0 for uint8), compared
-with an int64 numpy product.
+with an int64 numpy product. The results file keeps one section per CPU class; a run replaces its own class's.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import interleaved, machine_line  # noqa: E402
+from _util import cpu_class, interleaved, machine_line, write_class_section  # noqa: E402
 
 M, K, N = 1576, 192, 768
 # name -> (activation dtype, weight dtype, weight offset / b_zero_point, activation range)
@@ -85,7 +85,7 @@ def main():
     af = rng.standard_normal((M, K)).astype(np.float32)
     variants["fp32 MatMul"] = lambda: fsess.run(None, {"a": af})
     t = interleaved(variants, 15)
-    lines = ["# onnxruntime MatMulInteger: operand types, speed and exactness", "",
+    lines = [f"## {cpu_class()}", "",
              f"Machine: {machine_line()}; onnxruntime {ort.__version__}. Command: `python bench/ort_matmul_integer.py "
              f"{shlex.join(sys.argv[1:])}`. {args.note}".rstrip(), "",
              f"M {M}, K {K}, N {N} (Vim-T in_proj, batch 8), one thread.", "",
@@ -93,7 +93,8 @@ def main():
     for name in variants:
         lines.append(f"| {name} | {t[name] * 1e3:.2f} | {t['fp32 MatMul'] / t[name]:.2f}x | "
                      f"{'-' if name not in exact else 'yes' if exact[name] else '**no**'} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    write_class_section(args.out, "# onnxruntime MatMulInteger: operand types, speed and exactness\n\nOne section per "
+                        "CPU class measured; a re-run replaces its own class's section.", lines)
     print("\n".join(lines))
 
 
