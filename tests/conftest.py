@@ -41,18 +41,21 @@ def implementation(request):
             yield request.param
 
 
-@pytest.fixture(params=["int_mm", "float"])
+@pytest.fixture(params=["int_mm", "onednn", "float"])
 def int8_gemm(request):
-    """Run a test with vmq::int8_linear's C++ kernel on each of its integer-product paths (torch._int_mm, and the
-    fp32 GEMM on the dequantized levels that CPUs without VNNI take)."""
+    """Run a test with vmq::int8_linear's C++ kernel on each of its integer-product paths (torch._int_mm; oneDNN's
+    matmul primitive, which CPUs with AMX take; the fp32 GEMM on the dequantized levels that CPUs without VNNI take)."""
     import os
 
     from vmq_fx.ops import native
 
-    if request.param == "int_mm" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in \
+    if request.param != "float" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in \
             native.ONEDNN_CAPS_WITHOUT_INT8_DOT:
-        pytest.skip("oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA): its torch._int_mm saturates, which is why "
-                    "int8_gemm_path never picks it then")
+        pytest.skip("oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA): its int8 products saturate, which is why "
+                    "int8_gemm_path never picks them then")
+    if request.param == "onednn" and not {"avx512_vnni", "avx_vnni", "amx_int8"} & native._cpu_flags():
+        pytest.skip("no VNNI / AMX here: oneDNN's int8 matmul primitive is exact only with int8 dot products, which is "
+                    "why int8_gemm_path picks it only with AMX")
     with native.use_isa(native.selected_isa(), int8_gemm=request.param) as kernels:
         assert kernels.int8_gemm() == request.param
         yield request.param

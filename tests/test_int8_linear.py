@@ -105,13 +105,13 @@ def _names(fn):
 def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
     op_args, _ = int8_case(2, 17, 96, 40, w_bits=8)
     names = _names(lambda: int8_linear(*op_args))
-    if int8_gemm == "int_mm":
-        assert "aten::_int_mm" in names
+    if int8_gemm in ("int_mm", "onednn"):  # a product this small stays on _int_mm on the oneDNN path too
+        assert "aten::_int_mm" in names and "onednn::qlinear_pointwise" not in names
     else:  # the fp32 GEMM on the levels, never torch._int_mm (slow without VNNI)
         assert {"aten::mm", "aten::addmm"} & names and "aten::_int_mm" not in names
-    with native.disabled():  # the pure-torch implementation follows the CPU's choice
+    with native.disabled():  # the pure-torch implementation follows the CPU's choice (_int_mm for oneDNN's path)
         uses_int_mm = "aten::_int_mm" in _names(lambda: int8_linear(*op_args))
-        assert uses_int_mm == (native.int8_gemm_path()[0] == "int_mm")
+        assert uses_int_mm == (native.int8_gemm_path()[0] != "float")
 
 
 @pytest.mark.parametrize("k", [64, 1536])
@@ -192,3 +192,27 @@ def test_an_input_that_requires_grad_is_refused_with_one_message_on_every_path(p
     assert out.shape == (2, 17, 8) and not out.requires_grad
     assert "vmq.int8_linear: no backward (the weights and scales are quantized constants); run the quantized model " \
            "under torch.no_grad(), or differentiate the prepared (fake-quantized) model" in str(err.value)
+
+
+@pytest.mark.parametrize("k", [64, 1024, 1536])
+def test_onednn_path_at_the_largest_products(k):
+    """Levels 0 / 255 against weights of +-127 (every product as large as it gets), in products large enough for
+    oneDNN's matmul primitive: it returns the int32 sums as float32, exact up to 2^24, so up to K = 1024 the path
+    multiplies there and past it with torch._int_mm. Either way the same integers, so the same bits as _int_mm's path,
+    and within float rounding of the float64 reference."""
+    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & native._cpu_flags():
+        pytest.skip("no VNNI / AMX here: int8_gemm_path picks the oneDNN path only with AMX")
+    g = torch.Generator().manual_seed(k)
+    x = torch.where(torch.rand(2, 1024, k, generator=g) < 0.5, -1e3, 1e3)  # levels 0 and 255
+    w = torch.where(torch.rand(256, k, generator=g) < 0.5, -127, 127).to(torch.int8)
+    w_scale, act_scale = torch.rand(256, generator=g) + 0.5, torch.full((1024,), 0.25)
+    zp = torch.full((1024,), 3, dtype=torch.int32)
+    args = (x, None, act_scale, zp, w, w_scale, w.int().sum(1, dtype=torch.int32), None, 0, 255, 8)
+    ref = int8_linear_reference(x, None, act_scale, zp, w, w_scale, None, 0, 255)
+    with native.use_isa(native.selected_isa(), int8_gemm="onednn"):
+        names = _names(lambda: int8_linear(*args))
+        out = int8_linear(*args)
+    assert ("onednn::qlinear_pointwise" in names) == (k <= 1024) and ("aten::_int_mm" in names) == (k > 1024)
+    with native.use_isa(native.selected_isa(), int8_gemm="int_mm"):
+        assert torch.equal(out, int8_linear(*args))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())

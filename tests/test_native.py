@@ -97,7 +97,7 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
         monkeypatch.delenv(variable, raising=False)
     for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "int_mm"), ({"avx2", "fma"}, "avx2", "float"),
                              ({"avx512f", "avx512_vnni"}, "avx2", "float"), ({"avx2", "avx_vnni"}, "avx2", "int_mm"),
-                             ({"avx2", "amx_int8"}, "avx2", "int_mm"), (set(), "generic", "float")]:
+                             ({"avx2", "amx_int8"}, "avx2", "onednn"), (set(), "generic", "float")]:
         monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: frozenset(flags))
         path, why = native.int8_gemm_path(isa)
         assert path == want, (flags, isa, why)
@@ -106,10 +106,14 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     assert native.int8_gemm_path("avx512")[0] == "float"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
     assert native.int8_gemm_path("avx512")[0] == "int_mm"
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni", "amx_int8"}))
+    assert native.int8_gemm_path("avx512")[0] == "int_mm"  # AMX kept off: oneDNN's matmul primitive would not use it
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert native.int8_gemm_path("avx512")[0] == "onednn"
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "int_mm")
     assert native.int8_gemm_path("generic") == ("int_mm", "set by VMQ_FX_INT8_GEMM")
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "fast")
-    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm or float"):
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, onednn, float"):
         native.int8_gemm_path()
 
 

@@ -5,10 +5,16 @@
 // (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n]. The column sums come from the lowering (they
 // depend on the weight only). The levels and the float operations are those of the pure-torch path, in the same order.
 //
-// The product has two paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
-//   int_mm: at::_int_mm (oneDNN) with int32 accumulation, exact: fast only where the CPU has int8 dot-product
-//           instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong under a oneDNN
-//           capped below VNNI, whose 16-bit pair sums saturate).
+// The product has three paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+//   int_mm: at::_int_mm (oneDNN's gemm API) with int32 accumulation, exact: fast only where the CPU has int8
+//           dot-product instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong
+//           under a oneDNN capped below VNNI, whose 16-bit pair sums saturate).
+//   onednn: for CPUs with AMX. oneDNN's gemm API does not use AMX tiles (Vim-T in_proj at batch 8: 1.1 ms, 0.7 ms with
+//           oneDNN capped at AVX-512 VNNI), its matmul primitive does (0.4 ms): torch's onednn::qlinear_pointwise,
+//           what torch's x86 inductor quantization lowers to, on the weight prepacked once (cached). Unit scales make
+//           it return the int32 sums as float32, exact while |sum| <= 2^24, i.e. K <= 1024 for int8 x int8. Products
+//           below ~2^25 multiply-adds gain nothing from it (the primitive's fixed cost) and, like K > 1024, go to
+//           at::_int_mm.
 //   float:  the same activation levels dequantized ((level - zp) * act_scale, as dequantize_per_channel) times the
 //           dequantized weight (w_int * w_scale, made once per weight tensor and cached while it lives) in the fp32
 //           GEMM, with the bias: what the Q/DQ reference graph computes, the fp32 model's work plus one pass over x.
@@ -20,6 +26,8 @@
 #include "linear_common.h"
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/stack.h>
 
 #include <algorithm>
 #include <atomic>
@@ -74,18 +82,20 @@ at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tens
   return out;
 }
 
-std::atomic<bool> g_float_gemm{false};
+enum class Gemm : int { kIntMm, kOnednn, kFloat };
+const char* const kGemmNames[] = {"int_mm", "onednn", "float"};
+std::atomic<int> g_gemm{static_cast<int>(Gemm::kIntMm)};
 
-// The dequantized weight w_int * w_scale as float32 [N, K], cached per (weight, scale) pair of tensors: an entry is
-// valid while the storages it was made from are alive (weak references), so memory freed and reused by other tensors
-// is never mistaken for them.
-at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const at::Tensor& w8,
-                        const at::Tensor& w_scale) {
+// A tensor made from a weight and its scale (the dequantized weight, the prepacked one), cached per (weight, scale)
+// pair of tensors: an entry is valid while the storages it was made from are alive (weak references), so memory freed
+// and reused by other tensors is never mistaken for them. One cache per kind of derived tensor (Kind).
+template <int Kind, typename Make>
+std::vector<at::Tensor> cached_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, Make make) {
   struct Entry {
     c10::weak_intrusive_ptr<c10::StorageImpl> w, scale;
     int64_t w_offset, scale_offset;
     std::vector<int64_t> sizes;
-    at::Tensor weight;
+    std::vector<at::Tensor> made;
   };
   static std::mutex mutex;
   static std::unordered_map<const void*, Entry> cache;
@@ -96,15 +106,51 @@ at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, co
     if (e.w.lock().get() == w_in.storage().unsafeGetStorageImpl() && e.w_offset == w_in.storage_offset() &&
         e.scale.lock().get() == w_scale_in.storage().unsafeGetStorageImpl() &&
         e.scale_offset == w_scale_in.storage_offset() && e.sizes == w_in.sizes().vec())
-      return e.weight;
+      return e.made;
   }
   for (auto e = cache.begin(); e != cache.end();)
     e = e->second.w.expired() || e->second.scale.expired() ? cache.erase(e) : std::next(e);
-  at::Tensor weight = (w8.to(at::kFloat) * w_scale.unsqueeze(1)).contiguous();
+  std::vector<at::Tensor> made = make();
   cache.insert_or_assign(w_in.data_ptr(), Entry{w_in.storage().getWeakStorageImpl(),
                                                 w_scale_in.storage().getWeakStorageImpl(), w_in.storage_offset(),
-                                                w_scale_in.storage_offset(), w_in.sizes().vec(), weight});
-  return weight;
+                                                w_scale_in.storage_offset(), w_in.sizes().vec(), made});
+  return made;
+}
+
+// The dequantized weight w_int * w_scale as float32 [N, K].
+at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const at::Tensor& w8,
+                        const at::Tensor& w_scale) {
+  return cached_weight<0>(w_in, w_scale_in, [&] {
+    return std::vector<at::Tensor>{(w8.to(at::kFloat) * w_scale.unsqueeze(1)).contiguous()};
+  })[0];
+}
+
+constexpr int64_t kOnednnMaxK = 1024;              // int8 x int8 sums stay exact in float32 (|sum| <= 2^24)
+constexpr int64_t kOnednnMinMacs = int64_t{1} << 25;
+
+// The int32 product xq [M, K] x w8 [N, K]^T as float32 [M, N] (exact integers) by onednn::qlinear_pointwise: the
+// weight prepacked for AMX, unit weight scales and zero points (cached with it).
+at::Tensor onednn_product(const at::Tensor& xq, const at::Tensor& w_in, const at::Tensor& w_scale_in,
+                          const at::Tensor& w8) {
+  const int64_t M = xq.size(0), K = xq.size(1), N = w8.size(0);
+  const auto weight = cached_weight<1>(w_in, w_scale_in, [&] {
+    static const auto prepack = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
+    // The activation's shape selects the blocked (AMX) layout; without it the layout is the slow plain one.
+    torch::jit::Stack stack{w8.contiguous(), c10::IValue(std::vector<int64_t>{M, K})};
+    prepack.callBoxed(&stack);
+    return std::vector<at::Tensor>{stack[0].toTensor(), at::ones({N}, xq.options().dtype(at::kFloat)),
+                                   at::zeros({N}, xq.options().dtype(at::kLong))};
+  });
+  static const auto qlinear = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
+  torch::jit::Stack stack{xq, 1.0, int64_t{0}, weight[0], weight[1], weight[2], c10::IValue(), 1.0, int64_t{0},
+                          static_cast<int64_t>(at::kFloat), std::string("none"),
+                          c10::List<std::optional<at::Scalar>>(), std::string("")};
+  qlinear.callBoxed(&stack);
+  at::Tensor out = stack[0].toTensor();
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == at::IntArrayRef({M, N}),
+              "vmq.int8_linear: onednn::qlinear_pointwise returned ", out.scalar_type(), " ", out.sizes(),
+              ", not a contiguous float32 [", M, ", ", N, "]");
+  return out;
 }
 
 at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
@@ -169,16 +215,17 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const int64_t shift = qmax > 127 ? 128 : 0;  // unsigned levels are moved into int8
   const at::Tensor w8 = packed ? unpack_int4(w, K) : w;
   const int64_t N = w8.size(0);
-  auto out = at::empty({M, N}, x2.options());
   const int32_t* zp = zero_point.data_ptr<int32_t>();
   const int32_t* ws = w_sum.data_ptr<int32_t>();
   const float* as = act_scale.data_ptr<float>();
   const float* wsc = w_scale.data_ptr<float>();
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
-  float* op = out.data_ptr<float>();
-  if (g_float_gemm.load(std::memory_order_relaxed)) {
+  const auto gemm = static_cast<Gemm>(g_gemm.load(std::memory_order_relaxed));
+  at::Tensor out;
+  if (gemm == Gemm::kFloat) {
     // Dequantized activation times dequantized weight (cached) in the fp32 GEMM, the bias added by it: one pass over
     // x, then exactly the work of the fp32 linear.
+    out = at::empty({M, N}, x2.options());
     at::Tensor xdq = scratch(0, {M, K}, at::kFloat);
     const float* xp = x2.data_ptr<float>();
     const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
@@ -195,20 +242,32 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
       at::mm_out(out, xdq, wdq.t());
   } else {
     const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
-    // The int32 accumulators are written where their float results go, and rescaled in place: the rescale reads and
-    // writes the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
-    at::Tensor acc = out.view(at::kInt);
-    if (M > 16 && K > 1) {
-      at::_int_mm_out(acc, xq, w8.t());
-    } else {  // at::_int_mm needs more than 16 rows, and with K = 1 its transposed weight (strides (1, 1)) comes back
-              // wrong (torch 2.13, oneDNN): those take the exact int32 product instead
-      acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
+    // The accumulators are written where their float results go, and rescaled in place: the rescale reads and writes
+    // the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
+    const bool onednn = gemm == Gemm::kOnednn && K <= kOnednnMaxK && M * N * K >= kOnednnMinMacs;
+    if (onednn) {
+      out = onednn_product(xq, w_in, w_scale_in, w8);  // float32 sums
+    } else {
+      out = at::empty({M, N}, x2.options());
+      at::Tensor acc = out.view(at::kInt);
+      if (M > 16 && K > 1) {
+        at::_int_mm_out(acc, xq, w8.t());
+      } else {  // at::_int_mm needs more than 16 rows, and with K = 1 its transposed weight (strides (1, 1)) comes
+                // back wrong (torch 2.13, oneDNN): those take the exact int32 product instead
+        acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
+      }
     }
-    const int32_t* ap = acc.data_ptr<int32_t>();
-    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-      for (int64_t m = begin; m < end; ++m)
-        rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
-    });
+    float* op = out.data_ptr<float>();
+    const auto rescale = [&](const auto* ap) {
+      at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t m = begin; m < end; ++m)
+          rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
+      });
+    };
+    if (onednn)
+      rescale(static_cast<const float*>(op));
+    else
+      rescale(static_cast<const int32_t*>(out.data_ptr()));
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
@@ -224,12 +283,13 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
 }
 
 void set_int8_gemm(const std::string& path) {
-  TORCH_CHECK_VALUE(path == "int_mm" || path == "float", "vmq_fx: unknown int8 GEMM path '", path,
-                    "' (int_mm or float)");
-  g_float_gemm.store(path == "float");
+  const auto found = std::find(std::begin(kGemmNames), std::end(kGemmNames), path);
+  TORCH_CHECK_VALUE(found != std::end(kGemmNames), "vmq_fx: unknown int8 GEMM path '", path,
+                    "' (int_mm, onednn or float)");
+  g_gemm.store(static_cast<int>(found - std::begin(kGemmNames)));
 }
 
-std::string int8_gemm() { return g_float_gemm.load() ? "float" : "int_mm"; }
+std::string int8_gemm() { return kGemmNames[g_gemm.load()]; }
 
 // No backward: the AutogradCPU kernel refuses inputs that require grad and skips the Python autograd layer.
 static void register_int8_linear(torch::Library& cpu, torch::Library& autograd_cpu) {

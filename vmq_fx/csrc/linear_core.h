@@ -120,18 +120,24 @@ inline void token_qparams(const float* row, const float* smooth, int64_t K, int6
   *zero_point = static_cast<int32_t>(std::min(std::max(lo_q - std::nearbyint(lo / s), lo_q), hi_q));
 }
 
+// The accumulators as int32 lanes: int32 as they are, or float32 holding exact integers (oneDNN's matmul primitive
+// returns its int32 sums converted to float), so that both give the same floats in rescale_row.
+inline VI load_acc(const int32_t* p) { return loadi(p); }
+inline VI load_acc(const float* p) { return __builtin_convertvector(loadf(p), VI); }
+
 // out = float(acc - z * w_sum) * s * w_scale (+ bias), one row; out may be acc's own memory (each element is read
 // before it is written).
-inline void rescale_row(const int32_t* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
+template <typename Acc>
+inline void rescale_row(const Acc* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
                         const float* bias, int64_t N, float* out) {
   int64_t n = 0;
   for (; n + kLanes <= N; n += kLanes) {
-    VF v = __builtin_convertvector(loadi(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n);
+    VF v = __builtin_convertvector(load_acc(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n);
     if (bias) v = v + loadf(bias + n);
     std::memcpy(out + n, &v, sizeof(v));
   }
   for (; n < N; ++n) {
-    float v = static_cast<float>(acc[n] - z * w_sum[n]) * s * w_scale[n];
+    float v = static_cast<float>(static_cast<int32_t>(acc[n]) - z * w_sum[n]) * s * w_scale[n];
     out[n] = bias ? v + bias[n] : v;
   }
 }

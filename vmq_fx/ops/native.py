@@ -31,7 +31,8 @@ The kernels' vectors are one register of the build's ISA wide (``csrc/vec.h``). 
 (tests run every path the machine can execute).
 
 How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): ``torch._int_mm``
-where the CPU has int8 dot-product instructions (VNNI, AMX), else the fp32 GEMM on the dequantized levels and weight.
+where the CPU has int8 dot-product instructions (VNNI), oneDNN's matmul primitive for the large products where it has
+AMX, else the fp32 GEMM on the dequantized levels and weight.
 
 When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op keeps its pure-torch implementation and one
 line says why.
@@ -53,8 +54,8 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ONEDNN_CAPS_WITHOUT_INT8_DOT", "builds_on_first_call", "disabled", "enable", "executable_isas",
-           "int8_gemm_path", "kernels", "native_kernels", "selected_isa", "use_isa"]
+__all__ = ["ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT", "builds_on_first_call", "disabled", "enable", "executable_isas",
+           "INT8_GEMM_PATHS", "int8_gemm_path", "kernels", "native_kernels", "selected_isa", "use_isa"]
 
 log = logging.getLogger(__name__)
 
@@ -126,25 +127,32 @@ def selected_isa() -> str:
     return want
 
 
-# ONEDNN_MAX_CPU_ISA values below oneDNN's first ISA with int8 dot products (AVX2_VNNI)
+# ONEDNN_MAX_CPU_ISA values below oneDNN's first ISA with int8 dot products (AVX2_VNNI), and those below AMX
 ONEDNN_CAPS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
+ONEDNN_CAPS_WITHOUT_AMX = ONEDNN_CAPS_WITHOUT_INT8_DOT + ("AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE_VNNI",
+                                                          "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512")
+# How vmq::int8_linear can multiply (csrc/int8_linear.cpp)
+INT8_GEMM_PATHS = ("int_mm", "onednn", "float")
 
 
 def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
-    """How ``vmq::int8_linear`` multiplies on this CPU with the build ``isa``: ``("int_mm", why)`` or
-    ``("float", why)``.
+    """How ``vmq::int8_linear`` multiplies on this CPU with the build ``isa``: ``(path, why)``, ``path`` one of
+    ``"int_mm"``, ``"onednn"``, ``"float"``.
 
-    ``torch._int_mm`` (oneDNN) is exact and fast where the CPU has int8 dot-product instructions: measured 2.0x the
-    fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). Without them the op multiplies
-    the dequantized activation levels and the dequantized weight in the fp32 GEMM (the Q/DQ graph's computation, see
-    ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over the input. ``$VMQ_FX_INT8_GEMM`` (``int_mm`` /
-    ``float``) overrides the choice. The pure-torch implementation of the op follows the same choice.
+    ``torch._int_mm`` (oneDNN's gemm API) is exact and fast where the CPU has int8 dot-product instructions: measured
+    2.0x the fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). It does not use AMX
+    tiles: on a CPU with AMX, ``"onednn"`` multiplies the large products with oneDNN's matmul primitive (torch's
+    ``onednn::qlinear_pointwise``, 2.9x ``_int_mm`` on Vim-T's in_proj at batch 8) and the rest with ``_int_mm``.
+    Without int8 dot products the op multiplies the dequantized activation levels and the dequantized weight in the
+    fp32 GEMM (the Q/DQ graph's computation, see ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over
+    the input. ``$VMQ_FX_INT8_GEMM`` (one of :data:`INT8_GEMM_PATHS`) overrides the choice. The pure-torch
+    implementation of the op follows the same choice (``torch._int_mm`` for ``"onednn"``: the same integers).
     """
     isa = isa or selected_isa()
     forced = os.environ.get("VMQ_FX_INT8_GEMM", "").strip().lower()
     if forced:
-        if forced not in ("int_mm", "float"):
-            raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use int_mm or float")
+        if forced not in INT8_GEMM_PATHS:
+            raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use {', '.join(INT8_GEMM_PATHS)}")
         return forced, "set by VMQ_FX_INT8_GEMM"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
     if cap in ONEDNN_CAPS_WITHOUT_INT8_DOT:
@@ -152,8 +160,10 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
         # with AVX2 on an AVX-512 VNNI CPU: 79 % of a 17 x 96 x 40 product off), not merely slow ones.
         return "float", f"ONEDNN_MAX_CPU_ISA={cap} keeps torch._int_mm off int8 dot-product instructions"
     flags = _cpu_flags()
+    if "amx_int8" in flags and cap not in ONEDNN_CAPS_WITHOUT_AMX:
+        return "onednn", "the CPU has AMX int8, which oneDNN's matmul primitive uses and torch._int_mm does not"
     if "amx_int8" in flags:
-        return "int_mm", "the CPU has AMX int8"
+        return "int_mm", f"the CPU has AMX int8, kept off by ONEDNN_MAX_CPU_ISA={cap}"
     if isa == "avx512" and "avx512_vnni" in flags:
         return "int_mm", "the CPU has AVX-512 VNNI"
     if isa in ("avx2", "avx512") and "avx_vnni" in flags:
@@ -343,7 +353,7 @@ def disabled():
 @contextlib.contextmanager
 def use_isa(isa: str, int8_gemm: str | None = None):
     """Run the vmq ops on the kernels built for ``isa`` (one of :func:`executable_isas`) inside the block; with
-    ``int8_gemm`` (``"int_mm"`` or ``"float"``), ``vmq::int8_linear`` multiplies that way instead of
+    ``int8_gemm`` (one of :data:`INT8_GEMM_PATHS`), ``vmq::int8_linear`` multiplies that way instead of
     :func:`int8_gemm_path`'s choice.
 
     Raises:
@@ -357,8 +367,8 @@ def use_isa(isa: str, int8_gemm: str | None = None):
     """
     if isa not in executable_isas():
         raise ValueError(f"use_isa({isa!r}): this CPU runs {', '.join(executable_isas())}")
-    if int8_gemm not in (None, "int_mm", "float"):
-        raise ValueError(f"use_isa(int8_gemm={int8_gemm!r}): use 'int_mm' or 'float'")
+    if int8_gemm is not None and int8_gemm not in INT8_GEMM_PATHS:
+        raise ValueError(f"use_isa(int8_gemm={int8_gemm!r}): use one of {', '.join(INT8_GEMM_PATHS)}")
     previous = native_kernels()
     previous_gemm = previous.int8_gemm() if previous is not None else None
     module = _build(isa)
