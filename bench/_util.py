@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks (not part of the package)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import statistics
@@ -30,17 +31,25 @@ def median_seconds(fn, reps: int = 7, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def interleaved(variants: dict, reps: int, rounds: int = 3) -> dict[str, float]:
-    """Median seconds per variant: ``rounds`` rounds, each timing every variant ``reps`` times in turn."""
+def interleaved(variants: dict, reps: int, rounds: int = 3, around: dict | None = None) -> dict[str, float]:
+    """Median seconds per variant: ``rounds`` rounds, each timing every variant ``reps`` times in turn. ``around``:
+    per variant, a context manager factory entered around each block of its runs and not timed (say, switching to the
+    kernel build it runs on, which re-registers the dispatcher's kernels)."""
     times = {k: [] for k in variants}
-    for fn in variants.values():  # warm-up (and build caches) once
-        fn()
+
+    def block(k):
+        return (around or {}).get(k, contextlib.nullcontext)()
+
+    for k, fn in variants.items():  # warm-up (and build caches) once
+        with block(k):
+            fn()
     for _ in range(rounds):
         for k, fn in variants.items():
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
+            with block(k):
+                for _ in range(reps):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 
@@ -96,7 +105,7 @@ def write_class_section(path, intro: str, section: list[str]) -> None:
     head, *sections = text.split("\n## ")
     kept = [s for s in sections if not s.startswith(section[0][3:] + "\n")]
     path.write_text("\n## ".join([head.rstrip("\n") + "\n", *[s.rstrip("\n") + "\n" for s in kept]])
-                    + ("\n" if kept else "") + "\n".join(section) + "\n")
+                    + "\n" + "\n".join(section) + "\n")
 
 
 def mamba_ssm_ref():

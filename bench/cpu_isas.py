@@ -5,7 +5,8 @@ product paths, at Vim-T shapes, one thread, in one process.
 
 The builds are those of ``vmq_fx.ops.native.executable_isas()`` from the selected one down (``--emulate-avx2``: from
 avx2 down, with ATen, oneDNN and MKL capped at AVX2 as well; set before torch loads, so the script re-runs itself).
-Variants are interleaved round by round (medians of 3 rounds of ``--reps`` runs); ratios are within a row.
+Variants are interleaved round by round (medians of 3 rounds of ``--reps`` runs; a build is switched to before its
+block of runs, outside the timing); ratios are within a row.
 
 * scan: ``vmq::selective_scan`` (d_inner 384, L 197, N 16, D, z, delta bias, softplus), forward at batch 1 and 8 and
   forward + backward at batch 8; state updates per second.
@@ -61,11 +62,8 @@ def run(args) -> list[str]:
     isas = native.executable_isas()
     isas = isas[isas.index(native.selected_isa()):]
 
-    def on(isa, fn, gemm=None):
-        def call():
-            with native.use_isa(isa, int8_gemm=gemm):
-                fn()
-        return call
+    def on(isa, gemm=None):  # entered around each block of runs: switching builds is not timed
+        return lambda: native.use_isa(isa, int8_gemm=gemm)
 
     out = [f"Machine: {machine_line()}. Command: `python bench/cpu_isas.py {shlex.join(sys.argv[1:])}`. "
            f"{args.note}".rstrip(), "",
@@ -73,15 +71,15 @@ def run(args) -> list[str]:
            "| pass | batch | " + " | ".join(isas) + " |", "|---|---|" + "---|" * len(isas)]
     for batch, backward in ((1, False), (8, False), (8, True)):
         fn = scan_case(batch, backward)
-        t = interleaved({isa: on(isa, fn) for isa in isas}, args.reps)
+        t = interleaved({isa: fn for isa in isas}, args.reps, around={isa: on(isa) for isa in isas})
         updates = batch * SCAN["dim"] * SCAN["length"] * SCAN["n"]
         out.append(f"| {'fwd+bwd' if backward else 'fwd'} | {batch} | "
                    + " | ".join(f"{t[i] * 1e3:.2f} ({updates / t[i] / 1e9:.2f})" for i in isas) + " |")
         print(out[-1], file=sys.stderr, flush=True)
     x = torch.randn(8, 197, 768)
     w, b = torch.randn(768, 4), torch.randn(768)
-    t = interleaved({isa: on(isa, lambda: torch.ops.vmq.causal_conv1d(x, w, b, True, False)) for isa in isas},
-                    args.reps)
+    t = interleaved({isa: lambda: torch.ops.vmq.causal_conv1d(x, w, b, True, False) for isa in isas}, args.reps,
+                    around={isa: on(isa) for isa in isas})
     out += ["", "### Causal convolution + SiLU (batch 8, L 197, 768 channels, 4 taps), ms", "",
             "| " + " | ".join(isas) + " |", "|" + "---|" * len(isas),
             "| " + " | ".join(f"{t[i] * 1e3:.2f}" for i in isas) + " |"]
@@ -98,12 +96,13 @@ def run(args) -> list[str]:
         wf = torch.randn(n, k, generator=g)
         for batch in (1, 8):
             xx = torch.randn(batch, 197, k, generator=g)
-            variants = {"fp32": lambda xx=xx: F.linear(xx, wf)}
+            variants, around = {"fp32": lambda xx=xx: F.linear(xx, wf)}, {}
             for isa in isas:
                 for gemm in gemms:
-                    variants[f"{isa} {gemm}"] = on(isa, lambda xx=xx, a=a: torch.ops.vmq.int8_linear(xx, *a), gemm)
+                    variants[f"{isa} {gemm}"] = lambda xx=xx, a=a: torch.ops.vmq.int8_linear(xx, *a)
+                    around[f"{isa} {gemm}"] = on(isa, gemm)
             with torch.no_grad():
-                t = interleaved(variants, args.reps)
+                t = interleaved(variants, args.reps, around=around)
             out.append(f"| {name} ({k} -> {n}) | {batch} | {t['fp32'] * 1e3:.2f} | "
                        + " | ".join(f"{t[v] * 1e3:.2f} ({t['fp32'] / t[v]:.2f}x)" for v in variants if v != "fp32")
                        + " |")

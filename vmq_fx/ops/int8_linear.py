@@ -13,9 +13,10 @@ as torchao's ``choose_qparams_affine`` (asymmetric, ``eps`` = float32 epsilon) c
 Unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with int32 accumulation, and the shift and
 the zero points are corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
 (:func:`prepare_weight`). The product is ``torch._int_mm`` (oneDNN) where the CPU has int8 dot-product instructions
-(VNNI, AMX), else the fp32 GEMM on the same levels (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then
-slow, and under a capped oneDNN wrong) on the dequantized levels and weight, as the Q/DQ reference graph computes
-(float rounding apart, the same result).
+(VNNI; with AMX the C++ kernel hands the large products to oneDNN's matmul primitive, the same integers), else the fp32
+GEMM on the same levels (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then slow, and under a capped
+oneDNN wrong) on the dequantized levels and weight, as the Q/DQ reference graph computes (float rounding apart, the
+same result).
 
 The weight is int8 ``[N, K]`` whatever ``w_bits`` is (the form that runs without per-call work), or, for weights of
 4 bits or fewer, uint8 ``[N, ceil(K / 2)]`` packed two per byte (:func:`pack_int4`), the form files store: saved
