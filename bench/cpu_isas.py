@@ -127,8 +127,8 @@ def main():
     from _util import cpu_class, write_class_section
 
     section = [f"## {cpu_class()}", "", *run(args), ""]
-    write_class_section(args.out, "# CPU kernels per build\n\nOne section per CPU class measured; a re-run replaces its "
-                        "own class's section.", section)
+    write_class_section(args.out, "# CPU kernels per build\n\nOne section per CPU class measured; a re-run replaces "
+                        "its own class's section.", section)
     print("\n".join(section))
 
 

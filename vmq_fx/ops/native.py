@@ -54,8 +54,9 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT", "builds_on_first_call", "disabled", "enable", "executable_isas",
-           "INT8_GEMM_PATHS", "int8_gemm_path", "kernels", "native_kernels", "selected_isa", "use_isa"]
+__all__ = ["INT8_GEMM_PATHS", "ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT", "builds_on_first_call",
+           "disabled", "enable", "executable_isas", "int8_gemm_path", "kernels", "native_kernels", "selected_isa",
+           "use_isa"]
 
 log = logging.getLogger(__name__)
 
