@@ -37,7 +37,7 @@ def main():
     if kernels is None:
         sys.exit("int8_gemm_paths: the vmq_fx CPU kernels are not available here (see the log above)")
     torch.set_num_threads(1)
-    dot = {"avx512_vnni", "avx_vnni", "amx_int8"} & native._cpu_flags()
+    dot = native.INT8_DOT_FLAGS & native._cpu_flags()
     paths = [g for g in native.INT8_GEMM_PATHS if g == "float" or dot]
     chosen = native.int8_gemm_path()[0]
     torch.manual_seed(0)

@@ -53,7 +53,7 @@ def int8_gemm(request):
             native.ONEDNN_CAPS_WITHOUT_INT8_DOT:
         pytest.skip("oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA): its int8 products saturate, which is why "
                     "int8_gemm_path never picks them then")
-    if request.param == "onednn" and not {"avx512_vnni", "avx_vnni", "amx_int8"} & native._cpu_flags():
+    if request.param == "onednn" and not native.INT8_DOT_FLAGS & native._cpu_flags():
         pytest.skip("no VNNI / AMX here: int8_gemm_path picks oneDNN's matmul primitive only with AMX, and its "
                     "exactness without int8 dot products is not established")
     with native.use_isa(native.selected_isa(), int8_gemm=request.param) as kernels:

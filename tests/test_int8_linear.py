@@ -200,7 +200,7 @@ def test_onednn_path_at_the_largest_products(k):
     oneDNN's matmul primitive: it returns the int32 sums as float32, exact up to 2^24, so up to K = 1024 the path
     multiplies there and past it with torch._int_mm. Either way the same integers, so the same bits as _int_mm's path,
     and within float rounding of the float64 reference."""
-    if not {"avx512_vnni", "avx_vnni", "amx_int8"} & native._cpu_flags():
+    if not native.INT8_DOT_FLAGS & native._cpu_flags():
         pytest.skip("no VNNI / AMX here: int8_gemm_path picks the oneDNN path only with AMX")
     g = torch.Generator().manual_seed(k)
     x = torch.where(torch.rand(2, 1024, k, generator=g) < 0.5, -1e3, 1e3)  # levels 0 and 255

@@ -32,6 +32,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <mutex>
 #include <tuple>
@@ -117,11 +118,15 @@ std::vector<at::Tensor> cached_weight(const at::Tensor& w_in, const at::Tensor& 
   return made;
 }
 
+// The weight as int8 [N, K], unpacked from two 4-bit values per byte where it is packed: made per call only where the
+// product reads it (_int_mm), else once per cached weight.
+using Int8Weight = std::function<at::Tensor()>;
+
 // The dequantized weight w_int * w_scale as float32 [N, K].
-at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const at::Tensor& w8,
+at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8,
                         const at::Tensor& w_scale) {
   return cached_weight<0>(w_in, w_scale_in, [&] {
-    return std::vector<at::Tensor>{(w8.to(at::kFloat) * w_scale.unsqueeze(1)).contiguous()};
+    return std::vector<at::Tensor>{(w8().to(at::kFloat) * w_scale.unsqueeze(1)).contiguous()};
   })[0];
 }
 
@@ -131,12 +136,12 @@ constexpr int64_t kOnednnMinMacs = int64_t{1} << 25;
 // The int32 product xq [M, K] x w8 [N, K]^T as float32 [M, N] (exact integers) by onednn::qlinear_pointwise: the
 // weight prepacked for AMX, unit weight scales and zero points (cached with it).
 at::Tensor onednn_product(const at::Tensor& xq, const at::Tensor& w_in, const at::Tensor& w_scale_in,
-                          const at::Tensor& w8) {
-  const int64_t M = xq.size(0), K = xq.size(1), N = w8.size(0);
+                          const Int8Weight& w8) {
+  const int64_t M = xq.size(0), K = xq.size(1), N = w_in.size(0);
   const auto weight = cached_weight<1>(w_in, w_scale_in, [&] {
     static const auto prepack = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
     // The activation's shape selects the blocked (AMX) layout; without it the layout is the slow plain one.
-    torch::jit::Stack stack{w8.contiguous(), c10::IValue(std::vector<int64_t>{M, K})};
+    torch::jit::Stack stack{w8().contiguous(), c10::IValue(std::vector<int64_t>{M, K})};
     prepack.callBoxed(&stack);
     return std::vector<at::Tensor>{stack[0].toTensor(), at::ones({N}, xq.options().dtype(at::kFloat)),
                                    at::zeros({N}, xq.options().dtype(at::kLong))};
@@ -213,8 +218,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   }
   const int64_t L = act_scale.size(0);
   const int64_t shift = qmax > 127 ? 128 : 0;  // unsigned levels are moved into int8
-  const at::Tensor w8 = packed ? unpack_int4(w, K) : w;
-  const int64_t N = w8.size(0);
+  const Int8Weight w8 = [&] { return packed ? unpack_int4(w, K) : w; };
+  const int64_t N = w.size(0);
   const int32_t* zp = zero_point.data_ptr<int32_t>();
   const int32_t* ws = w_sum.data_ptr<int32_t>();
   const float* as = act_scale.data_ptr<float>();
@@ -251,10 +256,10 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
       out = at::empty({M, N}, x2.options());
       at::Tensor acc = out.view(at::kInt);
       if (M > 16 && K > 1) {
-        at::_int_mm_out(acc, xq, w8.t());
+        at::_int_mm_out(acc, xq, w8().t());
       } else {  // at::_int_mm needs more than 16 rows, and with K = 1 its transposed weight (strides (1, 1)) comes
                 // back wrong (torch 2.13, oneDNN): those take the exact int32 product instead
-        acc.copy_(at::matmul(xq.to(at::kInt), w8.t().to(at::kInt)));
+        acc.copy_(at::matmul(xq.to(at::kInt), w8().t().to(at::kInt)));
       }
     }
     float* op = out.data_ptr<float>();

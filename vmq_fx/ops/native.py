@@ -54,9 +54,9 @@ from types import ModuleType
 
 import torch
 
-__all__ = ["INT8_GEMM_PATHS", "ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT", "builds_on_first_call",
-           "disabled", "enable", "executable_isas", "int8_gemm_path", "kernels", "native_kernels", "selected_isa",
-           "use_isa"]
+__all__ = ["INT8_DOT_FLAGS", "INT8_GEMM_PATHS", "ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT",
+           "builds_on_first_call", "disabled", "enable", "executable_isas", "int8_gemm_path", "kernels",
+           "native_kernels", "selected_isa", "use_isa"]
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def selected_isa() -> str:
 ONEDNN_CAPS_WITHOUT_INT8_DOT = ("SSE41", "AVX", "AVX2", "AVX512_CORE")
 ONEDNN_CAPS_WITHOUT_AMX = ONEDNN_CAPS_WITHOUT_INT8_DOT + ("AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE_VNNI",
                                                           "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512")
+# /proc/cpuinfo flags of the int8 dot-product instructions that make oneDNN's int8 products exact and fast
+INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 # How vmq::int8_linear can multiply (csrc/int8_linear.cpp)
 INT8_GEMM_PATHS = ("int_mm", "onednn", "float")
 
