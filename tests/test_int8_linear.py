@@ -6,9 +6,11 @@ import torch
 from vmq_fx.ops import native
 from int8_cases import int8_case
 from vmq_fx.ops import int8_linear_reference, pack_int4, unpack_int4
-from vmq_fx.ops.int8_linear import int8_linear
+from vmq_fx.ops.int8_linear import dynamic_token_qparams, int8_linear
 
 SHAPES = [(2, 17, 96, 40), (1, 5, 7, 3), (3, 50, 33, 65), (4, 1, 16, 16)]
+# Past the kernel's direct product (more than 2^22 multiply-adds, 16 rows and K = 32): a GEMM library multiplies.
+LIBRARY_SHAPE = (2, 80, 72, 400)
 BITS = [(8, 8), (4, 8), (6, 6), (4, 4)]
 
 
@@ -26,9 +28,10 @@ def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bit
     torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(3, 50, 33, 65), LIBRARY_SHAPE], ids=["direct", "library"])
 @pytest.mark.parametrize("w_bits, a_bits", BITS)
-def test_fused_and_torch_paths_agree(w_bits, a_bits):
-    op_args, _ = int8_case(3, 50, 33, 65, w_bits=w_bits, a_bits=a_bits, seed=1)
+def test_fused_and_torch_paths_agree(w_bits, a_bits, shape):
+    op_args, _ = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, seed=1)
     x, smooth, scale, zp, qmin, qmax = op_args[0], op_args[1], op_args[2], op_args[3], op_args[8], op_args[9]
     kernels = native.kernels()
     assert kernels is not None
@@ -37,11 +40,15 @@ def test_fused_and_torch_paths_agree(w_bits, a_bits):
     levels = kernels.quantize_per_token(x.reshape(-1, x.shape[-1]), smooth, scale, zp, qmin, qmax, shift)
     want = torch.clamp(torch.round(x / smooth * (1.0 / scale)[:, None]) + zp[:, None].float(), qmin, qmax)
     assert torch.equal(levels.reshape(x.shape).float() + shift, want)
-    # ... and the rescale may differ by the rounding of one fused multiply-add.
+    # ... and the same floats from the rescale: the kernel rounds its product before adding the bias, as torch does.
+    # (Where the CPU takes the float path, the pure-torch implementation multiplies in the fp32 GEMM and rounds.)
     fused = int8_linear(*op_args)
     with native.disabled():
         reference = int8_linear(*op_args)
-    torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6 * fused.abs().max().item())
+    if native.int8_gemm_path()[0] == "float":
+        torch.testing.assert_close(fused, reference, rtol=1e-6, atol=1e-6 * fused.abs().max().item())
+    else:
+        assert torch.equal(fused, reference)
 
 
 def test_ties_round_to_even(implementation):
@@ -79,7 +86,7 @@ def test_dynamic_parameters_need_both_or_neither():
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, LIBRARY_SHAPE])
 @pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 4, True)])
 def test_both_integer_product_paths_match_float64(shape, w_bits, a_bits, packed, dynamic, int8_gemm):
     op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed, dynamic=dynamic)
@@ -103,12 +110,16 @@ def _names(fn):
 
 
 def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
-    op_args, _ = int8_case(2, 17, 96, 40, w_bits=8)
+    op_args, _ = int8_case(2, 80, 72, 400, w_bits=8)  # 4.6e6 multiply-adds: past the direct product
     names = _names(lambda: int8_linear(*op_args))
     if int8_gemm in ("int_mm", "onednn"):  # a product this small stays on _int_mm on the oneDNN path too
         assert "aten::_int_mm" in names and "onednn::qlinear_pointwise" not in names
     else:  # the fp32 GEMM on the levels, never torch._int_mm (slow without VNNI)
         assert {"aten::mm", "aten::addmm"} & names and "aten::_int_mm" not in names
+    # Small products, few rows and tiny K multiply in the kernel itself on every path: no library call
+    for shape in ((2, 17, 96, 40), (1, 9, 512, 700), (4, 197, 12, 384)):
+        names = _names(lambda: int8_linear(*int8_case(*shape, w_bits=8)[0]))
+        assert not {"aten::_int_mm", "aten::mm", "aten::addmm", "onednn::qlinear_pointwise"} & names, shape
     with native.disabled():  # the pure-torch implementation follows the CPU's choice (_int_mm for oneDNN's path)
         uses_int_mm = "aten::_int_mm" in _names(lambda: int8_linear(*op_args))
         assert uses_int_mm == (native.int8_gemm_path()[0] != "float")
@@ -216,3 +227,74 @@ def test_onednn_path_at_the_largest_products(k):
     with native.use_isa(native.selected_isa(), int8_gemm="int_mm"):
         assert torch.equal(out, int8_linear(*args))
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def _exact_int8_linear(x, smooth, act_scale, zp, w_int, w_scale, bias, qmin, qmax):
+    """What every exact path must return bit for bit, computed here independently: the levels by torch's formula (as
+    quantize_per_channel rounds them), the product in int64, then the rescale as torch's float32 ops round it."""
+    k = x.shape[-1]
+    x = x.float() if smooth is None else x.float() / smooth
+    x = x.reshape(-1, x.shape[-2], k)
+    if act_scale is None:
+        scale, zp = dynamic_token_qparams(x, qmin, qmax)
+    else:
+        scale, zp = act_scale.expand(x.shape[:2]), zp.expand(x.shape[:2])
+    scale, zp = scale.reshape(-1, 1), zp.reshape(-1, 1)
+    levels = torch.clamp(torch.round(x.reshape(-1, k) * (1.0 / scale)) + zp.float(), qmin, qmax)
+    acc = (levels.long() - zp.long()) @ w_int.long().t()
+    out = acc.float() * scale * w_scale[None, :]
+    return out if bias is None else out + bias
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("shape", [(1, 1, 6, 192), (2, 3, 12, 17), (1, 17, 96, 384), (3, 5, 33, 65), (1, 7, 200, 100),
+                                   (4, 197, 12, 384), (2, 9, 1, 40)])
+@pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 4, True)])
+def test_direct_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dynamic):
+    """The C++ kernel's direct product (small products, few rows, tiny K; every row and column tail of its 4-row
+    blocks) gives exactly the floats of an int64 product rescaled in float32 by torch, in every build this machine
+    runs and on every product path."""
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed, dynamic=dynamic)
+    want = _exact_int8_linear(*ref_args).reshape(*shape[:2], shape[3])
+    assert native.kernels() is not None
+    for isa in native.executable_isas():
+        for path in native.INT8_GEMM_PATHS:
+            with native.use_isa(isa, int8_gemm=path):
+                assert torch.equal(int8_linear(*op_args), want), (isa, path)
+
+
+@pytest.mark.parametrize("k", [514, 515])
+def test_direct_product_at_its_largest_sums(k):
+    """Levels 255 away from the zero point against weights of -128 / 127: the direct product's sums reach
+    K * 255 * 128, exact in float32 up to 2^24 (K = 514). One more input channel and the kernel hands the product to
+    the exact integer GEMM instead; the floats are the same either way."""
+    g = torch.Generator().manual_seed(k)
+    # Rows of level 255 at zero point 0 and of level 0 at zero point 255; the first 20 weight rows of one sign: their
+    # sums are +-K * 255 * 128, the rest mixed.
+    x = torch.tensor([1e3, -1e3] * 4).reshape(1, 8, 1).expand(1, 8, k)
+    zp = torch.tensor([0, 255] * 4, dtype=torch.int32)
+    w = torch.where(torch.rand(40, k, generator=g) < 0.5, -128, 127).to(torch.int8)
+    w[:10], w[10:20] = -128, 127
+    args = (x, None, torch.full((8,), 0.25), zp, w, torch.rand(40, generator=g) + 0.5,
+            w.int().sum(1, dtype=torch.int32), torch.randn(40, generator=g), 0, 255, 8)
+    want = _exact_int8_linear(*args[:5], args[5], args[7], 0, 255)
+    assert want.abs().max() > 2e6  # the sums at the bound
+    assert native.kernels() is not None
+    names = _names(lambda: int8_linear(*args))
+    assert bool({"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names) == (k > 514)
+    if native.int8_gemm_path()[0] != "float":  # the float path's GEMM rounds past the direct product
+        assert torch.equal(int8_linear(*args).reshape(8, 40), want)
+
+
+def test_zero_points_outside_the_levels_skip_the_direct_product():
+    """The direct product's bound needs |level - zero point| <= qmax - qmin; a zero point outside [qmin, qmax] (not
+    what the lowering makes, but a valid call) goes to the integer GEMM, which is exact for any."""
+    op_args, ref_args = int8_case(2, 17, 96, 40, w_bits=8)
+    zp = op_args[3].clone()
+    zp[3] = 300
+    op_args, ref_args = (*op_args[:3], zp, *op_args[4:]), (*ref_args[:3], zp, *ref_args[4:])
+    ref = int8_linear_reference(*ref_args)
+    with native.use_isa(native.selected_isa(), int8_gemm="int_mm"):
+        names = _names(lambda: int8_linear(*op_args))
+        torch.testing.assert_close(int8_linear(*op_args).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    assert "aten::_int_mm" in names

@@ -130,6 +130,29 @@ at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, co
   })[0];
 }
 
+// The weight's levels as floats for the direct product, [K, direct_padded_cols(N)].
+at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
+  return cached_weight<2>(w_in, w_scale_in, [&] {
+    const at::Tensor w = w8().contiguous();
+    const int64_t N = w.size(0), K = w.size(1);
+    auto out = at::empty({K, direct_padded_cols(N)}, w.options().dtype(at::kFloat));
+    const int8_t* wp = w.data_ptr<int8_t>();
+    vmq_fx::linear::direct_weight([&](int64_t n, int64_t k) { return wp[n * K + k]; }, N, K, out.data_ptr<float>());
+    return std::vector<at::Tensor>{out};
+  })[0];
+}
+
+// Where the direct product (linear_core.h) runs instead of a GEMM library: small products and few rows, whose library
+// call costs more than the arithmetic, and tiny K, whose quantize and rescale passes cost more than the product.
+constexpr int64_t kDirectMaxMacs = int64_t{1} << 22;
+constexpr int64_t kDirectMaxRows = 16;
+constexpr int64_t kDirectTinyK = 32;
+
+bool direct_product(int64_t M, int64_t N, int64_t K, int64_t qmin, int64_t qmax, bool packed) {
+  return direct_exact(K, qmin, qmax, packed ? 8 : 128) &&
+         (M <= kDirectMaxRows || K <= kDirectTinyK || M * N * K <= kDirectMaxMacs);
+}
+
 constexpr int64_t kOnednnMaxK = 1024;              // int8 x int8 sums stay exact in float32 (|sum| <= 2^24)
 constexpr int64_t kOnednnMinMacs = int64_t{1} << 25;
 
@@ -227,7 +250,22 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const auto gemm = static_cast<Gemm>(g_gemm.load(std::memory_order_relaxed));
   at::Tensor out;
-  if (gemm == Gemm::kFloat) {
+  // The direct product's bound on its sums needs every zero point among the levels (the dynamic ones are).
+  const bool zero_points_in_range =
+      std::all_of(zp, zp + L, [&](int32_t z) { return qmin <= z && z <= qmax; });
+  if (zero_points_in_range && direct_product(M, N, K, qmin, qmax, packed)) {
+    out = at::empty({M, N}, x2.options());
+    const float* wt = direct_weight(w_in, w_scale_in, w8).data_ptr<float>();
+    const float* xp = x2.data_ptr<float>();
+    const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    const int64_t blocks = (M + kDirectRows - 1) / kDirectRows;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, N * K)),
+                     [&](int64_t begin, int64_t end) {
+                       direct_rows(xp, sp, as, zp, L, static_cast<float>(qmin), static_cast<float>(qmax), K, wt, wsc,
+                                   bp, N, begin * kDirectRows, std::min(end * kDirectRows, M), op);
+                     });
+  } else if (gemm == Gemm::kFloat) {
     // Dequantized activation times dequantized weight (cached) in the fp32 GEMM, the bias added by it: one pass over
     // x, then exactly the work of the fp32 linear.
     out = at::empty({M, N}, x2.options());

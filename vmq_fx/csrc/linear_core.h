@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 #include "vec.h"
 
@@ -32,6 +33,20 @@ inline VI loadi(const int32_t* p) {
   return v;
 }
 
+// v as rounded, kept out of a fused multiply-add with the operation that follows. GCC contracts a * b + c in C++ by
+// default, and not the same way in every loop (seen in the rescale's unrolled vector loop, and x * inv fused into
+// round_even's addition): the quantization rounds its product before rounding to a level and the rescale its product
+// before adding the bias, as torch's separate ops do, so that every path gives the same levels and floats.
+template <typename T>
+inline T rounded(T v) {
+#if defined(__x86_64__) || defined(__i386__)
+  asm("" : "+v"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+  return v;
+}
+
 // Round half to even, as torch.round: adding and subtracting 1.5 * 2^23 rounds in the FPU's default mode. Exact for
 // |v| < 2^22; larger values are far outside every level range and only need to stay large, which they do.
 inline VF round_even(VF v) {
@@ -48,7 +63,7 @@ inline void row_levels(const float* row, const float* smooth, float inv, float z
   for (; k + kLanes <= K; k += kLanes) {
     VF v = loadf(row + k);
     if (smooth) v = v / loadf(smooth + k);
-    v = round_even(v * inv) + z;
+    v = round_even(rounded(v * inv)) + z;  // the product rounded first, as torch's mul then round
     v = v < lo ? VF{} + lo : v;
     v = v > hi ? VF{} + hi : v;
     store(k, v);
@@ -132,13 +147,134 @@ inline void rescale_row(const Acc* acc, int32_t z, float s, const int32_t* w_sum
                         const float* bias, int64_t N, float* out) {
   int64_t n = 0;
   for (; n + kLanes <= N; n += kLanes) {
-    VF v = __builtin_convertvector(load_acc(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n);
+    VF v = rounded(__builtin_convertvector(load_acc(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n));
     if (bias) v = v + loadf(bias + n);
     std::memcpy(out + n, &v, sizeof(v));
   }
   for (; n < N; ++n) {
-    float v = static_cast<float>(static_cast<int32_t>(acc[n]) - z * w_sum[n]) * s * w_scale[n];
+    const float v = rounded(static_cast<float>(static_cast<int32_t>(acc[n]) - z * w_sum[n]) * s * w_scale[n]);
     out[n] = bias ? v + bias[n] : v;
+  }
+}
+
+// The direct product: for products too small for a GEMM library's fixed cost (a few to ~25 us a call), and for tiny K
+// (dt_proj's 12), where that cost and the separate quantize and rescale passes over x and the output are the run.
+// Groups of rows are quantized into a buffer of level - zero point as floats, multiplied by the weight's levels as
+// floats with FMAs, and rescaled in registers. Every product and partial sum is an integer of at most
+// K (qmax - qmin) max|w| <= 2^24 (direct_exact), so exact in float in any order, and it equals the int32
+// paths' acc - (z - shift) colsum(W): the same floats come out of the same rescale, with x read once and the output
+// written once.
+#if VMQ_VEC_BYTES == 64 || defined(__aarch64__)
+constexpr int kDirectCols = 4;  // column vectors per block: kDirectRows x kDirectCols accumulators of 32 registers
+#else
+constexpr int kDirectCols = 2;  // of 16 registers (AVX2, SSE2)
+#endif
+constexpr int kDirectRows = 4;  // direct_rows' switch covers 1-4
+constexpr int64_t kDirectBlock = kDirectCols * kLanes;
+
+// w_max: the largest |weight level| (128 for int8 storage, 8 for 4-bit).
+inline bool direct_exact(int64_t K, int64_t qmin, int64_t qmax, int64_t w_max) {
+  return K * (qmax - qmin) * w_max <= (int64_t{1} << 24);
+}
+
+// The weight's levels for direct_rows: w(n, k) -> float [K, padded_cols(N)], the columns past N zero.
+inline int64_t direct_padded_cols(int64_t N) { return (N + kDirectBlock - 1) / kDirectBlock * kDirectBlock; }
+
+template <typename Level>
+inline void direct_weight(Level&& w, int64_t N, int64_t K, float* out) {
+  const int64_t Np = direct_padded_cols(N);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t n = 0; n < Np; ++n) out[k * Np + n] = n < N ? static_cast<float>(w(n, k)) : 0.0f;
+}
+
+// Rows [0, R) and columns [n0, n0 + kDirectBlock) of out. q holds the rows' levels - zero point, R rows of K floats.
+template <int R>
+inline void direct_block(const float* q, int64_t K, const float* wt, int64_t N, int64_t n0, const float* s,
+                         const float* w_scale, const float* bias, float* out) {
+  const int64_t Np = direct_padded_cols(N);
+  VF acc[R * kDirectCols];
+#pragma GCC unroll 16
+  for (int i = 0; i < R * kDirectCols; ++i) acc[i] = VF{};
+  const float* wp = wt + n0;
+  for (int64_t k = 0; k < K; ++k, wp += Np) {
+    VF w[kDirectCols];
+#pragma GCC unroll 4
+    for (int j = 0; j < kDirectCols; ++j) w[j] = loadf(wp + j * kLanes);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const VF a = q[r * K + k] - VF{};
+#pragma GCC unroll 4
+      for (int j = 0; j < kDirectCols; ++j) acc[r * kDirectCols + j] += a * w[j];
+    }
+  }
+  // rescale_row's arithmetic on the same integers: float(sum) * s * w_scale (+ bias)
+  if (n0 + kDirectBlock <= N) {
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+      for (int j = 0; j < kDirectCols; ++j) {
+        const int64_t n = n0 + j * kLanes;
+        VF v = rounded(acc[r * kDirectCols + j] * s[r] * loadf(w_scale + n));
+        if (bias) v = v + loadf(bias + n);
+        std::memcpy(out + r * N + n, &v, sizeof(v));
+      }
+  } else {  // the last, partial block of columns
+    for (int r = 0; r < R; ++r) {
+      float sums[kDirectBlock];
+      std::memcpy(sums, acc + r * kDirectCols, sizeof(sums));
+      for (int64_t n = n0; n < N; ++n) {
+        const float v = rounded(sums[n - n0] * s[r] * w_scale[n]);
+        out[r * N + n] = bias ? v + bias[n] : v;
+      }
+    }
+  }
+}
+
+// Rows [m0, m1) of out = rescale(levels(x) x w): x [M, K] (/ smooth), the activation parameters of row m at
+// scale[m % period] / zero_point[m % period], levels in [lo, hi]; wt from direct_weight; out [M, N]; direct_exact
+// holds. Rows go in groups whose levels stay in L1, each group once over the weight a block of columns at a time (the
+// block's K x kDirectBlock panel stays in cache across the group's rows).
+inline void direct_rows(const float* x, const float* smooth, const float* scale, const int32_t* zero_point,
+                        int64_t period, float lo, float hi, int64_t K, const float* wt, const float* w_scale,
+                        const float* bias, int64_t N, int64_t m0, int64_t m1, float* out) {
+  // A weight that fits in L1 is swept whole per block of rows, which keeps the block's output rows in cache.
+  const bool small_weight = K * direct_padded_cols(N) <= 8192;
+  const int64_t group = small_weight ? kDirectRows : std::max<int64_t>(1, 8192 / std::max<int64_t>(K, 1)) * kDirectRows;
+  thread_local std::vector<float> levels, scales;
+  levels.resize(static_cast<size_t>(std::min(group, m1 - m0) * K));
+  scales.resize(static_cast<size_t>(group));
+  struct {
+    float* q;
+    float z;
+    void operator()(int64_t k, VF v) const {
+      v = v - z;
+      std::memcpy(q + k, &v, sizeof(v));
+    }
+    void operator()(int64_t k, float v) const { q[k] = v - z; }
+  } store{nullptr, 0.0f};
+  for (int64_t g0 = m0; g0 < m1; g0 += group) {
+    const int64_t g1 = std::min(g0 + group, m1);
+    for (int64_t m = g0; m < g1; ++m) {
+      const int64_t t = m % period;
+      scales[m - g0] = scale[t];
+      store.q = levels.data() + (m - g0) * K;
+      store.z = static_cast<float>(zero_point[t]);
+      // as quantize_per_channel: x * (1 / scale)
+      row_levels(x + m * K, smooth, 1.0f / scale[t], store.z, lo, hi, K, store);
+    }
+    for (int64_t n0 = 0; n0 < N; n0 += kDirectBlock) {
+      for (int64_t m = g0; m < g1; m += kDirectRows) {
+        const float* q = levels.data() + (m - g0) * K;
+        const float* s = scales.data() + (m - g0);
+        float* o = out + m * N;
+        switch (std::min<int64_t>(kDirectRows, g1 - m)) {
+          case 4: direct_block<4>(q, K, wt, N, n0, s, w_scale, bias, o); break;
+          case 3: direct_block<3>(q, K, wt, N, n0, s, w_scale, bias, o); break;
+          case 2: direct_block<2>(q, K, wt, N, n0, s, w_scale, bias, o); break;
+          default: direct_block<1>(q, K, wt, N, n0, s, w_scale, bias, o); break;
+        }
+      }
+    }
   }
 }
 
