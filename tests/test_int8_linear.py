@@ -261,6 +261,15 @@ def test_direct_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dyna
         for path in native.INT8_GEMM_PATHS:
             with native.use_isa(isa, int8_gemm=path):
                 assert torch.equal(int8_linear(*op_args), want), (isa, path)
+    # The same shapes through the library's exact integer product, the direct product turned off
+    with native.use_isa(native.selected_isa(), int8_gemm="int_mm") as kernels:
+        kernels.set_int8_direct(False)
+        try:
+            names = _names(lambda: int8_linear(*op_args))
+            assert torch.equal(int8_linear(*op_args), want)
+        finally:
+            kernels.set_int8_direct(True)
+    assert {"aten::_int_mm", "aten::matmul"} & names
 
 
 @pytest.mark.parametrize("k", [514, 515])

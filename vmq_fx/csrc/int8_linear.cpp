@@ -5,7 +5,10 @@
 // (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n]. The column sums come from the lowering (they
 // depend on the weight only). The levels and the float operations are those of the pure-torch path, in the same order.
 //
-// The product has three paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+// Small products, few rows and tiny K (linear_core.h's direct_product) are multiplied in the kernel itself, the
+// levels as floats by exact FMAs, quantized and rescaled in the same pass: a library call costs more than their
+// arithmetic (~10-25 us), and the separate quantize and rescale passes more than a 12-deep product (dt_proj). Every
+// other product has three paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
 //   int_mm: at::_int_mm (oneDNN's gemm API) with int32 accumulation, exact: fast only where the CPU has int8
 //           dot-product instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong
 //           under a oneDNN capped below VNNI, whose 16-bit pair sums saturate).
@@ -142,16 +145,8 @@ at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, c
   })[0];
 }
 
-// Where the direct product (linear_core.h) runs instead of a GEMM library: small products and few rows, whose library
-// call costs more than the arithmetic, and tiny K, whose quantize and rescale passes cost more than the product.
-constexpr int64_t kDirectMaxMacs = int64_t{1} << 22;
-constexpr int64_t kDirectMaxRows = 16;
-constexpr int64_t kDirectTinyK = 32;
-
-bool direct_product(int64_t M, int64_t N, int64_t K, int64_t qmin, int64_t qmax, bool packed) {
-  return direct_exact(K, qmin, qmax, packed ? 8 : 128) &&
-         (M <= kDirectMaxRows || K <= kDirectTinyK || M * N * K <= kDirectMaxMacs);
-}
+// Off only for A/B benchmarks and the tests that compare the direct product with the libraries' on the same shapes.
+std::atomic<bool> g_direct{true};
 
 constexpr int64_t kOnednnMaxK = 1024;              // int8 x int8 sums stay exact in float32 (|sum| <= 2^24)
 constexpr int64_t kOnednnMinMacs = int64_t{1} << 25;
@@ -250,10 +245,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const auto gemm = static_cast<Gemm>(g_gemm.load(std::memory_order_relaxed));
   at::Tensor out;
-  // The direct product's bound on its sums needs every zero point among the levels (the dynamic ones are).
-  const bool zero_points_in_range =
-      std::all_of(zp, zp + L, [&](int32_t z) { return qmin <= z && z <= qmax; });
-  if (zero_points_in_range && direct_product(M, N, K, qmin, qmax, packed)) {
+  if (g_direct.load(std::memory_order_relaxed) &&
+      direct_product(M, N, K, qmin, qmax, packed ? 8 : 128, zp, L)) {
     out = at::empty({M, N}, x2.options());
     const float* wt = direct_weight(w_in, w_scale_in, w8).data_ptr<float>();
     const float* xp = x2.data_ptr<float>();
@@ -333,6 +326,8 @@ void set_int8_gemm(const std::string& path) {
 }
 
 std::string int8_gemm() { return kGemmNames[g_gemm.load()]; }
+
+void set_int8_direct(bool enabled) { g_direct.store(enabled); }
 
 // No backward: the AutogradCPU kernel refuses inputs that require grad and skips the Python autograd layer.
 static void register_int8_linear(torch::Library& cpu, torch::Library& autograd_cpu) {

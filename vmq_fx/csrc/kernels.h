@@ -93,6 +93,9 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
 // How int8_linear multiplies: "int_mm" (at::_int_mm) or "float" (fp32 GEMM on the levels); see int8_linear.cpp.
 void set_int8_gemm(const std::string& path);
 std::string int8_gemm();
+// Whether vmq::int8_linear takes its direct product where it applies (on by default; off for A/B benchmarks and for
+// tests that compare it with the libraries' products on the same shapes).
+void set_int8_direct(bool enabled);
 
 // The activation levels of int8_linear (levels - shift, as int8), for tests.
 at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::Tensor>& smooth,

@@ -161,7 +161,7 @@ inline void rescale_row(const Acc* acc, int32_t z, float s, const int32_t* w_sum
 // (dt_proj's 12), where that cost and the separate quantize and rescale passes over x and the output are the run.
 // Groups of rows are quantized into a buffer of level - zero point as floats, multiplied by the weight's levels as
 // floats with FMAs, and rescaled in registers. Every product and partial sum is an integer of at most
-// K (qmax - qmin) max|w| <= 2^24 (direct_exact), so exact in float in any order, and it equals the int32
+// K (qmax - qmin) max|w| <= 2^24 (direct_product), so exact in float in any order, and it equals the int32
 // paths' acc - (z - shift) colsum(W): the same floats come out of the same rescale, with x read once and the output
 // written once.
 #if VMQ_VEC_BYTES == 64 || defined(__aarch64__)
@@ -172,9 +172,19 @@ constexpr int kDirectCols = 2;  // of 16 registers (AVX2, SSE2)
 constexpr int kDirectRows = 4;  // direct_rows' switch covers 1-4
 constexpr int64_t kDirectBlock = kDirectCols * kLanes;
 
-// w_max: the largest |weight level| (128 for int8 storage, 8 for 4-bit).
-inline bool direct_exact(int64_t K, int64_t qmin, int64_t qmax, int64_t w_max) {
-  return K * (qmax - qmin) * w_max <= (int64_t{1} << 24);
+// Whether the direct product runs: its sums are exact (w_max, the largest |weight level|: 128 for int8 storage, 8 for
+// 4-bit; every zero point among the levels: zero_point[0, period), or null for per-token dynamic ones, which are), and the product is one a GEMM library call costs more than: small, few
+// rows, or tiny K (whose quantize and rescale passes cost more than the product).
+constexpr int64_t kDirectMaxMacs = int64_t{1} << 22;
+constexpr int64_t kDirectMaxRows = 16;
+constexpr int64_t kDirectTinyK = 32;
+
+inline bool direct_product(int64_t M, int64_t N, int64_t K, int64_t qmin, int64_t qmax, int64_t w_max,
+                           const int32_t* zero_point, int64_t period) {
+  if (K * (qmax - qmin) * w_max > (int64_t{1} << 24)) return false;
+  if (!(M <= kDirectMaxRows || K <= kDirectTinyK || M * N * K <= kDirectMaxMacs)) return false;
+  return !zero_point ||
+         std::all_of(zero_point, zero_point + period, [&](int32_t z) { return qmin <= z && z <= qmax; });
 }
 
 // The weight's levels for direct_rows: w(n, k) -> float [K, padded_cols(N)], the columns past N zero.
@@ -231,7 +241,7 @@ inline void direct_block(const float* q, int64_t K, const float* wt, int64_t N, 
 }
 
 // Rows [m0, m1) of out = rescale(levels(x) x w): x [M, K] (/ smooth), the activation parameters of row m at
-// scale[m % period] / zero_point[m % period], levels in [lo, hi]; wt from direct_weight; out [M, N]; direct_exact
+// scale[m % period] / zero_point[m % period], levels in [lo, hi]; wt from direct_weight; out [M, N]; direct_product
 // holds. Rows go in groups whose levels stay in L1, each group once over the weight a block of columns at a time (the
 // block's K x kDirectBlock panel stays in cache across the group's rows).
 inline void direct_rows(const float* x, const float* smooth, const float* scale, const int32_t* zero_point,

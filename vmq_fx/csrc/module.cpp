@@ -59,5 +59,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_per_token", &vmq_fx::quantize_per_token_cpu);  // the activation levels, for tests
   m.def("set_int8_gemm", &vmq_fx::set_int8_gemm);
   m.def("int8_gemm", &vmq_fx::int8_gemm);
+  m.def("set_int8_direct", &vmq_fx::set_int8_direct);
   m.attr("isa") = VMQ_ISA_NAME;
 }

@@ -147,8 +147,10 @@ def custom_ops_library() -> str:
     cmd = [_compiler(), *flags, f"-I{include}", f"-I{_CSRC}", *(str(_CSRC / f) for f in _SOURCES), "-o", str(partial)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        last = (done.stderr.strip().splitlines() or ["(no output)"])[-1][:300]
-        raise OrtCustomOpsUnavailable(f"the vmq onnxruntime library could not be built: {last}")
+        lines = done.stderr.strip().splitlines() or ["(no output)"]
+        # the compiler's first error names the problem; its last line is often only a caret
+        first = next((line for line in lines if "error" in line), lines[-1])[:300]
+        raise OrtCustomOpsUnavailable(f"the vmq onnxruntime library could not be built: {first}")
     os.replace(partial, library)
     return str(library)
 

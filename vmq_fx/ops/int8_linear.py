@@ -23,7 +23,8 @@ The weight is int8 ``[N, K]`` whatever ``w_bits`` is (the form that runs without
 models and ONNX files keep 4-bit weights packed and unpack them when loaded.
 
 Implementations: the fused C++ kernel of :mod:`vmq_fx.ops.native` on CPU (one pass to quantize, the integer GEMM,
-one pass to rescale), registered in the dispatcher over the pure-torch implementation below (which stays the
+one pass to rescale; small products, few rows and tiny K in one pass of its own, the levels multiplied as floats,
+exactly), registered in the dispatcher over the pure-torch implementation below (which stays the
 reference and the fallback); a Triton kernel on CUDA (``int8_linear.register_kernel("cuda")``). All give the same
 integer levels.
 """

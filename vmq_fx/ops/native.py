@@ -32,7 +32,9 @@ The kernels' vectors are one register of the build's ISA wide (``csrc/vec.h``). 
 
 How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): ``torch._int_mm``
 where the CPU has int8 dot-product instructions (VNNI), oneDNN's matmul primitive for the large products where it has
-AMX, else the fp32 GEMM on the dequantized levels and weight.
+AMX, else the fp32 GEMM on the dequantized levels and weight. On every path the kernel multiplies small products, few
+rows and tiny K itself (its direct product: exact, in one pass with the quantization and the rescale), where a library
+call would cost more than the arithmetic.
 
 When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op keeps its pure-torch implementation and one
 line says why.

@@ -1,14 +1,17 @@
 // onnxruntime custom op vmq.Int8Linear: vmq::int8_linear as one node. One pass quantizes the activation per token
 // (static or per-token dynamic parameters) with the torch op's arithmetic (linear_core.h), onnxruntime's own
 // MatMulInteger multiplies (invoked from the kernel: MLAS, on the session's threads), and one pass rescales the int32
-// accumulators in place into the float output.
+// accumulators in place into the float output. Small products, few rows and tiny K take the torch op's direct product
+// instead (linear_core.h: quantize, exact float FMAs and rescale in one pass, no MatMulInteger call).
 //
 // The operand types of the integer product are chosen here, for the CPU the library runs on, which a standard
 // MatMulInteger node in the file cannot do: uint8 x int8 is onnxruntime's fast form (3.9x its fp32 MatMul at Vim-T
 // shapes with VNNI), but without VNNI its 16-bit pair sums (vpmaddubsw) saturate once 2 x 255 x |w| passes 32767,
 // i.e. for 8-bit weights. Those then go uint8 x uint8 (moved up by 128 once per weight, b_zero_point 128), exact on
 // every CPU; weights of up to 7 bits always go uint8 x int8. VMQ_FX_ORT_UINT8_WEIGHTS=1 takes uint8 x uint8 for 8-bit
-// weights on every CPU (what CPUs without VNNI run: for tests and benchmarks on VNNI machines).
+// weights on every CPU (what CPUs without VNNI run: for tests and benchmarks on VNNI machines); VMQ_FX_ORT_DIRECT=0
+// takes MatMulInteger for every product (the direct product off, for tests and A/B benchmarks). Both are read when a
+// session creates the kernel.
 //
 // Inputs: x [..., L, K] float; smooth [K]?; act_scale [L]? and act_zero_point [L] int32? (both absent: per-token
 // dynamic, each row's parameters as torchao's choose_qparams_affine computes them); w_t [K, N] int8 (the weight,
@@ -66,6 +69,8 @@ struct Int8LinearKernel {
     require(2 <= w_bits && w_bits <= 8, "w_bits must be 2-8, got " + std::to_string(w_bits));
     const char* unsigned_weights = std::getenv("VMQ_FX_ORT_UINT8_WEIGHTS");
     signed_weight_ = w_bits <= 7 || (exact_u8s8() && !(unsigned_weights && std::string(unsigned_weights) == "1"));
+    const char* direct = std::getenv("VMQ_FX_ORT_DIRECT");
+    use_direct_ = !(direct && std::string(direct) == "0");
     const char* names[] = {"T1", "T2", "T3"};
     const ONNXTensorElementDataType types[] = {
         ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
@@ -93,11 +98,15 @@ struct Int8LinearKernel {
     require(w_sum.numel() == N && w_scale.numel() == N && (!bias.data || bias.numel() == N),
             "w_sum, w_scale and bias must be [N]");
 
+    std::vector<int64_t> out_shape = x.shape;
+    out_shape.back() = N;
+    float* out = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+    const bool direct = use_direct_ && vmq_fx::linear::direct_product(M, N, K, qmin_, qmax_, 128, zero_point.data, L);
+
     // The levels, and per row its scale and zero point (dynamic) or its token's (static, period L).
     thread_local std::vector<uint8_t> levels;
     thread_local std::vector<float> row_scale;
     thread_local std::vector<int32_t> row_zero_point;
-    levels.resize(static_cast<size_t>(M * K));
     const float* scales = scale.data;
     const int32_t* zero_points = zero_point.data;
     int64_t period = L;
@@ -110,9 +119,24 @@ struct Int8LinearKernel {
     }
     const float lo = static_cast<float>(qmin_), hi = static_cast<float>(qmax_);
     // Pointers, not the thread_local vectors, go into the lambdas: those run on onnxruntime's other threads.
-    uint8_t* q = levels.data();
     float* dynamic_scale = row_scale.data();
     int32_t* dynamic_zero_point = row_zero_point.data();
+    if (direct) {  // linear_core.h's direct product: quantize, multiply and rescale in one pass
+      if (dynamic)
+        for_rows(ctx, M, [&](int64_t m) {
+          vmq_fx::linear::token_qparams(x.data + m * K, smooth.data, K, qmin_, qmax_, dynamic_scale + m,
+                                        dynamic_zero_point + m);
+        });
+      const float* wt = direct_weight(w, K, N);
+      const int64_t rows = vmq_fx::linear::kDirectRows;
+      parallel_chunks(ctx, (M + rows - 1) / rows, [&](int64_t begin, int64_t end) {
+        vmq_fx::linear::direct_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_scale.data,
+                                    bias.data, N, begin * rows, std::min(end * rows, M), out);
+      });
+      return;
+    }
+    levels.resize(static_cast<size_t>(M * K));
+    uint8_t* q = levels.data();
     for_rows(ctx, M, [&](int64_t m) {
       const float* row = x.data + m * K;
       if (dynamic)
@@ -124,9 +148,6 @@ struct Int8LinearKernel {
     });
 
     // The int32 product goes into the output's memory and is rescaled in place.
-    std::vector<int64_t> out_shape = x.shape;
-    out_shape.back() = N;
-    float* out = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
     const int64_t a_shape[] = {M, K}, c_shape[] = {M, N}, scalar[] = {1};
     Ort::Value a = Ort::Value::CreateTensor<uint8_t>(memory_, q, static_cast<size_t>(M * K), a_shape, 2);
     Ort::Value c = Ort::Value::CreateTensor<int32_t>(memory_, reinterpret_cast<int32_t*>(out),
@@ -152,6 +173,17 @@ struct Int8LinearKernel {
     });
   }
 
+  // The weight's levels as floats for the direct product, made on the first call and kept (as shifted_weight).
+  const float* direct_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (direct_source_ != w.data) {
+      direct_.resize(static_cast<size_t>(K * vmq_fx::linear::direct_padded_cols(N)));
+      vmq_fx::linear::direct_weight([&](int64_t n, int64_t k) { return w.data[k * N + n]; }, N, K, direct_.data());
+      direct_source_ = w.data;
+    }
+    return direct_.data();
+  }
+
   // The weight moved up by 128 into uint8, made on the first call and kept (the weight is an initializer: the same
   // memory and values in every call).
   Ort::Value shifted_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
@@ -168,10 +200,12 @@ struct Int8LinearKernel {
   Ort::MemoryInfo memory_;
   Ort::Op matmul_{nullptr};
   int64_t qmin_ = 0, qmax_ = 255;
-  bool signed_weight_ = true;
+  bool signed_weight_ = true, use_direct_ = true;
   std::mutex mutex_;
   std::vector<uint8_t> shifted_;
   const int8_t* shifted_source_ = nullptr;
+  std::vector<float> direct_;
+  const int8_t* direct_source_ = nullptr;
 };
 
 struct Int8LinearOp : Ort::CustomOpBase<Int8LinearOp, Int8LinearKernel> {
