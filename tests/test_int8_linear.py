@@ -9,7 +9,7 @@ from vmq_fx.ops import int8_linear_reference, pack_int4, unpack_int4
 from vmq_fx.ops.int8_linear import dynamic_token_qparams, int8_linear
 
 SHAPES = [(2, 17, 96, 40), (1, 5, 7, 3), (3, 50, 33, 65), (4, 1, 16, 16)]
-# Past the kernel's direct product (more than 2^22 multiply-adds, 16 rows and K = 32): a GEMM library multiplies.
+# Past the kernel's direct product (more than 2^20 multiply-adds, 16 rows and K = 32): a GEMM library multiplies.
 LIBRARY_SHAPE = (2, 80, 72, 400)
 BITS = [(8, 8), (4, 8), (6, 6), (4, 4)]
 

@@ -143,13 +143,13 @@ def _int8_linear_input(k, dynamic):
     # 85 x 200 x 256 multiply-adds: past the direct product, through MatMulInteger. 8-bit weights: the CPU's choice,
     # and uint8 x uint8; up to 7 bits: always uint8 x int8
     (200, 256, 8, 8, True, False), (200, 256, 8, 8, True, True), (200, 256, 4, 8, False, False),
-    # small products: the direct product
-    (96, 40, 8, 8, True, False), (33, 7, 4, 8, False, False), (20, 9, 4, 4, True, False)])
+    # small products (MLAS too), and tiny K: the direct product
+    (96, 40, 8, 8, True, False), (33, 7, 4, 8, False, False), (12, 384, 8, 8, True, False), (20, 9, 4, 4, True, False)])
 def test_custom_int8_linear_op_matches_the_torch_op(k, n, w_bits, a_bits, smooth, uint8_weights, dynamic, tmp_path,
                                                     ort_custom_ops, monkeypatch):
     """vmq.Int8Linear (export_onnx(ops="vmq")) gives the torch op's levels and floats: its quantize and rescale are
-    the torch op's row arithmetic, its product exact either way the kernel multiplies (the direct product of small
-    products, onnxruntime's MatMulInteger of uint8 x int8 or uint8 x uint8)."""
+    the torch op's row arithmetic, its product exact either way the kernel multiplies (the direct product of tiny K,
+    onnxruntime's MatMulInteger of uint8 x int8 or uint8 x uint8)."""
     if uint8_weights:
         monkeypatch.setenv("VMQ_FX_ORT_UINT8_WEIGHTS", "1")
     m = _Int8Linear(k, n, w_bits, a_bits, smooth, dynamic)
@@ -168,7 +168,7 @@ def _matmul_integer_input_types(path):
     return [tuple(types.get(i) for i in n.input[:2]) for n in model.graph.node if n.op_type == "MatMulInteger"]
 
 
-@pytest.mark.parametrize("k", [64, 200])
+@pytest.mark.parametrize("k", [32, 64, 200])
 @pytest.mark.parametrize("w_bits,ops", [(8, "onnx"), (7, "onnx"), (4, "onnx"), (8, "vmq"), (8, "vmq-uint8-weights"),
                                         (7, "vmq"), (8, "vmq-matmul-integer")])
 def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, ops, k, tmp_path, request, monkeypatch):
@@ -177,12 +177,12 @@ def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, ops, k,
     127). The file must give the exact sums on every CPU: uint8 x uint8 (widened to 16 bits first) for 8-bit weights;
     uint8 x int8 only for weights of up to 7 bits (|w| <= 64: 2 x 255 x 64 = 32640). ``vmq.Int8Linear`` picks the
     form for the CPU it runs on: both of its forms are checked here (the forced uint8 x uint8 one is what CPUs without
-    VNNI take; the direct product turned off), and its direct product (exact float sums)."""
+    VNNI take; the direct product turned off), and its direct product (exact float sums) at K = 32."""
     if ops != "onnx":
         request.getfixturevalue("ort_custom_ops")
     if ops == "vmq-uint8-weights":
         monkeypatch.setenv("VMQ_FX_ORT_UINT8_WEIGHTS", "1")
-    if ops in ("vmq-uint8-weights", "vmq-matmul-integer"):  # not the direct product this small a product takes
+    if ops in ("vmq-uint8-weights", "vmq-matmul-integer"):  # not the direct product K = 32 takes
         monkeypatch.setenv("VMQ_FX_ORT_DIRECT", "0")
     m = _Int8Linear(k, 6, 8, 8, smooth=False)
     top = 2 ** (w_bits - 1)

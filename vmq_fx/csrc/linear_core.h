@@ -173,16 +173,20 @@ constexpr int kDirectRows = 4;  // direct_rows' switch covers 1-4
 constexpr int64_t kDirectBlock = kDirectCols * kLanes;
 
 // Whether the direct product runs: its sums are exact (w_max, the largest |weight level|: 128 for int8 storage, 8 for
-// 4-bit; every zero point among the levels: zero_point[0, period), or null for per-token dynamic ones, which are), and the product is one a GEMM library call costs more than: small, few
-// rows, or tiny K (whose quantize and rescale passes cost more than the product).
-constexpr int64_t kDirectMaxMacs = int64_t{1} << 22;
+// 4-bit; every zero point among the levels: zero_point[0, period), or null for per-token dynamic ones, which are), and
+// the product is one the library multiplies slower: tiny K, whose quantize and rescale passes cost more than the
+// product, and, where the library call has a large fixed cost (small_products: torch's _int_mm, ~10-25 us a call),
+// small products and few rows. onnxruntime's MatMulInteger (MLAS, int8 dot products) has no such cost: its small
+// products beat these float FMAs (vim-fm-tiny, batch 1: 0.79x FP32 through them, 0.90x through MLAS).
+constexpr int64_t kDirectMaxMacs = int64_t{1} << 20;
 constexpr int64_t kDirectMaxRows = 16;
 constexpr int64_t kDirectTinyK = 32;
 
 inline bool direct_product(int64_t M, int64_t N, int64_t K, int64_t qmin, int64_t qmax, int64_t w_max,
-                           const int32_t* zero_point, int64_t period) {
+                           const int32_t* zero_point, int64_t period, bool small_products) {
   if (K * (qmax - qmin) * w_max > (int64_t{1} << 24)) return false;
-  if (!(M <= kDirectMaxRows || K <= kDirectTinyK || M * N * K <= kDirectMaxMacs)) return false;
+  const bool small = M <= kDirectMaxRows || M * N * K <= kDirectMaxMacs;
+  if (!(K <= kDirectTinyK || (small_products && small))) return false;
   return !zero_point ||
          std::all_of(zero_point, zero_point + period, [&](int32_t z) { return qmin <= z && z <= qmax; });
 }
