@@ -246,7 +246,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const auto gemm = static_cast<Gemm>(g_gemm.load(std::memory_order_relaxed));
   at::Tensor out;
   if (g_direct.load(std::memory_order_relaxed) &&
-      direct_product(M, N, K, qmin, qmax, packed ? 8 : 128, zp, L, /*small_products=*/true)) {
+      direct_product(M, N, K, qmin, qmax, packed ? 8 : 128, zp, L, /*small_products=*/true,
+                     /*tiny_k=*/gemm != Gemm::kFloat || kDirectTinyKFaster)) {
     out = at::empty({M, N}, x2.options());
     const float* wt = direct_weight(w_in, w_scale_in, w8).data_ptr<float>();
     const float* xp = x2.data_ptr<float>();

@@ -174,19 +174,26 @@ constexpr int64_t kDirectBlock = kDirectCols * kLanes;
 
 // Whether the direct product runs: its sums are exact (w_max, the largest |weight level|: 128 for int8 storage, 8 for
 // 4-bit; every zero point among the levels: zero_point[0, period), or null for per-token dynamic ones, which are), and
-// the product is one the library multiplies slower: tiny K, whose quantize and rescale passes cost more than the
-// product, and, where the library call has a large fixed cost (small_products: torch's _int_mm, ~10-25 us a call),
-// small products and few rows. onnxruntime's MatMulInteger (MLAS, int8 dot products) has no such cost: its small
-// products beat these float FMAs (vim-fm-tiny, batch 1: 0.79x FP32 through them, 0.90x through MLAS).
+// the product is one the library multiplies slower:
+// - small_products: products of few rows or few multiply-adds, where the library call has a large fixed cost (torch's
+//   _int_mm: ~10-25 us a call; the fp32 GEMM path's separate dequantize pass). onnxruntime's MatMulInteger (MLAS, int8
+//   dot products) has none: it multiplies those faster than these float FMAs (vim-fm-tiny, batch 1: 0.92x FP32
+//   through MLAS, 0.79x through the direct product).
+// - tiny_k: K <= 32 at any size (dt_proj's 12), whose quantize and rescale passes cost more than the product around
+//   an integer GEMM (_int_mm path: 0.18 against 0.46 ms for Vim-T's dt_proj at batch 8). Against the fp32 GEMM path
+//   the direct product wins this only with 16-float vectors (kDirectTinyKFaster): 0.20 against 0.30 ms in the
+//   AVX-512 build, 0.42 against 0.33 ms in the AVX2 build with MKL capped at AVX2 (Xeon with AMX, one thread, a
+//   micro-benchmark not kept). onnxruntime's MatMulInteger is measured against it in the AVX-512 build only.
 constexpr int64_t kDirectMaxMacs = int64_t{1} << 20;
 constexpr int64_t kDirectMaxRows = 16;
 constexpr int64_t kDirectTinyK = 32;
+constexpr bool kDirectTinyKFaster = kLanes >= 16;
 
 inline bool direct_product(int64_t M, int64_t N, int64_t K, int64_t qmin, int64_t qmax, int64_t w_max,
-                           const int32_t* zero_point, int64_t period, bool small_products) {
+                           const int32_t* zero_point, int64_t period, bool small_products, bool tiny_k) {
   if (K * (qmax - qmin) * w_max > (int64_t{1} << 24)) return false;
   const bool small = M <= kDirectMaxRows || M * N * K <= kDirectMaxMacs;
-  if (!(K <= kDirectTinyK || (small_products && small))) return false;
+  if (!((tiny_k && K <= kDirectTinyK) || (small_products && small))) return false;
   return !zero_point ||
          std::all_of(zero_point, zero_point + period, [&](int32_t z) { return qmin <= z && z <= qmax; });
 }

@@ -1,9 +1,9 @@
 // onnxruntime custom op vmq.Int8Linear: vmq::int8_linear as one node. One pass quantizes the activation per token
 // (static or per-token dynamic parameters) with the torch op's arithmetic (linear_core.h), onnxruntime's own
 // MatMulInteger multiplies (invoked from the kernel: MLAS, on the session's threads), and one pass rescales the int32
-// accumulators in place into the float output. Tiny K (dt_proj's 12) takes the torch op's direct product instead
-// (linear_core.h: quantize, exact float FMAs and rescale in one pass, no MatMulInteger call); small products stay on
-// MLAS, which multiplies them faster than the direct product's float FMAs.
+// accumulators in place into the float output. In the AVX-512 build, tiny K (dt_proj's 12) takes the torch op's direct
+// product instead (linear_core.h: quantize, exact float FMAs and rescale in one pass, no MatMulInteger call); small
+// products stay on MLAS, which multiplies them faster than the direct product's float FMAs.
 //
 // The operand types of the integer product are chosen here, for the CPU the library runs on, which a standard
 // MatMulInteger node in the file cannot do: uint8 x int8 is onnxruntime's fast form (3.9x its fp32 MatMul at Vim-T
@@ -102,8 +102,10 @@ struct Int8LinearKernel {
     std::vector<int64_t> out_shape = x.shape;
     out_shape.back() = N;
     float* out = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
+    // Tiny K only where measured faster than MatMulInteger (the AVX-512 build); MLAS keeps the small products.
     const bool direct = use_direct_ && vmq_fx::linear::direct_product(M, N, K, qmin_, qmax_, 128, zero_point.data, L,
-                                                                     /*small_products=*/false);
+                                                                     /*small_products=*/false,
+                                                                     /*tiny_k=*/vmq_fx::linear::kDirectTinyKFaster);
 
     // The levels, and per row its scale and zero point (dynamic) or its token's (static, period L).
     thread_local std::vector<uint8_t> levels;
