@@ -177,7 +177,7 @@ constexpr int64_t kDirectBlock = kDirectCols * kLanes;
 // the product is one the library multiplies slower:
 // - small_products: products of few rows or few multiply-adds, where the library call has a large fixed cost (torch's
 //   _int_mm: ~10-25 us a call; the fp32 GEMM path's separate dequantize pass). onnxruntime's MatMulInteger (MLAS, int8
-//   dot products) has none: it multiplies those faster than these float FMAs (vim-fm-tiny, batch 1: 0.92x FP32
+//   dot products) has none: it multiplies those faster than these float FMAs (vim-fm-tiny, batch 1: 0.90x FP32
 //   through MLAS, 0.79x through the direct product).
 // - tiny_k: K <= 32 at any size (dt_proj's 12), whose quantize and rescale passes cost more than the product around
 //   an integer GEMM (_int_mm path: 0.18 against 0.46 ms for Vim-T's dt_proj at batch 8). Against the fp32 GEMM path
