@@ -111,11 +111,15 @@ def ort_direct_rows(label, model, lowered, shape, batches, rounds) -> list[str]:
     paths = {name: vmq_fx.export_onnx(m, torch.randn(2, *shape), tmp / f"{name}.onnx", ops="vmq").path
              for name, m in (("fp32", model), ("w8a8", lowered))}
     sessions = {"FP32": ort_session(paths["fp32"], threads=1), "direct": ort_session(paths["w8a8"], threads=1)}
+    before = os.environ.get("VMQ_FX_ORT_DIRECT")
     os.environ["VMQ_FX_ORT_DIRECT"] = "0"  # read when the session creates its kernels
     try:
         sessions["MatMulInteger only"] = ort_session(paths["w8a8"], threads=1)
     finally:
-        del os.environ["VMQ_FX_ORT_DIRECT"]
+        if before is None:
+            del os.environ["VMQ_FX_ORT_DIRECT"]
+        else:
+            os.environ["VMQ_FX_ORT_DIRECT"] = before
     rows = []
     for batch, reps in batches:
         feed = {sessions["FP32"].get_inputs()[0].name: torch.randn(batch, *shape).numpy()}
