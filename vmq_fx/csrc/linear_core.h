@@ -264,24 +264,14 @@ inline void direct_rows(const float* x, const float* smooth, const float* scale,
   thread_local std::vector<float> levels, scales;
   levels.resize(static_cast<size_t>(std::min(group, m1 - m0) * K));
   scales.resize(static_cast<size_t>(group));
-  struct {
-    float* q;
-    float z;
-    void operator()(int64_t k, VF v) const {
-      v = v - z;
-      std::memcpy(q + k, &v, sizeof(v));
-    }
-    void operator()(int64_t k, float v) const { q[k] = v - z; }
-  } store{nullptr, 0.0f};
   for (int64_t g0 = m0; g0 < m1; g0 += group) {
     const int64_t g1 = std::min(g0 + group, m1);
     for (int64_t m = g0; m < g1; ++m) {
       const int64_t t = m % period;
       scales[m - g0] = scale[t];
-      store.q = levels.data() + (m - g0) * K;
-      store.z = static_cast<float>(zero_point[t]);
-      // as quantize_per_channel: x * (1 / scale)
-      row_levels(x + m * K, smooth, 1.0f / scale[t], store.z, lo, hi, K, store);
+      // level - zero point, exactly: dequantize_row with a unit scale; as quantize_per_channel: x * (1 / scale)
+      dequantize_row(x + m * K, smooth, 1.0f / scale[t], static_cast<float>(zero_point[t]), lo, hi, 1.0f, K,
+                     levels.data() + (m - g0) * K);
     }
     for (int64_t n0 = 0; n0 < N; n0 += kDirectBlock) {
       for (int64_t m = g0; m < g1; m += kDirectRows) {

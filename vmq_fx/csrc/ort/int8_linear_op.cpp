@@ -177,39 +177,48 @@ struct Int8LinearKernel {
     });
   }
 
-  // The weight's levels as floats for the direct product, made on the first call and kept (as shifted_weight).
+  // The weight's levels as floats for the direct product.
   const float* direct_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (direct_source_ != w.data) {
-      direct_.resize(static_cast<size_t>(K * vmq_fx::linear::direct_padded_cols(N)));
-      vmq_fx::linear::direct_weight([&](int64_t n, int64_t k) { return w.data[k * N + n]; }, N, K, direct_.data());
-      direct_source_ = w.data;
-    }
-    return direct_.data();
+    return direct_.get(w.data, K * vmq_fx::linear::direct_padded_cols(N), [&](float* out) {
+      vmq_fx::linear::direct_weight([&](int64_t n, int64_t k) { return w.data[k * N + n]; }, N, K, out);
+    });
   }
 
-  // The weight moved up by 128 into uint8, made on the first call and kept (the weight is an initializer: the same
-  // memory and values in every call).
+  // The weight moved up by 128 into uint8.
   Ort::Value shifted_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (shifted_source_ != w.data) {
-      shifted_.resize(static_cast<size_t>(K * N));
-      for (int64_t i = 0; i < K * N; ++i) shifted_[i] = static_cast<uint8_t>(w.data[i] + 128);
-      shifted_source_ = w.data;
-    }
+    uint8_t* shifted = shifted_.get(w.data, K * N, [&](uint8_t* out) {
+      for (int64_t i = 0; i < K * N; ++i) out[i] = static_cast<uint8_t>(w.data[i] + 128);
+    });
     const int64_t shape[] = {K, N};
-    return Ort::Value::CreateTensor<uint8_t>(memory_, shifted_.data(), shifted_.size(), shape, 2);
+    return Ort::Value::CreateTensor<uint8_t>(memory_, shifted, static_cast<size_t>(K * N), shape, 2);
   }
+
+  // A form of the weight made on the first call and kept: the weight is an initializer, the same memory and values in
+  // every call (a new source pointer remakes it).
+  template <typename T>
+  struct DerivedWeight {
+    std::mutex mutex;
+    std::vector<T> data;
+    const int8_t* source = nullptr;
+
+    template <typename Fill>
+    T* get(const int8_t* w, int64_t size, Fill&& fill) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (source != w) {
+        data.resize(static_cast<size_t>(size));
+        fill(data.data());
+        source = w;
+      }
+      return data.data();
+    }
+  };
 
   Ort::MemoryInfo memory_;
   Ort::Op matmul_{nullptr};
   int64_t qmin_ = 0, qmax_ = 255;
   bool signed_weight_ = true, use_direct_ = true;
-  std::mutex mutex_;
-  std::vector<uint8_t> shifted_;
-  const int8_t* shifted_source_ = nullptr;
-  std::vector<float> direct_;
-  const int8_t* direct_source_ = nullptr;
+  DerivedWeight<uint8_t> shifted_;
+  DerivedWeight<float> direct_;
 };
 
 struct Int8LinearOp : Ort::CustomOpBase<Int8LinearOp, Int8LinearKernel> {
