@@ -5,10 +5,13 @@
 * JLSS memory: the peak resident memory of each process (``ru_maxrss``) through calibration and one JLSS step per
   block on all the images (PTQ4VM's schedule: every step sees every image), on a 2-block vim_tiny 224² and 256 images;
   the largest over the processes, and its growth during JLSS (over the peak the process had reached before it: torch,
-  the model, calibration). Once with glibc's malloc as it comes, once with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc
-  raises its mmap threshold each time a large block is freed, so later large tensors come from the heap and their
-  memory stays with the process after they are freed; a fixed threshold gives every large tensor back at free (at
-  the cost of a page fault per page of each new one), and JLSS's time is reported beside it for that reason.
+  the model, calibration). Four ways:
+  - the images as one tensor every process holds whole (what a Python caller passing a tensor does), or as a
+    map-style dataset each process reads only its share of (what the CLI does with a folder of images);
+  - glibc's malloc as it comes, or after ``vmq_fx.pt2e.memory.return_freed_memory()`` (what the CLI does): glibc
+    raises its mmap threshold each time a large block is freed, so later large tensors come from its heap and their
+    memory stays with the process after they are freed; a fixed threshold maps each one anew (a page fault per page),
+    and JLSS's time is reported beside it for that reason.
 
 Random images (the work does not depend on their content) and random weights in the official layout.
 
@@ -31,21 +34,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _util import launch_command, machine_line  # noqa: E402
 
 
-def worker(task: str) -> None:
+def worker(task: str, data: str, malloc: str) -> None:
     """One process of a run (alone, or one of torchrun's): prints a JSON line on rank 0."""
     import torch
 
     import vmq_fx
     from vmq_fx import VisualMambaQuantizer, distributed, prepare_pt2e, recipes
 
+    if malloc == "return-freed":
+        assert vmq_fx.pt2e.memory.return_freed_memory()
     torch.set_num_threads(1)
     distributed.init_from_env()
     torch.manual_seed(0)
     depth, count = (24, 256) if task == "calibrate" else (2, 256)
     model = vmq_fx.models.create_model("vim_tiny", depth=depth).eval()
-    images = torch.randn(count, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+    class SeededImages(torch.utils.data.Dataset):
+        """Random images, image ``i`` drawn with seed ``i`` when it is read (as a file would be)."""
+
+        def __len__(self) -> int:
+            return count
+
+        def __getitem__(self, i: int) -> torch.Tensor:
+            return torch.randn(3, 224, 224, generator=torch.Generator().manual_seed(i))
+
+    images = SeededImages() if data == "dataset" else torch.randn(count, 3, 224, 224,
+                                                                  generator=torch.Generator().manual_seed(0))
     recipe = recipes.smoothquant_pts(8, 8) if task == "calibrate" else recipes.ptq4vm(8, 8)
-    prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(), VisualMambaQuantizer(recipe))
+    example = vmq_fx.pt2e.utils.example_images(images, 2)
+    prepared = prepare_pt2e(vmq_fx.export_model(model, example).module(), VisualMambaQuantizer(recipe))
     barrier = (lambda: torch.distributed.barrier()) if distributed.world_size() > 1 else (lambda: None)
     barrier()
     t0 = time.perf_counter()
@@ -67,13 +84,14 @@ def worker(task: str) -> None:
     distributed.shutdown()
 
 
-MALLOC = {"glibc default": {}, "MALLOC_MMAP_THRESHOLD_=131072": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
+DATA = {"tensor": "one tensor, whole in every process", "dataset": "dataset, each process reads its share"}
+MALLOC = {"glibc": "glibc as it comes", "return-freed": "`return_freed_memory()`"}
 
 
-def run(task: str, procs: int, env: dict | None = None) -> dict:
-    me = [str(Path(__file__).resolve()), "--worker", task]
-    done = subprocess.run(launch_command(procs, me), capture_output=True, text=True, check=True,
-                          env={**os.environ, **(env or {})})
+def run(task: str, procs: int, data: str = "tensor", malloc: str = "glibc") -> dict:
+    me = [str(Path(__file__).resolve()), "--worker", task, "--data", data, "--malloc", malloc]
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    done = subprocess.run(launch_command(procs, me), capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -84,10 +102,12 @@ def main() -> None:
     p.add_argument("--note", default="", help="what else ran on the machine")
     p.add_argument("--out", default="bench/results/distributed_calibration.md")
     p.add_argument("--worker", choices=("calibrate", "jlss"), help=argparse.SUPPRESS)
+    p.add_argument("--data", choices=tuple(DATA), default="tensor", help=argparse.SUPPRESS)
+    p.add_argument("--malloc", choices=tuple(MALLOC), default="glibc", help=argparse.SUPPRESS)
     p.add_argument("--tables", nargs="+", choices=("calibration", "memory"), default=["calibration", "memory"])
     args = p.parse_args()
     if args.worker:
-        worker(args.worker)
+        worker(args.worker, args.data, args.malloc)
         return
     counts = (1, args.procs)
     lines = ["# Calibration and JLSS under torchrun", "",
@@ -111,15 +131,17 @@ def main() -> None:
                   "The largest peak resident memory of the processes through calibration and one JLSS step per block "
                   "on all 256 images, a 2-block vim_tiny 224² (one run each), how much it grew during JLSS, and "
                   "JLSS's time between barriers (one run: indicative only).", "",
-                  "| malloc | processes | peak memory per process GiB | vs one process | growth during JLSS GiB "
-                  "| vs one process | JLSS s |", "|---|---|---|---|---|---|---|"]
-        for label, env in MALLOC.items():
-            jlss = {n: run("jlss", n, env) for n in counts}
-            print("jlss", label, jlss, file=sys.stderr, flush=True)
-            peak = {n: r["peak_gib"] for n, r in jlss.items()}
-            growth = {n: r["peak_gib"] - r["peak_before_gib"] for n, r in jlss.items()}
-            lines += [f"| {label} | {n} | {peak[n]:.2f} | {peak[n] / peak[1]:.2f}x | {growth[n]:.2f} | "
-                      f"{growth[n] / growth[1]:.2f}x | {jlss[n]['seconds']:.1f} |" for n in counts]
+                  "| images | malloc | processes | peak memory per process GiB | vs one process | growth during "
+                  "JLSS GiB | vs one process | JLSS s |", "|---|---|---|---|---|---|---|---|"]
+        for data, data_label in DATA.items():
+            for malloc, malloc_label in MALLOC.items():
+                jlss = {n: run("jlss", n, data, malloc) for n in counts}
+                print("jlss", data, malloc, jlss, file=sys.stderr, flush=True)
+                peak = {n: r["peak_gib"] for n, r in jlss.items()}
+                growth = {n: r["peak_gib"] - r["peak_before_gib"] for n, r in jlss.items()}
+                lines += [f"| {data_label} | {malloc_label} | {n} | {peak[n]:.2f} | {peak[n] / peak[1]:.2f}x | "
+                          f"{growth[n]:.2f} | {growth[n] / growth[1]:.2f}x | {jlss[n]['seconds']:.1f} |"
+                          for n in counts]
         lines.append("")
     text = "\n".join(lines)
     Path(args.out).write_text(text)

@@ -115,3 +115,14 @@ def vim():
 def vmamba():
     """(eager model, exported graph module) of a randomly initialized vmamba_fm_tiny with one block per stage."""
     return _tiny("vmamba_fm_tiny", depths=(1, 1))
+
+
+@pytest.fixture(autouse=True)
+def freed_memory_calls(monkeypatch):
+    """The CLI's malloc setting (``vmq_fx.pt2e.memory.return_freed_memory``) is process-wide and for good: in the test
+    process the calls are recorded instead (``tests/test_memory.py`` makes the setting in fresh interpreters)."""
+    import vmq_fx.pt2e.memory
+
+    calls = []
+    monkeypatch.setattr(vmq_fx.pt2e.memory, "return_freed_memory", lambda *a, **k: calls.append(a) or True)
+    return calls

@@ -78,35 +78,55 @@ def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tens
     return out
 
 
-def block_optimizations() -> dict:
+class RecordingImages(torch.utils.data.Dataset):
+    """A map-style dataset of a tensor's images that records which it was asked for."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images, self.read = images, []
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        self.read.append(i)
+        return self.images[i]
+
+
+def block_optimizations(dataset: bool = False) -> dict:
     """JLSS (W4A4) and ViM-VQ (2-bit), 3 steps of 16 of the 64 images per block on vim-fm-tiny: their per-block losses
     and what they learned. Every process calibrates on all the images as one process would (the distributed
     calibration's merged histograms would give slightly other step sizes to start from): the block optimization alone
-    is compared."""
+    is compared. With ``dataset`` the block optimizations read the images from a map-style dataset, and ``"read"``
+    holds, per method, the images each process read from it, in rank order."""
     from unittest import mock
 
     import vmq_fx
     from vmq_fx import VisualMambaQuantizer, prepare_pt2e, recipes
     from vmq_fx.app.data import calibration_images
 
+    from vmq_fx import distributed
+
     model = vmq_fx.models.load_reference("vim-fm-tiny")
     images = calibration_images(64)
-    out = {}
+    out, read = {}, {}
     for name, recipe, run in (
-            ("jlss", recipes.ptq4vm(4, 4), lambda p: vmq_fx.jlss(p, images, vmq_fx.JLSSConfig(steps=3, batch_size=16),
-                                                                 progress=False)),
-            ("vimvq", recipes.vimvq(2), lambda p: vmq_fx.vector_quantize(
-                p, images, vmq_fx.VQConfig(steps=3, batch_size=16), progress=False))):
+            ("jlss", recipes.ptq4vm(4, 4), lambda p, d: vmq_fx.jlss(p, d, vmq_fx.JLSSConfig(steps=3, batch_size=16),
+                                                                    progress=False)),
+            ("vimvq", recipes.vimvq(2), lambda p, d: vmq_fx.vector_quantize(
+                p, d, vmq_fx.VQConfig(steps=3, batch_size=16), progress=False))):
         torch.manual_seed(0)
         prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(), VisualMambaQuantizer(recipe))
         with one_thread():
             with mock.patch("vmq_fx.distributed.world_size", lambda: 1), mock.patch("vmq_fx.distributed.rank",
                                                                                     lambda: 0):
                 vmq_fx.calibrate(prepared, images, batch_size=8, progress=False)
-            report = run(prepared)
+            data = RecordingImages(images) if dataset else images
+            report = run(prepared, data)
+            if dataset:
+                read[name] = distributed.all_gather_objects(data.read)
         out[name] = {"before": getattr(report, "loss_before", None) or report.loss_kmeans, "after": report.loss_after,
                      "params": {k: v.detach().clone() for k, v in prepared.named_parameters()}}
-    return out
+    return {**out, "read": read} if dataset else out
 
 
 if __name__ == "__main__":
@@ -114,7 +134,7 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     distributed.init_from_env()
-    results = {"calibration": calibrated_statistics(), "klt": klt_moments(), "outliers": outlier_statistics(), **block_optimizations()}
+    results = {"calibration": calibrated_statistics(), "klt": klt_moments(), "outliers": outlier_statistics(), **block_optimizations(dataset=True)}
     if distributed.is_main():
         torch.save(results, sys.argv[1])
     distributed.shutdown()

@@ -158,10 +158,12 @@ def test_block_optimizations_under_torchrun_match_one_process(two_processes):
     first block starts from the same loss and ends within 1e-5 of it, and the later blocks drift by Adam's first
     steps, which move each parameter by about its learning rate in the direction of its gradient's sign (a gradient
     near zero may round either way): measured, the learned tensors' largest differences are at most 2.5 % of their
-    largest values, the block losses within 0.5 %."""
+    largest values, the block losses within 0.5 %. The two processes read the images from a map-style dataset, one
+    process from a tensor: each process read its half of the dataset, and nothing else."""
     from distributed_calibration import block_optimizations
 
     one = block_optimizations()
+    assert two_processes["read"] == {name: [list(range(32)), list(range(32, 64))] for name in ("jlss", "vimvq")}
     for name in ("jlss", "vimvq"):
         a, b = one[name], two_processes[name]
         assert a["params"].keys() == b["params"].keys() and len(a["before"]) == len(b["before"]) == 8

@@ -23,3 +23,49 @@ def test_peak_sees_a_buffer_freed_inside_the_block():
     start, peak = map(int, out.split())
     assert start > 0
     assert peak - start >= 56 << 20, f"peak grew by {(peak - start) >> 20} MiB for a 64 MiB buffer"
+
+
+
+_MALLOC_SCRIPT = textwrap.dedent(
+    """
+    import ctypes
+    import sys
+
+    import torch
+
+    from vmq_fx.pt2e.memory import return_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    applied = return_freed_memory() if sys.argv[1] == "apply" else None
+    torch.ones(4 << 20)  # 16 MiB, freed at once: glibc's own rule raises its threshold to 16 MiB
+    before = libc.mallinfo2().hblkhd  # bytes in blocks mapped on their own
+    x = torch.ones(1 << 20)  # 4 MiB
+    print(applied, libc.mallinfo2().hblkhd - before)
+    """
+)
+
+
+def _mapped(mode: str, **env) -> tuple[str, int]:
+    import os
+
+    env = {**{k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}, **env}
+    out = subprocess.run([sys.executable, "-c", _MALLOC_SCRIPT, mode], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    applied, mapped = out.split()
+    return applied, int(mapped)
+
+
+def test_return_freed_memory_maps_a_tensor_glibc_would_serve_from_its_heap():
+    """After a 16 MiB tensor is freed, glibc serves a 4 MiB one from its heap (and keeps its memory when it is freed);
+    with ``return_freed_memory`` called first, the 4 MiB tensor is mapped on its own (and unmapped when freed).
+    ``MALLOC_MMAP_THRESHOLD_`` in the environment is the user's choice and is left to stand."""
+    assert _mapped("default") == ("None", 0)
+    applied, mapped = _mapped("apply")
+    assert applied == "True" and mapped >= 4 << 20
+    applied, mapped = _mapped("apply", MALLOC_MMAP_THRESHOLD_="131072")
+    assert applied == "False" and mapped >= 4 << 20

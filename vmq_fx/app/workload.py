@@ -85,6 +85,10 @@ class FolderWorkload:
         eval_dir: labelled folder for top-1, or ``None``: agreement with the FP model on up to ``holdout`` images of
             ``calib_dir`` that were not drawn for calibration.
         limit: score on the first ``limit`` images of ``eval_dir`` only.
+
+    Attributes:
+        calibration: the drawn calibration images as a map-style dataset, decoded where they are used: under
+            ``torchrun`` each process decodes and holds only its share.
     """
 
     def __init__(self, preprocess, num_classes: int, calib_dir, calib: int, seed: int = 0, eval_dir=None,
@@ -101,7 +105,7 @@ class FolderWorkload:
             log.warning("%s holds %d images, fewer than the %d calibration images asked for: using all of them",
                         files.root, len(files.files), calib)
         self.workers = workers
-        self.calibration = calibration_batch(chosen, progress=progress)
+        self.calibration = chosen.dataset()
         if self.folder is not None:
             self.metric = "top-1 %"
             self.description = (f"Top-1 on {len(self.folder.files)} images of {self.folder.root} "

@@ -17,7 +17,8 @@ so learning updates the prepared model in place. For block ``k``:
 method learns and does around the steps.
 
 Under ``torchrun`` each process captures and holds only its share of the images (a contiguous run,
-:func:`vmq_fx.distributed.batch_shard`), so the captures' memory per process falls as 1 / N. Every process draws the
+:func:`vmq_fx.distributed.batch_shard`; from a map-style dataset it reads only those), so the captures' memory per
+process falls as 1 / N. Every process draws the
 same mini-batch of the whole set, computes the loss of the part it holds (weighted by that part's share of the
 mini-batch), and the gradients are summed over the processes before the optimizer's step: the step of one process on
 the whole mini-batch, up to float rounding, with the same parameters everywhere.
@@ -37,7 +38,7 @@ from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
 from vmq_fx import distributed
-from vmq_fx.pt2e.utils import linear_quantizers, set_fake_quant, split_batches
+from vmq_fx.pt2e.utils import is_image_dataset, linear_quantizers, read_images, set_fake_quant, split_batches
 
 __all__ = ["BlockLosses", "BlockMethod", "BlockRunner", "LossTarget", "optimize_blocks"]
 
@@ -154,13 +155,14 @@ class BlockRunner:
 
     Args:
         prepared: a model prepared with :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` and calibrated.
-        calibration_data: the calibration images (tensor ``[N, C, H, W]`` or iterable of batches); under
-            ``torchrun`` the runner keeps this process's share (``self.images``, items ``self.share`` of the
+        calibration_data: the calibration images (tensor ``[N, C, H, W]``, map-style dataset of images, or iterable
+            of batches: see :mod:`vmq_fx.pt2e.utils`); under ``torchrun`` the runner keeps this process's share (``self.images``, items ``self.share`` of the
             ``self.total``).
     """
 
     def __init__(self, prepared: fx.GraphModule, calibration_data):
-        whole = calibration_data if isinstance(calibration_data, Tensor) else torch.cat(
+        dataset = is_image_dataset(calibration_data)
+        whole = calibration_data if isinstance(calibration_data, Tensor) or dataset else torch.cat(
             split_batches(calibration_data, 256))
         if len(whole) == 0:
             raise ValueError("calibration data is empty: pass calibration images")
@@ -170,9 +172,12 @@ class BlockRunner:
         self.prepared = prepared
         self.total = len(whole)
         self.share = distributed.batch_shard(len(whole), 1)
-        mine = whole[self.share.start:self.share.stop]
-        # The caller's tensor is viewed, not copied; a concatenation made here keeps only this process's part.
-        self.images = mine if whole is calibration_data or len(mine) == len(whole) else mine.clone()
+        if dataset:  # only this process's images are read
+            self.images = read_images(whole, self.share)
+        else:
+            mine = whole[self.share.start:self.share.stop]
+            # The caller's tensor is viewed, not copied; a concatenation made here keeps only this process's part.
+            self.images = mine if whole is calibration_data or len(mine) == len(whole) else mine.clone()
         self.quantizers = linear_quantizers(prepared)
         self.blocks: list[str] = []
         for layer, _, _ in self.quantizers.values():

@@ -17,7 +17,8 @@ channels of the first pass's ``max|x| / s``; the second pass records them apart,
 Without smoothing, a KLT rotation or outlier channels only the second pass runs. Each linear follows its own recipe
 (``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
 
-Under ``torchrun`` each process runs a contiguous share of the batches (:func:`vmq_fx.distributed.batch_shard`) and
+Under ``torchrun`` each process runs (and, from a map-style dataset, reads) a contiguous share of the batches
+(:func:`vmq_fx.distributed.batch_shard`) and
 the activation quantizers combine their statistics after each pass
 (:meth:`~vmq_fx.pt2e.observers.PerTokenStaticFakeQuantize.all_reduce_statistics`), so every process ends with the
 same quantizers: maxima exactly those of one process, step sizes from merged histograms.
@@ -37,7 +38,7 @@ from vmq_fx import distributed
 from vmq_fx.pt2e.observers import PerChannelWeightFakeQuantize, PerTokenStaticFakeQuantize
 from vmq_fx.pt2e.observers.codebook import initialize_codebook_group
 from vmq_fx.pt2e.rotation import hadamard, klt
-from vmq_fx.pt2e.utils import codebook_groups, linear_quantizers, split_batches
+from vmq_fx.pt2e.utils import codebook_groups, is_image_dataset, linear_quantizers, split_batches
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def smoothquant_scales(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tens
 
 
 def _check_inputs(gm: fx.GraphModule, batches: list[Tensor]) -> None:
-    if not batches or sum(len(b) for b in batches) == 0:
+    if sum(len(b) for b in batches) == 0:
         raise ValueError("calibration data is empty: pass calibration images (e.g. vmq_fx.app.data.calibration_images())")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     val = placeholders[0].meta.get("val") if placeholders else None
@@ -97,8 +98,10 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
 
     Args:
         prepared: the output of ``prepare_pt2e(gm, VisualMambaQuantizer(recipe))``.
-        data: calibration images, a tensor [N, C, H, W] or an iterable of tensors / (tensor, label) pairs.
-        batch_size: split size when ``data`` is one tensor (under ``torchrun`` at most ``N / processes``, so that every
+        data: calibration images: a tensor [N, C, H, W], a map-style ``Dataset`` of images or (image, label) pairs
+            (under ``torchrun`` each process reads only its batches), or an iterable of tensors / (tensor, label)
+            pairs taken as the batches.
+        batch_size: batch size for a tensor or a dataset (under ``torchrun`` at most ``N / processes``, so that every
             process has a batch).
         progress: show progress bars.
 
@@ -111,15 +114,17 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         >>> vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
     """
     quantizers = linear_quantizers(prepared)
-    if isinstance(data, Tensor) and distributed.world_size() > 1:  # enough batches for every process
+    if (isinstance(data, Tensor) or is_image_dataset(data)) and distributed.world_size() > 1:  # a batch for each
         batch_size = max(1, min(batch_size, -(-len(data) // distributed.world_size())))
     batches = split_batches(data, batch_size)
-    _check_inputs(prepared, batches)
+    if len(batches) == 0:
+        raise ValueError("calibration data is empty: pass calibration images (e.g. vmq_fx.app.data.calibration_images())")
     if len(batches) < distributed.world_size():
         raise ValueError(f"calibration has {len(batches)} batches for {distributed.world_size()} processes: every "
                          "process needs one (more images or a smaller batch size)")
     share = distributed.batch_shard(len(batches), 1)
-    batches = batches[share.start:share.stop]
+    batches = list(batches[share.start:share.stop])  # a dataset is read here: this process's batches only
+    _check_inputs(prepared, batches)
     activations = [act for _, act, _ in quantizers.values() if isinstance(act, PerTokenStaticFakeQuantize)]
     first_pass = [(layer, act, weight) for layer, act, weight in quantizers.values()
                   if isinstance(act, PerTokenStaticFakeQuantize)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
+from torch.utils.data import Dataset
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 from vmq_fx.export import export_model
@@ -17,7 +18,7 @@ from vmq_fx.pt2e.lowering import lower
 from vmq_fx.pt2e.observers import VectorQuantizedWeight
 from vmq_fx.pt2e.quantizer import VisualMambaQuantizer
 from vmq_fx.pt2e.recipes import Recipe, check_field_types, family_of, parse_name
-from vmq_fx.pt2e.utils import linear_quantizers
+from vmq_fx.pt2e.utils import example_images, linear_quantizers
 from vmq_fx.pt2e.vq import kmeans_assignment
 
 __all__ = ["QuantizeResult", "method_from_name", "quantize"]
@@ -62,7 +63,7 @@ def method_from_name(name: str) -> tuple[Recipe, object | None]:
     return recipe, config_type(**other)
 
 
-def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibration_images: torch.Tensor,
+def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibration_images: torch.Tensor | Dataset,
              config: object | None = None, progress: bool = True,
              diagnostic_images: torch.Tensor | None = None) -> QuantizeResult:
     """Quantize a Vim / VMamba model with a recipe (or a configured quantizer) and lower it: export, prepare,
@@ -73,7 +74,8 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
         model: an eager model in eval mode.
         recipe: see :mod:`vmq_fx.pt2e.recipes`, or a :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` (mixed
             precision).
-        calibration_images: ``[N, C, H, W]``.
+        calibration_images: ``[N, C, H, W]``, or a map-style ``Dataset`` of images (under ``torchrun`` each process
+            then reads only the images it computes on).
         config: the optimization's run-level settings: a :class:`~vmq_fx.pt2e.jlss.JLSSConfig` for PTQ4VM recipes,
             a :class:`~vmq_fx.pt2e.vq.VQConfig` for ViM-VQ ones (``None``: its defaults). Refused for recipes without
             an optimization step (``sq-pts``, ``per-tensor``, ``vq-kmeans`` ...).
@@ -101,7 +103,7 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
             raise TypeError(f"quantize: {optimizing[0].name} is optimized with a {family.config_type().__name__}, "
                             f"got a {type(config).__name__}")
     t0 = time.perf_counter()
-    gm = export_model(model, calibration_images[:2]).module()
+    gm = export_model(model, example_images(calibration_images, 2)).module()
     prepared = prepare_pt2e(gm, quantizer)
     calibrate(prepared, calibration_images, progress=progress)
     errors_init = None

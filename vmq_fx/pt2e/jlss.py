@@ -186,7 +186,8 @@ def jlss(prepared: fx.GraphModule, calibration_data, config: JLSSConfig | None =
     Args:
         prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.ptq4vm(...)))`` after :func:`vmq_fx.calibrate`;
             the linears whose recipe has ``jlss=True`` learn.
-        calibration_data: the calibration images (tensor [N, C, H, W] or iterable of batches).
+        calibration_data: the calibration images (tensor [N, C, H, W], map-style dataset of images, or iterable of
+            batches; see :mod:`vmq_fx.pt2e.utils`).
         config: steps, images per step, seed, learning rates, loss target (default :class:`JLSSConfig()`: PTQ4VM's
             100 steps on Vim, 400 on VMamba, all images per step).
         progress: one progress bar per block.

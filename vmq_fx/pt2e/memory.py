@@ -1,9 +1,47 @@
-"""Peak resident memory of the process over a stretch of work (Linux ``/proc``; elsewhere it reads 0)."""
+"""Memory of the process: its peak over a stretch of work (Linux ``/proc``; elsewhere it reads 0), and the
+allocator setting that keeps the block-wise methods' peak down."""
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
 import threading
 
-__all__ = ["PeakRSS"]
+__all__ = ["PeakRSS", "return_freed_memory"]
+
+log = logging.getLogger(__name__)
+
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def return_freed_memory(threshold: int = 128 << 10) -> bool:
+    """Have glibc's ``malloc`` map each allocation of ``threshold`` bytes or more on its own rather than grow its
+    heap for it, so that a tensor's memory goes back to the system when it is freed; the vmq CLI does this before
+    quantizing.
+
+    Why: glibc raises its mapping threshold each time it frees a mapped block, up to 32 MiB, and from then on grows
+    its heap for smaller tensors; freed heap blocks stay with the process and leave holes that the next, larger
+    activations cannot reuse. JLSS's forward and backward on a whole share of images allocate and free tens of such
+    tensors per step, so the process's peak grows past what it holds at any moment, the more so the smaller each
+    process's share. Measured in ``bench/results/distributed_calibration.md``.
+
+    It is process-wide and stays on. ``MALLOC_MMAP_THRESHOLD_`` set in the environment (the same setting, read by
+    glibc at start-up) is left to stand, and another C library is left alone.
+
+    Returns:
+        whether the threshold was set here.
+    """
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # glibc's alone: mallopt's parameter numbers are glibc's
+        done = libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)) == 1
+    except (OSError, AttributeError):
+        done = False
+    log.debug("malloc: %s", f"allocations of {threshold} bytes or more are mapped one by one" if done
+              else "not glibc's, left as it is")
+    return done
 
 
 class PeakRSS:

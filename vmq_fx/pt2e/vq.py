@@ -113,7 +113,8 @@ def vector_quantize(prepared: fx.GraphModule, calibration_data, config: VQConfig
     Args:
         prepared: ``prepare_pt2e(gm, VisualMambaQuantizer(recipes.vimvq(bits)))`` after :func:`vmq_fx.calibrate`
             (which fits the k-means codebooks).
-        calibration_data: the calibration images (tensor ``[N, C, H, W]`` or iterable of batches).
+        calibration_data: the calibration images (tensor ``[N, C, H, W]``, map-style dataset of images, or
+            iterable of batches; see :mod:`vmq_fx.pt2e.utils`).
         config: steps, images per step, seed, learning rates, confirmation (default :class:`VQConfig()`: 400 steps
             of 64 images).
         progress: one progress bar per block.
