@@ -5,13 +5,16 @@
 * JLSS memory: the peak resident memory of each process (``ru_maxrss``) through calibration and one JLSS step per
   block on all the images (PTQ4VM's schedule: every step sees every image), on a 2-block vim_tiny 224² and 256 images;
   the largest over the processes, and its growth during JLSS (over the peak the process had reached before it: torch,
-  the model, calibration). Four ways:
-  - the images as one tensor every process holds whole (what a Python caller passing a tensor does), or as a
-    map-style dataset each process reads only its share of (what the CLI does with a folder of images);
-  - glibc's malloc as it comes, or after ``vmq_fx.pt2e.memory.return_freed_memory()`` (what the CLI does): glibc
-    raises its mmap threshold each time a large block is freed, so later large tensors come from its heap and their
-    memory stays with the process after they are freed; a fixed threshold maps each one anew (a page fault per page),
-    and JLSS's time is reported beside it for that reason.
+  the model, calibration). Four cases:
+  - the images as one tensor every process holds whole (what a Python caller passing a tensor does), with glibc's
+    malloc and torch's pages as they come;
+  - the images as a map-style dataset each process reads only its share of (what the CLI does with a folder of
+    images), with malloc and pages as they come;
+  - the same after ``vmq_fx.pt2e.memory.return_freed_memory()``: glibc raises its mmap threshold each time a large
+    block is freed, so later large tensors come from its heap and their memory stays with the process after they are
+    freed, while a fixed threshold maps each one anew (a page fault per page);
+  - the same with ``huge_pages_for_large_tensors()`` besides (what the CLI does), one page fault per 2 MiB.
+  JLSS's time is reported beside the memory for that reason (one run: indicative only).
 
 Random images (the work does not depend on their content) and random weights in the official layout.
 
@@ -41,7 +44,9 @@ def worker(task: str, data: str, malloc: str) -> None:
     import vmq_fx
     from vmq_fx import VisualMambaQuantizer, distributed, prepare_pt2e, recipes
 
-    if malloc == "return-freed":
+    if malloc == "cli":  # before any tensor is made
+        assert vmq_fx.pt2e.memory.huge_pages_for_large_tensors()
+    if malloc in ("return-freed", "cli"):
         assert vmq_fx.pt2e.memory.return_freed_memory()
     torch.set_num_threads(1)
     distributed.init_from_env()
@@ -85,12 +90,14 @@ def worker(task: str, data: str, malloc: str) -> None:
 
 
 DATA = {"tensor": "one tensor, whole in every process", "dataset": "dataset, each process reads its share"}
-MALLOC = {"glibc": "glibc as it comes", "return-freed": "`return_freed_memory()`"}
+MALLOC = {"glibc": "as they come", "return-freed": "`return_freed_memory()`",
+          "cli": "`return_freed_memory()` + `huge_pages_for_large_tensors()` (the CLI)"}
+CASES = [("tensor", "glibc"), ("dataset", "glibc"), ("dataset", "return-freed"), ("dataset", "cli")]
 
 
 def run(task: str, procs: int, data: str = "tensor", malloc: str = "glibc") -> dict:
     me = [str(Path(__file__).resolve()), "--worker", task, "--data", data, "--malloc", malloc]
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "THP_MEM_ALLOC_ENABLE")}
     done = subprocess.run(launch_command(procs, me), capture_output=True, text=True, check=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -131,17 +138,15 @@ def main() -> None:
                   "The largest peak resident memory of the processes through calibration and one JLSS step per block "
                   "on all 256 images, a 2-block vim_tiny 224² (one run each), how much it grew during JLSS, and "
                   "JLSS's time between barriers (one run: indicative only).", "",
-                  "| images | malloc | processes | peak memory per process GiB | vs one process | growth during "
+                  "| images | malloc, pages | processes | peak memory per process GiB | vs one process | growth during "
                   "JLSS GiB | vs one process | JLSS s |", "|---|---|---|---|---|---|---|---|"]
-        for data, data_label in DATA.items():
-            for malloc, malloc_label in MALLOC.items():
-                jlss = {n: run("jlss", n, data, malloc) for n in counts}
-                print("jlss", data, malloc, jlss, file=sys.stderr, flush=True)
-                peak = {n: r["peak_gib"] for n, r in jlss.items()}
-                growth = {n: r["peak_gib"] - r["peak_before_gib"] for n, r in jlss.items()}
-                lines += [f"| {data_label} | {malloc_label} | {n} | {peak[n]:.2f} | {peak[n] / peak[1]:.2f}x | "
-                          f"{growth[n]:.2f} | {growth[n] / growth[1]:.2f}x | {jlss[n]['seconds']:.1f} |"
-                          for n in counts]
+        for data, malloc in CASES:
+            jlss = {n: run("jlss", n, data, malloc) for n in counts}
+            print("jlss", data, malloc, jlss, file=sys.stderr, flush=True)
+            peak = {n: r["peak_gib"] for n, r in jlss.items()}
+            growth = {n: r["peak_gib"] - r["peak_before_gib"] for n, r in jlss.items()}
+            lines += [f"| {DATA[data]} | {MALLOC[malloc]} | {n} | {peak[n]:.2f} | {peak[n] / peak[1]:.2f}x | "
+                      f"{growth[n]:.2f} | {growth[n] / growth[1]:.2f}x | {jlss[n]['seconds']:.1f} |" for n in counts]
         lines.append("")
     text = "\n".join(lines)
     Path(args.out).write_text(text)

@@ -119,10 +119,11 @@ def vmamba():
 
 @pytest.fixture(autouse=True)
 def freed_memory_calls(monkeypatch):
-    """The CLI's malloc setting (``vmq_fx.pt2e.memory.return_freed_memory``) is process-wide and for good: in the test
-    process the calls are recorded instead (``tests/test_memory.py`` makes the setting in fresh interpreters)."""
+    """The CLI's allocator settings (``vmq_fx.pt2e.memory``) are process-wide and for good: in the test process their
+    calls are recorded instead, by name (``tests/test_memory.py`` makes the settings in fresh interpreters)."""
     import vmq_fx.pt2e.memory
 
     calls = []
-    monkeypatch.setattr(vmq_fx.pt2e.memory, "return_freed_memory", lambda *a, **k: calls.append(a) or True)
+    for name in ("return_freed_memory", "huge_pages_for_large_tensors"):
+        monkeypatch.setattr(vmq_fx.pt2e.memory, name, lambda *a, name=name, **k: calls.append(name) or True)
     return calls

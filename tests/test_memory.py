@@ -2,6 +2,9 @@
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+
+import pytest
 
 _SCRIPT = textwrap.dedent(
     """
@@ -69,3 +72,38 @@ def test_return_freed_memory_maps_a_tensor_glibc_would_serve_from_its_heap():
     assert applied == "True" and mapped >= 4 << 20
     applied, mapped = _mapped("apply", MALLOC_MMAP_THRESHOLD_="131072")
     assert applied == "False" and mapped >= 4 << 20
+
+
+_HUGE_PAGES_SCRIPT = textwrap.dedent(
+    """
+    import sys
+
+    if sys.argv[1] == "after-a-tensor":
+        import torch
+
+        torch.ones(1)
+    from vmq_fx.pt2e.memory import huge_pages_for_large_tensors
+
+    print(huge_pages_for_large_tensors())
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/sys/kernel/mm/transparent_hugepage/enabled").exists() or
+                    "[never]" in Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text(),
+                    reason="no transparent huge pages on this system")
+def test_huge_pages_for_large_tensors_takes_only_before_torch_allocates():
+    """Called first, torch's large tensors are advised for huge pages (whether the kernel finds free 2 MiB pages is
+    its own affair); once torch has made a tensor it has read its setting, and the function says that it did not
+    take. ``THP_MEM_ALLOC_ENABLE=0`` in the environment is the user's choice."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+
+    def run(mode, **extra):
+        return subprocess.run([sys.executable, "-c", _HUGE_PAGES_SCRIPT, mode], capture_output=True, text=True,
+                              check=True, env={**env, **extra}).stdout.strip()
+
+    assert run("first") == "True"
+    assert run("after-a-tensor") == "False"
+    assert run("first", THP_MEM_ALLOC_ENABLE="0") == "False"

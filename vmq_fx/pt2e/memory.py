@@ -1,5 +1,5 @@
 """Memory of the process: its peak over a stretch of work (Linux ``/proc``; elsewhere it reads 0), and the
-allocator setting that keeps the block-wise methods' peak down."""
+allocator settings that keep the block-wise methods' peak down and their page faults few."""
 from __future__ import annotations
 
 import ctypes
@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 
-__all__ = ["PeakRSS", "return_freed_memory"]
+__all__ = ["PeakRSS", "huge_pages_for_large_tensors", "return_freed_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,53 @@ def return_freed_memory(threshold: int = 128 << 10) -> bool:
         done = False
     log.debug("malloc: %s", f"allocations of {threshold} bytes or more are mapped one by one" if done
               else "not glibc's, left as it is")
+    return done
+
+
+def _advised_for_huge_pages(address: int) -> bool:
+    """Whether the mapping holding ``address`` carries ``MADV_HUGEPAGE`` (``hg`` in its ``VmFlags``, Linux)."""
+    try:
+        with open("/proc/self/smaps") as f:
+            inside = False
+            for line in f:
+                head = line.split(" ", 1)[0]
+                if "-" in head and ":" not in head:  # a mapping's first line: start-end perms ...
+                    start, end = (int(v, 16) for v in head.split("-"))
+                    inside = start <= address < end
+                elif inside and line.startswith("VmFlags:"):
+                    return "hg" in line.split()[1:]
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+def huge_pages_for_large_tensors() -> bool:
+    """Have torch ask the kernel for transparent huge pages for each CPU tensor of 2 MiB or more
+    (``THP_MEM_ALLOC_ENABLE=1``, which torch reads at its first allocation: call this before any tensor is made); the
+    vmq CLI does this before quantizing.
+
+    Why: each first touch of a page of a new tensor is a page fault; a 2 MiB page takes one where 4 KiB pages take
+    512, and it spares TLB misses besides. JLSS allocates its activations anew at every step (more so after
+    :func:`return_freed_memory`, which maps every large tensor afresh). Measured in
+    ``bench/results/distributed_calibration.md``.
+
+    ``THP_MEM_ALLOC_ENABLE`` set in the environment is the user's choice and is left to stand.
+
+    Returns:
+        whether a probe tensor of 4 MiB is advised for huge pages: ``False`` where torch had allocated before, the
+        kernel's transparent huge pages are off (``never``), or the system is not Linux.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+    import torch
+
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            available = "[never]" not in f.read()
+    except OSError:
+        available = False
+    probe = torch.empty(4 << 20, dtype=torch.uint8)
+    done = available and _advised_for_huge_pages(probe.data_ptr())
+    log.debug("transparent huge pages for tensors of 2 MiB or more: %s", "asked for" if done else "not in use")
     return done
 
 
