@@ -18,10 +18,10 @@ method learns and does around the steps.
 
 Under ``torchrun`` each process captures and holds only its share of the images (a contiguous run,
 :func:`vmq_fx.distributed.batch_shard`; from a map-style dataset it reads only those), so the captures' memory per
-process falls as 1 / N. Every process draws the
-same mini-batch of the whole set, computes the loss of the part it holds (weighted by that part's share of the
-mini-batch), and the gradients are summed over the processes before the optimizer's step: the step of one process on
-the whole mini-batch, up to float rounding, with the same parameters everywhere.
+process falls as 1 / N. Every process draws the same mini-batch of the whole set, computes the loss of the part it
+holds (weighted by that part's share of the mini-batch), and the gradients are summed over the processes before the
+optimizer's step: the step of one process on the whole mini-batch, up to float rounding, with the same parameters
+everywhere.
 """
 from __future__ import annotations
 
@@ -156,8 +156,8 @@ class BlockRunner:
     Args:
         prepared: a model prepared with :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` and calibrated.
         calibration_data: the calibration images (tensor ``[N, C, H, W]``, map-style dataset of images, or iterable
-            of batches: see :mod:`vmq_fx.pt2e.utils`); under ``torchrun`` the runner keeps this process's share (``self.images``, items ``self.share`` of the
-            ``self.total``).
+            of batches: see :mod:`vmq_fx.pt2e.utils`); under ``torchrun`` the runner keeps this process's share
+            (``self.images``, items ``self.share`` of the ``self.total``).
     """
 
     def __init__(self, prepared: fx.GraphModule, calibration_data):

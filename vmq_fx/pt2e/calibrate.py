@@ -18,8 +18,7 @@ Without smoothing, a KLT rotation or outlier channels only the second pass runs.
 (``node.meta["vmq_linear"].recipe``), so mixed-precision models calibrate in the same two passes.
 
 Under ``torchrun`` each process runs (and, from a map-style dataset, reads) a contiguous share of the batches
-(:func:`vmq_fx.distributed.batch_shard`) and
-the activation quantizers combine their statistics after each pass
+(:func:`vmq_fx.distributed.batch_shard`) and the activation quantizers combine their statistics after each pass
 (:meth:`~vmq_fx.pt2e.observers.PerTokenStaticFakeQuantize.all_reduce_statistics`), so every process ends with the
 same quantizers: maxima exactly those of one process, step sizes from merged histograms.
 """
