@@ -20,7 +20,8 @@ def one_thread():
         torch.set_num_threads(threads)
 
 
-def _calibrated(recipe, batch_size: int):
+def _calibrated(recipe, batch_size: int, data=None):
+    """vim-fm-tiny prepared with ``recipe`` and calibrated on ``data`` (default: 64 Fashion-MNIST training images)."""
     import vmq_fx
     from vmq_fx import VisualMambaQuantizer, prepare_pt2e
     from vmq_fx.app.data import calibration_images
@@ -29,7 +30,7 @@ def _calibrated(recipe, batch_size: int):
     images = calibration_images(64)
     with one_thread():
         prepared = prepare_pt2e(vmq_fx.export_model(model, images[:2]).module(), VisualMambaQuantizer(recipe))
-        vmq_fx.calibrate(prepared, images, batch_size=batch_size, progress=False)
+        vmq_fx.calibrate(prepared, images if data is None else data, batch_size=batch_size, progress=False)
     return prepared
 
 
@@ -63,19 +64,23 @@ def outlier_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]
             for name, m in prepared.named_modules() if isinstance(m, PerTokenStaticFakeQuantize) and m.outliers}
 
 
-def calibrated_statistics(batch_size: int = 8) -> dict[str, dict[str, torch.Tensor]]:
-    """What each activation quantizer holds after calibrating on 64 Fashion-MNIST training images in batches of 8."""
-    from vmq_fx import recipes
+def calibrated_statistics(batch_size: int = 8, dataset: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+    """What each activation quantizer holds after calibrating on 64 Fashion-MNIST training images in batches of 8.
+    With ``dataset`` the images come from a map-style dataset, and ``"read"`` holds the images each process read
+    from it, in rank order."""
+    from vmq_fx import distributed, recipes
+    from vmq_fx.app.data import calibration_images
     from vmq_fx.pt2e.observers import PerTokenStaticFakeQuantize
 
-    prepared = _calibrated(recipes.smoothquant_pts(8, 8), batch_size)
+    data = RecordingImages(calibration_images(64)) if dataset else None
+    prepared = _calibrated(recipes.smoothquant_pts(8, 8), batch_size, data)
     out = {}
     for name, module in prepared.named_modules():
         if isinstance(module, PerTokenStaticFakeQuantize):
             scale, zero_point = module.calculate_qparams()
             out[name] = {"min": module.min_val, "max": module.max_val, "channel_absmax": module.channel_absmax,
                          "smooth": module.smooth.detach(), "scale": scale, "zero_point": zero_point}
-    return out
+    return {**out, "read": distributed.all_gather_objects(data.read)} if dataset else out
 
 
 class RecordingImages(torch.utils.data.Dataset):
@@ -134,7 +139,7 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     distributed.init_from_env()
-    results = {"calibration": calibrated_statistics(), "klt": klt_moments(), "outliers": outlier_statistics(), **block_optimizations(dataset=True)}
+    results = {"calibration": calibrated_statistics(dataset=True), "klt": klt_moments(), "outliers": outlier_statistics(), **block_optimizations(dataset=True)}
     if distributed.is_main():
         torch.save(results, sys.argv[1])
     distributed.shutdown()
