@@ -139,7 +139,8 @@ if __name__ == "__main__":
 
     torch.set_num_threads(1)
     distributed.init_from_env()
-    results = {"calibration": calibrated_statistics(dataset=True), "klt": klt_moments(), "outliers": outlier_statistics(), **block_optimizations(dataset=True)}
+    results = {"calibration": calibrated_statistics(dataset=True), "klt": klt_moments(),
+               "outliers": outlier_statistics(), **block_optimizations(dataset=True)}
     if distributed.is_main():
         torch.save(results, sys.argv[1])
     distributed.shutdown()

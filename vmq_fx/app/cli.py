@@ -197,7 +197,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     example = example_images(calib, 2)
     for name, (quantizer, config) in zip(args.recipe, chosen):
         log.info("%s: quantizing", name)
-        res = vmq_fx.quantize(model, quantizer, calib, config, progress=progress, diagnostic_images=example_images(calib, 32))
+        res = vmq_fx.quantize(model, quantizer, calib, config, progress=progress,
+                              diagnostic_images=example_images(calib, 32))
         score = workload.score(res.lowered, progress)
         if not writer:
             continue

@@ -117,7 +117,8 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         batch_size = max(1, min(batch_size, -(-len(data) // distributed.world_size())))
     batches = split_batches(data, batch_size)
     if len(batches) == 0:
-        raise ValueError("calibration data is empty: pass calibration images (e.g. vmq_fx.app.data.calibration_images())")
+        raise ValueError("calibration data is empty: pass calibration images (e.g. "
+                         "vmq_fx.app.data.calibration_images())")
     if len(batches) < distributed.world_size():
         raise ValueError(f"calibration has {len(batches)} batches for {distributed.world_size()} processes: every "
                          "process needs one (more images or a smaller batch size)")
