@@ -84,7 +84,7 @@ def calibrated_statistics(batch_size: int = 8, dataset: bool = False) -> dict[st
 
 
 class RecordingImages(torch.utils.data.Dataset):
-    """A map-style dataset of a tensor's images that records which it was asked for."""
+    """A map-style dataset of (image, label) pairs of a tensor's images that records which it was asked for."""
 
     def __init__(self, images: torch.Tensor):
         self.images, self.read = images, []
@@ -92,9 +92,9 @@ class RecordingImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         self.read.append(i)
-        return self.images[i]
+        return self.images[i], 0
 
 
 def block_optimizations(dataset: bool = False) -> dict:

@@ -28,7 +28,6 @@ def test_peak_sees_a_buffer_freed_inside_the_block():
     assert peak - start >= 56 << 20, f"peak grew by {(peak - start) >> 20} MiB for a 64 MiB buffer"
 
 
-
 _MALLOC_SCRIPT = textwrap.dedent(
     """
     import ctypes

@@ -242,24 +242,13 @@ def test_block_runner_views_a_tensor_of_images_and_takes_batches_as_given(vim):
         BlockRunner(prepared, calib[:0])
 
 
-class _RecordingImages(torch.utils.data.Dataset):
-    """(image, label) pairs of a tensor, recording which items were read."""
-
-    def __init__(self, images):
-        self.images, self.read = images, []
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, i):
-        self.read.append(i)
-        return self.images[i], 0
-
-
 def test_a_dataset_of_images_is_read_only_where_this_process_computes(vim, monkeypatch):
-    """A map-style dataset calibrates and learns as the same images in a tensor do (the same batches, so the same
-    statistics, exactly), and each process reads only its share: its batches in calibration, its run of images in
-    the block-wise methods (here process 1 of 2, with the group mocked)."""
+    """A map-style dataset of (image, label) pairs calibrates as the same images in a tensor do (the same batches, so
+    the same statistics, exactly) and the block-wise methods hold the same images; each process reads only its
+    share: its batches in calibration, its run of images in the block-wise methods (here process 1 of 2, with the
+    group mocked)."""
+    from distributed_calibration import RecordingImages
+
     from vmq_fx import distributed
     from vmq_fx.pt2e.blockwise import BlockRunner
     from vmq_fx.pt2e.observers import PerTokenStaticFakeQuantize
@@ -267,7 +256,7 @@ def test_a_dataset_of_images_is_read_only_where_this_process_computes(vim, monke
     _, gm = vim
     calib = torch.randn(10, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     stats = []
-    for data in (calib, _RecordingImages(calib)):
+    for data in (calib, RecordingImages(calib)):
         prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
         vmq_fx.calibrate(prepared, data, batch_size=4, progress=False)
         stats.append([(m.min_val, m.max_val, m.smooth.detach(), *m.calculate_qparams())
@@ -275,14 +264,14 @@ def test_a_dataset_of_images_is_read_only_where_this_process_computes(vim, monke
     assert len(stats[0]) == 12 and data.read == list(range(10))  # read once for both passes
     for a, b in zip(*stats):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert torch.equal(BlockRunner(prepared, _RecordingImages(calib)).images, calib)
+    assert torch.equal(BlockRunner(prepared, RecordingImages(calib)).images, calib)
 
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     monkeypatch.setattr(distributed, "rank", lambda: 1)
-    data = _RecordingImages(calib)
+    data = RecordingImages(calib)
     runner = BlockRunner(prepared, data)
     assert data.read == list(range(5, 10)) and runner.total == 10 and torch.equal(runner.images, calib[5:])
-    data = _RecordingImages(calib)
+    data = RecordingImages(calib)
     # the mocked group sums nothing: this process calibrates on its batches alone
     vmq_fx.calibrate(prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8))), data,
                      batch_size=4, progress=False)
