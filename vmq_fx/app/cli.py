@@ -194,11 +194,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
              "|---|---|---|---|---|---|", f"| FP32 | {fp} | - | 32 | - | - |"]
     notes, figures, points = [], [], []
     calib = workload.calibration
-    example = example_images(calib, 2)
+    example, diagnostic = example_images(calib, 2), example_images(calib, 32)  # read once for every recipe
     for name, (quantizer, config) in zip(args.recipe, chosen):
         log.info("%s: quantizing", name)
-        res = vmq_fx.quantize(model, quantizer, calib, config, progress=progress,
-                              diagnostic_images=example_images(calib, 32))
+        res = vmq_fx.quantize(model, quantizer, calib, config, progress=progress, diagnostic_images=diagnostic)
         score = workload.score(res.lowered, progress)
         if not writer:
             continue

@@ -53,9 +53,12 @@ def smoothquant_scales(act_absmax: Tensor, weight: Tensor, alpha: float) -> Tens
     return (a.pow(alpha) / w.pow(1 - alpha)).clamp(min=_SCALE_CLAMP)
 
 
+_EMPTY = "calibration data is empty: pass calibration images (e.g. vmq_fx.app.data.calibration_images())"
+
+
 def _check_inputs(gm: fx.GraphModule, batches: list[Tensor]) -> None:
     if sum(len(b) for b in batches) == 0:
-        raise ValueError("calibration data is empty: pass calibration images (e.g. vmq_fx.app.data.calibration_images())")
+        raise ValueError(_EMPTY)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     val = placeholders[0].meta.get("val") if placeholders else None
     if val is None:
@@ -117,8 +120,7 @@ def calibrate(prepared: fx.GraphModule, data: Tensor | Iterable, batch_size: int
         batch_size = max(1, min(batch_size, -(-len(data) // distributed.world_size())))
     batches = split_batches(data, batch_size)
     if len(batches) == 0:
-        raise ValueError("calibration data is empty: pass calibration images (e.g. "
-                         "vmq_fx.app.data.calibration_images())")
+        raise ValueError(_EMPTY)
     if len(batches) < distributed.world_size():
         raise ValueError(f"calibration has {len(batches)} batches for {distributed.world_size()} processes: every "
                          "process needs one (more images or a smaller batch size)")
