@@ -92,6 +92,30 @@ def test_scan_does_not_grow_with_sequence_length(tmp_path):
     assert abs(sizes[0][1] - sizes[1][1]) < 2048
 
 
+class _Splits(torch.nn.Module):
+    def forward(self, x):  # x [b, 10, 7]
+        a, b, c = torch.split(x, [2, 5, 3], dim=1)  # aten.split_with_sizes
+        d, e = torch.chunk(x, 2, dim=-1)  # aten.chunk: 4 + 3
+        f, g, h, _ = x.split(3, dim=1)  # aten.split.Tensor: 3 + 3 + 3 + 1
+        return (a.sum(1) * 2 + b.sum(1) - c.sum(1), d * 3 - e.sum(-1, keepdim=True), f + 2 * g - h)
+
+
+def test_splits_export_as_split_nodes_without_sequences(tmp_path):
+    model, x = _Splits(), torch.randn(2, 10, 7)
+    ep = torch.export.export(model, (x,))
+    targets = Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    assert targets["aten.split_with_sizes.default"] == 1 and targets["aten.chunk.default"] == 1
+    assert targets["aten.split.Tensor"] == 1
+    res = vmq_fx.export_onnx(model, x, tmp_path / "splits.onnx", config=None)
+    ops = _ops(res.path)
+    assert ops["Split"] == 3 and ops["SplitToSequence"] == 0 and ops["SequenceAt"] == 0
+    sess = ort_session(res.path)
+    y = torch.randn(3, 10, 7)
+    outs = sess.run(None, {sess.get_inputs()[0].name: y.numpy()})
+    for out, ref in zip(outs, model(y), strict=True):
+        torch.testing.assert_close(torch.from_numpy(out), ref, rtol=1e-6, atol=1e-6)
+
+
 class _Int8Linear(torch.nn.Module):
     def __init__(self, k, n, w_bits, a_bits, smooth, dynamic=False):
         super().__init__()
