@@ -378,7 +378,8 @@ def _vq_linear(x, codes, codebook, row_scale, bias, in_features):
 
 def _static_split(x, sizes, dim: int):
     """One ``Split`` into static ``sizes``, its outputs returned as a tuple (the exporter indexes them directly):
-    torch's own translations write ``SplitToSequence`` + ``SequenceAt``, 1.5-4 % of a vim_tiny forward in onnxruntime (AVX-512 AMX Xeon)."""
+    torch's own translations write ``SplitToSequence`` + ``SequenceAt``, 1.5-4 % of a vim_tiny forward in
+    onnxruntime (AVX-512 AMX Xeon)."""
     _, op, call_op = _ops()
     if len(sizes) == 1:
         return (op.Identity(x),)
