@@ -64,9 +64,9 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// 2^y for a vector of floats: y = k + f with k an integer, a degree-6 polynomial for 2^f, scaled by 2^k. The recurrence's
-// decay exp(dt * A) is computed as 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply fewer per state
-// update.
+// 2^y for a vector of floats: y = k + f with k an integer, a degree-6 polynomial for 2^f, scaled by 2^k. The
+// recurrence's decay exp(dt * A) is computed as 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply
+// fewer per state update.
 //   AVX-512: f = y - floor(y) in [0, 1) in one instruction (vreduceps) and vscalefps multiplies by 2^floor(y) itself
 //   (saturating to 0 and inf): 12 % faster than rounding to nearest, then subtracting, for the scan (its exp is most of
 //   a state update's work).
