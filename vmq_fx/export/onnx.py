@@ -392,25 +392,26 @@ def _torchlib(name: str):
     return getattr(core, name)
 
 
-def _split_with_sizes(x, split_sizes, dim: int = 0):
+# The parameters are named as in the aten schemas (tests/test_op_definitions.py), ``self`` included.
+def _split_with_sizes(self, split_sizes, dim: int = 0):
     if all(isinstance(s, int) for s in split_sizes):
-        return _static_split(x, list(split_sizes), dim)
-    return _torchlib("aten_split_with_sizes")(x, split_sizes, dim)
+        return _static_split(self, list(split_sizes), dim)
+    return _torchlib("aten_split_with_sizes")(self, split_sizes, dim)
 
 
-def _split(x, split_size, dim: int = 0):
-    total = x.shape[dim]
+def _split(self, split_size, dim: int = 0):
+    total = self.shape[dim]
     if isinstance(total, int) and isinstance(split_size, int):
-        return _static_split(x, [min(split_size, total - start) for start in range(0, total, split_size)], dim)
-    return _torchlib("aten_split")(x, split_size, dim)
+        return _static_split(self, [min(split_size, total - start) for start in range(0, total, split_size)], dim)
+    return _torchlib("aten_split")(self, split_size, dim)
 
 
-def _chunk(x, chunks: int, dim: int = 0):
-    total = x.shape[dim]
+def _chunk(self, chunks: int, dim: int = 0):
+    total = self.shape[dim]
     if isinstance(total, int):
         size = -(-total // chunks)  # torch.chunk: chunks of ceil(total / chunks), the last one shorter
-        return _static_split(x, [min(size, total - start) for start in range(0, total, size)], dim)
-    return _torchlib("aten_chunk")(x, chunks, dim)
+        return _static_split(self, [min(size, total - start) for start in range(0, total, size)], dim)
+    return _torchlib("aten_chunk")(self, chunks, dim)
 
 
 OPS = ("onnx", "vmq")  # export_onnx(ops=...): standard ONNX everywhere, or vmq_fx's onnxruntime ops where it has one
