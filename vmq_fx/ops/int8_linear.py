@@ -195,7 +195,7 @@ register_no_backward(int8_linear, "int8_linear")
 @dataclass(frozen=True)
 class Int8LinearArgs(NamedArguments):
     """The arguments of one ``vmq::int8_linear`` call by name (graph nodes or values), as the schema above declares
-    them: what the lowering writes (:meth:`as_kwargs`) and what the passes, the report and the exporters read
+    them: what the lowering writes (:meth:`as_args`) and what the passes, the report and the exporters read
     (:meth:`from_node`) instead of positions."""
 
     op: ClassVar = torch.ops.vmq.int8_linear.default

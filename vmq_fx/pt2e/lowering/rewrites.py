@@ -41,6 +41,7 @@ from torch import fx
 
 import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 from vmq_fx.pt2e.observers.fake_quantize import OUTLIER_META, SMOOTHING_META
+from vmq_fx.ops._schema import argument_names
 from vmq_fx.ops.int8_linear import Int8LinearArgs, prepare_weight
 from vmq_fx.ops.vq_linear import VQLinearArgs
 from vmq_fx.pt2e.lowering.simplify import drop_unused_attributes, simplify
@@ -160,7 +161,7 @@ def _int8_linear(ctx: Lowering, node: fx.Node, layer: QuantizedLinear, x, act_sc
             w=_register(gm, prefix + "weight", w8),
             w_scale=_register(gm, prefix + "weight_scale", w_scale), w_sum=_register(gm, prefix + "weight_sum", w_sum),
             bias=bias, act_qmin=int(qmin), act_qmax=int(qmax), w_bits=layer.recipe.w_bits)
-        return graph.call_function(torch.ops.vmq.int8_linear.default, kwargs=args.as_kwargs())
+        return graph.call_function(torch.ops.vmq.int8_linear.default, args.as_args())
 
 
 @rewrite("per-token static")
@@ -206,7 +207,8 @@ def _outlier_channels(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> f
     outliers = _int8_linear(ctx, node, layer, picked, *parts[0], w_int[:, channels].contiguous(), w_scale, None,
                             smooth=None if smooth is None else smooth[channels], name="_outliers")
     outliers.meta[OUTLIER_META] = True  # the 8-bit part: its weights are the same linear's (bits_per_weight)
-    outliers.update_kwarg("w_scale", main.kwargs["w_scale"])  # the same row scales: stored once
+    w_scale_at = argument_names(torch.ops.vmq.int8_linear.default).index("w_scale")
+    outliers.update_arg(w_scale_at, main.args[w_scale_at])  # the same row scales: stored once
     with graph.inserting_before(node):
         return graph.call_function(torch.ops.aten.add.Tensor, (main, outliers))
 
@@ -259,7 +261,7 @@ def _vector_quantized(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> f
     args = VQLinearArgs(x=dq_x, codes=codes, codebook=codebook, row_scale=row_scale, bias=bias,
                         in_features=in_features)
     with ctx.gm.graph.inserting_before(node):
-        return ctx.gm.graph.call_function(torch.ops.vmq.vq_linear.default, kwargs=args.as_kwargs())
+        return ctx.gm.graph.call_function(torch.ops.vmq.vq_linear.default, args.as_args())
 
 
 def _describe(node: fx.Node) -> str:
