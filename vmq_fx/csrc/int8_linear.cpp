@@ -109,7 +109,7 @@ std::vector<at::Tensor> cached_weight(const at::Tensor& w_in, const at::Tensor& 
     const Entry& e = it->second;
     if (e.w.lock().get() == w_in.storage().unsafeGetStorageImpl() && e.w_offset == w_in.storage_offset() &&
         e.scale.lock().get() == w_scale_in.storage().unsafeGetStorageImpl() &&
-        e.scale_offset == w_scale_in.storage_offset() && e.sizes == w_in.sizes().vec())
+        e.scale_offset == w_scale_in.storage_offset() && w_in.sizes().equals(e.sizes))
       return e.made;
   }
   for (auto e = cache.begin(); e != cache.end();)
@@ -222,9 +222,9 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                     "vmq.int8_linear: weight ", w_in.sizes(), " (", w_bits, "-bit), scale ", w_scale_in.sizes(),
                     " and column sums ", w_sum_in.sizes(), " do not fit x with K=", k_in);
   const auto smooth = f32(smooth_in), bias = f32(bias_in);
-  const at::Tensor w_scale = f32(w_scale_in), w = w_in.contiguous(), w_sum = w_sum_in.to(at::kInt).contiguous();
+  const at::Tensor w_scale = f32(w_scale_in), w = w_in.contiguous(), w_sum = as_contiguous(w_sum_in, at::kInt);
   const int64_t K = x.size(-1);
-  const at::Tensor x2 = x.reshape({-1, K}).to(at::kFloat).contiguous();
+  const at::Tensor x2 = f32(x.dim() == 2 ? x : x.reshape({-1, K}));
   const int64_t M = x2.size(0);
   // Static: one scale and zero point per token position (period L); dynamic: one per row (period M).
   at::Tensor act_scale, zero_point;
@@ -232,7 +232,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     std::tie(act_scale, zero_point) = dynamic_token_qparams(x2, smooth, qmin, qmax);
   } else {
     act_scale = f32(*scale_in);
-    zero_point = zp_in->to(at::kInt).contiguous();
+    zero_point = as_contiguous(*zp_in, at::kInt);
   }
   const int64_t L = act_scale.size(0);
   const int64_t shift = qmax > 127 ? 128 : 0;  // unsigned levels are moved into int8
@@ -308,7 +308,8 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
-  return out.view(sizes).to(x.scalar_type());
+  out = out.view(sizes);
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::Tensor>& smooth,

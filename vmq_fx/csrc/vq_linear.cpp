@@ -144,12 +144,14 @@ at::Tensor vq_linear_cpu(const at::Tensor& x, const at::Tensor& codes, const at:
   TORCH_CHECK_VALUE(x.size(-1) == in_features, "vmq.vq_linear: x has ", x.size(-1), " features, the weight ",
                     in_features);
   // not made contiguous: at::mm takes a row- or column-major x as it is (a transposed scan output, a split's slice)
-  const at::Tensor x2 = x.reshape({-1, in_features}).to(at::kFloat);
+  at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, in_features});
+  if (x2.scalar_type() != at::kFloat) x2 = x2.to(at::kFloat);
   const at::Tensor w = decode(codes, codebook, row_scale, in_features, /*temporary=*/true);
-  at::Tensor out = bias ? at::addmm(bias->to(at::kFloat), x2, w.t()) : at::mm(x2, w.t());
+  at::Tensor out = bias ? at::addmm(f32(*bias), x2, w.t()) : at::mm(x2, w.t());
   auto sizes = x.sizes().vec();
   sizes.back() = codes.size(0);
-  return out.view(sizes).to(x.scalar_type());
+  out = out.view(sizes);
+  return out.scalar_type() == x.scalar_type() ? out : out.to(x.scalar_type());
 }
 
 // No backward: the AutogradCPU kernels refuse inputs that require grad and skip the Python autograd layer.
