@@ -1,6 +1,6 @@
 // CPU kernel of vmq::causal_conv1d: depthwise (anti-)causal convolution + optional SiLU on [batch, L, channels].
 //
-// The torch wrapper of causal_conv1d_core.h (at::parallel_for over batch x channel blocks).
+// The torch wrapper of causal_conv1d_core.h (at::parallel_for over batch x runs of rows).
 #include <torch/extension.h>
 
 #include "causal_conv1d_core.h"
@@ -20,7 +20,7 @@ void conv_rows(const at::Tensor& x, const at::Tensor& taps, const at::Tensor& bi
   const T* wp = taps.data_ptr<T>();
   const T* bp = bias.defined() ? bias.data_ptr<T>() : nullptr;
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, conv::conv_tasks<T>(batch, channels), 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, conv::conv_tasks(batch, length), 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task)
       conv::conv_task(task, xp, x.stride(0), x.stride(1), length, channels, wp, kernel, bp, silu, reverse, op);
   });

@@ -2,8 +2,9 @@
 // pointers: the core the torch op (causal_conv1d.cpp) and the onnxruntime op (ort/causal_conv1d_op.cpp) share. No
 // torch.
 //
-// A task owns W channels (the SIMD lanes) of one batch element and walks the sequence with the taps and the last K
-// inputs in registers, applying the SiLU before the one store.
+// A task owns a run of rows (time steps) of one batch element and computes every channel of a row before the next
+// row, so the input and the output stream through memory in order, and applies the SiLU before the one store. The
+// K - 1 inputs before a row are read again from memory (cache-resident: the rows just read).
 #pragma once
 
 #include <algorithm>
@@ -14,42 +15,46 @@
 
 namespace vmq_fx::conv {
 
-// One block of W channels of one batch element, K known at compile time: the taps and the last K input vectors stay
-// in registers while t walks the sequence, so every input and output vector is touched once.
+// Rows [t0, t1) of one batch element, K known at compile time. Causal: y[t] = sum_k w[k] x[t - (K-1) + k];
+// anti-causal (reverse): y[t] = sum_k w[k] x[t + (K-1) - k]; inputs outside [0, L) are zeros (their terms skipped).
+// A channel's products are summed in the order of k, after the bias, in every lane.
 template <typename T, int K>
-inline void conv_block(const T* x, int64_t st, int64_t length, const T* taps, int64_t channels, const T* bias, int lanes,
-                bool silu, bool reverse, T* out) {
+inline void conv_rows(const T* x, int64_t st, int64_t t0, int64_t t1, int64_t length, const T* taps, int64_t channels,
+                      const T* bias, bool silu, bool reverse, T* out) {
   using V = typename Lanes<T>::V;
   constexpr int W = Lanes<T>::W;
-  V w[K], win[K];
-  V bv = V{};
-  for (int k = 0; k < K; ++k) {
-    w[k] = V{};
-    win[k] = V{};
-    for (int c = 0; c < lanes; ++c) w[k][c] = taps[k * channels + c];
-  }
-  if (bias)
-    for (int c = 0; c < lanes; ++c) bv[c] = bias[c];
-  // In reading order (t ascending, or descending when reverse) output i depends on the K last inputs read;
-  // win[K - 1] is the newest. Causal: y[t] = sum_k w[k] x[t - (K-1) + k]: the newest input takes w[K - 1].
-  // Anti-causal, reading t = L-1 .. 0: y[t] = sum_k w[k] x[t + (K-1) - k]: the newest input (x[t]) takes w[K - 1] too.
-  for (int64_t i = 0; i < length; ++i) {
-    const int64_t t = reverse ? length - 1 - i : i;
-    for (int k = 0; k + 1 < K; ++k) win[k] = win[k + 1];
-    if (lanes == W) {
-      win[K - 1] = load<V>(x + t * st);
-    } else {
-      V v = V{};
-      for (int c = 0; c < lanes; ++c) v[c] = x[t * st + c];
-      win[K - 1] = v;
+  const int64_t full = channels / W * W;
+  const int tail = static_cast<int>(channels - full);
+  for (int64_t t = t0; t < t1; ++t) {
+    const T* src[K];
+    bool inside[K];
+    for (int k = 0; k < K; ++k) {
+      const int64_t s = reverse ? t + (K - 1) - k : t - (K - 1) + k;
+      inside[k] = s >= 0 && s < length;
+      src[k] = x + (inside[k] ? s : 0) * st;
     }
-    V acc = bv;
-    for (int k = 0; k < K; ++k) acc += w[k] * win[k];
-    if (silu) acc = acc * vsigmoid(acc);
-    if (lanes == W) {
-      store(out + t * channels, acc);
-    } else {
-      for (int c = 0; c < lanes; ++c) out[t * channels + c] = acc[c];
+    T* o = out + t * channels;
+    for (int64_t c = 0; c < full; c += W) {
+      V acc = bias ? load<V>(bias + c) : V{};
+      for (int k = 0; k < K; ++k)
+        if (inside[k]) acc += load<V>(taps + k * channels + c) * load<V>(src[k] + c);
+      if (silu) acc = acc * vsigmoid(acc);
+      store(o + c, acc);
+    }
+    if (tail) {  // the last channels, in the lanes of one vector
+      V acc = V{};
+      for (int c = 0; c < tail; ++c) acc[c] = bias ? bias[full + c] : T(0);
+      for (int k = 0; k < K; ++k) {
+        if (!inside[k]) continue;
+        V w = V{}, v = V{};
+        for (int c = 0; c < tail; ++c) {
+          w[c] = taps[k * channels + full + c];
+          v[c] = src[k][full + c];
+        }
+        acc += w * v;
+      }
+      if (silu) acc = acc * vsigmoid(acc);
+      for (int c = 0; c < tail; ++c) o[full + c] = acc[c];
     }
   }
 }
@@ -57,20 +62,26 @@ inline void conv_block(const T* x, int64_t st, int64_t length, const T* taps, in
 // The kernel widths the core handles (Mamba's is 4).
 constexpr int64_t kMaxWidth = 8;
 
-// Task `task` of batch x ceil(channels / W) tasks: x [batch, L, channels] with strides (sb, st, 1); taps [K, channels];
-// bias [channels] or null; out [batch, L, channels] contiguous.
+// Rows per task: enough to amortize re-reading the K - 1 rows before a task's first, few enough that a batch-1 call
+// still splits across threads.
+constexpr int64_t kRowsPerTask = 16;
+
+// The number of tasks of conv_task: batch x ceil(length / kRowsPerTask).
+inline int64_t conv_tasks(int64_t batch, int64_t length) {
+  return batch * ((length + kRowsPerTask - 1) / kRowsPerTask);
+}
+
+// Task `task` of conv_tasks(batch, length): x [batch, L, channels] with strides (sb, st, 1); taps [K, channels]
+// contiguous; bias [channels] or null; out [batch, L, channels] contiguous.
 template <typename T>
 void conv_task(int64_t task, const T* x, int64_t sb, int64_t st, int64_t length, int64_t channels, const T* taps,
                int64_t kernel, const T* bias, bool silu, bool reverse, T* out) {
-  constexpr int W = Lanes<T>::W;
-  const int64_t blocks = (channels + W - 1) / W;
-  const int64_t b = task / blocks, c0 = (task % blocks) * W;
-  const int lanes = static_cast<int>(std::min<int64_t>(W, channels - c0));
-  const T* xb = x + b * sb + c0;
-  T* ob = out + b * length * channels + c0;
-  const T* bb = bias ? bias + c0 : nullptr;
+  const int64_t chunks = (length + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t b = task / chunks, t0 = (task % chunks) * kRowsPerTask, t1 = std::min(t0 + kRowsPerTask, length);
+  const T* xb = x + b * sb;
+  T* ob = out + b * length * channels;
   auto run = [&](auto k) {
-    conv_block<T, decltype(k)::value>(xb, st, length, taps + c0, channels, bb, lanes, silu, reverse, ob);
+    conv_rows<T, decltype(k)::value>(xb, st, t0, t1, length, taps, channels, bias, silu, reverse, ob);
   };
   switch (kernel) {
     case 1: run(std::integral_constant<int, 1>{}); break;
@@ -82,12 +93,6 @@ void conv_task(int64_t task, const T* x, int64_t sb, int64_t st, int64_t length,
     case 7: run(std::integral_constant<int, 7>{}); break;
     default: run(std::integral_constant<int, 8>{});
   }
-}
-
-// The number of tasks of conv_task.
-template <typename T>
-int64_t conv_tasks(int64_t batch, int64_t channels) {
-  return batch * ((channels + Lanes<T>::W - 1) / Lanes<T>::W);
 }
 
 }  // namespace vmq_fx::conv

@@ -44,7 +44,7 @@ struct CausalConv1dKernel {
     float* out = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
     const int64_t kernel = taps_shape[0];
     const bool silu = silu_, reverse = reverse_;
-    vmq_fx::ort::parallel_chunks(ctx, vmq_fx::conv::conv_tasks<float>(batch, channels), [&](int64_t begin, int64_t end) {
+    vmq_fx::ort::parallel_chunks(ctx, vmq_fx::conv::conv_tasks(batch, length), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task)
         vmq_fx::conv::conv_task(task, xp, length * channels, channels, length, channels, wp, kernel, bp, silu, reverse,
                                 out);
