@@ -64,6 +64,13 @@ inline void store(T* p, V v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
+// c[0] + c[1] f + ... + c[6] f^6 by Horner's scheme (one FMA per coefficient after the first).
+inline Lanes<float>::V horner(Lanes<float>::V f, const float (&c)[7]) {
+  Lanes<float>::V p = Lanes<float>::V{} + c[6];
+  for (int i = 5; i >= 0; --i) p = p * f + c[i];
+  return p;
+}
+
 // 2^y for a vector of floats: y = k + f with k an integer, a degree-6 polynomial for 2^f, scaled by 2^k. The
 // recurrence's decay exp(dt * A) is computed as 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply
 // fewer per state update.
@@ -79,13 +86,7 @@ inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   using V = Lanes<float>::V;
 #if defined(__AVX512F__)
   const V f = (V)_mm512_reduce_ps((__m512)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  V p = V{} + 2.1702255e-4f;
-  p = p * f + 1.2439688e-3f;
-  p = p * f + 9.678841e-3f;
-  p = p * f + 5.548334e-2f;
-  p = p * f + 2.4022983e-1f;
-  p = p * f + 6.93147e-1f;
-  p = p * f + 1.0f;
+  const V p = horner(f, {1.0f, 6.93147e-1f, 2.4022983e-1f, 5.548334e-2f, 9.678841e-3f, 1.2439688e-3f, 2.1702255e-4f});
   return (V)_mm512_scalef_ps((__m512)p, (__m512)y);
 #else
   using I = Lanes<float>::I;
@@ -95,13 +96,8 @@ inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to the nearest integer
   const V k = (y + magic) - magic;
   const V f = y - k;
-  V p = V{} + 1.5469732170458883e-4f;
-  p = p * f + 1.3400432653725147e-3f;
-  p = p * f + 9.6180252730846405e-3f;
-  p = p * f + 5.5503271520137787e-2f;
-  p = p * f + 2.4022650718688965e-1f;
-  p = p * f + 6.9314718246459961e-1f;
-  p = p * f + 1.0f;
+  const V p = horner(f, {1.0f, 6.9314718246459961e-1f, 2.4022650718688965e-1f, 5.5503271520137787e-2f,
+                         9.6180252730846405e-3f, 1.3400432653725147e-3f, 1.5469732170458883e-4f});
   I e = (__builtin_convertvector(k, I) + 127) << 23;
   return p * (V)e;
 #endif
