@@ -80,8 +80,9 @@ inline Lanes<float>::V horner(Lanes<float>::V f, const float (&c)[7]) {
 //   Other builds: k = y rounded to the nearest integer (clamped to the float exponent range), f in [-1/2, 1/2], k
 //   added into the exponent bits.
 // The AVX-512 polynomial is a minimax fit of 2^f on [0, 1] (Lawson's iteration; 2e-9 relative error in exact
-// arithmetic), the other a Chebyshev fit on [-1/2, 1/2]: in float32 by FMAs, both come within 8e-8 relative of 2^f, two
-// thirds of a float's spacing at 1.
+// arithmetic), the other a Chebyshev fit on [-1/2, 1/2]: evaluated in float32 with FMAs, they come within 6e-8 and
+// 8e-8 relative of 2^f (half to two thirds of a float's spacing at 1); the SSE2 build, without FMAs, rounds twice per
+// step.
 inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   using V = Lanes<float>::V;
 #if defined(__AVX512F__)
