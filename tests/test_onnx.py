@@ -424,6 +424,51 @@ def test_custom_causal_conv_op_matches_float64_convolution(bias, kernel, channel
     assert (out - ref).abs().max() < 1e-5 * ref.abs().max()
 
 
+class _SplitInProj(torch.nn.Module):
+    """Vim's pattern: in_proj's output split into the convolution's input and the scan's gate."""
+
+    def __init__(self, batch, channels, length, n, reverse):
+        super().__init__()
+        g = torch.Generator().manual_seed(channels + length)
+        self.register_buffer("weight", torch.randn(channels, 4, generator=g))
+        self.register_buffer("bias", torch.randn(channels, generator=g))
+        self.register_buffer("A", -(torch.rand(channels, n, generator=g) + 0.2))
+        self.register_buffer("B", torch.randn(batch, n, length, generator=g))
+        self.register_buffer("C", torch.randn(batch, n, length, generator=g))
+        self.register_buffer("D", torch.randn(channels, generator=g))
+        self.reverse = reverse
+
+    def forward(self, xz):  # [batch, L, 2 channels]
+        x, z = xz.chunk(2, dim=-1)
+        u = torch.ops.vmq.causal_conv1d(x, self.weight, self.bias, True, self.reverse).transpose(1, 2)
+        y, _ = torch.ops.vmq.selective_scan(u, 0.5 * u, self.A, self.B, self.C, self.D, z.transpose(1, 2), None, True,
+                                            self.reverse)
+        return y
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_custom_ops_read_split_slices_in_place(reverse, tmp_path, mamba_ssm_ref, ort_custom_ops):
+    from test_causal_conv1d import conv_reference
+
+    batch, channels, length, n = 2, 20, 9, 4
+    m = _SplitInProj(batch, channels, length, n, reverse)
+    xz = torch.randn(batch, length, 2 * channels, generator=torch.Generator().manual_seed(2))
+    res = vmq_fx.export_onnx(m, xz, tmp_path / "split.onnx", dynamic_batch=False, ops="vmq")
+    assert "Split" not in res.op_counts  # both slices read in place: the copy is gone
+    graph = onnx.load(res.path).graph
+    attrs = {n.op_type: {a.name: a.i for a in n.attribute} for n in graph.node if n.domain == "vmq"}
+    assert attrs["CausalConv1d"]["offset"] == 0 and attrs["SelectiveScan"]["z_offset"] == channels
+    assert all(n.input[0] == graph.input[0].name for n in graph.node if n.op_type == "CausalConv1d")
+    # references: the float64 convolution, then mamba-ssm's scan (float32; in reverse by flipping)
+    x, z = xz.chunk(2, dim=-1)
+    u = conv_reference(x.double(), m.weight.double(), m.bias.double(), True, reverse).float().transpose(1, 2)
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
+    ref = flip(mamba_ssm_ref(flip(u), flip(0.5 * u), m.A, flip(m.B), flip(m.C), m.D, flip(z.transpose(1, 2)), None,
+                             delta_softplus=True))
+    out = _run(res.path, xz)
+    torch.testing.assert_close(out, ref, atol=1e-5 * ref.abs().max(), rtol=1e-5)
+
+
 @pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
 @pytest.mark.parametrize("name", REFERENCES)
 def test_models_with_the_custom_scan_match_torch(name, tmp_path, test_batch, ort_custom_ops):

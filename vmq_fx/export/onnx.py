@@ -179,6 +179,36 @@ def _transposed_from(value):
     return node.inputs[0] if perm is not None and list(perm.as_ints()) == [0, 2, 1] else None
 
 
+def _split_window(value):
+    """``(source, offset)`` where ``value`` is output ``i`` of a ``Split`` of ``source`` along its last axis into
+    constant sizes (channels ``[offset, offset + size_i)`` of ``source``), else ``None``: the vmq ops read such a slice
+    in place, where onnxruntime's ``Split`` copies it."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Split" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    source, sizes = node.inputs[0], node.inputs[1]
+    axis = node.attributes.get("axis")
+    axis = axis.as_int() if axis is not None else 0
+    if source is None or sizes is None or axis not in (-1, len(source.shape) - 1):
+        return None
+    constant = sizes.producer()
+    if constant is None or constant.op_type != "Constant" or "value" not in constant.attributes:
+        return None
+    sizes = constant.attributes["value"].as_tensor().numpy().tolist()
+    return source, int(sum(sizes[:list(node.outputs).index(value)]))
+
+
+def _drop_dead_nodes(graph) -> None:
+    """Remove the top-level nodes none of whose outputs is used (the ``Split`` s whose slices the vmq ops now read in
+    place, and the constants that fed them)."""
+    outputs = set(graph.outputs)
+    dead = True
+    while dead:
+        dead = [n for n in graph if all(not v.uses() and v not in outputs for v in n.outputs)]
+        for node in reversed(dead):
+            graph.remove(node, safe=True)
+
+
 def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
     """One ``vmq.SelectiveScan`` node (the fused kernel, :mod:`vmq_fx.export.ort_ops`).
 
@@ -186,7 +216,10 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     those activations themselves where it can see the ``Transpose`` (attribute ``sequence_major``), since the kernel
     reads either layout in place: the copies would cost ~8 % of a Vim forward in onnxruntime. It writes ``y``
     sequence-major (``[batch, L, channels]``, as the kernel stores it) and a ``Transpose`` gives the op's
-    ``[batch, channels, L]`` (onnxruntime's transpose optimizer cancels it against the model's own where it can)."""
+    ``[batch, channels, L]`` (onnxruntime's transpose optimizer cancels it against the model's own where it can).
+    A sequence-major gate ``z`` that is a slice of a last-axis ``Split`` (Vim's in_proj output) is read in place from
+    the split tensor (attribute ``z_offset``); once the convolution reads the other slice so, the ``Split`` and its
+    copies are gone (2-3 % of vim_tiny in onnxruntime)."""
     _, op, call_op = _ops()
     inputs = [u, delta, A, B, C, D, z, delta_bias]
     sequence_major = []
@@ -196,6 +229,9 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
             inputs[index] = source
             sequence_major.append(index)
     attrs = {"sequence_major": sequence_major} if sequence_major else {}
+    window = _split_window(inputs[6]) if 6 in sequence_major else None
+    if window is not None:  # the gate: a slice of in_proj's output, read in place
+        inputs[6], attrs["z_offset"] = window
     y_rows, last = call_op("SelectiveScan", *inputs, _num_outputs=2, _domain=CUSTOM_DOMAIN,
                            softplus=int(delta_softplus), reverse=int(reverse), **attrs)
     return op.Transpose(y_rows, perm=[0, 2, 1]), last
@@ -225,10 +261,15 @@ def _causal_conv1d(x, weight, bias=None, silu=False, reverse=False):
 
 def _causal_conv1d_custom(x, weight, bias=None, silu=False, reverse=False):
     """One ``vmq.CausalConv1d`` node (the torch op's kernel, :mod:`vmq_fx.export.ort_ops`); the taps go in as
-    ``[K, channels]`` (a ``Transpose`` of the weight, folded at load)."""
+    ``[K, channels]`` (a ``Transpose`` of the weight, folded at load). Where ``x`` is a slice of a last-axis ``Split``
+    (Vim's in_proj output), the node reads it in place from the split tensor (attribute ``offset``)."""
     _, op, call_op = _ops()
+    window = _split_window(x)
+    attrs = {}
+    if window is not None:  # a slice of in_proj's output, read in place
+        x, attrs["offset"] = window
     (y,) = call_op("CausalConv1d", x, op.Transpose(weight, perm=[1, 0]), bias, _domain=CUSTOM_DOMAIN,
-                   silu=int(silu), reverse=int(reverse))
+                   silu=int(silu), reverse=int(reverse), **attrs)
     return y
 
 
@@ -534,6 +575,7 @@ def export_onnx(model: nn.Module, example: torch.Tensor, path: str | os.PathLike
             root = root.__cause__
         raise OnnxExportError(f"ONNX export failed: {type(root).__name__}: {str(root).splitlines()[0][:500]}") from e
     _strip_metadata(program.model)
+    _drop_dead_nodes(program.model.graph)
     used_domains = sorted({n.domain for n in program.model.graph} & {CUSTOM_DOMAIN})
     for domain in used_domains:
         program.model.opset_imports[domain] = 1

@@ -3,7 +3,9 @@
 // sums of the portable translation.
 //
 // Inputs: x [batch, L, channels] float; taps [K, channels] (the weight transposed by the graph, folded at load);
-// bias [channels]?. Attributes: silu, reverse (0 / 1). Output: [batch, L, channels].
+// bias [channels]?. Attributes: silu, reverse (0 / 1); offset (optional, default 0): x is wider, [batch, L, C], and
+// the convolution reads its channels [offset, offset + channels) in place (the exporter passes the tensor a Split
+// along the channels was made from, so onnxruntime does not copy the slice). Output: [batch, L, channels].
 #include "ops.h"
 
 #include <cstdint>
@@ -24,6 +26,12 @@ struct CausalConv1dKernel {
     Ort::ConstKernelInfo kernel_info(info);
     silu_ = kernel_info.GetAttribute<int64_t>("silu") != 0;
     reverse_ = kernel_info.GetAttribute<int64_t>("reverse") != 0;
+    try {
+      offset_ = kernel_info.GetAttribute<int64_t>("offset");
+      windowed_ = true;
+    } catch (const Ort::Exception&) {  // absent: x has the taps' channels
+    }
+    require(offset_ >= 0, "offset must be >= 0");
   }
 
   void Compute(OrtKernelContext* context) {
@@ -33,26 +41,29 @@ struct CausalConv1dKernel {
     const std::vector<int64_t>& shape = x.shape;
     const std::vector<int64_t>& taps_shape = taps.shape;
     require(shape.size() == 3, "x must be [batch, L, channels]");
-    const int64_t batch = shape[0], length = shape[1], channels = shape[2];
-    require(taps_shape.size() == 2 && taps_shape[1] == channels && taps_shape[0] >= 1 &&
-                taps_shape[0] <= vmq_fx::conv::kMaxWidth,
+    require(taps_shape.size() == 2 && taps_shape[0] >= 1 && taps_shape[0] <= vmq_fx::conv::kMaxWidth,
             "the taps must be [K, channels] with K from 1 to 8");
+    const int64_t batch = shape[0], length = shape[1], width = shape[2], channels = taps_shape[1];
+    require(windowed_ ? offset_ + channels <= width : channels == width,
+            windowed_ ? "x must hold channels [offset, offset + channels), the taps' channels from offset"
+                      : "the taps must be [K, channels] with x's channels");
     require(!bias.data || bias.shape == std::vector<int64_t>{channels}, "bias must be [channels]");
-    const float* xp = x.data;
+    const float* xp = x.data + offset_;
     const float* wp = taps.data;
     const float* bp = bias.data;
-    float* out = ctx.GetOutput(0, shape).GetTensorMutableData<float>();
+    float* out = ctx.GetOutput(0, {batch, length, channels}).GetTensorMutableData<float>();
     const int64_t kernel = taps_shape[0];
     const bool silu = silu_, reverse = reverse_;
     vmq_fx::ort::parallel_chunks(ctx, vmq_fx::conv::conv_tasks(batch, length), [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task)
-        vmq_fx::conv::conv_task(task, xp, length * channels, channels, length, channels, wp, kernel, bp, silu, reverse,
-                                out);
+        vmq_fx::conv::conv_task(task, xp, length * width, width, length, channels, wp, kernel, bp, silu, reverse, out);
     });
   }
 
   bool silu_ = false;
   bool reverse_ = false;
+  int64_t offset_ = 0;
+  bool windowed_ = false;  // the offset attribute is given
 };
 
 struct CausalConv1dOp : Ort::CustomOpBase<CausalConv1dOp, CausalConv1dKernel> {

@@ -7,8 +7,10 @@
 // z [batch, dim, L], delta_bias [dim]. Attributes: softplus, reverse (0 / 1); sequence_major (optional): the indices
 // of the inputs among u, delta, B, C (3-D) and z that come sequence-major instead, [batch, L, dim] / [batch, L, N]
 // (the exporter passes the tensor that a Transpose to [batch, dim, L] was made from: the kernel reads either layout in
-// place, and channels-contiguous rows fastest). Outputs: y sequence-major, [batch, L, dim], and the last state
-// [batch, dim, N], float32. The kernel writes straight into its outputs.
+// place, and channels-contiguous rows fastest); z_offset (optional): z is sequence-major and wider, [batch, L, C], and
+// the gate reads its channels [z_offset, z_offset + dim) in place (the exporter passes the tensor a Split along the
+// channels was made from, so onnxruntime does not copy the slice). Outputs: y sequence-major, [batch, L, dim], and the
+// last state [batch, dim, N], float32. The kernel writes straight into its outputs.
 //
 // Built into vmq_fx's onnxruntime library with the other ops (library.cpp registers them).
 #include "ops.h"
@@ -58,6 +60,12 @@ struct SelectiveScanKernel {
       }
     } catch (const Ort::Exception&) {  // absent: every input is [batch, channels, L]
     }
+    try {
+      z_offset_ = kernel_info.GetAttribute<int64_t>("z_offset");
+      z_windowed_ = true;
+    } catch (const Ort::Exception&) {  // absent: z has u's shape
+    }
+    require(!z_windowed_ || (z_offset_ >= 0 && sequence_major_[6]), "z_offset needs a sequence-major z, offset >= 0");
   }
 
   // An input's shape as [batch, channels, L] (or [batch, groups, N, L]) whatever its layout.
@@ -83,7 +91,12 @@ struct SelectiveScanKernel {
     require(logical(C, 4) == b_shape && b_shape[0] == batch && b_shape[grouped ? 2 : 1] == n_state &&
                 b_shape.back() == length && dim % groups == 0,
             "B and C must be [batch, (groups,) N, L] with groups dividing dim");
-    require(!z.data || logical(z, 6) == u_shape, "z must have u's shape");
+    if (z_windowed_)
+      require(!z.data || (z.shape.size() == 3 && z.shape[0] == batch && z.shape[1] == length &&
+                          z_offset_ + dim <= z.shape[2]),
+              "z must be [batch, L, C] holding channels [z_offset, z_offset + dim)");
+    else
+      require(!z.data || logical(z, 6) == u_shape, "z must have u's shape");
     require((!D.data || D.shape == std::vector<int64_t>{dim}) && (!bias.data || bias.shape == std::vector<int64_t>{dim}),
             "D and delta_bias must be [dim]");
 
@@ -99,9 +112,13 @@ struct SelectiveScanKernel {
       const Layout l = layout(n_state, length, sequence_major_[index]);
       return StridedBC<float>{in.data, grouped ? groups * n_state * length : l.sb, n_state * length, l.sc, l.st};
     };
+    // The gate's channels in place in the wider sequence-major z.
+    const Strided3<float> gate = z.data && z_windowed_ ? Strided3<float>(z.data + z_offset_, length * z.shape[2], 1,
+                                                                         z.shape[2], length, reverse_)
+                                                       : rows(z, 6);
     float* out_rows = ctx.GetOutput(0, {batch, length, dim}).GetTensorMutableData<float>();
     float* last = ctx.GetOutput(1, {batch, dim, n_state}).GetTensorMutableData<float>();
-    const ScanForward<float> fwd{s,           rows(u, 0), rows(delta, 1), rows(z, 6), states(B, 3), states(C, 4),
+    const ScanForward<float> fwd{s,           rows(u, 0), rows(delta, 1), gate,       states(B, 3), states(C, 4),
                                  A.data,      D.data,     bias.data,      softplus_,  reverse_,     out_rows,
                                  last};
     vmq_fx::ort::parallel_chunks(ctx, fwd.tasks(), [&fwd](int64_t begin, int64_t end) { fwd.run(begin, end); });
@@ -110,6 +127,8 @@ struct SelectiveScanKernel {
   bool softplus_ = false;
   bool reverse_ = false;
   bool sequence_major_[8] = {};
+  int64_t z_offset_ = 0;
+  bool z_windowed_ = false;  // the z_offset attribute is given
 };
 
 struct SelectiveScanOp : Ort::CustomOpBase<SelectiveScanOp, SelectiveScanKernel> {
