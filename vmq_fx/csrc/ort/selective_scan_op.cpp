@@ -101,10 +101,11 @@ struct SelectiveScanKernel {
             "D and delta_bias must be [dim]");
 
     const Shapes s = Shapes::of<float>(batch, dim, length, n_state, groups);
-    auto rows = [&](const Input& in, size_t index) {
+    // A sequence-major input's rows are as wide as its last axis: dim, or more for a windowed z (channels from offset).
+    auto rows = [&](const Input& in, size_t index, int64_t offset = 0) {
       if (!in.data) return Strided3<float>();
-      const Layout l = layout(dim, length, sequence_major_[index]);
-      return Strided3<float>(in.data, l.sb, l.sc, l.st, length, reverse_);
+      const Layout l = layout(sequence_major_[index] ? in.shape[2] : dim, length, sequence_major_[index]);
+      return Strided3<float>(in.data + offset, l.sb, l.sc, l.st, length, reverse_);
     };
     // B / C [batch, (G,) N, L] (a 3-D one is shared by the single group, whose stride is then never used), or a 3-D
     // one sequence-major.
@@ -112,15 +113,11 @@ struct SelectiveScanKernel {
       const Layout l = layout(n_state, length, sequence_major_[index]);
       return StridedBC<float>{in.data, grouped ? groups * n_state * length : l.sb, n_state * length, l.sc, l.st};
     };
-    // The gate's channels in place in the wider sequence-major z.
-    const Strided3<float> gate = z.data && z_windowed_ ? Strided3<float>(z.data + z_offset_, length * z.shape[2], 1,
-                                                                         z.shape[2], length, reverse_)
-                                                       : rows(z, 6);
     float* out_rows = ctx.GetOutput(0, {batch, length, dim}).GetTensorMutableData<float>();
     float* last = ctx.GetOutput(1, {batch, dim, n_state}).GetTensorMutableData<float>();
-    const ScanForward<float> fwd{s,           rows(u, 0), rows(delta, 1), gate,       states(B, 3), states(C, 4),
-                                 A.data,      D.data,     bias.data,      softplus_,  reverse_,     out_rows,
-                                 last};
+    const ScanForward<float> fwd{s,         rows(u, 0), rows(delta, 1), rows(z, 6, z_offset_), states(B, 3),
+                                 states(C, 4), A.data,    D.data,         bias.data,            softplus_,
+                                 reverse_,   out_rows,  last};
     vmq_fx::ort::parallel_chunks(ctx, fwd.tasks(), [&fwd](int64_t begin, int64_t end) { fwd.run(begin, end); });
   }
 
