@@ -84,8 +84,11 @@ inline void quantize_row(const float* row, const float* smooth, float inv, float
     Q* q;
     float shift;
     void operator()(int64_t k, VF v) const {
-      const VI levels = __builtin_convertvector(v - shift, VI);
-      for (int j = 0; j < kLanes; ++j) q[k + j] = static_cast<Q>(levels[j]);
+      // narrowed as one vector (AVX-512: vpmovdb): a store per lane was most of the pass (0.16 against 0.08 ms for
+      // Vim-T's x_proj input at batch 8)
+      typedef Q QV __attribute__((vector_size(kLanes)));
+      const QV levels = __builtin_convertvector(__builtin_convertvector(v - shift, VI), QV);
+      std::memcpy(q + k, &levels, sizeof(levels));
     }
     void operator()(int64_t k, float v) const { q[k] = static_cast<Q>(static_cast<int32_t>(v - shift)); }
   } store{q, shift};
