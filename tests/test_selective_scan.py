@@ -219,6 +219,25 @@ def test_output_is_stored_sequence_major_by_every_implementation_and_the_fake(re
     assert fake.stride() == out.stride()
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_sequence_major_inputs_match_the_float64_loop(reverse, implementation):
+    """u, delta and z as Vim passes them: [batch, dim, L] views of sequence-major memory, z a window of a wider row
+    (in_proj's second half), which the kernels read in place for full blocks of channels and pack for the rest."""
+    args = make_inputs(batch=3, dim=40, length=19, n=16)  # full 16-, 8- and 4-channel blocks, and a partial one
+    wide = torch.cat([torch.randn(3, 19, 40, generator=torch.Generator().manual_seed(1)),
+                      args["z"].transpose(1, 2)], dim=-1)
+    seq = {**args, "u": args["u"].transpose(1, 2).contiguous().transpose(1, 2),
+           "delta": args["delta"].transpose(1, 2).contiguous().transpose(1, 2), "z": wide[..., 40:].transpose(1, 2)}
+    assert seq["u"].stride() == (760, 1, 40) and seq["z"].stride() == (1520, 1, 80)
+    out, last = selective_scan_fn(**seq, delta_softplus=True, return_last_state=True, reverse=reverse)
+    flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
+    ref_out, ref_last = scan_loop_f64(**{k: flip(v) if k in ("u", "delta", "z", "B", "C") else v
+                                         for k, v in args.items()}, delta_softplus=True)
+    scale = ref_out.abs().max()
+    torch.testing.assert_close(out.double(), flip(ref_out), atol=1e-5 * scale, rtol=1e-5)
+    torch.testing.assert_close(last.double(), ref_last, atol=1e-5 * ref_last.abs().max(), rtol=1e-5)
+
+
 def test_opcheck(implementation):
     args = make_inputs(length=6)
     torch.library.opcheck(selective_scan_op, tuple(args.values()) + (True,))

@@ -120,7 +120,8 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
         const int lanes = static_cast<int>(std::min<int64_t>(W, (g + 1) * s.per_group - c0));
         su.template pack<W>(b, c0, lanes, L, ubuf.data());
         sdt.template pack<W>(b, c0, lanes, L, dbuf.data());
-        if (biasp || softplus) discretize<T>(dbuf.data(), biasp, c0, lanes, L, softplus, softplus ? sig.data() : nullptr);
+        if (biasp || softplus)
+          discretize<T>({dbuf.data(), W}, dbuf.data(), biasp, c0, lanes, L, softplus, softplus ? sig.data() : nullptr);
         sg.template pack<W>(b, c0, lanes, L, gbuf.data());
         if (z) sz.template pack<W>(b, c0, lanes, L, zbuf.data());
         for (int64_t i = 0; i < N; ++i) {
@@ -135,7 +136,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
           gA_acc[i] = V{};
         }
         dispatch_state<T>(N, [&](auto ns) {
-          Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), ubuf.data(), bbuf.data(), cbuf.data(),
+          Block<T, decltype(ns)::value> blk{L, N, {dbuf.data(), W}, {ubuf.data(), W}, bbuf.data(), cbuf.data(),
                                             a_scaled.data()};
           blk.forward(ybuf.data(), h.data(), decay.data(), hs.data());
         });

@@ -147,26 +147,25 @@ inline V vsigmoid(V x) {
 }
 
 // softplus as torch computes it (x above 20 passes through), for a vector of floats: max(x, 0) + log1p(exp(-|x|)), with
-// log1p(y) = log(1 + y) * y / ((1 + y) - 1) (exact for tiny y) and log on [1, 2] by atanh's series after halving
-// the upper part of the range (|s| <= 0.172: five terms give ~1e-8).
+// log1p(y) = 2 atanh(s), s = y / (2 + y) in [0, 1/3] (no cancellation for tiny y), by the odd series of atanh to s^13
+// (truncation ~1e-8 relative), written in t = 2s. One quotient, through vrecip: the two divisions of the form it
+// replaced (log on [1, 2] and a log1p correction) were a third of the scan's discretization (AVX-512; 0.43 -> 0.34 ns
+// an element, AVX2 1.18 -> 0.83, the same error against log1p(exp(x)) in double).
+// Every operation stays on normal floats, whose subnormal operands cost microcode assists (2.5x the time of a sweep
+// that reaches x = -104): below x = -87, where exp(x) is subnormal, the result is 0 (torch: at most 1.7e-38), and t^2
+// below 1e-12, which adds nothing to the series, is not formed.
 inline Lanes<float>::V vsoftplus(Lanes<float>::V x) {
   using V = Lanes<float>::V;
-  const V zero = V{};
-  const V ax = x < zero ? -x : x;
+  const V zero = V{}, lowest = V{} + 87.0f;
+  V ax = x < zero ? -x : x;
+  ax = ax > lowest ? lowest : ax;
   const V y = vexp(-ax);
-  const V u = y + 1.0f;
-  const V big = u > 1.41421356f ? V{} + 1.0f : zero;  // halve [sqrt 2, 2] so that log's argument is near 1
-  const V m = u * (1.0f - 0.5f * big);
-  const V s = (m - 1.0f) / (m + 1.0f), s2 = s * s;
-  V poly = s2 * (1.0f / 9) + 1.0f / 7;
-  poly = poly * s2 + 1.0f / 5;
-  poly = poly * s2 + 1.0f / 3;
-  poly = poly * s2 + 1.0f;
-  const V log_u = big * 0.693147180559945f + 2.0f * s * poly;
-  const V d = u - 1.0f;
-  const V l1p = d == zero ? y : log_u * (y / d);
-  const V sp = (x > zero ? x : zero) + l1p;
-  return x > 20.0f ? x : sp;
+  const V t = (y + y) * vrecip(y + 2.0f);  // 2 s, in [0, 2/3]
+  const V tt = t > 1e-6f ? t : zero;
+  // sum_k s^(2k) / (2k + 1) = sum_k t^(2k) / ((2k + 1) 4^k)
+  const V p = horner(tt * tt, {1.0f, 1.0f / 12, 1.0f / 80, 1.0f / 448, 1.0f / 2304, 1.0f / 11264, 1.0f / 53248});
+  const V sp = (x > zero ? x : zero) + t * p;
+  return x > 20.0f ? x : (x < -lowest ? zero : sp);
 }
 
 inline Lanes<double>::V vsoftplus(Lanes<double>::V x) {
