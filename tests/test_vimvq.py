@@ -148,7 +148,9 @@ def test_pack_codes_round_trip(bits):
 
 
 @pytest.mark.parametrize("rows,cols,d,k", [(300, 10, 4, 256), (5, 7, 2, 64), (9, 16, 8, 256), (3, 5, 1, 2),
-                                           (4, 30, 4, 4096), (6, 21, 3, 8)])  # 12- and 3-bit codes cross bytes
+                                           (4, 30, 4, 4096), (6, 21, 3, 8),  # 12- and 3-bit codes cross bytes
+                                           # rows of many 6- and 4-bit groups, the partial code inside the last group
+                                           (5, 55, 2, 64), (4, 41, 1, 16), (3, 38, 4, 16)])
 def test_vq_linear_matches_dequantize_then_matmul(rows, cols, d, k, implementation):
     g = torch.Generator().manual_seed(rows)
     per_row = -(-cols // d)
