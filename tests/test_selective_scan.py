@@ -238,6 +238,22 @@ def test_sequence_major_inputs_match_the_float64_loop(reverse, implementation):
     torch.testing.assert_close(last.double(), ref_last, atol=1e-5 * ref_last.abs().max(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+def test_long_sequences_match_the_float64_loop_across_runs_of_blocks(reverse, implementation):
+    """At L = 400 the kernels take a (batch, group)'s channel blocks in several runs (runs of 2, 5 and 10 blocks in
+    the avx512, avx2 and generic builds), sequence-major or not, with B in two groups."""
+    args = make_inputs(batch=2, dim=72, length=400, n=16, groups_b=2)
+    for seq in (False, True):
+        if seq:
+            args = {**args, **{k: args[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("u", "delta", "z")}}
+        out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, reverse=reverse)
+        flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
+        ref_out, ref_last = scan_loop_f64(**{k: flip(v) if k in ("u", "delta", "z", "B", "C") else v
+                                             for k, v in args.items()}, delta_softplus=True)
+        torch.testing.assert_close(out.double(), flip(ref_out), atol=1e-5 * ref_out.abs().max(), rtol=1e-5)
+        torch.testing.assert_close(last.double(), ref_last, atol=1e-5 * ref_last.abs().max(), rtol=1e-5)
+
+
 def test_opcheck(implementation):
     args = make_inputs(length=6)
     torch.library.opcheck(selective_scan_op, tuple(args.values()) + (True,))

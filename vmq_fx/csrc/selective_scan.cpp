@@ -120,8 +120,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
         const int lanes = static_cast<int>(std::min<int64_t>(W, (g + 1) * s.per_group - c0));
         su.template pack<W>(b, c0, lanes, L, ubuf.data());
         sdt.template pack<W>(b, c0, lanes, L, dbuf.data());
-        if (biasp || softplus)
-          discretize<T>({dbuf.data(), W}, dbuf.data(), biasp, c0, lanes, L, softplus, softplus ? sig.data() : nullptr);
+        if (biasp || softplus) discretize<T>(dbuf.data(), biasp, c0, lanes, L, softplus, softplus ? sig.data() : nullptr);
         sg.template pack<W>(b, c0, lanes, L, gbuf.data());
         if (z) sz.template pack<W>(b, c0, lanes, L, zbuf.data());
         for (int64_t i = 0; i < N; ++i) {
