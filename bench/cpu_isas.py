@@ -38,7 +38,7 @@ def scan_case(batch, backward):
     g = torch.Generator().manual_seed(0)
     d, length, n = SCAN["dim"], SCAN["length"], SCAN["n"]
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    args = dict(u=r(batch, d, length), delta=(0.5 * r(batch, length, d)).transpose(1, 2),
+    args = dict(u=r(batch, length, d).transpose(1, 2), delta=(0.5 * r(batch, length, d)).transpose(1, 2),
                 A=-(torch.rand(d, n, generator=g) + 0.2), B=r(batch, length, n).transpose(1, 2),
                 C=r(batch, length, n).transpose(1, 2), D=r(d), z=r(batch, length, d).transpose(1, 2), delta_bias=r(d))
     if backward:

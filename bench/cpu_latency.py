@@ -86,8 +86,9 @@ def scan_inputs(batch, seed=0):
     d, length, n = VIM_T["d_inner"], VIM_T["length"], VIM_T["d_state"]
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    # Layouts as in the model: delta, z and B / C are transposed views of [batch, L, channels] tensors.
-    return dict(u=r(batch, d, length), delta=(0.5 * r(batch, length, d)).transpose(1, 2),
+    # Layouts as in the model: u (the convolution's channels-last output), delta, z and B / C are transposed views of
+    # [batch, L, channels] tensors.
+    return dict(u=r(batch, length, d).transpose(1, 2), delta=(0.5 * r(batch, length, d)).transpose(1, 2),
                 A=-(torch.rand(d, n, generator=g) + 0.2), B=r(batch, length, n).transpose(1, 2),
                 C=r(batch, length, n).transpose(1, 2), D=r(d), z=r(batch, length, d).transpose(1, 2),
                 delta_bias=r(d))
