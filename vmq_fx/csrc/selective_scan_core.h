@@ -103,7 +103,7 @@ struct Block {
   int64_t length, n;
   Rows<T> dt, u;     // rows of W lanes
   const T *bt, *ct;  // [L][N], [L][N]
-  const V* a;                 // [N] lanes of A * decay_scale<T>()
+  const V* a;        // [N] lanes of A * decay_scale<T>()
 
   // Forward; y[t] (before D and the gate) and the final state. With `decay` / `hs` non-null the per-step decays
   // and states are kept for the backward ([L][N] vectors each).
@@ -219,7 +219,7 @@ struct ScanForward {
           if (D) dv[k][c] = D[c0 + c];
         }
       }
-      // dt = softplus(delta + bias) and u, packed (a packed block is converted in place)
+      // dt = delta + bias (softplus) into dbuf, row by row across the run (a packed block is converted in place)
       for (int64_t t = 0; t < L; ++t)
         for (int64_t k = 0; k < nk; ++k) {
           const V raw = load<V>(dr[k].at(t)) + bias[k];
