@@ -108,6 +108,17 @@ def write_class_section(path, intro: str, section: list[str]) -> None:
                     + "\n" + "\n".join(section) + "\n")
 
 
+def scan_inputs(batch: int, dim: int, length: int, n: int, seed: int = 0) -> dict:
+    """Selective-scan arguments in the layouts a Vim block passes: u (the convolution's channels-last output), delta, z
+    and B / C are transposed views of [batch, L, channels] tensors."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    return dict(u=r(batch, length, dim).transpose(1, 2), delta=(0.5 * r(batch, length, dim)).transpose(1, 2),
+                A=-(torch.rand(dim, n, generator=g) + 0.2), B=r(batch, length, n).transpose(1, 2),
+                C=r(batch, length, n).transpose(1, 2), D=r(dim), z=r(batch, length, dim).transpose(1, 2),
+                delta_bias=r(dim))
+
+
 def mamba_ssm_ref():
     """mamba-ssm's pure-torch selective_scan_ref, importable on a CPU machine (see tests/conftest.py)."""
     import sys

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import AVX2_CAPS, interleaved, machine_line  # noqa: E402
+from _util import AVX2_CAPS, interleaved, machine_line, scan_inputs  # noqa: E402
 
 SCAN = dict(dim=384, length=197, n=16)
 
@@ -35,12 +35,7 @@ def scan_case(batch, backward):
 
     from vmq_fx.ops import selective_scan_fn
 
-    g = torch.Generator().manual_seed(0)
-    d, length, n = SCAN["dim"], SCAN["length"], SCAN["n"]
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    args = dict(u=r(batch, length, d).transpose(1, 2), delta=(0.5 * r(batch, length, d)).transpose(1, 2),
-                A=-(torch.rand(d, n, generator=g) + 0.2), B=r(batch, length, n).transpose(1, 2),
-                C=r(batch, length, n).transpose(1, 2), D=r(d), z=r(batch, length, d).transpose(1, 2), delta_bias=r(d))
+    args = scan_inputs(batch, **SCAN)
     if backward:
         leaves = {k: v.clone().requires_grad_() for k, v in args.items()}
         return lambda: selective_scan_fn(**leaves, delta_softplus=True).sum().backward()

@@ -49,7 +49,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import AVX2_CAPS, cpu_class, interleaved, machine_line, mamba_ssm_ref  # noqa: E402
+from _util import AVX2_CAPS, cpu_class, interleaved, machine_line, mamba_ssm_ref, scan_inputs  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -82,20 +82,8 @@ def ms(t: float) -> str:
 
 
 # -- scan --------------------------------------------------------------------------------------------------------------
-def scan_inputs(batch, seed=0):
-    d, length, n = VIM_T["d_inner"], VIM_T["length"], VIM_T["d_state"]
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    # Layouts as in the model: u (the convolution's channels-last output), delta, z and B / C are transposed views of
-    # [batch, L, channels] tensors.
-    return dict(u=r(batch, length, d).transpose(1, 2), delta=(0.5 * r(batch, length, d)).transpose(1, 2),
-                A=-(torch.rand(d, n, generator=g) + 0.2), B=r(batch, length, n).transpose(1, 2),
-                C=r(batch, length, n).transpose(1, 2), D=r(d), z=r(batch, length, d).transpose(1, 2),
-                delta_bias=r(d))
-
-
 def scan_variants(batch, backward):
-    args = scan_inputs(batch)
+    args = scan_inputs(batch, VIM_T["d_inner"], VIM_T["length"], VIM_T["d_state"])
     ref = mamba_ssm_ref()
 
     def call(fn, disabled=False):
