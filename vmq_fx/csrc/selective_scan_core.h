@@ -101,7 +101,8 @@ struct Block {
   static constexpr int W = Lanes<T>::W;
 
   int64_t length, n;
-  Rows<T> dt, u;     // rows of W lanes
+  const T* dt;       // [L][W]
+  Rows<T> u;         // rows of W lanes (in place where the input allows)
   const T *bt, *ct;  // [L][N], [L][N]
   const V* a;        // [N] lanes of A * decay_scale<T>()
 
@@ -114,7 +115,7 @@ struct Block {
     V* hp = NS ? h : h_dyn.data();
     for (int64_t i = 0; i < N; ++i) hp[i] = V{};
     for (int64_t t = 0; t < length; ++t) {
-      const V d = load<V>(dt.at(t));
+      const V d = load<V>(dt + t * W);
       const V du = d * load<V>(u.at(t));
       const T* b = bt + t * N;
       const T* c = ct + t * N;
@@ -233,7 +234,7 @@ struct ScanForward {
           a[i] = v * decay_scale<T>();
         }
         dispatch_state<T>(N, [&](auto ns) {
-          Block<T, decltype(ns)::value> blk{L, N, {slot(dbuf, k), W}, ur[k], bbuf.data(), cbuf.data(), a.data()};
+          Block<T, decltype(ns)::value> blk{L, N, slot(dbuf, k), ur[k], bbuf.data(), cbuf.data(), a.data()};
           blk.forward(slot(ybuf, k), h.data(), nullptr, nullptr);
         });
         for (int c = 0; c < lanes[k]; ++c)
