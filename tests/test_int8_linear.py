@@ -33,13 +33,15 @@ def test_int8_linear_matches_float64_dequantize_then_matmul(shape, w_bits, a_bit
 def test_fused_and_torch_paths_agree(w_bits, a_bits, shape):
     op_args, _ = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, seed=1)
     x, smooth, scale, zp, qmin, qmax = op_args[0], op_args[1], op_args[2], op_args[3], op_args[8], op_args[9]
-    kernels = native.kernels()
-    assert kernels is not None
-    # The same integer levels as quantize_per_channel's formula (the integer product is then exact) ...
+    assert native.kernels() is not None
+    # The same integer levels as quantize_per_channel's formula (the integer product is then exact), from every build
+    # this machine runs (each narrows its vectors of levels to bytes its own way) ...
     shift = 128 if qmax > 127 else 0  # levels are stored in int8
-    levels = kernels.quantize_per_token(x.reshape(-1, x.shape[-1]), smooth, scale, zp, qmin, qmax, shift)
     want = torch.clamp(torch.round(x / smooth * (1.0 / scale)[:, None]) + zp[:, None].float(), qmin, qmax)
-    assert torch.equal(levels.reshape(x.shape).float() + shift, want)
+    for isa in native.executable_isas():
+        with native.use_isa(isa) as kernels:
+            levels = kernels.quantize_per_token(x.reshape(-1, x.shape[-1]), smooth, scale, zp, qmin, qmax, shift)
+        assert torch.equal(levels.reshape(x.shape).float() + shift, want), isa
     # ... and the same floats from the rescale: the kernel rounds its product before adding the bias, as torch does.
     # (Where the CPU takes the float path, the pure-torch implementation multiplies in the fp32 GEMM and rounds.)
     fused = int8_linear(*op_args)

@@ -11,9 +11,16 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "vec.h"
+
+#if defined(__x86_64__) && !defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 namespace vmq_fx::linear {
 
@@ -74,22 +81,43 @@ inline void row_levels(const float* row, const float* smooth, float inv, float z
   }
 }
 
+// Lanes of integers in [-128, 255] stored as kLanes bytes (their low bytes: int8 or uint8), narrowed as one vector.
+// GCC's __builtin_convertvector does that in one instruction with AVX-512 (vpmovdb) but lane by lane in the other
+// builds (extract, mask, shift, or per lane), which made AVX2's quantize pass 4x the AVX-512 one's time per element:
+// there the saturating packs (no lane saturates) and NEON's narrowing moves do it.
+template <typename Q>
+inline void store_bytes(VI v, Q* q) {
+  static_assert(sizeof(Q) == 1, "levels are stored in one byte");
+#if defined(__AVX512F__)
+  typedef Q QV __attribute__((vector_size(kLanes)));
+  const QV bytes = __builtin_convertvector(v, QV);
+  std::memcpy(q, &bytes, sizeof(bytes));
+#elif defined(__x86_64__)
+#if defined(__AVX2__)
+  const __m128i halves = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
+#else
+  const __m128i halves = _mm_packs_epi32((__m128i)v, (__m128i)v);
+#endif
+  const __m128i bytes = std::is_signed<Q>::value ? _mm_packs_epi16(halves, halves) : _mm_packus_epi16(halves, halves);
+  std::memcpy(q, &bytes, kLanes);
+#elif defined(__aarch64__)
+  const int16x4_t halves = vmovn_s32((int32x4_t)v);
+  const int8x8_t bytes = vmovn_s16(vcombine_s16(halves, halves));
+  std::memcpy(q, &bytes, kLanes);
+#else
+  for (int i = 0; i < kLanes; ++i) q[i] = static_cast<Q>(v[i]);
+#endif
+}
+
 // One row of levels - shift as 8-bit integers: int8 with shift 128 for unsigned levels (torch's _int_mm), uint8 with
 // shift 0 (onnxruntime's MatMulInteger takes uint8 activations).
 template <typename Q>
 inline void quantize_row(const float* row, const float* smooth, float inv, float z, float lo, float hi, float shift,
                          int64_t K, Q* q) {
-  static_assert(sizeof(Q) == 1, "levels are stored in one byte");
   struct {
     Q* q;
     float shift;
-    void operator()(int64_t k, VF v) const {
-      // narrowed as one vector (AVX-512: vpmovdb): a store per lane was most of the pass (0.16 against 0.08 ms for
-      // Vim-T's x_proj input at batch 8)
-      typedef Q QV __attribute__((vector_size(kLanes)));
-      const QV levels = __builtin_convertvector(__builtin_convertvector(v - shift, VI), QV);
-      std::memcpy(q + k, &levels, sizeof(levels));
-    }
+    void operator()(int64_t k, VF v) const { store_bytes(__builtin_convertvector(v - shift, VI), q + k); }
     void operator()(int64_t k, float v) const { q[k] = static_cast<Q>(static_cast<int32_t>(v - shift)); }
   } store{q, shift};
   row_levels(row, smooth, inv, z, lo, hi, K, store);
