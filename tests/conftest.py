@@ -41,15 +41,18 @@ def implementation(request):
             yield request.param
 
 
-@pytest.fixture(params=["int_mm", "onednn", "float"])
+@pytest.fixture(params=["int_mm", "onednn", "int16", "float"])
 def int8_gemm(request):
     """Run a test with vmq::int8_linear's C++ kernel on each of its integer-product paths (torch._int_mm; oneDNN's
-    matmul primitive, which CPUs with AMX take; the fp32 GEMM on the dequantized levels that CPUs without VNNI take)."""
+    matmul primitive, which CPUs with AMX take; the int16 product that x86 CPUs without VNNI take; the fp32 GEMM on the
+    dequantized levels that ARM64 CPUs take)."""
     import os
 
     from vmq_fx.ops import native
 
-    if request.param != "float" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in \
+    if request.param == "int16" and native.selected_isa() == "neon":
+        pytest.skip("the int16 product is x86 only (vpmaddwd)")
+    if request.param in ("int_mm", "onednn") and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in \
             native.ONEDNN_CAPS_WITHOUT_INT8_DOT:
         pytest.skip("oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA): its int8 products saturate, which is why "
                     "int8_gemm_path never picks them then")

@@ -114,21 +114,24 @@ def _names(fn):
 def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
     op_args, _ = int8_case(2, 80, 72, 400, w_bits=8)  # 4.6e6 multiply-adds: past the direct product
     names = _names(lambda: int8_linear(*op_args))
+    library = {"aten::_int_mm", "aten::mm", "aten::addmm", "onednn::qlinear_pointwise"}
     if int8_gemm in ("int_mm", "onednn"):  # a product this small stays on _int_mm on the oneDNN path too
         assert "aten::_int_mm" in names and "onednn::qlinear_pointwise" not in names
+    elif int8_gemm == "int16":  # the kernel's own int16 product: no library call
+        assert not library & names, names
     else:  # the fp32 GEMM on the levels, never torch._int_mm (slow without VNNI)
         assert {"aten::mm", "aten::addmm"} & names and "aten::_int_mm" not in names
     # Small products and few rows multiply in the kernel itself on every path: no library call. So does tiny K at any
-    # size, except against the fp32 GEMM in builds narrower than AVX-512, where that GEMM is faster.
-    library = {"aten::_int_mm", "aten::mm", "aten::addmm", "onednn::qlinear_pointwise"}
+    # size, except against the fp32 GEMM (the float path, and tiny K on the int16 path) in builds narrower than
+    # AVX-512, where that GEMM is faster.
     for shape in ((2, 17, 96, 40), (1, 9, 512, 700)):
         assert not library & _names(lambda: int8_linear(*int8_case(*shape, w_bits=8)[0])), shape
-    tiny_k_direct = int8_gemm != "float" or native.selected_isa() == "avx512"
+    tiny_k_direct = int8_gemm in ("int_mm", "onednn") or native.selected_isa() == "avx512"
     names = _names(lambda: int8_linear(*int8_case(4, 197, 12, 384, w_bits=8)[0]))
     assert bool(library & names) != tiny_k_direct, names
     with native.disabled():  # the pure-torch implementation follows the CPU's choice (_int_mm for oneDNN's path)
         uses_int_mm = "aten::_int_mm" in _names(lambda: int8_linear(*op_args))
-        assert uses_int_mm == (native.int8_gemm_path()[0] != "float")
+        assert uses_int_mm == (native.int8_gemm_path()[0] in ("int_mm", "onednn"))
 
 
 @pytest.mark.parametrize("k", [64, 1536])
@@ -266,7 +269,7 @@ def test_direct_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dyna
     large = shape[0] * shape[1] * shape[2] * shape[3] > 2**20  # direct as tiny K only
     for isa in native.executable_isas():
         for path in native.INT8_GEMM_PATHS:
-            if large and path == "float" and isa != "avx512":
+            if large and path in ("float", "int16") and isa != "avx512":
                 continue  # the fp32 GEMM multiplies tiny K there (faster than the direct product in those builds)
             with native.use_isa(isa, int8_gemm=path):
                 assert torch.equal(int8_linear(*op_args), want), (isa, path)
@@ -299,9 +302,57 @@ def test_direct_product_at_its_largest_sums(k):
     assert want.abs().max() > 2e6  # the sums at the bound
     assert native.kernels() is not None
     names = _names(lambda: int8_linear(*args))
-    assert bool({"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names) == (k > 514)
-    if k <= 514 or native.int8_gemm_path()[0] != "float":  # the float path's GEMM rounds past the direct product
+    path = native.int8_gemm_path()[0]
+    assert bool({"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names) == (k > 514 and path != "int16")
+    if k <= 514 or path != "float":  # the float path's GEMM rounds past the direct product
         assert torch.equal(int8_linear(*args).reshape(8, 40), want)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("shape", [(1, 7, 33, 17), (2, 9, 385, 70), (1, 23, 64, 16)])
+@pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 4, True)])
+def test_int16_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dynamic):
+    """The int16 product (x86 CPUs without VNNI): the floats of an int64 product rescaled in float32 by torch, on row
+    tails of its 5-row blocks, odd K (the pair padded), column tails, in every x86 build this machine runs, without a
+    library call; and the pure-torch implementation's float GEMM gives the same integers."""
+    if native.selected_isa() == "neon":
+        pytest.skip("the int16 product is x86 only (vpmaddwd)")
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed, dynamic=dynamic)
+    want = _exact_int8_linear(*ref_args).reshape(*shape[:2], shape[3])
+    for isa in native.executable_isas():
+        with native.use_isa(isa, int8_gemm="int16") as kernels:
+            kernels.set_int8_direct(False)  # small products too: only the int16 product runs
+            try:
+                names = _names(lambda: int8_linear(*op_args))
+                assert torch.equal(int8_linear(*op_args), want), isa
+            finally:
+                kernels.set_int8_direct(True)
+            assert not {"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names, (isa, names)
+            with native.disabled():
+                assert torch.equal(int8_linear(*op_args), want), isa
+
+
+@pytest.mark.parametrize("k", [514, 1536])
+def test_int16_product_at_its_largest_sums(k):
+    """Levels 255 away from the zero point against weights of -128 / 127, up to K = 1536 (Vim-B's largest), where
+    the sums pass float32's exact integers: the int16 product's int32 sums, and the pure-torch implementation's
+    float64 GEMM, stay exact."""
+    if native.selected_isa() == "neon":
+        pytest.skip("the int16 product is x86 only (vpmaddwd)")
+    g = torch.Generator().manual_seed(k)
+    x = torch.tensor([1e3, -1e3] * 4).reshape(1, 8, 1).expand(1, 8, k)
+    zp = torch.tensor([0, 255] * 4, dtype=torch.int32)
+    w = torch.where(torch.rand(40, k, generator=g) < 0.5, -128, 127).to(torch.int8)
+    w[:10], w[10:20] = -128, 127
+    args = (x, None, torch.full((8,), 0.25), zp, w, torch.rand(40, generator=g) + 0.5,
+            w.int().sum(1, dtype=torch.int32), torch.randn(40, generator=g), 0, 255, 8)
+    want = _exact_int8_linear(*args[:5], args[5], args[7], 0, 255)
+    assert want.abs().max() > 2e6
+    for isa in native.executable_isas():
+        with native.use_isa(isa, int8_gemm="int16"):
+            assert torch.equal(int8_linear(*args).reshape(8, 40), want), isa
+            with native.disabled():
+                assert torch.equal(int8_linear(*args).reshape(8, 40), want), isa
 
 
 def test_zero_points_outside_the_levels_skip_the_direct_product():

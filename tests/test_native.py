@@ -95,15 +95,16 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     """torch._int_mm only where int8 dot-product instructions exist (it is 32x slower than fp32 without them)."""
     for variable in ("ONEDNN_MAX_CPU_ISA", "VMQ_FX_INT8_GEMM"):
         monkeypatch.delenv(variable, raising=False)
-    for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "int_mm"), ({"avx2", "fma"}, "avx2", "float"),
-                             ({"avx512f", "avx512_vnni"}, "avx2", "float"), ({"avx2", "avx_vnni"}, "avx2", "int_mm"),
-                             ({"avx2", "amx_int8"}, "avx2", "onednn"), (set(), "generic", "float")]:
+    for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "int_mm"), ({"avx2", "fma"}, "avx2", "int16"),
+                             ({"avx512f", "avx512_vnni"}, "avx2", "int16"), ({"avx2", "avx_vnni"}, "avx2", "int_mm"),
+                             ({"avx2", "amx_int8"}, "avx2", "onednn"), (set(), "generic", "int16"),
+                             ({"asimd"}, "neon", "float")]:
         monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: frozenset(flags))
         path, why = native.int8_gemm_path(isa)
         assert path == want, (flags, isa, why)
     monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni"}))
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN kept off VNNI: its _int_mm saturates then
-    assert native.int8_gemm_path("avx512")[0] == "float"
+    assert native.int8_gemm_path("avx512")[0] == "int16"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
     assert native.int8_gemm_path("avx512")[0] == "int_mm"
     monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni", "amx_int8"}))
@@ -113,7 +114,7 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "int_mm")
     assert native.int8_gemm_path("generic") == ("int_mm", "set by VMQ_FX_INT8_GEMM")
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "fast")
-    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, onednn, float"):
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, onednn, int16, float"):
         native.int8_gemm_path()
 
 

@@ -8,7 +8,7 @@
 // Small products, few rows and tiny K (linear_core.h's direct_product) are multiplied in the kernel itself, the
 // levels as floats by exact FMAs, quantized and rescaled in the same pass: a library call costs more than their
 // arithmetic (~10-25 us), and the separate quantize and rescale passes more than a 12-deep product (dt_proj). Every
-// other product has three paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+// other product has four paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
 //   int_mm: at::_int_mm (oneDNN's gemm API) with int32 accumulation, exact: fast only where the CPU has int8
 //           dot-product instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong
 //           under a oneDNN capped below VNNI, whose 16-bit pair sums saturate).
@@ -18,10 +18,12 @@
 //           it return the int32 sums as float32, exact while |sum| <= 2^24, i.e. K <= 1024 for int8 x int8. Products
 //           below ~2^25 multiply-adds gain nothing from it (the primitive's fixed cost) and, like K > 1024, go to
 //           at::_int_mm.
+//   int16:  for x86 CPUs without int8 dot products: linear_core.h's int16 product (vpmaddwd), exact, quantized and
+//           rescaled in the same pass (the weight's int16 levels cached). Tiny K (dt_proj's 12) goes to the float path.
 //   float:  the same activation levels dequantized ((level - zp) * act_scale, as dequantize_per_channel) times the
 //           dequantized weight (w_int * w_scale, made once per weight tensor and cached while it lives) in the fp32
 //           GEMM, with the bias: what the Q/DQ reference graph computes, the fp32 model's work plus one pass over x.
-//           It differs from the exact integer path by float rounding (~1e-7 relative).
+//           It differs from the exact integer path by float rounding (~1e-7 relative). ARM64 builds take it.
 //
 #include <torch/extension.h>
 
@@ -86,8 +88,8 @@ at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tens
   return out;
 }
 
-enum class Gemm : int { kIntMm, kOnednn, kFloat };
-const char* const kGemmNames[] = {"int_mm", "onednn", "float"};
+enum class Gemm : int { kIntMm, kOnednn, kFloat, kInt16 };
+const char* const kGemmNames[] = {"int_mm", "onednn", "float", "int16"};
 std::atomic<int> g_gemm{static_cast<int>(Gemm::kIntMm)};
 
 // A tensor made from a weight and its scale (the dequantized weight, the prepacked one), cached per (weight, scale)
@@ -143,6 +145,30 @@ at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, c
     vmq_fx::linear::direct_weight([&](int64_t n, int64_t k) { return wp[n * K + k]; }, N, K, out.data_ptr<float>());
     return std::vector<at::Tensor>{out};
   })[0];
+}
+
+#if VMQ_HAS_MADD
+// The weight's levels for madd_rows, int16 [ceil(K / 2), madd_padded_cols(N), 2].
+at::Tensor madd_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
+  return cached_weight<3>(w_in, w_scale_in, [&] {
+    const at::Tensor w = w8().contiguous();
+    const int64_t N = w.size(0), K = w.size(1);
+    auto out = at::empty({(K + 1) / 2 * madd_padded_cols(N) * 2}, w.options().dtype(at::kShort));
+    const int8_t* wp = w.data_ptr<int8_t>();
+    vmq_fx::linear::madd_weight([&](int64_t n, int64_t k) { return wp[n * K + k]; }, N, K, out.data_ptr<int16_t>());
+    return std::vector<at::Tensor>{out};
+  })[0];
+}
+#endif
+
+// Whether the int16 product runs exactly here (an x86 build; the sums within int32).
+bool int16_product_exact(int64_t K, int64_t qmin, int64_t qmax, bool packed, const int32_t* zp, int64_t L) {
+#if VMQ_HAS_MADD
+  return madd_exact(K, qmin, qmax, packed ? 8 : 128, zp, L);
+#else
+  (void)K, (void)qmin, (void)qmax, (void)packed, (void)zp, (void)L;
+  return false;
+#endif
 }
 
 // Off only for A/B benchmarks and the tests that compare the direct product with the libraries' on the same shapes.
@@ -245,9 +271,26 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const auto gemm = static_cast<Gemm>(g_gemm.load(std::memory_order_relaxed));
   at::Tensor out;
-  if (g_direct.load(std::memory_order_relaxed) &&
+  // The int16 product takes every exact product but tiny K, which the fp32 GEMM path multiplies faster.
+  const bool int16 = gemm == Gemm::kInt16 && K > kDirectTinyK && int16_product_exact(K, qmin, qmax, packed, zp, L);
+  const bool float_gemm = gemm == Gemm::kFloat || (gemm == Gemm::kInt16 && !int16);
+  if (int16) {
+#if VMQ_HAS_MADD
+    out = at::empty({M, N}, x2.options());
+    const int16_t* wt = madd_weight(w_in, w_scale_in, w8).data_ptr<int16_t>();
+    const float* xp = x2.data_ptr<float>();
+    const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
+    float* op = out.data_ptr<float>();
+    const int64_t blocks = (M + kMaddRows - 1) / kMaddRows;
+    at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, N * K)),
+                     [&](int64_t begin, int64_t end) {
+                       madd_rows(xp, sp, as, zp, L, static_cast<float>(qmin), static_cast<float>(qmax), K, wt, wsc,
+                                 bp, N, begin * kMaddRows, std::min(end * kMaddRows, M), op);
+                     });
+#endif
+  } else if (g_direct.load(std::memory_order_relaxed) &&
       direct_product(M, N, K, qmin, qmax, packed ? 8 : 128, zp, L, /*small_products=*/true,
-                     /*tiny_k=*/gemm != Gemm::kFloat || kDirectTinyKFaster)) {
+                     /*tiny_k=*/!float_gemm || kDirectTinyKFaster)) {
     out = at::empty({M, N}, x2.options());
     const float* wt = direct_weight(w_in, w_scale_in, w8).data_ptr<float>();
     const float* xp = x2.data_ptr<float>();
@@ -259,7 +302,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                        direct_rows(xp, sp, as, zp, L, static_cast<float>(qmin), static_cast<float>(qmax), K, wt, wsc,
                                    bp, N, begin * kDirectRows, std::min(end * kDirectRows, M), op);
                      });
-  } else if (gemm == Gemm::kFloat) {
+  } else if (float_gemm) {
     // Dequantized activation times dequantized weight (cached) in the fp32 GEMM, the bias added by it: one pass over
     // x, then exactly the work of the fp32 linear.
     out = at::empty({M, N}, x2.options());
@@ -323,7 +366,9 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
 void set_int8_gemm(const std::string& path) {
   const auto found = std::find(std::begin(kGemmNames), std::end(kGemmNames), path);
   TORCH_CHECK_VALUE(found != std::end(kGemmNames), "vmq_fx: unknown int8 GEMM path '", path,
-                    "' (int_mm, onednn or float)");
+                    "' (int_mm, onednn, float or int16)");
+  TORCH_CHECK_VALUE(VMQ_HAS_MADD || path != "int16", "vmq_fx: the int16 product needs an x86 build, this one is ",
+                    VMQ_ISA_NAME);
   g_gemm.store(static_cast<int>(found - std::begin(kGemmNames)));
 }
 

@@ -13,10 +13,11 @@ as torchao's ``choose_qparams_affine`` (asymmetric, ``eps`` = float32 epsilon) c
 Unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with int32 accumulation, and the shift and
 the zero points are corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
 (:func:`prepare_weight`). The product is ``torch._int_mm`` (oneDNN) where the CPU has int8 dot-product instructions
-(VNNI; with AMX the C++ kernel hands the large products to oneDNN's matmul primitive, the same integers), else the fp32
-GEMM on the same levels (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then slow, and under a capped
-oneDNN wrong) on the dequantized levels and weight, as the Q/DQ reference graph computes (float rounding apart, the
-same result).
+(VNNI; with AMX the C++ kernel hands the large products to oneDNN's matmul primitive, the same integers). Without
+them (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then slow, and under a capped oneDNN wrong) x86 builds
+multiply int16 levels in the C++ kernel (``"int16"``, the same integers; the pure-torch implementation gets them from a
+float GEMM in which they are exact), and ARM64 builds take the fp32 GEMM on the dequantized levels and weight, as the
+Q/DQ reference graph computes (``"float"``: float rounding apart, the same result).
 
 The weight is int8 ``[N, K]`` whatever ``w_bits`` is (the form that runs without per-call work), or, for weights of
 4 bits or fewer, uint8 ``[N, ceil(K / 2)]`` packed two per byte (:func:`pack_int4`), the form files store: saved
@@ -103,10 +104,10 @@ def _check(x, act_scale, act_zero_point, w, w_scale, w_sum, w_bits):
                          f"column sums {list(w_sum.shape)} do not fit x with K={k}")
 
 
-def _float_product() -> bool:
-    """Whether the integer product runs in the fp32 GEMM on this CPU (no VNNI / AMX: ``native.int8_gemm_path``)."""
+def _product_path() -> str:
+    """How the integer product runs on this CPU (``native.int8_gemm_path``, or the path the kernels were set to)."""
     kernels = native.native_kernels()
-    return (kernels.int8_gemm() if kernels is not None else native.int8_gemm_path()[0]) == "float"
+    return kernels.int8_gemm() if kernels is not None else native.int8_gemm_path()[0]
 
 
 def dynamic_token_qparams(x: Tensor, act_qmin: int, act_qmax: int) -> tuple[Tensor, Tensor]:
@@ -142,18 +143,26 @@ def _int8_linear_torch(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
     # x * (1 / scale) like quantized_decomposed.quantize_per_channel, so both round the same way.
     xq = torch.clamp(torch.round(x.reshape(-1, k) * (1.0 / scale)) + zp.float(), act_qmin, act_qmax)
     w8 = _weight_int8(w, k)
-    if _float_product():  # dequantized levels times the dequantized weight, as the C++ kernel's float path
+    path = _product_path()
+    if path == "float":  # dequantized levels times the dequantized weight, as the C++ kernel's float path
         x_dq = (xq - zp.float()) * scale
         w_dq = w8.float() * w_scale.float()[:, None]
         return torch.nn.functional.linear(x_dq, w_dq, None if bias is None else bias.float())
-    # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
-    shift = 128 if act_qmax > 127 else 0
-    x8 = (xq - shift).to(torch.int8)
-    # torch._int_mm needs more than 16 rows, and with one input channel its transposed weight ([1, N], strides
-    # (1, 1)) comes back wrong (torch 2.13, oneDNN): those take the exact int32 product.
-    int_mm = x8.shape[0] > 16 and k > 1
-    acc = torch._int_mm(x8, w8.t()) if int_mm else (x8.int() @ w8.int().t())
-    acc = acc - (zp - shift) * w_sum.to(torch.int32)[None, :]
+    if path == "int16":
+        # Without int8 dot products: the same integers from the float GEMM, where every partial sum is an integer of at
+        # most K (qmax - qmin) 128, exact in float32 up to 2^24 and in float64 beyond.
+        span = max(act_qmax - act_qmin, int((act_qmax - zp).max()), int((zp - act_qmin).max()))
+        exact = torch.float32 if k * span * 128 <= 2 ** 24 else torch.float64
+        acc = ((xq - zp.float()).to(exact) @ w8.to(exact).t()).to(torch.int32)
+    else:
+        # Unsigned levels up to 255 do not fit int8: shift by 128 and correct with the weight column sums.
+        shift = 128 if act_qmax > 127 else 0
+        x8 = (xq - shift).to(torch.int8)
+        # torch._int_mm needs more than 16 rows, and with one input channel its transposed weight ([1, N], strides
+        # (1, 1)) comes back wrong (torch 2.13, oneDNN): those take the exact int32 product.
+        int_mm = x8.shape[0] > 16 and k > 1
+        acc = torch._int_mm(x8, w8.t()) if int_mm else (x8.int() @ w8.int().t())
+        acc = acc - (zp - shift) * w_sum.to(torch.int32)[None, :]
     out = acc.float() * scale * w_scale.float()[None, :]
     if bias is not None:
         out = out + bias.float()

@@ -32,7 +32,8 @@ The kernels' vectors are one register of the build's ISA wide (``csrc/vec.h``). 
 
 How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): ``torch._int_mm``
 where the CPU has int8 dot-product instructions (VNNI), oneDNN's matmul primitive for the large products where it has
-AMX, else the fp32 GEMM on the dequantized levels and weight. On every path the kernel multiplies small products, few
+AMX, else (x86) vmq_fx's own int16 product (``vpmaddwd``, exact) or (ARM64) the fp32 GEMM on the dequantized levels
+and weight. On every path the kernel multiplies small products, few
 rows and tiny K itself (its direct product: exact, in one pass with the quantization and the rescale), where a library
 call would cost more than the arithmetic.
 
@@ -137,20 +138,21 @@ ONEDNN_CAPS_WITHOUT_AMX = ONEDNN_CAPS_WITHOUT_INT8_DOT + ("AVX2_VNNI", "AVX2_VNN
 # /proc/cpuinfo flags of the int8 dot-product instructions that make oneDNN's int8 products exact and fast
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 # How vmq::int8_linear can multiply (csrc/int8_linear.cpp)
-INT8_GEMM_PATHS = ("int_mm", "onednn", "float")
+INT8_GEMM_PATHS = ("int_mm", "onednn", "int16", "float")
 
 
 def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     """How ``vmq::int8_linear`` multiplies on this CPU with the build ``isa``: ``(path, why)``, ``path`` one of
-    ``"int_mm"``, ``"onednn"``, ``"float"``.
+    ``"int_mm"``, ``"onednn"``, ``"int16"``, ``"float"``.
 
     ``torch._int_mm`` (oneDNN's gemm API) is exact and fast where the CPU has int8 dot-product instructions: measured
     2.0x the fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). It does not use AMX
     tiles: on a CPU with AMX, ``"onednn"`` multiplies the large products with oneDNN's matmul primitive (torch's
     ``onednn::qlinear_pointwise``, 2.9x ``_int_mm`` on Vim-T's in_proj at batch 8) and the rest with ``_int_mm``.
-    Without int8 dot products the op multiplies the dequantized activation levels and the dequantized weight in the
-    fp32 GEMM (the Q/DQ graph's computation, see ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over
-    the input. ``$VMQ_FX_INT8_GEMM`` (one of :data:`INT8_GEMM_PATHS`) overrides the choice. The pure-torch
+    Without int8 dot products an x86 build multiplies int16 levels with ``vpmaddwd`` in vmq_fx's own kernel
+    (``"int16"``: exact, 1.0-1.25x the fp32 GEMM with AVX2, quantization and rescale included); ARM64 builds multiply
+    the dequantized activation levels and the dequantized weight in the fp32 GEMM (``"float"``, the Q/DQ graph's
+    computation, see ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over the input. ``$VMQ_FX_INT8_GEMM`` (one of :data:`INT8_GEMM_PATHS`) overrides the choice. The pure-torch
     implementation of the op follows the same choice (``torch._int_mm`` for ``"onednn"``: the same integers).
     """
     isa = isa or selected_isa()
@@ -163,7 +165,8 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     if cap in ONEDNN_CAPS_WITHOUT_INT8_DOT:
         # Capped oneDNN falls back to 16-bit pair sums that saturate: torch._int_mm then returns wrong numbers (measured
         # with AVX2 on an AVX-512 VNNI CPU: 79 % of a 17 x 96 x 40 product off), not merely slow ones.
-        return "float", f"ONEDNN_MAX_CPU_ISA={cap} keeps torch._int_mm off int8 dot-product instructions"
+        return _without_int8_dot(isa, f"ONEDNN_MAX_CPU_ISA={cap} keeps torch._int_mm off int8 dot-product "
+                                      "instructions")
     flags = _cpu_flags()
     if "amx_int8" in flags and cap not in ONEDNN_CAPS_WITHOUT_AMX:
         return "onednn", "the CPU has AMX int8, which oneDNN's matmul primitive uses and torch._int_mm does not"
@@ -173,8 +176,14 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
         return "int_mm", "the CPU has AVX-512 VNNI"
     if isa in ("avx2", "avx512") and "avx_vnni" in flags:
         return "int_mm", "the CPU has AVX-VNNI"
-    return "float", (f"no int8 dot-product instructions for the {isa} build (VNNI / AMX), where torch._int_mm is slower "
-                     "than the fp32 GEMM: the integer levels are multiplied in the fp32 GEMM")
+    return _without_int8_dot(isa, f"no int8 dot-product instructions for the {isa} build (VNNI / AMX), where "
+                                  "torch._int_mm is slower than the fp32 GEMM")
+
+
+def _without_int8_dot(isa: str, why: str) -> tuple[str, str]:
+    if isa == "neon":
+        return "float", f"{why}: the integer levels are multiplied in the fp32 GEMM"
+    return "int16", f"{why}: int16 levels are multiplied with vpmaddwd (exact)"
 
 
 def cache_root() -> Path:
