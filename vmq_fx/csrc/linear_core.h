@@ -332,12 +332,12 @@ inline void direct_rows(const float* x, const float* smooth, const float* scale,
 // levels are int16; vpmaddwd multiplies pairs of them and adds each pair into an int32 (16 multiply-adds per AVX2
 // instruction, two a cycle), and the accumulating vpaddd issues on a third vector port: ~1.5x the fp32 FMA rate in
 // issue slots. Exact (int32 sums), so its floats are those of the int32 paths. Each block of kMaddRows rows is
-// quantized into a buffer (in L1) and multiplied across all columns, the weight ([K/2, padded N, 2]) streaming from L2,
-// the output written row by row; the rescale is done in registers. A micro-benchmark (not kept) of the AVX2 build, Vim-T
-// shapes at batch 8, quantize and rescale included, on the Intel Xeon with AMX: 5 x 2 blocks of 8 columns ran in_proj
-// in 3.76 ms, out_proj 1.81, x_proj 0.52 (MKL capped at AVX2, fp32, without any quantization: 3.81, 2.00, 0.54;
-// 4 x 2 blocks: 4.96, 2.20, 0.52; 6 x 2: 4.78, 2.10, 0.58). Tiny K (dt_proj's 12) is slower than the fp32 GEMM there
-// (0.35 against 0.15 ms) and stays on it.
+// quantized into a buffer (in L1) and multiplied across all columns, the weight ([K/2, padded N, 2]) streaming from
+// L2, the output written row by row and rescaled in registers. Vim-T at batch 8, AVX2 build against MKL capped at
+// AVX2 (bench/results/cpu_latency.md, Intel Xeon with AMX): in_proj 2.87 against 3.81 ms, out_proj 1.52 / 2.00, x_proj
+// 0.51 / 0.54, quantization and rescale included. In a micro-benchmark (not kept) 4 x 2 and 6 x 2 blocks were 1.3x
+// slower on in_proj, and walking columns before rows (the direct product's order) 1.2x. Tiny K (dt_proj's 12) is slower
+// than the fp32 GEMM there (0.35 against 0.15 ms) and stays on it.
 #if defined(__x86_64__)
 #define VMQ_HAS_MADD 1
 constexpr int kMaddCols = 2;  // vectors of kLanes int32 columns

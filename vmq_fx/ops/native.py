@@ -150,9 +150,10 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     tiles: on a CPU with AMX, ``"onednn"`` multiplies the large products with oneDNN's matmul primitive (torch's
     ``onednn::qlinear_pointwise``, 2.9x ``_int_mm`` on Vim-T's in_proj at batch 8) and the rest with ``_int_mm``.
     Without int8 dot products an x86 build multiplies int16 levels with ``vpmaddwd`` in vmq_fx's own kernel
-    (``"int16"``: exact, 1.0-1.25x the fp32 GEMM with AVX2, quantization and rescale included); ARM64 builds multiply
-    the dequantized activation levels and the dequantized weight in the fp32 GEMM (``"float"``, the Q/DQ graph's
-    computation, see ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over the input. ``$VMQ_FX_INT8_GEMM`` (one of :data:`INT8_GEMM_PATHS`) overrides the choice. The pure-torch
+    (``"int16"``: exact, 1.0-1.36x the fp32 GEMM at Vim-T shapes with AVX2, quantization and rescale included); ARM64
+    builds multiply the dequantized activation levels and the dequantized weight in the fp32 GEMM (``"float"``, the
+    Q/DQ graph's computation, see ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over the input.
+    ``$VMQ_FX_INT8_GEMM`` (one of :data:`INT8_GEMM_PATHS`) overrides the choice. The pure-torch
     implementation of the op follows the same choice (``torch._int_mm`` for ``"onednn"``: the same integers).
     """
     isa = isa or selected_isa()
