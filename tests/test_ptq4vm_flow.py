@@ -92,6 +92,9 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path
     # The float weights of the quantized linears are gone: only integer copies remain.
     float_weights = {layer.name + ".weight" for _, layer in find_quantizable_linears(gm)}
     assert not float_weights & {n for n, _ in lowered.named_parameters()}
+    # Every tensor the graph reads is an attribute of the root (one lookup per read, not one per step of a path).
+    reads = [str(n.target) for n in lowered.graph.nodes if n.op == "get_attr"]
+    assert reads and not any("." in r for r in reads) and not any("." in k for k in lowered.state_dict())
     low_out = lowered(x)
     # Integer accumulation is exact where the Q/DQ reference accumulates in float32: their ~1e-7 differences flip an
     # occasional rounding level downstream, hence a bound above float rounding but far below a wrong scale or layout.
@@ -112,7 +115,9 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path
         assert runtime.dtype == torch.int8
         want = (runtime.shape[0], -(-runtime.shape[1] // 2)) if w_bits == 4 else tuple(runtime.shape)
         assert tuple(stored[name].shape) == want and stored[name].dtype == (torch.uint8 if w_bits == 4 else torch.int8)
-    assert torch.equal(vmq_fx.load_quantized(path)(x), low_out)
+    loaded = vmq_fx.load_quantized(path)
+    assert torch.equal(loaded(x), low_out)
+    assert sorted(str(n.target) for n in loaded.graph.nodes if n.op == "get_attr") == sorted(reads)
 
 
 def test_smoothing_folds_into_norm_exactly(vim):

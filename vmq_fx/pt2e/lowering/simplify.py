@@ -4,7 +4,10 @@ the weights only is not recomputed on every call.
 * constant folding (torchao's PT2E ``constant_fold``): ``-exp(A_log.float())``, ``D.float()``, ``bias.float()`` ...
   become constants; vmq ops and dequantize ops are never folded (that would decode compressed weights into floats);
 * ``aten.to`` to the dtype the value already has is dropped, and so is ``aten._assert_tensor_metadata`` (torch.export
-  inserts one per ``.to()`` to re-check the dtype the trace saw; the lowered graph's dtypes are fixed).
+  inserts one per ``.to()`` to re-check the dtype the trace saw; the lowered graph's dtypes are fixed);
+* every tensor the graph reads moves onto the root module under a flat name (``layers.0.mixer.D`` ->
+  ``layers_0_mixer_D``): the generated code read it as ``getattr(self.layers, "0").mixer.D``, one
+  ``Module.__getattr__`` (~0.4 us) per step of the path.
 
 Each of these costs ~1-2 microseconds of Python per node per call: at batch 1 on small models they add up to a
 fifth of the forward time.
@@ -15,7 +18,7 @@ import torch
 from torch import fx
 from torchao.quantization.pt2e.constant_fold import constant_fold
 
-__all__ = ["simplify"]
+__all__ = ["flatten_attributes", "simplify"]
 
 _NEVER_FOLD_NAMESPACES = {"vmq", "quantized_decomposed", "torchao"}
 
@@ -47,6 +50,37 @@ def drop_unused_attributes(gm: fx.GraphModule) -> None:
             delattr(gm.get_submodule(owner) if owner else gm, attr)
 
 
+def flatten_attributes(gm: fx.GraphModule) -> None:
+    """Move every parameter, buffer or tensor a get_attr reads below the root onto the root (in place), named by its
+    path with dots as underscores (a suffix where that name is taken), and delete the submodules left empty. On
+    vim-fm-tiny's W8A8 graph (375 reads, 558 steps) the batch-1 forward went from 0.91x to 0.94x the FP32 model's
+    speed (Intel Xeon with AMX, one thread, in one process; VQ 2-bit 0.86x to 0.91x)."""
+    taken = set(gm.state_dict(keep_vars=True)) | set(dir(gm))
+    moved: dict[str, str] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or "." not in str(node.target):
+            continue
+        target = str(node.target)
+        if target not in moved:
+            owner_path, _, attr = target.rpartition(".")
+            owner = gm.get_submodule(owner_path)
+            flat, i = target.replace(".", "_"), 1
+            while flat in taken:
+                flat, i = f"{target.replace('.', '_')}_{i}", i + 1
+            taken.add(flat)
+            if attr in owner._parameters:
+                gm.register_parameter(flat, owner._parameters[attr])
+            elif attr in owner._buffers:
+                gm.register_buffer(flat, owner._buffers[attr],
+                                   persistent=attr not in owner._non_persistent_buffers_set)
+            else:
+                setattr(gm, flat, getattr(owner, attr))
+            delattr(owner, attr)
+            moved[target] = flat
+        node.target = moved[target]
+    gm.delete_all_unused_submodules()
+
+
 def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     """Drop no-op nodes and fold constants of a lowered graph (in place); returns ``gm``."""
     for node in list(gm.graph.nodes):
@@ -62,6 +96,7 @@ def simplify(gm: fx.GraphModule) -> fx.GraphModule:
     for name in set(gm._buffers) - before:
         gm.register_buffer(name, gm._buffers[name].detach().clone())
     drop_unused_attributes(gm)
+    flatten_attributes(gm)
     gm.graph.lint()
     gm.recompile()
     return gm
