@@ -286,9 +286,10 @@ def test_direct_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dyna
 
 @pytest.mark.parametrize("k", [514, 515])
 def test_direct_product_at_its_largest_sums(k):
-    """Levels 255 away from the zero point against weights of -128 / 127: the direct product's sums reach
-    K * 255 * 128, exact in float32 up to 2^24 (K = 514). One more input channel and the kernel hands the product to
-    the exact integer GEMM instead; the floats are the same either way."""
+    """Levels 255 away from the zero point against weights of -128 / 127: the sums reach K * 255 * 128, exact in the
+    direct product's float32 up to 2^24 (K = 514). On x86 the int16 product takes these small products at any K
+    (int32 sums); elsewhere one more input channel hands the product to the exact integer GEMM. The floats are the
+    same either way."""
     g = torch.Generator().manual_seed(k)
     # Rows of level 255 at zero point 0 and of level 0 at zero point 255; the first 20 weight rows of one sign: their
     # sums are +-K * 255 * 128 (or 127), the rest mixed.
@@ -303,8 +304,10 @@ def test_direct_product_at_its_largest_sums(k):
     assert native.kernels() is not None
     names = _names(lambda: int8_linear(*args))
     path = native.int8_gemm_path()[0]
-    assert bool({"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names) == (k > 514 and path != "int16")
-    if k <= 514 or path != "float":  # the float path's GEMM rounds past the direct product
+    # x86 builds: the int16 product takes these (small products, K > 32) whatever the path, exact at any K here
+    x86 = native.selected_isa() != "neon"
+    assert bool({"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names) == (k > 514 and not x86)
+    if k <= 514 or x86 or path != "float":  # the float path's GEMM rounds past the direct product
         assert torch.equal(int8_linear(*args).reshape(8, 40), want)
 
 
@@ -357,13 +360,19 @@ def test_int16_product_at_its_largest_sums(k):
 
 def test_zero_points_outside_the_levels_skip_the_direct_product():
     """The direct product's bound needs |level - zero point| <= qmax - qmin; a zero point outside [qmin, qmax] (not
-    what the lowering makes, but a valid call) goes to the integer GEMM, which is exact for any."""
+    what the lowering makes, but a valid call) goes to an exact integer product: on x86 the int16 one (any zero point
+    within int16), elsewhere the integer GEMM."""
     op_args, ref_args = int8_case(2, 17, 96, 40, w_bits=8)
     zp = op_args[3].clone()
     zp[3] = 300
     op_args, ref_args = (*op_args[:3], zp, *op_args[4:]), (*ref_args[:3], zp, *ref_args[4:])
     ref = int8_linear_reference(*ref_args)
+    want = _exact_int8_linear(*ref_args).reshape(2, 17, 40)
     with native.use_isa(native.selected_isa(), int8_gemm="int_mm"):
         names = _names(lambda: int8_linear(*op_args))
-        torch.testing.assert_close(int8_linear(*op_args).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
-    assert "aten::_int_mm" in names
+        out = int8_linear(*op_args)
+        torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+    if native.selected_isa() == "neon":
+        assert "aten::_int_mm" in names
+    else:
+        assert not {"aten::_int_mm", "aten::matmul"} & names and torch.equal(out, want)
