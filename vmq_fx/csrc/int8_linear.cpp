@@ -5,9 +5,10 @@
 // (acc - (zp - shift) * colsum(W)) * act_scale[t] * w_scale[n] + bias[n]. The column sums come from the lowering (they
 // depend on the weight only). The levels and the float operations are those of the pure-torch path, in the same order.
 //
-// Small products, few rows and tiny K (linear_core.h's direct_product) are multiplied in the kernel itself, the
-// levels as floats by exact FMAs, quantized and rescaled in the same pass: a library call costs more than their
-// arithmetic (~10-25 us), and the separate quantize and rescale passes more than a 12-deep product (dt_proj). Every
+// Small products, few rows and tiny K (linear_core.h's direct_product) are multiplied in the kernel itself, quantized
+// and rescaled in the same pass: a library call costs more than their arithmetic (~10-25 us), and the separate
+// quantize and rescale passes more than a 12-deep product (dt_proj). With K > 32 x86 builds take the int16 product
+// (madd_rows) for them, 1.2-1.7x faster; tiny K and ARM64 builds the levels as floats by exact FMAs. Every
 // other product has four paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
 //   int_mm: at::_int_mm (oneDNN's gemm API) with int32 accumulation, exact: fast only where the CPU has int8
 //           dot-product instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong

@@ -194,7 +194,7 @@ inline void rescale_row(const Acc* acc, int32_t z, float s, const int32_t* w_sum
 // floats with FMAs, and rescaled in registers. Every product and partial sum is an integer of at most
 // K (qmax - qmin) max|w| <= 2^24 (direct_product), so exact in float in any order, and it equals the int32
 // paths' acc - (z - shift) colsum(W): the same floats come out of the same rescale, with x read once and the output
-// written once.
+// written once. x86 builds use it for tiny K only: the int16 product (madd_rows, below) is faster for the others.
 #if VMQ_VEC_BYTES == 64 || defined(__aarch64__)
 constexpr int kDirectCols = 4;  // column vectors per block: kDirectRows x kDirectCols accumulators of 32 registers
 #else
