@@ -284,15 +284,10 @@ def test_direct_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dyna
     assert {"aten::_int_mm", "aten::matmul"} & names
 
 
-@pytest.mark.parametrize("k", [514, 515])
-def test_direct_product_at_its_largest_sums(k):
-    """Levels 255 away from the zero point against weights of -128 / 127: the sums reach K * 255 * 128, exact in the
-    direct product's float32 up to 2^24 (K = 514). On x86 the int16 product takes these small products at any K
-    (int32 sums); elsewhere one more input channel hands the product to the exact integer GEMM. The floats are the
-    same either way."""
+def _largest_sums_case(k):
+    """vmq::int8_linear's arguments with sums of +-K * 255 * 128 (or 127), and the exact floats it must return: rows of
+    level 255 at zero point 0 and of level 0 at zero point 255; the first 20 weight rows of one sign, the rest mixed."""
     g = torch.Generator().manual_seed(k)
-    # Rows of level 255 at zero point 0 and of level 0 at zero point 255; the first 20 weight rows of one sign: their
-    # sums are +-K * 255 * 128 (or 127), the rest mixed.
     x = torch.tensor([1e3, -1e3] * 4).reshape(1, 8, 1).expand(1, 8, k)
     zp = torch.tensor([0, 255] * 4, dtype=torch.int32)
     w = torch.where(torch.rand(40, k, generator=g) < 0.5, -128, 127).to(torch.int8)
@@ -301,6 +296,16 @@ def test_direct_product_at_its_largest_sums(k):
             w.int().sum(1, dtype=torch.int32), torch.randn(40, generator=g), 0, 255, 8)
     want = _exact_int8_linear(*args[:5], args[5], args[7], 0, 255)
     assert want.abs().max() > 2e6  # the sums at the bound
+    return args, want
+
+
+@pytest.mark.parametrize("k", [514, 515])
+def test_direct_product_at_its_largest_sums(k):
+    """Levels 255 away from the zero point against weights of -128 / 127: the sums reach K * 255 * 128, exact in the
+    direct product's float32 up to 2^24 (K = 514). On x86 the int16 product takes these small products at any K
+    (int32 sums); elsewhere one more input channel hands the product to the exact integer GEMM. The floats are the
+    same either way."""
+    args, want = _largest_sums_case(k)
     assert native.kernels() is not None
     names = _names(lambda: int8_linear(*args))
     path = native.int8_gemm_path()[0]
@@ -342,15 +347,7 @@ def test_int16_product_at_its_largest_sums(k):
     float64 GEMM, stay exact."""
     if native.selected_isa() == "neon":
         pytest.skip("the int16 product is x86 only (vpmaddwd)")
-    g = torch.Generator().manual_seed(k)
-    x = torch.tensor([1e3, -1e3] * 4).reshape(1, 8, 1).expand(1, 8, k)
-    zp = torch.tensor([0, 255] * 4, dtype=torch.int32)
-    w = torch.where(torch.rand(40, k, generator=g) < 0.5, -128, 127).to(torch.int8)
-    w[:10], w[10:20] = -128, 127
-    args = (x, None, torch.full((8,), 0.25), zp, w, torch.rand(40, generator=g) + 0.5,
-            w.int().sum(1, dtype=torch.int32), torch.randn(40, generator=g), 0, 255, 8)
-    want = _exact_int8_linear(*args[:5], args[5], args[7], 0, 255)
-    assert want.abs().max() > 2e6
+    args, want = _largest_sums_case(k)
     for isa in native.executable_isas():
         with native.use_isa(isa, int8_gemm="int16"):
             assert torch.equal(int8_linear(*args).reshape(8, 40), want), isa
