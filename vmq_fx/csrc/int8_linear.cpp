@@ -280,46 +280,40 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const bool int16 = (gemm == Gemm::kInt16 || (direct && small)) && K > kDirectTinyK &&
                      int16_product_exact(K, qmin, qmax, packed, zp, L);
   const bool float_gemm = gemm == Gemm::kFloat || (gemm == Gemm::kInt16 && !int16);
+  const float* xp = x2.data_ptr<float>();
+  const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
+  // The kernel's own products: rows(m0, m1, out) over blocks of `rows` rows, tasks of at least 2^16 multiply-adds.
+  const auto own_product = [&](int64_t rows, const auto& product) {
+    out = at::empty({M, N}, x2.options());
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, (M + rows - 1) / rows, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, N * K)),
+                     [&](int64_t begin, int64_t end) { product(begin * rows, std::min(end * rows, M), op); });
+  };
+  const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
   if (int16) {
 #if VMQ_HAS_MADD
-    out = at::empty({M, N}, x2.options());
     const int16_t* wt = madd_weight(w_in, w_scale_in, w8).data_ptr<int16_t>();
-    const float* xp = x2.data_ptr<float>();
-    const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
-    float* op = out.data_ptr<float>();
-    const int64_t blocks = (M + kMaddRows - 1) / kMaddRows;
-    at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, N * K)),
-                     [&](int64_t begin, int64_t end) {
-                       madd_rows(xp, sp, as, zp, L, static_cast<float>(qmin), static_cast<float>(qmax), K, wt, wsc,
-                                 bp, N, begin * kMaddRows, std::min(end * kMaddRows, M), op);
-                     });
+    own_product(kMaddRows, [&](int64_t m0, int64_t m1, float* op) {
+      madd_rows(xp, sp, as, zp, L, lo, hi, K, wt, wsc, bp, N, m0, m1, op);
+    });
 #endif
   } else if (direct &&
       direct_product(M, N, K, qmin, qmax, packed ? 8 : 128, zp, L, /*small_products=*/true,
                      /*tiny_k=*/!float_gemm || kDirectTinyKFaster)) {
-    out = at::empty({M, N}, x2.options());
     const float* wt = direct_weight(w_in, w_scale_in, w8).data_ptr<float>();
-    const float* xp = x2.data_ptr<float>();
-    const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
-    float* op = out.data_ptr<float>();
-    const int64_t blocks = (M + kDirectRows - 1) / kDirectRows;
-    at::parallel_for(0, blocks, std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, N * K)),
-                     [&](int64_t begin, int64_t end) {
-                       direct_rows(xp, sp, as, zp, L, static_cast<float>(qmin), static_cast<float>(qmax), K, wt, wsc,
-                                   bp, N, begin * kDirectRows, std::min(end * kDirectRows, M), op);
-                     });
+    own_product(kDirectRows, [&](int64_t m0, int64_t m1, float* op) {
+      direct_rows(xp, sp, as, zp, L, lo, hi, K, wt, wsc, bp, N, m0, m1, op);
+    });
   } else if (float_gemm) {
     // Dequantized activation times dequantized weight (cached) in the fp32 GEMM, the bias added by it: one pass over
     // x, then exactly the work of the fp32 linear.
     out = at::empty({M, N}, x2.options());
     at::Tensor xdq = scratch(0, {M, K}, at::kFloat);
-    const float* xp = x2.data_ptr<float>();
-    const float* sp = smooth ? smooth->data_ptr<float>() : nullptr;
     float* dp = xdq.data_ptr<float>();
     at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
       for (int64_t m = begin; m < end; ++m)
-        dequantize_row(xp + m * K, sp, 1.0f / as[m % L], static_cast<float>(zp[m % L]), static_cast<float>(qmin),
-                       static_cast<float>(qmax), as[m % L], K, dp + m * K);
+        dequantize_row(xp + m * K, sp, 1.0f / as[m % L], static_cast<float>(zp[m % L]), lo, hi, as[m % L], K,
+                       dp + m * K);
     });
     const at::Tensor wdq = float_weight(w_in, w_scale_in, w8, w_scale);
     if (bias)

@@ -81,6 +81,17 @@ inline void row_levels(const float* row, const float* smooth, float inv, float z
   }
 }
 
+#if defined(__x86_64__) && !defined(__AVX512F__)
+// The lanes (integers within int16) as int16 in the low 2 * kLanes bytes, by the saturating pack (no lane saturates).
+inline __m128i pack_int16(VI v) {
+#if defined(__AVX2__)
+  return _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
+#else
+  return _mm_packs_epi32((__m128i)v, (__m128i)v);
+#endif
+}
+#endif
+
 // Lanes of integers in [-128, 255] stored as kLanes bytes (their low bytes: int8 or uint8), narrowed as one vector.
 // GCC's __builtin_convertvector does that in one instruction with AVX-512 (vpmovdb) but lane by lane in the other
 // builds (extract, mask, shift, or per lane), which made AVX2's quantize pass 4x the AVX-512 one's time per element:
@@ -93,11 +104,7 @@ inline void store_bytes(VI v, Q* q) {
   const QV bytes = __builtin_convertvector(v, QV);
   std::memcpy(q, &bytes, sizeof(bytes));
 #elif defined(__x86_64__)
-#if defined(__AVX2__)
-  const __m128i halves = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
-#else
-  const __m128i halves = _mm_packs_epi32((__m128i)v, (__m128i)v);
-#endif
+  const __m128i halves = pack_int16(v);
   const __m128i bytes = std::is_signed<Q>::value ? _mm_packs_epi16(halves, halves) : _mm_packus_epi16(halves, halves);
   std::memcpy(q, &bytes, kLanes);
 #elif defined(__aarch64__)
@@ -360,11 +367,8 @@ inline void store_int16(VI v, int16_t* q) {
   typedef int16_t HV __attribute__((vector_size(2 * kLanes)));
   const HV halves = __builtin_convertvector(v, HV);
   std::memcpy(q, &halves, sizeof(halves));
-#elif defined(__AVX2__)
-  const __m128i halves = _mm_packs_epi32(_mm256_castsi256_si128((__m256i)v), _mm256_extracti128_si256((__m256i)v, 1));
-  std::memcpy(q, &halves, sizeof(halves));
 #else
-  const __m128i halves = _mm_packs_epi32((__m128i)v, (__m128i)v);
+  const __m128i halves = pack_int16(v);
   std::memcpy(q, &halves, 2 * kLanes);
 #endif
 }
