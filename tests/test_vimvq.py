@@ -169,6 +169,46 @@ def test_vq_linear_matches_dequantize_then_matmul(rows, cols, d, k, implementati
     torch.library.opcheck(torch.ops.vmq.vq_linear.default, (x, codes, codebook, scale, bias, cols))
 
 
+def test_vq_linear_keeps_its_decoded_weight_only_while_the_codes_are_unchanged():
+    """The C++ kernel decodes a weight once and keeps it (native.vq_decode_mode "once", the default): the same floats
+    as a decode per call, and a code, codebook or row scale written in place, or new codes in freed memory, are
+    decoded again rather than served from the kept weight."""
+    from vmq_fx.ops import native
+
+    kernels = native.kernels()
+    assert kernels is not None and kernels.vq_decode_once() and native.vq_decode_mode()[0] == "once"
+    g = torch.Generator().manual_seed(0)
+    rows, cols, d, k = 40, 36, 2, 64  # 6-bit codes
+    new_codes = lambda: pack_codes(torch.randint(0, k, (rows, cols // d), generator=g), code_bits(k))  # noqa: E731
+    codes, codebook = new_codes(), torch.randn(k, d, generator=g).half()
+    scale, bias = torch.randint(100, 200, (rows,), generator=g, dtype=torch.uint8), torch.randn(rows, generator=g)
+    x = torch.randn(3, 7, cols, generator=g)
+
+    def check():
+        out = VQ_LINEAR(x, codes, codebook, scale, bias, cols)
+        torch.testing.assert_close(out.double(), vq_linear_reference(x, codes, codebook, scale, bias, cols),
+                                   rtol=1e-5, atol=1e-5)
+        kernels.set_vq_decode_once(False)
+        try:
+            assert torch.equal(VQ_LINEAR(x, codes, codebook, scale, bias, cols), out)
+        finally:
+            kernels.set_vq_decode_once(True)
+        return out
+
+    outputs = [check(), check()]
+    codes.copy_(new_codes())
+    outputs.append(check())
+    codebook.mul_(-0.5)
+    outputs.append(check())
+    scale.add_(7)
+    outputs.append(check())
+    del codes
+    codes = new_codes()  # often in the memory just freed
+    outputs.append(check())
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(not torch.allclose(a, b) for a, b in zip(outputs[1:], outputs[2:]))
+
+
 def test_vq_linear_refuses_an_input_that_requires_grad(implementation):
     codes = pack_codes(torch.randint(0, 16, (3, 2)), 4)
     codebook, scale = torch.randn(16, 4).half(), torch.full((3,), 128, dtype=torch.uint8)

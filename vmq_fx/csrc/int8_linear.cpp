@@ -40,9 +40,7 @@
 #include <cmath>
 #include <functional>
 #include <limits>
-#include <mutex>
 #include <tuple>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -93,35 +91,10 @@ enum class Gemm : int { kIntMm, kOnednn, kFloat, kInt16 };
 const char* const kGemmNames[] = {"int_mm", "onednn", "float", "int16"};
 std::atomic<int> g_gemm{static_cast<int>(Gemm::kIntMm)};
 
-// A tensor made from a weight and its scale (the dequantized weight, the prepacked one), cached per (weight, scale)
-// pair of tensors: an entry is valid while the storages it was made from are alive (weak references), so memory freed
-// and reused by other tensors is never mistaken for them. One cache per kind of derived tensor (Kind).
+// A tensor made from a weight and its scale (the dequantized weight, the prepacked one), cached (cached_derived).
 template <int Kind, typename Make>
 std::vector<at::Tensor> cached_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, Make make) {
-  struct Entry {
-    c10::weak_intrusive_ptr<c10::StorageImpl> w, scale;
-    int64_t w_offset, scale_offset;
-    std::vector<int64_t> sizes;
-    std::vector<at::Tensor> made;
-  };
-  static std::mutex mutex;
-  static std::unordered_map<const void*, Entry> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(w_in.data_ptr());
-  if (it != cache.end()) {
-    const Entry& e = it->second;
-    if (e.w.lock().get() == w_in.storage().unsafeGetStorageImpl() && e.w_offset == w_in.storage_offset() &&
-        e.scale.lock().get() == w_scale_in.storage().unsafeGetStorageImpl() &&
-        e.scale_offset == w_scale_in.storage_offset() && w_in.sizes().equals(e.sizes))
-      return e.made;
-  }
-  for (auto e = cache.begin(); e != cache.end();)
-    e = e->second.w.expired() || e->second.scale.expired() ? cache.erase(e) : std::next(e);
-  std::vector<at::Tensor> made = make();
-  cache.insert_or_assign(w_in.data_ptr(), Entry{w_in.storage().getWeakStorageImpl(),
-                                                w_scale_in.storage().getWeakStorageImpl(), w_in.storage_offset(),
-                                                w_scale_in.storage_offset(), w_in.sizes().vec(), made});
-  return made;
+  return vmq_fx::linear::cached_derived<Kind, 2>({&w_in, &w_scale_in}, make);
 }
 
 // The weight as int8 [N, K], unpacked from two 4-bit values per byte where it is packed: made per call only where the
@@ -131,14 +104,14 @@ using Int8Weight = std::function<at::Tensor()>;
 // The dequantized weight w_int * w_scale as float32 [N, K].
 at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8,
                         const at::Tensor& w_scale) {
-  return cached_weight<0>(w_in, w_scale_in, [&] {
+  return cached_weight<kFloatWeight>(w_in, w_scale_in, [&] {
     return std::vector<at::Tensor>{(w8().to(at::kFloat) * w_scale.unsqueeze(1)).contiguous()};
   })[0];
 }
 
 // The weight's levels as floats for the direct product, [K, direct_padded_cols(N)].
 at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
-  return cached_weight<2>(w_in, w_scale_in, [&] {
+  return cached_weight<kDirectWeight>(w_in, w_scale_in, [&] {
     const at::Tensor w = w8().contiguous();
     const int64_t N = w.size(0), K = w.size(1);
     auto out = at::empty({K, direct_padded_cols(N)}, w.options().dtype(at::kFloat));
@@ -151,7 +124,7 @@ at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, c
 #if VMQ_HAS_MADD
 // The weight's levels for madd_rows, int16 [ceil(K / 2), madd_padded_cols(N), 2].
 at::Tensor madd_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
-  return cached_weight<3>(w_in, w_scale_in, [&] {
+  return cached_weight<kMaddWeight>(w_in, w_scale_in, [&] {
     const at::Tensor w = w8().contiguous();
     const int64_t N = w.size(0), K = w.size(1);
     auto out = at::empty({(K + 1) / 2 * madd_padded_cols(N) * 2}, w.options().dtype(at::kShort));
@@ -183,7 +156,7 @@ constexpr int64_t kOnednnMinMacs = int64_t{1} << 25;
 at::Tensor onednn_product(const at::Tensor& xq, const at::Tensor& w_in, const at::Tensor& w_scale_in,
                           const Int8Weight& w8) {
   const int64_t M = xq.size(0), K = xq.size(1), N = w_in.size(0);
-  const auto weight = cached_weight<1>(w_in, w_scale_in, [&] {
+  const auto weight = cached_weight<kOnednnWeight>(w_in, w_scale_in, [&] {
     static const auto prepack = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
     // The activation's shape selects the blocked (AMX) layout; without it the layout is the slow plain one.
     torch::jit::Stack stack{w8().contiguous(), c10::IValue(std::vector<int64_t>{M, K})};

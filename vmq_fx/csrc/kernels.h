@@ -97,6 +97,10 @@ std::string int8_gemm();
 // tests that compare it with the libraries' products on the same shapes).
 void set_int8_direct(bool enabled);
 
+// Whether vq_linear decodes each weight once and keeps the float32 weight (the default) or decodes it per call.
+void set_vq_decode_once(bool once);
+bool vq_decode_once();
+
 // The activation levels of int8_linear (levels - shift, as int8), for tests.
 at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::Tensor>& smooth,
                                   const at::Tensor& act_scale, const at::Tensor& zero_point, int64_t qmin,

@@ -4,7 +4,11 @@
 
 #include <torch/extension.h>
 
+#include <array>
 #include <cstring>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
 
 #include "linear_core.h"
 
@@ -25,6 +29,53 @@ inline at::Tensor scratch(int slot, at::IntArrayRef sizes, at::ScalarType dtype)
 // dispatcher round trips of to() and contiguous() (~0.3-0.6 us of a 6-10 us call of vim-fm-tiny's linears at batch 1).
 inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
+}
+
+// Tensors derived from a linear's constant inputs (a dequantized or prepacked weight, a decoded VQ weight), made by
+// make() on first use and kept per tuple of source tensors. An entry holds while each source's storage is alive (weak
+// references), at the same offset and sizes and unmodified (version counter), so memory freed and reused by another
+// tensor, or a weight written in place, is never mistaken for what it was made from. One cache per Kind.
+enum DerivedKind : int { kFloatWeight, kOnednnWeight, kDirectWeight, kMaddWeight, kVqWeight };
+template <int Kind, size_t S, typename Make>
+std::vector<at::Tensor> cached_derived(const std::array<const at::Tensor*, S>& sources, Make make) {
+  struct Source {
+    c10::weak_intrusive_ptr<c10::StorageImpl> storage;
+    int64_t offset;
+    std::vector<int64_t> sizes;
+    uint32_t version;
+
+    explicit Source(const at::Tensor& t)
+        : storage(t.storage().getWeakStorageImpl()), offset(t.storage_offset()), sizes(t.sizes().vec()),
+          version(t._version()) {}
+    bool is(const at::Tensor& t) const {
+      return storage.lock().get() == t.storage().unsafeGetStorageImpl() && offset == t.storage_offset() &&
+             t.sizes().equals(sizes) && version == t._version();
+    }
+  };
+  struct Entry {
+    std::vector<Source> sources;
+    std::vector<at::Tensor> made;
+  };
+  static std::mutex mutex;
+  static std::unordered_map<const void*, Entry> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(sources[0]->data_ptr());
+  if (it != cache.end()) {
+    bool same = true;
+    for (size_t i = 0; i < S; ++i) same = same && it->second.sources[i].is(*sources[i]);
+    if (same) return it->second.made;
+  }
+  for (auto e = cache.begin(); e != cache.end();) {
+    bool alive = true;
+    for (const Source& s : e->second.sources) alive = alive && !s.storage.expired();
+    e = alive ? std::next(e) : cache.erase(e);
+  }
+  Entry entry;
+  for (const at::Tensor* t : sources) entry.sources.emplace_back(*t);
+  entry.made = make();
+  const std::vector<at::Tensor> made = entry.made;
+  cache.insert_or_assign(sources[0]->data_ptr(), std::move(entry));
+  return made;
 }
 
 // float32 contiguous.

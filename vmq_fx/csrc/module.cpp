@@ -60,5 +60,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_int8_gemm", &vmq_fx::set_int8_gemm);
   m.def("int8_gemm", &vmq_fx::int8_gemm);
   m.def("set_int8_direct", &vmq_fx::set_int8_direct);
+  m.def("set_vq_decode_once", &vmq_fx::set_vq_decode_once);
+  m.def("vq_decode_once", &vmq_fx::vq_decode_once);
   m.attr("isa") = VMQ_ISA_NAME;
 }

@@ -35,7 +35,8 @@ where the CPU has int8 dot-product instructions (VNNI), oneDNN's matmul primitiv
 AMX, else (x86) vmq_fx's own int16 product (``vpmaddwd``, exact) or (ARM64) the fp32 GEMM on the dequantized levels
 and weight. On every path the kernel multiplies small products, few
 rows and tiny K itself (its direct product: exact, in one pass with the quantization and the rescale), where a library
-call would cost more than the arithmetic.
+call would cost more than the arithmetic. ``vmq::vq_linear`` decodes each VQ weight once and keeps the float32 weight
+(:func:`vq_decode_mode`: FP32 speed; per call where memory matters more).
 
 When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op keeps its pure-torch implementation and one
 line says why.
@@ -58,8 +59,8 @@ from types import ModuleType
 import torch
 
 __all__ = ["INT8_DOT_FLAGS", "INT8_GEMM_PATHS", "ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT",
-           "builds_on_first_call", "disabled", "enable", "executable_isas", "int8_gemm_path", "kernels",
-           "native_kernels", "selected_isa", "use_isa"]
+           "VQ_DECODE_MODES", "builds_on_first_call", "disabled", "enable", "executable_isas", "int8_gemm_path",
+           "kernels", "native_kernels", "selected_isa", "use_isa", "vq_decode_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +188,32 @@ def _without_int8_dot(isa: str, why: str) -> tuple[str, str]:
     return "int16", f"{why}: int16 levels are multiplied with vpmaddwd (exact)"
 
 
+# How vmq::vq_linear gets its float32 weight (csrc/vq_linear.cpp)
+VQ_DECODE_MODES = ("once", "per_call")
+
+
+def vq_decode_mode() -> tuple[str, str]:
+    """How ``vmq::vq_linear`` gets its float32 weight: ``(mode, why)``, ``mode`` one of :data:`VQ_DECODE_MODES`.
+
+    ``"once"`` (the default): each VQ weight is decoded on its first call and the float32 weight is kept while its
+    codes live. The product is then the FP32 model's GEMM, so a VQ model runs at FP32 speed, and holds the FP32
+    weights in memory beside its codes (onnxruntime does the same: it decodes a VQ file's weights into initializers
+    when it loads the file). ``"per_call"``: the weight is decoded on every call into scratch memory, so only the codes
+    stay in memory; the decode is work the fp32 linear does not do (0.8-0.9x of it at Vim-T shapes, batch 1). Saved
+    files and ONNX exports are the same either way. ``$VMQ_FX_VQ_DECODE`` picks.
+
+    Example:
+        >>> vq_decode_mode()[0] in VQ_DECODE_MODES
+        True
+    """
+    forced = os.environ.get("VMQ_FX_VQ_DECODE", "").strip().lower()
+    if not forced:
+        return "once", "the default: FP32 speed, the float32 weights kept beside the codes"
+    if forced not in VQ_DECODE_MODES:
+        raise ValueError(f"VMQ_FX_VQ_DECODE={forced!r}: use {', '.join(VQ_DECODE_MODES)}")
+    return forced, "set by VMQ_FX_VQ_DECODE"
+
+
 def cache_root() -> Path:
     """Where builds (and fetched build inputs) are cached: ``$VMQ_FX_CACHE``, default ``~/.cache/vmq_fx``."""
     return Path(os.environ.get("VMQ_FX_CACHE") or Path.home() / ".cache" / "vmq_fx")
@@ -269,11 +296,15 @@ def _register(module: ModuleType, int8_gemm: str | None = None) -> None:
     if _active is not None and _active is not module:
         _active.deregister_cpu_kernels()
     path, why = (int8_gemm, "asked for") if int8_gemm else int8_gemm_path(module.isa)
-    changed = _active is None or _active.isa != module.isa or module.int8_gemm() != path
+    vq, vq_why = vq_decode_mode()
+    changed = (_active is None or _active.isa != module.isa or module.int8_gemm() != path
+               or module.vq_decode_once() != (vq == "once"))
     module.set_int8_gemm(path)
+    module.set_vq_decode_once(vq == "once")
     module.register_cpu_kernels()
     if changed:
-        log.info("vmq_fx: CPU kernels built for %s; int8 linears multiply with %s (%s)", module.isa, path, why)
+        log.info("vmq_fx: CPU kernels built for %s; int8 linears multiply with %s (%s); VQ linears decode their "
+                 "weights %s (%s)", module.isa, path, why, vq.replace("_", " "), vq_why)
     _active = module
 
 
