@@ -34,6 +34,7 @@ namespace {
 using vmq_fx::ort::Input;
 using vmq_fx::ort::input;
 using vmq_fx::ort::parallel_chunks;
+using vmq_fx::ort::resolved_input;
 
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("vmq.Int8Linear: " + what);
@@ -62,6 +63,13 @@ struct Int8LinearKernel {
   Int8LinearKernel(const OrtApi&, const OrtKernelInfo* info)
       : memory_(Ort::MemoryInfo::CreateCpu(OrtDeviceAllocator, OrtMemTypeDefault)) {
     Ort::ConstKernelInfo kernel_info(info);
+    smooth_ = vmq_fx::ort::constant_input<float>(kernel_info, 1);
+    scale_ = vmq_fx::ort::constant_input<float>(kernel_info, 2);
+    zero_point_ = vmq_fx::ort::constant_input<int32_t>(kernel_info, 3);
+    w_ = vmq_fx::ort::constant_input<int8_t>(kernel_info, 4);
+    w_scale_ = vmq_fx::ort::constant_input<float>(kernel_info, 5);
+    w_sum_ = vmq_fx::ort::constant_input<int32_t>(kernel_info, 6);
+    bias_ = vmq_fx::ort::constant_input<float>(kernel_info, 7);
     qmin_ = kernel_info.GetAttribute<int64_t>("qmin");
     qmax_ = kernel_info.GetAttribute<int64_t>("qmax");
     const int64_t w_bits = kernel_info.GetAttribute<int64_t>("w_bits");
@@ -83,10 +91,17 @@ struct Int8LinearKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const auto x = input<float>(ctx, 0), smooth = input<float>(ctx, 1), scale = input<float>(ctx, 2);
-    const auto zero_point = input<int32_t>(ctx, 3), w_sum = input<int32_t>(ctx, 6);
-    const auto w = input<int8_t>(ctx, 4);
-    const auto w_scale = input<float>(ctx, 5), bias = input<float>(ctx, 7);
+    const auto x = input<float>(ctx, 0);
+    Input<float> smooth_in, scale_in, w_scale_in, bias_in;
+    Input<int32_t> zero_point_in, w_sum_in;
+    Input<int8_t> w_in;
+    const auto& smooth = resolved_input(ctx, 1, smooth_, smooth_in);
+    const auto& scale = resolved_input(ctx, 2, scale_, scale_in);
+    const auto& zero_point = resolved_input(ctx, 3, zero_point_, zero_point_in);
+    const auto& w = resolved_input(ctx, 4, w_, w_in);
+    const auto& w_scale = resolved_input(ctx, 5, w_scale_, w_scale_in);
+    const auto& w_sum = resolved_input(ctx, 6, w_sum_, w_sum_in);
+    const auto& bias = resolved_input(ctx, 7, bias_, bias_in);
     require(x.shape.size() >= 2, "x must be [..., L, K]");
     const int64_t K = x.shape.back(), L = x.shape[x.shape.size() - 2], M = x.numel() / (K ? K : 1);
     require(w.shape.size() == 2 && w.shape[0] == K, "the weight must be [K, N] with x's K");
@@ -215,6 +230,9 @@ struct Int8LinearKernel {
 
   Ort::MemoryInfo memory_;
   Ort::Op matmul_{nullptr};
+  Input<float> smooth_, scale_, w_scale_, bias_;  // the constant inputs (constant_input)
+  Input<int32_t> zero_point_, w_sum_;
+  Input<int8_t> w_;
   int64_t qmin_ = 0, qmax_ = 255;
   bool signed_weight_ = true, use_direct_ = true;
   DerivedWeight<uint8_t> shifted_;
