@@ -11,6 +11,7 @@ import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.pt2e.observers import NotCalibratedError
 from vmq_fx.ops.int8_linear import Int8LinearArgs
+from vmq_fx.pt2e.lowering.simplify import direct_attribute_reads
 from vmq_fx.pt2e.quantizer import find_quantizable_linears
 
 qd = torch.ops.quantized_decomposed
@@ -95,6 +96,8 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path
     # Every tensor the graph reads is an attribute of the root (one lookup per read, not one per step of a path).
     reads = [str(n.target) for n in lowered.graph.nodes if n.op == "get_attr"]
     assert reads and not any("." in r for r in reads) and not any("." in k for k in lowered.state_dict())
+    # ... read by properties of the module's own class, not by Module.__getattr__ (direct_attribute_reads)
+    assert all(isinstance(type(lowered).__dict__.get(r), property) for r in reads)
     low_out = lowered(x)
     # Integer accumulation is exact where the Q/DQ reference accumulates in float32: their ~1e-7 differences flip an
     # occasional rounding level downstream, hence a bound above float rounding but far below a wrong scale or layout.
@@ -118,6 +121,40 @@ def test_prepare_calibrate_jlss_convert_lower(fixture, w_bits, request, tmp_path
     loaded = vmq_fx.load_quantized(path)
     assert torch.equal(loaded(x), low_out)
     assert sorted(str(n.target) for n in loaded.graph.nodes if n.op == "get_attr") == sorted(reads)
+    assert all(isinstance(type(loaded).__dict__.get(r), property) for r in reads)
+
+
+def test_direct_attribute_reads_keep_the_module_semantics():
+    """The properties that read a lowered graph's tensors follow the module: replaced, reloaded, converted, deleted and
+    re-registered tensors, plain attributes of the same name; other graph modules are untouched."""
+    root = torch.nn.Module()
+    root.register_buffer("b", torch.tensor([1.0, 2.0]))
+    root.p = torch.nn.Parameter(torch.tensor([10.0, 20.0]), requires_grad=False)
+    graph = torch.fx.Graph()
+    x_node = graph.placeholder("x")
+    scaled = graph.call_function(torch.mul, (x_node, graph.get_attr("b")))
+    graph.output(graph.call_function(torch.add, (scaled, graph.get_attr("p"))))
+    other = torch.fx.GraphModule(copy.deepcopy(root), graph)
+    gm = direct_attribute_reads(torch.fx.GraphModule(root, graph))
+    assert isinstance(type(gm).__dict__["b"], property) and isinstance(type(gm).__dict__["p"], property)
+    assert "b" not in type(other).__dict__
+    x = torch.tensor([3.0, 4.0])
+    assert gm(x).tolist() == [13.0, 28.0]  # 3 * 1 + 10, 4 * 2 + 20
+    gm.load_state_dict({"b": torch.tensor([0.5, 0.5]), "p": torch.tensor([1.0, 1.0])})
+    assert gm(x).tolist() == [2.5, 3.0]
+    gm.b = torch.tensor([2.0, 2.0])  # a registered buffer replaced
+    assert gm(x).tolist() == [7.0, 9.0] and set(gm.state_dict()) == {"b", "p"}
+    assert copy.deepcopy(gm)(x).tolist() == [7.0, 9.0]
+    assert gm.to(torch.float64)(x.double()).dtype == torch.float64 and gm.p.dtype == torch.float64
+    del gm.b
+    assert not hasattr(gm, "b") and set(gm.state_dict()) == {"p"}
+    gm.b = "plain"  # not a tensor: a plain attribute of that name
+    assert gm.b == "plain" and set(gm.state_dict()) == {"p"}
+    del gm.b
+    with pytest.raises(AttributeError):
+        del gm.b
+    gm.register_buffer("b", torch.ones(2, dtype=torch.float64))
+    assert gm(x.double()).tolist() == [4.0, 5.0] and other(x).tolist() == [13.0, 28.0]
 
 
 def test_smoothing_folds_into_norm_exactly(vim):

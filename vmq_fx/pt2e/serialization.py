@@ -30,6 +30,7 @@ from vmq_fx.models.vim import VimConfig
 from vmq_fx.models.vmamba import VMambaConfig
 from vmq_fx.ops.int8_linear import pack_int4, unpack_int4
 from vmq_fx.pt2e.lowering.int4_storage import int4_weight_names
+from vmq_fx.pt2e.lowering.simplify import direct_attribute_reads
 from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
 from vmq_fx.pt2e.recipes import RECIPE_FAMILIES, Recipe
 
@@ -181,4 +182,4 @@ def load_quantized(path: str | os.PathLike) -> fx.GraphModule:
     if "config" in meta:
         gm.meta["vmq_config"] = _config_from(meta["config"])
     _attach_layers(gm, meta.get("layers", "{}"))
-    return gm
+    return direct_attribute_reads(gm)
