@@ -17,7 +17,8 @@ shared CPU hits all of them, and ratios are taken within the table. Tables:
   (``native.disabled()``), mamba-ssm's ``selective_scan_ref``; state updates per second; one thread with a second
   busy process on the other core.
 * ``linears``: the four Vim-T projections at batch 1 and 8 (M = 197 and 1576 rows): fp32 ``F.linear`` against
-  ``vmq::int8_linear`` (W8A8, W4A8) and ``vmq::vq_linear`` (3- and 2-bit).
+  ``vmq::int8_linear`` (W8A8, W4A8) and ``vmq::vq_linear`` (3- and 2-bit; each weight decoded once, the default, and
+  2-bit decoded on every call, ``VMQ_FX_VQ_DECODE=per_call``).
 * ``models``: vim-fm-tiny (batch 1, 64) and vim_tiny 224x224 (batch 1, 8; random weights): FP32 eager, FP32 on the
   pure-torch scan and convolution (``native.disabled()``: what the project ran before the fused kernels; the column
   says "pure-torch scan"), and the lowered W8A8, W4A8, VQ 3-bit and VQ 2-bit
@@ -147,13 +148,24 @@ def _quantized_linear_args(k, n, gen):
     return int8, vq
 
 
+@contextlib.contextmanager
+def _vq_decoded_per_call():
+    kernels = native.native_kernels()
+    kernels.set_vq_decode_once(False)
+    try:
+        yield
+    finally:
+        kernels.set_vq_decode_once(True)
+
+
 def table_linears(args) -> list[str]:
     gen = torch.Generator().manual_seed(0)
     dm, di, r, n = VIM_T["d_model"], VIM_T["d_inner"], VIM_T["dt_rank"], VIM_T["d_state"]
     layers = [("in_proj", dm, 2 * di), ("x_proj", di, r + 2 * n), ("dt_proj", r, di), ("out_proj", di, dm)]
     out = ["## Linears alone (Vim-T projections; time per call, ratio = fp32 / quantized)", "",
-           "| threads | batch (M rows) | layer (K -> N) | fp32 ms | W8A8 | W4A8 | VQ 3-bit | VQ 2-bit |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| threads | batch (M rows) | layer (K -> N) | fp32 ms | W8A8 | W4A8 | VQ 3-bit | VQ 2-bit | "
+           "VQ 2-bit, decoded per call |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for threads in args.threads:
         torch.set_num_threads(threads)
         for batch in (1, 8):
@@ -166,9 +178,11 @@ def table_linears(args) -> list[str]:
                     variants[f"W{bits}A8"] = lambda x=x, a=a: torch.ops.vmq.int8_linear(x, *a)
                 for bits, a in vq.items():
                     variants[f"VQ{bits}"] = lambda x=x, a=a: torch.ops.vmq.vq_linear(x, *a)
+                variants["VQ2 per call"] = variants["VQ2"]
                 with torch.no_grad():
-                    t = interleaved(variants, args.reps)
-                cells = [f"{ms(t[v])} ({t['fp32'] / t[v]:.2f}x)" for v in ("W8A8", "W4A8", "VQ3", "VQ2")]
+                    t = interleaved(variants, args.reps, around={"VQ2 per call": _vq_decoded_per_call})
+                cells = [f"{ms(t[v])} ({t['fp32'] / t[v]:.2f}x)"
+                         for v in ("W8A8", "W4A8", "VQ3", "VQ2", "VQ2 per call")]
                 out.append(f"| {threads} | {batch} ({batch * VIM_T['length']}) | {name} ({k} -> {nn_}) | "
                            f"{ms(t['fp32'])} | " + " | ".join(cells) + " |")
                 print(out[-1], file=sys.stderr, flush=True)
