@@ -175,6 +175,22 @@ def test_float_path_reuses_its_dequantized_weight_only_for_the_same_tensors():
                                        atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("shape", [SHAPES[0], LIBRARY_SHAPE])
+def test_kept_weight_forms_follow_in_place_writes_and_inference_tensors(shape, int8_gemm):
+    """Each path's kept form of the weight (dequantized, prepacked, int16 or float levels) is made again after a
+    weight scale is written in place, and weights made under torch.inference_mode (no version counter) run."""
+    op_args, ref_args = int8_case(*shape, w_bits=8, bias=False)
+    first = int8_linear(*op_args)
+    op_args[5].mul_(2)  # w_scale, in place
+    torch.testing.assert_close(int8_linear(*op_args), 2 * first, rtol=1e-6, atol=1e-6 * first.abs().max().item())
+    with torch.inference_mode():
+        op_args, ref_args = int8_case(*shape, w_bits=8, seed=3)
+        outs = [int8_linear(*op_args) for _ in range(2)]
+    ref = int8_linear_reference(*ref_args)
+    for out in outs:
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("k", [8, 7, 1])
 def test_int4_pack_round_trip(k):
     w = torch.randint(-8, 8, (5, k), dtype=torch.int8)

@@ -118,6 +118,26 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
         native.int8_gemm_path()
 
 
+def test_vq_decode_mode_follows_its_variable_into_the_kernels(monkeypatch):
+    """VQ weights are decoded once by default; VMQ_FX_VQ_DECODE=per_call reaches the registered kernels, a typo is
+    named."""
+    monkeypatch.delenv("VMQ_FX_VQ_DECODE", raising=False)
+    assert native.vq_decode_mode()[0] == "once" and native.kernels().vq_decode_once()
+    monkeypatch.setenv("VMQ_FX_VQ_DECODE", "sometimes")
+    with pytest.raises(ValueError, match="VMQ_FX_VQ_DECODE='sometimes': use once, per_call"):
+        native.vq_decode_mode()
+    monkeypatch.setenv("VMQ_FX_VQ_DECODE", "per_call")
+    assert native.vq_decode_mode() == ("per_call", "set by VMQ_FX_VQ_DECODE")
+    try:
+        with native.use_isa(native.selected_isa()) as kernels:
+            assert not kernels.vq_decode_once()
+    finally:  # registered again without the variable: the later tests run the default
+        monkeypatch.delenv("VMQ_FX_VQ_DECODE")
+        with native.use_isa(native.selected_isa()):
+            pass
+    assert native.native_kernels().vq_decode_once()
+
+
 def test_use_isa_leaves_every_build_as_it_found_it():
     """A product path asked for inside disabled() (the torch implementation) must not stay on the build that
     disabled() re-registers afterwards (it did: later tests ran on the float path)."""

@@ -44,12 +44,15 @@ std::vector<at::Tensor> cached_derived(const std::array<const at::Tensor*, S>& s
     std::vector<int64_t> sizes;
     uint32_t version;
 
+    // Inference tensors (made under torch.inference_mode) have no version counter; they cannot be written in place
+    // outside that mode.
+    static uint32_t version_of(const at::Tensor& t) { return t.is_inference() ? 0 : t._version(); }
     explicit Source(const at::Tensor& t)
         : storage(t.storage().getWeakStorageImpl()), offset(t.storage_offset()), sizes(t.sizes().vec()),
-          version(t._version()) {}
+          version(version_of(t)) {}
     bool is(const at::Tensor& t) const {
       return storage.lock().get() == t.storage().unsafeGetStorageImpl() && offset == t.storage_offset() &&
-             t.sizes().equals(sizes) && version == t._version();
+             t.sizes().equals(sizes) && version == version_of(t);
     }
   };
   struct Entry {
