@@ -191,6 +191,21 @@ def test_kept_weight_forms_follow_in_place_writes_and_inference_tensors(shape, i
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+def test_each_build_keeps_its_own_weight_forms():
+    """The same weight through every build in one process: each build lays out its int16 levels for its own vector
+    width (40 columns pad to 64 with AVX-512, to 48 with AVX2), so what one build keeps of a weight must not serve
+    another."""
+    if native.selected_isa() == "neon":
+        pytest.skip("the int16 product is x86 only")
+    op_args, ref_args = int8_case(2, 40, 64, 40, w_bits=8)
+    ref = int8_linear_reference(*ref_args)
+    for _ in range(2):
+        for isa in native.executable_isas():
+            with native.use_isa(isa, int8_gemm="int16"):
+                torch.testing.assert_close(int8_linear(*op_args).double(), ref, rtol=1e-5,
+                                           atol=1e-5 * ref.abs().max().item(), msg=isa)
+
+
 @pytest.mark.parametrize("k", [8, 7, 1])
 def test_int4_pack_round_trip(k):
     w = torch.randint(-8, 8, (5, k), dtype=torch.int8)

@@ -221,14 +221,18 @@ def test_output_is_stored_sequence_major_by_every_implementation_and_the_fake(re
 
 @pytest.mark.parametrize("reverse", [False, True])
 def test_sequence_major_inputs_match_the_float64_loop(reverse, implementation):
-    """u, delta and z as Vim passes them: [batch, dim, L] views of sequence-major memory, z a window of a wider row
-    (in_proj's second half), which the kernels read in place for full blocks of channels and pack for the rest."""
+    """u, delta, z, B and C as Vim passes them: [batch, dim, L] views of sequence-major memory, z a window of a wider
+    row (in_proj's second half), B and C windows of x_proj's output rows, which the kernels read in place (u, delta, z
+    for full blocks of channels; they pack the rest)."""
     args = make_inputs(batch=3, dim=40, length=19, n=16)  # full 16-, 8- and 4-channel blocks, and a partial one
-    wide = torch.cat([torch.randn(3, 19, 40, generator=torch.Generator().manual_seed(1)),
-                      args["z"].transpose(1, 2)], dim=-1)
+    g = torch.Generator().manual_seed(1)
+    wide = torch.cat([torch.randn(3, 19, 40, generator=g), args["z"].transpose(1, 2)], dim=-1)
+    x_proj = torch.cat([torch.randn(3, 19, 5, generator=g), args["B"].transpose(1, 2), args["C"].transpose(1, 2)], -1)
     seq = {**args, "u": args["u"].transpose(1, 2).contiguous().transpose(1, 2),
-           "delta": args["delta"].transpose(1, 2).contiguous().transpose(1, 2), "z": wide[..., 40:].transpose(1, 2)}
+           "delta": args["delta"].transpose(1, 2).contiguous().transpose(1, 2), "z": wide[..., 40:].transpose(1, 2),
+           "B": x_proj[..., 5:21].transpose(1, 2), "C": x_proj[..., 21:].transpose(1, 2)}
     assert seq["u"].stride() == (760, 1, 40) and seq["z"].stride() == (1520, 1, 80)
+    assert seq["B"].stride() == (19 * 37, 1, 37) and torch.equal(seq["C"], args["C"])
     out, last = selective_scan_fn(**seq, delta_softplus=True, return_last_state=True, reverse=reverse)
     flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
     ref_out, ref_last = scan_loop_f64(**{k: flip(v) if k in ("u", "delta", "z", "B", "C") else v
@@ -244,8 +248,11 @@ def test_long_sequences_match_the_float64_loop_across_runs_of_blocks(reverse, im
     the avx512, avx2 and generic builds), sequence-major or not, with B in two groups."""
     args = make_inputs(batch=2, dim=72, length=400, n=16, groups_b=2)
     for seq in (False, True):
-        if seq:
-            args = {**args, **{k: args[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("u", "delta", "z")}}
+        if seq:  # B [batch, groups, N, L] a view of [batch, L, groups, N] memory, C of [batch, L, N]
+            args = {**args, **{k: args[k].transpose(1, 2).contiguous().transpose(1, 2) for k in ("u", "delta", "z")},
+                    "B": args["B"].permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1),
+                    "C": args["C"].transpose(1, 2).contiguous().transpose(1, 2)}
+            assert args["B"].stride() == (400 * 32, 16, 1, 32)
         out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True, reverse=reverse)
         flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)  # noqa: E731
         ref_out, ref_last = scan_loop_f64(**{k: flip(v) if k in ("u", "delta", "z", "B", "C") else v

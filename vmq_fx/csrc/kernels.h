@@ -11,15 +11,16 @@
 #include <tuple>
 #include <vector>
 
+#include "vec.h"
+
 namespace vmq_fx {
 
 // Each kernel file registers its own ops (VMQ_FX_CPU_KERNELS(fn): fn(cpu, autograd_cpu) adds the impls to the two
 // libraries); module.cpp's register_cpu_kernels() applies every registration, so a new op's kernel touches its own
 // file only.
-// Hidden: with default visibility the list would be one process-wide (STB_GNU_UNIQUE) object shared by every loaded
-// build (avx512, avx2, ...), and registering one build would register the others' kernels too.
+// Hidden (vec.h): shared by every loaded build, registering one build would register the others' kernels too.
 using Registration = void (*)(torch::Library& cpu, torch::Library& autograd_cpu);
-__attribute__((visibility("hidden"))) inline std::vector<Registration>& registrations() {
+VMQ_BUILD_LOCAL inline std::vector<Registration>& registrations() {
   static std::vector<Registration> all;
   return all;
 }

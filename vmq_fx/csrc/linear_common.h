@@ -37,7 +37,7 @@ inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
 // tensor, or a weight written in place, is never mistaken for what it was made from. One cache per Kind.
 enum DerivedKind : int { kFloatWeight, kOnednnWeight, kDirectWeight, kMaddWeight, kVqWeight };
 template <int Kind, size_t S, typename Make>
-std::vector<at::Tensor> cached_derived(const std::array<const at::Tensor*, S>& sources, Make make) {
+VMQ_BUILD_LOCAL std::vector<at::Tensor> cached_derived(const std::array<const at::Tensor*, S>& sources, Make make) {
   struct Source {
     c10::weak_intrusive_ptr<c10::StorageImpl> storage;
     int64_t offset;

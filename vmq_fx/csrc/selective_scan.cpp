@@ -135,7 +135,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
           gA_acc[i] = V{};
         }
         dispatch_state<T>(N, [&](auto ns) {
-          Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), {ubuf.data(), W}, bbuf.data(), cbuf.data(),
+          Block<T, decltype(ns)::value> blk{L, N, dbuf.data(), {ubuf.data(), W}, {bbuf.data(), N}, {cbuf.data(), N},
                                             a_scaled.data()};
           blk.forward(ybuf.data(), h.data(), decay.data(), hs.data());
         });

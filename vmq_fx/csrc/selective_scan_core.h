@@ -69,6 +69,13 @@ struct StridedBC {
     for (int64_t n = 0; n < n_state; ++n)
       for (int64_t t = 0; t < length; ++t) buf[t * n_state + n] = q[n * sn + t * step];
   }
+  // The N states of each step of (b, g): read in place where they are contiguous (Vim's B and C are slices of x_proj's
+  // sequence-major output; an exported file's are Split outputs), else packed into buf.
+  Rows<T> rows(int64_t b, int64_t g, int64_t n_state, int64_t length, bool reverse, T* buf) const {
+    if (sn == 1) return {p + b * sb + g * sg + (reverse ? (length - 1) * st : 0), reverse ? -st : st};
+    pack(b, g, n_state, length, reverse, buf);
+    return {buf, n_state};
+  }
 };
 
 template <typename T, int W>
@@ -103,7 +110,7 @@ struct Block {
   int64_t length, n;
   const T* dt;       // [L][W]
   Rows<T> u;         // rows of W lanes (in place where the input allows)
-  const T *bt, *ct;  // [L][N], [L][N]
+  Rows<T> bt, ct;    // rows of N states
   const V* a;        // [N] lanes of A * decay_scale<T>()
 
   // Forward; y[t] (before D and the gate) and the final state. With `decay` / `hs` non-null the per-step decays
@@ -117,8 +124,8 @@ struct Block {
     for (int64_t t = 0; t < length; ++t) {
       const V d = load<V>(dt + t * W);
       const V du = d * load<V>(u.at(t));
-      const T* b = bt + t * N;
-      const T* c = ct + t * N;
+      const T* b = bt.at(t);
+      const T* c = ct.at(t);
       V acc = V{};
       for (int64_t i = 0; i < N; ++i) {
         const V e = vdecay(d * a[i]);
@@ -167,7 +174,7 @@ void discretize(T* buf, const T* bias, int64_t c0, int lanes, int64_t length, bo
 // onnxruntime op (ort/selective_scan_op.cpp) share. Tasks are (batch, group, channel block); run(begin, end) does
 // tasks [begin, end) with its own buffers, so any parallel-for can split them.
 template <typename T>
-struct ScanForward {
+struct VMQ_BUILD_LOCAL ScanForward {
   using V = typename Lanes<T>::V;
   static constexpr int W = Lanes<T>::W;
 
@@ -193,16 +200,20 @@ struct ScanForward {
     const int64_t L = s.length, N = s.n_state, nb = s.blocks_per_group;
     const int64_t run_blocks = std::max<int64_t>(1, (int64_t{64} << 10) / (L * W * int64_t(sizeof(T))));
     const bool gated = z.p != nullptr;
-    std::vector<T> ubuf, dbuf, ybuf, zbuf, bbuf(L * N), cbuf(L * N);
-    std::vector<V> a(N), h(N), bias, dv;
-    std::vector<int> lanes;
-    std::vector<Rows<T>> ur, dr, zr;
+    // Buffers kept per thread across calls: a call split into many chunks (onnxruntime's threads take 64 whatever
+    // their number) allocated and zeroed its own each time.
+    thread_local std::vector<T> ubuf, dbuf, ybuf, zbuf, bbuf, cbuf;
+    thread_local std::vector<V> a, h, bias, dv;
+    thread_local std::vector<int> lanes;
+    thread_local std::vector<Rows<T>> ur, dr, zr;
+    bbuf.resize(L * N), cbuf.resize(L * N), a.resize(N), h.resize(N);
+    Rows<T> br, cr;
     for (int64_t first = begin; first < end;) {
       const int64_t bg = first / nb, nk = std::min({end, (bg + 1) * nb, first + run_blocks}) - first;
       const int64_t b = bg / s.groups, g = bg % s.groups, c_first = g * s.per_group + (first % nb) * W;
       if (first == begin || first % nb == 0) {
-        B.pack(b, g, N, L, reverse, bbuf.data());
-        C.pack(b, g, N, L, reverse, cbuf.data());
+        br = B.rows(b, g, N, L, reverse, bbuf.data());
+        cr = C.rows(b, g, N, L, reverse, cbuf.data());
       }
       for (auto* buf : {&ubuf, &dbuf, &ybuf}) buf->resize(nk * L * W);
       if (gated) zbuf.resize(nk * L * W);
@@ -234,7 +245,7 @@ struct ScanForward {
           a[i] = v * decay_scale<T>();
         }
         dispatch_state<T>(N, [&](auto ns) {
-          Block<T, decltype(ns)::value> blk{L, N, slot(dbuf, k), ur[k], bbuf.data(), cbuf.data(), a.data()};
+          Block<T, decltype(ns)::value> blk{L, N, slot(dbuf, k), ur[k], br, cr, a.data()};
           blk.forward(slot(ybuf, k), h.data(), nullptr, nullptr);
         });
         for (int c = 0; c < lanes[k]; ++c)

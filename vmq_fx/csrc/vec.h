@@ -34,6 +34,12 @@
 #define VMQ_ISA_NAME "generic"
 #endif
 
+// For code with static or thread_local state in headers (inline functions, class templates): hidden from the dynamic
+// linker. With default visibility GCC makes each such variable one process-wide object (STB_GNU_UNIQUE), shared by
+// every loaded build (avx512, avx2, generic: separate libraries in one process, with vectors of different widths)
+// and by the onnxruntime library.
+#define VMQ_BUILD_LOCAL __attribute__((visibility("hidden")))
+
 namespace vmq_fx {
 
 constexpr int kVecBytes = VMQ_VEC_BYTES;
