@@ -172,7 +172,7 @@ void discretize(T* buf, const T* bias, int64_t c0, int lanes, int64_t length, bo
 
 // The forward of one call, on plain pointers and strides: what the torch op (selective_scan.cpp) and the
 // onnxruntime op (ort/selective_scan_op.cpp) share. Tasks are (batch, group, channel block); run(begin, end) does
-// tasks [begin, end) with its own buffers, so any parallel-for can split them.
+// tasks [begin, end) with its thread's buffers, so any parallel-for can split them.
 template <typename T>
 struct VMQ_BUILD_LOCAL ScanForward {
   using V = typename Lanes<T>::V;
@@ -200,8 +200,9 @@ struct VMQ_BUILD_LOCAL ScanForward {
     const int64_t L = s.length, N = s.n_state, nb = s.blocks_per_group;
     const int64_t run_blocks = std::max<int64_t>(1, (int64_t{64} << 10) / (L * W * int64_t(sizeof(T))));
     const bool gated = z.p != nullptr;
-    // Buffers kept per thread across calls: a call split into many chunks (onnxruntime's threads take 64 whatever
-    // their number) allocated and zeroed its own each time.
+    // Buffers kept per thread across calls (a few hundred KB at most: a run's blocks are sized to ~64 KB each): a call
+    // split into many chunks (onnxruntime's threads take 64 whatever their number) allocated and zeroed its own each
+    // time.
     thread_local std::vector<T> ubuf, dbuf, ybuf, zbuf, bbuf, cbuf;
     thread_local std::vector<V> a, h, bias, dv;
     thread_local std::vector<int> lanes;
