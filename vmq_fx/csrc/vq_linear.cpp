@@ -2,8 +2,8 @@
 // decoded (bit-packed indices -> codewords * row scale) straight into a float32 weight that the fp32 GEMM multiplies;
 // no integer unpacking tensor is materialized. vq_linear decodes a weight once and keeps the float32 weight while its
 // codes live (the default: the product is then the FP32 model's GEMM, no slower), or decodes per call into scratch
-// memory (set_vq_decode_once(false): the codes alone stay in memory, at 0.8-0.9x of the fp32 linear at Vim-T shapes,
-// batch 1, where the decode costs a sixth of the product).
+// memory (set_vq_decode_once(false): the codes alone stay in memory, at 0.83-0.93x of the fp32 linear at Vim-T shapes,
+// batch 1, where the decode costs up to a sixth of the product).
 #include <torch/extension.h>
 
 #include "kernels.h"

@@ -199,7 +199,7 @@ def vq_decode_mode() -> tuple[str, str]:
     codes live. The product is then the FP32 model's GEMM, so a VQ model runs at FP32 speed, and holds the FP32
     weights in memory beside its codes (onnxruntime does the same: it decodes a VQ file's weights into initializers
     when it loads the file). ``"per_call"``: the weight is decoded on every call into scratch memory, so only the codes
-    stay in memory; the decode is work the fp32 linear does not do (0.8-0.9x of it at Vim-T shapes, batch 1). Saved
+    stay in memory; the decode is work the fp32 linear does not do (0.83-0.93x of it at Vim-T shapes, batch 1). Saved
     files and ONNX exports are the same either way. ``$VMQ_FX_VQ_DECODE`` picks.
 
     Example:
