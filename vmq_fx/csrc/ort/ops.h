@@ -30,11 +30,14 @@ struct Input {
 };
 
 template <typename T>
-Input<T> input(Ort::KernelContext& ctx, size_t index) {
-  if (index >= ctx.GetInputCount()) return {};
-  Ort::ConstValue value = ctx.GetInput(index);
+Input<T> input_of(Ort::ConstValue value) {
   if (!value) return {};
   return {value, value.GetTensorData<T>(), value.GetTensorTypeAndShapeInfo().GetShape()};
+}
+
+template <typename T>
+Input<T> input(Ort::KernelContext& ctx, size_t index) {
+  return index < ctx.GetInputCount() ? input_of<T>(ctx.GetInput(index)) : Input<T>{};
 }
 
 // Input `index` when it is a constant initializer of the graph (an exported file's weights and quantization
@@ -43,8 +46,7 @@ template <typename T>
 Input<T> constant_input(const Ort::ConstKernelInfo& info, size_t index) {
   int is_constant = 0;
   Ort::ConstValue value = info.GetTensorConstantInput(index, &is_constant);
-  if (!is_constant || !value) return {};
-  return {value, value.GetTensorData<T>(), value.GetTensorTypeAndShapeInfo().GetShape()};
+  return is_constant ? input_of<T>(value) : Input<T>{};
 }
 
 // Input `index` of this call: `constant` where the kernel read it at creation, else read into `fetched`. Reading an
