@@ -61,23 +61,41 @@ inline VF round_even(VF v) {
   return (v + magic) - magic;
 }
 
+// The first n (< kLanes) floats at p in a vector, the other lanes `fill`. With AVX-512 and AVX2 a masked load: a
+// memcpy of a variable length is a library call, as long as the arithmetic of a row of dt_proj's 12 levels.
+inline VF load_partial(const float* p, int64_t n, float fill) {
+#if defined(__AVX512F__)
+  return (VF)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), static_cast<__mmask16>((1u << n) - 1), p);
+#elif defined(__AVX2__)
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lanes);
+  return (VF)_mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, mask), _mm256_castsi256_ps(mask));
+#else
+  VF v = VF{} + fill;
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
+
 // The levels of one row, clamp(round(x[k] (/ smooth[k]) * inv) + z, lo, hi) as floats, handed to store(k, v) a
-// vector at a time and store(k, v) for the scalar tail (both overloads of one callable).
+// vector at a time and, for the last K % kLanes, store(k, v) a float at a time (both overloads of one callable). The
+// tail is computed as one vector too (lanes past K: 0 / 1), so that every level comes from the same instructions,
+// and a row shorter than a vector (dt_proj's 12) costs one vector's work instead of K scalar divisions and roundings:
+// the quantize pass of 1576 rows 1.6x faster at K = 12 and 44 (AVX-512 build, Intel Xeon, one thread).
 template <typename Store>
 inline void row_levels(const float* row, const float* smooth, float inv, float z, float lo, float hi, int64_t K,
                        Store&& store) {
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    VF v = loadf(row + k);
-    if (smooth) v = v / loadf(smooth + k);
+  const auto levels = [&](VF v, VF s) {
+    if (smooth) v = v / s;
     v = round_even(rounded(v * inv)) + z;  // the product rounded first, as torch's mul then round
     v = v < lo ? VF{} + lo : v;
-    v = v > hi ? VF{} + hi : v;
-    store(k, v);
-  }
-  for (; k < K; ++k) {
-    const float v = smooth ? row[k] / smooth[k] : row[k];
-    store(k, std::min(std::max(std::nearbyint(v * inv) + z, lo), hi));
+    return v > hi ? VF{} + hi : v;
+  };
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) store(k, levels(loadf(row + k), smooth ? loadf(smooth + k) : VF{}));
+  if (k < K) {
+    const VF v = levels(load_partial(row + k, K - k, 0.0f), smooth ? load_partial(smooth + k, K - k, 1.0f) : VF{});
+    for (int64_t j = 0; j < K - k; ++j) store(k + j, v[j]);
   }
 }
 
@@ -150,22 +168,19 @@ inline void dequantize_row(const float* row, const float* smooth, float inv, flo
 inline void token_qparams(const float* row, const float* smooth, int64_t K, int64_t qmin, int64_t qmax, float* scale,
                           int32_t* zero_point) {
   VF vlo{}, vhi{};  // zeros: min(x, 0) and max(x, 0) are the range's ends
-  int64_t k = 0;
-  for (; k + kLanes <= K; k += kLanes) {
-    VF v = loadf(row + k);
-    if (smooth) v = v / loadf(smooth + k);
+  const auto extend = [&](VF v, VF s) {
+    if (smooth) v = v / s;
     vlo = v < vlo ? v : vlo;
     vhi = v > vhi ? v : vhi;
-  }
+  };
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) extend(loadf(row + k), smooth ? loadf(smooth + k) : VF{});
+  if (k < K)  // the tail as one vector, its lanes past K zeros (0 / 1: inside the range already)
+    extend(load_partial(row + k, K - k, 0.0f), smooth ? load_partial(smooth + k, K - k, 1.0f) : VF{});
   float lo = 0.0f, hi = 0.0f;
   for (int j = 0; j < kLanes; ++j) {
     lo = std::min(lo, vlo[j]);
     hi = std::max(hi, vhi[j]);
-  }
-  for (; k < K; ++k) {
-    const float v = smooth ? row[k] / smooth[k] : row[k];
-    lo = std::min(lo, v);
-    hi = std::max(hi, v);
   }
   const float lo_q = static_cast<float>(qmin), hi_q = static_cast<float>(qmax);
   const float s = std::max((hi - lo) / (hi_q - lo_q), std::numeric_limits<float>::epsilon());
