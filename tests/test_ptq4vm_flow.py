@@ -172,6 +172,25 @@ def test_smoothing_folds_into_norm_exactly(vim):
     torch.testing.assert_close(folded(x), fused(x), atol=2e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("recipe, folded", [(recipes.smoothquant_pts(8, 8), True),  # into out_proj's smoothing
+                                            (recipes.per_tensor_static(8, 8), True),  # into its act / weight scales
+                                            (recipes.per_token_dynamic(8, 8), False)])  # range-derived: left alone
+def test_the_average_of_the_two_scans_folds_into_out_proj_bit_exactly(vim, recipe, folded):
+    prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipe))
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    quantized = convert_pt2e(prepared)
+    on = vmq_fx.lower(copy.deepcopy(quantized))
+    off = vmq_fx.lower(copy.deepcopy(quantized), fold_power_of_two=False)
+
+    def halvings(gm):  # Vim's (y_fwd + y_bwd) / 2, one per block
+        return sum(1 for n in gm.graph.nodes if n.target is torch.ops.aten.div.Tensor and n.args[1] == 2)
+
+    assert halvings(off) == 2 and halvings(on) == (0 if folded else 2)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(on(x), off(x))
+
+
 def test_per_tensor_baseline_graph(vim):
     prepared = prepare_pt2e(copy.deepcopy(vim[1]), VisualMambaQuantizer(recipes.per_tensor_static(8, 8)))
     vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)

@@ -27,8 +27,10 @@ folded into the norm the same way, else kept.
 ``vector-quantized weight``: ``linear(x, vq_dequantize(codes, codebook, row_scale), bias)`` becomes
 ``vq_linear(x, codes, codebook, row_scale, bias)``.
 
-Linears quantized by other quantizers keep their own Q/DQ patterns. Finally :func:`vmq_fx.pt2e.lowering.simplify.simplify`
-folds constants and drops no-op nodes.
+Linears quantized by other quantizers keep their own Q/DQ patterns. A division of an op's input by a power of two
+(Vim's average of its two scans) is then folded into the op's constants, exactly
+(:mod:`vmq_fx.pt2e.lowering.power_of_two_scaling`), and :func:`vmq_fx.pt2e.lowering.simplify.simplify` folds
+constants and drops no-op nodes.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ from vmq_fx.pt2e.observers.fake_quantize import OUTLIER_META, SMOOTHING_META
 from vmq_fx.ops._schema import argument_names
 from vmq_fx.ops.int8_linear import Int8LinearArgs, prepare_weight
 from vmq_fx.ops.vq_linear import VQLinearArgs
+from vmq_fx.pt2e.lowering.power_of_two_scaling import fold_power_of_two_scaling
 from vmq_fx.pt2e.lowering.simplify import drop_unused_attributes, simplify
 from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
 
@@ -269,7 +272,7 @@ def _describe(node: fx.Node) -> str:
     return f"no rewrite ({', '.join(REWRITES)}) matches its inputs ({', '.join(shown)}); run convert_pt2e first"
 
 
-def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphModule:
+def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_two: bool = True) -> fx.GraphModule:
     """Lower every linear a :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` quantized in a ``convert_pt2e`` output
     to ``vmq::int8_linear`` / ``vmq::vq_linear`` (in place).
 
@@ -277,6 +280,8 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
         quantized: ``convert_pt2e(prepared)`` of a model prepared with ``VisualMambaQuantizer``.
         fold_smoothing: fold smoothing scales into preceding norm weights where exact (else they are fused into
             the op's quantize step).
+        fold_power_of_two: fold a division of an op's input by a power of two into its constants (bit-identical
+            results, one pass over the activation fewer; off for comparisons).
 
     Returns:
         The lowered graph module; each of those linears is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node. It is
@@ -303,6 +308,8 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True) -> fx.GraphMod
         raise ValueError("lower: no linear quantized by VisualMambaQuantizer in this graph (no node carries "
                          f"meta[{LAYER_META!r}])")
     graph.eliminate_dead_code()
+    if fold_power_of_two and fold_power_of_two_scaling(gm):
+        graph.eliminate_dead_code()
     drop_unused_attributes(gm)
     gm.requires_grad_(False)
     graph.lint()
