@@ -87,6 +87,23 @@ def cpu_class() -> str:
     return f"{isa} · {_cpu_model()}"
 
 
+# How this process's malloc treats freed memory (machine_line reports it): set_malloc.
+MALLOC_MODES = ("reuse", "glibc")
+_malloc = "glibc's defaults"
+
+
+def set_malloc(mode: str) -> None:
+    """``reuse``: ``vmq_fx.pt2e.memory.reuse_freed_memory()``, as ``vmq bench`` runs (freed activations are served
+    again without page faults; by default glibc's heap shrinks and grows around them depending on earlier allocations,
+    which moved a W8A8 model's batch-8 time by 1.4x between processes); ``glibc``: as it comes."""
+    global _malloc
+    from vmq_fx.pt2e.memory import reuse_freed_memory
+
+    if mode == "reuse":
+        _malloc = ("freed memory reused (reuse_freed_memory)" if reuse_freed_memory()
+                   else "left as it is (reuse_freed_memory refused: not glibc, or MALLOC_* set)")
+
+
 def machine_line() -> str:
     from vmq_fx.ops import native
 
@@ -94,7 +111,8 @@ def machine_line() -> str:
     kernels = native.kernels()
     build = f"vmq_fx kernels {kernels.isa}, int8 GEMM {kernels.int8_gemm()}" if kernels else "vmq_fx kernels off"
     return (f"{cpu_class()}; {build}" + (f" ({', '.join(caps)})" if caps else "")
-            + f"; {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}")
+            + f"; {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}; "
+            f"malloc: {_malloc}")
 
 
 def write_class_section(path, intro: str, section: list[str]) -> None:

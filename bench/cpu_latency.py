@@ -1,14 +1,17 @@
 """CPU latency: the fused kernels against the pure-torch path, quantized models against FP32, torch and onnxruntime.
 
     python bench/cpu_latency.py [--threads 1 2] [--reps 7] [--out bench/results/cpu_latency.md] [--quick]
-                                [--emulate-avx2]
+                                [--emulate-avx2] [--malloc reuse|glibc]
 
 The results file keeps one section per CPU class measured (its ISA and model, ``_util.cpu_class``); a run replaces
 the tables it ran in its own class's section and keeps the others. ``--emulate-avx2`` caps the vmq_fx kernels, ATen,
 oneDNN and MKL at AVX2 (``_util.AVX2_CAPS``), so that an AVX-512 machine measures what an AVX2-only CPU runs (the
 onnxruntime rows are not capped: onnxruntime has no such switch).
 
-One process per table (the command starts them one after the other, never two at once); inside a table every
+Each process keeps freed memory for reuse (``--malloc reuse``, the default: ``reuse_freed_memory()``, as ``vmq bench``
+does; ``--malloc glibc`` leaves glibc's malloc as it comes, whose heap can shrink and page-fault back in around the
+activations of a batch-8 forward, depending on earlier allocations). One process per table (the command starts them
+one after the other, never two at once); inside a table every
 number is a median of ``--reps`` runs after warm-up, variants interleaved round by round so that a slow minute of this
 shared CPU hits all of them, and ratios are taken within the table. Tables:
 
@@ -50,7 +53,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import AVX2_CAPS, cpu_class, interleaved, machine_line, mamba_ssm_ref, scan_inputs  # noqa: E402
+from _util import (AVX2_CAPS, MALLOC_MODES, cpu_class, interleaved, machine_line, mamba_ssm_ref,  # noqa: E402
+                   scan_inputs, set_malloc)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -450,9 +454,12 @@ def main():
     p.add_argument("--quick", action="store_true", help="vim-fm-tiny only (a smoke run)")
     p.add_argument("--emulate-avx2", action="store_true", help="cap every library at AVX2 (see the docstring)")
     p.add_argument("--note", default="", help="what else ran on the machine, for the header")
+    p.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
+                   help="reuse: freed memory served again (reuse_freed_memory, as `vmq bench`); glibc: as it comes")
     p.add_argument("--out", default="bench/results/cpu_latency.md")
     p.add_argument("--table", help=argparse.SUPPRESS)  # internal: run one table in this process
     args = p.parse_args()
+    set_malloc(args.malloc)
     if args.table:
         print("\n".join(globals()[f"table_{args.table}"](args)))
         return
@@ -462,7 +469,7 @@ def main():
     sections = {}
     for name in args.tables:  # one fresh process per table, one after the other
         cmd = [sys.executable, __file__, "--table", name, "--threads", *map(str, args.threads), "--reps",
-               str(args.reps)] + (["--quick"] if args.quick else [])
+               str(args.reps), "--malloc", args.malloc] + (["--quick"] if args.quick else [])
         t0 = time.perf_counter()
         res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # progress goes to stderr, as it comes
         if res.returncode:

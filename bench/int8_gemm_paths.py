@@ -1,7 +1,8 @@
 """The lowered W8A8 models on each integer-product path of ``vmq::int8_linear`` this CPU runs exactly, against FP32, in
 one process: what ``vmq_fx.ops.native.int8_gemm_path``'s choice and the kernel's direct product are worth end to end.
 
-    python bench/int8_gemm_paths.py [--rounds 7] [--note '...'] [--out bench/results/int8_gemm_paths.md]
+    python bench/int8_gemm_paths.py [--rounds 7] [--malloc reuse|glibc] [--note '...']
+                                    [--out bench/results/int8_gemm_paths.md]
 
 vim_tiny 224x224 with random weights (batch 1 and 8) and the shipped vim-fm-tiny (17 tokens; batch 1 and 64), SmoothQuant
 + PTS W8A8 calibrated on 8 images, one thread. The paths: ``int_mm`` (``torch._int_mm``), ``onednn`` (oneDNN's matmul
@@ -14,7 +15,8 @@ variant is switched to before its block of runs, outside the timing; variants ar
 and the medians reported. A second table does the same in onnxruntime with vmq_fx's custom ops (``ops="vmq"``, one
 intra-op thread): the W8A8 file's ``vmq.Int8Linear`` with its direct product and without it (a session created under
 ``VMQ_FX_ORT_DIRECT=0``: every product through onnxruntime's ``MatMulInteger``), against the FP32 file. The results
-file keeps one section per CPU class; a run replaces its own class's.
+file keeps one section per CPU class; a run replaces its own class's. The process keeps freed memory for reuse
+(``--malloc reuse``, the default, as ``bench/cpu_latency.py``).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _util import cpu_class, interleaved, machine_line, write_class_section  # noqa: E402
+from _util import MALLOC_MODES, cpu_class, interleaved, machine_line, set_malloc, write_class_section  # noqa: E402
 
 
 def main():
@@ -38,8 +40,11 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--note", default="")
+    p.add_argument("--malloc", choices=MALLOC_MODES, default="reuse",
+                   help="reuse: freed memory served again (reuse_freed_memory, as `vmq bench`); glibc: as it comes")
     p.add_argument("--out", default="bench/results/int8_gemm_paths.md")
     args = p.parse_args()
+    set_malloc(args.malloc)
     kernels = native.kernels()
     if kernels is None:
         sys.exit("int8_gemm_paths: the vmq_fx CPU kernels are not available here (see the log above)")

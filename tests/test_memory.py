@@ -73,6 +73,55 @@ def test_return_freed_memory_maps_a_tensor_glibc_would_serve_from_its_heap():
     assert applied == "False" and mapped >= 4 << 20
 
 
+_REUSE_SCRIPT = textwrap.dedent(
+    """
+    import ctypes
+    import sys
+
+    import torch
+
+    from vmq_fx.pt2e.memory import reuse_freed_memory
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = MallInfo2
+    applied = reuse_freed_memory() if sys.argv[1] == "apply" else None
+    before = libc.mallinfo2()
+    x = torch.ones(5 << 20)  # 20 MiB
+    mapped = libc.mallinfo2().hblkhd - before.hblkhd  # bytes in blocks mapped on their own
+    del x
+    kept = libc.mallinfo2().arena - before.arena  # heap bytes the process still holds after the free
+    print(applied, mapped, kept)
+    """
+)
+
+
+def _reused(mode: str, **env) -> tuple[str, int, int]:
+    import os
+
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **env}
+    out = subprocess.run([sys.executable, "-c", _REUSE_SCRIPT, mode], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    applied, mapped, kept = out.split()
+    return applied, int(mapped), int(kept)
+
+
+def test_reuse_freed_memory_keeps_a_freed_tensor_in_the_heap():
+    """glibc maps a fresh process's 20 MiB tensor on its own and unmaps it when freed (the next one page-faults its
+    memory in again); with ``reuse_freed_memory`` called first it comes from the heap, which keeps it after the free.
+    ``MALLOC_TRIM_THRESHOLD_`` or ``MALLOC_MMAP_THRESHOLD_`` in the environment is the user's choice and left to stand."""
+    applied, mapped, kept = _reused("default")
+    assert applied == "None" and mapped >= 20 << 20 and kept < 1 << 20
+    applied, mapped, kept = _reused("apply")
+    assert applied == "True" and mapped == 0 and kept >= 20 << 20
+    for variable in ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_"):
+        applied, mapped, _ = _reused("apply", **{variable: "131072"})
+        assert applied == "False" and mapped >= 20 << 20, variable
+
+
 _HUGE_PAGES_SCRIPT = textwrap.dedent(
     """
     import sys

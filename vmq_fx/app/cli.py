@@ -255,8 +255,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     import torch
 
+    from vmq_fx.pt2e.memory import reuse_freed_memory
+
+    # Freed activations served again without page faults (by default glibc's heap can shrink and grow around them).
+    malloc = "freed memory reused" if reuse_freed_memory() else "malloc as it comes"
     models = [(spec, _load_model(argparse.Namespace(model=spec), quantized_ok=True)) for spec in args.models]
-    print(f"median forward latency over {args.reps} runs (torch, {torch.get_num_threads()} threads)")
+    print(f"median forward latency over {args.reps} runs (torch, {torch.get_num_threads()} threads, {malloc})")
     print(f"{'model':<48} " + " ".join(f"{'b=' + str(b):>10}" for b in args.batch))
     base = None
     for spec, model in models:
@@ -438,7 +442,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from vmq_fx import distributed
     from vmq_fx.app.evaluate import evaluate, evaluate_folder
     from vmq_fx.app.images import ImageFolder
+    from vmq_fx.pt2e.memory import reuse_freed_memory
 
+    reuse_freed_memory()  # inference: freed activations served again without page faults
     model = _load_model(args, quantized_ok=True)
     progress = not args.quiet and distributed.is_main()
     if args.eval_dir:
