@@ -15,6 +15,12 @@
 
 namespace vmq_fx::conv {
 
+// Each row's input is fetched into cache this many rows ahead of its use: the rows are a strided half of in_proj's
+// output (3 KB apart in Vim-T, 1.5 KB of each read), which the hardware prefetchers do not follow across pages. Vim-T's
+// two directions at batch 8, one thread (Intel Xeon, freed memory reused): 0.58-0.60 -> 0.45-0.46 ms (AVX-512 build),
+// 0.99-1.01 -> 0.91-0.99 ms (AVX2); batch 1 unchanged; 2 and 8 rows ahead measured the same as 4.
+constexpr int64_t kPrefetchRows = 4;
+
 // Rows [t0, t1) of one batch element, K known at compile time. Causal: y[t] = sum_k w[k] x[t - (K-1) + k];
 // anti-causal (reverse): y[t] = sum_k w[k] x[t + (K-1) - k]; inputs outside [0, L) are zeros (their terms skipped).
 // A channel's products are summed in the order of k, after the bias, in every lane.
@@ -34,7 +40,10 @@ inline void conv_rows(const T* x, int64_t st, int64_t t0, int64_t t1, int64_t le
       src[k] = x + (inside[k] ? s : 0) * st;
     }
     T* o = out + t * channels;
+    const int64_t ahead = (reverse ? t + (K - 1) : t) + kPrefetchRows;
+    const T* next = ahead < length ? x + ahead * st : nullptr;
     for (int64_t c = 0; c < full; c += W) {
+      if (next) __builtin_prefetch(next + c);
       V acc = bias ? load<V>(bias + c) : V{};
       for (int k = 0; k < K; ++k)
         if (inside[k]) acc += load<V>(taps + k * channels + c) * load<V>(src[k] + c);
