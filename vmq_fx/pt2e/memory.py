@@ -19,8 +19,8 @@ _MALLOPT_ENV = {_M_TRIM_THRESHOLD: "MALLOC_TRIM_THRESHOLD_", _M_MMAP_THRESHOLD: 
 
 
 def _mallopt(settings: dict[int, int]) -> bool:
-    """Set glibc malloc parameters (all or none: none where the environment sets one, or the C library is not
-    glibc's)."""
+    """Set glibc malloc parameters ``{mallopt number: value}``; whether every one was set. None is set where the
+    environment sets one of them, or the C library is not glibc's."""
     if any(os.environ.get(_MALLOPT_ENV[param]) for param in settings):
         return False
     try:
