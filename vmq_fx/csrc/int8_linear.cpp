@@ -111,43 +111,43 @@ at::Tensor float_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, co
   })[0];
 }
 
-// The weight's levels as floats for the direct product, [K, direct_padded_cols(N)].
-at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
-  return cached_weight<kDirectWeight>(w_in, w_scale_in, [&] {
+// The weight's levels laid out for one of the kernel's own products (linear_core.h's grouped layouts), cached: `size`
+// elements of T filled by lay(level(n, k), N, K, out).
+template <int Kind, typename T, typename Lay>
+at::Tensor laid_out_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8,
+                           int64_t (*size)(int64_t N, int64_t K), Lay lay) {
+  return cached_weight<Kind>(w_in, w_scale_in, [&] {
     const at::Tensor w = w8().contiguous();
     const int64_t N = w.size(0), K = w.size(1);
-    auto out = at::empty({K, direct_padded_cols(N)}, w.options().dtype(at::kFloat));
+    auto out = at::empty({size(N, K)}, w.options().template dtype<T>());
     const int8_t* wp = w.data_ptr<int8_t>();
-    vmq_fx::linear::direct_weight([&](int64_t n, int64_t k) { return wp[n * K + k]; }, N, K, out.data_ptr<float>());
+    lay([&](int64_t n, int64_t k) { return wp[n * K + k]; }, N, K, static_cast<T*>(out.data_ptr()));
     return std::vector<at::Tensor>{out};
   })[0];
 }
 
+// Float [K, direct_padded_cols(N)] for direct_rows.
+at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
+  return laid_out_weight<kDirectWeight, float>(
+      w_in, w_scale_in, w8, [](int64_t N, int64_t K) { return K * direct_padded_cols(N); },
+      [](const auto& w, int64_t N, int64_t K, float* out) { vmq_fx::linear::direct_weight(w, N, K, out); });
+}
+
 #if VMQ_HAS_VNNI_TINY_K
-// The weight's levels for vnni_rows, int8 [ceil(K / 4), vnni_padded_cols(N), 4].
+// Int8 [ceil(K / 4), vnni_padded_cols(N), 4] for vnni_rows.
 at::Tensor vnni_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
-  return cached_weight<kVnniWeight>(w_in, w_scale_in, [&] {
-    const at::Tensor w = w8().contiguous();
-    const int64_t N = w.size(0), K = w.size(1);
-    auto out = at::empty({(K + 3) / 4 * vnni_padded_cols(N) * 4}, w.options().dtype(at::kChar));
-    const int8_t* wp = w.data_ptr<int8_t>();
-    vmq_fx::linear::vnni_weight([&](int64_t n, int64_t k) { return wp[n * K + k]; }, N, K, out.data_ptr<int8_t>());
-    return std::vector<at::Tensor>{out};
-  })[0];
+  return laid_out_weight<kVnniWeight, int8_t>(
+      w_in, w_scale_in, w8, [](int64_t N, int64_t K) { return (K + 3) / 4 * vnni_padded_cols(N) * 4; },
+      [](const auto& w, int64_t N, int64_t K, int8_t* out) { vmq_fx::linear::vnni_weight(w, N, K, out); });
 }
 #endif
 
 #if VMQ_HAS_MADD
-// The weight's levels for madd_rows, int16 [ceil(K / 2), madd_padded_cols(N), 2].
+// Int16 [ceil(K / 2), madd_padded_cols(N), 2] for madd_rows.
 at::Tensor madd_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
-  return cached_weight<kMaddWeight>(w_in, w_scale_in, [&] {
-    const at::Tensor w = w8().contiguous();
-    const int64_t N = w.size(0), K = w.size(1);
-    auto out = at::empty({(K + 1) / 2 * madd_padded_cols(N) * 2}, w.options().dtype(at::kShort));
-    const int8_t* wp = w.data_ptr<int8_t>();
-    vmq_fx::linear::madd_weight([&](int64_t n, int64_t k) { return wp[n * K + k]; }, N, K, out.data_ptr<int16_t>());
-    return std::vector<at::Tensor>{out};
-  })[0];
+  return laid_out_weight<kMaddWeight, int16_t>(
+      w_in, w_scale_in, w8, [](int64_t N, int64_t K) { return (K + 1) / 2 * madd_padded_cols(N) * 2; },
+      [](const auto& w, int64_t N, int64_t K, int16_t* out) { vmq_fx::linear::madd_weight(w, N, K, out); });
 }
 #endif
 

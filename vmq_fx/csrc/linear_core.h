@@ -251,14 +251,24 @@ inline bool direct_product(int64_t M, int64_t N, int64_t K, int64_t qmin, int64_
          std::all_of(zero_point, zero_point + period, [&](int32_t z) { return qmin <= z && z <= qmax; });
 }
 
+// The weight's levels w(n, k) as T [ceil(K / G), Np, G]: groups of G consecutive k side by side, the layout of the
+// kernels' own products (G = 1 for the direct product's float FMAs, 2 for vpmaddwd, 4 for vpdpbusd), zero past N and K.
+template <int G, typename T, typename Level>
+inline void grouped_weight(Level&& w, int64_t N, int64_t K, int64_t Np, T* out) {
+  for (int64_t g = 0; g < (K + G - 1) / G; ++g)
+    for (int64_t n = 0; n < Np; ++n)
+      for (int64_t j = 0; j < G; ++j) {
+        const int64_t k = G * g + j;
+        out[(g * Np + n) * G + j] = n < N && k < K ? static_cast<T>(w(n, k)) : T(0);
+      }
+}
+
 // The weight's levels for direct_rows: w(n, k) -> float [K, padded_cols(N)], the columns past N zero.
 inline int64_t direct_padded_cols(int64_t N) { return (N + kDirectBlock - 1) / kDirectBlock * kDirectBlock; }
 
 template <typename Level>
 inline void direct_weight(Level&& w, int64_t N, int64_t K, float* out) {
-  const int64_t Np = direct_padded_cols(N);
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t n = 0; n < Np; ++n) out[k * Np + n] = n < N ? static_cast<float>(w(n, k)) : 0.0f;
+  grouped_weight<1>(w, N, K, direct_padded_cols(N), out);
 }
 
 // rescale_row's arithmetic on a block of exact sums (R rows x Cols vectors of columns from n0, as floats):
@@ -372,13 +382,7 @@ inline int64_t vnni_padded_cols(int64_t N) { return (N + kVnniBlock - 1) / kVnni
 // The weight's levels for vnni_rows: w(n, k) -> int8 [ceil(K / 4), vnni_padded_cols(N), 4].
 template <typename Level>
 inline void vnni_weight(Level&& w, int64_t N, int64_t K, int8_t* out) {
-  const int64_t Np = vnni_padded_cols(N);
-  for (int64_t g = 0; g < (K + 3) / 4; ++g)
-    for (int64_t n = 0; n < Np; ++n)
-      for (int64_t j = 0; j < 4; ++j) {
-        const int64_t k = 4 * g + j;
-        out[(g * Np + n) * 4 + j] = n < N && k < K ? static_cast<int8_t>(w(n, k)) : int8_t{0};
-      }
+  grouped_weight<4>(w, N, K, vnni_padded_cols(N), out);
 }
 
 // Rows [0, R) and columns [n0, n0 + kVnniBlock) of out; q holds R rows of 4 * G uint8 levels, z their zero points.
@@ -510,13 +514,7 @@ inline int64_t madd_padded_cols(int64_t N) { return (N + kMaddBlock - 1) / kMadd
 // side by side, zero past N and K.
 template <typename Level>
 inline void madd_weight(Level&& w, int64_t N, int64_t K, int16_t* out) {
-  const int64_t Np = madd_padded_cols(N);
-  for (int64_t kp = 0; kp < (K + 1) / 2; ++kp)
-    for (int64_t n = 0; n < Np; ++n)
-      for (int64_t h = 0; h < 2; ++h) {
-        const int64_t k = 2 * kp + h;
-        out[(kp * Np + n) * 2 + h] = n < N && k < K ? static_cast<int16_t>(w(n, k)) : int16_t{0};
-      }
+  grouped_weight<2>(w, N, K, madd_padded_cols(N), out);
 }
 
 // Rows [0, R) and columns [n0, n0 + kMaddBlock) of out; q holds R rows of 2 * K2 int16 levels - zero point.

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import operator
+from collections import Counter
 
 import torch
 from torch import fx
@@ -54,11 +55,12 @@ def _power_of_two_divisor(node) -> float | None:
     return c if math.isfinite(c) and math.frexp(c)[0] == 0.5 and c != 1.0 else None
 
 
-def _own_constant(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    """The tensor a get_attr ``node`` reads, where that node has one reader and no other get_attr reads the tensor."""
+def _own_constant(gm: fx.GraphModule, node, get_attrs: Counter) -> torch.Tensor | None:
+    """The tensor a get_attr ``node`` reads, where that node has one reader and no other get_attr reads the tensor
+    (``get_attrs``: the graph's get_attr nodes per target)."""
     if not (isinstance(node, fx.Node) and node.op == "get_attr" and len(node.users) == 1):
         return None
-    if sum(1 for n in gm.graph.nodes if n.op == "get_attr" and n.target == node.target) != 1:
+    if get_attrs[node.target] != 1:
         return None
     return operator.attrgetter(str(node.target))(gm)
 
@@ -99,6 +101,7 @@ def fold_power_of_two_scaling(gm: fx.GraphModule) -> int:
         (True, ['int8_linear.default'])
     """
     folded = 0
+    get_attrs = Counter(n.target for n in gm.graph.nodes if n.op == "get_attr")  # folding keeps every target
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not Int8LinearArgs.op:
             continue
@@ -115,7 +118,7 @@ def fold_power_of_two_scaling(gm: fx.GraphModule) -> int:
             changes = {args.act_scale: lambda t: t * c, args.w_scale: lambda t: t / c}
         else:
             continue
-        tensors = {n: _own_constant(gm, n) for n in changes}
+        tensors = {n: _own_constant(gm, n, get_attrs) for n in changes}
         if any(t is None for t in tensors.values()):
             continue
         new = {n: change(tensors[n]) for n, change in changes.items()}
