@@ -1,4 +1,5 @@
 """Several processes under torchrun (gloo on this CPU) against one process: the same evaluation, by whole batches."""
+import os
 import re
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def _torchrun(*args) -> str:
     """stdout of ``torchrun --standalone --nproc_per_node 2 ARGS`` (a script, or ``-m module ...``), which must
     succeed."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    # A process that aborts in native code (it happened twice in CI, never here) then prints its Python stack.
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     # The processes' own last lines come before torchrun's summary of which one failed: keep both.
     lines = [line for line in done.stderr.splitlines() if "Warning" not in line]
     assert done.returncode == 0, "\n".join(lines[-80:])
