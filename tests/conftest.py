@@ -127,6 +127,19 @@ def freed_memory_calls(monkeypatch):
     import vmq_fx.pt2e.memory
 
     calls = []
-    for name in ("return_freed_memory", "huge_pages_for_large_tensors"):
+    for name in ("return_freed_memory", "reuse_freed_memory", "huge_pages_for_large_tensors"):
         monkeypatch.setattr(vmq_fx.pt2e.memory, name, lambda *a, name=name, **k: calls.append(name) or True)
     return calls
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """The CLI's ``--threads`` sets torch's thread count for the whole process: restored after each test, so that a
+    later test does not run its float sums in another order (MKL's with one thread rounded one level of a rotated
+    linear's input the other way, on an AMD EPYC)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -113,11 +113,14 @@ def test_rotated_then_unrotated_linears_are_the_original_model(model, recipe, re
 
 def _float64_linear(gm, node, x):
     """A lowered vmq.int8_linear computed here in float64 from its constants: quantize x per token, integer weight
-    times its row scales, bias."""
+    times its row scales, bias. The levels are rounded from float32 x * (1 / scale), as the op (and torch's
+    quantize_per_channel) defines them: float64 x / scale can round a near tie the other way (on an AMD EPYC with one
+    thread, one level of 13,056 did, and moved the output 2e-4)."""
     a = Int8LinearArgs.from_node(node)
     get = lambda n: getattr(gm, n.target) if n is not None else None  # noqa: E731
     scale, zp = get(a.act_scale).double(), get(a.act_zero_point).double()
-    q = torch.clamp(torch.round(x.double() / scale[:, None]) + zp[:, None], a.act_qmin, a.act_qmax)
+    levels = torch.round(x.float() * (1 / get(a.act_scale).float())[:, None]).double()
+    q = torch.clamp(levels + zp[:, None], a.act_qmin, a.act_qmax)
     w = get(a.w).double() * get(a.w_scale).double()[:, None]
     y = ((q - zp[:, None]) * scale[:, None]) @ w.T
     return y + get(a.bias).double() if a.bias is not None else y
