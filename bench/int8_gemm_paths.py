@@ -7,9 +7,10 @@ one process: what ``vmq_fx.ops.native.int8_gemm_path``'s choice and the kernel's
 vim_tiny 224x224 with random weights (batch 1 and 8) and the shipped vim-fm-tiny (17 tokens; batch 1 and 64), SmoothQuant
 + PTS W8A8 calibrated on 8 images, one thread. The paths: ``int_mm`` (``torch._int_mm``), ``onednn`` (oneDNN's matmul
 primitive for the large products, the rest on ``_int_mm``), ``int16`` (vmq_fx's own int16 product, what x86 CPUs
-without int8 dot products take; x86 builds) and ``float`` (the fp32 GEMM on the dequantized levels, ARM64's); the
-first two only where the CPU has int8 dot products (VNNI / AMX; without them ``_int_mm`` is many times slower, or wrong
-under a capped oneDNN). Each runs with the kernel's direct product for small products, few rows and tiny K (the
+without int8 dot products take; x86 builds) and ``float`` (the fp32 GEMM on the dequantized levels, ARM64's); ``int_mm``
+only where the CPU has int8 dot products (VNNI / AMX; without them ``_int_mm`` is many times slower, or wrong under a
+capped oneDNN), ``onednn`` only with AMX (without it oneDNN's matmul primitive runs its reference int8 kernel). Each
+runs with the kernel's direct product for small products, few rows and tiny K (the
 default) and without it ("library only": every product through the path's GEMM, as before the direct product). Each
 variant is switched to before its block of runs, outside the timing; variants are interleaved over ``--rounds`` rounds
 and the medians reported. A second table does the same in onnxruntime with vmq_fx's custom ops (``ops="vmq"``, one
@@ -50,7 +51,9 @@ def main():
         sys.exit("int8_gemm_paths: the vmq_fx CPU kernels are not available here (see the log above)")
     torch.set_num_threads(1)
     dot = native.INT8_DOT_FLAGS & native._cpu_flags()
-    runs_here = {"int_mm": bool(dot), "onednn": bool(dot), "int16": kernels.isa != "neon", "float": True}
+    # oneDNN's matmul primitive without AMX ran its reference int8 kernel (AMD EPYC Zen 4 with VNNI: Vim-T's in_proj at
+    # batch 8 4.9 s, against 1.3 ms on _int_mm): it is timed only where int8_gemm_path would choose it.
+    runs_here = {"int_mm": bool(dot), "onednn": "amx_int8" in dot, "int16": kernels.isa != "neon", "float": True}
     paths = [g for g in native.INT8_GEMM_PATHS if runs_here[g]]
     chosen = native.int8_gemm_path()[0]
     torch.manual_seed(0)

@@ -118,6 +118,19 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
         native.int8_gemm_path()
 
 
+def test_forcing_onednn_without_amx_warns(monkeypatch, caplog):
+    """oneDNN's matmul primitive runs its reference int8 kernel without AMX (thousands of times slower): forcing it
+    there is allowed, and said."""
+    monkeypatch.setenv("VMQ_FX_INT8_GEMM", "onednn")
+    for flags, warned in (({"avx512f", "avx512_vnni"}, True), ({"avx512f", "avx512_vnni", "amx_int8"}, False)):
+        monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: frozenset(flags))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=native.__name__):
+            assert native.int8_gemm_path("avx512") == ("onednn", "set by VMQ_FX_INT8_GEMM")
+        said = [r.getMessage() for r in caplog.records if "reference int8 kernel" in r.getMessage()]
+        assert len(said) == warned, (flags, said)
+
+
 def test_vq_decode_mode_follows_its_variable_into_the_kernels(monkeypatch):
     """VQ weights are decoded once by default; VMQ_FX_VQ_DECODE=per_call reaches the registered kernels, a typo is
     named."""
