@@ -52,7 +52,7 @@ def main():
     torch.set_num_threads(1)
     dot = native.INT8_DOT_FLAGS & native._cpu_flags()
     # oneDNN's matmul primitive without AMX ran its reference int8 kernel (AMD EPYC Zen 4 with VNNI: Vim-T's in_proj at
-    # batch 8 4.9 s, against 1.3 ms on _int_mm): it is timed only where int8_gemm_path would choose it.
+    # batch 8 4.9 s, against 1.3 ms on _int_mm): timed only on CPUs with AMX, where int8_gemm_path chooses it.
     runs_here = {"int_mm": bool(dot), "onednn": "amx_int8" in dot, "int16": kernels.isa != "neon", "float": True}
     paths = [g for g in native.INT8_GEMM_PATHS if runs_here[g]]
     chosen = native.int8_gemm_path()[0]

@@ -118,8 +118,9 @@ def _float64_linear(gm, node, x):
     thread, one level of 13,056 did, and moved the output 2e-4)."""
     a = Int8LinearArgs.from_node(node)
     get = lambda n: getattr(gm, n.target) if n is not None else None  # noqa: E731
-    scale, zp = get(a.act_scale).double(), get(a.act_zero_point).double()
-    levels = torch.round(x.float() * (1 / get(a.act_scale).float())[:, None]).double()
+    act_scale = get(a.act_scale).float()
+    scale, zp = act_scale.double(), get(a.act_zero_point).double()
+    levels = torch.round(x.float() * (1 / act_scale)[:, None]).double()
     q = torch.clamp(levels + zp[:, None], a.act_qmin, a.act_qmax)
     w = get(a.w).double() * get(a.w_scale).double()[:, None]
     y = ((q - zp[:, None]) * scale[:, None]) @ w.T
