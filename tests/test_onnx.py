@@ -167,13 +167,15 @@ def _int8_linear_input(k, dynamic):
     # 85 x 200 x 256 multiply-adds: past the direct product, through MatMulInteger. 8-bit weights: the CPU's choice,
     # and uint8 x uint8; up to 7 bits: always uint8 x int8
     (200, 256, 8, 8, True, False), (200, 256, 8, 8, True, True), (200, 256, 4, 8, False, False),
-    # small products (MLAS too), and tiny K: the direct product
-    (96, 40, 8, 8, True, False), (33, 7, 4, 8, False, False), (12, 384, 8, 8, True, False), (20, 9, 4, 4, True, False)])
+    # small products (MLAS too; with uint8 x uint8 weights the int16 product on x86), and tiny K: the direct product
+    (96, 40, 8, 8, True, False), (96, 40, 8, 8, True, True), (33, 7, 4, 8, False, False), (12, 384, 8, 8, True, False),
+    (20, 9, 4, 4, True, False)])
 def test_custom_int8_linear_op_matches_the_torch_op(k, n, w_bits, a_bits, smooth, uint8_weights, dynamic, tmp_path,
                                                     ort_custom_ops, monkeypatch):
     """vmq.Int8Linear (export_onnx(ops="vmq")) gives the torch op's levels and floats: its quantize and rescale are
     the torch op's row arithmetic, its product exact either way the kernel multiplies (the direct product of tiny K,
-    onnxruntime's MatMulInteger of uint8 x int8 or uint8 x uint8)."""
+    onnxruntime's MatMulInteger of uint8 x int8 or uint8 x uint8, the int16 product of small products where the
+    weights go uint8 x uint8)."""
     if uint8_weights:
         monkeypatch.setenv("VMQ_FX_ORT_UINT8_WEIGHTS", "1")
     m = _Int8Linear(k, n, w_bits, a_bits, smooth, dynamic)
@@ -194,17 +196,18 @@ def _matmul_integer_input_types(path):
 
 @pytest.mark.parametrize("k", [32, 64, 200])
 @pytest.mark.parametrize("w_bits,ops", [(8, "onnx"), (7, "onnx"), (4, "onnx"), (8, "vmq"), (8, "vmq-uint8-weights"),
-                                        (7, "vmq"), (8, "vmq-matmul-integer")])
+                                        (8, "vmq-int16"), (7, "vmq"), (8, "vmq-matmul-integer")])
 def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, ops, k, tmp_path, request, monkeypatch):
     """Every activation at the top level (255) against the largest weights: a uint8 x int8 ``MatMulInteger`` sums pairs
     of products in saturating 16 bits on AVX2 CPUs without VNNI, wrong once 2 x 255 x |w| > 32767 (8-bit weights of
     127). The file must give the exact sums on every CPU: uint8 x uint8 (widened to 16 bits first) for 8-bit weights;
     uint8 x int8 only for weights of up to 7 bits (|w| <= 64: 2 x 255 x 64 = 32640). ``vmq.Int8Linear`` picks the
     form for the CPU it runs on: both of its forms are checked here (the forced uint8 x uint8 one is what CPUs without
-    VNNI take; the direct product turned off), and its direct product (exact float sums) at K = 32."""
+    VNNI take; the direct product turned off), its direct product (exact float sums) at K = 32, and the int16 product
+    that small products take where the weights go uint8 x uint8 (x86 builds; MatMulInteger elsewhere)."""
     if ops != "onnx":
         request.getfixturevalue("ort_custom_ops")
-    if ops == "vmq-uint8-weights":
+    if ops in ("vmq-uint8-weights", "vmq-int16"):
         monkeypatch.setenv("VMQ_FX_ORT_UINT8_WEIGHTS", "1")
     if ops in ("vmq-uint8-weights", "vmq-matmul-integer"):  # not the direct product K = 32 takes
         monkeypatch.setenv("VMQ_FX_ORT_DIRECT", "0")

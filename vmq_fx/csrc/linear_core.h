@@ -242,11 +242,15 @@ constexpr int64_t kDirectMaxRows = 16;
 constexpr int64_t kDirectTinyK = 32;
 constexpr bool kDirectTinyKFaster = kLanes >= 16;
 
+// A product of few rows or few multiply-adds (direct_product's small_products).
+inline bool small_product(int64_t M, int64_t N, int64_t K) {
+  return M <= kDirectMaxRows || M * N * K <= kDirectMaxMacs;
+}
+
 inline bool direct_product(int64_t M, int64_t N, int64_t K, int64_t qmin, int64_t qmax, int64_t w_max,
                            const int32_t* zero_point, int64_t period, bool small_products, bool tiny_k) {
   if (K * (qmax - qmin) * w_max > (int64_t{1} << 24)) return false;
-  const bool small = M <= kDirectMaxRows || M * N * K <= kDirectMaxMacs;
-  if (!((tiny_k && K <= kDirectTinyK) || (small_products && small))) return false;
+  if (!((tiny_k && K <= kDirectTinyK) || (small_products && small_product(M, N, K)))) return false;
   return !zero_point ||
          std::all_of(zero_point, zero_point + period, [&](int32_t z) { return qmin <= z && z <= qmax; });
 }

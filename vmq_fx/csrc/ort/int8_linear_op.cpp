@@ -3,7 +3,12 @@
 // MatMulInteger multiplies (invoked from the kernel: MLAS, on the session's threads), and one pass rescales the int32
 // accumulators in place into the float output. In the AVX-512 build, tiny K (dt_proj's 12) takes the torch op's direct
 // product instead (linear_core.h: quantize, exact float FMAs and rescale in one pass, no MatMulInteger call); small
-// products stay on MLAS, which multiplies them faster than the direct product's float FMAs.
+// products stay on MLAS, which multiplies them faster than the direct product's float FMAs, except where MLAS runs its
+// uint8 x uint8 form (below): there small products (linear_core.h's small_product) take the torch op's int16 product
+// (madd_rows: quantize, vpmaddwd and rescale in one pass), whose call costs less. vim-fm-tiny's W8A8 file at batch 1
+// (17 tokens), one thread, AMD EPYC Zen 3 (AVX2 only), four processes: 1.21-1.41 ms with the int16 product against
+// 1.33-1.65 ms through MatMulInteger (the FP32 file: 1.14-1.70 ms, no slower). At Vim-T sizes MLAS's uint8 x uint8 is
+// the faster (vim_tiny at batch 8: 1.11x the FP32 file, 0.93x with every product on madd_rows).
 //
 // The operand types of the integer product are chosen here, for the CPU the library runs on, which a standard
 // MatMulInteger node in the file cannot do: uint8 x int8 is onnxruntime's fast form (3.9x its fp32 MatMul at Vim-T
@@ -11,7 +16,7 @@
 // i.e. for 8-bit weights. Those then go uint8 x uint8 (moved up by 128 once per weight, b_zero_point 128), exact on
 // every CPU; weights of up to 7 bits always go uint8 x int8. VMQ_FX_ORT_UINT8_WEIGHTS=1 takes uint8 x uint8 for 8-bit
 // weights on every CPU (what CPUs without VNNI run: for tests and benchmarks on VNNI machines); VMQ_FX_ORT_DIRECT=0
-// takes MatMulInteger for every product (the direct product off, for tests and A/B benchmarks). Both are read when a
+// takes MatMulInteger for every product (the direct and int16 products off, for tests and A/B benchmarks). Both are read when a
 // session creates the kernel.
 //
 // Inputs: x [..., L, K] float; smooth [K]?; act_scale [L]? and act_zero_point [L] int32? (both absent: per-token
@@ -117,7 +122,8 @@ struct Int8LinearKernel {
     std::vector<int64_t> out_shape = x.shape;
     out_shape.back() = N;
     float* out = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
-    // Tiny K only where measured faster than MatMulInteger (the AVX-512 build); MLAS keeps the small products.
+    // Tiny K only where measured faster than MatMulInteger (the AVX-512 build); MLAS keeps the small products unless
+    // it multiplies uint8 x uint8 (the int16 product below).
     const bool direct = use_direct_ && vmq_fx::linear::direct_product(M, N, K, qmin_, qmax_, 128, zero_point.data, L,
                                                                      /*small_products=*/false,
                                                                      /*tiny_k=*/vmq_fx::linear::kDirectTinyKFaster);
@@ -154,6 +160,23 @@ struct Int8LinearKernel {
       });
       return;
     }
+#if VMQ_HAS_MADD
+    if (use_direct_ && !signed_weight_ && vmq_fx::linear::small_product(M, N, K) &&
+        vmq_fx::linear::madd_exact(K, qmin_, qmax_, 128, zero_point.data, L)) {
+      if (dynamic)
+        for_rows(ctx, M, [&](int64_t m) {
+          vmq_fx::linear::token_qparams(x.data + m * K, smooth.data, K, qmin_, qmax_, dynamic_scale + m,
+                                        dynamic_zero_point + m);
+        });
+      const int16_t* wt = madd_weight(w, K, N);
+      const int64_t rows = vmq_fx::linear::kMaddRows;
+      parallel_chunks(ctx, (M + rows - 1) / rows, [&](int64_t begin, int64_t end) {
+        vmq_fx::linear::madd_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_scale.data,
+                                  bias.data, N, begin * rows, std::min(end * rows, M), out);
+      });
+      return;
+    }
+#endif
     levels.resize(static_cast<size_t>(M * K));
     uint8_t* q = levels.data();
     for_rows(ctx, M, [&](int64_t m) {
@@ -199,6 +222,15 @@ struct Int8LinearKernel {
     });
   }
 
+#if VMQ_HAS_MADD
+  // The weight's levels as int16 pairs for the int16 product.
+  const int16_t* madd_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
+    return madd_.get(w.data, (K + 1) / 2 * vmq_fx::linear::madd_padded_cols(N) * 2, [&](int16_t* out) {
+      vmq_fx::linear::madd_weight([&](int64_t n, int64_t k) { return w.data[k * N + n]; }, N, K, out);
+    });
+  }
+#endif
+
   // The weight moved up by 128 into uint8.
   Ort::Value shifted_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
     uint8_t* shifted = shifted_.get(w.data, K * N, [&](uint8_t* out) {
@@ -237,6 +269,7 @@ struct Int8LinearKernel {
   bool signed_weight_ = true, use_direct_ = true;
   DerivedWeight<uint8_t> shifted_;
   DerivedWeight<float> direct_;
+  DerivedWeight<int16_t> madd_;
 };
 
 struct Int8LinearOp : Ort::CustomOpBase<Int8LinearOp, Int8LinearKernel> {
