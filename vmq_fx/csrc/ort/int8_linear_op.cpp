@@ -146,37 +146,40 @@ struct Int8LinearKernel {
     // Pointers, not the thread_local vectors, go into the lambdas: those run on onnxruntime's other threads.
     float* dynamic_scale = row_scale.data();
     int32_t* dynamic_zero_point = row_zero_point.data();
-    if (direct) {  // linear_core.h's direct product: quantize, multiply and rescale in one pass
-      if (dynamic)
-        for_rows(ctx, M, [&](int64_t m) {
-          vmq_fx::linear::token_qparams(x.data + m * K, smooth.data, K, qmin_, qmax_, dynamic_scale + m,
-                                        dynamic_zero_point + m);
-        });
-      const float* wt = direct_weight(w, K, N);
-      const int64_t rows = vmq_fx::linear::kDirectRows;
-      parallel_chunks(ctx, (M + rows - 1) / rows, [&](int64_t begin, int64_t end) {
-        vmq_fx::linear::direct_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_scale.data,
-                                    bias.data, N, begin * rows, std::min(end * rows, M), out);
-      });
-      return;
-    }
 #if VMQ_HAS_MADD
-    if (use_direct_ && !signed_weight_ && vmq_fx::linear::small_product(M, N, K) &&
-        vmq_fx::linear::madd_exact(K, qmin_, qmax_, 128, zero_point.data, L)) {
+    const bool int16 = !direct && use_direct_ && !signed_weight_ && vmq_fx::linear::small_product(M, N, K) &&
+                       vmq_fx::linear::madd_exact(K, qmin_, qmax_, 128, zero_point.data, L);
+#else
+    const bool int16 = false;
+#endif
+    if (direct || int16) {  // linear_core.h's direct or int16 product: quantize, multiply and rescale in one pass
       if (dynamic)
         for_rows(ctx, M, [&](int64_t m) {
           vmq_fx::linear::token_qparams(x.data + m * K, smooth.data, K, qmin_, qmax_, dynamic_scale + m,
                                         dynamic_zero_point + m);
         });
-      const int16_t* wt = madd_weight(w, K, N);
-      const int64_t rows = vmq_fx::linear::kMaddRows;
-      parallel_chunks(ctx, (M + rows - 1) / rows, [&](int64_t begin, int64_t end) {
-        vmq_fx::linear::madd_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_scale.data,
-                                  bias.data, N, begin * rows, std::min(end * rows, M), out);
-      });
+      const auto own_product = [&](int64_t rows, const auto& product) {
+        parallel_chunks(ctx, (M + rows - 1) / rows,
+                        [&](int64_t begin, int64_t end) { product(begin * rows, std::min(end * rows, M)); });
+      };
+      if (direct) {
+        const float* wt = direct_weight(w, K, N);
+        own_product(vmq_fx::linear::kDirectRows, [&](int64_t m0, int64_t m1) {
+          vmq_fx::linear::direct_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_scale.data,
+                                      bias.data, N, m0, m1, out);
+        });
+      }
+#if VMQ_HAS_MADD
+      else {
+        const int16_t* wt = madd_weight(w, K, N);
+        own_product(vmq_fx::linear::kMaddRows, [&](int64_t m0, int64_t m1) {
+          vmq_fx::linear::madd_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_scale.data,
+                                    bias.data, N, m0, m1, out);
+        });
+      }
+#endif
       return;
     }
-#endif
     levels.resize(static_cast<size_t>(M * K));
     uint8_t* q = levels.data();
     for_rows(ctx, M, [&](int64_t m) {
