@@ -122,6 +122,7 @@ def test_forcing_onednn_without_amx_warns(monkeypatch, caplog):
     """oneDNN's matmul primitive runs its reference int8 kernel without AMX (thousands of times slower): forcing it
     there is allowed, and said."""
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "onednn")
+    native._warn_onednn_without_amx.cache_clear()  # said once a process: this test's first call says it
     for flags, warned in (({"avx512f", "avx512_vnni"}, True), ({"avx512f", "avx512_vnni", "amx_int8"}, False)):
         monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: frozenset(flags))
         caplog.clear()

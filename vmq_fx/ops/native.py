@@ -163,9 +163,7 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
         if forced not in INT8_GEMM_PATHS:
             raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use {', '.join(INT8_GEMM_PATHS)}")
         if forced == "onednn" and "amx_int8" not in _cpu_flags():
-            log.warning("vmq_fx: VMQ_FX_INT8_GEMM=onednn on a CPU without AMX: oneDNN's matmul primitive then runs its "
-                        "reference int8 kernel for the large products (Vim-T's in_proj at batch 8 on an AMD EPYC Zen 4: "
-                        "4.9 s, against 1.3 ms on int_mm); exact, but use int_mm here")
+            _warn_onednn_without_amx()
         return forced, "set by VMQ_FX_INT8_GEMM"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
     if cap in ONEDNN_CAPS_WITHOUT_INT8_DOT:
@@ -184,6 +182,13 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
         return "int_mm", "the CPU has AVX-VNNI"
     return _without_int8_dot(isa, f"no int8 dot-product instructions for the {isa} build (VNNI / AMX), where "
                                   "torch._int_mm is slower than the fp32 GEMM")
+
+
+@functools.cache  # once a process: int8_gemm_path runs at every kernel switch, and per call on the pure-torch path
+def _warn_onednn_without_amx() -> None:
+    log.warning("vmq_fx: VMQ_FX_INT8_GEMM=onednn on a CPU without AMX: oneDNN's matmul primitive then runs its "
+                "reference int8 kernel for the large products (Vim-T's in_proj at batch 8 on an AMD EPYC Zen 4: "
+                "4.9 s, against 1.3 ms on int_mm); exact, but use int_mm here")
 
 
 def _without_int8_dot(isa: str, why: str) -> tuple[str, str]:
