@@ -6,8 +6,9 @@ one process: what ``vmq_fx.ops.native.int8_gemm_path``'s choice and the kernel's
 
 vim_tiny 224x224 with random weights (batch 1 and 8) and the shipped vim-fm-tiny (17 tokens; batch 1 and 64), SmoothQuant
 + PTS W8A8 calibrated on 8 images, one thread. The paths: ``int_mm`` (``torch._int_mm``), ``onednn`` (oneDNN's matmul
-primitive for the large products, the rest on ``_int_mm``), ``int16`` (vmq_fx's own int16 product, what x86 CPUs
-without int8 dot products take; x86 builds) and ``float`` (the fp32 GEMM on the dequantized levels, ARM64's); ``int_mm``
+primitive for the large products, the rest on ``_int_mm``), ``vnni`` (vmq_fx's own uint8 x int8 product, what CPUs
+with AVX-512 VNNI and no AMX take; AVX-512 builds), ``int16`` (vmq_fx's own int16 product, what x86 CPUs without int8
+dot products take; x86 builds) and ``float`` (the fp32 GEMM on the dequantized levels, ARM64's); ``int_mm``
 only where the CPU has int8 dot products (VNNI / AMX; without them ``_int_mm`` is many times slower, or wrong under a
 capped oneDNN), ``onednn`` only with AMX (without it oneDNN's matmul primitive runs its reference int8 kernel). Each
 runs with the kernel's direct product for small products, few rows and tiny K (the
@@ -53,8 +54,8 @@ def main():
     dot = native.INT8_DOT_FLAGS & native._cpu_flags()
     # oneDNN's matmul primitive without AMX ran its reference int8 kernel (AMD EPYC Zen 4 with VNNI: Vim-T's in_proj at
     # batch 8 4.9 s, against 1.3 ms on _int_mm): timed only on CPUs with AMX, where int8_gemm_path chooses it.
-    runs_here = {"int_mm": bool(dot), "onednn": "amx_int8" in dot, "int16": kernels.isa != "neon", "float": True}
-    paths = [g for g in native.INT8_GEMM_PATHS if runs_here[g]]
+    runs_here = {"int_mm": bool(dot), "onednn": "amx_int8" in dot}
+    paths = [g for g in native.INT8_GEMM_PATHS if runs_here.get(g, True) and native.int8_gemm_runs(g, kernels.isa)]
     chosen = native.int8_gemm_path()[0]
     torch.manual_seed(0)
     vim_tiny = vmq_fx.models.create_model("vim_tiny").eval()
@@ -71,7 +72,8 @@ def main():
             finally:
                 active.set_int8_direct(True)
 
-    variants = [(g, d) for g in paths for d in (True, False)]
+    # vnni multiplies every product itself, with or without the direct product: no "library only" variant
+    variants = [(g, d) for g in paths for d in ((True,) if g == "vnni" else (True, False))]
     names = {v: f"{v[0]}" if v[1] else f"{v[0]}, library only" for v in variants}
     lines = [f"## {cpu_class()}", "",
              f"Machine: {machine_line()}. Command: `python bench/int8_gemm_paths.py {shlex.join(sys.argv[1:])}`. "

@@ -125,7 +125,7 @@ def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
     library = {"aten::_int_mm", "aten::mm", "aten::addmm", "onednn::qlinear_pointwise"}
     if int8_gemm in ("int_mm", "onednn"):  # a product this small stays on _int_mm on the oneDNN path too
         assert "aten::_int_mm" in names and "onednn::qlinear_pointwise" not in names
-    elif int8_gemm == "int16":  # the kernel's own int16 product: no library call
+    elif int8_gemm in ("int16", "vnni"):  # the kernel's own int16 or uint8 x int8 product: no library call
         assert not library & names, names
     else:  # the fp32 GEMM on the levels, never torch._int_mm (slow without VNNI)
         assert {"aten::mm", "aten::addmm"} & names and "aten::_int_mm" not in names
@@ -134,12 +134,12 @@ def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
     # AVX-512, where that GEMM is faster.
     for shape in ((2, 17, 96, 40), (1, 9, 512, 700)):
         assert not library & _names(lambda: int8_linear(*int8_case(*shape, w_bits=8)[0])), shape
-    tiny_k_direct = int8_gemm in ("int_mm", "onednn") or native.selected_isa() == "avx512"
+    tiny_k_direct = int8_gemm in ("int_mm", "onednn", "vnni") or native.selected_isa() == "avx512"
     names = _names(lambda: int8_linear(*int8_case(4, 197, 12, 384, w_bits=8)[0]))
     assert bool(library & names) != tiny_k_direct, names
     with native.disabled():  # the pure-torch implementation follows the CPU's choice (_int_mm for oneDNN's path)
         uses_int_mm = "aten::_int_mm" in _names(lambda: int8_linear(*op_args))
-        assert uses_int_mm == (native.int8_gemm_path()[0] in ("int_mm", "onednn"))
+        assert uses_int_mm == (native.int8_gemm_path()[0] in ("int_mm", "onednn", "vnni"))
 
 
 @pytest.mark.parametrize("k", [64, 1536])
@@ -308,6 +308,8 @@ def test_direct_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dyna
     large = shape[0] * shape[1] * shape[2] * shape[3] > 2**20  # direct as tiny K only
     for isa in native.executable_isas():
         for path in native.INT8_GEMM_PATHS:
+            if not native.int8_gemm_runs(path, isa):
+                continue
             if large and path in ("float", "int16") and isa != "avx512":
                 continue  # the fp32 GEMM multiplies tiny K there (faster than the direct product in those builds)
             with native.use_isa(isa, int8_gemm=path):
@@ -394,6 +396,58 @@ def test_int16_product_at_its_largest_sums(k):
             assert torch.equal(int8_linear(*args).reshape(8, 40), want), isa
             with native.disabled():
                 assert torch.equal(int8_linear(*args).reshape(8, 40), want), isa
+
+
+def _only_the_vnni_product(op_args):
+    """vmq::int8_linear on the vnni path with the direct product off (so that small products take it too): its output
+    and the operators it called."""
+    with native.use_isa("avx512", int8_gemm="vnni") as kernels:
+        kernels.set_int8_direct(False)
+        try:
+            return int8_linear(*op_args), _names(lambda: int8_linear(*op_args))
+        finally:
+            kernels.set_int8_direct(True)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("shape", [(1, 19, 1536, 400), (2, 9, 385, 70), (1, 23, 12, 16), (3, 5, 33, 65)])
+@pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 4, True)])
+def test_vnni_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dynamic):
+    """The kernel's own uint8 x int8 product (vpdpbusd, CPUs with AVX-512 VNNI): the floats of an int64 product
+    rescaled in float32 by torch, on row tails of its 8-row blocks, K not a multiple of 4 (the padded quad), column
+    tails, several column panels (K = 1536: 160 columns a panel), without a library call."""
+    if not native.int8_gemm_runs("vnni", "avx512"):
+        pytest.skip("the vnni product needs a CPU with AVX-512 VNNI")
+    op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed, dynamic=dynamic)
+    out, names = _only_the_vnni_product(op_args)
+    assert torch.equal(out, _exact_int8_linear(*ref_args).reshape(*shape[:2], shape[3]))
+    assert not {"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names, names
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("qmin, qmax", [(-128, 127), (-8, 7)])
+def test_vnni_product_moves_signed_levels_into_uint8(qmin, qmax, dynamic):
+    """Signed activation levels go into vpdpbusd's unsigned operand moved up by 128, their zero points with them: the
+    same exact floats."""
+    if not native.int8_gemm_runs("vnni", "avx512"):
+        pytest.skip("the vnni product needs a CPU with AVX-512 VNNI")
+    op_args, ref_args = int8_case(2, 11, 70, 50, w_bits=8, dynamic=dynamic)
+    g = torch.Generator().manual_seed(1)
+    zp = None if dynamic else torch.randint(qmin, qmax + 1, (11,), generator=g, dtype=torch.int32)
+    op_args = (*op_args[:3], zp, *op_args[4:8], qmin, qmax, op_args[10])
+    ref_args = (*ref_args[:3], zp, *ref_args[4:7], qmin, qmax)
+    out, _ = _only_the_vnni_product(op_args)
+    assert torch.equal(out, _exact_int8_linear(*ref_args).reshape(2, 11, 50))
+
+
+@pytest.mark.parametrize("k", [514, 1536])
+def test_vnni_product_at_its_largest_sums(k):
+    """Levels 255 away from the zero point against weights of -128 / 127, up to K = 1536: the int32 sums stay exact."""
+    if not native.int8_gemm_runs("vnni", "avx512"):
+        pytest.skip("the vnni product needs a CPU with AVX-512 VNNI")
+    args, want = _largest_sums_case(k)
+    out, _ = _only_the_vnni_product(args)
+    assert torch.equal(out.reshape(8, 40), want)
 
 
 def test_zero_points_outside_the_levels_skip_the_direct_product():

@@ -92,10 +92,11 @@ def test_an_isa_the_cpu_cannot_run_is_one_clear_error(monkeypatch):
 
 
 def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
-    """torch._int_mm only where int8 dot-product instructions exist (it is 32x slower than fp32 without them)."""
+    """torch._int_mm only where int8 dot-product instructions exist (it is 32x slower than fp32 without them); the
+    kernel's own vpdpbusd product with AVX-512 VNNI and no AMX (or AMX kept off)."""
     for variable in ("ONEDNN_MAX_CPU_ISA", "VMQ_FX_INT8_GEMM"):
         monkeypatch.delenv(variable, raising=False)
-    for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "int_mm"), ({"avx2", "fma"}, "avx2", "int16"),
+    for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "vnni"), ({"avx2", "fma"}, "avx2", "int16"),
                              ({"avx512f", "avx512_vnni"}, "avx2", "int16"), ({"avx2", "avx_vnni"}, "avx2", "int_mm"),
                              ({"avx2", "amx_int8"}, "avx2", "onednn"), (set(), "generic", "int16"),
                              ({"asimd"}, "neon", "float")]:
@@ -106,15 +107,19 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")  # oneDNN kept off VNNI: its _int_mm saturates then
     assert native.int8_gemm_path("avx512")[0] == "int16"
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
-    assert native.int8_gemm_path("avx512")[0] == "int_mm"
+    assert native.int8_gemm_path("avx512")[0] == "vnni"
     monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni", "amx_int8"}))
-    assert native.int8_gemm_path("avx512")[0] == "int_mm"  # AMX kept off: oneDNN's matmul primitive would not use it
+    assert native.int8_gemm_path("avx512")[0] == "vnni"  # AMX kept off: oneDNN's matmul primitive would not use it
+    assert native.int8_gemm_path("avx2")[0] == "int_mm"  # no vpdpbusd product in the AVX2 build
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     assert native.int8_gemm_path("avx512")[0] == "onednn"
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "int_mm")
     assert native.int8_gemm_path("generic") == ("int_mm", "set by VMQ_FX_INT8_GEMM")
+    monkeypatch.setenv("VMQ_FX_INT8_GEMM", "vnni")
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM=vnni needs the avx512 build .* the build is avx2"):
+        native.int8_gemm_path("avx2")
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "fast")
-    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, onednn, int16, float"):
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, onednn, vnni, int16, float"):
         native.int8_gemm_path()
 
 

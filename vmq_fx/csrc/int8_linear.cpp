@@ -7,11 +7,14 @@
 //
 // Small products, few rows and tiny K (linear_core.h's direct_product) are multiplied in the kernel itself, quantized
 // and rescaled in the same pass: a library call costs more than their arithmetic (~10-25 us), and the separate
-// quantize and rescale passes more than a 12-deep product (dt_proj). With K > 32 x86 builds take the int16 product
-// (madd_rows) for them, 1.2-1.7x faster; tiny K and ARM64 builds the levels as floats by exact FMAs, and AVX-512
-// builds on CPUs with VNNI multiply tiny K with vpdpbusd instead (vnni_rows: Vim-T's dt_proj at batch 8 0.17 -> 0.14 ms,
-// batch 1 24 -> 17 us; the fp32 linear 0.12 ms and 12 us, which it still does not reach). Every
-// other product has four paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+// quantize and rescale passes more than a 12-deep product (dt_proj). On CPUs with AVX-512 VNNI (AVX-512 builds) the
+// uint8 x int8 product (vnni_rows, vpdpbusd) takes them; elsewhere with K > 32 x86 builds take the int16 product
+// (madd_rows), 1.2-1.7x faster than the float FMAs that tiny K and ARM64 builds multiply the levels with. Every other
+// product has five paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+//   vnni:   for CPUs with AVX-512 VNNI and no AMX: every product the uint8 x int8 product takes exactly (vnni_exact) on
+//           it, quantized and rescaled in the same pass: as fast as at::_int_mm with its quantize and rescale passes
+//           on Vim-T's large products, 1.2-1.3x on the small ones (x_proj, dt_proj, batch 1; Intel Xeon, one thread,
+//           linear_core.h). The others on at::_int_mm.
 //   int_mm: at::_int_mm (oneDNN's gemm API) with int32 accumulation, exact: fast only where the CPU has int8
 //           dot-product instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong
 //           under a oneDNN capped below VNNI, whose 16-bit pair sums saturate).
@@ -89,8 +92,8 @@ at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tens
   return out;
 }
 
-enum class Gemm : int { kIntMm, kOnednn, kFloat, kInt16 };
-const char* const kGemmNames[] = {"int_mm", "onednn", "float", "int16"};
+enum class Gemm : int { kIntMm, kOnednn, kFloat, kInt16, kVnni };
+const char* const kGemmNames[] = {"int_mm", "onednn", "float", "int16", "vnni"};
 std::atomic<int> g_gemm{static_cast<int>(Gemm::kIntMm)};
 
 // A tensor made from a weight and its scale (the dequantized weight, the prepacked one), cached (cached_derived).
@@ -133,7 +136,7 @@ at::Tensor direct_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, c
       [](const auto& w, int64_t N, int64_t K, float* out) { vmq_fx::linear::direct_weight(w, N, K, out); });
 }
 
-#if VMQ_HAS_VNNI_TINY_K
+#if VMQ_HAS_VNNI
 // Int8 [ceil(K / 4), vnni_padded_cols(N), 4] for vnni_rows.
 at::Tensor vnni_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
   return laid_out_weight<kVnniWeight, int8_t>(
@@ -157,6 +160,17 @@ bool int16_product_exact(int64_t K, int64_t qmin, int64_t qmax, bool packed, con
   return madd_exact(K, qmin, qmax, packed ? 8 : 128, zp, L);
 #else
   (void)K, (void)qmin, (void)qmax, (void)packed, (void)zp, (void)L;
+  return false;
+#endif
+}
+
+// Whether the uint8 x int8 product runs exactly here (an AVX-512 build on a CPU with VNNI; levels that move into uint8;
+// the sums within int32).
+bool vnni_product_exact(int64_t K, int64_t qmin, int64_t qmax, int64_t w_max, const int32_t* zp, int64_t L) {
+#if VMQ_HAS_VNNI
+  return vnni_exact(K, qmin, qmax, w_max, zp, L);
+#else
+  (void)K, (void)qmin, (void)qmax, (void)w_max, (void)zp, (void)L;
   return false;
 #endif
 }
@@ -261,12 +275,17 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const float* bp = bias ? bias->data_ptr<float>() : nullptr;
   const auto gemm = static_cast<Gemm>(g_gemm.load(std::memory_order_relaxed));
   at::Tensor out;
-  // The int16 product takes every exact product but tiny K on its own path, and on the others the small products
-  // (few rows or multiply-adds), where a library call costs more than the arithmetic: there it is 1.2-1.7x the direct
-  // product's float FMAs (tiny K excepted, where the direct product stays faster).
+  // The kernel's own products. With VNNI the uint8 x int8 product takes every exact product on its own path, and on the
+  // others the small products (few rows or multiply-adds), where a library call costs more than the arithmetic, and
+  // tiny K; what it cannot take exactly goes to at::_int_mm. Without VNNI the int16 product does the same but for tiny
+  // K, 1.2-1.7x the direct product's float FMAs on small products (tiny K excepted, where the direct product stays
+  // faster).
   const bool direct = g_direct.load(std::memory_order_relaxed);
   const bool small = M <= kDirectMaxRows || M * N * K <= kDirectMaxMacs;
-  const bool int16 = (gemm == Gemm::kInt16 || (direct && small)) && K > kDirectTinyK &&
+  const int64_t w_max = packed ? 8 : 128;
+  const bool vnni = vnni_product_exact(K, qmin, qmax, w_max, zp, L) &&
+                    (gemm == Gemm::kVnni || (direct && (small || K <= kDirectTinyK)));
+  const bool int16 = !vnni && (gemm == Gemm::kInt16 || (direct && small)) && K > kDirectTinyK &&
                      int16_product_exact(K, qmin, qmax, packed, zp, L);
   const bool float_gemm = gemm == Gemm::kFloat || (gemm == Gemm::kInt16 && !int16);
   const float* xp = x2.data_ptr<float>();
@@ -279,7 +298,14 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                      [&](int64_t begin, int64_t end) { product(begin * rows, std::min(end * rows, M), op); });
   };
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
-  if (int16) {
+  if (vnni) {
+#if VMQ_HAS_VNNI
+    const int8_t* wt = vnni_weight(w_in, w_scale_in, w8).data_ptr<int8_t>();
+    own_product(kVnniRows, [&](int64_t m0, int64_t m1, float* op) {
+      vnni_rows(xp, sp, as, zp, L, lo, hi, K, wt, ws, wsc, bp, N, m0, m1, op);
+    });
+#endif
+  } else if (int16) {
 #if VMQ_HAS_MADD
     const int16_t* wt = madd_weight(w_in, w_scale_in, w8).data_ptr<int16_t>();
     own_product(kMaddRows, [&](int64_t m0, int64_t m1, float* op) {
@@ -287,22 +313,12 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     });
 #endif
   } else if (direct &&
-      direct_product(M, N, K, qmin, qmax, packed ? 8 : 128, zp, L, /*small_products=*/true,
+      direct_product(M, N, K, qmin, qmax, w_max, zp, L, /*small_products=*/true,
                      /*tiny_k=*/!float_gemm || kDirectTinyKFaster)) {
-#if VMQ_HAS_VNNI_TINY_K
-    if (K <= kVnniMaxK && qmin >= 0 && qmax <= 255 && has_vnni()) {
-      const int8_t* wt = vnni_weight(w_in, w_scale_in, w8).data_ptr<int8_t>();
-      own_product(kVnniRows, [&](int64_t m0, int64_t m1, float* op) {
-        vnni_rows(xp, sp, as, zp, L, lo, hi, K, wt, ws, wsc, bp, N, m0, m1, op);
-      });
-    } else
-#endif
-    {
-      const float* wt = direct_weight(w_in, w_scale_in, w8).data_ptr<float>();
-      own_product(kDirectRows, [&](int64_t m0, int64_t m1, float* op) {
-        direct_rows(xp, sp, as, zp, L, lo, hi, K, wt, wsc, bp, N, m0, m1, op);
-      });
-    }
+    const float* wt = direct_weight(w_in, w_scale_in, w8).data_ptr<float>();
+    own_product(kDirectRows, [&](int64_t m0, int64_t m1, float* op) {
+      direct_rows(xp, sp, as, zp, L, lo, hi, K, wt, wsc, bp, N, m0, m1, op);
+    });
   } else if (float_gemm) {
     // Dequantized activation times dequantized weight (cached) in the fp32 GEMM, the bias added by it: one pass over
     // x, then exactly the work of the fp32 linear.
@@ -365,8 +381,11 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
 void set_int8_gemm(const std::string& path) {
   const auto found = std::find(std::begin(kGemmNames), std::end(kGemmNames), path);
   TORCH_CHECK_VALUE(found != std::end(kGemmNames), "vmq_fx: unknown int8 GEMM path '", path,
-                    "' (int_mm, onednn, float or int16)");
+                    "' (int_mm, onednn, float, int16 or vnni)");
   TORCH_CHECK_VALUE(VMQ_HAS_MADD || path != "int16", "vmq_fx: the int16 product needs an x86 build, this one is ",
+                    VMQ_ISA_NAME);
+  TORCH_CHECK_VALUE(path != "vnni" || vnni_product_exact(1, 0, 255, 128, nullptr, 0),
+                    "vmq_fx: the vnni product needs an AVX-512 build on a CPU with AVX-512 VNNI, this one is ",
                     VMQ_ISA_NAME);
   g_gemm.store(static_cast<int>(found - std::begin(kGemmNames)));
 }

@@ -30,10 +30,10 @@ The kernels' vectors are one register of the build's ISA wide (``csrc/vec.h``). 
 ``$VMQ_FX_CPU_ISA`` picks another one (one of :func:`executable_isas`), and :func:`use_isa` switches for a while
 (tests run every path the machine can execute).
 
-How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): ``torch._int_mm``
-where the CPU has int8 dot-product instructions (VNNI), oneDNN's matmul primitive for the large products where it has
-AMX, else (x86) vmq_fx's own int16 product (``vpmaddwd``, exact) or (ARM64) the fp32 GEMM on the dequantized levels
-and weight. On every path the kernel multiplies small products, few
+How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): oneDNN's matmul
+primitive for the large products where the CPU has AMX, vmq_fx's own uint8 x int8 product (``vpdpbusd``) where it has
+AVX-512 VNNI, ``torch._int_mm`` where it has AVX-VNNI only, else (x86) vmq_fx's own int16 product (``vpmaddwd``,
+exact) or (ARM64) the fp32 GEMM on the dequantized levels and weight. On every path the kernel multiplies small products, few
 rows and tiny K itself (its direct product: exact, in one pass with the quantization and the rescale), where a library
 call would cost more than the arithmetic. ``vmq::vq_linear`` decodes each VQ weight once and keeps the float32 weight
 (:func:`vq_decode_mode`: FP32 speed; per call where memory matters more).
@@ -60,7 +60,7 @@ import torch
 
 __all__ = ["INT8_DOT_FLAGS", "INT8_GEMM_PATHS", "ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT",
            "VQ_DECODE_MODES", "builds_on_first_call", "disabled", "enable", "executable_isas", "int8_gemm_path",
-           "kernels", "native_kernels", "selected_isa", "use_isa", "vq_decode_mode"]
+           "int8_gemm_runs", "kernels", "native_kernels", "selected_isa", "use_isa", "vq_decode_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -139,17 +139,20 @@ ONEDNN_CAPS_WITHOUT_AMX = ONEDNN_CAPS_WITHOUT_INT8_DOT + ("AVX2_VNNI", "AVX2_VNN
 # /proc/cpuinfo flags of the int8 dot-product instructions that make oneDNN's int8 products exact and fast
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 # How vmq::int8_linear can multiply (csrc/int8_linear.cpp)
-INT8_GEMM_PATHS = ("int_mm", "onednn", "int16", "float")
+INT8_GEMM_PATHS = ("int_mm", "onednn", "vnni", "int16", "float")
 
 
 def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     """How ``vmq::int8_linear`` multiplies on this CPU with the build ``isa``: ``(path, why)``, ``path`` one of
-    ``"int_mm"``, ``"onednn"``, ``"int16"``, ``"float"``.
+    ``"int_mm"``, ``"onednn"``, ``"vnni"``, ``"int16"``, ``"float"``.
 
     ``torch._int_mm`` (oneDNN's gemm API) is exact and fast where the CPU has int8 dot-product instructions: measured
     2.0x the fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). It does not use AMX
     tiles: on a CPU with AMX, ``"onednn"`` multiplies the large products with oneDNN's matmul primitive (torch's
     ``onednn::qlinear_pointwise``, 2.9x ``_int_mm`` on Vim-T's in_proj at batch 8) and the rest with ``_int_mm``.
+    With AVX-512 VNNI and no AMX the AVX-512 build multiplies in vmq_fx's own kernel (``"vnni"``: ``vpdpbusd``,
+    exact, the quantization and the rescale in the product's pass: Vim-T's large linears as fast as through ``_int_mm``,
+    the small ones 1.2-1.3x), and what it cannot take exactly (levels wider than 8 bits) with ``_int_mm``.
     Without int8 dot products an x86 build multiplies int16 levels with ``vpmaddwd`` in vmq_fx's own kernel
     (``"int16"``: exact, 1.0-1.36x the fp32 GEMM at Vim-T shapes with AVX2, quantization and rescale included); ARM64
     builds multiply the dequantized activation levels and the dequantized weight in the fp32 GEMM (``"float"``, the
@@ -162,6 +165,9 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     if forced:
         if forced not in INT8_GEMM_PATHS:
             raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use {', '.join(INT8_GEMM_PATHS)}")
+        if not int8_gemm_runs(forced, isa):
+            raise ValueError(f"VMQ_FX_INT8_GEMM={forced}: {_PATH_NEEDS[forced]}; here the build is {isa} on a CPU "
+                             f"{'with' if 'avx512_vnni' in _cpu_flags() else 'without'} AVX-512 VNNI")
         if forced == "onednn" and "amx_int8" not in _cpu_flags():
             _warn_onednn_without_amx()
         return forced, "set by VMQ_FX_INT8_GEMM"
@@ -174,14 +180,38 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     flags = _cpu_flags()
     if "amx_int8" in flags and cap not in ONEDNN_CAPS_WITHOUT_AMX:
         return "onednn", "the CPU has AMX int8, which oneDNN's matmul primitive uses and torch._int_mm does not"
+    amx_off = f", and AMX int8 kept off by ONEDNN_MAX_CPU_ISA={cap}" if "amx_int8" in flags else ""
+    if isa == "avx512" and "avx512_vnni" in flags:
+        return "vnni", f"the CPU has AVX-512 VNNI{amx_off}: vmq_fx's own uint8 x int8 product"
     if "amx_int8" in flags:
         return "int_mm", f"the CPU has AMX int8, kept off by ONEDNN_MAX_CPU_ISA={cap}"
-    if isa == "avx512" and "avx512_vnni" in flags:
-        return "int_mm", "the CPU has AVX-512 VNNI"
     if isa in ("avx2", "avx512") and "avx_vnni" in flags:
         return "int_mm", "the CPU has AVX-VNNI"
     return _without_int8_dot(isa, f"no int8 dot-product instructions for the {isa} build (VNNI / AMX), where "
                                   "torch._int_mm is slower than the fp32 GEMM")
+
+
+_PATH_NEEDS = {"vnni": "the vnni product needs the avx512 build on a CPU with AVX-512 VNNI",
+               "int16": "the int16 product needs an x86 build"}
+
+
+def int8_gemm_runs(path: str, isa: str | None = None) -> bool:
+    """Whether ``vmq::int8_linear`` of the build ``isa`` (default :func:`selected_isa`) can multiply on ``path`` (one
+    of :data:`INT8_GEMM_PATHS`) on this CPU: ``"vnni"`` needs the ``avx512`` build and AVX-512 VNNI, ``"int16"`` an
+    x86 build; the library paths run on every CPU (slowly, or under a capped oneDNN wrongly, where
+    :func:`int8_gemm_path` does not pick them).
+
+    Example:
+        >>> from vmq_fx.ops import native
+        >>> native.int8_gemm_runs("float"), native.int8_gemm_runs("vnni", "generic")
+        (True, False)
+    """
+    isa = isa or selected_isa()
+    if path == "vnni":
+        return isa == "avx512" and "avx512_vnni" in _cpu_flags()
+    if path == "int16":
+        return isa != "neon"
+    return path in INT8_GEMM_PATHS
 
 
 @functools.cache  # once a process: int8_gemm_path runs at every kernel switch, and per call on the pure-torch path
@@ -424,6 +454,8 @@ def use_isa(isa: str, int8_gemm: str | None = None):
         raise ValueError(f"use_isa({isa!r}): this CPU runs {', '.join(executable_isas())}")
     if int8_gemm is not None and int8_gemm not in INT8_GEMM_PATHS:
         raise ValueError(f"use_isa(int8_gemm={int8_gemm!r}): use one of {', '.join(INT8_GEMM_PATHS)}")
+    if int8_gemm is not None and not int8_gemm_runs(int8_gemm, isa):
+        raise ValueError(f"use_isa({isa!r}, int8_gemm={int8_gemm!r}): {_PATH_NEEDS[int8_gemm]}")
     previous = native_kernels()
     previous_gemm = previous.int8_gemm() if previous is not None else None
     module = _build(isa)
