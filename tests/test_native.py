@@ -116,7 +116,8 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "int_mm")
     assert native.int8_gemm_path("generic") == ("int_mm", "set by VMQ_FX_INT8_GEMM")
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "vnni")
-    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM=vnni needs the avx512 build .* the build is avx2"):
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM=vnni: the vnni product needs the avx512 build .* build "
+                                         "is avx2"):
         native.int8_gemm_path("avx2")
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "fast")
     with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, onednn, vnni, int16, float"):

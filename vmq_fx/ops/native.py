@@ -33,9 +33,9 @@ The kernels' vectors are one register of the build's ISA wide (``csrc/vec.h``). 
 How ``vmq::int8_linear`` multiplies is chosen per CPU too (:func:`int8_gemm_path`, logged once): oneDNN's matmul
 primitive for the large products where the CPU has AMX, vmq_fx's own uint8 x int8 product (``vpdpbusd``) where it has
 AVX-512 VNNI, ``torch._int_mm`` where it has AVX-VNNI only, else (x86) vmq_fx's own int16 product (``vpmaddwd``,
-exact) or (ARM64) the fp32 GEMM on the dequantized levels and weight. On every path the kernel multiplies small products, few
-rows and tiny K itself (its direct product: exact, in one pass with the quantization and the rescale), where a library
-call would cost more than the arithmetic. ``vmq::vq_linear`` decodes each VQ weight once and keeps the float32 weight
+exact) or (ARM64) the fp32 GEMM on the dequantized levels and weight. On every path the kernel multiplies small
+products, few rows and tiny K itself (exact, in one pass with the quantization and the rescale), where a library call
+would cost more than the arithmetic. ``vmq::vq_linear`` decodes each VQ weight once and keeps the float32 weight
 (:func:`vq_decode_mode`: FP32 speed; per call where memory matters more).
 
 When they cannot be built (no compiler, ``VMQ_FX_NATIVE=0``), every op keeps its pure-torch implementation and one
