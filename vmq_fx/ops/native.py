@@ -166,8 +166,9 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
         if forced not in INT8_GEMM_PATHS:
             raise ValueError(f"VMQ_FX_INT8_GEMM={forced!r}: use {', '.join(INT8_GEMM_PATHS)}")
         if not int8_gemm_runs(forced, isa):
-            raise ValueError(f"VMQ_FX_INT8_GEMM={forced}: {_PATH_NEEDS[forced]}; here the build is {isa} on a CPU "
-                             f"{'with' if 'avx512_vnni' in _cpu_flags() else 'without'} AVX-512 VNNI")
+            vnni = f" on a CPU {'with' if 'avx512_vnni' in _cpu_flags() else 'without'} AVX-512 VNNI"
+            raise ValueError(f"VMQ_FX_INT8_GEMM={forced}: {_PATH_NEEDS[forced]}; here the build is {isa}"
+                             + (vnni if forced == "vnni" else ""))
         if forced == "onednn" and "amx_int8" not in _cpu_flags():
             _warn_onednn_without_amx()
         return forced, "set by VMQ_FX_INT8_GEMM"
