@@ -129,8 +129,11 @@ inline Lanes<float>::V horner(Lanes<float>::V f, const float (&c)[n]) {
 // degree-6 fit it replaced (2e-9 exact, 8e-8 in float32) made the scan's forward 2-9 % faster (Vim-T shapes, batch
 // 8, one thread, Intel Xeon with AVX-512 VNNI, a standalone C++ micro-benchmark of the scan core, not kept: the 10th
 // percentile of 101 calls 2.25 -> 2.06 ms on a quiet host, faster in 7 of 8 alternating pairs on a noisy one), and the
-// scan's tests against float64 references hold their tolerances (1e-5 relative). The other builds keep a degree-6
-// Chebyshev fit on [-1/2, 1/2] (9e-8 in float32 with FMAs); the SSE2 build, without FMAs, rounds twice per step.
+// scan's tests against float64 references hold their tolerances (1e-5 relative). The other builds' polynomial is a
+// degree-5 minimax fit on [-1/2, 1/2] with 2^0 = 1 kept exact (9e-8 exact, 1.7e-7 in float32 with FMAs; the degree-6
+// Chebyshev fit it replaced: 9e-8 in float32), 6-7 % faster for the AVX2 build's scan in the same micro-benchmark
+// (the least of six 10th percentiles, alternating processes, noisy host: 4.89 -> 4.57 ms); the SSE2 build, without
+// FMAs, rounds twice per step.
 inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   using V = Lanes<float>::V;
 #if defined(__AVX512F__)
@@ -142,8 +145,7 @@ inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   y = vmin(V{} + 127.0f, vmax(V{} - 126.0f, y));
   const V r = y + 12582912.0f;  // + 1.5 * 2^23 rounds to the nearest integer k: r's bits are 0x4B400000 + k
   const V f = y - (r - 12582912.0f);
-  const V p = horner(f, {1.0f, 6.9314718246459961e-1f, 2.4022650718688965e-1f, 5.5503271520137787e-2f,
-                         9.6180252730846405e-3f, 1.3400432653725147e-3f, 1.5469732170458883e-4f});
+  const V p = horner(f, {1.0f, 6.9314700e-1f, 2.4022242e-1f, 5.5507336e-2f, 9.6715074e-3f, 1.3264711e-3f});
   // + 127, then << 23 shifts k + 127 into the exponent field and 0x4B400000 out (no float-to-int conversion)
   const I e = ((I)r + 127) << 23;
   return p * (V)e;
