@@ -204,7 +204,8 @@ def test_int8_linear_translation_is_exact_at_saturating_products(w_bits, ops, k,
     uint8 x int8 only for weights of up to 7 bits (|w| <= 64: 2 x 255 x 64 = 32640). ``vmq.Int8Linear`` picks the
     form for the CPU it runs on: both of its forms are checked here (the forced uint8 x uint8 one is what CPUs without
     VNNI take; the direct product turned off), its direct product (exact float sums) at K = 32, and the int16 product
-    that small products take where the weights go uint8 x uint8 (x86 builds; MatMulInteger elsewhere)."""
+    that small products take where the weights go uint8 x uint8 (x86 builds without VNNI; with AVX-512 VNNI its
+    vpdpbusd product takes them, and every product of the other vmq cases; MatMulInteger elsewhere)."""
     if ops != "onnx":
         request.getfixturevalue("ort_custom_ops")
     if ops in ("vmq-uint8-weights", "vmq-int16"):

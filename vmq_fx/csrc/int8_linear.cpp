@@ -281,7 +281,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   // K, 1.2-1.7x the direct product's float FMAs on small products (tiny K excepted, where the direct product stays
   // faster).
   const bool direct = g_direct.load(std::memory_order_relaxed);
-  const bool small = M <= kDirectMaxRows || M * N * K <= kDirectMaxMacs;
+  const bool small = small_product(M, N, K);
   const int64_t w_max = packed ? 8 : 128;
   const bool vnni = vnni_product_exact(K, qmin, qmax, w_max, zp, L) &&
                     (gemm == Gemm::kVnni || (direct && (small || K <= kDirectTinyK)));

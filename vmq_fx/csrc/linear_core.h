@@ -242,6 +242,16 @@ constexpr int64_t kDirectMaxRows = 16;
 constexpr int64_t kDirectTinyK = 32;
 constexpr bool kDirectTinyKFaster = kLanes >= 16;
 
+// The largest |level - zero point| over levels in [qmin, qmax] and the zero points zero_point[0, period) (null:
+// per-token dynamic ones, which lie among the levels).
+inline int64_t level_span(int64_t qmin, int64_t qmax, const int32_t* zero_point, int64_t period) {
+  int64_t span = qmax - qmin;
+  if (zero_point)
+    for (int64_t t = 0; t < period; ++t)
+      span = std::max({span, qmax - int64_t{zero_point[t]}, int64_t{zero_point[t]} - qmin});
+  return span;
+}
+
 // A product of few rows or few multiply-adds (direct_product's small_products).
 inline bool small_product(int64_t M, int64_t N, int64_t K) {
   return M <= kDirectMaxRows || M * N * K <= kDirectMaxMacs;
@@ -401,11 +411,7 @@ inline int vnni_offset(int64_t qmin, int64_t qmax) {
 inline bool vnni_exact(int64_t K, int64_t qmin, int64_t qmax, int64_t w_max, const int32_t* zero_point,
                        int64_t period) {
   if (vnni_offset(qmin, qmax) < 0 || K * 255 * w_max >= (int64_t{1} << 31)) return false;
-  int64_t span = qmax - qmin;
-  if (zero_point)
-    for (int64_t t = 0; t < period; ++t)
-      span = std::max({span, qmax - int64_t{zero_point[t]}, int64_t{zero_point[t]} - qmin});
-  return K * span * w_max < (int64_t{1} << 31) && has_vnni();
+  return K * level_span(qmin, qmax, zero_point, period) * w_max < (int64_t{1} << 31) && has_vnni();
 }
 
 inline int64_t vnni_padded_cols(int64_t N) { return (N + kVnniBlock - 1) / kVnniBlock * kVnniBlock; }
@@ -549,10 +555,7 @@ inline void store_int16(VI v, int16_t* q) {
 // Whether the int16 product is exact: every |level - zero point| within int16 and every sum within int32.
 inline bool madd_exact(int64_t K, int64_t qmin, int64_t qmax, int64_t w_max, const int32_t* zero_point,
                        int64_t period) {
-  int64_t span = qmax - qmin;
-  if (zero_point)
-    for (int64_t t = 0; t < period; ++t)
-      span = std::max({span, qmax - int64_t{zero_point[t]}, int64_t{zero_point[t]} - qmin});
+  const int64_t span = level_span(qmin, qmax, zero_point, period);
   return span <= 32767 && K * span * w_max < (int64_t{1} << 31);
 }
 

@@ -8,12 +8,14 @@ An ONNX file exported with ``export_onnx(..., ops="vmq")`` holds, instead of the
   (``vmq_fx/csrc/causal_conv1d_core.h``);
 * ``vmq.HadamardTransform``: the online half of a Hadamard rotation, the torch op's fast Walsh-Hadamard transform
   (``vmq_fx/csrc/hadamard_core.h``);
-* ``vmq.Int8Linear``: one node per lowered integer linear, the torch op's per-token quantize and rescale
-  (``vmq_fx/csrc/linear_core.h``) around onnxruntime's own ``MatMulInteger``, invoked from the kernel with the operand
-  types that are exact and fastest on the CPU it runs on (uint8 x int8 with VNNI; 8-bit weights as uint8 x uint8
-  without it, where uint8 x int8 saturates; there small products take the torch op's int16 product instead, tiny K
-  the torch op's direct product in the AVX-512 build). ``VMQ_FX_ORT_UINT8_WEIGHTS=1`` forces the uint8 x uint8 form
-  (tests and benchmarks of it on VNNI machines), ``VMQ_FX_ORT_DIRECT=0`` sends every product to ``MatMulInteger``.
+* ``vmq.Int8Linear``: one node per lowered integer linear. On CPUs with AVX-512 VNNI (the AVX-512 build) the torch
+  op's uint8 x int8 product (``vmq_fx/csrc/linear_core.h``'s ``vnni_rows``: quantize, ``vpdpbusd`` and rescale in one
+  pass). Elsewhere the torch op's per-token quantize and rescale around onnxruntime's own ``MatMulInteger``, invoked
+  from the kernel with the operand types that are exact and fastest on the CPU it runs on (uint8 x int8 with VNNI;
+  8-bit weights as uint8 x uint8 without it, where uint8 x int8 saturates; there small products take the torch op's
+  int16 product instead, tiny K the torch op's direct product in the AVX-512 build). ``VMQ_FX_ORT_UINT8_WEIGHTS=1``
+  forces the uint8 x uint8 form (tests and benchmarks of it on VNNI machines), ``VMQ_FX_ORT_DIRECT=0`` sends every
+  product to ``MatMulInteger``.
 
 :func:`vmq_fx.export.ort_session` registers this library for such a file. The wrappers around the shared cores are
 in ``vmq_fx/csrc/ort/``. The library links no torch: a deployment needs only onnxruntime and this one file, and the

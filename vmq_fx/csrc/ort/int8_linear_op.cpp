@@ -2,17 +2,18 @@
 // every exact product takes the torch op's uint8 x int8 product (linear_core.h's vnni_rows: quantize, vpdpbusd and
 // rescale in one pass; Intel Xeon without AMX, one thread: vim_tiny's W8A8 file 1.26-1.35x / 1.21-1.40x its FP32 file
 // at batch 1 / 8 in three runs, against 1.07-1.30x / 1.22-1.23x through MatMulInteger in the same processes, and in
-// onnxruntime's profiler each of vim-fm-tiny's Int8Linear nodes at batch 64 as fast or up to 1.3x faster). Elsewhere one pass quantizes the activation per token (static or
-// per-token dynamic parameters) with the torch op's arithmetic (linear_core.h), onnxruntime's own MatMulInteger
-// multiplies (invoked from the kernel: MLAS, on the session's threads), and one pass rescales the int32 accumulators
-// in place into the float output. In the AVX-512 build, tiny K (dt_proj's 12) takes the torch op's direct
-// product instead (linear_core.h: quantize, exact float FMAs and rescale in one pass, no MatMulInteger call); small
-// products stay on MLAS, which multiplies them faster than the direct product's float FMAs, except where MLAS runs its
-// uint8 x uint8 form (below): there small products (linear_core.h's small_product) take the torch op's int16 product
-// (madd_rows: quantize, vpmaddwd and rescale in one pass), whose call costs less. vim-fm-tiny's W8A8 file at batch 1
-// (17 tokens), one thread, AMD EPYC Zen 3 (AVX2 only), four processes: 1.21-1.41 ms with the int16 product against
-// 1.33-1.65 ms through MatMulInteger (the FP32 file: 1.14-1.70 ms, no slower). At Vim-T sizes MLAS's uint8 x uint8 is
-// the faster (vim_tiny at batch 8: 1.11x the FP32 file, 0.93x with every product on madd_rows).
+// onnxruntime's profiler each of vim-fm-tiny's Int8Linear nodes at batch 64 as fast or up to 1.3x faster).
+// Elsewhere one pass quantizes the activation per token (static or per-token dynamic parameters) with the torch op's
+// arithmetic (linear_core.h), onnxruntime's own MatMulInteger multiplies (invoked from the kernel: MLAS, on the
+// session's threads), and one pass rescales the int32 accumulators in place into the float output. In the AVX-512
+// build, tiny K (dt_proj's 12) takes the torch op's direct product instead (linear_core.h: quantize, exact float FMAs
+// and rescale in one pass, no MatMulInteger call); small products stay on MLAS, which multiplies them faster than the
+// direct product's float FMAs, except where MLAS runs its uint8 x uint8 form (below): there small products
+// (linear_core.h's small_product) take the torch op's int16 product (madd_rows: quantize, vpmaddwd and rescale in one
+// pass), whose call costs less. vim-fm-tiny's W8A8 file at batch 1 (17 tokens), one thread, AMD EPYC Zen 3 (AVX2 only),
+// four processes: 1.21-1.41 ms with the int16 product against 1.33-1.65 ms through MatMulInteger (the FP32 file:
+// 1.14-1.70 ms, no slower). At Vim-T sizes MLAS's uint8 x uint8 is the faster (vim_tiny at batch 8: 1.11x the FP32
+// file, 0.93x with every product on madd_rows).
 //
 // The operand types of the integer product are chosen here, for the CPU the library runs on, which a standard
 // MatMulInteger node in the file cannot do: uint8 x int8 is onnxruntime's fast form (3.9x its fp32 MatMul at Vim-T
@@ -126,11 +127,17 @@ struct Int8LinearKernel {
     std::vector<int64_t> out_shape = x.shape;
     out_shape.back() = N;
     float* out = ctx.GetOutput(0, out_shape).GetTensorMutableData<float>();
-    // Tiny K only where measured faster than MatMulInteger (the AVX-512 build); MLAS keeps the small products unless
-    // it multiplies uint8 x uint8 (the int16 product below).
-    const bool direct = use_direct_ && vmq_fx::linear::direct_product(M, N, K, qmin_, qmax_, 128, zero_point.data, L,
-                                                                     /*small_products=*/false,
-                                                                     /*tiny_k=*/vmq_fx::linear::kDirectTinyKFaster);
+    // Without VNNI: tiny K only where measured faster than MatMulInteger (the AVX-512 build); MLAS keeps the small
+    // products unless it multiplies uint8 x uint8 (the int16 product).
+#if VMQ_HAS_VNNI
+    const bool vnni = use_direct_ && vmq_fx::linear::vnni_exact(K, qmin_, qmax_, 128, zero_point.data, L);
+#else
+    const bool vnni = false;
+#endif
+    const bool direct = !vnni && use_direct_ &&
+                        vmq_fx::linear::direct_product(M, N, K, qmin_, qmax_, 128, zero_point.data, L,
+                                                       /*small_products=*/false,
+                                                       /*tiny_k=*/vmq_fx::linear::kDirectTinyKFaster);
 
     // The levels, and per row its scale and zero point (dynamic) or its token's (static, period L).
     thread_local std::vector<uint8_t> levels;
@@ -150,11 +157,6 @@ struct Int8LinearKernel {
     // Pointers, not the thread_local vectors, go into the lambdas: those run on onnxruntime's other threads.
     float* dynamic_scale = row_scale.data();
     int32_t* dynamic_zero_point = row_zero_point.data();
-#if VMQ_HAS_VNNI
-    const bool vnni = use_direct_ && vmq_fx::linear::vnni_exact(K, qmin_, qmax_, 128, zero_point.data, L);
-#else
-    const bool vnni = false;
-#endif
 #if VMQ_HAS_MADD
     const bool int16 = !vnni && !direct && use_direct_ && !signed_weight_ && vmq_fx::linear::small_product(M, N, K) &&
                        vmq_fx::linear::madd_exact(K, qmin_, qmax_, 128, zero_point.data, L);
