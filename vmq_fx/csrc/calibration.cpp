@@ -6,7 +6,6 @@
 // range search of PTQ4VM over a histogram, each non-empty bin standing for its values at its center: the candidate
 // ranges and the quantization arithmetic of vmq_fx.pt2e.observers.lp_search.search_asymmetric_ranges, with |e|^p from
 // vexp2 / vlog2 (relative error ~1e-6).
-#include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 

@@ -1,7 +1,6 @@
 // CPU kernel of vmq::causal_conv1d: depthwise (anti-)causal convolution + optional SiLU on [batch, L, channels].
 //
 // The torch wrapper of causal_conv1d_core.h (at::parallel_for over batch x runs of rows).
-#include <torch/extension.h>
 
 #include "causal_conv1d_core.h"
 #include "kernels.h"

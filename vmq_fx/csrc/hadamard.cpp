@@ -2,7 +2,6 @@
 //
 // The torch wrapper of hadamard_core.h (at::parallel_for over rows). The backward is the op itself (Python autograd,
 // vmq_fx/ops/hadamard.py), so only the CPU key is registered here.
-#include <torch/extension.h>
 
 #include "hadamard_core.h"
 #include "kernels.h"

@@ -31,7 +31,6 @@
 //           GEMM, with the bias: what the Q/DQ reference graph computes, the fp32 model's work plus one pass over x.
 //           It differs from the exact integer path by float rounding (~1e-7 relative). ARM64 builds take it.
 //
-#include <torch/extension.h>
 
 #include "kernels.h"
 #include "linear_common.h"

@@ -2,7 +2,7 @@
 // views of their inputs, and the torch-free row arithmetic of linear_core.h.
 #pragma once
 
-#include <torch/extension.h>
+#include <ATen/ATen.h>
 
 #include <array>
 #include <cstring>

@@ -20,7 +20,6 @@
 // this file wraps it for torch and holds the backward.
 // Parallelism: at::parallel_for over tasks (torch's intra-op thread pool, so torch.set_num_threads applies).
 // Portability: GCC / Clang vector extensions one register wide, compiled once per CPU class (vec.h).
-#include <torch/extension.h>
 
 #include "kernels.h"
 #include "selective_scan_core.h"

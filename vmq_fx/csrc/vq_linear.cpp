@@ -4,7 +4,6 @@
 // codes live (the default: the product is then the FP32 model's GEMM, no slower), or decodes per call into scratch
 // memory (set_vq_decode_once(false): the codes alone stay in memory, at 0.83-0.93x of the fp32 linear at Vim-T shapes,
 // batch 1, where the decode costs up to a sixth of the product).
-#include <torch/extension.h>
 
 #include "kernels.h"
 #include "linear_common.h"
