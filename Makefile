@@ -37,12 +37,13 @@ data:
 	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) ; } || \
 	  echo "note: Fashion-MNIST not installed; run 'sudo apt-get install dataset-fashion-mnist'"
 
-# Debian's aarch64 cross compiler: the tests compile the CPU kernels for ARM64 with it (install when we can).
+# Debian's aarch64 cross compiler and qemu-user: the tests compile the CPU kernels for ARM64 and run their torch-free
+# cores under qemu-aarch64 (install when we can).
 cross:
-	@command -v aarch64-linux-gnu-g++ >/dev/null || \
+	@{ command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null ; } || \
 	  { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
-	    (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu >/dev/null) ; } || \
-	  echo "note: no aarch64 cross compiler; run 'sudo apt-get install g++-aarch64-linux-gnu'"
+	    (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu qemu-user >/dev/null) ; } || \
+	  echo "note: no aarch64 cross compiler or qemu-user; run 'sudo apt-get install g++-aarch64-linux-gnu qemu-user'"
 
 # The main job: PTQ4VM W8A8 and ViM-VQ 2-bit on the shipped vim-fm-tiny (a shortened optimization schedule keeps
 # it under 10 minutes on a 2-core CPU), saved, exported to ONNX, checked in onnxruntime, with a report.
