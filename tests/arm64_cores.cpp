@@ -5,6 +5,7 @@
 //   arm64_cores scan DIR batch dim L N groups softplus reverse gated has_D has_bias sequence_major
 //   arm64_cores conv DIR batch L channels kernel has_bias silu reverse
 //   arm64_cores linear DIR M K N qmin qmax period has_smooth has_bias
+//   arm64_cores hadamard DIR rows d m
 //
 // Each reads its inputs from DIR/<name>.bin and writes its outputs to DIR/<name>.bin (shapes in test_arm64.py).
 #include <cstdint>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "causal_conv1d_core.h"
+#include "hadamard_core.h"
 #include "linear_core.h"
 #include "selective_scan_core.h"
 
@@ -133,22 +135,33 @@ int linear(const std::vector<int64_t>& p) {
   return 0;
 }
 
+// x [rows, d], odd [m, m] (m > 1) -> out [rows, d] = x @ kron(odd, H_b) / sqrt(b), b = d / m.
+int hadamard(const std::vector<int64_t>& p) {
+  const int64_t rows = p[0], d = p[1], m = p[2];
+  const auto x = read<float>("x", rows * d);
+  const auto odd = m > 1 ? read<float>("odd", m * m) : std::vector<float>();
+  std::vector<float> out(static_cast<size_t>(rows * d)), work(static_cast<size_t>(d));
+  vmq_fx::hadamard::transform_rows(x.data(), 0, rows, d, m > 1 ? odd.data() : nullptr, m, out.data(), work.data());
+  write("out", out);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: arm64_cores scan|conv|linear DIR PARAMS...\n");
+    std::fprintf(stderr, "usage: arm64_cores scan|conv|linear|hadamard DIR PARAMS...\n");
     return 2;
   }
   const std::string op = argv[1];
   g_dir = argv[2];
   std::vector<int64_t> p;
   for (int i = 3; i < argc; ++i) p.push_back(std::strtoll(argv[i], nullptr, 10));
-  const size_t want = op == "scan" ? 11 : op == "conv" ? 7 : op == "linear" ? 8 : 0;
+  const size_t want = op == "scan" ? 11 : op == "conv" ? 7 : op == "linear" ? 8 : op == "hadamard" ? 3 : 0;
   if (!want || p.size() != want) {
     std::fprintf(stderr, "arm64_cores: unknown op %s or wrong parameter count\n", op.c_str());
     return 2;
   }
   std::printf("%s\n", VMQ_ISA_NAME);
-  return op == "scan" ? scan(p) : op == "conv" ? conv(p) : linear(p);
+  return op == "scan" ? scan(p) : op == "conv" ? conv(p) : op == "linear" ? linear(p) : hadamard(p);
 }

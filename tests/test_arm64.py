@@ -1,6 +1,7 @@
 """The torch-free kernel cores (``vmq_fx/csrc/*_core.h``, shared by the torch ops and the onnxruntime ops) run on ARM64:
 ``tests/arm64_cores.cpp`` is cross-compiled with Debian's aarch64 compiler and run under qemu-user, and its outputs are
-compared here with float64 references (the scan's step-by-step loop, ``F.conv1d``, ``int8_linear_reference``). That
+compared here with float64 references (the scan's step-by-step loop, ``F.conv1d``, ``int8_linear_reference``, a
+Hadamard matrix built by Kronecker products). That
 runs the ARM64 build of ``vec.h`` (16-byte NEON vectors; the 2^x, exp, sigmoid and softplus of the builds without
 AVX-512) and of the integer linear's row arithmetic, which ``test_native.py`` only compiles. No ARM64 libtorch is
 available here, so the torch wrappers around the cores are compiled (``test_kernel_sources_compile_for_arm64``), not
@@ -139,3 +140,23 @@ def test_int8_linear_levels_and_direct_product_on_arm64(arm64_cores, w_bits):
     assert (levels == qmin).any() and (levels == qmax).any(), "the case should reach both clamps"
     out = read("out", np.float32, (2, 35, N))
     assert _rel(out, int8_linear_reference(*ref_args)) < 1e-5
+
+
+@pytest.mark.parametrize("d, m", [(64, 1), (96, 3), (2, 1), (40, 5), (256, 2)], ids=["64", "3x32", "2", "5x8", "2x128"])
+def test_hadamard_transform_matches_the_float64_matrix_on_arm64(arm64_cores, d, m):
+    """The rotation's transform on NEON: segments of 64 values in registers (16 vectors), of 32 mixed by a 3 x 3
+    matrix, shorter than a vector (2), of 8 (two vectors) mixed by a 5 x 5 one, and of 128 (past the registers: in
+    a work buffer) mixed by a 2 x 2 one; against x @ kron(odd, H_b) /
+    sqrt(b) in float64, H_b built by Kronecker products of [[1, 1], [1, -1]]."""
+    rows, b = 7, d // m
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(rows, d, generator=g)
+    odd = torch.randn(m, m, generator=g)
+    inputs = {"x": _f32(x)} | ({"odd": _f32(odd)} if m > 1 else {})
+    out = arm64_cores("hadamard", inputs, rows, d, m)("out", np.float32, (rows, d))
+
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
+    ref = x.double() @ torch.kron(odd.double() if m > 1 else torch.ones(1, 1, dtype=torch.float64), h) / b**0.5
+    assert _rel(out, ref) < 1e-6
