@@ -306,3 +306,20 @@ def test_extreme_time_steps_match_float64_loop(implementation):
     loop_out, loop_last = scan_loop_f64(**args, delta_softplus=True)
     torch.testing.assert_close(out.double(), loop_out, atol=1e-5 * loop_out.abs().max(), rtol=1e-5)
     torch.testing.assert_close(last.double(), loop_last, atol=1e-5 * loop_last.abs().max(), rtol=1e-5)
+
+
+def test_a_growing_decay_overflows_with_softplus(implementation):
+    """With softplus and A <= 0 (Mamba's A = -exp(A_log)) every decay exp(dt A) is at most 1, and the kernels' 2^x
+    skips its upper clamp there; one positive A in a block must keep it. Channel 3 has A = +1 and dt = 100: exp(100)
+    overflows float32, and its second output is not finite (NaN in torch and in the AVX-512 build, whose 2^x
+    saturates to inf, and inf * 0 is the first step's NaN; inf where 2^x is clamped at 2^127). A 2^x whose exponent
+    wrapped past the missing clamp gave a tiny negative decay and a finite output instead. The other channels stay
+    finite."""
+    args = make_inputs(batch=1, dim=8, length=2, n=4, with_d=False, with_z=False, with_bias=False)
+    args["A"] = -torch.rand(8, 4) - 0.5
+    args["A"][3] = 1.0
+    args["u"], args["B"], args["C"] = torch.ones(1, 8, 2), torch.ones(1, 4, 2), torch.ones(1, 4, 2)
+    args["delta"] = torch.full((1, 8, 2), 100.0)
+    out = selective_scan_fn(**args, delta_softplus=True)
+    assert not torch.isfinite(out[0, 3, 1]), out[0, 3]
+    assert torch.isfinite(torch.cat([out[0, :3], out[0, 4:]])).all()

@@ -102,7 +102,8 @@ struct Shapes {
 };
 
 // One block of channels: state in registers when the state size NS is known at compile time (NS = 0: any).
-template <typename T, int NS>
+// NonPositive: every dt * A of the block is <= 0 (vdecay's kNonPositive).
+template <typename T, int NS, bool NonPositive = false>
 struct Block {
   using V = typename Lanes<T>::V;
   static constexpr int W = Lanes<T>::W;
@@ -133,7 +134,7 @@ struct Block {
       const T* c = ct.at(t);
       V acc = V{};
       for (int64_t i = 0; i < N; ++i) {
-        const V e = vdecay(d * a[i]);
+        const V e = vdecay<NonPositive>(d * a[i]);
         hp[i] = e * hp[i] + du * b[i];
         acc += hp[i] * c[i];
         if (decay) {
@@ -267,14 +268,26 @@ struct VMQ_BUILD_LOCAL ScanForward {
           pf[npf++] = u.p + next_b * u.sb + c;
           if (gated) pf[npf++] = z.p + next_b * z.sb + c;
         }
+        // softplus makes dt >= 0; with A <= 0 (Mamba's A = -exp(A_log)) every decay's argument is <= 0
+        bool nonpositive = softplus;
         for (int64_t i = 0; i < N; ++i) {
           V v = V{};
-          for (int c = 0; c < lanes[k]; ++c) v[c] = A[(c0 + c) * N + i];
+          for (int c = 0; c < lanes[k]; ++c) {
+            v[c] = A[(c0 + c) * N + i];
+            nonpositive = nonpositive && v[c] <= T(0);
+          }
           a[i] = v * decay_scale<T>();
         }
         dispatch_state<T>(N, [&](auto ns) {
-          Block<T, decltype(ns)::value> blk{L, N, slot(dbuf, k), ur[k], br, cr, a.data(), pf, npf, delta.st};
-          blk.forward(slot(ybuf, k), h.data(), nullptr, nullptr);
+          const auto forward = [&](auto np) {
+            Block<T, decltype(ns)::value, decltype(np)::value> blk{L,  N,   slot(dbuf, k), ur[k], br, cr,
+                                                                 a.data(), pf, npf, delta.st};
+            blk.forward(slot(ybuf, k), h.data(), nullptr, nullptr);
+          };
+          if (nonpositive)
+            forward(std::true_type{});
+          else
+            forward(std::false_type{});
         });
         for (int c = 0; c < lanes[k]; ++c)
           for (int64_t i = 0; i < N; ++i) last[(b * s.dim + c0 + c) * N + i] = h[i][c];
