@@ -43,10 +43,9 @@ def arm64_cores(tmp_path_factory):
     build = subprocess.run([cxx, "-O3", "-std=c++17", "-static", "-Wno-psabi", f"-I{native._CSRC}", str(DRIVER), "-o",
                             str(exe)], capture_output=True, text=True)
     assert build.returncode == 0, build.stderr[-3000:]
-    calls = iter(range(10**6))
 
     def run(op, inputs, *params):
-        folder = tmp_path_factory.mktemp(f"{op}{next(calls)}")
+        folder = tmp_path_factory.mktemp(op)  # numbered: one folder per call
         for name, array in inputs.items():
             np.ascontiguousarray(array).tofile(folder / f"{name}.bin")
         done = subprocess.run([qemu, str(exe), op, str(folder), *(str(int(p)) for p in params)], capture_output=True,
