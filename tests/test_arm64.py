@@ -72,10 +72,12 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("n_state", [16, 5], ids=["N16", "N5"])  # N = 16: the state in registers; 5: any N
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("sequence_major", [False, True], ids=["channel-major", "sequence-major"])
-def test_scan_matches_the_float64_reference_on_arm64(arm64_cores, n_state, reverse, sequence_major):
-    """The fused scan's core on NEON: every option on (softplus with a bias, D, the gate), two groups of B and C, 22
-    channels (a partial block of lanes), 37 steps, the reverse direction; against a float64 loop over the steps
-    (test_selective_scan.py's; the output and the last state)."""
+@pytest.mark.parametrize("softplus", [True, False], ids=["softplus", "raw-dt"])
+def test_scan_matches_the_float64_reference_on_arm64(arm64_cores, n_state, reverse, sequence_major, softplus):
+    """The fused scan's core on NEON: D, the gate and a bias of delta, two groups of B and C, 22 channels (a partial
+    block of lanes), 37 steps, the reverse direction; with softplus (the decay's 2^x without its upper clamp) and
+    without (positive raw time steps; the clamped 2^x); against a float64 loop over the steps (test_selective_scan.py's;
+    the output and the last state)."""
     batch, dim, length, groups = 2, 22, 37, 2
     g = torch.Generator().manual_seed(n_state)
     u = torch.randn(batch, dim, length, generator=g)
@@ -86,15 +88,18 @@ def test_scan_matches_the_float64_reference_on_arm64(arm64_cores, n_state, rever
     A = -torch.rand(dim, n_state, generator=g) * 4 - 0.1
     D = torch.randn(dim, generator=g)
     bias = torch.randn(dim, generator=g) * 0.5
+    if not softplus:
+        delta, bias = delta.sigmoid(), bias.abs() * 0.1
     layout = (lambda t: t.transpose(1, 2)) if sequence_major else (lambda t: t)
     read = arm64_cores("scan", {"u": _f32(layout(u)), "delta": _f32(layout(delta)), "z": _f32(layout(z)),
                                 "B": _f32(B), "C": _f32(C), "A": _f32(A), "D": _f32(D), "delta_bias": _f32(bias)},
-                       batch, dim, length, n_state, groups, True, reverse, True, True, True, sequence_major)
+                       batch, dim, length, n_state, groups, softplus, reverse, True, True, True, sequence_major)
     out = read("out", np.float32, (batch, length, dim)).transpose(1, 2)
     last = read("last", np.float32, (batch, dim, n_state))
 
     flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
-    ref, ref_last = scan_loop_f64(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), bias, delta_softplus=True)
+    ref, ref_last = scan_loop_f64(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), bias,
+                                  delta_softplus=softplus)
     assert _rel(out, flip(ref)) < 1e-5
     assert _rel(last, ref_last) < 1e-5
 
@@ -144,9 +149,9 @@ def test_int8_linear_levels_and_direct_product_on_arm64(arm64_cores, w_bits):
 @pytest.mark.parametrize("d, m", [(64, 1), (96, 3), (2, 1), (40, 5), (256, 2)], ids=["64", "3x32", "2", "5x8", "2x128"])
 def test_hadamard_transform_matches_the_float64_matrix_on_arm64(arm64_cores, d, m):
     """The rotation's transform on NEON: segments of 64 values in registers (16 vectors), of 32 mixed by a 3 x 3
-    matrix, shorter than a vector (2), of 8 (two vectors) mixed by a 5 x 5 one, and of 128 (past the registers: in
-    a work buffer) mixed by a 2 x 2 one; against x @ kron(odd, H_b) /
-    sqrt(b) in float64, H_b built by Kronecker products of [[1, 1], [1, -1]]."""
+    matrix, shorter than a vector (2), of 8 (two vectors) mixed by a 5 x 5 one, and of 128 (past the registers: in a
+    work buffer) mixed by a 2 x 2 one; against x @ kron(odd, H_b) / sqrt(b) in float64, H_b built by Kronecker
+    products of [[1, 1], [1, -1]]."""
     rows, b = 7, d // m
     g = torch.Generator().manual_seed(d)
     x = torch.randn(rows, d, generator=g)

@@ -154,7 +154,7 @@ inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   // k added into p's exponent field as an integer: << 23 shifts k there and 0x4B400000 out. p * 2^k exactly, as the
   // multiply by a float 2^k built from k + 127 that it replaced gave it, one vector operation fewer. The same bits for
   // every finite y: the result stays normal, because p is in [2^-1/2, 2^1/2] and p >= 1 whenever k = -126 (then
-  // f >= 0); compared on every 7th float in [-300, 300] (6.5e8 of them). The AVX2 build's scan 6-7 % faster (the standalone
+  // f >= 0); compared on every 7th float in [-300, 300] (6.5e8 of them). The AVX2 build's scan 6-7 % faster (the
   // harness of the 2^x comment above, p10 4.52 -> 4.24 ms in five alternating pairs, a quiet host). A NaN y stays a
   // NaN unless its payload has bits in the low 9 (not what arithmetic produces).
   return (V)((I)p + ((I)r << 23));
