@@ -6,8 +6,6 @@ runs the ARM64 build of ``vec.h`` (16-byte NEON vectors; the 2^x, exp, sigmoid a
 AVX-512) and of the integer linear's row arithmetic, which ``test_native.py`` only compiles. No ARM64 libtorch is
 available here, so the torch wrappers around the cores are compiled (``test_kernel_sources_compile_for_arm64``), not
 run."""
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from host_tools import required_tool
 from int8_cases import int8_case
 from test_selective_scan import scan_loop_f64
 from vmq_fx.ops import int8_linear_reference, native
@@ -23,22 +22,12 @@ from vmq_fx.ops import int8_linear_reference, native
 DRIVER = Path(__file__).with_name("arm64_cores.cpp")
 
 
-def _tool(name: str, package: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        msg = f"no {name}: apt-get install {package} (make test installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
-
-
 @pytest.fixture(scope="module")
 def arm64_cores(tmp_path_factory):
     """run(op, inputs, *params) -> read(name, dtype, shape): the driver under qemu-aarch64 on ``inputs`` (name ->
     array), its outputs read back."""
-    cxx = _tool("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")
-    qemu = _tool("qemu-aarch64", "qemu-user")
+    cxx = required_tool("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")
+    qemu = required_tool("qemu-aarch64", "qemu-user")
     exe = tmp_path_factory.mktemp("arm64") / "arm64_cores"
     build = subprocess.run([cxx, "-O3", "-std=c++17", "-static", "-Wno-psabi", f"-I{native._CSRC}", str(DRIVER), "-o",
                             str(exe)], capture_output=True, text=True)

@@ -1,7 +1,6 @@
 """The C++ CPU kernels are what the dispatcher runs for the vmq ops, can be switched off, and are built per CPU class."""
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import sysconfig
@@ -10,6 +9,7 @@ import time
 import pytest
 import torch
 
+from host_tools import required_tool
 from vmq_fx.ops import native
 
 OPS = ("selective_scan", "causal_conv1d", "hadamard_transform", "int8_linear", "vq_linear", "vq_dequantize",
@@ -175,16 +175,6 @@ def test_use_isa_leaves_every_build_as_it_found_it():
     assert native.native_kernels().int8_gemm() == before
 
 
-def _arm64_compiler():
-    cxx = shutil.which("aarch64-linux-gnu-g++")
-    if cxx is None:
-        msg = "no aarch64 cross compiler: apt-get install g++-aarch64-linux-gnu (make test installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return cxx
-
-
 def test_kernel_sources_compile_for_arm64(tmp_path):
     """The CPU kernels build for ARM64 (NEON: 16-byte vectors in csrc/vec.h): compiled here with Debian's cross
     compiler against torch's headers (no ARM64 libtorch to link or run against on this machine). All sources in one
@@ -192,7 +182,7 @@ def test_kernel_sources_compile_for_arm64(tmp_path):
     the other tests load compile each source on its own."""
     from torch.utils.cpp_extension import include_paths
 
-    cxx = _arm64_compiler()
+    cxx = required_tool("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")
     unity = tmp_path / "all_sources.cpp"
     unity.write_text("".join(f'#include "{native._CSRC / source}"\n' for source in native._SOURCES))
     flags = ["-std=c++20", "-O1", "-c", "-fopenmp", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=vmq_arm64",

@@ -279,15 +279,15 @@ struct VMQ_BUILD_LOCAL ScanForward {
           a[i] = v * decay_scale<T>();
         }
         dispatch_state<T>(N, [&](auto ns) {
-          const auto forward = [&](auto np) {
+          const auto run_block = [&](auto np) {
             Block<T, decltype(ns)::value, decltype(np)::value> blk{L,  N,   slot(dbuf, k), ur[k], br, cr,
                                                                  a.data(), pf, npf, delta.st};
             blk.forward(slot(ybuf, k), h.data(), nullptr, nullptr);
           };
           if (nonpositive)
-            forward(std::true_type{});
+            run_block(std::true_type{});
           else
-            forward(std::false_type{});
+            run_block(std::false_type{});
         });
         for (int c = 0; c < lanes[k]; ++c)
           for (int64_t i = 0; i < N; ++i) last[(b * s.dim + c0 + c) * N + i] = h[i][c];
