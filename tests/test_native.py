@@ -177,36 +177,39 @@ def test_use_isa_leaves_every_build_as_it_found_it():
 
 def test_kernel_sources_compile_for_arm64(tmp_path):
     """The CPU kernels build for ARM64 (NEON: 16-byte vectors in csrc/vec.h): compiled here with Debian's cross
-    compiler against torch's headers (no ARM64 libtorch to link or run against on this machine). All sources in one
-    translation unit: parsing torch's headers is most of the time (about 17 s per source here), and the x86 builds
-    the other tests load compile each source on its own."""
+    compiler against torch's headers (no ARM64 libtorch to link or run against on this machine), in the translation
+    units of the x86 builds, two compilers at a time."""
     from torch.utils.cpp_extension import include_paths
 
     cxx = required_tool("aarch64-linux-gnu-g++", "g++-aarch64-linux-gnu")
-    unity = tmp_path / "all_sources.cpp"
-    unity.write_text("".join(f'#include "{native._CSRC / source}"\n' for source in native._SOURCES))
     flags = ["-std=c++20", "-O1", "-c", "-fopenmp", "-Wno-psabi", "-DTORCH_EXTENSION_NAME=vmq_arm64",
              *(f"-I{p}" for p in include_paths()), f"-I{sysconfig.get_paths()['include']}"]
-    build = subprocess.run([cxx, *flags, str(unity), "-o", str(tmp_path / "all_sources.o")], capture_output=True,
-                           text=True)
-    assert build.returncode == 0, build.stderr[-3000:]
-    header = (tmp_path / "all_sources.o").read_bytes()[:20]
-    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
+    compiles = []
+    for i, unit in enumerate(native._UNITS):
+        source = tmp_path / f"unit{i}.cpp"
+        source.write_text("".join(f'#include "{native._CSRC / s}"\n' for s in unit))
+        compiles.append(subprocess.Popen([cxx, *flags, str(source), "-o", str(source.with_suffix(".o"))],
+                                         stderr=subprocess.PIPE, text=True))
+    for unit, compile_ in zip(native._UNITS, compiles):
+        _, err = compile_.communicate()
+        assert compile_.returncode == 0, (unit, err[-3000:])
+    for i in range(len(native._UNITS)):
+        header = (tmp_path / f"unit{i}.o").read_bytes()[:20]
+        assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == 183  # EM_AARCH64
 
 
 def test_a_lock_left_by_an_interrupted_build_does_not_block_the_next(caplog):
     """torch's builder waits forever while its lock file exists; an old one is removed with a warning."""
     isa = native.selected_isa()
     name = f"vmq_fx_cpu_{isa}"
-    build = native._build_dir(name, native._SOURCES + native._HEADERS, native._BASE_FLAGS + list(native.ISA_FLAGS[isa]),
-                              "")
+    build = native._build_dir(name, native._UNITS, native._HEADERS, native._BASE_FLAGS + list(native.ISA_FLAGS[isa]))
     assert any(build.glob(f"{name}*.so")), "the test expects the kernels built (the session fixture does that)"
     lock = build / "lock"
     lock.touch()
     old = time.time() - 2 * native.STALE_LOCK_SECONDS
     os.utime(lock, (old, old))
     with caplog.at_level(logging.WARNING, logger="vmq_fx.ops.native"):
-        module = native.build_extension("vmq_fx_cpu", native._SOURCES, native._HEADERS, "the fused CPU kernels",
+        module = native.build_extension("vmq_fx_cpu", native._UNITS, native._HEADERS, "the fused CPU kernels",
                                         isa=isa)
     assert module.isa == isa and not lock.exists()
     assert "did not finish" in caplog.text
