@@ -215,6 +215,22 @@ def test_a_lock_left_by_an_interrupted_build_does_not_block_the_next(caplog):
     assert "did not finish" in caplog.text
 
 
+def test_a_compile_error_is_one_line_naming_the_file_and_the_error(tmp_path, monkeypatch):
+    """A failed build says where and what in one line (the compiler's first error, inside the file that a translation
+    unit of several includes), not ninja's last line ("build stopped: subcommand failed")."""
+    csrc = tmp_path / "csrc"
+    csrc.mkdir()
+    (csrc / "fine.cpp").write_text("int fine() { return 1; }\n")
+    (csrc / "broken.cpp").write_text("int broken() {\n  return undeclared_name;\n}\n")
+    monkeypatch.setattr(native, "_CSRC", csrc)
+    monkeypatch.setenv("VMQ_FX_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(native.BuildError) as err:
+        native.build_extension("vmq_fx_broken", (("fine.cpp", "broken.cpp"),), (), "a broken build", isa="generic")
+    message = str(err.value)
+    assert message.startswith(f"{csrc / 'broken.cpp'}:2:") and "error:" in message and "undeclared_name" in message
+    assert "\n" not in message
+
+
 def test_each_build_registers_its_own_kernels_when_several_are_loaded():
     """Every build (avx512, avx2, generic) is its own module in one process; registering one must put that build's
     kernels in the dispatcher, not another's (a registration list shared between the loaded modules did). Each build

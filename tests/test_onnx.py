@@ -484,6 +484,28 @@ def test_models_with_the_custom_scan_match_torch(name, tmp_path, test_batch, ort
     assert _rel(out, model(test_batch)) < REL_BOUND and torch.equal(out.argmax(-1), model(test_batch).argmax(-1))
 
 
+def test_a_library_that_does_not_compile_says_where_in_one_line(ort_custom_ops, tmp_path, monkeypatch):
+    """The onnxruntime library's build reports the compiler's first error (file, line, what), as the torch build's."""
+    from vmq_fx.export import ort_ops
+
+    monkeypatch.setenv("VMQ_FX_ORT_INCLUDE", str(ort_ops.headers_dir()))  # before the cache moves below
+    (tmp_path / "ort").mkdir()
+    (tmp_path / "ort" / "broken.cpp").write_text("int broken() {\n  return undeclared_name;\n}\n")
+    monkeypatch.setattr(ort_ops, "_CSRC", tmp_path)
+    monkeypatch.setattr(ort_ops, "_SOURCES", ("ort/broken.cpp",))
+    monkeypatch.setattr(ort_ops, "_DEPENDS", ())
+    monkeypatch.setenv("VMQ_FX_CACHE", str(tmp_path / "cache"))
+    ort_ops.custom_ops_library.cache_clear()
+    try:
+        with pytest.raises(ort_ops.OrtCustomOpsUnavailable) as err:
+            ort_ops.custom_ops_library()
+    finally:
+        ort_ops.custom_ops_library.cache_clear()
+    where = tmp_path / "ort" / "broken.cpp"
+    assert str(err.value).startswith(f"the vmq onnxruntime library could not be built: {where}:2:")
+    assert "undeclared_name" in str(err.value) and "\n" not in str(err.value)
+
+
 def test_custom_scan_without_headers_says_how_to_get_them(tmp_path, monkeypatch):
     from vmq_fx.export import ort_ops
 

@@ -47,7 +47,7 @@ import tarfile
 import urllib.request
 from pathlib import Path
 
-from vmq_fx.ops.native import ISA_FLAGS, cache_root, selected_isa
+from vmq_fx.ops.native import ISA_FLAGS, cache_root, compiler_error_line, selected_isa
 
 __all__ = ["OrtCustomOpsUnavailable", "custom_ops_library", "fetch_headers", "headers_dir"]
 
@@ -150,10 +150,8 @@ def custom_ops_library() -> str:
     cmd = [_compiler(), *flags, f"-I{include}", f"-I{_CSRC}", *(str(_CSRC / f) for f in _SOURCES), "-o", str(partial)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
-        lines = done.stderr.strip().splitlines() or ["(no output)"]
-        # the compiler's first error names the problem; its last line is often only a caret
-        first = next((line for line in lines if "error" in line), lines[-1])[:300]
-        raise OrtCustomOpsUnavailable(f"the vmq onnxruntime library could not be built: {first}")
+        raise OrtCustomOpsUnavailable(
+            f"the vmq onnxruntime library could not be built: {compiler_error_line(done.stderr)}")
     os.replace(partial, library)
     return str(library)
 

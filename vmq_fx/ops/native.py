@@ -59,8 +59,8 @@ from types import ModuleType
 import torch
 
 __all__ = ["INT8_DOT_FLAGS", "INT8_GEMM_PATHS", "ONEDNN_CAPS_WITHOUT_AMX", "ONEDNN_CAPS_WITHOUT_INT8_DOT",
-           "VQ_DECODE_MODES", "builds_on_first_call", "disabled", "enable", "executable_isas", "int8_gemm_path",
-           "int8_gemm_runs", "kernels", "native_kernels", "selected_isa", "use_isa", "vq_decode_mode"]
+           "VQ_DECODE_MODES", "builds_on_first_call", "compiler_error_line", "disabled", "enable", "executable_isas",
+           "int8_gemm_path", "int8_gemm_runs", "kernels", "native_kernels", "selected_isa", "use_isa", "vq_decode_mode"]
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +275,20 @@ def _build_dir(prefix: str, units: tuple[tuple[str, ...], ...], headers: tuple[s
 
 
 class BuildError(RuntimeError):
-    """A C++ build under ``vmq_fx/csrc`` failed; the message is the compiler's last line."""
+    """A C++ build under ``vmq_fx/csrc`` failed; the message is the compiler's first error."""
+
+
+def compiler_error_line(output: str) -> str:
+    """The line of a failed build's output that names the problem: the compiler's first error (its last lines are
+    often a caret, and ninja's only says that a command failed), else the last line.
+
+    Example:
+        >>> compiler_error_line("In file included from unit1.cpp:3:\\na.cpp:7:12: error: 'x' was not declared\\n"
+        ...                     "    7 |   return x;\\nninja: build stopped: subcommand failed.")
+        "a.cpp:7:12: error: 'x' was not declared"
+    """
+    lines = [line.strip() for line in output.strip().splitlines()] or ["(no output)"]
+    return next((line for line in lines if "error:" in line), lines[-1])[:300]
 
 
 # A build takes under a minute on two cores; a lock much older than that was left by one that did not finish.
@@ -308,7 +321,7 @@ def build_extension(name: str, units: tuple[tuple[str, ...], ...], headers: tupl
         The Python module.
 
     Raises:
-        BuildError: no compiler / ninja, or a compile error (one line: the build's last).
+        BuildError: no compiler / ninja, or a compile error (one line: :func:`compiler_error_line`).
     """
     from torch.utils.cpp_extension import load
 
@@ -338,7 +351,7 @@ def build_extension(name: str, units: tuple[tuple[str, ...], ...], headers: tupl
         return load(name=name, sources=paths, extra_cflags=flags, extra_ldflags=["-fopenmp"],
                     build_directory=str(build), verbose=False)
     except Exception as e:
-        raise BuildError((str(e).strip().splitlines() or [type(e).__name__])[-1][:300]) from e
+        raise BuildError(compiler_error_line(str(e)) if str(e).strip() else type(e).__name__) from e
 
 
 @functools.cache
