@@ -258,14 +258,16 @@ def test_onednn_path_at_the_largest_products(k):
     """Levels 0 / 255 against weights of +-127 (every product as large as it gets), in products large enough for
     oneDNN's matmul primitive: it returns the int32 sums as float32, exact up to 2^24, so up to K = 1024 the path
     multiplies there and past it with torch._int_mm. Either way the same integers, so the same bits as _int_mm's path,
-    and within float rounding of the float64 reference."""
+    and within float rounding of the float64 reference. As few rows as reach the path's 2^25 multiply-adds: without
+    AMX, oneDNN's primitive took 11 s for 2048 rows at K = 1024 (an Intel Xeon with VNNI)."""
     if not native.INT8_DOT_FLAGS & native._cpu_flags() or _onednn_capped_below_int8_dot():
         pytest.skip("no VNNI / AMX for oneDNN here: int8_gemm_path picks the oneDNN path only with AMX")
     g = torch.Generator().manual_seed(k)
-    x = torch.where(torch.rand(2, 1024, k, generator=g) < 0.5, -1e3, 1e3)  # levels 0 and 255
+    tokens = max(64, (1 << 25) // (2 * 256 * k))  # two images of `tokens` rows, 256 columns
+    x = torch.where(torch.rand(2, tokens, k, generator=g) < 0.5, -1e3, 1e3)  # levels 0 and 255
     w = torch.where(torch.rand(256, k, generator=g) < 0.5, -127, 127).to(torch.int8)
-    w_scale, act_scale = torch.rand(256, generator=g) + 0.5, torch.full((1024,), 0.25)
-    zp = torch.full((1024,), 3, dtype=torch.int32)
+    w_scale, act_scale = torch.rand(256, generator=g) + 0.5, torch.full((tokens,), 0.25)
+    zp = torch.full((tokens,), 3, dtype=torch.int32)
     args = (x, None, act_scale, zp, w, w_scale, w.int().sum(1, dtype=torch.int32), None, 0, 255, 8)
     ref = int8_linear_reference(x, None, act_scale, zp, w, w_scale, None, 0, 255)
     with native.use_isa(native.selected_isa(), int8_gemm="onednn"):
