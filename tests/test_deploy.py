@@ -109,6 +109,47 @@ def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
         assert sum(got[str(p)][0] != e for p, e in zip(images, expected)) <= allowed, name
 
 
+def test_the_documented_standalone_build_of_the_library_runs_a_file(tmp_path, ort_custom_ops):
+    """The one g++ command at the top of csrc/ort/library.cpp (the README's build for a box without Python) names
+    every source of the library, compiles, and the library it makes runs an exported file with vmq ops as the
+    library vmq_fx builds does."""
+    import platform
+    import shlex
+
+    import numpy as np
+
+    from vmq_fx.export import ort_ops, ort_session
+
+    repo = Path(__file__).resolve().parents[1]
+    comment = [line[2:].strip() for line in (repo / "vmq_fx/csrc/ort/library.cpp").read_text().splitlines()
+               if line.startswith("//")]
+    first = next(i for i, line in enumerate(comment) if line.startswith("g++ "))
+    command = []
+    for line in comment[first:]:
+        command.append(line.rstrip("\\").strip())
+        if not line.endswith("\\"):
+            break
+    args = shlex.split(" ".join(command))
+    assert {a for a in args if a.endswith(".cpp")} == {f"vmq_fx/csrc/{s}" for s in ort_ops._SOURCES}
+    library = tmp_path / "libvmq_fx_ort.so"
+    args = [str(ort_ops.headers_dir()) if a == "ORT_INCLUDE" else str(library) if a == "libvmq_fx_ort.so" else a
+            for a in args if platform.machine() == "x86_64" or not a.startswith("-m")]
+    done = subprocess.run(args, cwd=repo, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    import onnxruntime as ort
+
+    path = tmp_path / "fp.onnx"
+    vmq_fx.export_onnx(create_model("vim_fm_tiny", depth=1).eval(), torch.randn(2, 1, 28, 28), path, ops="vmq")
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(library))
+    standalone = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = {standalone.get_inputs()[0].name: np.random.default_rng(0).standard_normal((3, 1, 28, 28), np.float32)}
+    got, = standalone.run(None, x)
+    want, = ort_session(path).run(None, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_a_file_with_custom_ops_names_the_library_it_needs(tmp_path):
     model = create_model("vim_fm_tiny", depth=1).eval()
     path = tmp_path / "custom.onnx"
