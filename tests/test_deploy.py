@@ -2,10 +2,13 @@
 imported in its process), with the preprocessing and class names the file's metadata carries."""
 import json
 import os
+import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -113,10 +116,7 @@ def test_the_documented_standalone_build_of_the_library_runs_a_file(tmp_path, or
     """The one g++ command at the top of csrc/ort/library.cpp (the README's build for a box without Python) names
     every source of the library, compiles, and the library it makes runs an exported file with vmq ops as the
     library vmq_fx builds does."""
-    import platform
-    import shlex
-
-    import numpy as np
+    import onnxruntime as ort
 
     from vmq_fx.export import ort_ops, ort_session
 
@@ -136,9 +136,6 @@ def test_the_documented_standalone_build_of_the_library_runs_a_file(tmp_path, or
             for a in args if platform.machine() == "x86_64" or not a.startswith("-m")]
     done = subprocess.run(args, cwd=repo, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
-
-    import onnxruntime as ort
-
     path = tmp_path / "fp.onnx"
     vmq_fx.export_onnx(create_model("vim_fm_tiny", depth=1).eval(), torch.randn(2, 1, 28, 28), path, ops="vmq")
     opts = ort.SessionOptions()
