@@ -187,7 +187,7 @@ def test_kernel_sources_compile_for_arm64(tmp_path):
     compiles = []
     for i, unit in enumerate(native._UNITS):
         source = tmp_path / f"unit{i}.cpp"
-        source.write_text("".join(f'#include "{native._CSRC / s}"\n' for s in unit))
+        source.write_text(native._unit_source(unit))
         compiles.append(subprocess.Popen([cxx, *flags, str(source), "-o", str(source.with_suffix(".o"))],
                                          stderr=subprocess.PIPE, text=True))
     for unit, compile_ in zip(native._UNITS, compiles):

@@ -311,6 +311,11 @@ def _clear_stale_lock(lock: Path, what: str) -> None:
                     "is running)", what, lock, age)
 
 
+def _unit_source(unit: tuple[str, ...]) -> str:
+    """The text of one translation unit: an ``#include`` of each of its files under ``vmq_fx/csrc``."""
+    return "".join(f'#include "{_CSRC / s}"\n' for s in unit)
+
+
 def build_extension(name: str, units: tuple[tuple[str, ...], ...], headers: tuple[str, ...], what: str,
                     isa: str | None = None) -> ModuleType:
     """Compile ``units`` (translation units, each a tuple of paths under ``vmq_fx/csrc`` compiled as one file) with
@@ -335,13 +340,10 @@ def build_extension(name: str, units: tuple[tuple[str, ...], ...], headers: tupl
         log.info("vmq_fx: compiling %s for %s into %s (first use on this machine, under a minute)", what, isa, build)
     paths = []
     for i, unit in enumerate(units):
-        if len(unit) == 1:
-            paths.append(str(_CSRC / unit[0]))
-            continue
         # Written only when missing or changed (ninja compiles again what is newer than its object), whole (replaced
         # into place: another process may be reading it).
         combined = build / f"unit{i}.cpp"
-        text = "".join(f'#include "{_CSRC / s}"\n' for s in unit)
+        text = _unit_source(unit)
         if not combined.is_file() or combined.read_text() != text:
             partial = combined.with_suffix(f".{os.getpid()}.tmp")
             partial.write_text(text)
