@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from host_tools import required_tool
 from int8_cases import int8_case
-from test_selective_scan import scan_loop_f64
+from test_selective_scan import scan_loop_f64, underflowing_decay_inputs
 from vmq_fx.ops import int8_linear_reference, native
 
 DRIVER = Path(__file__).with_name("arm64_cores.cpp")
@@ -91,6 +91,18 @@ def test_scan_matches_the_float64_reference_on_arm64(arm64_cores, n_state, rever
                                   delta_softplus=softplus)
     assert _rel(out, flip(ref)) < 1e-5
     assert _rel(last, ref_last) < 1e-5
+
+
+def test_scan_decays_below_the_float_range_on_arm64(arm64_cores):
+    """NEON's 2^x drops its clamps only for channel blocks whose decays stay in float32's normal range (without them
+    it wraps below 2^-126): test_selective_scan's case, most blocks out of range and the last in."""
+    args = underflowing_decay_inputs(40)
+    read = arm64_cores("scan", {"u": _f32(args["u"]), "delta": _f32(args["delta"]), "B": _f32(args["B"][:, None]),
+                                "C": _f32(args["C"][:, None]), "A": _f32(args["A"])},
+                       1, 40, 4, 16, 1, True, False, False, False, False, False)
+    ref, ref_last = scan_loop_f64(**args, delta_softplus=True)
+    assert _rel(read("out", np.float32, (1, 4, 40)).transpose(1, 2), ref) < 1e-5
+    assert _rel(read("last", np.float32, (1, 40, 16)), ref_last) < 1e-5
 
 
 @pytest.mark.parametrize("kernel", [4, 3])

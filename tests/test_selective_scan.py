@@ -308,6 +308,29 @@ def test_extreme_time_steps_match_float64_loop(implementation):
     torch.testing.assert_close(last.double(), loop_last, atol=1e-5 * loop_last.abs().max(), rtol=1e-5)
 
 
+def underflowing_decay_inputs(dim):
+    """Inputs whose decays exp(dt A) fall below float32's normal range (dt A log2(e) < -126) in most channels: dt = 30
+    (softplus passes it through) in all channels but the last 8, whose dt ~ 0.97 keeps them in range; A from -0.5 to
+    -9.5, so dt A log2(e) spans -22 to -411."""
+    args = make_inputs(batch=1, dim=dim, length=4, n=16, with_d=False, with_z=False, with_bias=False)
+    args["delta"] = torch.full((1, dim, 4), 30.0)
+    args["delta"][:, dim - 8:] = 0.5
+    args["A"] = -(0.5 + 0.3 * ((torch.arange(16) + torch.arange(dim)[:, None]) % 31)).float()
+    return args
+
+
+def test_decays_below_the_float_range_match_float64_loop(implementation):
+    """The kernels' 2^x without clamps (builds other than AVX-512) wraps its exponent below 2^-126 into a huge or
+    infinite decay, so the scan drops the clamps only for channel blocks whose largest dt times most negative A stays
+    in range. Here most blocks leave it (their decays are ~0) and the last stays in; every output must match the
+    float64 loop."""
+    args = underflowing_decay_inputs(40)
+    out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
+    loop_out, loop_last = scan_loop_f64(**args, delta_softplus=True)
+    torch.testing.assert_close(out.double(), loop_out, atol=1e-5 * loop_out.abs().max(), rtol=1e-5)
+    torch.testing.assert_close(last.double(), loop_last, atol=1e-5 * loop_last.abs().max(), rtol=1e-5)
+
+
 def test_a_growing_decay_overflows_with_softplus(implementation):
     """With softplus and A <= 0 (Mamba's A = -exp(A_log)) every decay exp(dt A) is at most 1, and the kernels' 2^x
     skips its upper clamp there; one positive A in a block must keep it. Channel 3 has A = +1 and dt = 100: exp(100)

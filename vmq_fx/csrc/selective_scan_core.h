@@ -101,9 +101,11 @@ struct Shapes {
   }
 };
 
-// One block of channels: state in registers when the state size NS is known at compile time (NS = 0: any).
-// NonPositive: every dt * A of the block is <= 0 (vdecay's kNonPositive).
-template <typename T, int NS, bool NonPositive = false>
+// One block of channels; NS: the state size when known at compile time (NS = 0: any). GCC 12 does not unroll the loop
+// over the 16 states of Vim's blocks, so their state lives in an L1-resident array, not in registers: unrolling it
+// (`#pragma GCC unroll 16`) was within 2 % in the harness of vec.h's Exp2Range (AVX-512 and AVX2 builds, Zen 4).
+// Range: what the block's dt * A guarantee (vdecay's kRange).
+template <typename T, int NS, Exp2Range Range = Exp2Range::kAny>
 struct Block {
   using V = typename Lanes<T>::V;
   static constexpr int W = Lanes<T>::W;
@@ -134,7 +136,7 @@ struct Block {
       const T* c = ct.at(t);
       V acc = V{};
       for (int64_t i = 0; i < N; ++i) {
-        const V e = vdecay<NonPositive>(d * a[i]);
+        const V e = vdecay<Range>(d * a[i]);
         hp[i] = e * hp[i] + du * b[i];
         acc += hp[i] * c[i];
         if (decay) {
@@ -210,7 +212,7 @@ struct VMQ_BUILD_LOCAL ScanForward {
     // split into many chunks (onnxruntime's threads take 64 whatever their number) allocated and zeroed its own each
     // time.
     thread_local std::vector<T> ubuf, dbuf, ybuf, zbuf, bbuf, cbuf;
-    thread_local std::vector<V> a, h, bias, dv;
+    thread_local std::vector<V> a, h, bias, dv, dmax;
     thread_local std::vector<int> lanes;
     thread_local std::vector<Rows<T>> ur, dr, zr;
     bbuf.resize(L * N), cbuf.resize(L * N), a.resize(N), h.resize(N);
@@ -224,7 +226,7 @@ struct VMQ_BUILD_LOCAL ScanForward {
       }
       for (auto* buf : {&ubuf, &dbuf, &ybuf}) buf->resize(nk * L * W);
       if (gated) zbuf.resize(nk * L * W);
-      lanes.resize(nk), ur.resize(nk), dr.resize(nk), zr.resize(nk), bias.resize(nk), dv.resize(nk);
+      lanes.resize(nk), ur.resize(nk), dr.resize(nk), zr.resize(nk), bias.resize(nk), dv.resize(nk), dmax.resize(nk);
       const auto slot = [&](std::vector<T>& buf, int64_t k) { return buf.data() + k * L * W; };
       for (int64_t k = 0; k < nk; ++k) {
         const int64_t c0 = c_first + k * W;
@@ -232,17 +234,20 @@ struct VMQ_BUILD_LOCAL ScanForward {
         ur[k] = u.template rows<W>(b, c0, lanes[k], L, slot(ubuf, k));
         dr[k] = delta.template rows<W>(b, c0, lanes[k], L, slot(dbuf, k));
         if (gated) zr[k] = z.template rows<W>(b, c0, lanes[k], L, slot(zbuf, k));
-        bias[k] = dv[k] = V{};
+        bias[k] = dv[k] = dmax[k] = V{};
         for (int c = 0; c < lanes[k]; ++c) {
           if (delta_bias) bias[k][c] = delta_bias[c0 + c];
           if (D) dv[k][c] = D[c0 + c];
         }
       }
-      // dt = delta + bias (softplus) into dbuf, row by row across the run (a packed block is converted in place)
+      // dt = delta + bias (softplus) into dbuf, row by row across the run (a packed block is converted in place), and
+      // where 2^x clamps, each block's largest dt (vmax keeps dmax where dt is NaN: NaN decays either way)
       for (int64_t t = 0; t < L; ++t)
         for (int64_t k = 0; k < nk; ++k) {
           const V raw = load<V>(dr[k].at(t)) + bias[k];
-          store(slot(dbuf, k) + t * W, softplus ? vsoftplus(raw) : raw);
+          const V d = softplus ? vsoftplus(raw) : raw;
+          store(slot(dbuf, k) + t * W, d);
+          if (kExp2Clamps && softplus) dmax[k] = vmax(d, dmax[k]);
         }
       // The next run's sequence-major rows of delta, u and z (one 64-byte line per block and step with AVX-512) are
       // fetched during this run's recurrence, which is compute-bound, instead of stalling the elementwise passes
@@ -268,8 +273,10 @@ struct VMQ_BUILD_LOCAL ScanForward {
           pf[npf++] = u.p + next_b * u.sb + c;
           if (gated) pf[npf++] = z.p + next_b * z.sb + c;
         }
-        // softplus makes dt >= 0; with A <= 0 (Mamba's A = -exp(A_log)) every decay's argument is <= 0
+        // softplus makes dt >= 0; with A <= 0 (Mamba's A = -exp(A_log)) every decay's argument is <= 0, and at least
+        // -126 (2^x needs no clamp) where the largest dt times the most negative A is: float products are monotonic.
         bool nonpositive = softplus;
+        V amin = V{};
         for (int64_t i = 0; i < N; ++i) {
           V v = V{};
           for (int c = 0; c < lanes[k]; ++c) {
@@ -277,17 +284,23 @@ struct VMQ_BUILD_LOCAL ScanForward {
             nonpositive = nonpositive && v[c] <= T(0);
           }
           a[i] = v * decay_scale<T>();
+          amin = vmin(amin, a[i]);
         }
+        bool normal = kExp2Clamps && nonpositive;
+        for (int c = 0; c < lanes[k] && normal; ++c) normal = dmax[k][c] * amin[c] >= T(-126);
         dispatch_state<T>(N, [&](auto ns) {
-          const auto run_block = [&](auto np) {
-            Block<T, decltype(ns)::value, decltype(np)::value> blk{L,  N,   slot(dbuf, k), ur[k], br, cr,
-                                                                 a.data(), pf, npf, delta.st};
+          const auto run_block = [&](auto range) {
+            Block<T, decltype(ns)::value, decltype(range)::value> blk{L,  N,   slot(dbuf, k), ur[k], br, cr,
+                                                                    a.data(), pf, npf, delta.st};
             blk.forward(slot(ybuf, k), h.data(), nullptr, nullptr);
           };
-          if (nonpositive)
-            run_block(std::true_type{});
+          using R = Exp2Range;
+          if (normal)
+            run_block(std::integral_constant<R, R::kNormal>{});
+          else if (nonpositive)
+            run_block(std::integral_constant<R, R::kNonPositive>{});
           else
-            run_block(std::false_type{});
+            run_block(std::integral_constant<R, R::kAny>{});
         });
         for (int c = 0; c < lanes[k]; ++c)
           for (int64_t i = 0; i < N; ++i) last[(b * s.dim + c0 + c) * N + i] = h[i][c];

@@ -116,6 +116,16 @@ inline Lanes<float>::V horner(Lanes<float>::V f, const float (&c)[n]) {
   return p;
 }
 
+// Keeps v as computed here, rounded to float: the compiler cannot fuse the operation that produced it into a later
+// add (FMA contraction), which changes the later results' rounding.
+inline void rounded_here(Lanes<float>::V& v) {
+#if defined(__x86_64__)
+  asm("" : "+x"(v));
+#elif defined(__aarch64__)
+  asm("" : "+w"(v));
+#endif
+}
+
 // 2^y for a vector of floats: y = k + f with k an integer, a polynomial for 2^f, scaled by 2^k. The
 // recurrence's decay exp(dt * A) is computed as 2^(dt * (A log2 e)) with A pre-scaled once per block: one multiply
 // fewer per state update.
@@ -134,10 +144,26 @@ inline Lanes<float>::V horner(Lanes<float>::V f, const float (&c)[n]) {
 // Chebyshev fit it replaced: 9e-8 in float32), 6-7 % faster for the AVX2 build's scan in the same micro-benchmark
 // (the least of six 10th percentiles, alternating processes, noisy host: 4.89 -> 4.57 ms); the SSE2 build, without
 // FMAs, rounds twice per step.
-// kNonPositive: the caller guarantees y <= 0 (or NaN), and the builds that clamp y skip its upper bound (the same
-// result, one vector operation fewer): the scan, where softplus and A <= 0 guarantee it, 7 % faster in the AVX2
-// build (the harness above: the least p10 of six alternating runs 4.25 -> 3.95 ms, faster in 5 of the 6 pairs).
-template <bool kNonPositive = false>
+// Range: what the caller guarantees of y (or y is NaN), so that the builds that clamp y skip the clamps it makes
+// redundant (the same result, a vector operation fewer each):
+//   kNonPositive: y <= 0, no upper clamp. The scan, where softplus and A <= 0 guarantee it: 7 % faster in the AVX2
+//   build (the harness above, Intel Xeon: the least p10 of six alternating runs 4.25 -> 3.95 ms, faster in 5 of 6).
+//   kNormal: -126 <= y <= 0, no clamp at all (2^y is a normal float; below it the exponent add would wrap). The scan
+//   proves it per channel block from the block's largest dt and most negative A (selective_scan_core.h). The same
+//   bits; the scan's forward at Vim-T shapes, batch 8 (random inputs: delta ~ N(-2, 1), A from -1 to -17, every block
+//   in range), AMD EPYC Zen 4, a standalone harness of ScanForward (not kept), medians of six alternating p10s: AVX2
+//   build 3.52 -> 3.37 ms, generic (SSE2) 11.44 -> 11.15 ms, each faster in 6 of 6 pairs.
+enum class Exp2Range { kAny, kNonPositive, kNormal };
+
+// Whether this build's 2^x clamps its argument (all but AVX-512, whose vscalefps saturates), i.e. whether a caller
+// gains by proving Exp2Range::kNormal.
+#if defined(__AVX512F__)
+constexpr bool kExp2Clamps = false;
+#else
+constexpr bool kExp2Clamps = true;
+#endif
+
+template <Exp2Range kRange = Exp2Range::kAny>
 inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   using V = Lanes<float>::V;
 #if defined(__AVX512F__)
@@ -146,8 +172,9 @@ inline Lanes<float>::V vexp2(Lanes<float>::V y) {
   return (V)_mm512_scalef_ps((__m512)p, (__m512)y);
 #else
   using I = Lanes<float>::I;
-  y = vmax(V{} - 126.0f, y);
-  if (!kNonPositive) y = vmin(V{} + 127.0f, y);
+  if (kRange != Exp2Range::kNormal) y = vmax(V{} - 126.0f, y);
+  else rounded_here(y);  // without a clamp the compiler would fuse the caller's dt * A into y + 1.5 * 2^23 (an FMA)
+  if (kRange == Exp2Range::kAny) y = vmin(V{} + 127.0f, y);
   const V r = y + 12582912.0f;  // + 1.5 * 2^23 rounds to the nearest integer k: r's bits are 0x4B400000 + k
   const V f = y - (r - 12582912.0f);
   const V p = horner(f, {1.0f, 6.9314700e-1f, 2.4022242e-1f, 5.5507336e-2f, 9.6715074e-3f, 1.3264711e-3f});
@@ -165,11 +192,11 @@ constexpr float kLog2e = 1.44269504088896341f;
 
 inline Lanes<float>::V vexp(Lanes<float>::V x) { return vexp2(x * kLog2e); }
 
-// The decay exp(dt * A) from dt and A pre-scaled by decay_scale<T>(): 2^x for floats, exp for doubles (kNonPositive:
-// x <= 0 guaranteed, as vexp2).
-template <bool kNonPositive = false>
+// The decay exp(dt * A) from dt and A pre-scaled by decay_scale<T>(): 2^x for floats, exp for doubles (kRange: what
+// the caller guarantees of x, as vexp2).
+template <Exp2Range kRange = Exp2Range::kAny>
 inline Lanes<float>::V vdecay(Lanes<float>::V x) {
-  return vexp2<kNonPositive>(x);
+  return vexp2<kRange>(x);
 }
 
 // Doubles (used to check the kernel against float64 references): the library exp per lane.
@@ -179,7 +206,7 @@ inline Lanes<double>::V vexp(Lanes<double>::V x) {
   return out;
 }
 
-template <bool kNonPositive = false>
+template <Exp2Range kRange = Exp2Range::kAny>
 inline Lanes<double>::V vdecay(Lanes<double>::V x) {
   return vexp(x);
 }
