@@ -4,7 +4,7 @@
 //
 // One task owns a block of W channels (the SIMD lanes of one register: vec.h) of one batch element. Its inputs are
 // first copied into time-major [L][W] buffers (whatever the strides of the caller's tensors), then the recurrence runs
-// with the state of every lane and every one of the N states held in registers:
+// over the state of every lane and every one of the N states (an L1-resident array: selective_scan_core.h's Block):
 //
 //     h[n] = exp(dt * A[n]) * h[n] + (dt * u) * B[t, n]        y = sum_n h[n] * C[t, n]  (+ D u, * silu(z))
 //

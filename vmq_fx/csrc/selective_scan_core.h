@@ -101,9 +101,12 @@ struct Shapes {
   }
 };
 
-// One block of channels; NS: the state size when known at compile time (NS = 0: any). GCC 12 does not unroll the loop
-// over the 16 states of Vim's blocks, so their state lives in an L1-resident array, not in registers: unrolling it
-// (`#pragma GCC unroll 16`) was within 2 % in the harness of vec.h's Exp2Range (AVX-512 and AVX2 builds, Zen 4).
+// One block of channels; NS: the state size when known at compile time (NS = 0: any). The state is an array that
+// every step loads and stores (from L1): GCC 12 keeps it in memory even with the loop over the states unrolled (read
+// in its assembly, AVX-512 build; also with a larger SRA size limit), and those loads and stores do not compete with
+// the vector arithmetic. The loop is unrolled all the same: the same bits, and at Vim-T shapes, batch 8, in the harness
+// of vec.h's Exp2Range (AMD EPYC Zen 4, medians of six alternating p10s) the AVX-512 build 2.35 -> 2.28 ms (faster in
+// 6 of 6 pairs), AVX2 3.60 -> 3.51 ms (4 of 6).
 // Range: what the block's dt * A guarantee (vdecay's kRange).
 template <typename T, int NS, Exp2Range Range = Exp2Range::kAny>
 struct Block {
@@ -135,6 +138,7 @@ struct Block {
       const T* b = bt.at(t);
       const T* c = ct.at(t);
       V acc = V{};
+#pragma GCC unroll 16
       for (int64_t i = 0; i < N; ++i) {
         const V e = vdecay<Range>(d * a[i]);
         hp[i] = e * hp[i] + du * b[i];
