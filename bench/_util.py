@@ -61,14 +61,27 @@ AVX2_CAPS = {"VMQ_FX_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MA
 _CAP_VARIABLES = (*AVX2_CAPS, "VMQ_FX_INT8_GEMM")
 
 
-def _cpu_model() -> str:
+def _cpuinfo(key: str) -> str | None:
+    """The first ``key : value`` of /proc/cpuinfo (None where there is none)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return " ".join(line.split(":", 1)[1].split())
+            name, _, value = line.partition(":")
+            if name.strip() == key:
+                return " ".join(value.split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo("model name") or platform.processor() or platform.machine()
+
+
+def _cpu_generation() -> str:
+    """x86's CPU family and model (e.g. "family 25 model 17", an AMD Zen 4), which tells apart machines whose model name
+    is only "AMD EPYC" under a VM; empty where /proc/cpuinfo has no such lines (ARM64)."""
+    family, model = _cpuinfo("cpu family"), _cpuinfo("model")
+    return f"family {family} model {model}" if family and model else ""
 
 
 def cpu_class() -> str:
@@ -110,7 +123,8 @@ def machine_line() -> str:
     caps = [f"{k}={os.environ[k]}" for k in _CAP_VARIABLES if k in os.environ]
     kernels = native.kernels()
     build = f"vmq_fx kernels {kernels.isa}, int8 GEMM {kernels.int8_gemm()}" if kernels else "vmq_fx kernels off"
-    return (f"{cpu_class()}; {build}" + (f" ({', '.join(caps)})" if caps else "")
+    generation = f" ({_cpu_generation()})" if _cpu_generation() else ""
+    return (f"{cpu_class()}{generation}; {build}" + (f" ({', '.join(caps)})" if caps else "")
             + f"; {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}; "
             f"malloc: {_malloc}")
 
