@@ -123,8 +123,8 @@ def machine_line() -> str:
     caps = [f"{k}={os.environ[k]}" for k in _CAP_VARIABLES if k in os.environ]
     kernels = native.kernels()
     build = f"vmq_fx kernels {kernels.isa}, int8 GEMM {kernels.int8_gemm()}" if kernels else "vmq_fx kernels off"
-    generation = f" ({_cpu_generation()})" if _cpu_generation() else ""
-    return (f"{cpu_class()}{generation}; {build}" + (f" ({', '.join(caps)})" if caps else "")
+    generation = _cpu_generation()
+    return (f"{cpu_class()}{f' ({generation})' if generation else ''}; {build}" + (f" ({', '.join(caps)})" if caps else "")
             + f"; {torch.get_num_threads()} threads, torch {torch.__version__}, python {platform.python_version()}; "
             f"malloc: {_malloc}")
 

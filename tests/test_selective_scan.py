@@ -298,14 +298,20 @@ def test_bad_shapes_raise_clear_errors(change, message, implementation):
         selective_scan_fn(**args)
 
 
-def test_extreme_time_steps_match_float64_loop(implementation):
-    # softplus tails (delta + bias far below 0 and above its pass-through at 20) and decays that underflow to 0
-    args = make_inputs(batch=2, dim=20, length=15, n=16)
-    args["delta"] = torch.linspace(-60, 60, args["delta"].numel()).reshape(args["delta"].shape)
+def assert_softplus_scan_matches_loop(args):
+    """The scan with softplus, its output and last state, within 1e-5 (relative, and of the largest value) of the
+    float64 loop."""
     out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
     loop_out, loop_last = scan_loop_f64(**args, delta_softplus=True)
     torch.testing.assert_close(out.double(), loop_out, atol=1e-5 * loop_out.abs().max(), rtol=1e-5)
     torch.testing.assert_close(last.double(), loop_last, atol=1e-5 * loop_last.abs().max(), rtol=1e-5)
+
+
+def test_extreme_time_steps_match_float64_loop(implementation):
+    # softplus tails (delta + bias far below 0 and above its pass-through at 20) and decays that underflow to 0
+    args = make_inputs(batch=2, dim=20, length=15, n=16)
+    args["delta"] = torch.linspace(-60, 60, args["delta"].numel()).reshape(args["delta"].shape)
+    assert_softplus_scan_matches_loop(args)
 
 
 def underflowing_decay_inputs(dim):
@@ -325,10 +331,7 @@ def test_decays_below_the_float_range_match_float64_loop(implementation):
     in range. Here most blocks leave it (their decays are ~0) and the last stays in; every output must match the
     float64 loop."""
     args = underflowing_decay_inputs(40)
-    out, last = selective_scan_fn(**args, delta_softplus=True, return_last_state=True)
-    loop_out, loop_last = scan_loop_f64(**args, delta_softplus=True)
-    torch.testing.assert_close(out.double(), loop_out, atol=1e-5 * loop_out.abs().max(), rtol=1e-5)
-    torch.testing.assert_close(last.double(), loop_last, atol=1e-5 * loop_last.abs().max(), rtol=1e-5)
+    assert_softplus_scan_matches_loop(args)
 
 
 def test_a_growing_decay_overflows_with_softplus(implementation):
