@@ -78,9 +78,7 @@ def run(args) -> list[str]:
     out += ["", "### Causal convolution + SiLU (batch 8, L 197, 768 channels, 4 taps), ms", "",
             "| " + " | ".join(isas) + " |", "|" + "---|" * len(isas),
             "| " + " | ".join(f"{t[i] * 1e3:.2f}" for i in isas) + " |"]
-    # the oneDNN matmul primitive's path where it would be chosen (AMX)
-    gemms = [g for g in native.INT8_GEMM_PATHS if g != "onednn" or native.int8_gemm_path()[0] == "onednn"]
-    builds = [(i, g) for i in isas for g in gemms if native.int8_gemm_runs(g, i)]
+    builds = [(i, g) for i in isas for g in native.INT8_GEMM_PATHS if native.int8_gemm_runs(g, i)]
     out += ["", "### W8A8 linear: fp32 F.linear / vmq::int8_linear per build and product path (ms; speed-up over fp32)",
             "", "| layer (K -> N) | batch | fp32 | " + " | ".join(f"{i} {g}" for i, g in builds) + " |",
             "|---|---|---|" + "---|" * len(builds)]

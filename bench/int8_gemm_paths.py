@@ -5,13 +5,12 @@ one process: what ``vmq_fx.ops.native.int8_gemm_path``'s choice and the kernel's
                                     [--out bench/results/int8_gemm_paths.md]
 
 vim_tiny 224x224 with random weights (batch 1 and 8) and the shipped vim-fm-tiny (17 tokens; batch 1 and 64), SmoothQuant
-+ PTS W8A8 calibrated on 8 images, one thread. The paths: ``int_mm`` (``torch._int_mm``), ``onednn`` (oneDNN's matmul
-primitive for the large products, the rest on ``_int_mm``), ``vnni`` (vmq_fx's own uint8 x int8 product, what CPUs
-with AVX-512 VNNI and no AMX take; AVX-512 builds), ``int16`` (vmq_fx's own int16 product, what x86 CPUs without int8
-dot products take; x86 builds) and ``float`` (the fp32 GEMM on the dequantized levels, ARM64's); ``int_mm``
-only where the CPU has int8 dot products (VNNI / AMX; without them ``_int_mm`` is many times slower, or wrong under a
-capped oneDNN), ``onednn`` only with AMX (without it oneDNN's matmul primitive runs its reference int8 kernel). Each
-runs with the kernel's direct product for small products, few rows and tiny K (the
++ PTS W8A8 calibrated on 8 images, one thread. The paths: ``int_mm`` (``torch._int_mm``), ``vnni`` (vmq_fx's own
+uint8 x int8 product, what CPUs with AVX-512 VNNI and no AMX take; AVX-512 builds), ``amx`` (the same product on AMX
+tiles, what CPUs with AMX-INT8 take; AVX-512 builds), ``int16`` (vmq_fx's own int16 product, what x86 CPUs without
+int8 dot products take; x86 builds) and ``float`` (the fp32 GEMM on the dequantized levels, ARM64's); ``int_mm`` only
+where the CPU has int8 dot products (VNNI / AMX; without them ``_int_mm`` is many times slower, or wrong under a
+capped oneDNN). The library paths run with the kernel's direct product for small products, few rows and tiny K (the
 default) and without it ("library only": every product through the path's GEMM, as before the direct product). Each
 variant is switched to before its block of runs, outside the timing; variants are interleaved over ``--rounds`` rounds
 and the medians reported. A second table does the same in onnxruntime with vmq_fx's custom ops (``ops="vmq"``, one
@@ -52,9 +51,7 @@ def main():
         sys.exit("int8_gemm_paths: the vmq_fx CPU kernels are not available here (see the log above)")
     torch.set_num_threads(1)
     dot = native.INT8_DOT_FLAGS & native._cpu_flags()
-    # oneDNN's matmul primitive without AMX ran its reference int8 kernel (AMD EPYC Zen 4 with VNNI: Vim-T's in_proj at
-    # batch 8 4.9 s, against 1.3 ms on _int_mm): timed only on CPUs with AMX, where int8_gemm_path chooses it.
-    runs_here = {"int_mm": bool(dot), "onednn": "amx_int8" in dot}
+    runs_here = {"int_mm": bool(dot)}
     paths = [g for g in native.INT8_GEMM_PATHS if runs_here.get(g, True) and native.int8_gemm_runs(g, kernels.isa)]
     chosen = native.int8_gemm_path()[0]
     torch.manual_seed(0)
@@ -72,8 +69,8 @@ def main():
             finally:
                 active.set_int8_direct(True)
 
-    # vnni multiplies every product itself, with or without the direct product: no "library only" variant
-    variants = [(g, d) for g in paths for d in ((True,) if g == "vnni" else (True, False))]
+    # vnni and amx multiply every product themselves, with or without the direct product: no "library only" variant
+    variants = [(g, d) for g in paths for d in ((True,) if g in ("vnni", "amx") else (True, False))]
     names = {v: f"{v[0]}" if v[1] else f"{v[0]}, library only" for v in variants}
     lines = [f"## {cpu_class()}", "",
              f"Machine: {machine_line()}. Command: `python bench/int8_gemm_paths.py {shlex.join(sys.argv[1:])}`. "

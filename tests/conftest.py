@@ -41,27 +41,24 @@ def implementation(request):
             yield request.param
 
 
-@pytest.fixture(params=["int_mm", "onednn", "vnni", "int16", "float"])
+@pytest.fixture(params=["int_mm", "vnni", "amx", "int16", "float"])
 def int8_gemm(request):
-    """Run a test with vmq::int8_linear's C++ kernel on each of its integer-product paths (torch._int_mm; oneDNN's
-    matmul primitive, which CPUs with AMX take; the kernel's own vpdpbusd product that CPUs with AVX-512 VNNI take; the
-    int16 product that x86 CPUs without VNNI take; the fp32 GEMM on the dequantized levels that ARM64 CPUs take)."""
+    """Run a test with vmq::int8_linear's C++ kernel on each of its integer-product paths (torch._int_mm; the kernel's
+    own vpdpbusd product that CPUs with AVX-512 VNNI take; its own product on AMX tiles that CPUs with AMX-INT8 take;
+    the int16 product that x86 CPUs without VNNI take; the fp32 GEMM on the dequantized levels that ARM64 CPUs
+    take)."""
     import os
 
     from vmq_fx.ops import native
 
     if request.param == "int16" and native.selected_isa() == "neon":
         pytest.skip("the int16 product is x86 only (vpmaddwd)")
-    if request.param == "vnni" and not native.int8_gemm_runs("vnni"):
-        pytest.skip(f"the vnni product needs the avx512 build on a CPU with AVX-512 VNNI (build: "
-                    f"{native.selected_isa()})")
-    if request.param in ("int_mm", "onednn") and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in \
+    if request.param in ("vnni", "amx") and not native.int8_gemm_runs(request.param):
+        pytest.skip(f"{native._PATH_NEEDS[request.param]} (build: {native.selected_isa()})")
+    if request.param == "int_mm" and os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in \
             native.ONEDNN_CAPS_WITHOUT_INT8_DOT:
         pytest.skip("oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA): its int8 products saturate, which is why "
-                    "int8_gemm_path never picks them then")
-    if request.param == "onednn" and not native.INT8_DOT_FLAGS & native._cpu_flags():
-        pytest.skip("no VNNI / AMX here: int8_gemm_path picks oneDNN's matmul primitive only with AMX, and its "
-                    "exactness without int8 dot products is not established")
+                    "int8_gemm_path never picks torch._int_mm then")
     with native.use_isa(native.selected_isa(), int8_gemm=request.param) as kernels:
         assert kernels.int8_gemm() == request.param
         yield request.param

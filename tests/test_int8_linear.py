@@ -107,7 +107,7 @@ def test_one_input_channel_on_every_path(w_bits, implementation, int8_gemm):
 
 def _onednn_capped_below_int8_dot() -> bool:
     """oneDNN capped below VNNI (ONEDNN_MAX_CPU_ISA, how the benchmarks emulate an AVX2 CPU): its int8 products then
-    saturate, which is why int8_gemm_path never picks torch._int_mm or its matmul primitive."""
+    saturate, which is why int8_gemm_path never picks torch._int_mm then."""
     import os
 
     return os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in native.ONEDNN_CAPS_WITHOUT_INT8_DOT
@@ -122,10 +122,10 @@ def _names(fn):
 def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
     op_args, _ = int8_case(2, 80, 72, 400, w_bits=8)  # 4.6e6 multiply-adds: past the direct product
     names = _names(lambda: int8_linear(*op_args))
-    library = {"aten::_int_mm", "aten::mm", "aten::addmm", "onednn::qlinear_pointwise"}
-    if int8_gemm in ("int_mm", "onednn"):  # a product this small stays on _int_mm on the oneDNN path too
-        assert "aten::_int_mm" in names and "onednn::qlinear_pointwise" not in names
-    elif int8_gemm in ("int16", "vnni"):  # the kernel's own int16 or uint8 x int8 product: no library call
+    library = {"aten::_int_mm", "aten::mm", "aten::addmm"}
+    if int8_gemm == "int_mm":
+        assert "aten::_int_mm" in names
+    elif int8_gemm in ("int16", "vnni", "amx"):  # the kernel's own int16 or uint8 x int8 products: no library call
         assert not library & names, names
     else:  # the fp32 GEMM on the levels, never torch._int_mm (slow without VNNI)
         assert {"aten::mm", "aten::addmm"} & names and "aten::_int_mm" not in names
@@ -134,12 +134,12 @@ def test_int8_linear_multiplies_as_its_path_says(int8_gemm):
     # AVX-512, where that GEMM is faster.
     for shape in ((2, 17, 96, 40), (1, 9, 512, 700)):
         assert not library & _names(lambda: int8_linear(*int8_case(*shape, w_bits=8)[0])), shape
-    tiny_k_direct = int8_gemm in ("int_mm", "onednn", "vnni") or native.selected_isa() == "avx512"
+    tiny_k_direct = int8_gemm in ("int_mm", "vnni", "amx") or native.selected_isa() == "avx512"
     names = _names(lambda: int8_linear(*int8_case(4, 197, 12, 384, w_bits=8)[0]))
     assert bool(library & names) != tiny_k_direct, names
-    with native.disabled():  # the pure-torch implementation follows the CPU's choice (_int_mm for oneDNN's path)
+    with native.disabled():  # the pure-torch implementation follows the CPU's choice (_int_mm for the own products)
         uses_int_mm = "aten::_int_mm" in _names(lambda: int8_linear(*op_args))
-        assert uses_int_mm == (native.int8_gemm_path()[0] in ("int_mm", "onednn", "vnni"))
+        assert uses_int_mm == (native.int8_gemm_path()[0] in ("int_mm", "vnni", "amx"))
 
 
 @pytest.mark.parametrize("k", [64, 1536])
@@ -253,32 +253,6 @@ def test_an_input_that_requires_grad_is_refused_with_one_message_on_every_path(p
            "under torch.no_grad(), or differentiate the prepared (fake-quantized) model" in str(err.value)
 
 
-@pytest.mark.parametrize("k", [64, 1024, 1536])
-def test_onednn_path_at_the_largest_products(k):
-    """Levels 0 / 255 against weights of +-127 (every product as large as it gets), in products large enough for
-    oneDNN's matmul primitive: it returns the int32 sums as float32, exact up to 2^24, so up to K = 1024 the path
-    multiplies there and past it with torch._int_mm. Either way the same integers, so the same bits as _int_mm's path,
-    and within float rounding of the float64 reference. As few rows as reach the path's 2^25 multiply-adds: without
-    AMX, oneDNN's primitive took 11 s for 2048 rows at K = 1024 (an Intel Xeon with VNNI)."""
-    if not native.INT8_DOT_FLAGS & native._cpu_flags() or _onednn_capped_below_int8_dot():
-        pytest.skip("no VNNI / AMX for oneDNN here: int8_gemm_path picks the oneDNN path only with AMX")
-    g = torch.Generator().manual_seed(k)
-    tokens = max(64, (1 << 25) // (2 * 256 * k))  # two images of `tokens` rows, 256 columns
-    x = torch.where(torch.rand(2, tokens, k, generator=g) < 0.5, -1e3, 1e3)  # levels 0 and 255
-    w = torch.where(torch.rand(256, k, generator=g) < 0.5, -127, 127).to(torch.int8)
-    w_scale, act_scale = torch.rand(256, generator=g) + 0.5, torch.full((tokens,), 0.25)
-    zp = torch.full((tokens,), 3, dtype=torch.int32)
-    args = (x, None, act_scale, zp, w, w_scale, w.int().sum(1, dtype=torch.int32), None, 0, 255, 8)
-    ref = int8_linear_reference(x, None, act_scale, zp, w, w_scale, None, 0, 255)
-    with native.use_isa(native.selected_isa(), int8_gemm="onednn"):
-        names = _names(lambda: int8_linear(*args))
-        out = int8_linear(*args)
-    assert ("onednn::qlinear_pointwise" in names) == (k <= 1024) and ("aten::_int_mm" in names) == (k > 1024)
-    with native.use_isa(native.selected_isa(), int8_gemm="int_mm"):
-        assert torch.equal(out, int8_linear(*args))
-    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
-
-
 def _exact_int8_linear(x, smooth, act_scale, zp, w_int, w_scale, bias, qmin, qmax):
     """What every exact path must return bit for bit, computed here independently: the levels by torch's formula (as
     quantize_per_channel rounds them), the product in int64, then the rescale as torch's float32 ops round it."""
@@ -329,15 +303,15 @@ def test_direct_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dyna
     assert {"aten::_int_mm", "aten::matmul"} & names
 
 
-def _largest_sums_case(k):
+def _largest_sums_case(k, rows=8):
     """vmq::int8_linear's arguments with sums of +-K * 255 * 128 (or 127), and the exact floats it must return: rows of
     level 255 at zero point 0 and of level 0 at zero point 255; the first 20 weight rows of one sign, the rest mixed."""
     g = torch.Generator().manual_seed(k)
-    x = torch.tensor([1e3, -1e3] * 4).reshape(1, 8, 1).expand(1, 8, k)
-    zp = torch.tensor([0, 255] * 4, dtype=torch.int32)
+    x = torch.tensor([1e3, -1e3] * (rows // 2)).reshape(1, rows, 1).expand(1, rows, k)
+    zp = torch.tensor([0, 255] * (rows // 2), dtype=torch.int32)
     w = torch.where(torch.rand(40, k, generator=g) < 0.5, -128, 127).to(torch.int8)
     w[:10], w[10:20] = -128, 127
-    args = (x, None, torch.full((8,), 0.25), zp, w, torch.rand(40, generator=g) + 0.5,
+    args = (x, None, torch.full((rows,), 0.25), zp, w, torch.rand(40, generator=g) + 0.5,
             w.int().sum(1, dtype=torch.int32), torch.randn(40, generator=g), 0, 255, 8)
     want = _exact_int8_linear(*args[:5], args[5], args[7], 0, 255)
     assert want.abs().max() > 2e6  # the sums at the bound
@@ -400,10 +374,25 @@ def test_int16_product_at_its_largest_sums(k):
                 assert torch.equal(int8_linear(*args).reshape(8, 40), want), isa
 
 
-def _only_the_vnni_product(op_args):
-    """vmq::int8_linear on the vnni path with the direct product off (so that small products take it too): its output
-    and the operators it called."""
-    with native.use_isa("avx512", int8_gemm="vnni") as kernels:
+# The kernel's own uint8 x int8 products: vpdpbusd (CPUs with AVX-512 VNNI) and AMX tiles (CPUs with AMX-INT8; on
+# its path the products of 32 rows and more with K > 32, the others on vpdpbusd), with the shapes that reach each one's
+# tails: rows past its blocks (8 / 32 rows), K not a multiple of 4 / 64 (the padded quad / tile), column tails, several
+# column panels (K = 1536: 160 columns a panel).
+OWN_PRODUCT_SHAPES = {"vnni": [(1, 19, 1536, 400), (2, 9, 385, 70), (1, 23, 12, 16), (3, 5, 33, 65)],
+                      "amx": [(1, 45, 1536, 400), (2, 37, 385, 70), (1, 64, 192, 32), (3, 11, 65, 33)]}
+
+
+def _skip_unless_it_runs(product):
+    if not native.int8_gemm_runs(product, "avx512"):
+        pytest.skip(f"{native._PATH_NEEDS[product]}; this CPU has "
+                    f"{' / '.join(sorted(native.INT8_DOT_FLAGS & native._cpu_flags())) or 'neither'}")
+
+
+def _only_the_own_product(product, op_args):
+    """vmq::int8_linear on the path of its own product (vnni or amx) with the direct product off (so that small products
+    take it too): its output and the operators it called."""
+    with native.use_isa("avx512", int8_gemm=product) as kernels:
+        assert kernels.int8_gemm() == product  # the kernel refuses a product this CPU cannot run
         kernels.set_int8_direct(False)
         try:
             return int8_linear(*op_args), _names(lambda: int8_linear(*op_args))
@@ -412,44 +401,45 @@ def _only_the_vnni_product(op_args):
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
-@pytest.mark.parametrize("shape", [(1, 19, 1536, 400), (2, 9, 385, 70), (1, 23, 12, 16), (3, 5, 33, 65)])
+@pytest.mark.parametrize("case", range(4))
 @pytest.mark.parametrize("w_bits, a_bits, packed", [(8, 8, False), (4, 8, True), (4, 4, True)])
-def test_vnni_product_is_exact_bit_for_bit(shape, w_bits, a_bits, packed, dynamic):
-    """The kernel's own uint8 x int8 product (vpdpbusd, CPUs with AVX-512 VNNI): the floats of an int64 product
-    rescaled in float32 by torch, on row tails of its 8-row blocks, K not a multiple of 4 (the padded quad), column
-    tails, several column panels (K = 1536: 160 columns a panel), without a library call."""
-    if not native.int8_gemm_runs("vnni", "avx512"):
-        pytest.skip("the vnni product needs a CPU with AVX-512 VNNI")
+@pytest.mark.parametrize("product", ["vnni", "amx"])
+def test_own_uint8_product_is_exact_bit_for_bit(product, case, w_bits, a_bits, packed, dynamic):
+    """The kernel's own uint8 x int8 products: the floats of an int64 product rescaled in float32 by torch, on the
+    shapes of OWN_PRODUCT_SHAPES, without a library call."""
+    _skip_unless_it_runs(product)
+    shape = OWN_PRODUCT_SHAPES[product][case]
     op_args, ref_args = int8_case(*shape, w_bits=w_bits, a_bits=a_bits, packed=packed, dynamic=dynamic)
-    out, names = _only_the_vnni_product(op_args)
+    out, names = _only_the_own_product(product, op_args)
     assert torch.equal(out, _exact_int8_linear(*ref_args).reshape(*shape[:2], shape[3]))
     assert not {"aten::_int_mm", "aten::mm", "aten::addmm", "aten::matmul"} & names, names
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 @pytest.mark.parametrize("qmin, qmax", [(-128, 127), (-8, 7)])
-def test_vnni_product_moves_signed_levels_into_uint8(qmin, qmax, dynamic):
-    """Signed activation levels go into vpdpbusd's unsigned operand moved up by 128, their zero points with them: the
-    same exact floats."""
-    if not native.int8_gemm_runs("vnni", "avx512"):
-        pytest.skip("the vnni product needs a CPU with AVX-512 VNNI")
-    op_args, ref_args = int8_case(2, 11, 70, 50, w_bits=8, dynamic=dynamic)
+@pytest.mark.parametrize("product", ["vnni", "amx"])
+def test_own_uint8_product_moves_signed_levels_into_uint8(product, qmin, qmax, dynamic):
+    """Signed activation levels go into the unsigned operand (vpdpbusd's, tdpbusd's) moved up by 128, their zero points
+    with them: the same exact floats."""
+    _skip_unless_it_runs(product)
+    op_args, ref_args = int8_case(2, 41, 70, 50, w_bits=8, dynamic=dynamic)
     g = torch.Generator().manual_seed(1)
-    zp = None if dynamic else torch.randint(qmin, qmax + 1, (11,), generator=g, dtype=torch.int32)
+    zp = None if dynamic else torch.randint(qmin, qmax + 1, (41,), generator=g, dtype=torch.int32)
     op_args = (*op_args[:3], zp, *op_args[4:8], qmin, qmax, op_args[10])
     ref_args = (*ref_args[:3], zp, *ref_args[4:7], qmin, qmax)
-    out, _ = _only_the_vnni_product(op_args)
-    assert torch.equal(out, _exact_int8_linear(*ref_args).reshape(2, 11, 50))
+    out, _ = _only_the_own_product(product, op_args)
+    assert torch.equal(out, _exact_int8_linear(*ref_args).reshape(2, 41, 50))
 
 
 @pytest.mark.parametrize("k", [514, 1536])
-def test_vnni_product_at_its_largest_sums(k):
-    """Levels 255 away from the zero point against weights of -128 / 127, up to K = 1536: the int32 sums stay exact."""
-    if not native.int8_gemm_runs("vnni", "avx512"):
-        pytest.skip("the vnni product needs a CPU with AVX-512 VNNI")
-    args, want = _largest_sums_case(k)
-    out, _ = _only_the_vnni_product(args)
-    assert torch.equal(out.reshape(8, 40), want)
+@pytest.mark.parametrize("product", ["vnni", "amx"])
+def test_own_uint8_product_at_its_largest_sums(product, k):
+    """Levels 255 away from the zero point against weights of -128 / 127, up to K = 1536: the int32 sums stay exact
+    (40 rows: one AMX block and a tail)."""
+    _skip_unless_it_runs(product)
+    args, want = _largest_sums_case(k, rows=40)
+    out, _ = _only_the_own_product(product, args)
+    assert torch.equal(out.reshape(40, 40), want)
 
 
 def test_zero_points_outside_the_levels_skip_the_direct_product():

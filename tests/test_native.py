@@ -93,12 +93,13 @@ def test_an_isa_the_cpu_cannot_run_is_one_clear_error(monkeypatch):
 
 def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     """torch._int_mm only where int8 dot-product instructions exist (it is 32x slower than fp32 without them); the
-    kernel's own vpdpbusd product with AVX-512 VNNI and no AMX (or AMX kept off)."""
+    kernel's own vpdpbusd product with AVX-512 VNNI and no AMX (or AMX kept off); its own AMX product with AMX, where
+    Linux grants the tiles (else oneDNN's matmul primitive)."""
     for variable in ("ONEDNN_MAX_CPU_ISA", "VMQ_FX_INT8_GEMM"):
         monkeypatch.delenv(variable, raising=False)
     for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "vnni"), ({"avx2", "fma"}, "avx2", "int16"),
                              ({"avx512f", "avx512_vnni"}, "avx2", "int16"), ({"avx2", "avx_vnni"}, "avx2", "int_mm"),
-                             ({"avx2", "amx_int8"}, "avx2", "onednn"), (set(), "generic", "int16"),
+                             ({"avx2", "amx_int8"}, "avx2", "int_mm"), (set(), "generic", "int16"),
                              ({"asimd"}, "neon", "float")]:
         monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: frozenset(flags))
         path, why = native.int8_gemm_path(isa)
@@ -112,7 +113,9 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     assert native.int8_gemm_path("avx512")[0] == "vnni"  # AMX kept off: oneDNN's matmul primitive would not use it
     assert native.int8_gemm_path("avx2")[0] == "int_mm"  # no vpdpbusd product in the AVX2 build
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
-    assert native.int8_gemm_path("avx512")[0] == "onednn"
+    monkeypatch.setattr(native, "_amx_granted", lambda: True)
+    assert native.int8_gemm_path("avx512")[0] == "amx"  # the kernel's own product on AMX tiles
+    assert native.int8_gemm_path("avx2")[0] == "int_mm"  # no AMX product in the AVX2 build
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "int_mm")
     assert native.int8_gemm_path("generic") == ("int_mm", "set by VMQ_FX_INT8_GEMM")
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "vnni")
@@ -120,22 +123,28 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
                                          "is avx2"):
         native.int8_gemm_path("avx2")
     monkeypatch.setenv("VMQ_FX_INT8_GEMM", "fast")
-    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, onednn, vnni, int16, float"):
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM='fast': use int_mm, vnni, amx, int16, float"):
         native.int8_gemm_path()
 
 
-def test_forcing_onednn_without_amx_warns(monkeypatch, caplog):
-    """oneDNN's matmul primitive runs its reference int8 kernel without AMX (thousands of times slower): forcing it
-    there is allowed, and said."""
-    monkeypatch.setenv("VMQ_FX_INT8_GEMM", "onednn")
-    native._warn_onednn_without_amx.cache_clear()  # said once a process: this test's first call says it
-    for flags, warned in (({"avx512f", "avx512_vnni"}, True), ({"avx512f", "avx512_vnni", "amx_int8"}, False)):
-        monkeypatch.setattr(native, "_cpu_flags", lambda flags=flags: frozenset(flags))
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger=native.__name__):
-            assert native.int8_gemm_path("avx512") == ("onednn", "set by VMQ_FX_INT8_GEMM")
-        said = [r.getMessage() for r in caplog.records if "reference int8 kernel" in r.getMessage()]
-        assert len(said) == warned, (flags, said)
+def test_amx_not_granted_falls_back_to_vnni_and_says_so(monkeypatch, caplog):
+    """Linux before 5.16 does not grant a process the AMX tiles (arch_prctl): the AVX-512 build then multiplies with
+    vpdpbusd, and the log says why once; forcing the amx path there is refused by name."""
+    for variable in ("ONEDNN_MAX_CPU_ISA", "VMQ_FX_INT8_GEMM"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni", "amx_int8"}))
+    monkeypatch.setattr(native, "_amx_granted", lambda: False)
+    native._warn_amx_not_granted.cache_clear()  # said once a process: this test's first call says it
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
+        path, why = native.int8_gemm_path("avx512")
+        assert native.int8_gemm_path("avx512")[0] == "vnni"
+    assert path == "vnni" and "Linux did not grant this process AMX tiles" in why
+    said = [r.getMessage() for r in caplog.records if "did not grant" in r.getMessage()]
+    assert len(said) == 1, said
+    monkeypatch.setenv("VMQ_FX_INT8_GEMM", "amx")
+    with pytest.raises(ValueError, match="VMQ_FX_INT8_GEMM=amx: the amx product needs the avx512 build on a Linux CPU "
+                                         "with AMX int8 that grants its tiles; here the build is avx512"):
+        native.int8_gemm_path("avx512")
 
 
 def test_vq_decode_mode_follows_its_variable_into_the_kernels(monkeypatch):

@@ -11,19 +11,20 @@
 // uint8 x int8 product (vnni_rows, vpdpbusd) takes them; elsewhere with K > 32 x86 builds take the int16 product
 // (madd_rows), 1.2-1.7x faster than the float FMAs that tiny K and ARM64 builds multiply the levels with. Every other
 // product has five paths, chosen once per process (set_int8_gemm, from vmq_fx/ops/native.py):
+//   amx:    for CPUs with AMX-INT8 (Sapphire Rapids and later; Linux grants the tiles): every product the uint8 x int8
+//           product takes exactly on AMX tiles (linear_core.h's amx_rows: quantize, tdpbusd and rescale in one pass),
+//           but for few rows and tiny K (amx_product), which take vnni_rows; the others on at::_int_mm. Vim-T's in_proj
+//           at batch 8 0.51 ms against 1.14 on vnni_rows (Intel Xeon with AMX, one thread). It replaced oneDNN's matmul
+//           primitive (torch's onednn::qlinear_pointwise, which uses AMX where at::_int_mm does not, with quantize and
+//           rescale passes around it): vim_tiny W8A8 1.56x / 1.70x FP32 at batch 1 / 8 against 1.37x / 1.59x, one
+//           process (bench/int8_gemm_paths.py).
 //   vnni:   for CPUs with AVX-512 VNNI and no AMX: every product the uint8 x int8 product takes exactly (vnni_exact) on
 //           it, quantized and rescaled in the same pass: as fast as at::_int_mm with its quantize and rescale passes
 //           on Vim-T's large products, 1.2-1.3x on the small ones (x_proj, dt_proj, batch 1; Intel Xeon, one thread,
 //           linear_core.h). The others on at::_int_mm.
 //   int_mm: at::_int_mm (oneDNN's gemm API) with int32 accumulation, exact: fast only where the CPU has int8
-//           dot-product instructions (VNNI, AMX); without them it is many times slower than the fp32 GEMM (and wrong
-//           under a oneDNN capped below VNNI, whose 16-bit pair sums saturate).
-//   onednn: for CPUs with AMX. oneDNN's gemm API does not use AMX tiles (Vim-T in_proj at batch 8: 1.1 ms, 0.7 ms with
-//           oneDNN capped at AVX-512 VNNI), its matmul primitive does (0.4 ms): torch's onednn::qlinear_pointwise,
-//           what torch's x86 inductor quantization lowers to, on the weight prepacked once (cached). Unit scales make
-//           it return the int32 sums as float32, exact while |sum| <= 2^24, i.e. K <= 1024 for int8 x int8. Products
-//           below ~2^25 multiply-adds gain nothing from it (the primitive's fixed cost) and, like K > 1024, go to
-//           at::_int_mm.
+//           dot-product instructions (VNNI; it does not use AMX tiles); without them it is many times slower than the
+//           fp32 GEMM (and wrong under a oneDNN capped below VNNI, whose 16-bit pair sums saturate).
 //   int16:  for x86 CPUs without int8 dot products: linear_core.h's int16 product (vpmaddwd), exact, quantized and
 //           rescaled in the same pass (the weight's int16 levels cached). Tiny K (dt_proj's 12) goes to the float path.
 //   float:  the same activation levels dequantized ((level - zp) * act_scale, as dequantize_per_channel) times the
@@ -36,8 +37,6 @@
 #include "linear_common.h"
 
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/core/stack.h>
 
 #include <algorithm>
 #include <atomic>
@@ -91,8 +90,8 @@ at::Tensor quantize_per_token(const at::Tensor& x2, const c10::optional<at::Tens
   return out;
 }
 
-enum class Gemm : int { kIntMm, kOnednn, kFloat, kInt16, kVnni };
-const char* const kGemmNames[] = {"int_mm", "onednn", "float", "int16", "vnni"};
+enum class Gemm : int { kIntMm, kFloat, kInt16, kVnni, kAmx };
+const char* const kGemmNames[] = {"int_mm", "float", "int16", "vnni", "amx"};
 std::atomic<int> g_gemm{static_cast<int>(Gemm::kIntMm)};
 
 // A tensor made from a weight and its scale (the dequantized weight, the prepacked one), cached (cached_derived).
@@ -144,6 +143,24 @@ at::Tensor vnni_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, con
 }
 #endif
 
+#if VMQ_HAS_AMX
+// Int8 B tiles [vnni_padded_cols(N) / 16, amx_groups(K), 16, 4] for amx_rows (torch's allocator aligns to 64 bytes).
+at::Tensor amx_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
+  return laid_out_weight<kAmxWeight, int8_t>(
+      w_in, w_scale_in, w8, [](int64_t N, int64_t K) { return amx_weight_size(N, K); },
+      [](const auto& w, int64_t N, int64_t K, int8_t* out) { vmq_fx::linear::amx_weight(w, N, K, out); });
+}
+#endif
+
+// Whether this process multiplies on AMX tiles (an AVX-512 build on a Linux CPU with AMX-INT8 that grants them).
+bool amx_runs() {
+#if VMQ_HAS_AMX
+  return has_amx();
+#else
+  return false;
+#endif
+}
+
 #if VMQ_HAS_MADD
 // Int16 [ceil(K / 2), madd_padded_cols(N), 2] for madd_rows.
 at::Tensor madd_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
@@ -176,34 +193,6 @@ bool vnni_product_exact(int64_t K, int64_t qmin, int64_t qmax, int64_t w_max, co
 
 // Off only for A/B benchmarks and the tests that compare the direct product with the libraries' on the same shapes.
 std::atomic<bool> g_direct{true};
-
-constexpr int64_t kOnednnMaxK = 1024;              // int8 x int8 sums stay exact in float32 (|sum| <= 2^24)
-constexpr int64_t kOnednnMinMacs = int64_t{1} << 25;
-
-// The int32 product xq [M, K] x w8 [N, K]^T as float32 [M, N] (exact integers) by onednn::qlinear_pointwise: the
-// weight prepacked for AMX, unit weight scales and zero points (cached with it).
-at::Tensor onednn_product(const at::Tensor& xq, const at::Tensor& w_in, const at::Tensor& w_scale_in,
-                          const Int8Weight& w8) {
-  const int64_t M = xq.size(0), K = xq.size(1), N = w_in.size(0);
-  const auto weight = cached_weight<kOnednnWeight>(w_in, w_scale_in, [&] {
-    static const auto prepack = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_prepack", "");
-    // The activation's shape selects the blocked (AMX) layout; without it the layout is the slow plain one.
-    torch::jit::Stack stack{w8().contiguous(), c10::IValue(std::vector<int64_t>{M, K})};
-    prepack.callBoxed(&stack);
-    return std::vector<at::Tensor>{stack[0].toTensor(), at::ones({N}, xq.options().dtype(at::kFloat)),
-                                   at::zeros({N}, xq.options().dtype(at::kLong))};
-  });
-  static const auto qlinear = c10::Dispatcher::singleton().findSchemaOrThrow("onednn::qlinear_pointwise", "");
-  torch::jit::Stack stack{xq, 1.0, int64_t{0}, weight[0], weight[1], weight[2], c10::IValue(), 1.0, int64_t{0},
-                          static_cast<int64_t>(at::kFloat), std::string("none"),
-                          c10::List<std::optional<at::Scalar>>(), std::string("")};
-  qlinear.callBoxed(&stack);
-  at::Tensor out = stack[0].toTensor();
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.sizes() == at::IntArrayRef({M, N}),
-              "vmq.int8_linear: onednn::qlinear_pointwise returned ", out.scalar_type(), " ", out.sizes(),
-              ", not a contiguous float32 [", M, ", ", N, "]");
-  return out;
-}
 
 at::Tensor unpack_int4(const at::Tensor& packed, int64_t K) {
   const int64_t N = packed.size(0), B = packed.size(1);
@@ -283,7 +272,11 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
   const bool small = small_product(M, N, K);
   const int64_t w_max = packed ? 8 : 128;
   const bool vnni = vnni_product_exact(K, qmin, qmax, w_max, zp, L) &&
-                    (gemm == Gemm::kVnni || (direct && (small || K <= kDirectTinyK)));
+                    (gemm == Gemm::kVnni || gemm == Gemm::kAmx || (direct && (small || K <= kDirectTinyK)));
+#if VMQ_HAS_AMX
+  // On the amx path the exact products take the tiles, but few rows and tiny K (amx_product), which stay on vnni_rows
+  const bool amx = vnni && gemm == Gemm::kAmx && amx_product(M, K) && has_amx();
+#endif
   const bool int16 = !vnni && (gemm == Gemm::kInt16 || (direct && small)) && K > kDirectTinyK &&
                      int16_product_exact(K, qmin, qmax, packed, zp, L);
   const bool float_gemm = gemm == Gemm::kFloat || (gemm == Gemm::kInt16 && !int16);
@@ -297,6 +290,14 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                      [&](int64_t begin, int64_t end) { product(begin * rows, std::min(end * rows, M), op); });
   };
   const float lo = static_cast<float>(qmin), hi = static_cast<float>(qmax);
+#if VMQ_HAS_AMX
+  if (amx) {
+    const int8_t* wt = amx_weight(w_in, w_scale_in, w8).data_ptr<int8_t>();
+    own_product(kAmxRows, [&](int64_t m0, int64_t m1, float* op) {
+      amx_rows(xp, sp, as, zp, L, lo, hi, K, wt, ws, wsc, bp, N, m0, m1, op);
+    });
+  } else
+#endif
   if (vnni) {
 #if VMQ_HAS_VNNI
     const int8_t* wt = vnni_weight(w_in, w_scale_in, w8).data_ptr<int8_t>();
@@ -338,30 +339,20 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
     const at::Tensor xq = quantize_per_token(x2, smooth, act_scale, zero_point, qmin, qmax, shift);
     // The accumulators are written where their float results go, and rescaled in place: the rescale reads and writes
     // the same cache lines instead of streaming through a second M x N buffer (~4 % of a Vim block's linears).
-    const bool onednn = gemm == Gemm::kOnednn && K <= kOnednnMaxK && M * N * K >= kOnednnMinMacs;
-    if (onednn) {
-      out = onednn_product(xq, w_in, w_scale_in, w8);  // float32 sums
-    } else {
-      out = at::empty({M, N}, x2.options());
-      at::Tensor acc = out.view(at::kInt);
-      if (M > 16 && K > 1) {
-        at::_int_mm_out(acc, xq, w8().t());
-      } else {  // at::_int_mm needs more than 16 rows, and with K = 1 its transposed weight (strides (1, 1)) comes
-                // back wrong (torch 2.13, oneDNN): those take the exact int32 product instead
-        acc.copy_(at::matmul(xq.to(at::kInt), w8().t().to(at::kInt)));
-      }
+    out = at::empty({M, N}, x2.options());
+    at::Tensor acc = out.view(at::kInt);
+    if (M > 16 && K > 1) {
+      at::_int_mm_out(acc, xq, w8().t());
+    } else {  // at::_int_mm needs more than 16 rows, and with K = 1 its transposed weight (strides (1, 1)) comes
+              // back wrong (torch 2.13, oneDNN): those take the exact int32 product instead
+      acc.copy_(at::matmul(xq.to(at::kInt), w8().t().to(at::kInt)));
     }
     float* op = out.data_ptr<float>();
-    const auto rescale = [&](const auto* ap) {
-      at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t m = begin; m < end; ++m)
-          rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
-      });
-    };
-    if (onednn)
-      rescale(static_cast<const float*>(op));
-    else
-      rescale(static_cast<const int32_t*>(out.data_ptr()));
+    const int32_t* ap = acc.data_ptr<int32_t>();
+    at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t m = begin; m < end; ++m)
+        rescale_row(ap + m * N, zp[m % L] - static_cast<int32_t>(shift), as[m % L], ws, wsc, bp, N, op + m * N);
+    });
   }
   auto sizes = x.sizes().vec();
   sizes.back() = N;
@@ -380,12 +371,15 @@ at::Tensor quantize_per_token_cpu(const at::Tensor& x2, const std::optional<at::
 void set_int8_gemm(const std::string& path) {
   const auto found = std::find(std::begin(kGemmNames), std::end(kGemmNames), path);
   TORCH_CHECK_VALUE(found != std::end(kGemmNames), "vmq_fx: unknown int8 GEMM path '", path,
-                    "' (int_mm, onednn, float, int16 or vnni)");
+                    "' (int_mm, float, int16, vnni or amx)");
   TORCH_CHECK_VALUE(VMQ_HAS_MADD || path != "int16", "vmq_fx: the int16 product needs an x86 build, this one is ",
                     VMQ_ISA_NAME);
   TORCH_CHECK_VALUE(path != "vnni" || vnni_product_exact(1, 0, 255, 128, nullptr, 0),
                     "vmq_fx: the vnni product needs an AVX-512 build on a CPU with AVX-512 VNNI, this one is ",
                     VMQ_ISA_NAME);
+  TORCH_CHECK_VALUE(path != "amx" || (vnni_product_exact(1, 0, 255, 128, nullptr, 0) && amx_runs()),
+                    "vmq_fx: the amx product needs an AVX-512 build on a Linux CPU with AMX-INT8 whose kernel grants "
+                    "this process the tiles (arch_prctl, Linux 5.16 and later), this one is ", VMQ_ISA_NAME);
   g_gemm.store(static_cast<int>(found - std::begin(kGemmNames)));
 }
 

@@ -35,7 +35,7 @@ inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
 // make() on first use and kept per tuple of source tensors. An entry holds while each source's storage is alive (weak
 // references), at the same offset and sizes and unmodified (version counter), so memory freed and reused by another
 // tensor, or a weight written in place, is never mistaken for what it was made from. One cache per Kind.
-enum DerivedKind : int { kFloatWeight, kOnednnWeight, kDirectWeight, kMaddWeight, kVnniWeight, kVqWeight };
+enum DerivedKind : int { kFloatWeight, kDirectWeight, kMaddWeight, kVnniWeight, kAmxWeight, kVqWeight };
 template <int Kind, size_t S, typename Make>
 VMQ_BUILD_LOCAL std::vector<at::Tensor> cached_derived(const std::array<const at::Tensor*, S>& sources, Make make) {
   struct Source {

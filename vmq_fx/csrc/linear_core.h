@@ -188,24 +188,18 @@ inline void token_qparams(const float* row, const float* smooth, int64_t K, int6
   *zero_point = static_cast<int32_t>(std::min(std::max(lo_q - std::nearbyint(lo / s), lo_q), hi_q));
 }
 
-// The accumulators as int32 lanes: int32 as they are, or float32 holding exact integers (oneDNN's matmul primitive
-// returns its int32 sums converted to float), so that both give the same floats in rescale_row.
-inline VI load_acc(const int32_t* p) { return loadi(p); }
-inline VI load_acc(const float* p) { return __builtin_convertvector(loadf(p), VI); }
-
 // out = float(acc - z * w_sum) * s * w_scale (+ bias), one row; out may be acc's own memory (each element is read
 // before it is written).
-template <typename Acc>
-inline void rescale_row(const Acc* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
+inline void rescale_row(const int32_t* acc, int32_t z, float s, const int32_t* w_sum, const float* w_scale,
                         const float* bias, int64_t N, float* out) {
   int64_t n = 0;
   for (; n + kLanes <= N; n += kLanes) {
-    VF v = rounded(__builtin_convertvector(load_acc(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n));
+    VF v = rounded(__builtin_convertvector(loadi(acc + n) - z * loadi(w_sum + n), VF) * s * loadf(w_scale + n));
     if (bias) v = v + loadf(bias + n);
     std::memcpy(out + n, &v, sizeof(v));
   }
   for (; n < N; ++n) {
-    const float v = rounded(static_cast<float>(static_cast<int32_t>(acc[n]) - z * w_sum[n]) * s * w_scale[n]);
+    const float v = rounded(static_cast<float>(acc[n] - z * w_sum[n]) * s * w_scale[n]);
     out[n] = bias ? v + bias[n] : v;
   }
 }
@@ -422,6 +416,23 @@ inline void vnni_weight(Level&& w, int64_t N, int64_t K, int8_t* out) {
   grouped_weight<4>(w, N, K, vnni_padded_cols(N), out);
 }
 
+// rescale_block on the exact sums acc - z * w_sum of R rows x kVnniCols vectors of uint8 x int8 accumulators.
+template <int R>
+inline void rescale_uint8_sums(const __m512i* acc, const int32_t* z, const int32_t* w_sum, const float* s,
+                               const float* w_scale, const float* bias, int64_t N, int64_t n0, float* out) {
+  VF sums[R * kVnniCols];
+#pragma GCC unroll 4
+  for (int j = 0; j < kVnniCols; ++j) {
+    const int64_t n = n0 + j * kLanes, left = std::max<int64_t>(0, std::min<int64_t>(kLanes, N - n));
+    const __m512i ws = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << left) - 1), w_sum + n);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+      sums[r * kVnniCols + j] = (VF)_mm512_cvtepi32_ps(
+          _mm512_sub_epi32(acc[r * kVnniCols + j], _mm512_mullo_epi32(_mm512_set1_epi32(z[r]), ws)));
+  }
+  rescale_block<R, kVnniCols>(sums, s, w_scale, bias, N, n0, out);
+}
+
 // Rows [0, R) and columns [n0, n0 + kVnniBlock) of out; q holds R rows of 4 * G uint8 levels, z their zero points
 // (moved as the levels).
 template <int R>
@@ -449,18 +460,40 @@ __attribute__((target("avx512vnni"))) inline void vnni_block(const uint8_t* q, i
       for (int j = 0; j < kVnniCols; ++j) asm("vpdpbusd %2, %1, %0" : "+v"(acc[r * kVnniCols + j]) : "v"(a), "v"(w[j]));
     }
   }
-  VF sums[R * kVnniCols];
-#pragma GCC unroll 4
-  for (int j = 0; j < kVnniCols; ++j) {
-    const int64_t n = n0 + j * kLanes, left = std::max<int64_t>(0, std::min<int64_t>(kLanes, N - n));
-    const __m512i ws = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << left) - 1), w_sum + n);
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-      sums[r * kVnniCols + j] = (VF)_mm512_cvtepi32_ps(
-          _mm512_sub_epi32(acc[r * kVnniCols + j], _mm512_mullo_epi32(_mm512_set1_epi32(z[r]), ws)));
-  }
-  rescale_block<R, kVnniCols>(sums, s, w_scale, bias, N, n0, out);
+  rescale_uint8_sums<R>(acc, z, w_sum, s, w_scale, bias, N, n0, out);
 }
+
+// A task's rows of uint8 levels (signed ones moved up by 128), `stride` bytes apart from a 64-byte boundary, zero past
+// K and past the last row up to `padded_rows` (whole AMX tiles); their scales and zero points (moved as the levels).
+struct UintLevels {
+  std::vector<uint8_t> bytes;
+  std::vector<float> scales;
+  std::vector<int32_t> zero_points;
+  uint8_t* base = nullptr;
+  int64_t stride = 0;
+
+  uint8_t* row(int64_t r) const { return base + r * stride; }
+
+  void quantize(const float* x, const float* smooth, const float* scale, const int32_t* zero_point, int64_t period,
+                float lo, float hi, int64_t K, int64_t stride_, int64_t m0, int64_t m1, int64_t padded_rows) {
+    const int offset = vnni_offset(static_cast<int64_t>(lo), static_cast<int64_t>(hi));
+    const int64_t rows = m1 - m0;
+    stride = stride_;
+    // AMX tile rows that straddle cache lines load at two thirds the speed (amx_rows)
+    bytes.assign(static_cast<size_t>(padded_rows * stride + 64), uint8_t{0});
+    base = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
+    scales.resize(static_cast<size_t>(rows));
+    zero_points.resize(static_cast<size_t>(rows));
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t t = (m0 + r) % period;
+      scales[r] = scale[t];
+      zero_points[r] = zero_point[t] + offset;
+      // as quantize_per_channel: x * (1 / scale)
+      quantize_row(x + (m0 + r) * K, smooth, 1.0f / scale[t], static_cast<float>(zero_point[t]), lo, hi,
+                   static_cast<float>(-offset), K, row(r));
+    }
+  }
+};
 
 // Rows [m0, m1) of out = rescale(levels(x) x w), as direct_rows (the same arguments; vnni_exact holds), with wt from
 // vnni_weight and the column sums w_sum of the weight's levels.
@@ -471,28 +504,17 @@ __attribute__((target("avx512vnni"))) inline void vnni_rows(const float* x, cons
                                                             const float* bias, int64_t N, int64_t m0, int64_t m1,
                                                             float* out) {
   const int64_t G = (K + 3) / 4, Np = vnni_padded_cols(N), rows = m1 - m0;
-  const int offset = vnni_offset(static_cast<int64_t>(lo), static_cast<int64_t>(hi));
-  thread_local std::vector<uint8_t> levels;
-  thread_local std::vector<float> scales;
-  thread_local std::vector<int32_t> zs;
-  levels.assign(static_cast<size_t>(rows * 4 * G), uint8_t{0});  // the pad past K stays 0 (its weights are 0 too)
-  scales.resize(static_cast<size_t>(rows));
-  zs.resize(static_cast<size_t>(rows));
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t t = (m0 + r) % period;
-    scales[r] = scale[t];
-    zs[r] = zero_point[t] + offset;
-    // as quantize_per_channel: x * (1 / scale)
-    quantize_row(x + (m0 + r) * K, smooth, 1.0f / scale[t], static_cast<float>(zero_point[t]), lo, hi,
-                 static_cast<float>(-offset), K, levels.data() + r * 4 * G);
-  }
+  thread_local UintLevels levels;
+  levels.quantize(x, smooth, scale, zero_point, period, lo, hi, K, 4 * G, m0, m1, rows);
+  const int32_t* zs = levels.zero_points.data();
+  const float* scales = levels.scales.data();
   const int64_t panel = std::max<int64_t>(1, kVnniPanelBytes / (4 * G * kVnniBlock)) * kVnniBlock;
   for (int64_t p0 = 0; p0 < N; p0 += panel) {
     const int64_t p1 = std::min(N, p0 + panel);
     for (int64_t r = 0; r < rows; r += kVnniRows) {
-      const uint8_t* q = levels.data() + r * 4 * G;
-      const int32_t* z = zs.data() + r;
-      const float* s = scales.data() + r;
+      const uint8_t* q = levels.row(r);
+      const int32_t* z = zs + r;
+      const float* s = scales + r;
       float* o = out + (m0 + r) * N;
       for (int64_t n0 = p0; n0 < p1; n0 += kVnniBlock) {
         switch (std::min<int64_t>(kVnniRows, rows - r)) {
@@ -509,8 +531,151 @@ __attribute__((target("avx512vnni"))) inline void vnni_rows(const float* x, cons
     }
   }
 }
+
+// The uint8 x int8 product on AMX tiles, for AVX-512 builds on Linux CPUs with AMX-INT8 (Sapphire Rapids and later:
+// has_amx; native.int8_gemm_path's "amx", and the onnxruntime op there): tdpbusd multiplies a 16 x 64 tile of uint8
+// levels by a 64 x 16 tile of int8 weight levels into a 16 x 16 tile of int32 sums, 16384 multiply-adds an instruction
+// (vpdpbusd: 64). A block of 32 rows x 32 columns accumulates in four C tiles (tiles 0-3; A tiles 4-5, B tiles 6-7),
+// goes through a buffer and rescale_uint8_sums: the same levels and floats as vnni_rows, quantized and rescaled in the
+// product's pass. Each block's sums are rescaled while the next block multiplies (two buffers): read straight after
+// the tile store, they stalled the core. The weight is laid out tile by tile (amx_weight: each B tile 1 KB in a row)
+// and the levels' rows start on cache lines. Vim-T's linears, one thread, Intel Xeon with AMX, a standalone harness of
+// this file (not kept), against vnni_rows: batch 8 in_proj 0.51 / 1.14 ms, out_proj 0.32 / 0.63, x_proj 0.22 / 0.33;
+// batch 1 in_proj 0.056 / 0.137, x_proj 0.026 / 0.038; tiny K (dt_proj's 12, padded to 64) and a few rows are
+// slower there and stay on vnni_rows (amx_product). AMX is a thread's state under Linux: the process asks for it once
+// (arch_prctl), each call configures its thread's tiles and releases them.
+#if defined(__linux__)
+#define VMQ_HAS_AMX 1
+
+constexpr int64_t kAmxTileRows = 16;            // rows of a tile; groups of 4 k in a B tile
+constexpr int64_t kAmxRows = 2 * kAmxTileRows;  // rows of a block: two A tiles
+static_assert(kVnniBlock == 2 * kAmxTileRows, "a block's columns are two B tiles");
+
+// Whether the CPU has AMX-INT8 and Linux lets this process use its tile data (asked once; Linux 5.16 and later).
+inline bool has_amx() {
+  static const bool ok = [] {
+    unsigned eax = 7, ebx = 0, ecx = 0, edx = 0;
+    __asm__("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    if (!((edx >> 24) & 1) || !((edx >> 25) & 1)) return false;  // AMX-TILE, AMX-INT8
+    constexpr long kArchPrctl = 158, kReqXcompPerm = 0x1023, kXtiledata = 18;  // x86-64 syscall, <asm/prctl.h>
+    long ret;
+    __asm__ volatile("syscall" : "=a"(ret) : "a"(kArchPrctl), "D"(kReqXcompPerm), "S"(kXtiledata) : "rcx", "r11",
+                     "memory");
+    return ret == 0;
+  }();
+  return ok;
+}
+
+// Whether amx_rows is the faster product (else vnni_rows): a block's rows and more than tiny K.
+inline bool amx_product(int64_t M, int64_t K) { return M >= kAmxRows && K > kDirectTinyK; }
+
+inline int64_t amx_groups(int64_t K) { return ((K + 3) / 4 + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows; }
+inline int64_t amx_weight_size(int64_t N, int64_t K) { return vnni_padded_cols(N) * amx_groups(K) * 4; }
+
+// The weight's levels for amx_rows: w(n, k) -> int8 B tiles [vnni_padded_cols(N) / 16][amx_groups(K)][16][4]: the
+// tiles of 16 columns one after the other, each 16 groups of 4 k of its 16 columns (64 bytes a row), zero past N and K.
+template <typename Level>
+inline void amx_weight(Level&& w, int64_t N, int64_t K, int8_t* out) {
+  const int64_t G = amx_groups(K), Np = vnni_padded_cols(N);
+  for (int64_t c = 0; c < Np / kAmxTileRows; ++c)
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < kAmxTileRows; ++j)
+        for (int64_t i = 0; i < 4; ++i) {
+          const int64_t n = kAmxTileRows * c + j, k = 4 * g + i;
+          out[((c * G + g) * kAmxTileRows + j) * 4 + i] = n < N && k < K ? static_cast<int8_t>(w(n, k)) : int8_t{0};
+        }
+}
+
+struct alignas(64) AmxConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {64, 64, 64, 64, 64, 64, 64, 64};
+  uint8_t rows[16] = {16, 16, 16, 16, 16, 16, 16, 16};
+};
+
+// rescale_uint8_sums on a block's sums ([kAmxRows][kVnniBlock] int32), `rows` of them from row r of the task.
+inline void rescale_amx_block(const int32_t* sums, int64_t rows, const int32_t* z, const int32_t* w_sum,
+                              const float* s, const float* w_scale, const float* bias, int64_t N, int64_t n0,
+                              float* out) {
+  for (int64_t r = 0; r < rows; r += kVnniRows) {
+    const __m512i* acc = reinterpret_cast<const __m512i*>(sums + r * kVnniBlock);
+    float* o = out + r * N;
+    switch (std::min<int64_t>(kVnniRows, rows - r)) {
+      case 8: rescale_uint8_sums<8>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+      case 7: rescale_uint8_sums<7>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+      case 6: rescale_uint8_sums<6>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+      case 5: rescale_uint8_sums<5>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+      case 4: rescale_uint8_sums<4>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+      case 3: rescale_uint8_sums<3>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+      case 2: rescale_uint8_sums<2>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+      default: rescale_uint8_sums<1>(acc, z + r, w_sum, s + r, w_scale, bias, N, n0, o); break;
+    }
+  }
+}
+
+// Rows [m0, m1) of out = rescale(levels(x) x w), as vnni_rows (the same arguments; vnni_exact and has_amx hold), with
+// wt from amx_weight (64-byte aligned).
+__attribute__((target("amx-tile,amx-int8"))) inline void amx_rows(const float* x, const float* smooth,
+                                                                  const float* scale, const int32_t* zero_point,
+                                                                  int64_t period, float lo, float hi, int64_t K,
+                                                                  const int8_t* wt, const int32_t* w_sum,
+                                                                  const float* w_scale, const float* bias, int64_t N,
+                                                                  int64_t m0, int64_t m1, float* out) {
+  const int64_t G = amx_groups(K), rows = m1 - m0, stride = 4 * G;
+  thread_local UintLevels levels;
+  levels.quantize(x, smooth, scale, zero_point, period, lo, hi, K, stride, m0, m1,
+                  (rows + kAmxRows - 1) / kAmxRows * kAmxRows);
+  static const AmxConfig config;
+  _tile_loadconfig(&config);
+  alignas(64) int32_t sums[2][kAmxRows * kVnniBlock];
+  constexpr int64_t row_bytes = kVnniBlock * sizeof(int32_t);
+  int64_t pending_r = -1, pending_n0 = 0;  // the block whose sums wait in sums[1 - cur]
+  int cur = 0;
+  const auto rescale_pending = [&] {
+    if (pending_r < 0) return;
+    rescale_amx_block(sums[1 - cur], std::min(kAmxRows, rows - pending_r), levels.zero_points.data() + pending_r,
+                      w_sum, levels.scales.data() + pending_r, w_scale, bias, N, pending_n0,
+                      out + (m0 + pending_r) * N);
+  };
+  const int64_t panel = std::max<int64_t>(1, kVnniPanelBytes / (stride * kVnniBlock)) * kVnniBlock;
+  for (int64_t p0 = 0; p0 < N; p0 += panel) {
+    const int64_t p1 = std::min(N, p0 + panel);
+    for (int64_t r = 0; r < rows; r += kAmxRows) {
+      const uint8_t* a = levels.row(r);
+      for (int64_t n0 = p0; n0 < p1; n0 += kVnniBlock) {
+        const int8_t* b = wt + (n0 / kAmxTileRows) * G * 64;  // its two B tiles' columns
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t g = 0; g < G; g += kAmxTileRows) {
+          _tile_loadd(4, a + 4 * g, stride);
+          _tile_loadd(5, a + kAmxTileRows * stride + 4 * g, stride);
+          _tile_loadd(6, b + g * 64, 64);
+          _tile_loadd(7, b + G * 64 + g * 64, 64);
+          _tile_dpbusd(0, 4, 6);
+          _tile_dpbusd(1, 4, 7);
+          _tile_dpbusd(2, 5, 6);
+          _tile_dpbusd(3, 5, 7);
+        }
+        rescale_pending();
+        int32_t* c = sums[cur];
+        _tile_stored(0, c, row_bytes);
+        _tile_stored(1, c + kLanes, row_bytes);
+        _tile_stored(2, c + kAmxTileRows * kVnniBlock, row_bytes);
+        _tile_stored(3, c + kAmxTileRows * kVnniBlock + kLanes, row_bytes);
+        pending_r = r, pending_n0 = n0, cur = 1 - cur;
+      }
+    }
+  }
+  rescale_pending();
+  _tile_release();
+}
+#else
+#define VMQ_HAS_AMX 0
+#endif
 #else
 #define VMQ_HAS_VNNI 0
+#define VMQ_HAS_AMX 0
 #endif
 
 // The int16 product, for x86 CPUs without int8 dot products (no VNNI / AMX: native.int8_gemm_path's "int16"), where

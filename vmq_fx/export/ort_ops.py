@@ -10,7 +10,7 @@ An ONNX file exported with ``export_onnx(..., ops="vmq")`` holds, instead of the
   (``vmq_fx/csrc/hadamard_core.h``);
 * ``vmq.Int8Linear``: one node per lowered integer linear. On CPUs with AVX-512 VNNI (the AVX-512 build) the torch
   op's uint8 x int8 product (``vmq_fx/csrc/linear_core.h``'s ``vnni_rows``: quantize, ``vpdpbusd`` and rescale in one
-  pass). Elsewhere the torch op's per-token quantize and rescale around onnxruntime's own ``MatMulInteger``, invoked
+  pass), on CPUs with AMX-INT8 the same on AMX tiles (``amx_rows``, ``tdpbusd``). Elsewhere the torch op's per-token quantize and rescale around onnxruntime's own ``MatMulInteger``, invoked
   from the kernel with the operand types that are exact and fastest on the CPU it runs on (uint8 x int8 with VNNI;
   8-bit weights as uint8 x uint8 without it, where uint8 x int8 saturates; there small products take the torch op's
   int16 product instead, tiny K the torch op's direct product in the AVX-512 build). ``VMQ_FX_ORT_UINT8_WEIGHTS=1``

@@ -145,26 +145,28 @@ ONEDNN_CAPS_WITHOUT_AMX = ONEDNN_CAPS_WITHOUT_INT8_DOT + ("AVX2_VNNI", "AVX2_VNN
 # /proc/cpuinfo flags of the int8 dot-product instructions that make oneDNN's int8 products exact and fast
 INT8_DOT_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 # How vmq::int8_linear can multiply (csrc/int8_linear.cpp)
-INT8_GEMM_PATHS = ("int_mm", "onednn", "vnni", "int16", "float")
+INT8_GEMM_PATHS = ("int_mm", "vnni", "amx", "int16", "float")
 
 
 def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
     """How ``vmq::int8_linear`` multiplies on this CPU with the build ``isa``: ``(path, why)``, ``path`` one of
-    ``"int_mm"``, ``"onednn"``, ``"vnni"``, ``"int16"``, ``"float"``.
+    :data:`INT8_GEMM_PATHS`.
 
     ``torch._int_mm`` (oneDNN's gemm API) is exact and fast where the CPU has int8 dot-product instructions: measured
     2.0x the fp32 GEMM with AVX-512 VNNI, but 32x *slower* on an AVX2-only CPU (Vim-T shapes). It does not use AMX
-    tiles: on a CPU with AMX, ``"onednn"`` multiplies the large products with oneDNN's matmul primitive (torch's
-    ``onednn::qlinear_pointwise``, 2.9x ``_int_mm`` on Vim-T's in_proj at batch 8) and the rest with ``_int_mm``.
-    With AVX-512 VNNI and no AMX the AVX-512 build multiplies in vmq_fx's own kernel (``"vnni"``: ``vpdpbusd``,
-    exact, the quantization and the rescale in the product's pass: Vim-T's large linears as fast as through ``_int_mm``,
-    the small ones 1.2-1.3x), and what it cannot take exactly (levels wider than 8 bits) with ``_int_mm``.
+    tiles. The AVX-512 build multiplies in vmq_fx's own kernels, exact, the quantization and the rescale in the
+    product's pass: on AMX tiles where the CPU has AMX-INT8 and Linux grants them (``"amx"``: ``tdpbusd``; Vim-T's
+    in_proj at batch 8 2.2x the ``vpdpbusd`` product, vim_tiny W8A8 1.56x / 1.70x FP32 at batch 1 / 8, Intel Xeon,
+    one thread; few rows and tiny K on ``vpdpbusd``), else with AVX-512 VNNI (``"vnni"``: ``vpdpbusd``; Vim-T's large
+    linears as fast as through ``_int_mm``, the small ones 1.2-1.3x); what they cannot take exactly (levels wider
+    than 8 bits) goes to ``_int_mm``. ``ONEDNN_MAX_CPU_ISA`` below AMX keeps the AMX product off as well.
     Without int8 dot products an x86 build multiplies int16 levels with ``vpmaddwd`` in vmq_fx's own kernel
     (``"int16"``: exact, 1.0-1.36x the fp32 GEMM at Vim-T shapes with AVX2, quantization and rescale included); ARM64
     builds multiply the dequantized activation levels and the dequantized weight in the fp32 GEMM (``"float"``, the
     Q/DQ graph's computation, see ``csrc/int8_linear.cpp``): the FP32 model's work plus one pass over the input.
     ``$VMQ_FX_INT8_GEMM`` (one of :data:`INT8_GEMM_PATHS`) overrides the choice. The pure-torch
-    implementation of the op follows the same choice (``torch._int_mm`` for ``"onednn"``: the same integers).
+    implementation of the op follows the same choice (``torch._int_mm`` for ``"vnni"`` and ``"amx"``: the same
+    integers).
     """
     isa = isa or selected_isa()
     forced = os.environ.get("VMQ_FX_INT8_GEMM", "").strip().lower()
@@ -175,8 +177,6 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
             vnni = f" on a CPU {'with' if 'avx512_vnni' in _cpu_flags() else 'without'} AVX-512 VNNI"
             raise ValueError(f"VMQ_FX_INT8_GEMM={forced}: {_PATH_NEEDS[forced]}; here the build is {isa}"
                              + (vnni if forced == "vnni" else ""))
-        if forced == "onednn" and "amx_int8" not in _cpu_flags():
-            _warn_onednn_without_amx()
         return forced, "set by VMQ_FX_INT8_GEMM"
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
     if cap in ONEDNN_CAPS_WITHOUT_INT8_DOT:
@@ -185,13 +185,19 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
         return _without_int8_dot(isa, f"ONEDNN_MAX_CPU_ISA={cap} keeps torch._int_mm off int8 dot-product "
                                       "instructions")
     flags = _cpu_flags()
-    if "amx_int8" in flags and cap not in ONEDNN_CAPS_WITHOUT_AMX:
-        return "onednn", "the CPU has AMX int8, which oneDNN's matmul primitive uses and torch._int_mm does not"
-    amx_off = f", and AMX int8 kept off by ONEDNN_MAX_CPU_ISA={cap}" if "amx_int8" in flags else ""
+    amx_off = ""
+    if "amx_int8" in flags:
+        if cap in ONEDNN_CAPS_WITHOUT_AMX:
+            amx_off = f", and AMX int8 kept off by ONEDNN_MAX_CPU_ISA={cap}"
+        elif isa == "avx512" and _amx_granted():
+            return "amx", "the CPU has AMX int8: vmq_fx's own uint8 x int8 product on AMX tiles"
+        elif isa == "avx512":
+            _warn_amx_not_granted()
+            amx_off = ", and Linux did not grant this process AMX tiles"
     if isa == "avx512" and "avx512_vnni" in flags:
         return "vnni", f"the CPU has AVX-512 VNNI{amx_off}: vmq_fx's own uint8 x int8 product"
     if "amx_int8" in flags:
-        return "int_mm", f"the CPU has AMX int8, kept off by ONEDNN_MAX_CPU_ISA={cap}"
+        return "int_mm", f"the CPU has AMX int8 (and VNNI, which torch._int_mm uses); no AMX product in the {isa} build"
     if isa in ("avx2", "avx512") and "avx_vnni" in flags:
         return "int_mm", "the CPU has AVX-VNNI"
     return _without_int8_dot(isa, f"no int8 dot-product instructions for the {isa} build (VNNI / AMX), where "
@@ -199,14 +205,15 @@ def int8_gemm_path(isa: str | None = None) -> tuple[str, str]:
 
 
 _PATH_NEEDS = {"vnni": "the vnni product needs the avx512 build on a CPU with AVX-512 VNNI",
+               "amx": "the amx product needs the avx512 build on a Linux CPU with AMX int8 that grants its tiles",
                "int16": "the int16 product needs an x86 build"}
 
 
 def int8_gemm_runs(path: str, isa: str | None = None) -> bool:
     """Whether ``vmq::int8_linear`` of the build ``isa`` (default :func:`selected_isa`) can multiply on ``path`` (one
-    of :data:`INT8_GEMM_PATHS`) on this CPU: ``"vnni"`` needs the ``avx512`` build and AVX-512 VNNI, ``"int16"`` an
-    x86 build; the library paths run on every CPU (slowly, or under a capped oneDNN wrongly, where
-    :func:`int8_gemm_path` does not pick them).
+    of :data:`INT8_GEMM_PATHS`) on this CPU: ``"vnni"`` needs the ``avx512`` build and AVX-512 VNNI, ``"amx"`` the
+    ``avx512`` build and AMX-INT8 tiles that Linux grants, ``"int16"`` an x86 build; the library paths run on every CPU
+    (slowly, or under a capped oneDNN wrongly, where :func:`int8_gemm_path` does not pick them).
 
     Example:
         >>> from vmq_fx.ops import native
@@ -216,16 +223,33 @@ def int8_gemm_runs(path: str, isa: str | None = None) -> bool:
     isa = isa or selected_isa()
     if path == "vnni":
         return isa == "avx512" and "avx512_vnni" in _cpu_flags()
+    if path == "amx":
+        return isa == "avx512" and "amx_int8" in _cpu_flags() and _amx_granted()
     if path == "int16":
         return isa != "neon"
     return path in INT8_GEMM_PATHS
 
 
+@functools.cache
+def _amx_granted() -> bool:
+    """Whether Linux lets this process use AMX tile data: it must ask once (``arch_prctl(ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA)``, Linux 5.16 and later), as the kernels' ``has_amx`` does; the answer holds for the process."""
+    if platform.system() != "Linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    import ctypes
+
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18  # x86-64 Linux, <asm/prctl.h>
+    try:
+        args = (ctypes.c_long(sys_arch_prctl), ctypes.c_long(arch_req_xcomp_perm), ctypes.c_long(xfeature_xtiledata))
+        return ctypes.CDLL(None, use_errno=True).syscall(*args) == 0
+    except (OSError, AttributeError):
+        return False
+
+
 @functools.cache  # once a process: int8_gemm_path runs at every kernel switch, and per call on the pure-torch path
-def _warn_onednn_without_amx() -> None:
-    log.warning("vmq_fx: VMQ_FX_INT8_GEMM=onednn on a CPU without AMX: oneDNN's matmul primitive then runs its "
-                "reference int8 kernel for the large products (Vim-T's in_proj at batch 8 on an AMD EPYC Zen 4: "
-                "4.9 s, against 1.3 ms on int_mm); exact, but use int_mm here")
+def _warn_amx_not_granted() -> None:
+    log.warning("vmq_fx: the CPU has AMX int8 but Linux did not grant this process its tiles (arch_prctl "
+                "ARCH_REQ_XCOMP_PERM; Linux 5.16 and later): vmq_fx's vpdpbusd product (vnni) multiplies instead")
 
 
 def _without_int8_dot(isa: str, why: str) -> tuple[str, str]:

@@ -2,7 +2,10 @@
 // every exact product takes the torch op's uint8 x int8 product (linear_core.h's vnni_rows: quantize, vpdpbusd and
 // rescale in one pass; Intel Xeon without AMX, one thread: vim_tiny's W8A8 file 1.26-1.35x / 1.21-1.40x its FP32 file
 // at batch 1 / 8 in three runs, against 1.07-1.30x / 1.22-1.23x through MatMulInteger in the same processes, and in
-// onnxruntime's profiler each of vim-fm-tiny's Int8Linear nodes at batch 64 as fast or up to 1.3x faster).
+// onnxruntime's profiler each of vim-fm-tiny's Int8Linear nodes at batch 64 as fast or up to 1.3x faster), and on CPUs
+// with AMX-INT8 the same product on AMX tiles where it is the faster (amx_rows, amx_product: Intel Xeon with AMX, one
+// thread, vim_tiny's W8A8 file 1.52x / 1.51x its FP32 file at batch 1 / 8, against 1.31x / 1.35x on vnni_rows and
+// 1.36x / 1.30x through MatMulInteger, bench/int8_gemm_paths.py).
 // Elsewhere one pass quantizes the activation per token (static or per-token dynamic parameters) with the torch op's
 // arithmetic (linear_core.h), onnxruntime's own MatMulInteger multiplies (invoked from the kernel: MLAS, on the
 // session's threads), and one pass rescales the int32 accumulators in place into the float output. In the AVX-512
@@ -174,6 +177,16 @@ struct Int8LinearKernel {
                         [&](int64_t begin, int64_t end) { product(begin * rows, std::min(end * rows, M)); });
       };
       if (vnni) {
+#if VMQ_HAS_AMX
+        if (vmq_fx::linear::amx_product(M, K) && vmq_fx::linear::has_amx()) {
+          const int8_t* wt = amx_weight(w, K, N);
+          own_product(vmq_fx::linear::kAmxRows, [&](int64_t m0, int64_t m1) {
+            vmq_fx::linear::amx_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_sum.data,
+                                     w_scale.data, bias.data, N, m0, m1, out);
+          });
+          return;
+        }
+#endif
 #if VMQ_HAS_VNNI
         const int8_t* wt = vnni_weight(w, K, N);
         own_product(vmq_fx::linear::kVnniRows, [&](int64_t m0, int64_t m1) {
@@ -253,6 +266,15 @@ struct Int8LinearKernel {
   }
 #endif
 
+#if VMQ_HAS_AMX
+  // The weight's levels as AMX B tiles for the product on tiles.
+  const int8_t* amx_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
+    return amx_.get(w.data, vmq_fx::linear::amx_weight_size(N, K), [&](int8_t* out) {
+      vmq_fx::linear::amx_weight([&](int64_t n, int64_t k) { return w.data[k * N + n]; }, N, K, out);
+    });
+  }
+#endif
+
 #if VMQ_HAS_MADD
   // The weight's levels as int16 pairs for the int16 product.
   const int16_t* madd_weight(const Input<int8_t>& w, int64_t K, int64_t N) {
@@ -272,22 +294,26 @@ struct Int8LinearKernel {
   }
 
   // A form of the weight made on the first call and kept: the weight is an initializer, the same memory and values in
-  // every call (a new source pointer remakes it).
+  // every call (a new source pointer remakes it). It starts on a 64-byte boundary (AMX tile rows that straddle cache
+  // lines load slower).
   template <typename T>
   struct DerivedWeight {
     std::mutex mutex;
     std::vector<T> data;
+    T* aligned = nullptr;
     const int8_t* source = nullptr;
 
     template <typename Fill>
     T* get(const int8_t* w, int64_t size, Fill&& fill) {
       std::lock_guard<std::mutex> lock(mutex);
       if (source != w) {
-        data.resize(static_cast<size_t>(size));
-        fill(data.data());
+        data.resize(static_cast<size_t>(size) + 64 / sizeof(T));
+        const auto misaligned = reinterpret_cast<uintptr_t>(data.data()) % 64;
+        aligned = data.data() + (misaligned ? (64 - misaligned) / sizeof(T) : 0);
+        fill(aligned);
         source = w;
       }
-      return data.data();
+      return aligned;
     }
   };
 
@@ -302,6 +328,7 @@ struct Int8LinearKernel {
   DerivedWeight<float> direct_;
   DerivedWeight<int16_t> madd_;
   DerivedWeight<int8_t> vnni_;
+  DerivedWeight<int8_t> amx_;
 };
 
 struct Int8LinearOp : Ort::CustomOpBase<Int8LinearOp, Int8LinearKernel> {
