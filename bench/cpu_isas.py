@@ -11,9 +11,9 @@ block of runs, outside the timing); ratios are within a row.
 * scan: ``vmq::selective_scan`` (d_inner 384, L 197, N 16, D, z, delta bias, softplus), forward at batch 1 and 8 and
   forward + backward at batch 8; state updates per second.
 * conv: ``vmq::causal_conv1d`` (batch 8, L 197, 768 channels, 4 taps, SiLU).
-* linears: fp32 ``F.linear`` against ``vmq::int8_linear`` (W8A8) with ``torch._int_mm``, with oneDNN's matmul primitive
-  (on CPUs with AMX, where it is chosen) and with the fp32 GEMM on the levels, Vim-T's in_proj (192 -> 768) and
-  out_proj (384 -> 192) at batch 1 and 8.
+* linears: fp32 ``F.linear`` against ``vmq::int8_linear`` (W8A8) on every product path each build runs here
+  (``native.INT8_GEMM_PATHS``: ``torch._int_mm``, the kernel's own ``vpdpbusd`` and AMX products, the int16 product, the
+  fp32 GEMM on the levels), Vim-T's in_proj (192 -> 768) and out_proj (384 -> 192) at batch 1 and 8.
 """
 from __future__ import annotations
 
