@@ -536,14 +536,17 @@ __attribute__((target("avx512vnni"))) inline void vnni_rows(const float* x, cons
 // has_amx; native.int8_gemm_path's "amx", and the onnxruntime op there): tdpbusd multiplies a 16 x 64 tile of uint8
 // levels by a 64 x 16 tile of int8 weight levels into a 16 x 16 tile of int32 sums, 16384 multiply-adds an instruction
 // (vpdpbusd: 64). A block of 32 rows x 32 columns accumulates in four C tiles (tiles 0-3; A tiles 4-5, B tiles 6-7),
-// goes through a buffer and rescale_uint8_sums: the same levels and floats as vnni_rows, quantized and rescaled in the
-// product's pass. Each block's sums are rescaled while the next block multiplies (two buffers): read straight after
-// the tile store, they stalled the core. The weight is laid out tile by tile (amx_weight: each B tile 1 KB in a row)
-// and the levels' rows start on cache lines. Vim-T's linears, one thread, Intel Xeon with AMX, a standalone harness of
-// this file (not kept), against vnni_rows: batch 8 in_proj 0.51 / 1.14 ms, out_proj 0.32 / 0.63, x_proj 0.22 / 0.33;
-// batch 1 in_proj 0.056 / 0.137, x_proj 0.026 / 0.038; tiny K (dt_proj's 12, padded to 64) and a few rows are
-// slower there and stay on vnni_rows (amx_product). AMX is a thread's state under Linux: the process asks for it once
-// (arch_prctl), each call configures its thread's tiles and releases them.
+// goes through a 4 KB buffer and rescale_uint8_sums: the same levels and floats as vnni_rows, quantized and rescaled
+// in the product's pass. The weight is laid out tile by tile (amx_weight: each B tile 1 KB in a row; read through the
+// vnni layout's 3 KB row stride, in_proj at batch 8 took 1.15x the time) and the levels' rows start on cache lines
+// (straddling two lines: 1.35x). Vim-T's linears, one thread, Intel Xeon with AMX, a standalone harness of this file
+// (not kept), against vnni_rows: batch 8 in_proj 0.51 / 1.14 ms, out_proj 0.32 / 0.63, x_proj 0.22 / 0.33; batch 1
+// in_proj 0.056 / 0.137, x_proj 0.026 / 0.038. Of in_proj's 0.51 ms at batch 8 the quantization takes ~0.08, the tiles
+// ~0.14 and the rescale, which writes the 4.8 MB output, the rest; rescaling each block while the next one multiplies
+// (two buffers) gained nothing measurable, nor did walking the rows in super-blocks of 64-256 for cache reuse. Tiny K
+// (dt_proj's 12, padded to 64) and a few rows are slower there and stay on vnni_rows (amx_product). AMX is a thread's
+// state under Linux: the process asks for it once (arch_prctl), each call configures its thread's tiles and releases
+// them.
 #if defined(__linux__)
 #define VMQ_HAS_AMX 1
 
@@ -626,16 +629,8 @@ __attribute__((target("amx-tile,amx-int8"))) inline void amx_rows(const float* x
                   (rows + kAmxRows - 1) / kAmxRows * kAmxRows);
   static const AmxConfig config;
   _tile_loadconfig(&config);
-  alignas(64) int32_t sums[2][kAmxRows * kVnniBlock];
+  alignas(64) int32_t sums[kAmxRows * kVnniBlock];
   constexpr int64_t row_bytes = kVnniBlock * sizeof(int32_t);
-  int64_t pending_r = -1, pending_n0 = 0;  // the block whose sums wait in sums[1 - cur]
-  int cur = 0;
-  const auto rescale_pending = [&] {
-    if (pending_r < 0) return;
-    rescale_amx_block(sums[1 - cur], std::min(kAmxRows, rows - pending_r), levels.zero_points.data() + pending_r,
-                      w_sum, levels.scales.data() + pending_r, w_scale, bias, N, pending_n0,
-                      out + (m0 + pending_r) * N);
-  };
   const int64_t panel = std::max<int64_t>(1, kVnniPanelBytes / (stride * kVnniBlock)) * kVnniBlock;
   for (int64_t p0 = 0; p0 < N; p0 += panel) {
     const int64_t p1 = std::min(N, p0 + panel);
@@ -657,17 +652,15 @@ __attribute__((target("amx-tile,amx-int8"))) inline void amx_rows(const float* x
           _tile_dpbusd(2, 5, 6);
           _tile_dpbusd(3, 5, 7);
         }
-        rescale_pending();
-        int32_t* c = sums[cur];
-        _tile_stored(0, c, row_bytes);
-        _tile_stored(1, c + kLanes, row_bytes);
-        _tile_stored(2, c + kAmxTileRows * kVnniBlock, row_bytes);
-        _tile_stored(3, c + kAmxTileRows * kVnniBlock + kLanes, row_bytes);
-        pending_r = r, pending_n0 = n0, cur = 1 - cur;
+        _tile_stored(0, sums, row_bytes);
+        _tile_stored(1, sums + kLanes, row_bytes);
+        _tile_stored(2, sums + kAmxTileRows * kVnniBlock, row_bytes);
+        _tile_stored(3, sums + kAmxTileRows * kVnniBlock + kLanes, row_bytes);
+        rescale_amx_block(sums, std::min(kAmxRows, rows - r), levels.zero_points.data() + r, w_sum,
+                          levels.scales.data() + r, w_scale, bias, N, n0, out + (m0 + r) * N);
       }
     }
   }
-  rescale_pending();
   _tile_release();
 }
 #else
