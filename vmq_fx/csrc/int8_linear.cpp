@@ -94,7 +94,8 @@ enum class Gemm : int { kIntMm, kFloat, kInt16, kVnni, kAmx };
 const char* const kGemmNames[] = {"int_mm", "float", "int16", "vnni", "amx"};
 std::atomic<int> g_gemm{static_cast<int>(Gemm::kIntMm)};
 
-// A tensor made from a weight and its scale (the dequantized weight, the prepacked one), cached (cached_derived).
+// A tensor made from a weight and its scale (the dequantized weight, a kernel's layout of its levels), cached
+// (cached_derived).
 template <int Kind, typename Make>
 std::vector<at::Tensor> cached_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, Make make) {
   return vmq_fx::linear::cached_derived<Kind, 2>({&w_in, &w_scale_in}, make);

@@ -31,7 +31,7 @@ inline at::Tensor as_contiguous(const at::Tensor& t, at::ScalarType dtype) {
   return t.scalar_type() == dtype && t.is_contiguous() ? t : t.to(dtype).contiguous();
 }
 
-// Tensors derived from a linear's constant inputs (a dequantized or prepacked weight, a decoded VQ weight), made by
+// Tensors derived from a linear's constant inputs (a dequantized or re-laid weight, a decoded VQ weight), made by
 // make() on first use and kept per tuple of source tensors. An entry holds while each source's storage is alive (weak
 // references), at the same offset and sizes and unmodified (version counter), so memory freed and reused by another
 // tensor, or a weight written in place, is never mistaken for what it was made from. One cache per Kind.

@@ -13,7 +13,8 @@ as torchao's ``choose_qparams_affine`` (asymmetric, ``eps`` = float32 epsilon) c
 Unsigned activation levels [0, 255] are shifted by 128 into int8, multiplied with int32 accumulation, and the shift and
 the zero points are corrected with the weight's column sums ``w_sum = W_int.sum(1)``, which the lowering computes once
 (:func:`prepare_weight`). The product is ``torch._int_mm`` (oneDNN) where the CPU has int8 dot-product instructions
-(VNNI; with AMX the C++ kernel hands the large products to oneDNN's matmul primitive, the same integers). Without
+(the C++ kernel's AVX-512 build multiplies uint8 x int8 itself there, with ``vpdpbusd`` or on AMX tiles: the same
+integers). Without
 them (``vmq_fx.ops.native.int8_gemm_path``: ``torch._int_mm`` is then slow, and under a capped oneDNN wrong) x86 builds
 multiply int16 levels in the C++ kernel (``"int16"``, the same integers; the pure-torch implementation gets them from a
 float GEMM in which they are exact), and ARM64 builds take the fp32 GEMM on the dequantized levels and weight, as the
