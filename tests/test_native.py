@@ -94,7 +94,7 @@ def test_an_isa_the_cpu_cannot_run_is_one_clear_error(monkeypatch):
 def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     """torch._int_mm only where int8 dot-product instructions exist (it is 32x slower than fp32 without them); the
     kernel's own vpdpbusd product with AVX-512 VNNI and no AMX (or AMX kept off); its own AMX product with AMX, where
-    Linux grants the tiles (else oneDNN's matmul primitive)."""
+    Linux grants the tiles (else vpdpbusd: the next test)."""
     for variable in ("ONEDNN_MAX_CPU_ISA", "VMQ_FX_INT8_GEMM"):
         monkeypatch.delenv(variable, raising=False)
     for flags, isa, want in [({"avx512f", "avx512_vnni"}, "avx512", "vnni"), ({"avx2", "fma"}, "avx2", "int16"),
@@ -110,7 +110,7 @@ def test_int8_gemm_path_follows_the_cpu_flags(monkeypatch):
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
     assert native.int8_gemm_path("avx512")[0] == "vnni"
     monkeypatch.setattr(native, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_vnni", "amx_int8"}))
-    assert native.int8_gemm_path("avx512")[0] == "vnni"  # AMX kept off: oneDNN's matmul primitive would not use it
+    assert native.int8_gemm_path("avx512")[0] == "vnni"  # AMX kept off by ONEDNN_MAX_CPU_ISA: the AMX product too
     assert native.int8_gemm_path("avx2")[0] == "int_mm"  # no vpdpbusd product in the AVX2 build
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
     monkeypatch.setattr(native, "_amx_granted", lambda: True)

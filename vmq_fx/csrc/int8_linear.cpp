@@ -276,7 +276,7 @@ at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>&
                     (gemm == Gemm::kVnni || gemm == Gemm::kAmx || (direct && (small || K <= kDirectTinyK)));
 #if VMQ_HAS_AMX
   // On the amx path the exact products take the tiles, but few rows and tiny K (amx_product), which stay on vnni_rows
-  const bool amx = vnni && gemm == Gemm::kAmx && amx_product(M, K) && has_amx();
+  const bool amx = vnni && gemm == Gemm::kAmx && amx_product(M, K);
 #endif
   const bool int16 = !vnni && (gemm == Gemm::kInt16 || (direct && small)) && K > kDirectTinyK &&
                      int16_product_exact(K, qmin, qmax, packed, zp, L);

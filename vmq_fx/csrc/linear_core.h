@@ -28,6 +28,13 @@ using VF = vmq_fx::Lanes<float>::V;
 using VI = vmq_fx::Lanes<float>::I;
 constexpr int kLanes = vmq_fx::Lanes<float>::W;
 
+// p moved up to the next 64-byte boundary (a buffer allocated 64 bytes longer holds what it needs from there).
+template <typename T>
+inline T* cache_line_aligned(T* p) {
+  const auto misaligned = reinterpret_cast<uintptr_t>(p) % 64;
+  return misaligned ? reinterpret_cast<T*>(reinterpret_cast<uintptr_t>(p) + 64 - misaligned) : p;
+}
+
 inline VF loadf(const float* p) {
   VF v;
   std::memcpy(&v, p, sizeof(v));
@@ -481,7 +488,7 @@ struct UintLevels {
     stride = stride_;
     // AMX tile rows that straddle cache lines load at two thirds the speed (amx_rows)
     bytes.assign(static_cast<size_t>(padded_rows * stride + 64), uint8_t{0});
-    base = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
+    base = cache_line_aligned(bytes.data());
     scales.resize(static_cast<size_t>(rows));
     zero_points.resize(static_cast<size_t>(rows));
     for (int64_t r = 0; r < rows; ++r) {
@@ -569,8 +576,8 @@ inline bool has_amx() {
   return ok;
 }
 
-// Whether amx_rows is the faster product (else vnni_rows): a block's rows and more than tiny K.
-inline bool amx_product(int64_t M, int64_t K) { return M >= kAmxRows && K > kDirectTinyK; }
+// Whether amx_rows runs here and is the faster product (else vnni_rows): a block's rows and more than tiny K.
+inline bool amx_product(int64_t M, int64_t K) { return M >= kAmxRows && K > kDirectTinyK && has_amx(); }
 
 inline int64_t amx_groups(int64_t K) { return ((K + 3) / 4 + kAmxTileRows - 1) / kAmxTileRows * kAmxTileRows; }
 inline int64_t amx_weight_size(int64_t N, int64_t K) { return vnni_padded_cols(N) * amx_groups(K) * 4; }

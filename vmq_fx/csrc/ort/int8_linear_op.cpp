@@ -178,7 +178,7 @@ struct Int8LinearKernel {
       };
       if (vnni) {
 #if VMQ_HAS_AMX
-        if (vmq_fx::linear::amx_product(M, K) && vmq_fx::linear::has_amx()) {
+        if (vmq_fx::linear::amx_product(M, K)) {
           const int8_t* wt = amx_weight(w, K, N);
           own_product(vmq_fx::linear::kAmxRows, [&](int64_t m0, int64_t m1) {
             vmq_fx::linear::amx_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_sum.data,
@@ -308,8 +308,7 @@ struct Int8LinearKernel {
       std::lock_guard<std::mutex> lock(mutex);
       if (source != w) {
         data.resize(static_cast<size_t>(size) + 64 / sizeof(T));
-        const auto misaligned = reinterpret_cast<uintptr_t>(data.data()) % 64;
-        aligned = data.data() + (misaligned ? (64 - misaligned) / sizeof(T) : 0);
+        aligned = vmq_fx::linear::cache_line_aligned(data.data());
         fill(aligned);
         source = w;
       }
