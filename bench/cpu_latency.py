@@ -30,6 +30,8 @@ shared CPU hits all of them, and ratios are taken within the table. Tables:
   onnxruntime with vmq_fx's ops.
 * ``rotation``: the lowered W8A8 model with a Hadamard rotation (``vmq::hadamard_transform``, and the same model with
   the matmuls that op replaced), a KLT rotation and outlier channels, against static W8A8, same runtimes.
+* ``norms``: the lowered W8A8 model with its RMSNorms as ``vmq::rms_norm`` (the lowering's default) and as the six
+  operators it replaces (``vmq_fx.lower(..., fuse_norms=False)``'s graph), against FP32, same runtimes.
 * ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused kernels and
   the pure-torch scan and convolution.
 * ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32, W8A8, VQ 2-bit), by operator, in torch and
@@ -63,7 +65,7 @@ import vmq_fx  # noqa: E402
 from vmq_fx import recipes  # noqa: E402
 from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
-TABLES = ("scan", "linears", "models", "dynamic", "rotation", "train", "profile")
+TABLES = ("scan", "linears", "models", "dynamic", "rotation", "norms", "train", "profile")
 # ONNX files per model: standard operators only (the portable Scan), and vmq_fx's onnxruntime ops (vmq.SelectiveScan,
 # vmq.Int8Linear: export_onnx(ops=...))
 RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq ops"}
@@ -348,6 +350,35 @@ def table_rotation(args) -> list[str]:
         out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
                    f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
                    + " | ".join(f"{ms(times[k])} ({times['static'] / times[k]:.2f}x)" for k in shown) + " |")
+        print(out[-1], file=sys.stderr, flush=True)
+    return out
+
+
+# -- norms -------------------------------------------------------------------------------------------------------------
+def as_unfused_norms(lowered):
+    """Each ``vmq.rms_norm`` node of a lowered model as the six operators it replaced (``rms_norm_reference``)."""
+    from vmq_fx.ops.rms_norm import rms_norm_reference
+
+    for node in lowered.graph.nodes:
+        if node.target is torch.ops.vmq.rms_norm.default:
+            node.target = rms_norm_reference
+    lowered.recompile()
+    return lowered
+
+
+def table_norms(args) -> list[str]:
+    """What the lowering's one-pass RMSNorm (``vmq::rms_norm``) gains over the six operators it replaces, in the
+    lowered W8A8 model, in torch and in onnxruntime with vmq_fx's ops (``vmq.RmsNorm``)."""
+    variants = {"W8A8": recipes.smoothquant_pts(8, 8)}
+    derived = {"unfused": ("W8A8", as_unfused_norms)}
+    out = ["## RMSNorm as one op, W8A8 (median ms per forward; ratios against FP32 and fused / unfused, same process)",
+           "", "| model | runtime | threads | batch | FP32 | W8A8, norms fused (the default) | W8A8, norms as six "
+           "operators | fused / unfused speed |", "|---|---|---|---|---|---|---|---|"]
+    for label, runtime, threads, batch, times in timed_lowered(args, variants, derived):
+        out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
+                   f"{ms(times['W8A8'])} ({times['FP32'] / times['W8A8']:.2f}x FP32) | "
+                   f"{ms(times['unfused'])} ({times['FP32'] / times['unfused']:.2f}x FP32) | "
+                   f"{times['unfused'] / times['W8A8']:.2f}x |")
         print(out[-1], file=sys.stderr, flush=True)
     return out
 

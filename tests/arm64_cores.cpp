@@ -6,6 +6,7 @@
 //   arm64_cores conv DIR batch L channels kernel has_bias silu reverse
 //   arm64_cores linear DIR M K N qmin qmax period has_smooth has_bias
 //   arm64_cores hadamard DIR rows d m
+//   arm64_cores rms_norm DIR rows d
 //
 // Each reads its inputs from DIR/<name>.bin and writes its outputs to DIR/<name>.bin (shapes in test_arm64.py).
 #include <cstdint>
@@ -17,6 +18,7 @@
 #include "causal_conv1d_core.h"
 #include "hadamard_core.h"
 #include "linear_core.h"
+#include "rms_norm_core.h"
 #include "selective_scan_core.h"
 
 namespace {
@@ -146,22 +148,42 @@ int hadamard(const std::vector<int64_t>& p) {
   return 0;
 }
 
+// x [rows, d], w [d] -> out [rows, d] = x / sqrt(mean(x^2) + 1e-5) * w.
+int rms_norm(const std::vector<int64_t>& p) {
+  const int64_t rows = p[0], d = p[1];
+  const auto x = read<float>("x", rows * d);
+  const auto w = read<float>("w", d);
+  std::vector<float> out(static_cast<size_t>(rows * d));
+  vmq_fx::norm::rms_norm_rows(x.data(), 0, rows, d, w.data(), 1e-5f, out.data());
+  write("out", out);
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 3) {
-    std::fprintf(stderr, "usage: arm64_cores scan|conv|linear|hadamard DIR PARAMS...\n");
+    std::fprintf(stderr, "usage: arm64_cores scan|conv|linear|hadamard|rms_norm DIR PARAMS...\n");
     return 2;
   }
   const std::string op = argv[1];
   g_dir = argv[2];
   std::vector<int64_t> p;
   for (int i = 3; i < argc; ++i) p.push_back(std::strtoll(argv[i], nullptr, 10));
-  const size_t want = op == "scan" ? 11 : op == "conv" ? 7 : op == "linear" ? 8 : op == "hadamard" ? 3 : 0;
+  const size_t want = op == "scan"       ? 11
+                      : op == "conv"     ? 7
+                      : op == "linear"   ? 8
+                      : op == "hadamard" ? 3
+                      : op == "rms_norm" ? 2
+                                         : 0;
   if (!want || p.size() != want) {
     std::fprintf(stderr, "arm64_cores: unknown op %s or wrong parameter count\n", op.c_str());
     return 2;
   }
   std::printf("%s\n", VMQ_ISA_NAME);
-  return op == "scan" ? scan(p) : op == "conv" ? conv(p) : op == "linear" ? linear(p) : hadamard(p);
+  return op == "scan"       ? scan(p)
+         : op == "conv"     ? conv(p)
+         : op == "linear"   ? linear(p)
+         : op == "hadamard" ? hadamard(p)
+                            : rms_norm(p);
 }

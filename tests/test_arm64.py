@@ -165,3 +165,19 @@ def test_hadamard_transform_matches_the_float64_matrix_on_arm64(arm64_cores, d, 
         h = torch.kron(h, torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64))
     ref = x.double() @ torch.kron(odd.double() if m > 1 else torch.ones(1, 1, dtype=torch.float64), h) / b**0.5
     assert _rel(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("d", [192, 17, 3])
+def test_rms_norm_matches_float64_and_the_x86_builds_on_arm64(arm64_cores, d):
+    """The norm on NEON (four vectors of 4 partial sums, a scalar tail, a row shorter than the partials) against float64,
+    and bit for bit against this machine's builds: the sum's order does not depend on the vector width."""
+    from vmq_fx.ops.rms_norm import rms_norm
+
+    rows = 7
+    g = torch.Generator().manual_seed(d)
+    x, w = torch.randn(rows, d, generator=g) * 5, torch.rand(d, generator=g) + 0.5
+    out = arm64_cores("rms_norm", {"x": _f32(x), "w": _f32(w)}, rows, d)("out", np.float32, (rows, d))
+    xd = x.double()
+    ref = xd / torch.sqrt((xd * xd).mean(-1, keepdim=True) + 1e-5) * w.double()
+    assert ((out.double() - ref).abs() / ref.abs()).max() < 6e-7
+    assert torch.equal(out, rms_norm(x, w, 1e-5))

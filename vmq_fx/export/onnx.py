@@ -19,6 +19,9 @@ How the vmq ops become standard ONNX (opset 18):
   constants ``H_c`` and ``H_a`` (``H_{2^k} = kron(H_a, H_c)``: two small matrices instead of one ``2^k`` square per
   node), ``MatMul`` by ``odd^T``, ``Reshape`` back. ``export_onnx(..., ops="vmq")`` writes one
   ``vmq.HadamardTransform`` node instead (the torch op's fast transform).
+* ``vmq::rms_norm`` -> ``Pow`` / ``ReduceMean`` / ``Add`` / ``Sqrt`` / ``Reciprocal`` / ``Mul`` / ``Mul``, the operators
+  torch's own translation writes for the decomposed norm it replaces. ``export_onnx(..., ops="vmq")`` writes one
+  ``vmq.RmsNorm`` node instead (the torch op's one-pass kernel).
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
   (uint8 x int8 -> int32 for weights of up to 7 bits; 8-bit weights as uint8 x uint8, moved up by 128 (folded at load)
@@ -306,6 +309,21 @@ def _hadamard_transform_custom(x, odd=None):
     return y
 
 
+def _rms_norm(x, weight, eps):
+    """``x * Reciprocal(Sqrt(ReduceMean(x^2) + eps)) * weight`` over the last axis."""
+    _, op, _ = _ops()
+    mean = op.ReduceMean(op.Pow(x, _const(op, 2.0, np.float32)), _const(op, [-1], np.int64), keepdims=1)
+    inv = op.Reciprocal(op.Sqrt(op.Add(mean, _const(op, eps, np.float32))))
+    return op.Mul(op.Mul(x, inv), weight)
+
+
+def _rms_norm_custom(x, weight, eps):
+    """One ``vmq.RmsNorm`` node (the torch op's one-pass kernel, :mod:`vmq_fx.export.ort_ops`)."""
+    _, _, call_op = _ops()
+    (y,) = call_op("RmsNorm", x, weight, _domain=CUSTOM_DOMAIN, epsilon=float(eps))
+    return y
+
+
 def _unpack_int4(op, w, k: int):
     """uint8 [N, ceil(K/2)] (low nibble first) -> int8 [N, K] in [-8, 7]."""
     lo = op.BitwiseAnd(w, _const(op, 15, np.uint8))
@@ -467,9 +485,9 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
 
     Args:
         ops: ``"onnx"``: standard ONNX operators only (the selective scan as a ``Scan``); ``"vmq"``: the selective
-            scan, the causal convolution, the Hadamard transform and the integer linear as one node each
-            (``vmq.SelectiveScan``, ``vmq.CausalConv1d``, ``vmq.HadamardTransform``, ``vmq.Int8Linear``: vmq_fx's
-            onnxruntime library).
+            scan, the causal convolution, the Hadamard transform, the RMSNorm and the integer linear as one node
+            each (``vmq.SelectiveScan``, ``vmq.CausalConv1d``, ``vmq.HadamardTransform``, ``vmq.RmsNorm``,
+            ``vmq.Int8Linear``: vmq_fx's onnxruntime library).
     """
     import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 
@@ -480,6 +498,7 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
         vmq.selective_scan.default: _selective_scan,
         vmq.causal_conv1d.default: _causal_conv1d,
         vmq.hadamard_transform.default: _hadamard_transform,
+        vmq.rms_norm.default: _rms_norm,
         vmq.int8_linear.default: _int8_linear,
         vmq.vq_linear.default: _vq_linear,
         vmq.vq_dequantize.default: _vq_dequantize,
@@ -491,6 +510,7 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
         table.update({vmq.selective_scan.default: _selective_scan_custom,
                       vmq.causal_conv1d.default: _causal_conv1d_custom,
                       vmq.hadamard_transform.default: _hadamard_transform_custom,
+                      vmq.rms_norm.default: _rms_norm_custom,
                       vmq.int8_linear.default: _int8_linear_custom})
     return table
 

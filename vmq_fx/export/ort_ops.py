@@ -8,6 +8,7 @@ An ONNX file exported with ``export_onnx(..., ops="vmq")`` holds, instead of the
   (``vmq_fx/csrc/causal_conv1d_core.h``);
 * ``vmq.HadamardTransform``: the online half of a Hadamard rotation, the torch op's fast Walsh-Hadamard transform
   (``vmq_fx/csrc/hadamard_core.h``);
+* ``vmq.RmsNorm``: a lowered graph's RMSNorm, the torch op's one-pass kernel (``vmq_fx/csrc/rms_norm_core.h``);
 * ``vmq.Int8Linear``: one node per lowered integer linear. On CPUs with AVX-512 VNNI (the AVX-512 build) the torch
   op's uint8 x int8 product (``vmq_fx/csrc/linear_core.h``'s ``vnni_rows``: quantize, ``vpdpbusd`` and rescale in one
   pass), on CPUs with AMX-INT8 the same on AMX tiles (``amx_rows``, ``tdpbusd``). Elsewhere the torch op's per-token quantize and rescale around onnxruntime's own ``MatMulInteger``, invoked
@@ -59,8 +60,9 @@ _HEADERS_DEB = ("http://deb.debian.org/debian/pool/main/o/onnxruntime/libonnxrun
 _HEADERS_NAME = "onnxruntime-1.21.0-include"
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 _SOURCES = ("ort/library.cpp", "ort/selective_scan_op.cpp", "ort/int8_linear_op.cpp", "ort/causal_conv1d_op.cpp",
-            "ort/hadamard_op.cpp")
-_DEPENDS = ("ort/ops.h", "selective_scan_core.h", "linear_core.h", "causal_conv1d_core.h", "hadamard_core.h", "vec.h")
+            "ort/hadamard_op.cpp", "ort/rms_norm_op.cpp")
+_DEPENDS = ("ort/ops.h", "selective_scan_core.h", "linear_core.h", "causal_conv1d_core.h", "hadamard_core.h",
+            "rms_norm_core.h", "vec.h")
 
 
 class OrtCustomOpsUnavailable(RuntimeError):

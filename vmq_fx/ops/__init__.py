@@ -7,6 +7,7 @@ op                           definition                            kernels
 ``vmq::selective_scan``      :mod:`vmq_fx.ops.selective_scan`      ``csrc/selective_scan.cpp``, ``triton/selective_scan.py``
 ``vmq::causal_conv1d``       :mod:`vmq_fx.ops.causal_conv1d`       ``csrc/causal_conv1d.cpp``
 ``vmq::hadamard_transform``  :mod:`vmq_fx.ops.hadamard`            ``csrc/hadamard.cpp``
+``vmq::rms_norm``            :mod:`vmq_fx.ops.rms_norm`            ``csrc/rms_norm.cpp``
 ``vmq::int8_linear``         :mod:`vmq_fx.ops.int8_linear`         ``csrc/int8_linear.cpp``, ``triton/int8_linear.py``
 ``vmq::vq_linear``,          :mod:`vmq_fx.ops.vq_linear`           ``csrc/vq_linear.cpp``, ``triton/vq_linear.py``
 ``vmq::vq_dequantize``
@@ -24,7 +25,7 @@ import; the Triton kernels (:mod:`vmq_fx.ops.triton`) are registered for CUDA wh
 import importlib
 import pkgutil
 
-from vmq_fx.ops import calibration, causal_conv1d, hadamard, int8_linear, native, selective_scan, vq_linear
+from vmq_fx.ops import calibration, causal_conv1d, hadamard, int8_linear, native, rms_norm, selective_scan, vq_linear
 
 # Every op module defines its op when imported: import all of them, so that a new op is one new module here.
 for _module in pkgutil.iter_modules(__path__):
@@ -37,7 +38,7 @@ from vmq_fx.ops.selective_scan import selective_scan_fn, selective_scan_op
 from vmq_fx.ops.vq_linear import pack_codes, unpack_codes, vq_dequantize, vq_linear_reference
 
 __all__ = ["calibration", "causal_conv1d", "causal_conv1d_fn", "causal_conv1d_op", "hadamard", "hadamard_transform",
-           "int8_linear", "int8_linear_reference", "native", "pack_codes", "pack_int4", "selective_scan",
+           "int8_linear", "int8_linear_reference", "native", "pack_codes", "pack_int4", "rms_norm", "selective_scan",
            "selective_scan_fn", "selective_scan_op", "unpack_codes", "unpack_int4", "vq_dequantize", "vq_linear",
            "vq_linear_reference", "walsh_hadamard"]
 

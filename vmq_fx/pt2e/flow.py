@@ -89,7 +89,7 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
         >>> res = vmq_fx.quantize(vmq_fx.models.load_reference("vim-fm-tiny"), vmq_fx.recipes.vimvq(2),
         ...                       calibration_images(64), vmq_fx.VQConfig(steps=2, batch_size=16), progress=False)
         >>> sorted({str(n.target) for n in res.lowered.graph.nodes if str(n.target).startswith("vmq.")})
-        ['vmq.causal_conv1d.default', 'vmq.selective_scan.default', 'vmq.vq_linear.default']
+        ['vmq.causal_conv1d.default', 'vmq.rms_norm.default', 'vmq.selective_scan.default', 'vmq.vq_linear.default']
     """
     quantizer = recipe if isinstance(recipe, VisualMambaQuantizer) else VisualMambaQuantizer(recipe)
     recipes = quantizer.spec.recipes()

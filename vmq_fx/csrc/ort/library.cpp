@@ -5,7 +5,8 @@
 // Standalone build (a deployment box without Python), with onnxruntime's include/onnxruntime headers:
 //   g++ -O3 -std=c++17 -shared -fPIC -mavx2 -mfma -mf16c -I ORT_INCLUDE -I vmq_fx/csrc \
 //       vmq_fx/csrc/ort/library.cpp vmq_fx/csrc/ort/selective_scan_op.cpp vmq_fx/csrc/ort/int8_linear_op.cpp \
-//       vmq_fx/csrc/ort/causal_conv1d_op.cpp vmq_fx/csrc/ort/hadamard_op.cpp -o libvmq_fx_ort.so
+//       vmq_fx/csrc/ort/causal_conv1d_op.cpp vmq_fx/csrc/ort/hadamard_op.cpp vmq_fx/csrc/ort/rms_norm_op.cpp \
+//       -o libvmq_fx_ort.so
 // (-mavx512f -mavx512bw -mavx512vl -mavx512dq for AVX-512 CPUs, no -m flags for any x86-64 or ARM64 CPU.)
 #include <exception>
 #include <mutex>
@@ -24,7 +25,8 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
     if (domain == nullptr) {
       domain = new Ort::CustomOpDomain("vmq");
       for (const OrtCustomOp* op : {vmq_fx::ort::selective_scan_op(), vmq_fx::ort::int8_linear_op(),
-                                    vmq_fx::ort::causal_conv1d_op(), vmq_fx::ort::hadamard_transform_op()})
+                                    vmq_fx::ort::causal_conv1d_op(), vmq_fx::ort::hadamard_transform_op(),
+                                    vmq_fx::ort::rms_norm_op()})
         domain->Add(op);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

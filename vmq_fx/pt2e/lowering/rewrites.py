@@ -29,8 +29,9 @@ folded into the norm the same way, else kept.
 
 Linears quantized by other quantizers keep their own Q/DQ patterns. A division of an op's input by a power of two
 (Vim's average of its two scans) is then folded into the op's constants, exactly
-(:mod:`vmq_fx.pt2e.lowering.power_of_two_scaling`), and :func:`vmq_fx.pt2e.lowering.simplify.simplify` folds
-constants and drops no-op nodes.
+(:mod:`vmq_fx.pt2e.lowering.power_of_two_scaling`), each decomposed RMSNorm becomes one ``vmq::rms_norm``
+(:mod:`vmq_fx.pt2e.lowering.rms_norm`), and :func:`vmq_fx.pt2e.lowering.simplify.simplify` folds constants and drops
+no-op nodes.
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from vmq_fx.ops._schema import argument_names
 from vmq_fx.ops.int8_linear import Int8LinearArgs, prepare_weight
 from vmq_fx.ops.vq_linear import VQLinearArgs
 from vmq_fx.pt2e.lowering.power_of_two_scaling import fold_power_of_two_scaling
+from vmq_fx.pt2e.lowering.rms_norm import fuse_rms_norms
 from vmq_fx.pt2e.lowering.simplify import drop_unused_attributes, simplify
 from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
 
@@ -272,7 +274,8 @@ def _describe(node: fx.Node) -> str:
     return f"no rewrite ({', '.join(REWRITES)}) matches its inputs ({', '.join(shown)}); run convert_pt2e first"
 
 
-def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_two: bool = True) -> fx.GraphModule:
+def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_two: bool = True,
+          fuse_norms: bool = True) -> fx.GraphModule:
     """Lower every linear a :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` quantized in a ``convert_pt2e`` output
     to ``vmq::int8_linear`` / ``vmq::vq_linear`` (in place).
 
@@ -282,6 +285,8 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_
             the op's quantize step).
         fold_power_of_two: fold a division of an op's input by a power of two into its constants (bit-identical
             results, one pass over the activation fewer; off for comparisons).
+        fuse_norms: each RMSNorm as one ``vmq::rms_norm`` node instead of six operators (one pass over the
+            activation instead of six; the sum of squares in its own order; off for comparisons).
 
     Returns:
         The lowered graph module; each of those linears is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node. It is
@@ -309,6 +314,8 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_
                          f"meta[{LAYER_META!r}])")
     graph.eliminate_dead_code()
     if fold_power_of_two and fold_power_of_two_scaling(gm):
+        graph.eliminate_dead_code()
+    if fuse_norms and fuse_rms_norms(gm):
         graph.eliminate_dead_code()
     drop_unused_attributes(gm)
     gm.requires_grad_(False)

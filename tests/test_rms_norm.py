@@ -1,0 +1,189 @@
+"""vmq::rms_norm (vmq_fx.ops.rms_norm) against a float64 RMSNorm written here, on the pure-torch implementation and the
+C++ kernel of every CPU class; the lowering pass that puts it in place of the six decomposed operators
+(vmq_fx.pt2e.lowering.rms_norm); its ONNX translations (standard ops and vmq.RmsNorm) in onnxruntime."""
+import copy
+from collections import Counter
+
+import pytest
+import torch
+
+import vmq_fx
+from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
+from vmq_fx.models import RMSNorm
+from vmq_fx.ops.rms_norm import rms_norm
+from vmq_fx.pt2e.lowering.rms_norm import fuse_rms_norms
+
+aten, vmq = torch.ops.aten, torch.ops.vmq
+# A float32 result is within a few ulps of the float64 norm (a sum of up to 1000 rounded squares, one square root, two
+# products); a wrong mean (sum / (d - 1)), a missing eps or a weight on the wrong axis is off by far more.
+TOL = {torch.float64: 1e-13, torch.float32: 6e-7}
+# last axes below, at and above the vector widths and the 16 partial sums, Vim-T's 192 and VMamba's 96
+SIZES = [1, 3, 8, 15, 16, 17, 40, 96, 192, 1000]
+
+
+def _float64_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    x, w = x.double(), w.double()
+    return x / torch.sqrt((x * x).sum(-1, keepdim=True) / x.shape[-1] + eps) * w
+
+
+def _max_rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.double() - ref).abs() / ref.abs().clamp_min(1e-30)).max().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", SIZES)
+def test_norm_is_rmsnorm_in_float64(d, dtype, implementation):
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(3, 7, d, dtype=torch.float64, generator=g) * torch.logspace(-3, 3, 7, dtype=torch.float64)[:, None]
+    w = torch.rand(d, dtype=torch.float64, generator=g) + 0.5
+    out = rms_norm(x.to(dtype), w.to(dtype), 1e-5)
+    assert out.dtype == dtype and out.shape == x.shape
+    assert _max_rel(out, _float64_norm(x.to(dtype), w.to(dtype), 1e-5)) < TOL[dtype]
+
+
+def test_eps_zero_rows_and_strides(implementation):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 48, 5, generator=g).transpose(1, 2)  # not contiguous
+    w = torch.rand(48, generator=g)
+    assert _max_rel(rms_norm(x, w, 1e-5), _float64_norm(x, w, 1e-5)) < TOL[torch.float32]
+    zeros = rms_norm(torch.zeros(2, 48), w, 1e-5)
+    assert torch.equal(zeros, torch.zeros(2, 48))
+    tiny = torch.full((1, 48), 1e-4)  # mean(x^2) = 1e-8, far below eps: eps decides the scale
+    assert _max_rel(rms_norm(tiny, w, 1e-2), _float64_norm(tiny, w, 1e-2)) < TOL[torch.float32]
+    assert rms_norm(torch.empty(0, 48), w, 1e-5).shape == (0, 48)
+
+
+def test_every_build_sums_in_the_same_order():
+    """Sixteen partial sums whatever the vector width: the avx512, avx2 and generic builds give the same bits."""
+    from vmq_fx.ops import native
+
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(33, 197, generator=g) * 3, torch.rand(197, generator=g)
+    outs = {}
+    for isa in native.executable_isas():
+        with native.use_isa(isa):
+            outs[isa] = [rms_norm(x[:, :d].contiguous(), w[:d], 1e-5) for d in (5, 16, 40, 192, 197)]
+    first = next(iter(outs.values()))
+    for isa, out in outs.items():
+        assert all(torch.equal(a, b) for a, b in zip(out, first)), isa
+
+
+def test_backward_is_the_reference_gradient(implementation):
+    x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    w = (torch.rand(24, dtype=torch.float64) + 0.5).requires_grad_()
+    torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-3), (x, w))
+
+
+class _Block(torch.nn.Module):
+    """A residual add, the model's RMSNorm, a linear: the shape of a Vim block's front."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm = RMSNorm(d)
+        self.proj = torch.nn.Linear(d, d)
+        with torch.no_grad():
+            self.norm.weight.uniform_(0.5, 1.5)
+
+    def forward(self, x, residual):
+        return self.proj(self.norm(x + residual))
+
+
+def _graph(module, *args) -> torch.fx.GraphModule:
+    return torch.export.export(module, args).module()
+
+
+def _targets(gm) -> Counter:
+    return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
+
+
+def test_the_decomposed_norm_becomes_one_node():
+    x, r = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
+    module = _Block().eval()
+    gm = _graph(module, x, r)
+    assert _targets(gm)[aten.rsqrt.default] == 1
+    assert fuse_rms_norms(gm) == 1
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    t = _targets(gm)
+    assert t[vmq.rms_norm.default] == 1
+    assert not {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default, aten.mul.Tensor} & set(t)
+    assert t[aten.add.Tensor] == 1  # the residual add is not the norm's
+    ref = _float64_norm(x + r, module.norm.weight.detach(), module.norm.eps) @ module.proj.weight.double().T
+    assert _max_rel(gm(x, r), ref + module.proj.bias.double()) < 1e-4
+
+
+class _SharedRsqrt(torch.nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(d))
+
+    def forward(self, x):
+        inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return x * inv * self.weight, inv  # the reciprocal root has a reader of its own
+
+
+class _OtherAxis(torch.nn.Module):
+    def __init__(self, d=9):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.rand(d, 1))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(1, keepdim=True) + 1e-5) * self.weight
+
+
+@pytest.mark.parametrize("module", [_SharedRsqrt(), _OtherAxis()], ids=["shared rsqrt", "other axis"])
+def test_a_norm_that_is_not_the_pattern_stays(module):
+    gm = _graph(module, torch.randn(2, 9, 32))
+    before = _targets(gm)
+    assert fuse_rms_norms(gm) == 0
+    assert _targets(gm) == before
+
+
+@pytest.mark.parametrize("fixture", ["vim", "vmamba"])
+def test_lowering_fuses_every_norm_of_a_quantized_model(fixture, request):
+    torch.manual_seed(0)
+    model, gm = request.getfixturevalue(fixture)
+    norms = sum(isinstance(m, RMSNorm) for m in model.modules())
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    quantized = convert_pt2e(prepared)
+    fused = vmq_fx.lower(copy.deepcopy(quantized))
+    separate = vmq_fx.lower(copy.deepcopy(quantized), fuse_norms=False)
+    assert _targets(fused)[vmq.rms_norm.default] == norms and aten.rsqrt.default not in _targets(fused)
+    assert _targets(separate)[aten.rsqrt.default] == norms and vmq.rms_norm.default not in _targets(separate)
+    x = torch.randn(8, 1, 28, 28)
+    out, ref = fused(x), separate(x)
+    # the sum of squares in another order: an ulp in a normalized value, now and then a rounding level downstream
+    assert ((out - ref).norm() / ref.norm()).item() < 2e-3
+    assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+class _Norm(torch.nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.register_buffer("weight", torch.rand(d) + 0.5)
+
+    def forward(self, x):
+        return torch.ops.vmq.rms_norm(x, self.weight, 1e-5)
+
+
+@pytest.mark.parametrize("ops", ["onnx", "vmq"])
+@pytest.mark.parametrize("d", [192, 17, 1])
+def test_onnx_translations_match_float64(d, ops, tmp_path, request):
+    from vmq_fx.export import ort_session
+
+    if ops == "vmq":
+        request.getfixturevalue("ort_custom_ops")
+    x = torch.randn(3, 7, d, generator=torch.Generator().manual_seed(d))
+    module = _Norm(d)
+    res = vmq_fx.export_onnx(module, x, tmp_path / "n.onnx", ops=ops)
+    if ops == "vmq":
+        assert res.op_counts == {"RmsNorm": 1}
+    else:
+        assert "RmsNorm" not in res.op_counts and res.op_counts["ReduceMean"] == 1
+    sess = ort_session(res.path)
+    for batch in (x, x[:1]):  # the batch stays dynamic
+        out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: batch.numpy()})[0])
+        assert _max_rel(out, _float64_norm(batch, module.weight, 1e-5)) < TOL[torch.float32]
+        if ops == "vmq":  # the torch op's own core: the same bits
+            assert torch.equal(out, module(batch))
