@@ -95,9 +95,11 @@ def cpu_class() -> str:
         isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "SSE"
         isa += " VNNI" if {"avx512_vnni", "avx_vnni"} & flags else ""
         if "amx_int8" in flags:
-            # the vnni product forced on an AMX CPU: what a CPU with AVX-512 VNNI and no AMX runs (fp32 uses no AMX)
-            forced_vnni = os.environ.get("VMQ_FX_INT8_GEMM", "").strip().lower() == "vnni"
-            isa += " (AMX present, not used: VMQ_FX_INT8_GEMM=vnni)" if forced_vnni else " AMX"
+            # the vnni product forced on an AMX CPU in torch and onnxruntime: what a CPU with AVX-512 VNNI and no AMX
+            # runs (fp32 uses no AMX)
+            forced_vnni = (os.environ.get("VMQ_FX_INT8_GEMM", "").strip().lower() == "vnni"
+                           and os.environ.get("VMQ_FX_ORT_AMX") == "0")
+            isa += " (AMX present, not used: VMQ_FX_INT8_GEMM=vnni VMQ_FX_ORT_AMX=0)" if forced_vnni else " AMX"
     if all(os.environ.get(k) == v for k, v in AVX2_CAPS.items()):
         isa = f"AVX2 (emulated on {isa}: kernels, ATen, oneDNN and MKL capped at AVX2; onnxruntime not capped)"
     return f"{isa} · {_cpu_model()}"

@@ -187,6 +187,16 @@ def test_custom_int8_linear_op_matches_the_torch_op(k, n, w_bits, a_bits, smooth
     torch.testing.assert_close(_run(res.path, x), m(x), rtol=1e-6, atol=1e-6)
 
 
+def test_custom_int8_linear_op_without_amx_tiles_matches_the_torch_op(tmp_path, ort_custom_ops, monkeypatch):
+    """VMQ_FX_ORT_AMX=0 (benchmarks of a CPU without AMX on an AMX one) multiplies on vpdpbusd instead of AMX tiles
+    (MatMulInteger on CPUs without VNNI): the same exact sums, the torch op's floats."""
+    monkeypatch.setenv("VMQ_FX_ORT_AMX", "0")
+    m = _Int8Linear(200, 256, 8, 8, True, False)
+    x = _int8_linear_input(200, False)
+    res = vmq_fx.export_onnx(m, x[:2], tmp_path / "l.onnx", ops="vmq")
+    torch.testing.assert_close(_run(res.path, x), m(x), rtol=1e-6, atol=1e-6)
+
+
 def _matmul_integer_input_types(path):
     model = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
     types = {v.name: v.type.tensor_type.elem_type for v in [*model.graph.value_info, *model.graph.input]}

@@ -16,7 +16,7 @@ An ONNX file exported with ``export_onnx(..., ops="vmq")`` holds, instead of the
   8-bit weights as uint8 x uint8 without it, where uint8 x int8 saturates; there small products take the torch op's
   int16 product instead, tiny K the torch op's direct product in the AVX-512 build). ``VMQ_FX_ORT_UINT8_WEIGHTS=1``
   forces the uint8 x uint8 form (tests and benchmarks of it on VNNI machines), ``VMQ_FX_ORT_DIRECT=0`` sends every
-  product to ``MatMulInteger``.
+  product to ``MatMulInteger``, ``VMQ_FX_ORT_AMX=0`` keeps the AMX tiles off (benchmarks of a CPU without AMX).
 
 :func:`vmq_fx.export.ort_session` registers this library for such a file. The wrappers around the shared cores are
 in ``vmq_fx/csrc/ort/``. The library links no torch: a deployment needs only onnxruntime and this one file, and the

@@ -24,8 +24,9 @@
 // i.e. for 8-bit weights. Those then go uint8 x uint8 (moved up by 128 once per weight, b_zero_point 128), exact on
 // every CPU; weights of up to 7 bits always go uint8 x int8. VMQ_FX_ORT_UINT8_WEIGHTS=1 takes uint8 x uint8 for 8-bit
 // weights on every CPU (what CPUs without VNNI run: for tests and benchmarks on VNNI machines); VMQ_FX_ORT_DIRECT=0
-// takes MatMulInteger for every product (the vnni, direct and int16 products off, for tests and A/B benchmarks). Both
-// are read when a session creates the kernel.
+// takes MatMulInteger for every product (the vnni, direct and int16 products off, for tests and A/B benchmarks);
+// VMQ_FX_ORT_AMX=0 keeps the AMX tiles off (vpdpbusd instead: what a CPU with VNNI and no AMX runs, for benchmarks on
+// AMX machines). All are read when a session creates the kernel.
 //
 // Inputs: x [..., L, K] float; smooth [K]?; act_scale [L]? and act_zero_point [L] int32? (both absent: per-token
 // dynamic, each row's parameters as torchao's choose_qparams_affine computes them); w_t [K, N] int8 (the weight,
@@ -93,6 +94,8 @@ struct Int8LinearKernel {
     signed_weight_ = w_bits <= 7 || (exact_u8s8() && !(unsigned_weights && std::string(unsigned_weights) == "1"));
     const char* direct = std::getenv("VMQ_FX_ORT_DIRECT");
     use_direct_ = !(direct && std::string(direct) == "0");
+    const char* amx = std::getenv("VMQ_FX_ORT_AMX");
+    use_amx_ = !(amx && std::string(amx) == "0");
     const char* names[] = {"T1", "T2", "T3"};
     const ONNXTensorElementDataType types[] = {
         ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,
@@ -178,7 +181,7 @@ struct Int8LinearKernel {
       };
       if (vnni) {
 #if VMQ_HAS_AMX
-        if (vmq_fx::linear::amx_product(M, K)) {
+        if (use_amx_ && vmq_fx::linear::amx_product(M, K)) {
           const int8_t* wt = amx_weight(w, K, N);
           own_product(vmq_fx::linear::kAmxRows, [&](int64_t m0, int64_t m1) {
             vmq_fx::linear::amx_rows(x.data, smooth.data, scales, zero_points, period, lo, hi, K, wt, w_sum.data,
@@ -322,7 +325,7 @@ struct Int8LinearKernel {
   Input<int32_t> zero_point_, w_sum_;
   Input<int8_t> w_;
   int64_t qmin_ = 0, qmax_ = 255;
-  bool signed_weight_ = true, use_direct_ = true;
+  bool signed_weight_ = true, use_direct_ = true, use_amx_ = true;
   DerivedWeight<uint8_t> shifted_;
   DerivedWeight<float> direct_;
   DerivedWeight<int16_t> madd_;
