@@ -296,13 +296,21 @@ def table_dynamic(args) -> list[str]:
            "| model | runtime | threads | batch | FP32 | W8A8 static | W8A8 per-token dynamic | dynamic / static speed |",
            "|---|---|---|---|---|---|---|---|"]
     variants = {"static": recipes.smoothquant_pts(8, 8), "dynamic": recipes.per_token_dynamic(8, 8)}
-    for label, runtime, threads, batch, times in timed_lowered(args, variants):
-        out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
-                   f"{ms(times['static'])} ({times['FP32'] / times['static']:.2f}x FP32) | "
-                   f"{ms(times['dynamic'])} ({times['FP32'] / times['dynamic']:.2f}x FP32) | "
-                   f"{times['static'] / times['dynamic']:.2f}x |")
-        print(out[-1], file=sys.stderr, flush=True)
-    return out
+    return out + _two_variant_rows(args, variants, {}, ("static", "dynamic"), faster="dynamic")
+
+
+def _two_variant_rows(args, variants: dict, derived: dict, shown: tuple[str, str], faster: str) -> list[str]:
+    """Table rows ``model | runtime | threads | batch | FP32 | shown[0] | shown[1] | speed`` from
+    :func:`timed_lowered`: each variant's ms and its ratio to FP32, then how much faster ``faster`` runs than the other
+    one."""
+    rows = []
+    slower = shown[1] if faster == shown[0] else shown[0]
+    for label, runtime, threads, batch, times in timed_lowered(args, variants, derived):
+        rows.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
+                    + " | ".join(f"{ms(times[k])} ({times['FP32'] / times[k]:.2f}x FP32)" for k in shown)
+                    + f" | {times[slower] / times[faster]:.2f}x |")
+        print(rows[-1], file=sys.stderr, flush=True)
+    return rows
 
 
 # -- rotation ----------------------------------------------------------------------------------------------------------
@@ -374,13 +382,7 @@ def table_norms(args) -> list[str]:
     out = ["## RMSNorm as one op, W8A8 (median ms per forward; ratios against FP32 and fused / unfused, same process)",
            "", "| model | runtime | threads | batch | FP32 | W8A8, norms fused (the default) | W8A8, norms as six "
            "operators | fused / unfused speed |", "|---|---|---|---|---|---|---|---|"]
-    for label, runtime, threads, batch, times in timed_lowered(args, variants, derived):
-        out.append(f"| {label} | {runtime} | {threads} | {batch} | {ms(times['FP32'])} | "
-                   f"{ms(times['W8A8'])} ({times['FP32'] / times['W8A8']:.2f}x FP32) | "
-                   f"{ms(times['unfused'])} ({times['FP32'] / times['unfused']:.2f}x FP32) | "
-                   f"{times['unfused'] / times['W8A8']:.2f}x |")
-        print(out[-1], file=sys.stderr, flush=True)
-    return out
+    return out + _two_variant_rows(args, variants, derived, ("W8A8", "unfused"), faster="W8A8")
 
 
 # -- train -------------------------------------------------------------------------------------------------------------
