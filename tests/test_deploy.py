@@ -84,8 +84,8 @@ def test_fashion_mnist_fp_and_w8a8_files_match_torch_on_1000_test_images(tmp_pat
 
 def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
     """vmq_fx's onnxruntime library links no torch (its ELF needs no libtorch / libc10) and runs the custom-op files
-    (FP32: vmq.SelectiveScan and vmq.CausalConv1d; W8A8 also vmq.RmsNorm and vmq.Int8Linear) in the process where
-    torch cannot be imported, classifying as torch does."""
+    (FP32: vmq.SelectiveScan and vmq.CausalConv1d; W8A8 also vmq.RmsNorm, vmq.AddRmsNorm and vmq.Int8Linear) in the
+    process where torch cannot be imported, classifying as torch does."""
     from vmq_fx.app.data import calibration_images
     from vmq_fx.export.ort_ops import custom_ops_library
 
@@ -103,7 +103,8 @@ def test_the_custom_op_library_deploys_without_torch(tmp_path, ort_custom_ops):
         images.append(tmp_path / f"{i:03d}.png")
         Image.fromarray(pixels[i].numpy()).save(images[-1])
     for name, m, ops, allowed in (("fp32", model, {"SelectiveScan", "CausalConv1d"}, 0),
-                                  ("w8a8", lowered, {"SelectiveScan", "CausalConv1d", "RmsNorm", "Int8Linear"}, 2)):
+                                  ("w8a8", lowered, {"SelectiveScan", "CausalConv1d", "RmsNorm", "AddRmsNorm",
+                                                     "Int8Linear"}, 2)):
         path = tmp_path / f"{name}.onnx"
         res = vmq_fx.export_onnx(m, torch.randn(2, 1, 28, 28), path, ops="vmq")
         assert {n.op_type for n in onnx.load(path).graph.node if n.domain == "vmq"} == ops, res.op_counts

@@ -12,7 +12,7 @@ import torch
 from host_tools import required_tool
 from vmq_fx.ops import native
 
-OPS = ("selective_scan", "causal_conv1d", "hadamard_transform", "rms_norm", "int8_linear", "vq_linear", "vq_dequantize",
+OPS = ("selective_scan", "causal_conv1d", "hadamard_transform", "rms_norm", "add_rms_norm", "int8_linear", "vq_linear", "vq_dequantize",
        "selective_scan_backward", "token_stats", "histogram_add", "histogram_search")
 
 

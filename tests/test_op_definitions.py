@@ -16,7 +16,7 @@ from vmq_fx.ops.vq_linear import VQLinearArgs
 
 vmq = torch.ops.vmq
 OPS = (vmq.selective_scan.default, vmq.causal_conv1d.default, vmq.hadamard_transform.default, vmq.rms_norm.default,
-       vmq.int8_linear.default, vmq.vq_linear.default, vmq.vq_dequantize.default)
+       vmq.add_rms_norm.default, vmq.int8_linear.default, vmq.vq_linear.default, vmq.vq_dequantize.default)
 
 
 @pytest.mark.parametrize("view, op", [(Int8LinearArgs, vmq.int8_linear.default), (VQLinearArgs, vmq.vq_linear.default)])
@@ -103,6 +103,10 @@ def _bad_calls():
         "rms_norm weight": lambda: vmq.rms_norm(torch.randn(2, 8), torch.ones(7), 1e-5),
         "rms_norm dtype": lambda: vmq.rms_norm(torch.ones(2, 8, dtype=torch.float16), torch.ones(8), 1e-5),
         "rms_norm scalar": lambda: vmq.rms_norm(torch.tensor(1.0), torch.ones(1), 1e-5),
+        "add_rms_norm residual": lambda: vmq.add_rms_norm(torch.randn(2, 8), torch.randn(2, 7), torch.ones(8), 1e-5),
+        "add_rms_norm residual dtype": lambda: vmq.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8).double(),
+                                                                torch.ones(8), 1e-5),
+        "add_rms_norm weight": lambda: vmq.add_rms_norm(torch.randn(2, 8), torch.randn(2, 8), torch.ones(7), 1e-5),
         "token_stats x": lambda: vmq.token_stats(torch.randn(4, 5)),
         "histogram_add x": lambda: vmq.histogram_add(torch.randn(4, 5), torch.zeros(4, 8), torch.zeros(4),
                                                      torch.ones(4), torch.zeros(4), torch.ones(4)),
@@ -139,6 +143,9 @@ def _helper_calls():
                                                                torch.eye(3)[[2, 0, 1]])),
         "rms_norm": (vmq.rms_norm.default, (torch.randn(2, 3, 40, generator=g, requires_grad=True),
                                             torch.rand(40, generator=g, requires_grad=True), 1e-5)),
+        "add_rms_norm": (vmq.add_rms_norm.default, (torch.randn(2, 3, 40, generator=g, requires_grad=True),
+                                                    torch.randn(2, 3, 40, generator=g, requires_grad=True),
+                                                    torch.rand(40, generator=g, requires_grad=True), 1e-5)),
         "token_stats": (vmq.token_stats.default, (x,)),
         "histogram_add": (vmq.histogram_add.default, (2 * x, counts, start, width, 2 * lo, 2 * hi)),
         "histogram_search": (vmq.histogram_search.default, (counts + 1, start, width, lo, hi, 16, 2.4, 20)),

@@ -1,6 +1,7 @@
-"""vmq::rms_norm (vmq_fx.ops.rms_norm) against a float64 RMSNorm written here, on the pure-torch implementation and the
-C++ kernel of every CPU class; the lowering pass that puts it in place of the six decomposed operators
-(vmq_fx.pt2e.lowering.rms_norm); its ONNX translations (standard ops and vmq.RmsNorm) in onnxruntime."""
+"""vmq::rms_norm and vmq::add_rms_norm (vmq_fx.ops.rms_norm) against a float64 RMSNorm written here, on the pure-torch
+implementation and the C++ kernel of every CPU class; the lowering pass that puts them in place of the decomposed
+operators and the residual add (vmq_fx.pt2e.lowering.rms_norm); their ONNX translations (standard ops and
+vmq.RmsNorm / vmq.AddRmsNorm) in onnxruntime."""
 import copy
 from collections import Counter
 
@@ -10,7 +11,7 @@ import torch
 import vmq_fx
 from vmq_fx import VisualMambaQuantizer, convert_pt2e, prepare_pt2e, recipes
 from vmq_fx.models import RMSNorm
-from vmq_fx.ops.rms_norm import rms_norm
+from vmq_fx.ops.rms_norm import add_rms_norm, rms_norm
 from vmq_fx.pt2e.lowering.rms_norm import fuse_rms_norms
 
 aten, vmq = torch.ops.aten, torch.ops.vmq
@@ -68,10 +69,26 @@ def test_every_build_sums_in_the_same_order():
         assert all(torch.equal(a, b) for a, b in zip(out, first)), isa
 
 
+def test_add_rms_norm_is_the_sum_and_its_norm(implementation):
+    """The sum is x + residual's float sum (aten.add's bits) and the norm is rms_norm's of it, bit for bit, whatever
+    the build; both against float64."""
+    g = torch.Generator().manual_seed(2)
+    for d in (3, 17, 192):
+        x, r, w = torch.randn(4, 9, d, generator=g), torch.randn(4, 9, d, generator=g), torch.rand(d, generator=g) + 0.5
+        out, total = add_rms_norm(x, r, w, 1e-5)
+        assert torch.equal(total, x + r) and torch.equal(out, rms_norm(x + r, w, 1e-5))
+        assert _max_rel(out, _float64_norm(x.double() + r.double(), w, 1e-5)) < TOL[torch.float32]
+    xd = torch.randn(2, 5, 24, dtype=torch.float64, generator=g)
+    out, total = add_rms_norm(xd, -xd.flip(0), w[:24].double(), 1e-5)
+    assert _max_rel(out, _float64_norm(xd - xd.flip(0), w[:24].double(), 1e-5)) < TOL[torch.float64]
+
+
 def test_backward_is_the_reference_gradient(implementation):
     x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
     w = (torch.rand(24, dtype=torch.float64) + 0.5).requires_grad_()
     torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-3), (x, w))
+    r = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda a, b, c: add_rms_norm(a, b, c, 1e-3), (x, r, w))  # both outputs' gradients
 
 
 class _Block(torch.nn.Module):
@@ -96,20 +113,49 @@ def _targets(gm) -> Counter:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
-def test_the_decomposed_norm_becomes_one_node():
+class _TwoBlocks(torch.nn.Module):
+    """Two pre-norm blocks: the residual stream goes on past the first norm (the sum has a reader besides it)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.first, self.second = _Block(d), _Block(d)
+
+    def forward(self, x, residual):
+        residual = x + residual
+        hidden = self.first.proj(self.first.norm(residual))
+        return self.second.proj(self.second.norm(hidden + residual))
+
+
+def test_the_decomposed_norm_and_its_residual_add_become_one_node():
     x, r = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
-    module = _Block().eval()
+    module = _TwoBlocks().eval()
     gm = _graph(module, x, r)
-    assert _targets(gm)[aten.rsqrt.default] == 1
-    assert fuse_rms_norms(gm) == 1
+    assert _targets(gm)[aten.rsqrt.default] == 2
+    assert fuse_rms_norms(gm) == 2
     gm.graph.eliminate_dead_code()
+    gm.graph.lint()
     gm.recompile()
     t = _targets(gm)
-    assert t[vmq.rms_norm.default] == 1
-    assert not {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default, aten.mul.Tensor} & set(t)
-    assert t[aten.add.Tensor] == 1  # the residual add is not the norm's
-    ref = _float64_norm(x + r, module.norm.weight.detach(), module.norm.eps) @ module.proj.weight.double().T
-    assert _max_rel(gm(x, r), ref + module.proj.bias.double()) < 1e-4
+    assert t[vmq.add_rms_norm.default] == 2 and vmq.rms_norm.default not in t
+    assert not {aten.pow.Tensor_Scalar, aten.mean.dim, aten.rsqrt.default, aten.mul.Tensor, aten.add.Tensor} & set(t)
+    b1, b2 = module.first, module.second
+    s1 = x.double() + r.double()
+    h1 = _float64_norm(s1, b1.norm.weight.detach(), b1.norm.eps) @ b1.proj.weight.double().T + b1.proj.bias.double()
+    ref = _float64_norm(h1 + s1, b2.norm.weight.detach(), b2.norm.eps) @ b2.proj.weight.double().T
+    assert _max_rel(gm(x, r), ref + b2.proj.bias.double()) < 1e-4
+
+
+def test_a_norm_after_a_broadcasting_add_keeps_the_add():
+    """x + a [1, L, d] embedding (Vim's first block): the add is not fused, the norm is."""
+    class Embedded(_Block):
+        def forward(self, x, pos):
+            return self.proj(self.norm(x + pos))
+
+    gm = _graph(Embedded().eval(), torch.randn(2, 9, 32), torch.randn(1, 9, 32))
+    assert fuse_rms_norms(gm) == 1
+    gm.graph.eliminate_dead_code()
+    t = _targets(gm)
+    assert t[vmq.rms_norm.default] == 1 and t[aten.add.Tensor] == 1 and vmq.add_rms_norm.default not in t
 
 
 class _SharedRsqrt(torch.nn.Module):
@@ -139,23 +185,39 @@ def test_a_norm_that_is_not_the_pattern_stays(module):
     assert _targets(gm) == before
 
 
-@pytest.mark.parametrize("fixture", ["vim", "vmamba"])
-def test_lowering_fuses_every_norm_of_a_quantized_model(fixture, request):
-    torch.manual_seed(0)
-    model, gm = request.getfixturevalue(fixture)
-    norms = sum(isinstance(m, RMSNorm) for m in model.modules())
+def _lowered_both_ways(gm):
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
     vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
     quantized = convert_pt2e(prepared)
-    fused = vmq_fx.lower(copy.deepcopy(quantized))
-    separate = vmq_fx.lower(copy.deepcopy(quantized), fuse_norms=False)
-    assert _targets(fused)[vmq.rms_norm.default] == norms and aten.rsqrt.default not in _targets(fused)
-    assert _targets(separate)[aten.rsqrt.default] == norms and vmq.rms_norm.default not in _targets(separate)
+    return vmq_fx.lower(copy.deepcopy(quantized)), vmq_fx.lower(copy.deepcopy(quantized), fuse_norms=False)
+
+
+def test_lowering_fuses_every_norm_of_a_quantized_vim(vim):
+    torch.manual_seed(0)
+    model, gm = vim
+    norms = sum(isinstance(m, RMSNorm) for m in model.modules())
+    fused, separate = _lowered_both_ways(gm)
+    t, t_separate = _targets(fused), _targets(separate)
+    assert t[vmq.rms_norm.default] + t[vmq.add_rms_norm.default] == norms and aten.rsqrt.default not in t
+    # every norm but the first (after the embeddings) follows a residual add
+    assert t[vmq.add_rms_norm.default] == norms - 1
+    assert t_separate[aten.add.Tensor] - t[aten.add.Tensor] == (norms - 1) + norms  # the residual adds, each + eps
+    assert t_separate[aten.rsqrt.default] == norms
+    assert not {vmq.rms_norm.default, vmq.add_rms_norm.default} & set(t_separate)
     x = torch.randn(8, 1, 28, 28)
     out, ref = fused(x), separate(x)
     # the sum of squares in another order: an ulp in a normalized value, now and then a rounding level downstream
     assert ((out - ref).norm() / ref.norm()).item() < 2e-3
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_lowering_leaves_layer_norms_alone(vmamba):
+    """VMamba normalizes with LayerNorm: nothing to fuse, the same graph and bits either way."""
+    fused, separate = _lowered_both_ways(vmamba[1])
+    assert not {vmq.rms_norm.default, vmq.add_rms_norm.default} & set(_targets(fused))
+    assert _targets(fused) == _targets(separate)
+    x = torch.randn(4, 1, 28, 28)
+    assert torch.equal(fused(x), separate(x))
 
 
 class _Norm(torch.nn.Module):
@@ -165,6 +227,12 @@ class _Norm(torch.nn.Module):
 
     def forward(self, x):
         return torch.ops.vmq.rms_norm(x, self.weight, 1e-5)
+
+
+class _AddNorm(_Norm):
+    def forward(self, x):
+        out, total = torch.ops.vmq.add_rms_norm(x, x.flip(1), self.weight, 1e-5)
+        return out, total * 2
 
 
 @pytest.mark.parametrize("ops", ["onnx", "vmq"])
@@ -187,3 +255,22 @@ def test_onnx_translations_match_float64(d, ops, tmp_path, request):
         assert _max_rel(out, _float64_norm(batch, module.weight, 1e-5)) < TOL[torch.float32]
         if ops == "vmq":  # the torch op's own core: the same bits
             assert torch.equal(out, module(batch))
+
+
+@pytest.mark.parametrize("ops", ["onnx", "vmq"])
+def test_onnx_translations_of_the_residual_add_match_float64(ops, tmp_path, request):
+    from vmq_fx.export import ort_session
+
+    if ops == "vmq":
+        request.getfixturevalue("ort_custom_ops")
+    x = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(5))
+    module = _AddNorm(40)
+    res = vmq_fx.export_onnx(module, x, tmp_path / "n.onnx", ops=ops)
+    assert ("AddRmsNorm" in res.op_counts) == (ops == "vmq")
+    sess = ort_session(res.path)
+    out, doubled = (torch.from_numpy(a) for a in sess.run(None, {sess.get_inputs()[0].name: x.numpy()}))
+    total = x + x.flip(1)
+    assert torch.equal(doubled, total * 2)
+    assert _max_rel(out, _float64_norm(total, module.weight, 1e-5)) < TOL[torch.float32]
+    if ops == "vmq":
+        assert torch.equal(out, module(x)[0])

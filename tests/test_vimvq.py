@@ -306,12 +306,13 @@ def test_end_to_end_vimvq_graph_numbers_and_save_load(tiny, tmp_path):
         q_out = quantized(x)
         torch.testing.assert_close(q_out, fake, rtol=1e-5, atol=1e-5)
         # the linears compute the Q/DQ graph's floats: bit-equal with the norms left as the six operators, and to
-        # float rounding with each as one vmq.rms_norm (the default; its sum of squares in its own order)
+        # float rounding with each as one vmq.rms_norm / add_rms_norm (the default; its sum of squares in its own order)
         assert torch.equal(vmq_fx.lower(copy.deepcopy(quantized), fuse_norms=False)(x), q_out)
         lowered = vmq_fx.lower(quantized)
         t = _targets(lowered)
         assert t[VQ_LINEAR] == 12 and t[VQ_DQ] == 0 and t[torch.ops.aten.linear.default] == 1  # the head
-        assert t[torch.ops.vmq.rms_norm.default] == 3
+        # the first norm reads the embeddings (plus a broadcast position embedding), the others a residual add
+        assert t[torch.ops.vmq.rms_norm.default] == 1 and t[torch.ops.vmq.add_rms_norm.default] == 2
         torch.testing.assert_close(lowered(x), q_out, rtol=1e-5, atol=1e-5)
         assert not any(k.endswith("in_proj.weight") for k in lowered.state_dict())  # float weights dropped
         # the float model with every weight replaced by its decoded codes (float64 decode of the bit stream)

@@ -83,8 +83,10 @@ at::Tensor causal_conv1d_cpu(const at::Tensor& x, const at::Tensor& weight, cons
 // x @ kron(odd, H) over the last axis (the fast Walsh-Hadamard transform; odd [m, m] or none).
 at::Tensor hadamard_transform_cpu(const at::Tensor& x, const std::optional<at::Tensor>& odd);
 
-// x * (1 / sqrt(mean(x^2, -1) + eps)) * weight, one pass per row.
+// x * (1 / sqrt(mean(x^2, -1) + eps)) * weight, one pass per row; add_rms_norm: that of x + residual, and the sum.
 at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps);
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                                    const at::Tensor& weight, double eps);
 
 at::Tensor int8_linear_cpu(const at::Tensor& x, const std::optional<at::Tensor>& smooth,
                            const std::optional<at::Tensor>& act_scale, const std::optional<at::Tensor>& act_zero_point,

@@ -33,7 +33,8 @@ CUSTOM_OPS_KEY = "vmq_fx.custom_ops"
 
 # The custom-op domains vmq_fx writes, and what runs them.
 _CUSTOM_OP_LIBRARIES = {
-    "vmq": {"ops": ["SelectiveScan", "CausalConv1d", "HadamardTransform", "RmsNorm", "Int8Linear"],
+    "vmq": {"ops": ["SelectiveScan", "CausalConv1d", "HadamardTransform", "RmsNorm", "AddRmsNorm",
+                    "Int8Linear"],
             "library": "vmq_fx's onnxruntime library libvmq_fx_ort.so (python -m vmq_fx.export.ort_ops --build, or the "
                        "compiler command in vmq_fx/csrc/ort/library.cpp; no torch needed)"},
 }

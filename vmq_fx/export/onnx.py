@@ -20,8 +20,9 @@ How the vmq ops become standard ONNX (opset 18):
   node), ``MatMul`` by ``odd^T``, ``Reshape`` back. ``export_onnx(..., ops="vmq")`` writes one
   ``vmq.HadamardTransform`` node instead (the torch op's fast transform).
 * ``vmq::rms_norm`` -> ``Pow`` / ``ReduceMean`` / ``Add`` / ``Sqrt`` / ``Reciprocal`` / ``Mul`` / ``Mul``, the operators
-  torch's own translation writes for the decomposed norm it replaces. ``export_onnx(..., ops="vmq")`` writes one
-  ``vmq.RmsNorm`` node instead (the torch op's one-pass kernel).
+  torch's own translation writes for the decomposed norm it replaces; ``vmq::add_rms_norm`` -> an ``Add``, then the
+  same. ``export_onnx(..., ops="vmq")`` writes one ``vmq.RmsNorm`` / ``vmq.AddRmsNorm`` node instead (the torch ops'
+  one-pass kernels).
 * ``vmq::int8_linear`` -> ``[Div(smooth)]`` -> ``Mul(1 / act_scale)`` -> ``QuantizeLinear(axis=1)`` with unit scales and
   the per-token zero points as constants (plus a ``Clip`` to ``[qmin, qmax]`` below 8 bits) -> ``MatMulInteger``
   (uint8 x int8 -> int32 for weights of up to 7 bits; 8-bit weights as uint8 x uint8, moved up by 128 (folded at load)
@@ -324,6 +325,20 @@ def _rms_norm_custom(x, weight, eps):
     return y
 
 
+def _add_rms_norm(x, residual, weight, eps):
+    """``Add``, then :func:`_rms_norm` of the sum; the sum is the second output."""
+    _, op, _ = _ops()
+    total = op.Add(x, residual)
+    return _rms_norm(total, weight, eps), total
+
+
+def _add_rms_norm_custom(x, residual, weight, eps):
+    """One ``vmq.AddRmsNorm`` node (the torch op's one-pass kernel, :mod:`vmq_fx.export.ort_ops`)."""
+    _, _, call_op = _ops()
+    y, total = call_op("AddRmsNorm", x, residual, weight, _num_outputs=2, _domain=CUSTOM_DOMAIN, epsilon=float(eps))
+    return y, total
+
+
 def _unpack_int4(op, w, k: int):
     """uint8 [N, ceil(K/2)] (low nibble first) -> int8 [N, K] in [-8, 7]."""
     lo = op.BitwiseAnd(w, _const(op, 15, np.uint8))
@@ -485,9 +500,9 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
 
     Args:
         ops: ``"onnx"``: standard ONNX operators only (the selective scan as a ``Scan``); ``"vmq"``: the selective
-            scan, the causal convolution, the Hadamard transform, the RMSNorm and the integer linear as one node
-            each (``vmq.SelectiveScan``, ``vmq.CausalConv1d``, ``vmq.HadamardTransform``, ``vmq.RmsNorm``,
-            ``vmq.Int8Linear``: vmq_fx's onnxruntime library).
+            scan, the causal convolution, the Hadamard transform, the RMSNorm (with its residual add) and the
+            integer linear as one node each (``vmq.SelectiveScan``, ``vmq.CausalConv1d``, ``vmq.HadamardTransform``,
+            ``vmq.RmsNorm`` / ``vmq.AddRmsNorm``, ``vmq.Int8Linear``: vmq_fx's onnxruntime library).
     """
     import vmq_fx.ops  # noqa: F401 - registers torch.ops.vmq.*
 
@@ -499,6 +514,7 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
         vmq.causal_conv1d.default: _causal_conv1d,
         vmq.hadamard_transform.default: _hadamard_transform,
         vmq.rms_norm.default: _rms_norm,
+        vmq.add_rms_norm.default: _add_rms_norm,
         vmq.int8_linear.default: _int8_linear,
         vmq.vq_linear.default: _vq_linear,
         vmq.vq_dequantize.default: _vq_dequantize,
@@ -511,6 +527,7 @@ def onnx_translation_table(ops: str = "onnx") -> dict:
                       vmq.causal_conv1d.default: _causal_conv1d_custom,
                       vmq.hadamard_transform.default: _hadamard_transform_custom,
                       vmq.rms_norm.default: _rms_norm_custom,
+                      vmq.add_rms_norm.default: _add_rms_norm_custom,
                       vmq.int8_linear.default: _int8_linear_custom})
     return table
 

@@ -8,7 +8,8 @@ An ONNX file exported with ``export_onnx(..., ops="vmq")`` holds, instead of the
   (``vmq_fx/csrc/causal_conv1d_core.h``);
 * ``vmq.HadamardTransform``: the online half of a Hadamard rotation, the torch op's fast Walsh-Hadamard transform
   (``vmq_fx/csrc/hadamard_core.h``);
-* ``vmq.RmsNorm``: a lowered graph's RMSNorm, the torch op's one-pass kernel (``vmq_fx/csrc/rms_norm_core.h``);
+* ``vmq.RmsNorm`` / ``vmq.AddRmsNorm``: a lowered graph's RMSNorm (with the residual add before it), the torch ops'
+  one-pass kernels (``vmq_fx/csrc/rms_norm_core.h``);
 * ``vmq.Int8Linear``: one node per lowered integer linear. On CPUs with AVX-512 VNNI (the AVX-512 build) the torch
   op's uint8 x int8 product (``vmq_fx/csrc/linear_core.h``'s ``vnni_rows``: quantize, ``vpdpbusd`` and rescale in one
   pass), on CPUs with AMX-INT8 the same on AMX tiles (``amx_rows``, ``tdpbusd``). Elsewhere the torch op's per-token quantize and rescale around onnxruntime's own ``MatMulInteger``, invoked

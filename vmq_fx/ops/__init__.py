@@ -7,7 +7,8 @@ op                           definition                            kernels
 ``vmq::selective_scan``      :mod:`vmq_fx.ops.selective_scan`      ``csrc/selective_scan.cpp``, ``triton/selective_scan.py``
 ``vmq::causal_conv1d``       :mod:`vmq_fx.ops.causal_conv1d`       ``csrc/causal_conv1d.cpp``
 ``vmq::hadamard_transform``  :mod:`vmq_fx.ops.hadamard`            ``csrc/hadamard.cpp``
-``vmq::rms_norm``            :mod:`vmq_fx.ops.rms_norm`            ``csrc/rms_norm.cpp``
+``vmq::rms_norm``,           :mod:`vmq_fx.ops.rms_norm`            ``csrc/rms_norm.cpp``
+``vmq::add_rms_norm``
 ``vmq::int8_linear``         :mod:`vmq_fx.ops.int8_linear`         ``csrc/int8_linear.cpp``, ``triton/int8_linear.py``
 ``vmq::vq_linear``,          :mod:`vmq_fx.ops.vq_linear`           ``csrc/vq_linear.cpp``, ``triton/vq_linear.py``
 ``vmq::vq_dequantize``

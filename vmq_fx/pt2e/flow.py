@@ -88,8 +88,8 @@ def quantize(model: nn.Module, recipe: Recipe | VisualMambaQuantizer, calibratio
         >>> from vmq_fx.app.data import calibration_images
         >>> res = vmq_fx.quantize(vmq_fx.models.load_reference("vim-fm-tiny"), vmq_fx.recipes.vimvq(2),
         ...                       calibration_images(64), vmq_fx.VQConfig(steps=2, batch_size=16), progress=False)
-        >>> sorted({str(n.target) for n in res.lowered.graph.nodes if str(n.target).startswith("vmq.")})
-        ['vmq.causal_conv1d.default', 'vmq.rms_norm.default', 'vmq.selective_scan.default', 'vmq.vq_linear.default']
+        >>> sorted({str(n.target)[4:-8] for n in res.lowered.graph.nodes if str(n.target).startswith("vmq.")})
+        ['add_rms_norm', 'causal_conv1d', 'rms_norm', 'selective_scan', 'vq_linear']
     """
     quantizer = recipe if isinstance(recipe, VisualMambaQuantizer) else VisualMambaQuantizer(recipe)
     recipes = quantizer.spec.recipes()

@@ -26,7 +26,7 @@ extern "C" ORT_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOption
       domain = new Ort::CustomOpDomain("vmq");
       for (const OrtCustomOp* op : {vmq_fx::ort::selective_scan_op(), vmq_fx::ort::int8_linear_op(),
                                     vmq_fx::ort::causal_conv1d_op(), vmq_fx::ort::hadamard_transform_op(),
-                                    vmq_fx::ort::rms_norm_op()})
+                                    vmq_fx::ort::rms_norm_op(), vmq_fx::ort::add_rms_norm_op()})
         domain->Add(op);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);

@@ -16,6 +16,7 @@ const OrtCustomOp* int8_linear_op();     // int8_linear_op.cpp
 const OrtCustomOp* causal_conv1d_op();   // causal_conv1d_op.cpp
 const OrtCustomOp* hadamard_transform_op();  // hadamard_op.cpp
 const OrtCustomOp* rms_norm_op();        // rms_norm_op.cpp
+const OrtCustomOp* add_rms_norm_op();    // rms_norm_op.cpp
 
 // One input of a kernel, read in place; data is null for an optional input left empty.
 template <typename T>

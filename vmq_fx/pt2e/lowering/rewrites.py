@@ -29,9 +29,9 @@ folded into the norm the same way, else kept.
 
 Linears quantized by other quantizers keep their own Q/DQ patterns. A division of an op's input by a power of two
 (Vim's average of its two scans) is then folded into the op's constants, exactly
-(:mod:`vmq_fx.pt2e.lowering.power_of_two_scaling`), each decomposed RMSNorm becomes one ``vmq::rms_norm``
-(:mod:`vmq_fx.pt2e.lowering.rms_norm`), and :func:`vmq_fx.pt2e.lowering.simplify.simplify` folds constants and drops
-no-op nodes.
+(:mod:`vmq_fx.pt2e.lowering.power_of_two_scaling`), :func:`vmq_fx.pt2e.lowering.simplify.simplify` folds constants
+and drops no-op nodes, and each decomposed RMSNorm becomes one ``vmq::rms_norm``, with the residual add before it
+``vmq::add_rms_norm`` (:mod:`vmq_fx.pt2e.lowering.rms_norm`).
 """
 from __future__ import annotations
 
@@ -285,8 +285,9 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_
             the op's quantize step).
         fold_power_of_two: fold a division of an op's input by a power of two into its constants (bit-identical
             results, one pass over the activation fewer; off for comparisons).
-        fuse_norms: each RMSNorm as one ``vmq::rms_norm`` node instead of six operators (one pass over the
-            activation instead of six; the sum of squares in its own order; off for comparisons).
+        fuse_norms: each RMSNorm as one ``vmq::rms_norm`` node instead of six operators, with the residual add
+            before it one ``vmq::add_rms_norm`` (one pass over the activations instead of seven; the sum of squares
+            in its own order; off for comparisons).
 
     Returns:
         The lowered graph module; each of those linears is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node. It is
@@ -315,10 +316,13 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_
     graph.eliminate_dead_code()
     if fold_power_of_two and fold_power_of_two_scaling(gm):
         graph.eliminate_dead_code()
-    if fuse_norms and fuse_rms_norms(gm):
-        graph.eliminate_dead_code()
     drop_unused_attributes(gm)
     gm.requires_grad_(False)
     graph.lint()
     gm.recompile()
-    return simplify(gm)
+    gm = simplify(gm)  # first: it drops the no-op `to` between a residual add and its norm
+    if fuse_norms and fuse_rms_norms(gm):
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    return gm

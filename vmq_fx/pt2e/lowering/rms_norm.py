@@ -1,4 +1,5 @@
-"""Fuses the decomposed RMSNorm of a lowered graph into ``vmq::rms_norm``.
+"""Fuses the decomposed RMSNorm of a lowered graph into ``vmq::rms_norm``, and the residual add before it into
+``vmq::add_rms_norm``.
 
 Under ``torch.export`` Vim's and VMamba's ``RMSNorm`` is six operators::
 
@@ -9,7 +10,9 @@ six passes over the residual stream, which the lowering's other rewrites leave i
 pass; only its sum of squares is added in another order, so the normalized values can differ from the six operators'
 by an ulp, as folding the smoothing into the weight can (a rare rounding level flips downstream). The chain is fused
 only where its intermediate results have no other reader, over the last axis of a float tensor, with ``weight`` a
-1-D tensor of that axis' size.
+1-D tensor of that axis' size. Where ``x`` is ``add(a, b)`` of two tensors of its own shape (a pre-norm block's
+``residual + hidden``), the add joins the node: ``vmq::add_rms_norm(a, b, weight, eps)`` returns the norm and the sum
+(the same float sum), which the add's other readers (the next block's residual add) take instead.
 """
 from __future__ import annotations
 
@@ -65,23 +68,60 @@ def _norm_inputs(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, fx.Node, f
     return x, weight, eps
 
 
+def _summands(gm: fx.GraphModule, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(a, b)`` where ``x`` is ``add(a, b)`` of two tensors of ``x``'s shape and dtype, else ``None``."""
+    if x.op != "call_function" or x.target is not _aten.add.Tensor or len(x.args) != 2 or x.kwargs:
+        return None
+    vals = [_value(gm, a) if isinstance(a, fx.Node) else None for a in (x, *x.args)]
+    if not all(isinstance(v, torch.Tensor) for v in vals):
+        return None
+    if any(v.shape != vals[0].shape or v.dtype != vals[0].dtype for v in vals[1:]):
+        return None
+    return x.args
+
+
+def _defined_before(a: fx.Node, b: fx.Node) -> bool:
+    for n in b.graph.nodes:
+        if n is b:
+            return False
+        if n is a:
+            return True
+    return False
+
+
 def fuse_rms_norms(gm: fx.GraphModule) -> int:
-    """Replace each decomposed RMSNorm of ``gm`` with one ``vmq::rms_norm`` node (in place; the replaced nodes are left
-    for dead-code elimination).
+    """Replace each decomposed RMSNorm of ``gm`` with one ``vmq::rms_norm`` node, or with ``vmq::add_rms_norm`` where
+    a residual add feeds it (in place; the replaced nodes are left for dead-code elimination).
 
     Returns:
-        How many it fused.
+        How many norms it fused.
     """
-    fused = 0
-    for node in list(gm.graph.nodes):
+    graph, fused, added = gm.graph, 0, 0
+    for node in list(graph.nodes):
         found = _norm_inputs(gm, node)
         if found is None:
             continue
-        with gm.graph.inserting_before(node):
-            norm = gm.graph.call_function(torch.ops.vmq.rms_norm.default, found)
-        norm.meta = dict(node.meta)
+        x, weight, eps = found
+        summands = _summands(gm, x)
+        if summands is not None and weight.op == "get_attr":
+            x.prepend(weight)  # the fused node takes x's place, before the weight was read
+        elif summands is not None and not _defined_before(weight, x):
+            summands = None
+        if summands is None:
+            with graph.inserting_before(node):
+                norm = graph.call_function(torch.ops.vmq.rms_norm.default, found)
+            norm.meta = dict(node.meta)
+        else:
+            with graph.inserting_before(x):  # every reader of the sum comes after it
+                both = graph.call_function(torch.ops.vmq.add_rms_norm.default, (*summands, weight, eps))
+                norm = graph.call_function(operator.getitem, (both, 0))
+                total = graph.call_function(operator.getitem, (both, 1))
+            both.meta = {**x.meta, "val": (node.meta.get("val"), x.meta.get("val"))}
+            norm.meta, total.meta = dict(node.meta), dict(x.meta)
+            x.replace_all_uses_with(total)
+            added += 1
         node.replace_all_uses_with(norm)
         fused += 1
     if fused:
-        log.debug("fused %d RMSNorm(s) into vmq.rms_norm", fused)
+        log.debug("fused %d RMSNorm(s) into vmq.rms_norm / vmq.add_rms_norm (%d with their residual add)", fused, added)
     return fused
