@@ -127,6 +127,7 @@ class _TwoBlocks(torch.nn.Module):
 
 
 def test_the_decomposed_norm_and_its_residual_add_become_one_node():
+    torch.manual_seed(0)
     x, r = torch.randn(2, 9, 32), torch.randn(2, 9, 32)
     module = _TwoBlocks().eval()
     gm = _graph(module, x, r)
@@ -142,7 +143,9 @@ def test_the_decomposed_norm_and_its_residual_add_become_one_node():
     s1 = x.double() + r.double()
     h1 = _float64_norm(s1, b1.norm.weight.detach(), b1.norm.eps) @ b1.proj.weight.double().T + b1.proj.bias.double()
     ref = _float64_norm(h1 + s1, b2.norm.weight.detach(), b2.norm.eps) @ b2.proj.weight.double().T
-    assert _max_rel(gm(x, r), ref + b2.proj.bias.double()) < 1e-4
+    ref = ref + b2.proj.bias.double()
+    # float32 linears of 32 terms around the norms: ~1e-7 of the outputs' size (an output near 0 has no relative bound)
+    assert ((gm(x, r).double() - ref).norm() / ref.norm()).item() < 1e-5
 
 
 def test_a_norm_after_a_broadcasting_add_keeps_the_add():

@@ -81,6 +81,7 @@ def _summands(gm: fx.GraphModule, x: fx.Node) -> tuple[fx.Node, fx.Node] | None:
 
 
 def _defined_before(a: fx.Node, b: fx.Node) -> bool:
+    """``a`` comes before ``b`` in their graph's order."""
     for n in b.graph.nodes:
         if n is b:
             return False
