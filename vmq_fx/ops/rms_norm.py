@@ -6,8 +6,8 @@
 The second is a pre-norm block's front (Vim's ``residual = residual + hidden; norm(residual)``): the sum goes on as the
 residual stream, its norm into the block.
 
-Why an op: a graph holds the norm as six operators (``pow``, ``mean``, ``add``, ``rsqrt``, ``mul``, ``mul``: Vim's and
-VMamba's ``RMSNorm`` under ``torch.export``), six passes over the activations; the C++ kernel (:mod:`vmq_fx.ops.native`)
+Why an op: a graph holds the norm as six operators (``pow``, ``mean``, ``add``, ``rsqrt``, ``mul``, ``mul``: Vim's
+``RMSNorm`` under ``torch.export``), six passes over the activations; the C++ kernel (:mod:`vmq_fx.ops.native`)
 makes one, with the same arithmetic (each square rounded, the mean a division by ``d``, ``1 / sqrt``, ``x`` times it
 before ``weight``) and only the order of the sum of squares its own (the same on every CPU build and in the
 onnxruntime library); ``add_rms_norm`` adds in the same pass (a float sum, the same bits as ``aten.add``). The lowering

@@ -1,7 +1,7 @@
 """Fuses the decomposed RMSNorm of a lowered graph into ``vmq::rms_norm``, and the residual add before it into
 ``vmq::add_rms_norm``.
 
-Under ``torch.export`` Vim's and VMamba's ``RMSNorm`` is six operators::
+Under ``torch.export`` Vim's ``RMSNorm`` (VMamba normalizes with ``LayerNorm``, left alone) is six operators::
 
     mul(mul(x, rsqrt(add(mean(pow(x, 2), [-1], keepdim=True), eps))), weight)
 
