@@ -76,13 +76,19 @@ def _setup_context(ctx, inputs, output):
     ctx.eps = eps
 
 
-def _backward(ctx, grad):
-    x, weight = ctx.saved_tensors
+def _reference_grads(x: Tensor, weight: Tensor, eps: float, grad: Tensor) -> tuple[Tensor, Tensor]:
+    """The gradients of :func:`rms_norm_reference` with respect to ``x`` and ``weight`` (recomputed)."""
     with torch.enable_grad():
         x_, w_ = x.detach().requires_grad_(), weight.detach().requires_grad_()
-        g_x, g_w = torch.autograd.grad(rms_norm_reference(x_, w_, ctx.eps), (x_, w_), grad)
+        g_x, g_w = torch.autograd.grad(rms_norm_reference(x_, w_, eps), (x_, w_), grad)
+    return g_x, g_w.to(weight.dtype)
+
+
+def _backward(ctx, grad):
+    x, weight = ctx.saved_tensors
+    g_x, g_w = _reference_grads(x, weight, ctx.eps, grad)
     needs = ctx.needs_input_grad
-    return g_x if needs[0] else None, g_w.to(weight.dtype) if needs[1] else None, None
+    return g_x if needs[0] else None, g_w if needs[1] else None, None
 
 
 rms_norm.register_autograd(_backward, setup_context=_setup_context)
@@ -121,12 +127,10 @@ def _setup_add_context(ctx, inputs, output):
 
 def _add_backward(ctx, grad_out, grad_total):
     total, weight = ctx.saved_tensors
-    with torch.enable_grad():
-        t_, w_ = total.detach().requires_grad_(), weight.detach().requires_grad_()
-        g_t, g_w = torch.autograd.grad(rms_norm_reference(t_, w_, ctx.eps), (t_, w_), grad_out)
+    g_t, g_w = _reference_grads(total, weight, ctx.eps, grad_out)
     g_t = g_t + grad_total  # the sum is an output too: x and residual get both gradients
     needs = ctx.needs_input_grad
-    return g_t if needs[0] else None, g_t if needs[1] else None, g_w.to(weight.dtype) if needs[2] else None, None
+    return g_t if needs[0] else None, g_t if needs[1] else None, g_w if needs[2] else None, None
 
 
 add_rms_norm.register_autograd(_add_backward, setup_context=_setup_add_context)

@@ -50,6 +50,12 @@ using vmq_fx::ort::input;
 using vmq_fx::ort::parallel_chunks;
 using vmq_fx::ort::resolved_input;
 
+// Whether environment variable `name` is set to `value` (the switches below, read when a session creates a kernel).
+bool env_is(const char* name, const char* value) {
+  const char* set = std::getenv(name);
+  return set && std::string(set) == value;
+}
+
 void require(bool ok, const std::string& what) {
   if (!ok) throw std::invalid_argument("vmq.Int8Linear: " + what);
 }
@@ -90,12 +96,9 @@ struct Int8LinearKernel {
     require(0 <= qmin_ && qmin_ < qmax_ && qmax_ <= 255,
             "qmin / qmax must be unsigned 8-bit levels, got " + std::to_string(qmin_) + " / " + std::to_string(qmax_));
     require(2 <= w_bits && w_bits <= 8, "w_bits must be 2-8, got " + std::to_string(w_bits));
-    const char* unsigned_weights = std::getenv("VMQ_FX_ORT_UINT8_WEIGHTS");
-    signed_weight_ = w_bits <= 7 || (exact_u8s8() && !(unsigned_weights && std::string(unsigned_weights) == "1"));
-    const char* direct = std::getenv("VMQ_FX_ORT_DIRECT");
-    use_direct_ = !(direct && std::string(direct) == "0");
-    const char* amx = std::getenv("VMQ_FX_ORT_AMX");
-    use_amx_ = !(amx && std::string(amx) == "0");
+    signed_weight_ = w_bits <= 7 || (exact_u8s8() && !env_is("VMQ_FX_ORT_UINT8_WEIGHTS", "1"));
+    use_direct_ = !env_is("VMQ_FX_ORT_DIRECT", "0");
+    use_amx_ = !env_is("VMQ_FX_ORT_AMX", "0");
     const char* names[] = {"T1", "T2", "T3"};
     const ONNXTensorElementDataType types[] = {
         ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8,

@@ -23,11 +23,12 @@ struct NormKernel {
 
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
-    const auto x = vmq_fx::ort::input<float>(ctx, 0), residual = vmq_fx::ort::input<float>(ctx, Residual ? 1 : 0);
+    const auto x = vmq_fx::ort::input<float>(ctx, 0);
+    const auto residual = Residual ? vmq_fx::ort::input<float>(ctx, 1) : vmq_fx::ort::Input<float>{};
     const auto weight = vmq_fx::ort::input<float>(ctx, Residual ? 2 : 1);
     const std::vector<int64_t>& shape = x.shape;
     require(!shape.empty(), "x must have at least one axis");
-    require(residual.shape == shape, "residual must have x's shape");
+    require(!Residual || residual.shape == shape, "residual must have x's shape");
     const int64_t d = shape.back();
     require(weight.shape == std::vector<int64_t>{d}, "weight must be [d], d the last axis of x");
     const float* xp = x.data;
