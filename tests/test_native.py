@@ -33,6 +33,58 @@ def test_cpu_kernels_are_registered_in_the_dispatcher_and_can_be_disabled():
     assert all("module.cpp" in (_cpu_kernel_source(op) or "") for op in OPS)
 
 
+_AUTOGRAD_LAYER = os.path.join("torch", "_library", "autograd.py")  # torch.library's register_autograd, in Python
+
+
+def _autograd_layer_calls(call) -> int:
+    """How many Python functions of torch.library's autograd layer run during call()."""
+    seen = []
+    sys.setprofile(lambda frame, event, arg: seen.append(1) if event == "call" and
+                   frame.f_code.co_filename.endswith(_AUTOGRAD_LAYER) else None)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return len(seen)
+
+
+def _conv(x, w):
+    return torch.ops.vmq.causal_conv1d(x, w, None, True, False)
+
+
+def _norm(x, w):
+    return torch.ops.vmq.add_rms_norm(x, x * 0.5, w, 1e-5)[0]
+
+
+def _scan(x, w):  # w: A [dim, N]
+    batch, dim, length = x.shape
+    bc = torch.linspace(-1, 1, batch * w.shape[1] * length).view(batch, w.shape[1], length)
+    return torch.ops.vmq.selective_scan(x, x.sigmoid(), w, bc, bc.flip(-1), None, None, None, True)[0]
+
+
+@pytest.mark.parametrize("op, x_shape, w_shape", [(_conv, (1, 6, 3), (3, 4)), (_norm, (2, 3, 8), (8,)),
+                                                  (_scan, (1, 4, 5), (4, 3))], ids=["conv", "norm", "scan"])
+def test_ops_skip_the_python_autograd_layer_unless_a_gradient_is_needed(op, x_shape, w_shape):
+    # Every op's AutogradCPU kernel is the extension's: the quantized linears refuse gradients, the others call
+    # torch.library's Python autograd layer only when a gradient is needed (it cost the lowered Vim-T 15 % at batch 1
+    # under torch.no_grad()), and then the gradient is the pure-torch path's.
+    assert native.kernels() is not None
+    for name in OPS:
+        autograd = next((l for l in torch._C._dispatch_dump(f"vmq::{name}").splitlines()
+                         if l.startswith("AutogradCPU:")), "")
+        assert "module.cpp" in autograd, name
+    x = torch.linspace(-2, 2, torch.Size(x_shape).numel()).view(x_shape)
+    w = -torch.linspace(0.5, 2, torch.Size(w_shape).numel()).view(w_shape).requires_grad_()
+    with torch.no_grad():
+        assert _autograd_layer_calls(lambda: op(x, w)) == 0
+    assert _autograd_layer_calls(lambda: op(x, w.detach())) == 0  # grad mode on, nothing requires grad
+    assert _autograd_layer_calls(lambda: op(x, w)) > 0
+    grad, = torch.autograd.grad(op(x, w).square().sum(), w)
+    with native.disabled():
+        expected, = torch.autograd.grad(op(x, w).square().sum(), w)
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_importing_the_backend_installs_no_log_or_warning_filters():
     code = ("import logging, warnings, torch, torchao.quantization.pt2e.quantize_pt2e; "  # theirs come first
             "before = list(warnings.filters); import vmq_fx.pt2e.flow, vmq_fx.ops; "

@@ -161,10 +161,12 @@ std::tuple<at::Tensor, at::Tensor> histogram_search(const at::Tensor& counts_in,
   return {best_lo, best_hi};
 }
 
-static void register_calibration(torch::Library& cpu, torch::Library&) {
+static void register_calibration(torch::Library& cpu, torch::Library& autograd_cpu) {
   cpu.impl("token_stats", TORCH_FN(token_stats));
   cpu.impl("histogram_add", TORCH_FN(histogram_add));
   cpu.impl("histogram_search", TORCH_FN(histogram_search));
+  for (const char* op : {"token_stats", "histogram_add", "histogram_search"})
+    autograd_cpu.impl(op, torch::CppFunction::makeFromBoxedFunction<&backward_in_python>());
 }
 VMQ_FX_CPU_KERNELS(register_calibration);
 

@@ -53,8 +53,9 @@ at::Tensor causal_conv1d_cpu(const at::Tensor& x_in, const at::Tensor& weight, c
   return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
 }
 
-static void register_causal_conv1d(torch::Library& cpu, torch::Library&) {
+static void register_causal_conv1d(torch::Library& cpu, torch::Library& autograd_cpu) {
   cpu.impl("causal_conv1d", TORCH_FN(causal_conv1d_cpu));
+  autograd_cpu.impl("causal_conv1d", torch::CppFunction::makeFromBoxedFunction<&backward_in_python>());
 }
 VMQ_FX_CPU_KERNELS(register_causal_conv1d);
 

@@ -51,8 +51,9 @@ at::Tensor hadamard_transform_cpu(const at::Tensor& x_in, const std::optional<at
   return out.scalar_type() == x_in.scalar_type() ? out : out.to(x_in.scalar_type());
 }
 
-static void register_hadamard_transform(torch::Library& cpu, torch::Library&) {
+static void register_hadamard_transform(torch::Library& cpu, torch::Library& autograd_cpu) {
   cpu.impl("hadamard_transform", TORCH_FN(hadamard_transform_cpu));
+  autograd_cpu.impl("hadamard_transform", torch::CppFunction::makeFromBoxedFunction<&backward_in_python>());
 }
 VMQ_FX_CPU_KERNELS(register_hadamard_transform);
 

@@ -33,8 +33,10 @@ struct AddRegistration {
 };
 #define VMQ_FX_CPU_KERNELS(fn) static const ::vmq_fx::AddRegistration vmq_fx_registration_##fn(&fn)
 
-// The AutogradCPU kernel of ops without a backward (module.cpp): refuses inputs that require grad.
+// The AutogradCPU kernels (module.cpp) of ops without a backward (refuses inputs that require grad) and of ops whose
+// backward is registered in Python (skips that layer where no gradient is needed). Every op has one of the two.
 void no_backward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
+void backward_in_python(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack);
 
 // A dtype as Python's str(torch.<dtype>) without "torch.", so that the kernels' refusals read as the pure-torch
 // implementations' (tests/test_op_definitions.py compares them).

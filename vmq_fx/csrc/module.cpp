@@ -14,19 +14,38 @@
 
 namespace vmq_fx {
 
+namespace {
+
+bool grad_required(const c10::OperatorHandle& op, const torch::jit::Stack& stack) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const c10::IValue& v : torch::jit::last(stack, op.schema().arguments().size()))
+    if (v.isTensor() && v.toTensor().requires_grad()) return true;
+  return false;
+}
+
+}  // namespace
+
 // The quantized linears have no backward (their weights and scales are quantized constants). With grad mode on, an
 // input that requires grad is refused here, with the text of the pure-torch implementation
 // (vmq_fx/ops/_no_backward.py; tests/test_int8_linear.py checks both); otherwise the call goes on below autograd
 // without the Python autograd layer's cost.
 void no_backward(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
-  if (at::GradMode::is_enabled()) {
-    const auto n = op.schema().arguments().size();
-    for (const c10::IValue& v : torch::jit::last(*stack, n))
-      TORCH_CHECK(!(v.isTensor() && v.toTensor().requires_grad()), "vmq.", op.schema().name().substr(5),
-                  ": no backward (the weights and scales are quantized constants); run the quantized model under "
-                  "torch.no_grad(), or differentiate the prepared (fake-quantized) model");
-  }
+  TORCH_CHECK(!grad_required(op, *stack), "vmq.", op.schema().name().substr(5),
+              ": no backward (the weights and scales are quantized constants); run the quantized model under "
+              "torch.no_grad(), or differentiate the prepared (fake-quantized) model");
   op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+}
+
+// Ops with a backward keep it in Python (torch.library's register_autograd, which registers for the Autograd alias
+// key). That layer runs on every call, also under torch.no_grad(): Vim-T's lowered W8A8 model at batch 1 took 52.7 ms
+// with it on the scan, the convolution and the norms and 44.8 ms without (Intel Xeon, one thread), far more than its
+// ~10 us a call in a loop of its own. So the call goes on below autograd here unless a gradient is needed; then it
+// goes to the Python layer, which is the kernel of AutogradOther (the Autograd alias's kernel for every autograd key
+// without its own; AutogradCPU's is this one).
+void backward_in_python(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const c10::DispatchKeySet below = keys & c10::after_autograd_keyset;
+  op.redispatchBoxed(grad_required(op, *stack) ? below | c10::DispatchKeySet(c10::DispatchKey::AutogradOther) : below,
+                     stack);
 }
 
 }  // namespace vmq_fx

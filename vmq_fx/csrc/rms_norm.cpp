@@ -68,9 +68,11 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x_in, cons
   return {out, sum};
 }
 
-static void register_rms_norm(torch::Library& cpu, torch::Library&) {
+static void register_rms_norm(torch::Library& cpu, torch::Library& autograd_cpu) {
   cpu.impl("rms_norm", TORCH_FN(rms_norm_cpu));
   cpu.impl("add_rms_norm", TORCH_FN(add_rms_norm_cpu));
+  for (const char* op : {"rms_norm", "add_rms_norm"})
+    autograd_cpu.impl(op, torch::CppFunction::makeFromBoxedFunction<&backward_in_python>());
 }
 VMQ_FX_CPU_KERNELS(register_rms_norm);
 

@@ -346,9 +346,11 @@ static std::vector<at::Tensor> selective_scan_backward_op(const at::Tensor& u, c
   return grads;
 }
 
-static void register_selective_scan(torch::Library& cpu, torch::Library&) {
+static void register_selective_scan(torch::Library& cpu, torch::Library& autograd_cpu) {
   cpu.impl("selective_scan", TORCH_FN(selective_scan_cpu));
   cpu.impl("selective_scan_backward", TORCH_FN(selective_scan_backward_op));
+  for (const char* op : {"selective_scan", "selective_scan_backward"})
+    autograd_cpu.impl(op, torch::CppFunction::makeFromBoxedFunction<&backward_in_python>());
 }
 VMQ_FX_CPU_KERNELS(register_selective_scan);
 
