@@ -39,6 +39,19 @@ def test_matches_float64_convolution(implementation, reverse, silu, bias, kernel
     assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()
 
 
+@pytest.mark.parametrize("layout", ["transposed", "every_other_tap"])
+def test_weight_read_through_its_strides(implementation, layout):
+    # The kernel transposes the taps itself, from the weight's strides: a weight that is a view gives the bits of its
+    # contiguous copy, and the float64 convolution's values.
+    x, w, b = inputs()
+    view = w.t().contiguous().t() if layout == "transposed" else torch.stack([w, -w], -1).flatten(1)[:, ::2]
+    assert not view.is_contiguous() and torch.equal(view, w)
+    out = causal_conv1d_fn(x, view, b, silu=True)
+    assert torch.equal(out, causal_conv1d_fn(x, w, b, silu=True))
+    ref = conv_reference(x, w, b, True, False)
+    assert (out.double() - ref).abs().max() < 1e-5 * ref.abs().max()
+
+
 def test_reverse_reads_later_tokens_only(implementation):
     x, w, b = inputs()
     x2 = x.clone()

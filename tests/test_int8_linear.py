@@ -96,6 +96,20 @@ def test_both_integer_product_paths_match_float64(shape, w_bits, a_bits, packed,
     torch.testing.assert_close(int8_linear(*op_args).double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
 
 
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("shape", [(2, 9, 12, 40), LIBRARY_SHAPE], ids=["dt_proj", "library"])
+def test_rows_a_stride_apart_give_the_contiguous_bits(shape, dynamic, int8_gemm):
+    # dt_proj's input is a slice of x_proj's output (rows 44 floats apart): the kernel copies such rows itself.
+    op_args, ref_args = int8_case(*shape, w_bits=8, dynamic=dynamic)
+    x = op_args[0]
+    wide = torch.cat([x, torch.full_like(x, 1e6)], -1)[..., :x.shape[-1]]
+    assert not wide.is_contiguous() and torch.equal(wide, x)
+    out = int8_linear(wide, *op_args[1:])
+    assert torch.equal(out, int8_linear(*op_args))
+    ref = int8_linear_reference(*ref_args)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5 * ref.abs().max().item(), rtol=1e-5)
+
+
 @pytest.mark.parametrize("w_bits", [8, 4])
 def test_one_input_channel_on_every_path(w_bits, implementation, int8_gemm):
     """K = 1 (an outlier-channel linear of dt_proj): torch._int_mm returns wrong numbers for the transposed [1, N]
