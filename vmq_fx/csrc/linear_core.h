@@ -423,39 +423,39 @@ inline void vnni_weight(Level&& w, int64_t N, int64_t K, int8_t* out) {
   grouped_weight<4>(w, N, K, vnni_padded_cols(N), out);
 }
 
-// rescale_block on the exact sums acc - z * w_sum of R rows x kVnniCols vectors of uint8 x int8 accumulators.
-template <int R>
+// rescale_block on the exact sums acc - z * w_sum of R rows x Cols vectors of uint8 x int8 accumulators.
+template <int R, int Cols = kVnniCols>
 inline void rescale_uint8_sums(const __m512i* acc, const int32_t* z, const int32_t* w_sum, const float* s,
                                const float* w_scale, const float* bias, int64_t N, int64_t n0, float* out) {
-  VF sums[R * kVnniCols];
+  VF sums[R * Cols];
 #pragma GCC unroll 4
-  for (int j = 0; j < kVnniCols; ++j) {
+  for (int j = 0; j < Cols; ++j) {
     const int64_t n = n0 + j * kLanes, left = std::max<int64_t>(0, std::min<int64_t>(kLanes, N - n));
     const __m512i ws = _mm512_maskz_loadu_epi32(static_cast<__mmask16>((1u << left) - 1), w_sum + n);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)
-      sums[r * kVnniCols + j] = (VF)_mm512_cvtepi32_ps(
-          _mm512_sub_epi32(acc[r * kVnniCols + j], _mm512_mullo_epi32(_mm512_set1_epi32(z[r]), ws)));
+      sums[r * Cols + j] = (VF)_mm512_cvtepi32_ps(
+          _mm512_sub_epi32(acc[r * Cols + j], _mm512_mullo_epi32(_mm512_set1_epi32(z[r]), ws)));
   }
-  rescale_block<R, kVnniCols>(sums, s, w_scale, bias, N, n0, out);
+  rescale_block<R, Cols>(sums, s, w_scale, bias, N, n0, out);
 }
 
-// Rows [0, R) and columns [n0, n0 + kVnniBlock) of out; q holds R rows of 4 * G uint8 levels, z their zero points
+// Rows [0, R) and columns [n0, n0 + Cols * kLanes) of out; q holds R rows of 4 * G uint8 levels, z their zero points
 // (moved as the levels).
-template <int R>
+template <int R, int Cols = kVnniCols>
 __attribute__((target("avx512vnni"))) inline void vnni_block(const uint8_t* q, int64_t G, const int8_t* wt,
                                                              int64_t Np, int64_t n0, const int32_t* z,
                                                              const int32_t* w_sum, const float* s,
                                                              const float* w_scale, const float* bias, int64_t N,
                                                              float* out) {
-  __m512i acc[R * kVnniCols];
+  __m512i acc[R * Cols];
 #pragma GCC unroll 16
-  for (int i = 0; i < R * kVnniCols; ++i) acc[i] = _mm512_setzero_si512();
+  for (int i = 0; i < R * Cols; ++i) acc[i] = _mm512_setzero_si512();
   const int8_t* wp = wt + 4 * n0;
   for (int64_t g = 0; g < G; ++g, wp += 4 * Np) {
-    __m512i w[kVnniCols];
+    __m512i w[Cols];
 #pragma GCC unroll 4
-    for (int j = 0; j < kVnniCols; ++j) w[j] = _mm512_loadu_si512(wp + j * 4 * kLanes);
+    for (int j = 0; j < Cols; ++j) w[j] = _mm512_loadu_si512(wp + j * 4 * kLanes);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       int32_t quad;
@@ -464,10 +464,29 @@ __attribute__((target("avx512vnni"))) inline void vnni_block(const uint8_t* q, i
       // vpdpbusd by asm: with _mm512_dpbusd_epi32 GCC copies every accumulator between registers (and the stack) at
       // each step, which made the product 1.15-2x slower (by block shape, in the micro-benchmark above).
 #pragma GCC unroll 4
-      for (int j = 0; j < kVnniCols; ++j) asm("vpdpbusd %2, %1, %0" : "+v"(acc[r * kVnniCols + j]) : "v"(a), "v"(w[j]));
+      for (int j = 0; j < Cols; ++j) asm("vpdpbusd %2, %1, %0" : "+v"(acc[r * Cols + j]) : "v"(a), "v"(w[j]));
     }
   }
-  rescale_uint8_sums<R>(acc, z, w_sum, s, w_scale, bias, N, n0, out);
+  rescale_uint8_sums<R, Cols>(acc, z, w_sum, s, w_scale, bias, N, n0, out);
+}
+
+// vnni_block for the first `rows` (1 to kVnniRows) rows.
+template <int Cols>
+__attribute__((target("avx512vnni"))) inline void vnni_block_rows(int64_t rows, const uint8_t* q, int64_t G,
+                                                                  const int8_t* wt, int64_t Np, int64_t n0,
+                                                                  const int32_t* z, const int32_t* w_sum,
+                                                                  const float* s, const float* w_scale,
+                                                                  const float* bias, int64_t N, float* o) {
+  switch (rows) {
+    case 8: vnni_block<8, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+    case 7: vnni_block<7, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+    case 6: vnni_block<6, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+    case 5: vnni_block<5, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+    case 4: vnni_block<4, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+    case 3: vnni_block<3, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+    case 2: vnni_block<2, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+    default: vnni_block<1, Cols>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
+  }
 }
 
 // A task's rows of uint8 levels (signed ones moved up by 128), `stride` bytes apart from a 64-byte boundary, zero past
@@ -523,17 +542,13 @@ __attribute__((target("avx512vnni"))) inline void vnni_rows(const float* x, cons
       const int32_t* z = zs + r;
       const float* s = scales + r;
       float* o = out + (m0 + r) * N;
+      const int64_t block_rows = std::min<int64_t>(kVnniRows, rows - r);
+      // A last block of at most one vector of columns multiplies one (x_proj's 44 columns: 48 instead of 64)
       for (int64_t n0 = p0; n0 < p1; n0 += kVnniBlock) {
-        switch (std::min<int64_t>(kVnniRows, rows - r)) {
-          case 8: vnni_block<8>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-          case 7: vnni_block<7>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-          case 6: vnni_block<6>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-          case 5: vnni_block<5>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-          case 4: vnni_block<4>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-          case 3: vnni_block<3>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-          case 2: vnni_block<2>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-          default: vnni_block<1>(q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o); break;
-        }
+        if (N - n0 <= kLanes)
+          vnni_block_rows<1>(block_rows, q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o);
+        else
+          vnni_block_rows<kVnniCols>(block_rows, q, G, wt, Np, n0, z, w_sum, s, w_scale, bias, N, o);
       }
     }
   }
