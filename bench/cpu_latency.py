@@ -33,6 +33,8 @@ shared CPU hits all of them, and ratios are taken within the table. Tables:
 * ``norms``: the lowered W8A8 model with its RMSNorms as ``vmq::rms_norm`` / ``vmq::add_rms_norm`` (the lowering's
   default) and as the operators they replace (``vmq_fx.lower(..., fuse_norms=False)``'s graph), against FP32, same
   runtimes.
+* ``scan_sums``: the lowered W8A8 model with each Vim block's two scan directions summed in the later scan
+  (``vmq::selective_scan(..., add=...)``, the lowering's default) and by an add after it, against FP32, same runtimes.
 * ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused kernels and
   the pure-torch scan and convolution.
 * ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32, W8A8, VQ 2-bit), by operator, in torch and
@@ -66,7 +68,7 @@ import vmq_fx  # noqa: E402
 from vmq_fx import recipes  # noqa: E402
 from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
-TABLES = ("scan", "linears", "models", "dynamic", "rotation", "norms", "train", "profile")
+TABLES = ("scan", "linears", "models", "dynamic", "rotation", "norms", "scan_sums", "train", "profile")
 # ONNX files per model: standard operators only (the portable Scan), and vmq_fx's onnxruntime ops (vmq.SelectiveScan,
 # vmq.Int8Linear: export_onnx(ops=...))
 RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq ops"}
@@ -392,6 +394,34 @@ def table_norms(args) -> list[str]:
     out = ["## RMSNorm as one op, W8A8 (median ms per forward; ratios against FP32 and fused / unfused, same process)",
            "", "| model | runtime | threads | batch | FP32 | W8A8, norms fused (the default) | W8A8, residual adds and "
            "norms as separate operators | fused / unfused speed |", "|---|---|---|---|---|---|---|---|"]
+    return out + _two_variant_rows(args, variants, derived, ("W8A8", "unfused"), faster="W8A8")
+
+
+# -- scan sums ---------------------------------------------------------------------------------------------------------
+def as_unfused_scan_sums(lowered):
+    """Each ``vmq.selective_scan`` node that adds another scan's output (its ``add``) as the scan alone and the add
+    after it that it replaced."""
+    graph = lowered.graph
+    for node in list(graph.nodes):
+        if node.target is torch.ops.vmq.selective_scan.default and len(node.args) > 10 and node.args[10] is not None:
+            other, node.args = node.args[10], node.args[:10]
+            out = next(u for u in node.users if u.args[1] == 0)
+            with graph.inserting_after(out):
+                total = graph.call_function(torch.ops.aten.add.Tensor, (other, out))
+            total.meta = dict(out.meta)
+            out.replace_all_uses_with(total, delete_user_cb=lambda user: user is not total)
+    lowered.recompile()
+    return lowered
+
+
+def table_scan_sums(args) -> list[str]:
+    """What summing Vim's two scan directions in the later scan's output pass gains over the add after it, in the
+    lowered W8A8 model, in torch and in onnxruntime with vmq_fx's ops."""
+    variants = {"W8A8": recipes.smoothquant_pts(8, 8)}
+    derived = {"unfused": ("W8A8", as_unfused_scan_sums)}
+    out = ["## The two scan directions summed in the scan, W8A8 (median ms per forward; ratios against FP32 and fused / "
+           "unfused, same process)", "", "| model | runtime | threads | batch | FP32 | W8A8, sums in the scan (the "
+           "default) | W8A8, sums by an add | fused / unfused speed |", "|---|---|---|---|---|---|---|---|"]
     return out + _two_variant_rows(args, variants, derived, ("W8A8", "unfused"), faster="W8A8")
 
 

@@ -55,18 +55,20 @@ void write(const char* name, const std::vector<T>& v) {
   std::fclose(f);
 }
 
-// u, delta and z [batch, dim, L] (or [batch, L, dim] when sequence_major), B and C [batch, groups, N, L], A [dim, N],
-// D and delta_bias [dim] -> out [batch, L, dim], last [batch, dim, N].
+// u, delta, z and add [batch, dim, L] (or [batch, L, dim] when sequence_major), B and C [batch, groups, N, L],
+// A [dim, N], D and delta_bias [dim] -> out [batch, L, dim], last [batch, dim, N].
 int scan(const std::vector<int64_t>& p) {
   using namespace vmq_fx::scan;
   const int64_t batch = p[0], dim = p[1], L = p[2], N = p[3], groups = p[4];
   const bool softplus = p[5], reverse = p[6], gated = p[7], has_d = p[8], has_bias = p[9], seq = p[10];
+  const bool has_add = p[11];
   const auto u = read<float>("u", batch * dim * L), delta = read<float>("delta", batch * dim * L);
   const auto z = gated ? read<float>("z", batch * dim * L) : std::vector<float>();
   const auto B = read<float>("B", batch * groups * N * L), C = read<float>("C", batch * groups * N * L);
   const auto A = read<float>("A", dim * N);
   const auto D = has_d ? read<float>("D", dim) : std::vector<float>();
   const auto bias = has_bias ? read<float>("delta_bias", dim) : std::vector<float>();
+  const auto add = has_add ? read<float>("add", batch * dim * L) : std::vector<float>();
   const int64_t sc = seq ? 1 : L, st = seq ? dim : 1;
   auto rows = [&](const std::vector<float>& v) {
     return v.empty() ? Strided3<float>() : Strided3<float>(v.data(), dim * L, sc, st, L, reverse);
@@ -77,6 +79,7 @@ int scan(const std::vector<int64_t>& p) {
                                rows(u),
                                rows(delta),
                                rows(z),
+                               rows(add),
                                states(B),
                                states(C),
                                A.data(),
@@ -170,7 +173,7 @@ int main(int argc, char** argv) {
   g_dir = argv[2];
   std::vector<int64_t> p;
   for (int i = 3; i < argc; ++i) p.push_back(std::strtoll(argv[i], nullptr, 10));
-  const size_t want = op == "scan"       ? 11
+  const size_t want = op == "scan"       ? 12
                       : op == "conv"     ? 7
                       : op == "linear"   ? 8
                       : op == "hadamard" ? 3

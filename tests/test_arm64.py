@@ -65,8 +65,8 @@ def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
 def test_scan_matches_the_float64_reference_on_arm64(arm64_cores, n_state, reverse, sequence_major, softplus):
     """The fused scan's core on NEON: D, the gate and a bias of delta, two groups of B and C, 22 channels (a partial
     block of lanes), 37 steps, the reverse direction; with softplus (the decay's 2^x without its upper clamp) and
-    without (positive raw time steps; the clamped 2^x); against a float64 loop over the steps (test_selective_scan.py's;
-    the output and the last state)."""
+    without (positive raw time steps; the clamped 2^x); an ``add`` (the op's output plus another direction's); against a
+    float64 loop over the steps (test_selective_scan.py's; the output and the last state)."""
     batch, dim, length, groups = 2, 22, 37, 2
     g = torch.Generator().manual_seed(n_state)
     u = torch.randn(batch, dim, length, generator=g)
@@ -77,19 +77,21 @@ def test_scan_matches_the_float64_reference_on_arm64(arm64_cores, n_state, rever
     A = -torch.rand(dim, n_state, generator=g) * 4 - 0.1
     D = torch.randn(dim, generator=g)
     bias = torch.randn(dim, generator=g) * 0.5
+    add = torch.randn(batch, dim, length, generator=g)
     if not softplus:
         delta, bias = delta.sigmoid(), bias.abs() * 0.1
     layout = (lambda t: t.transpose(1, 2)) if sequence_major else (lambda t: t)
     read = arm64_cores("scan", {"u": _f32(layout(u)), "delta": _f32(layout(delta)), "z": _f32(layout(z)),
-                                "B": _f32(B), "C": _f32(C), "A": _f32(A), "D": _f32(D), "delta_bias": _f32(bias)},
-                       batch, dim, length, n_state, groups, softplus, reverse, True, True, True, sequence_major)
+                                "B": _f32(B), "C": _f32(C), "A": _f32(A), "D": _f32(D), "delta_bias": _f32(bias),
+                                "add": _f32(layout(add))},
+                       batch, dim, length, n_state, groups, softplus, reverse, True, True, True, sequence_major, True)
     out = read("out", np.float32, (batch, length, dim)).transpose(1, 2)
     last = read("last", np.float32, (batch, dim, n_state))
 
     flip = (lambda t: t.flip(-1)) if reverse else (lambda t: t)
     ref, ref_last = scan_loop_f64(flip(u), flip(delta), A, flip(B), flip(C), D, flip(z), bias,
                                   delta_softplus=softplus)
-    assert _rel(out, flip(ref)) < 1e-5
+    assert _rel(out, flip(ref) + add) < 1e-5
     assert _rel(last, ref_last) < 1e-5
 
 
@@ -99,7 +101,7 @@ def test_scan_decays_below_the_float_range_on_arm64(arm64_cores):
     args = underflowing_decay_inputs(40)
     read = arm64_cores("scan", {"u": _f32(args["u"]), "delta": _f32(args["delta"]), "B": _f32(args["B"][:, None]),
                                 "C": _f32(args["C"][:, None]), "A": _f32(args["A"])},
-                       1, 40, 4, 16, 1, True, False, False, False, False, False)
+                       1, 40, 4, 16, 1, True, False, False, False, False, False, False)
     ref, ref_last = scan_loop_f64(**args, delta_softplus=True)
     assert _rel(read("out", np.float32, (1, 4, 40)).transpose(1, 2), ref) < 1e-5
     assert _rel(read("last", np.float32, (1, 40, 16)), ref_last) < 1e-5

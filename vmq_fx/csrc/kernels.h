@@ -61,14 +61,7 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const
                                                       const std::optional<at::Tensor>& D,
                                                       const std::optional<at::Tensor>& z,
                                                       const std::optional<at::Tensor>& delta_bias, bool softplus,
-                                                      bool reverse);
-
-// The forward into given float32 buffers: out_rows [batch, L, dim] (the output's sequence-major memory) and the last
-// state [batch, dim, N] (the onnxruntime custom op writes into onnxruntime's outputs).
-void selective_scan_cpu_out(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                            const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool reverse,
-                            const at::Tensor& out_rows, const at::Tensor& last);
+                                                      bool reverse, const std::optional<at::Tensor>& add);
 
 // Gradients of (u, delta, A, B, C, D, z, delta_bias) in the inputs' dtypes and layouts (undefined where absent).
 std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,

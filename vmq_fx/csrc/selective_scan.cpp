@@ -56,14 +56,15 @@ template <typename T>
 std::vector<at::Tensor> forward_impl(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
                                      const at::Tensor& B, const at::Tensor& C, const c10::optional<at::Tensor>& D,
                                      const c10::optional<at::Tensor>& z, const c10::optional<at::Tensor>& delta_bias,
-                                     bool softplus, bool reverse, at::Tensor out_rows = {}, at::Tensor last = {}) {
+                                     bool softplus, bool reverse, const c10::optional<at::Tensor>& add) {
   const Shapes s = shapes_of<T>(u, A, B);
-  if (!out_rows.defined()) out_rows = at::empty({s.batch, s.length, s.dim}, u.options());
-  if (!last.defined()) last = at::empty({s.batch, s.dim, s.n_state}, u.options());
+  const at::Tensor out_rows = at::empty({s.batch, s.length, s.dim}, u.options());
+  const at::Tensor last = at::empty({s.batch, s.dim, s.n_state}, u.options());
   const ScanForward<T> fwd{s,
                            view3<T>(u, reverse),
                            view3<T>(delta, reverse),
                            z ? view3<T>(*z, reverse) : Strided3<T>(),
+                           add ? view3<T>(*add, reverse) : Strided3<T>(),
                            view_bc<T>(B),
                            view_bc<T>(C),
                            A.data_ptr<T>(),
@@ -215,7 +216,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
 // The contract of vmq::selective_scan, with the messages of the Python implementation (ValueError in Python).
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                  const std::optional<at::Tensor>& delta_bias) {
+                  const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& add = std::nullopt) {
   TORCH_CHECK_VALUE(u.dim() == 3, "vmq.selective_scan: u must be [batch, dim, L], got shape ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
   TORCH_CHECK_VALUE(delta.sizes() == u.sizes(), "vmq.selective_scan: delta must have u's shape ", u.sizes(),
@@ -243,6 +244,8 @@ void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor
                     delta_bias ? delta_bias->sizes() : at::IntArrayRef{});
   TORCH_CHECK_VALUE(!z || z->sizes() == u.sizes(), "vmq.selective_scan: z must have u's shape ", u.sizes(), ", got ",
                     z ? z->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!add || add->sizes() == u.sizes(), "vmq.selective_scan: add must have u's shape ", u.sizes(),
+                    ", got ", add ? add->sizes() : at::IntArrayRef{});
 }
 
 // The kernels' view of the inputs: one compute dtype (float64 if any input is, else float32, as mamba-ssm), B and C
@@ -284,28 +287,19 @@ std::tuple<at::Tensor, at::Tensor> selective_scan_cpu(const at::Tensor& u, const
                                                       const std::optional<at::Tensor>& D,
                                                       const std::optional<at::Tensor>& z,
                                                       const std::optional<at::Tensor>& delta_bias, bool softplus,
-                                                      bool reverse) {
-  check_inputs(u, delta, A, B, C, D, z, delta_bias);
+                                                      bool reverse, const std::optional<at::Tensor>& add) {
+  check_inputs(u, delta, A, B, C, D, z, delta_bias, add);
   const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
-  const auto r = p.cdt == at::kDouble
-                     ? forward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse)
-                     : forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse);
-  return {r[0].to(u.scalar_type()), r[1].to(A.scalar_type())};
-}
-
-void selective_scan_cpu_out(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                            const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool reverse,
-                            const at::Tensor& out_rows, const at::Tensor& last) {
-  check_inputs(u, delta, A, B, C, D, z, delta_bias);
-  const Prepared p = prepare(u, delta, A, B, C, D, z, delta_bias);
-  TORCH_CHECK(p.cdt == at::kFloat && out_rows.scalar_type() == at::kFloat && last.scalar_type() == at::kFloat,
-              "selective_scan_cpu_out: float32 only");
-  TORCH_CHECK(out_rows.is_contiguous() && last.is_contiguous() &&
-                  out_rows.sizes() == at::IntArrayRef({u.size(0), u.size(2), u.size(1)}) &&
-                  last.sizes() == at::IntArrayRef({u.size(0), u.size(1), A.size(1)}),
-              "selective_scan_cpu_out: out_rows must be a contiguous [batch, L, dim] and last [batch, dim, N]");
-  forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias, softplus, reverse, out_rows, last);
+  // The output pass adds where every dtype is the compute dtype; else torch's add on the result, as in Python.
+  const bool in_kernel = add && add->scalar_type() == p.cdt && u.scalar_type() == p.cdt;
+  const std::optional<at::Tensor> kernel_add = in_kernel ? add : std::nullopt;
+  const auto r = p.cdt == at::kDouble ? forward_impl<double>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias,
+                                                             softplus, reverse, kernel_add)
+                                      : forward_impl<float>(p.u, p.delta, p.A, p.B, p.C, p.D, p.z, p.delta_bias,
+                                                            softplus, reverse, kernel_add);
+  at::Tensor out = r[0].to(u.scalar_type());
+  if (add && !in_kernel) out.add_(*add);
+  return {out, r[1].to(A.scalar_type())};
 }
 
 std::vector<at::Tensor> selective_scan_backward_cpu(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,

@@ -192,6 +192,7 @@ struct VMQ_BUILD_LOCAL ScanForward {
 
   Shapes s;
   Strided3<T> u, delta, z;  // z.p null: no gate
+  Strided3<T> add;          // added to the output (Vim's other direction); p null: none
   StridedBC<T> B, C;
   const T* A;                // [dim, N], contiguous
   const T* D;                // [dim] or null
@@ -215,10 +216,11 @@ struct VMQ_BUILD_LOCAL ScanForward {
     // Buffers kept per thread across calls (a few hundred KB at most: a run's blocks are sized to ~64 KB each): a call
     // split into many chunks (onnxruntime's threads take 64 whatever their number) allocated and zeroed its own each
     // time.
-    thread_local std::vector<T> ubuf, dbuf, ybuf, zbuf, bbuf, cbuf;
+    const bool adds = add.p != nullptr;
+    thread_local std::vector<T> ubuf, dbuf, ybuf, zbuf, abuf, bbuf, cbuf;
     thread_local std::vector<V> a, h, bias, dv, dmax;
     thread_local std::vector<int> lanes;
-    thread_local std::vector<Rows<T>> ur, dr, zr;
+    thread_local std::vector<Rows<T>> ur, dr, zr, ar;
     bbuf.resize(L * N), cbuf.resize(L * N), a.resize(N), h.resize(N);
     Rows<T> br, cr;
     for (int64_t first = begin; first < end;) {
@@ -230,7 +232,9 @@ struct VMQ_BUILD_LOCAL ScanForward {
       }
       for (auto* buf : {&ubuf, &dbuf, &ybuf}) buf->resize(nk * L * W);
       if (gated) zbuf.resize(nk * L * W);
-      lanes.resize(nk), ur.resize(nk), dr.resize(nk), zr.resize(nk), bias.resize(nk), dv.resize(nk), dmax.resize(nk);
+      if (adds) abuf.resize(nk * L * W);
+      lanes.resize(nk), ur.resize(nk), dr.resize(nk), zr.resize(nk), ar.resize(nk), bias.resize(nk), dv.resize(nk),
+          dmax.resize(nk);
       const auto slot = [&](std::vector<T>& buf, int64_t k) { return buf.data() + k * L * W; };
       for (int64_t k = 0; k < nk; ++k) {
         const int64_t c0 = c_first + k * W;
@@ -238,6 +242,7 @@ struct VMQ_BUILD_LOCAL ScanForward {
         ur[k] = u.template rows<W>(b, c0, lanes[k], L, slot(ubuf, k));
         dr[k] = delta.template rows<W>(b, c0, lanes[k], L, slot(dbuf, k));
         if (gated) zr[k] = z.template rows<W>(b, c0, lanes[k], L, slot(zbuf, k));
+        if (adds) ar[k] = add.template rows<W>(b, c0, lanes[k], L, slot(abuf, k));
         bias[k] = dv[k] = dmax[k] = V{};
         for (int c = 0; c < lanes[k]; ++c) {
           if (delta_bias) bias[k][c] = delta_bias[c0 + c];
@@ -309,7 +314,8 @@ struct VMQ_BUILD_LOCAL ScanForward {
         for (int c = 0; c < lanes[k]; ++c)
           for (int64_t i = 0; i < N; ++i) last[(b * s.dim + c0 + c) * N + i] = h[i][c];
       }
-      // + D u, the gate, into [batch, L, dim]: full blocks straight into the output row, partial ones through ybuf
+      // + D u, the gate, + add, into [batch, L, dim]: full blocks straight into the output row, partial ones through
+      // ybuf. The gated value is rounded before add joins it (no fused multiply-add): the float sum of an add op.
       T* ob = out_rows + b * L * s.dim + c_first;
       for (int64_t t = 0; t < L; ++t) {
         T* row = ob + (reverse ? L - 1 - t : t) * s.dim;
@@ -318,6 +324,10 @@ struct VMQ_BUILD_LOCAL ScanForward {
           if (gated) {
             const V zz = load<V>(zr[k].at(t));
             y = y * zz * vsigmoid(zz);
+          }
+          if (adds) {
+            rounded_here(y);
+            y = y + load<V>(ar[k].at(t));
           }
           store(lanes[k] == W ? row + k * W : slot(ybuf, k) + t * W, y);
         }

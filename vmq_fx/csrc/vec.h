@@ -118,7 +118,8 @@ inline Lanes<float>::V horner(Lanes<float>::V f, const float (&c)[n]) {
 
 // Keeps v as computed here, rounded to float: the compiler cannot fuse the operation that produced it into a later
 // add (FMA contraction), which changes the later results' rounding.
-inline void rounded_here(Lanes<float>::V& v) {
+template <typename V>
+inline void rounded_here(V& v) {
 #if defined(__x86_64__)
   asm("" : "+x"(v));
 #elif defined(__aarch64__)

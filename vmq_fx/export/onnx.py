@@ -133,7 +133,8 @@ def _scan_body(ir, prefix: str):
     return ir.Graph(ins, [h_new.outputs[0], a_out.outputs[0], y.outputs[0]], nodes=nodes, name="selective_scan_step")
 
 
-def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                    add=None):
     ir, op, call_op = _ops()
     channels, d_state = A.shape[0], A.shape[1]
     if not isinstance(channels, int) or not isinstance(d_state, int):
@@ -170,6 +171,8 @@ def _selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_so
         y = op.Add(y, op.Mul(u, op.Unsqueeze(D, _const(op, [-1], np.int64))))
     if z is not None:
         y = op.Mul(y, op.Mul(z, op.Sigmoid(z)))
+    if add is not None:
+        y = op.Add(y, add)
     return y, op.Reshape(h, _const(op, [0, channels, d_state], np.int64))
 
 
@@ -213,7 +216,8 @@ def _drop_dead_nodes(graph) -> None:
             graph.remove(node, safe=True)
 
 
-def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                           add=None):
     """One ``vmq.SelectiveScan`` node (the fused kernel, :mod:`vmq_fx.export.ort_ops`).
 
     The model hands the scan ``[batch, channels, L]`` transposes of its sequence-major activations; the node takes
@@ -223,12 +227,14 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     ``[batch, channels, L]`` (onnxruntime's transpose optimizer cancels it against the model's own where it can).
     A sequence-major gate ``z`` that is a slice of a last-axis ``Split`` (Vim's in_proj output) is read in place from
     the split tensor (attribute ``z_offset``); once the convolution reads the other slice so, the ``Split`` and its
-    copies are gone (2-3 % of vim_tiny in onnxruntime)."""
+    copies are gone (2-3 % of vim_tiny in onnxruntime). ``add`` (the other direction's output, sequence-major where it
+    is a transpose) is the node's ninth input, present only when given."""
     _, op, call_op = _ops()
-    inputs = [u, delta, A, B, C, D, z, delta_bias]
+    inputs = [u, delta, A, B, C, D, z, delta_bias] + ([add] if add is not None else [])
     sequence_major = []
-    for index in (0, 1, 3, 4, 6):  # u, delta, B, C, z: 3-D [batch, channels, L]
-        source = _transposed_from(inputs[index]) if inputs[index] is not None and len(inputs[index].shape) == 3 else None
+    for index in (0, 1, 3, 4, 6, 8):  # u, delta, B, C, z, add: 3-D [batch, channels, L]
+        value = inputs[index] if index < len(inputs) else None
+        source = _transposed_from(value) if value is not None and len(value.shape) == 3 else None
         if source is not None:
             inputs[index] = source
             sequence_major.append(index)

@@ -388,6 +388,17 @@ def _build(isa: str) -> ModuleType:
 _active: ModuleType | None = None  # the build whose kernels the dispatcher runs (None: the pure-torch fallback)
 
 
+def _forget_cached_dispatch() -> None:
+    """Drop what torch's Python dispatcher (torch.export, AOTAutograd) cached of the vmq ops' dispatch tables. It keeps,
+    per op and dispatch key, which key's kernel runs, and forgets it when Python registers a kernel but not when C++
+    does. A cache filled while the C++ kernels (with their AutogradCPU kernel) were registered kept AOTAutograd's calls
+    away from the Python autograd layer once they were removed: its gradients came out None (opcheck on the pure-torch
+    path after a torch.export on the kernels, in one test process)."""
+    for op in torch._ops.get_cached_ops():
+        if op.namespace == "vmq":
+            op._dispatch_cache.clear()
+
+
 def _register(module: ModuleType, int8_gemm: str | None = None) -> None:
     global _active
     if _active is not None and _active is not module:
@@ -399,6 +410,7 @@ def _register(module: ModuleType, int8_gemm: str | None = None) -> None:
     module.set_int8_gemm(path)
     module.set_vq_decode_once(vq == "once")
     module.register_cpu_kernels()
+    _forget_cached_dispatch()
     if changed:
         log.info("vmq_fx: CPU kernels built for %s; int8 linears multiply with %s (%s); VQ linears decode their "
                  "weights %s (%s)", module.isa, path, why, vq.replace("_", " "), vq_why)
@@ -484,6 +496,7 @@ def disabled():
     module = native_kernels()
     if module is not None:
         module.deregister_cpu_kernels()
+        _forget_cached_dispatch()
     _suppressed += 1
     try:
         yield
@@ -491,6 +504,7 @@ def disabled():
         _suppressed -= 1
         if module is not None:
             module.register_cpu_kernels()
+            _forget_cached_dispatch()
 
 
 @contextlib.contextmanager
@@ -528,3 +542,4 @@ def use_isa(isa: str, int8_gemm: str | None = None):
             _register(previous, previous_gemm)
         else:
             module.deregister_cpu_kernels()
+            _forget_cached_dispatch()

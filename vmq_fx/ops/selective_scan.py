@@ -11,14 +11,19 @@ Semantics follow ``mamba_ssm.ops.selective_scan_interface.selective_scan_fn`` fo
     h_t    = exp(delta'_t * A) * h_{t-1} + delta'_t * u_t * B_t
     y_t    = <h_t, C_t> + D * u_t
     out_t  = y_t * silu(z_t)                       (when z is given)
+    out_t  = out_t + add_t                         (when add is given)
 
 With ``reverse=True`` the recurrence runs from ``t = L - 1`` down to ``0`` (``h_t`` depends on ``h_{t+1}``), and every
 output stays at its own position: the result equals flipping ``u, delta, B, C, z`` along L, scanning, and flipping
 ``out`` back, which is Vim's backward direction, without the flips.
 
 Shapes: ``u, delta, z``: [batch, dim, L]; ``A``: [dim, N]; ``B, C``: [batch, N, L] or grouped [batch, G, N, L] with
-``dim % G == 0`` (channel ``d`` reads group ``d // (dim // G)``); ``D, delta_bias``: [dim]. Inputs may have any
-strides.
+``dim % G == 0`` (channel ``d`` reads group ``d // (dim // G)``); ``D, delta_bias``: [dim]; ``add``: [batch, dim, L].
+Inputs may have any strides.
+
+``add`` is not mamba-ssm's: Vim sums its two directions' outputs, and the lowering hands the later scan the earlier
+one's output (:func:`vmq_fx.pt2e.lowering.scan_sum.fuse_scan_sums`), so that the sum is written in the scan's output
+pass instead of by an add over both (3 % of the lowered Vim-T at batch 8). The same float sum, bit for bit.
 
 Layout of the result: ``out`` is [batch, dim, L] stored as [batch, L, dim] (strides ``(L * dim, 1, dim)``, every
 implementation and the fake alike): what reads it next is a linear over the channels (``out_proj`` after
@@ -49,7 +54,7 @@ _STATE_ELEMENTS = 1 << 15  # batch slice * dim * N
 _CHUNK_ELEMENTS = 1 << 18  # T * batch slice * dim * N
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, add=None) -> None:
     def fail(msg: str):
         raise ValueError(f"vmq.selective_scan: {msg}")
 
@@ -82,6 +87,8 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias) -> None:
             fail(f"{name} must be [dim={dim}], got {list(t.shape)}")
     if z is not None and tuple(z.shape) != tuple(u.shape):
         fail(f"z must have u's shape {list(u.shape)}, got {list(z.shape)}")
+    if add is not None and tuple(add.shape) != tuple(u.shape):
+        fail(f"add must have u's shape {list(u.shape)}, got {list(add.shape)}")
 
 
 def _compute_dtype(*tensors: Optional[Tensor]) -> torch.dtype:
@@ -221,14 +228,18 @@ def selective_scan_op(
     delta_bias: Optional[Tensor],
     delta_softplus: bool,
     reverse: bool = False,
+    add: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Selective scan; returns ``(out [batch, dim, L] stored as [batch, L, dim], last_state [batch, dim, N])``."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, add)
     if reverse:
         u, delta, B, C, z = _flip_time(u, delta, B, C, z)
     with torch.no_grad():
         out, last = _forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus)  # out: [batch, L, dim]
-    return (out.flip(1) if reverse else out).transpose(1, 2), last
+    out = out.flip(1) if reverse else out
+    if add is not None:
+        out = out.add_(add.transpose(1, 2))
+    return out.transpose(1, 2), last
 
 
 def sequence_major(out: Tensor) -> Tensor:
@@ -242,8 +253,8 @@ def _flip_time(*tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
 
 
 @selective_scan_op.register_fake
-def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False):
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+def _(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse=False, add=None):
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, add)
     out = u.new_empty(u.shape[0], u.shape[2], u.shape[1]).transpose(1, 2)
     return out, u.new_empty(u.shape[0], u.shape[1], A.shape[1], dtype=A.dtype)
 
@@ -376,8 +387,11 @@ def _selective_scan_backward(ctx, grad_out, grad_last):
     with torch.no_grad():
         grads = torch.ops.vmq.selective_scan_backward(u, delta, A, B, C, D, z, delta_bias, ctx.delta_softplus,
                                                       ctx.reverse, grad_out, grad_last)
+    # add's gradient is the output's (the dispatcher drops trailing arguments left at their defaults: a call without
+    # add has fewer inputs)
+    needs_add = len(ctx.needs_input_grad) > 10 and ctx.needs_input_grad[10]
     return tuple(g if inputs[i] is not None and ctx.needs_input_grad[i] else None
-                 for i, g in enumerate(grads)) + (None, None)
+                 for i, g in enumerate(grads)) + (None, None, grad_out if needs_add else None)
 
 
 selective_scan_op.register_autograd(_selective_scan_backward, setup_context=_setup_context)

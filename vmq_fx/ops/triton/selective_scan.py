@@ -59,8 +59,12 @@ def _scan_fwd_kernel(u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_p
     tl.store(last_ptr + pid_b * CH * N + rc[:, None] * N + rn[None, :], h, mask=m2)
 
 
-def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False):
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, reverse=False,
+                          add=None):
     """Same signature and results as ``torch.ops.vmq.selective_scan`` (forward only)."""
+    if add is not None:
+        out, last = selective_scan_triton(u, delta, A, B, C, D, z, delta_bias, delta_softplus, reverse)
+        return sequence_major(out + add), last
     if reverse:  # the kernel runs forward in time: flip the sequence axis in and out
         out, last = selective_scan_triton(*(t.flip(-1) for t in (u, delta)), A, B.flip(-1), C.flip(-1), D,
                                           None if z is None else z.flip(-1), delta_bias, delta_softplus)

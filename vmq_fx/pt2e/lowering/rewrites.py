@@ -49,6 +49,7 @@ from vmq_fx.ops.int8_linear import Int8LinearArgs, prepare_weight
 from vmq_fx.ops.vq_linear import VQLinearArgs
 from vmq_fx.pt2e.lowering.power_of_two_scaling import fold_power_of_two_scaling
 from vmq_fx.pt2e.lowering.rms_norm import fuse_rms_norms
+from vmq_fx.pt2e.lowering.scan_sum import fuse_scan_sums
 from vmq_fx.pt2e.lowering.simplify import drop_unused_attributes, simplify
 from vmq_fx.pt2e.quantizer import LAYER_META, QuantizedLinear
 
@@ -275,7 +276,7 @@ def _describe(node: fx.Node) -> str:
 
 
 def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_two: bool = True,
-          fuse_norms: bool = True) -> fx.GraphModule:
+          fuse_norms: bool = True, fuse_scan_sum: bool = True) -> fx.GraphModule:
     """Lower every linear a :class:`~vmq_fx.pt2e.quantizer.VisualMambaQuantizer` quantized in a ``convert_pt2e`` output
     to ``vmq::int8_linear`` / ``vmq::vq_linear`` (in place).
 
@@ -288,6 +289,9 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_
         fuse_norms: each RMSNorm as one ``vmq::rms_norm`` node instead of six operators, with the residual add
             before it one ``vmq::add_rms_norm`` (one pass over the activations instead of seven; the sum of squares
             in its own order; off for comparisons).
+        fuse_scan_sum: where two scans' outputs are added (Vim's two directions), the later scan adds the earlier
+            one's output in its output pass (``vmq::selective_scan(..., add=...)``; the same bits; off for
+            comparisons).
 
     Returns:
         The lowered graph module; each of those linears is one ``vmq.int8_linear`` or ``vmq.vq_linear`` node. It is
@@ -321,7 +325,9 @@ def lower(quantized: fx.GraphModule, fold_smoothing: bool = True, fold_power_of_
     graph.lint()
     gm.recompile()
     gm = simplify(gm)  # first: it drops the no-op `to` between a residual add and its norm
-    if fuse_norms and fuse_rms_norms(gm):
+    fused_norms = fuse_norms and fuse_rms_norms(gm) > 0
+    fused_sums = fuse_scan_sum and fuse_scan_sums(gm) > 0
+    if fused_norms or fused_sums:
         gm.graph.eliminate_dead_code()
         gm.graph.lint()
         gm.recompile()
