@@ -4,9 +4,8 @@
 // needs, and it runs on onnxruntime's intra-op threads (the session's intra_op_num_threads).
 //
 // Inputs: u, delta [batch, dim, L]; A [dim, N]; B, C [batch, N, L] or [batch, groups, N, L]; optional D [dim],
-// z [batch, dim, L], delta_bias [dim], add [batch, dim, L] (added to the output: the torch op's add). Attributes:
-// softplus, reverse (0 / 1); sequence_major (optional): the indices of the inputs among u, delta, B, C (3-D), z and
-// add that come sequence-major instead, [batch, L, dim] / [batch, L, N]
+// z [batch, dim, L], delta_bias [dim]. Attributes: softplus, reverse (0 / 1); sequence_major (optional): the indices
+// of the inputs among u, delta, B, C (3-D) and z that come sequence-major instead, [batch, L, dim] / [batch, L, N]
 // (the exporter passes the tensor that a Transpose to [batch, dim, L] was made from: the kernel reads either layout in
 // place, and channels-contiguous rows fastest); z_offset (optional): z is sequence-major and wider, [batch, L, C], and
 // the gate reads its channels [z_offset, z_offset + dim) in place (the exporter passes the tensor a Split along the
@@ -31,8 +30,7 @@ using vmq_fx::scan::Shapes;
 using vmq_fx::scan::Strided3;
 using vmq_fx::scan::StridedBC;
 
-constexpr size_t kRequiredInputs = 5;  // u, delta, A, B, C; then D, z, delta_bias, add
-constexpr size_t kInputs = 9;
+constexpr size_t kRequiredInputs = 5;  // u, delta, A, B, C; then D, z, delta_bias
 
 using Input = vmq_fx::ort::Input<float>;
 constexpr auto input = vmq_fx::ort::input<float>;
@@ -56,8 +54,8 @@ struct SelectiveScanKernel {
     reverse_ = kernel_info.GetAttribute<int64_t>("reverse") != 0;
     try {
       for (int64_t index : kernel_info.GetAttributes<int64_t>("sequence_major")) {
-        require(index == 0 || index == 1 || index == 3 || index == 4 || index == 6 || index == 8,
-                "sequence_major names inputs among u (0), delta (1), B (3), C (4), z (6) and add (8)");
+        require(index == 0 || index == 1 || index == 3 || index == 4 || index == 6,
+                "sequence_major names inputs among u (0), delta (1), B (3), C (4) and z (6)");
         sequence_major_[index] = true;
       }
     } catch (const Ort::Exception&) {  // absent: every input is [batch, channels, L]
@@ -79,7 +77,7 @@ struct SelectiveScanKernel {
   void Compute(OrtKernelContext* context) {
     Ort::KernelContext ctx(context);
     const Input u = input(ctx, 0), delta = input(ctx, 1), A = input(ctx, 2), B = input(ctx, 3), C = input(ctx, 4);
-    const Input D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7), add = input(ctx, 8);
+    const Input D = input(ctx, 5), z = input(ctx, 6), bias = input(ctx, 7);
     const std::vector<int64_t> u_shape = logical(u, 0), b_shape = logical(B, 3);
     require(u_shape.size() == 3 && logical(delta, 1) == u_shape, "u and delta must be [batch, dim, L] alike");
     const int64_t batch = u_shape[0], dim = u_shape[1], length = u_shape[2];
@@ -101,7 +99,6 @@ struct SelectiveScanKernel {
       require(!z.data || logical(z, 6) == u_shape, "z must have u's shape");
     require((!D.data || D.shape == std::vector<int64_t>{dim}) && (!bias.data || bias.shape == std::vector<int64_t>{dim}),
             "D and delta_bias must be [dim]");
-    require(!add.data || logical(add, 8) == u_shape, "add must have u's shape");
 
     const Shapes s = Shapes::of<float>(batch, dim, length, n_state, groups);
     // A sequence-major input's rows are as wide as its last axis: dim, or more for a windowed z (channels from offset).
@@ -118,15 +115,17 @@ struct SelectiveScanKernel {
     };
     float* out_rows = ctx.GetOutput(0, {batch, length, dim}).GetTensorMutableData<float>();
     float* last = ctx.GetOutput(1, {batch, dim, n_state}).GetTensorMutableData<float>();
-    const ScanForward<float> fwd{s,         rows(u, 0), rows(delta, 1), rows(z, 6, z_offset_), rows(add, 8),
-                                 states(B, 3), states(C, 4), A.data,   D.data,                bias.data,
-                                 softplus_,    reverse_,     out_rows, last};
+    // no add: the exporter writes the sum of Vim's two directions as an Add after the node, which onnxruntime ran
+    // faster (selective_scan's ONNX translation)
+    const ScanForward<float> fwd{s,         rows(u, 0),    rows(delta, 1), rows(z, 6, z_offset_), Strided3<float>(),
+                                 states(B, 3), states(C, 4), A.data,         D.data,                bias.data,
+                                 softplus_,    reverse_,     out_rows,       last};
     vmq_fx::ort::parallel_chunks(ctx, fwd.tasks(), [&fwd](int64_t begin, int64_t end) { fwd.run(begin, end); });
   }
 
   bool softplus_ = false;
   bool reverse_ = false;
-  bool sequence_major_[kInputs] = {};
+  bool sequence_major_[8] = {};
   int64_t z_offset_ = 0;
   bool z_windowed_ = false;  // the z_offset attribute is given
 };
@@ -135,7 +134,7 @@ struct SelectiveScanOp : Ort::CustomOpBase<SelectiveScanOp, SelectiveScanKernel>
   void* CreateKernel(const OrtApi& api, const OrtKernelInfo* info) const { return new SelectiveScanKernel(api, info); }
   const char* GetName() const { return "SelectiveScan"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return kInputs; }
+  size_t GetInputTypeCount() const { return 8; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const {
     return index < kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
