@@ -115,3 +115,19 @@ def test_the_fused_kernel_is_the_one_that_adds():
         vmq.selective_scan(*args, True, True, add)
     names = {e.key for e in prof.key_averages()}
     assert "vmq::selective_scan" in names and not {"aten::add", "aten::add_"} & names
+
+
+def test_onnx_sums_the_sequence_major_rows(vim, tmp_path):
+    # The exported file adds the two directions' sequence-major outputs (the scans' own), so that onnxruntime cancels
+    # the Transpose after the sum against out_proj's: an Add of the two transposes kept one Transpose per block.
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model, gm = vim
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    lowered = vmq_fx.lower(convert_pt2e(prepared))
+    path = vmq_fx.export_onnx(lowered, torch.randn(2, 1, 28, 28), tmp_path / "m.onnx", ops="vmq").path
+    graph = onnx.load(str(path)).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    sums = [n for n in graph.node if n.op_type == "Add" and all(producer.get(i) == "SelectiveScan" for i in n.input)]
+    assert len(sums) == len(model.layers)

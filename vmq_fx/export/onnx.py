@@ -228,8 +228,10 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     A sequence-major gate ``z`` that is a slice of a last-axis ``Split`` (Vim's in_proj output) is read in place from
     the split tensor (attribute ``z_offset``); once the convolution reads the other slice so, the ``Split`` and its
     copies are gone (2-3 % of vim_tiny in onnxruntime). ``add`` (Vim's other direction, which the lowering hands the
-    torch op) is an ``Add`` after the node: read by the node's output pass instead, the W8A8 vim_tiny file ran 0.95x
-    / 0.94x as fast at batch 1 / 8 (its scans 10 % slower, Intel Xeon, one thread), where torch gained 1.03-1.06x."""
+    torch op) is an ``Add`` after the node, of the sequence-major rows where ``add`` is a transpose (an ``Add`` of the
+    transposes left 24 ``Transpose`` nodes in vim_tiny's optimized session, 0.92x as fast). Read by the node's output
+    pass instead (the torch kernel's way), the W8A8 vim_tiny file ran 0.95x / 0.94x as fast at batch 1 / 8, in a
+    file that may have kept transposes the same way (Intel Xeon, one thread)."""
     _, op, call_op = _ops()
     inputs = [u, delta, A, B, C, D, z, delta_bias]
     sequence_major = []
@@ -245,8 +247,11 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
         inputs[6], attrs["z_offset"] = window
     y_rows, last = call_op("SelectiveScan", *inputs, _num_outputs=2, _domain=CUSTOM_DOMAIN,
                            softplus=int(delta_softplus), reverse=int(reverse), **attrs)
+    rows = _transposed_from(add)
+    if rows is not None:  # summed sequence-major: onnxruntime then cancels the Transpose against out_proj's
+        y_rows = op.Add(y_rows, rows)
     y = op.Transpose(y_rows, perm=[0, 2, 1])
-    return (y if add is None else op.Add(y, add)), last
+    return (op.Add(y, add) if add is not None and rows is None else y), last
 
 
 def _causal_conv1d(x, weight, bias=None, silu=False, reverse=False):
