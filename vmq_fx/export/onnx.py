@@ -249,7 +249,7 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
                            softplus=int(delta_softplus), reverse=int(reverse), **attrs)
     rows = _transposed_from(add)
     if rows is not None:  # summed sequence-major: onnxruntime then cancels the Transpose against out_proj's
-        y_rows = op.Add(y_rows, rows)
+        y_rows = op.Add(rows, y_rows)  # add first, as the add it replaces (0.93-0.96x as fast the other way)
     y = op.Transpose(y_rows, perm=[0, 2, 1])
     return (op.Add(y, add) if add is not None and rows is None else y), last
 
