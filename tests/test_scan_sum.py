@@ -70,12 +70,17 @@ def _targets(gm) -> Counter:
     return Counter(n.target for n in gm.graph.nodes if n.op == "call_function")
 
 
+def _quantized(gm):
+    """convert_pt2e of the W8A8 (SmoothQuant + PTS) prepared graph, calibrated on random images."""
+    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
+    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
+    return convert_pt2e(prepared)
+
+
 def test_lowering_adds_each_blocks_two_directions_in_the_later_scan(vim):
     torch.manual_seed(0)
     model, gm = vim
-    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
-    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
-    quantized = convert_pt2e(prepared)
+    quantized = _quantized(gm)
     fused, separate = vmq_fx.lower(copy.deepcopy(quantized)), vmq_fx.lower(quantized, fuse_scan_sum=False)
     blocks = len(model.layers)
     t, t_separate = _targets(fused), _targets(separate)
@@ -123,9 +128,7 @@ def test_onnx_sums_the_sequence_major_rows(vim, tmp_path):
     onnx = pytest.importorskip("onnx")
     torch.manual_seed(0)
     model, gm = vim
-    prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.smoothquant_pts(8, 8)))
-    vmq_fx.calibrate(prepared, torch.randn(16, 1, 28, 28), progress=False)
-    lowered = vmq_fx.lower(convert_pt2e(prepared))
+    lowered = vmq_fx.lower(_quantized(gm))
     path = vmq_fx.export_onnx(lowered, torch.randn(2, 1, 28, 28), tmp_path / "m.onnx", ops="vmq").path
     graph = onnx.load(str(path)).graph
     producer = {out: n.op_type for n in graph.node for out in n.output}

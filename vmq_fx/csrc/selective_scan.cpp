@@ -216,7 +216,7 @@ std::vector<at::Tensor> backward_impl(const at::Tensor& u, const at::Tensor& del
 // The contract of vmq::selective_scan, with the messages of the Python implementation (ValueError in Python).
 void check_inputs(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
                   const at::Tensor& C, const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& z,
-                  const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& add = std::nullopt) {
+                  const std::optional<at::Tensor>& delta_bias, const std::optional<at::Tensor>& add) {
   TORCH_CHECK_VALUE(u.dim() == 3, "vmq.selective_scan: u must be [batch, dim, L], got shape ", u.sizes());
   const int64_t batch = u.size(0), dim = u.size(1), length = u.size(2);
   TORCH_CHECK_VALUE(delta.sizes() == u.sizes(), "vmq.selective_scan: delta must have u's shape ", u.sizes(),

@@ -236,8 +236,7 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     inputs = [u, delta, A, B, C, D, z, delta_bias]
     sequence_major = []
     for index in (0, 1, 3, 4, 6):  # u, delta, B, C, z: 3-D [batch, channels, L]
-        value = inputs[index]
-        source = _transposed_from(value) if value is not None and len(value.shape) == 3 else None
+        source = _transposed_from(inputs[index]) if inputs[index] is not None and len(inputs[index].shape) == 3 else None
         if source is not None:
             inputs[index] = source
             sequence_major.append(index)

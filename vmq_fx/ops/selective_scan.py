@@ -54,7 +54,7 @@ _STATE_ELEMENTS = 1 << 15  # batch slice * dim * N
 _CHUNK_ELEMENTS = 1 << 18  # T * batch slice * dim * N
 
 
-def _check_inputs(u, delta, A, B, C, D, z, delta_bias, add=None) -> None:
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, add) -> None:
     def fail(msg: str):
         raise ValueError(f"vmq.selective_scan: {msg}")
 
