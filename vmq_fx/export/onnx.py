@@ -230,8 +230,12 @@ def _selective_scan_custom(u, delta, A, B, C, D=None, z=None, delta_bias=None, d
     copies are gone (2-3 % of vim_tiny in onnxruntime). ``add`` (Vim's other direction, which the lowering hands the
     torch op) is an ``Add`` after the node, of the sequence-major rows where ``add`` is a transpose (an ``Add`` of the
     transposes left 24 ``Transpose`` nodes in vim_tiny's optimized session, 0.92x as fast). Read by the node's output
-    pass instead (the torch kernel's way), the W8A8 vim_tiny file ran 0.95x / 0.94x as fast at batch 1 / 8, in a
-    file that may have kept transposes the same way (Intel Xeon, one thread)."""
+    pass instead (the torch kernel's way: a ninth input, the output allowed to take its buffer), the W8A8 vim_tiny
+    file ran 0.95x / 0.94x as fast at batch 1 / 8, because onnxruntime's default execution order (a depth-first walk
+    back from the outputs, a node's highest-index producer first) then made both directions' scan inputs before
+    either scan ran; with the earlier scan's node moved to just before the later one, so that each direction ran
+    together, it ran 0.99x / 1.00x as fast as with the ``Add`` (its scans 130 -> 140 ms at batch 8, the ``Add`` s 12
+    ms gone; Intel Xeon, one thread, one process), and was not kept."""
     _, op, call_op = _ops()
     inputs = [u, delta, A, B, C, D, z, delta_bias]
     sequence_major = []
