@@ -399,6 +399,16 @@ def _forget_cached_dispatch() -> None:
             op._dispatch_cache.clear()
 
 
+def _switch(module: ModuleType, on: bool) -> None:
+    """Register (``on``) or remove ``module``'s kernels in the dispatcher, and drop the Python dispatcher's cache of
+    the vmq ops, which a C++ (de)registration leaves stale."""
+    if on:
+        module.register_cpu_kernels()
+    else:
+        module.deregister_cpu_kernels()
+    _forget_cached_dispatch()
+
+
 def _register(module: ModuleType, int8_gemm: str | None = None) -> None:
     global _active
     if _active is not None and _active is not module:
@@ -409,8 +419,7 @@ def _register(module: ModuleType, int8_gemm: str | None = None) -> None:
                or module.vq_decode_once() != (vq == "once"))
     module.set_int8_gemm(path)
     module.set_vq_decode_once(vq == "once")
-    module.register_cpu_kernels()
-    _forget_cached_dispatch()
+    _switch(module, True)
     if changed:
         log.info("vmq_fx: CPU kernels built for %s; int8 linears multiply with %s (%s); VQ linears decode their "
                  "weights %s (%s)", module.isa, path, why, vq.replace("_", " "), vq_why)
@@ -495,16 +504,14 @@ def disabled():
     global _suppressed
     module = native_kernels()
     if module is not None:
-        module.deregister_cpu_kernels()
-        _forget_cached_dispatch()
+        _switch(module, False)
     _suppressed += 1
     try:
         yield
     finally:
         _suppressed -= 1
         if module is not None:
-            module.register_cpu_kernels()
-            _forget_cached_dispatch()
+            _switch(module, True)
 
 
 @contextlib.contextmanager
@@ -541,5 +548,4 @@ def use_isa(isa: str, int8_gemm: str | None = None):
         if previous is not None:
             _register(previous, previous_gemm)
         else:
-            module.deregister_cpu_kernels()
-            _forget_cached_dispatch()
+            _switch(module, False)

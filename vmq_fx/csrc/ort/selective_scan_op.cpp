@@ -115,8 +115,8 @@ struct SelectiveScanKernel {
     };
     float* out_rows = ctx.GetOutput(0, {batch, length, dim}).GetTensorMutableData<float>();
     float* last = ctx.GetOutput(1, {batch, dim, n_state}).GetTensorMutableData<float>();
-    // no add: the exporter writes the sum of Vim's two directions as an Add after the node, which onnxruntime ran
-    // faster (selective_scan's ONNX translation)
+    // no add: the exporter writes the sum of Vim's two directions as an Add after the node, which ran as fast as an
+    // add in this node's output pass (selective_scan's ONNX translation says why)
     const ScanForward<float> fwd{s,         rows(u, 0),    rows(delta, 1), rows(z, 6, z_offset_), Strided3<float>(),
                                  states(B, 3), states(C, 4), A.data,         D.data,                bias.data,
                                  softplus_,    reverse_,     out_rows,       last};
