@@ -105,6 +105,9 @@ def test_quantize_writes_models_onnx_report_and_plots(tmp_path, capsys, freed_me
     assert main(["bench", "vim-fm-tiny", saved, "--batch", "1", "3", "--reps", "2"]) == 0
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[-1].startswith(saved) and rows[-1].count(" ms (") == 2  # ratios against the first model
+    assert main(["bench", "vim-fm-tiny", saved, "--batch", "2", "--reps", "1", "--runtime", "cpp"]) == 0
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert "graphs run by the C++ graph runner" in rows[0] and rows[-1].startswith(saved)
 
 
 # -- real photographs: the 20 labelled ImageNet JPEGs that ship inside the foolbox wheel ---------------------------

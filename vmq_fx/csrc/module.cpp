@@ -9,6 +9,7 @@
 
 #include <memory>
 
+#include "graph_runner.h"
 #include "kernels.h"
 #include "vec.h"
 
@@ -82,4 +83,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_vq_decode_once", &vmq_fx::set_vq_decode_once);
   m.def("vq_decode_once", &vmq_fx::vq_decode_once);
   m.attr("isa") = VMQ_ISA_NAME;
+  vmq_fx::bind_graph_runner(m);
 }
