@@ -35,6 +35,9 @@ shared CPU hits all of them, and ratios are taken within the table. Tables:
   runtimes.
 * ``scan_sums``: the lowered W8A8 model with each Vim block's two scan directions summed in the later scan
   (``vmq::selective_scan(..., add=...)``, the lowering's default) and by an add after it, against FP32, same runtimes.
+* ``runtimes``: the same graphs run as Python (a ``torch.fx`` graph module, as the lowered model is) and by vmq_fx's
+  C++ graph runner (``vmq_fx.runtime.CppGraphModule``): FP32 (eager, and its ``torch.export`` graph both ways), the
+  lowered W8A8 and VQ 2-bit models both ways.
 * ``train``: one ``vmq train`` step of vim-fm-tiny (batch 128, forward + backward + AdamW) with the fused kernels and
   the pure-torch scan and convolution.
 * ``profile``: where the time of vim_tiny 224x224 goes at batch 8 (FP32, W8A8, VQ 2-bit), by operator, in torch and
@@ -68,7 +71,7 @@ import vmq_fx  # noqa: E402
 from vmq_fx import recipes  # noqa: E402
 from vmq_fx.ops import native, selective_scan_fn  # noqa: E402
 
-TABLES = ("scan", "linears", "models", "dynamic", "rotation", "norms", "scan_sums", "train", "profile")
+TABLES = ("scan", "linears", "models", "dynamic", "rotation", "norms", "scan_sums", "runtimes", "train", "profile")
 # ONNX files per model: standard operators only (the portable Scan), and vmq_fx's onnxruntime ops (vmq.SelectiveScan,
 # vmq.Int8Linear: export_onnx(ops=...))
 RUNTIMES = {"onnx": "onnxruntime", "vmq": "onnxruntime, vmq ops"}
@@ -423,6 +426,45 @@ def table_scan_sums(args) -> list[str]:
            "unfused, same process)", "", "| model | runtime | threads | batch | FP32 | W8A8, sums in the scan (the "
            "default) | W8A8, sums by an add | fused / unfused speed |", "|---|---|---|---|---|---|---|---|"]
     return out + _two_variant_rows(args, variants, derived, ("W8A8", "unfused"), faster="W8A8")
+
+
+# -- runtimes ----------------------------------------------------------------------------------------------------------
+def table_runtimes(args) -> list[str]:
+    """FP32 and lowered models with their graphs run as Python and by the C++ graph runner, interleaved in one
+    process: each runtime's quantized models against its own FP32, and the runner against Python."""
+    from vmq_fx.runtime import CppGraphModule
+
+    out = ["## The graph run as Python or by the C++ graph runner (median ms per forward; W8A8 and VQ 2-bit against "
+           "FP32 in the same runtime; runner / Python speed in brackets; same process)", "",
+           "| model | threads | batch | FP32 eager | FP32 exported, Python | FP32 exported, runner | W8A8, Python | "
+           "W8A8, runner | VQ 2-bit, Python | VQ 2-bit, runner |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for label, build, shape, batches in model_specs(args.quick):
+        torch.manual_seed(0)
+        model = build()
+        calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
+        graphs = {"FP32": vmq_fx.export_model(model, torch.randn(2, *shape)).module(),
+                  "W8A8": vmq_fx.quantize(model, recipes.smoothquant_pts(8, 8), calib, progress=False).lowered,
+                  "VQ 2-bit": vmq_fx.quantize(model, recipes.vq_kmeans(2, kmeans_iters=3), calib,
+                                              progress=False).lowered}
+        variants = {"eager": model, **{f"{k} python": g for k, g in graphs.items()},
+                    **{f"{k} runner": CppGraphModule(g) for k, g in graphs.items()}}
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for batch in batches:
+                x = torch.randn(batch, *shape)
+                with torch.no_grad():
+                    t = interleaved({k: (lambda m=m: m(x)) for k, m in variants.items()}, args.reps)
+                cells = [ms(t["eager"])]
+                for k in graphs:
+                    py, run = t[f"{k} python"], t[f"{k} runner"]
+                    if k == "FP32":
+                        cells += [f"{ms(py)} ({t['eager'] / py:.2f}x eager)", f"{ms(run)} ({py / run:.2f}x)"]
+                    else:
+                        fp_py, fp_run = t["FP32 python"], t["FP32 runner"]
+                        cells += [f"{ms(py)} ({fp_py / py:.2f}x)", f"{ms(run)} ({fp_run / run:.2f}x; {py / run:.2f}x)"]
+                out.append(f"| {label} | {threads} | {batch} | " + " | ".join(cells) + " |")
+                print(out[-1], file=sys.stderr, flush=True)
+    return out
 
 
 # -- train -------------------------------------------------------------------------------------------------------------
