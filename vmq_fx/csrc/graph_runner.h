@@ -13,6 +13,8 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/jit/python/pybind_utils.h>
 
+#include "vec.h"
+
 #include <optional>
 #include <string>
 #include <utility>
@@ -20,7 +22,9 @@
 
 namespace vmq_fx {
 
-class GraphRunner {
+// Hidden, as every build's (vec.h's VMQ_BUILD_LOCAL), and local to each build's Python module: the avx512, avx2 and
+// generic builds load side by side in one process (the tests run all three).
+class VMQ_BUILD_LOCAL GraphRunner {
  public:
   // program: one tuple per node, in graph order:
   //   ("op", qualified name, overload name, [argument, ...], register, [register freed after it, ...])
@@ -156,8 +160,8 @@ class GraphRunner {
   std::vector<int64_t> outputs_;
 };
 
-inline void bind_graph_runner(py::module& m) {
-  py::class_<GraphRunner>(m, "GraphRunner")
+inline VMQ_BUILD_LOCAL void bind_graph_runner(py::module& m) {
+  py::class_<GraphRunner>(m, "GraphRunner", py::module_local())
       .def(py::init<const py::list&, int64_t, int64_t, std::vector<int64_t>>())
       .def("run", [](const GraphRunner& runner, const std::vector<at::Tensor>& inputs) {
         const std::vector<c10::IValue> values(inputs.begin(), inputs.end());
