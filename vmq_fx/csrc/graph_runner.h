@@ -28,7 +28,7 @@ class VMQ_BUILD_LOCAL GraphRunner {
  public:
   // program: one tuple per node, in graph order:
   //   ("op", qualified name, overload name, [argument, ...], register, [register freed after it, ...])
-  //   ("getitem", source register, index, register, [register freed after it, ...])
+  //   ("getitem", source register, index, None, register, [register freed after it, ...])
   // An argument is ("reg", register), ("const", Python value) or ("list", [argument, ...]); the arguments are the
   // schema's, all of them, in its order. Registers [0, n_inputs) hold the inputs; `outputs` are read at the end.
   GraphRunner(const py::list& program, int64_t n_registers, int64_t n_inputs, std::vector<int64_t> outputs)
