@@ -50,13 +50,6 @@ def _runner_class():
     return module.GraphRunner
 
 
-def _attribute(gm: fx.GraphModule, target: str) -> Any:
-    value = gm
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 class _Program:
     """The runner's program for one graph: steps, registers and the registers each step frees."""
 
@@ -123,7 +116,7 @@ class _Program:
 
     def _argument(self, value: Any) -> tuple:
         if isinstance(value, fx.Node):
-            return ("const", _attribute(self.gm, value.target)) if value.op == "get_attr" else \
+            return ("const", operator.attrgetter(value.target)(self.gm)) if value.op == "get_attr" else \
                 ("reg", self.register[value])
         if isinstance(value, (list, tuple)) and any(isinstance(v, fx.Node) for v in value):
             return ("list", [self._argument(v) for v in value])
