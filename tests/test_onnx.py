@@ -68,14 +68,26 @@ def _ref(name):
 REFERENCES = ["vim-fm-tiny", "vmamba-fm-tiny"]
 
 
+@pytest.fixture(scope="module")
+def fp_onnx(tmp_path_factory, test_batch):
+    """The FP reference model's standard-op ONNX file, exported once per module (13 s for vmamba-fm-tiny)."""
+    files = {}
+
+    def export(name):
+        if name not in files:
+            files[name] = vmq_fx.export_onnx(_ref(name)[0], test_batch[:2], tmp_path_factory.mktemp(name) / "fp.onnx")
+        return files[name]
+
+    return export
+
+
 @pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
-@pytest.mark.parametrize("name", ["vim-fm-tiny", "vmamba-fm-tiny"])
-def test_fp_reference_models_export_with_one_scan_per_direction(name, tmp_path, test_batch):
-    model = load_reference(name)
-    res = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx")
+@pytest.mark.parametrize("name", REFERENCES)
+def test_fp_reference_models_export_with_one_scan_per_direction(name, test_batch, fp_onnx):
+    model, gm = _ref(name)
+    res = fp_onnx(name)
     ops = _ops(res.path)
-    scans = sum(n.target is torch.ops.vmq.selective_scan.default
-                for n in vmq_fx.export_model(model, test_batch[:2]).graph.nodes)
+    scans = sum(n.target is torch.ops.vmq.selective_scan.default for n in gm.graph.nodes)
     assert ops["Scan"] == scans and ops["Loop"] == 0  # one loop per scan (size vs L: the next test)
     _check(model, res.path, test_batch)
 
@@ -279,7 +291,7 @@ def test_qdq_reference_graph_exports_and_runs(tmp_path, test_batch):
 
 @pytest.mark.fashion_mnist  # the test_batch fixture reads the Fashion-MNIST test split
 @pytest.mark.parametrize("name", REFERENCES)
-def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch):
+def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch, fp_onnx):
     model, gm = _ref(name)
     prepared = prepare_pt2e(copy.deepcopy(gm), VisualMambaQuantizer(recipes.vimvq(2)))
     calib = calibration_images(32)
@@ -295,8 +307,7 @@ def test_vq_2bit_keeps_codes_in_the_file(name, tmp_path, test_batch):
     assert not any(n.endswith("in_proj.weight") for n in init)  # no float weights of quantized layers
     codes = [t for n, t in init.items() if n.endswith("vq_codes")]
     assert len(codes) == n_linears and all(t.data_type == onnx.TensorProto.UINT8 for t in codes)
-    fp = vmq_fx.export_onnx(model, test_batch[:2], tmp_path / "fp.onnx")
-    assert res.bytes < 0.45 * fp.bytes
+    assert res.bytes < 0.45 * fp_onnx(name).bytes
     # VQ decoding rounds nothing (a gather, a scale and a float matmul): the float model's bound holds
     _check(lowered, res.path, test_batch)
 
