@@ -177,7 +177,7 @@ bool amx_runs() {
 }
 
 #if VMQ_HAS_MADD
-// Int16 [ceil(K / 2), madd_padded_cols(N), 2] for madd_rows.
+// Int16 [madd_padded_cols(N) / kMaddBlock, ceil(K / 2), kMaddBlock, 2] for madd_rows.
 at::Tensor madd_weight(const at::Tensor& w_in, const at::Tensor& w_scale_in, const Int8Weight& w8) {
   return laid_out_weight<kMaddWeight, int16_t>(
       w_in, w_scale_in, w8, [](int64_t N, int64_t K) { return (K + 1) / 2 * madd_padded_cols(N) * 2; },

@@ -698,12 +698,17 @@ __attribute__((target("amx-tile,amx-int8"))) inline void amx_rows(const float* x
 // levels are int16; vpmaddwd multiplies pairs of them and adds each pair into an int32 (16 multiply-adds per AVX2
 // instruction, two a cycle), and the accumulating vpaddd issues on a third vector port: ~1.5x the fp32 FMA rate in
 // issue slots. Exact (int32 sums), so its floats are those of the int32 paths. Each block of kMaddRows rows is
-// quantized into a buffer (in L1) and multiplied across all columns, the weight ([K/2, padded N, 2]) streaming from
-// L2, the output written row by row and rescaled in registers. Vim-T at batch 8, AVX2 build against MKL capped at
-// AVX2 (bench/results/cpu_latency.md, Intel Xeon with AMX): in_proj 2.87 against 3.81 ms, out_proj 1.52 / 2.00, x_proj
-// 0.51 / 0.54, quantization and rescale included. In a micro-benchmark (not kept) 4 x 2 and 6 x 2 blocks were 1.3x
-// slower on in_proj, and walking columns before rows (the direct product's order) 1.2x. Tiny K (dt_proj's 12) is slower
-// than the fp32 GEMM there (0.35 against 0.15 ms) and stays on it.
+// quantized into a buffer (in L1) and multiplied across all columns, the weight streaming from L2 one column block
+// after another, each block's pairs contiguous (madd_weight), the output written row by row and rescaled in
+// registers. Contiguous blocks rather than rows of pairs across all N (3 KB apart in in_proj, past the stride the L1
+// prefetcher follows): Vim-T's in_proj 1.07x / 1.05x as fast at batch 1 / 8, out_proj 1.03x / 1.01x, x_proj 0.96x at
+// batch 1 (medians of five alternating runs of a micro-benchmark of the AVX2 build, Intel Xeon with AMX, one thread;
+// the same bits); in bench/cpu_latency.py's linears table (--emulate-avx2) within its run-to-run noise. Vim-T at
+// batch 8, AVX2 build against MKL capped at AVX2 (bench/results/cpu_latency.md, Intel Xeon with AMX): in_proj 2.87
+// against 3.81 ms, out_proj 1.52 / 2.00, x_proj 0.51 / 0.54, quantization and rescale included. In a
+// micro-benchmark (not kept) 4 x 2 and 6 x 2 blocks were 1.3x slower on in_proj, and walking columns before rows (the
+// direct product's order) 1.2x. Tiny K (dt_proj's 12) is slower than the fp32 GEMM there (0.35 against 0.15 ms) and
+// stays on it.
 #if defined(__x86_64__)
 #define VMQ_HAS_MADD 1
 constexpr int kMaddCols = 2;  // vectors of kLanes int32 columns
@@ -741,22 +746,29 @@ inline bool madd_exact(int64_t K, int64_t qmin, int64_t qmax, int64_t w_max, con
 
 inline int64_t madd_padded_cols(int64_t N) { return (N + kMaddBlock - 1) / kMaddBlock * kMaddBlock; }
 
-// The weight's levels for madd_rows: w(n, k) -> int16 [ceil(K / 2), madd_padded_cols(N), 2], pairs of consecutive k
-// side by side, zero past N and K.
+// The weight's levels for madd_rows: w(n, k) -> int16 [madd_padded_cols(N) / kMaddBlock, ceil(K / 2), kMaddBlock, 2],
+// a block of columns after another, pairs of consecutive k side by side, zero past N and K.
 template <typename Level>
 inline void madd_weight(Level&& w, int64_t N, int64_t K, int16_t* out) {
-  grouped_weight<2>(w, N, K, madd_padded_cols(N), out);
+  const int64_t K2 = (K + 1) / 2;
+  for (int64_t n = 0; n < madd_padded_cols(N); ++n)
+    for (int64_t p = 0; p < K2; ++p)
+      for (int64_t j = 0; j < 2; ++j) {
+        const int64_t k = 2 * p + j;
+        out[((n / kMaddBlock * K2 + p) * kMaddBlock + n % kMaddBlock) * 2 + j] =
+            n < N && k < K ? static_cast<int16_t>(w(n, k)) : int16_t{0};
+      }
 }
 
 // Rows [0, R) and columns [n0, n0 + kMaddBlock) of out; q holds R rows of 2 * K2 int16 levels - zero point.
 template <int R>
-inline void madd_block(const int16_t* q, int64_t K2, const int16_t* wt, int64_t Np, int64_t n0, const float* s,
+inline void madd_block(const int16_t* q, int64_t K2, const int16_t* wt, int64_t n0, const float* s,
                        const float* w_scale, const float* bias, int64_t N, float* out) {
   VI acc[R * kMaddCols];
 #pragma GCC unroll 16
   for (int i = 0; i < R * kMaddCols; ++i) acc[i] = VI{};
-  const int16_t* wp = wt + 2 * n0;
-  for (int64_t kp = 0; kp < K2; ++kp, wp += 2 * Np) {
+  const int16_t* wp = wt + n0 * 2 * K2;  // the column block's pairs
+  for (int64_t kp = 0; kp < K2; ++kp, wp += 2 * kMaddBlock) {
     VI w[kMaddCols];
 #pragma GCC unroll 4
     for (int j = 0; j < kMaddCols; ++j) std::memcpy(&w[j], wp + j * 2 * kLanes, sizeof(VI));
@@ -780,7 +792,7 @@ inline void madd_block(const int16_t* q, int64_t K2, const int16_t* wt, int64_t 
 inline void madd_rows(const float* x, const float* smooth, const float* scale, const int32_t* zero_point,
                       int64_t period, float lo, float hi, int64_t K, const int16_t* wt, const float* w_scale,
                       const float* bias, int64_t N, int64_t m0, int64_t m1, float* out) {
-  const int64_t K2 = (K + 1) / 2, Np = madd_padded_cols(N);
+  const int64_t K2 = (K + 1) / 2;
   thread_local std::vector<int16_t> levels;
   levels.assign(static_cast<size_t>(kMaddRows * 2 * K2), int16_t{0});  // the pad past an odd K stays 0
   float scales[kMaddRows];
@@ -803,11 +815,11 @@ inline void madd_rows(const float* x, const float* smooth, const float* scale, c
     for (int64_t n0 = 0; n0 < N; n0 += kMaddBlock) {
       float* o = out + m * N;
       switch (rows) {
-        case 5: madd_block<5>(levels.data(), K2, wt, Np, n0, scales, w_scale, bias, N, o); break;
-        case 4: madd_block<4>(levels.data(), K2, wt, Np, n0, scales, w_scale, bias, N, o); break;
-        case 3: madd_block<3>(levels.data(), K2, wt, Np, n0, scales, w_scale, bias, N, o); break;
-        case 2: madd_block<2>(levels.data(), K2, wt, Np, n0, scales, w_scale, bias, N, o); break;
-        default: madd_block<1>(levels.data(), K2, wt, Np, n0, scales, w_scale, bias, N, o); break;
+        case 5: madd_block<5>(levels.data(), K2, wt, n0, scales, w_scale, bias, N, o); break;
+        case 4: madd_block<4>(levels.data(), K2, wt, n0, scales, w_scale, bias, N, o); break;
+        case 3: madd_block<3>(levels.data(), K2, wt, n0, scales, w_scale, bias, N, o); break;
+        case 2: madd_block<2>(levels.data(), K2, wt, n0, scales, w_scale, bias, N, o); break;
+        default: madd_block<1>(levels.data(), K2, wt, n0, scales, w_scale, bias, N, o); break;
       }
     }
   }
