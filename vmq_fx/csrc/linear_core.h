@@ -703,12 +703,12 @@ __attribute__((target("amx-tile,amx-int8"))) inline void amx_rows(const float* x
 // registers. Contiguous blocks rather than rows of pairs across all N (3 KB apart in in_proj, past the stride the L1
 // prefetcher follows): Vim-T's in_proj 1.07x / 1.05x as fast at batch 1 / 8, out_proj 1.03x / 1.01x, x_proj 0.96x at
 // batch 1 (medians of five alternating runs of a micro-benchmark of the AVX2 build, Intel Xeon with AMX, one thread;
-// the same bits); in bench/cpu_latency.py's linears table (--emulate-avx2) within its run-to-run noise. Vim-T at
-// batch 8, AVX2 build against MKL capped at AVX2 (bench/results/cpu_latency.md, Intel Xeon with AMX): in_proj 2.87
-// against 3.81 ms, out_proj 1.52 / 2.00, x_proj 0.51 / 0.54, quantization and rescale included. In a
-// micro-benchmark (not kept) 4 x 2 and 6 x 2 blocks were 1.3x slower on in_proj, and walking columns before rows (the
-// direct product's order) 1.2x. Tiny K (dt_proj's 12) is slower than the fp32 GEMM there (0.35 against 0.15 ms) and
-// stays on it.
+// the same bits); in bench/cpu_latency.py's linears table (--emulate-avx2) within its run-to-run noise. Against MKL
+// capped at AVX2 in that table (Vim-T at batch 8, quantization and rescale included, Intel Xeon with AMX): in_proj
+// 1.21x, out_proj 1.24x, x_proj 0.98x as fast (over this and two earlier runs: 1.14-1.33x, 1.20-1.32x,
+// 0.98-1.06x). In a micro-benchmark (not kept) 4 x 2 and 6 x 2 blocks were 1.3x slower on in_proj, and walking
+// columns before rows (the direct product's order) 1.2x. Tiny K (dt_proj's 12) is slower than the fp32 GEMM there
+// (0.35 against 0.15 ms) and stays on it.
 #if defined(__x86_64__)
 #define VMQ_HAS_MADD 1
 constexpr int kMaddCols = 2;  // vectors of kLanes int32 columns
@@ -750,8 +750,8 @@ inline int64_t madd_padded_cols(int64_t N) { return (N + kMaddBlock - 1) / kMadd
 // a block of columns after another, pairs of consecutive k side by side, zero past N and K.
 template <typename Level>
 inline void madd_weight(Level&& w, int64_t N, int64_t K, int16_t* out) {
-  const int64_t K2 = (K + 1) / 2;
-  for (int64_t n = 0; n < madd_padded_cols(N); ++n)
+  const int64_t K2 = (K + 1) / 2, Np = madd_padded_cols(N);
+  for (int64_t n = 0; n < Np; ++n)
     for (int64_t p = 0; p < K2; ++p)
       for (int64_t j = 0; j < 2; ++j) {
         const int64_t k = 2 * p + j;
