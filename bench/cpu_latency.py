@@ -202,11 +202,13 @@ def table_linears(args) -> list[str]:
 
 
 # -- models ------------------------------------------------------------------------------------------------------------
-def quantized_models(model, example_shape):
+def quantized_models(model, example_shape, names=("W8A8", "W4A8", "VQ 3-bit", "VQ 2-bit")):
+    """The lowered models of the tables, by name, calibrated on 8 random inputs (seed 0)."""
     calib = torch.randn(8, *example_shape, generator=torch.Generator().manual_seed(0))
-    chosen = [("W8A8", recipes.smoothquant_pts(8, 8)), ("W4A8", recipes.smoothquant_pts(4, 8)),
-              ("VQ 3-bit", recipes.vq_kmeans(3, kmeans_iters=3)), ("VQ 2-bit", recipes.vq_kmeans(2, kmeans_iters=3))]
-    return {name: vmq_fx.quantize(model, recipe, calib, progress=False).lowered for name, recipe in chosen}
+    chosen = {"W8A8": lambda: recipes.smoothquant_pts(8, 8), "W4A8": lambda: recipes.smoothquant_pts(4, 8),
+              "VQ 3-bit": lambda: recipes.vq_kmeans(3, kmeans_iters=3),
+              "VQ 2-bit": lambda: recipes.vq_kmeans(2, kmeans_iters=3)}
+    return {name: vmq_fx.quantize(model, chosen[name](), calib, progress=False).lowered for name in names}
 
 
 def model_specs(quick: bool):
@@ -441,11 +443,8 @@ def table_runtimes(args) -> list[str]:
     for label, build, shape, batches in model_specs(args.quick):
         torch.manual_seed(0)
         model = build()
-        calib = torch.randn(8, *shape, generator=torch.Generator().manual_seed(0))
         graphs = {"FP32": vmq_fx.export_model(model, torch.randn(2, *shape)).module(),
-                  "W8A8": vmq_fx.quantize(model, recipes.smoothquant_pts(8, 8), calib, progress=False).lowered,
-                  "VQ 2-bit": vmq_fx.quantize(model, recipes.vq_kmeans(2, kmeans_iters=3), calib,
-                                              progress=False).lowered}
+                  **quantized_models(model, shape, names=("W8A8", "VQ 2-bit"))}
         variants = {"eager": model, **{f"{k} python": g for k, g in graphs.items()},
                     **{f"{k} runner": CppGraphModule(g) for k, g in graphs.items()}}
         for threads in args.threads:
