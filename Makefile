@@ -7,7 +7,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.vmq-installed
 FM_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: venv data cross run test bench clean
+.PHONY: venv data cross run test bench gpu-wheels clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,15 @@ test: venv data cross
 
 bench: venv
 	$(PY) bench/scan_cpu.py
+
+# For a lent GPU machine (torch, triton and CUDA there, no network): the wheels it lacks, into .whl/ (git-ignored),
+# carried to it with the repo; bench/gpu_session.sh installs them there and runs the GPU checks.
+gpu-wheels: venv
+	mkdir -p .whl
+	$(PIP) download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 -d .whl torchao==0.18.0
+	MAMBA_FORCE_BUILD=TRUE MAMBA_SKIP_CUDA_BUILD=TRUE \
+	    $(PIP) wheel --no-deps --no-build-isolation -w .whl mamba-ssm==2.3.2.post1
 
 clean:
 	rm -rf $(VENV)

@@ -3,8 +3,10 @@
     python bench/kernels.py [--out bench/results/kernels_<gpu>.md]
     TRITON_INTERPRET=1 python bench/kernels.py --smoke     # tiny shapes on CPU: checks the script runs, no timings
 
-* int8 linear (W8A8) and W4A8 linear vs torch.matmul in fp16, at M = batch x 197 (batch 1, 64, 256) and the
-  (K, N) of in_proj / x_proj / dt_proj / out_proj of Vim-T, Vim-S and Vim-B: TOPS and the speed-up.
+* int8 linear (W8A8) and W4A8 linear vs torch.matmul in fp16 (the speed-up) and bf16, and vs PyTorch's own int8
+  GEMM (``torch._int_mm``, int32 out, no quantize or rescale) where its shape rules allow, at M = batch x 197 (batch
+  1, 64, 256) and the (K, N) of in_proj / x_proj / dt_proj / out_proj of Vim-T, Vim-S and Vim-B: TOPS and the
+  speed-up.
 * VQ linear at 2 and 3 bits vs fp16 at batch 1, 8 and 256 of 197 tokens: achieved weight bandwidth.
 * selective scan forward vs the pure-torch implementation of the op at Vim-T / Vim-B shapes.
 """
@@ -56,11 +58,21 @@ def main():
     batches = [1] if args.smoke else [1, 8, 64, 256]  # int8: 1, 64, 256; VQ: 1, 8, 256
     tokens = 5 if args.smoke else 197
     vims = VIMS[:1] if args.smoke else VIMS
-    rows = [f"# Triton kernels on {gpu}", "", f"Command: `python bench/kernels.py {' '.join(sys.argv[1:])}`. "
+    import triton
+
+    versions = f"torch {torch.__version__} (CUDA {torch.version.cuda}), triton {triton.__version__}"
+    rows = [f"# Triton kernels on {gpu}", "", f"{versions}. Command: `python bench/kernels.py {' '.join(sys.argv[1:])}`. "
             "Medians of triton.testing.do_bench; speed-up = fp16 cuBLAS time / kernel time; correctness checked "
             "against the op's reference first.", "",
-            "| kernel | model | layer | M | K | N | kernel ms | fp16 ms | speed-up | TOPS or GB/s |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "| kernel | model | layer | M | K | N | kernel ms | fp16 ms | speed-up | TOPS or GB/s | bf16 ms | "
+            "torch._int_mm ms |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def emit(row: str) -> None:  # each row as it comes, so that a run cut short keeps what it measured
+        rows.append(row)
+        print(row, flush=True)
+        if args.out:
+            Path(args.out).write_text("\n".join(rows) + "\n")
+
     g = torch.Generator().manual_seed(0)
     for vim, dm in vims:
         for layer, k, n in _layers(dm if not args.smoke else 32):
@@ -74,14 +86,20 @@ def main():
                 wscale = torch.full((n,), 1e-3, device=dev)
                 xh, wh = x.half(), torch.randn(n, k, generator=g).half().to(dev)
                 t16 = _time(lambda xh=xh, wh=wh: xh @ wh.t(), args.smoke)
+                xb, wb = xh.bfloat16(), wh.bfloat16()
+                t_bf16 = _time(lambda xb=xb, wb=wb: xb @ wb.t(), args.smoke)
+                # torch._int_mm on CUDA: M > 16, K and N multiples of 8
+                t_int_mm = (_time(lambda a=x.reshape(m, k).to(torch.int8), b=w8.t(): torch._int_mm(a, b), args.smoke)
+                            if not args.smoke and m > 16 and k % 8 == 0 and n % 8 == 0 else float("nan"))
+                more = f" | {t_bf16 * 1e3:.3f} | " + ("-" if t_int_mm != t_int_mm else f"{t_int_mm * 1e3:.3f}") + " |"
                 for name, w, bits in (() if b == 8 else (("int8 W8A8", w8, 8), ("int8 W4A8", w4, 4))):
                     w_sum = (unpack_int4(w, k) if bits <= 4 else w).int().sum(1, dtype=torch.int32)
                     call = (x, None, *common, w, wscale, w_sum, None, 0, 255, bits)
                     ref = torch.ops.vmq.int8_linear(*[a.cpu() if isinstance(a, torch.Tensor) else a for a in call])
                     torch.testing.assert_close(int8_linear_triton(*call).cpu(), ref, rtol=1e-4, atol=1e-3)
                     t = _time(lambda call=call: int8_linear_triton(*call), args.smoke)
-                    rows.append(f"| {name} | {vim} | {layer} | {m} | {k} | {n} | {t * 1e3:.3f} | {t16 * 1e3:.3f} | "
-                                f"{t16 / t:.2f}x | {2 * m * n * k / t / 1e12:.1f} TOPS |")
+                    emit(f"| {name} | {vim} | {layer} | {m} | {k} | {n} | {t * 1e3:.3f} | {t16 * 1e3:.3f} | "
+                         f"{t16 / t:.2f}x | {2 * m * n * k / t / 1e12:.1f} TOPS" + more)
                 for vq_bits, (d, kk) in ((2, (4, 256)), (3, (2, 64))):
                     if b == 64:
                         continue
@@ -93,8 +111,8 @@ def main():
                     t = _time(lambda x=x, c=codes, cb=cb, rs=rs, k=k: vq_linear_triton(x, c, cb, rs, None, k),
                               args.smoke)
                     gbs = (codes.numel() + cb.numel() * 2) / t / 1e9
-                    rows.append(f"| VQ {vq_bits}-bit | {vim} | {layer} | {m} | {k} | {n} | {t * 1e3:.3f} | "
-                                f"{t16 * 1e3:.3f} | {t16 / t:.2f}x | {gbs:.0f} GB/s (codes) |")
+                    emit(f"| VQ {vq_bits}-bit | {vim} | {layer} | {m} | {k} | {n} | {t * 1e3:.3f} | "
+                         f"{t16 * 1e3:.3f} | {t16 / t:.2f}x | {gbs:.0f} GB/s (codes)" + more)
     for vim, dm in (VIMS[:1] if args.smoke else [VIMS[0], VIMS[2]]):
         di, length = (16, 5) if args.smoke else (2 * dm, 197)
         u, delta = torch.randn(8, di, length, generator=g), torch.randn(8, di, length, generator=g) * 0.5
@@ -107,12 +125,8 @@ def main():
         torch.testing.assert_close(out[0].cpu(), ref[0], rtol=1e-4, atol=1e-4)
         t = _time(lambda call=call: selective_scan_triton(*call), args.smoke)
         t_ref = _time(lambda call=call: scan_torch(*call), args.smoke)
-        rows.append(f"| selective scan fwd | {vim} | batch 8, L {length}, d_inner {di}, N 16 | - | - | - | "
-                    f"{t * 1e3:.3f} | {t_ref * 1e3:.3f} (pure torch) | {t_ref / t:.2f}x | - |")
-    text = "\n".join(rows) + "\n"
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+        emit(f"| selective scan fwd | {vim} | batch 8, L {length}, d_inner {di}, N 16 | - | - | - | "
+             f"{t * 1e3:.3f} | {t_ref * 1e3:.3f} (pure torch) | {t_ref / t:.2f}x | - | - | - |")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,17 @@
-"""Triton kernels against the ops' CPU implementations and float64 references, in Triton's interpreter (CPU)."""
+"""Triton kernels against the ops' CPU implementations and float64 references: in Triton's interpreter on CPU tensors
+(``make test``: the root conftest sets ``TRITON_INTERPRET=1``), or compiled on CUDA tensors where a GPU is
+(``TRITON_INTERPRET=0 pytest -m cuda``: the same tests, marked ``cuda``, against the same CPU references)."""
 import os
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (set by tests/conftest.py)", allow_module_level=True)
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRETED and not torch.cuda.is_available():
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1 (set by the root conftest.py)", allow_module_level=True)
+DEVICE = "cpu" if INTERPRETED else "cuda"
+pytestmark = [] if INTERPRETED else [pytest.mark.cuda]
 
 from vmq_fx.ops.triton.int8_linear import int8_linear_triton  # noqa: E402
 from vmq_fx.ops.triton.selective_scan import selective_scan_triton  # noqa: E402
@@ -20,6 +25,15 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
+def _on_device(*args):
+    """The kernel's arguments on DEVICE (the references take the CPU ones)."""
+    return tuple(a.to(DEVICE) if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _on_cpu(out):
+    return tuple(o.cpu() for o in out) if isinstance(out, tuple) else out.cpu()
+
+
 @pytest.mark.parametrize("batch,length,k,n,w_bits,a_bits,smooth,bias", [
     (3, 17, 70, 45, 8, 8, True, True),    # M = 51, K and N not multiples of the 64 blocks
     (1, 17, 33, 20, 4, 8, False, True),   # batch 1, odd K with packed int4
@@ -29,7 +43,7 @@ def _gen(seed):
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
 def test_int8_linear_kernel(batch, length, k, n, w_bits, a_bits, smooth, bias, dynamic):
     args, ref_args = int8_case(batch, length, k, n, w_bits, a_bits, smooth, bias, seed=k * n, dynamic=dynamic)
-    out = int8_linear_triton(*args)
+    out = _on_cpu(int8_linear_triton(*_on_device(*args)))
     torch.testing.assert_close(out, torch.ops.vmq.int8_linear(*args), rtol=1e-6, atol=1e-6)  # same levels
     ref = int8_linear_reference(*ref_args)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
@@ -49,7 +63,7 @@ def test_vq_linear_kernel(m, k_in, n, d, k):
     scale = torch.randint(150, 230, (n,), generator=g, dtype=torch.uint8)  # 8-bit row-scale codes
     bias = torch.randn(n, generator=g)
     x = torch.randn(m, k_in, generator=g)
-    out = vq_linear_triton(x, codes, codebook, scale, bias, k_in)
+    out = _on_cpu(vq_linear_triton(*_on_device(x, codes, codebook, scale, bias, k_in)))
     torch.testing.assert_close(out, torch.ops.vmq.vq_linear(x, codes, codebook, scale, bias, k_in),
                                rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.double(), vq_linear_reference(x, codes, codebook, scale, bias, k_in),
@@ -63,13 +77,14 @@ def test_int8_linear_kernel_rounds_ties_to_even():
     w = torch.randint(-127, 128, (16, 32), generator=g, dtype=torch.int8)
     args = (x, None, torch.full((17,), 0.0625), torch.full((17,), 128, dtype=torch.int32), w, torch.ones(16),
             w.int().sum(1, dtype=torch.int32), None, 0, 255, 8)
-    torch.testing.assert_close(int8_linear_triton(*args), torch.ops.vmq.int8_linear(*args), rtol=0, atol=0)
+    torch.testing.assert_close(_on_cpu(int8_linear_triton(*_on_device(*args))), torch.ops.vmq.int8_linear(*args),
+                               rtol=0, atol=0)
 
 
 def test_vq_linear_kernel_refuses_wide_codes():
     with pytest.raises(ValueError, match="at most 8"):
-        vq_linear_triton(torch.randn(2, 4), torch.zeros(3, 2, dtype=torch.uint8), torch.randn(4096, 4), torch.ones(3),
-                         None, 4)
+        vq_linear_triton(*_on_device(torch.randn(2, 4), torch.zeros(3, 2, dtype=torch.uint8), torch.randn(4096, 4),
+                                     torch.ones(3), None, 4))
 
 
 @pytest.mark.parametrize("batch,ch,length,n,groups,extras", [
@@ -87,8 +102,25 @@ def test_selective_scan_kernel(batch, ch, length, n, groups, extras):
     D = torch.randn(ch, generator=g) if extras else None
     z = torch.randn(batch, ch, length, generator=g) if extras else None
     bias = torch.randn(ch, generator=g) * 0.1 if extras else None
-    out, last = selective_scan_triton(u, delta, A, B, C, D, z, bias, extras)
+    out, last = _on_cpu(selective_scan_triton(*_on_device(u, delta, A, B, C, D, z, bias, extras)))
     ref_out, ref_last = torch.ops.vmq.selective_scan(u, delta, A, B, C, D, z, bias, extras)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last, ref_last, rtol=1e-5, atol=1e-5)
+
+
+def test_selective_scan_kernel_reverse_add_and_sequence_major_inputs():
+    """As Vim's lowered blocks call it: u, delta and z transposes of sequence-major [batch, L, channels] activations,
+    the backward direction (reverse) with the forward direction's output added."""
+    g = _gen(11)
+    batch, ch, length, n = 2, 40, 13, 16
+    u, delta, z = (torch.randn(batch, length, ch, generator=g).transpose(1, 2) for _ in range(3))
+    A = -torch.rand(ch, n, generator=g) - 0.1
+    B, C = torch.randn(batch, n, length, generator=g), torch.randn(batch, n, length, generator=g)
+    D, bias = torch.randn(ch, generator=g), torch.randn(ch, generator=g) * 0.1
+    add = torch.randn(batch, length, ch, generator=g).transpose(1, 2)
+    args = (u, 0.5 * delta, A, B, C, D, z, bias, True, True, add)
+    out, last = _on_cpu(selective_scan_triton(*_on_device(*args)))
+    ref_out, ref_last = torch.ops.vmq.selective_scan(*args)
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last, ref_last, rtol=1e-5, atol=1e-5)
 
@@ -99,7 +131,7 @@ def test_selective_scan_kernel_matches_mamba_ssm_reference(mamba_ssm_ref):
     A = -torch.rand(24, 16, generator=g)
     B, C = torch.randn(2, 16, 11, generator=g), torch.randn(2, 16, 11, generator=g)
     D, z, bias = torch.randn(24, generator=g), torch.randn(2, 24, 11, generator=g), torch.randn(24, generator=g)
-    out, last = selective_scan_triton(u, delta, A, B, C, D, z, bias, True)
+    out, last = _on_cpu(selective_scan_triton(*_on_device(u, delta, A, B, C, D, z, bias, True)))
     ref_out, ref_last = mamba_ssm_ref(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last, ref_last, rtol=1e-4, atol=1e-4)
