@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -91,7 +92,7 @@ def main():
                 # torch._int_mm on CUDA: M > 16, K and N multiples of 8
                 t_int_mm = (_time(lambda a=x.reshape(m, k).to(torch.int8), b=w8.t(): torch._int_mm(a, b), args.smoke)
                             if not args.smoke and m > 16 and k % 8 == 0 and n % 8 == 0 else float("nan"))
-                more = f" | {t_bf16 * 1e3:.3f} | " + ("-" if t_int_mm != t_int_mm else f"{t_int_mm * 1e3:.3f}") + " |"
+                more = f" | {t_bf16 * 1e3:.3f} | " + ("-" if math.isnan(t_int_mm) else f"{t_int_mm * 1e3:.3f}") + " |"
                 for name, w, bits in (() if b == 8 else (("int8 W8A8", w8, 8), ("int8 W4A8", w4, 4))):
                     w_sum = (unpack_int4(w, k) if bits <= 4 else w).int().sum(1, dtype=torch.int32)
                     call = (x, None, *common, w, wscale, w_sum, None, 0, 255, bits)
