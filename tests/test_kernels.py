@@ -143,18 +143,18 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from vmq_fx.ops.triton._common import gemm_blocks
-from vmq_fx.ops.triton.int8_linear import _int8_linear_kernel
+from vmq_fx.ops.triton.int8_linear import COMPILE_OPTIONS, _int8_linear_kernel
 from vmq_fx.ops.triton.selective_scan import _scan_fwd_kernel
 from vmq_fx.ops.triton.vq_linear import _vq_linear_kernel
 
 
-def compile_for_sm90(kernel, types, constexprs):
+def compile_for_sm90(kernel, types, constexprs, options=None):
     names = list(inspect.signature(kernel.fn).parameters)
     signature = {n: "constexpr" if n in constexprs else types.get(n, "i32") for n in names}
     source = ASTSource(kernel, signature, {(names.index(n),): v for n, v in constexprs.items()})
-    cubin = triton.compile(source, target=GPUTarget("cuda", 90, 32)).asm["cubin"]
-    assert cubin[:4] == b"\\x7fELF", kernel
-    return 1
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    assert compiled.asm["cubin"][:4] == b"\\x7fELF", kernel
+    return compiled.asm["ptx"]
 
 
 def blocks(m):
@@ -166,16 +166,19 @@ int8 = {"x_ptr": "*fp32", "smooth_ptr": "*fp32", "scale_ptr": "*fp32", "zp_ptr":
 done = 0
 # each code path (4-bit weights, per-token dynamic) at batch-1 tiles, and the large-M tiles
 for w4, dynamic, m in ((False, False, 1), (True, False, 1), (False, True, 1), (True, True, 1), (False, False, 4096)):
-    done += compile_for_sm90(_int8_linear_kernel, {**int8, "w_ptr": "*u8" if w4 else "*i8"},
-                             dict(HAS_SMOOTH=True, HAS_BIAS=True, W4=w4, DYNAMIC=dynamic, **blocks(m)))
+    ptx = compile_for_sm90(_int8_linear_kernel, {**int8, "w_ptr": "*u8" if w4 else "*i8"},
+                           dict(HAS_SMOOTH=True, HAS_BIAS=True, W4=w4, DYNAMIC=dynamic, **blocks(m)), COMPILE_OPTIONS)
+    # the CPU's levels and floats: no contracted multiply-add, no approximate division
+    assert "fma.rn.f32" not in ptx and "div.full" not in ptx and "div.approx" not in ptx, (w4, dynamic, m)
+    done += 1
 vq = {"x_ptr": "*fp32", "codes_ptr": "*u8", "codebook_ptr": "*fp16", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
       "out_ptr": "*fp32"}
 for bits, d, m in ((2, 4, 1), (3, 2, 4096)):  # ViM-VQ's 2- and 3-bit codebooks
-    done += compile_for_sm90(_vq_linear_kernel, vq, dict(D=d, BITS=bits, HAS_BIAS=True, **blocks(m)))
+    done += bool(compile_for_sm90(_vq_linear_kernel, vq, dict(D=d, BITS=bits, HAS_BIAS=True, **blocks(m))))
 scan = {name: "*fp32" for name in ("u_ptr", "delta_ptr", "a_ptr", "b_ptr", "c_ptr", "d_ptr", "z_ptr", "bias_ptr",
                                    "out_ptr", "last_ptr")}
-done += compile_for_sm90(_scan_fwd_kernel, scan, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
-                                                      BLOCK_C=32, BLOCK_N=16))
+done += bool(compile_for_sm90(_scan_fwd_kernel, scan, dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True,
+                                                           BLOCK_C=32, BLOCK_N=16)))
 print(done)
 """
 
@@ -183,7 +186,8 @@ print(done)
 def test_kernels_compile_for_hopper(tmp_path):
     """The kernels run interpreted here; compiled, they have never run on this project's machines. Triton compiles
     them for the H100 / H200 (sm_90: Triton IR, LLVM, PTX, then ptxas to machine code) without a GPU: each code
-    path of the launchers' specializations, in a process without the interpreter and with an empty kernel cache."""
+    path of the launchers' specializations, in a process without the interpreter and with an empty kernel cache;
+    the int8 kernel with its launcher's options, into PTX without fused multiply-adds or approximate divisions."""
     import subprocess
     import sys
 

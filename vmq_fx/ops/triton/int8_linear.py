@@ -8,6 +8,12 @@ bias in the epilogue. Per-token dynamic (no ``act_scale``): a first sweep over e
 ranges, and their scales and zero points are computed in registers. The PTQ4VM code used three kernels (quantize, SIMT
 GEMM, dequantize) for the same.
 
+The levels are the CPU's: every division rounds correctly (``tl.math.div_rn``; Triton's ``/`` compiles to PTX's
+approximate ``div.full.f32``), and the kernel is compiled without contracting a product and the addition after it
+into one fused multiply-add (:data:`COMPILE_OPTIONS`; compiled for sm_90 with Triton's defaults its PTX had 24), which
+could take a level's rounding (``v - floor(v)``) or the rescale's bias addition from an unrounded product: the C++
+kernels round each product, as torch's separate ops do. ``tests/test_kernels.py`` checks both in the PTX.
+
 Reference: :func:`vmq_fx.ops.int8_linear_reference` (float64) and the CPU implementation of the op.
 """
 from __future__ import annotations
@@ -18,7 +24,9 @@ import triton.language as tl
 
 from vmq_fx.ops.triton._common import gemm_blocks, round_half_even
 
-__all__ = ["int8_linear_triton"]
+__all__ = ["int8_linear_triton", "COMPILE_OPTIONS"]
+
+COMPILE_OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -42,23 +50,23 @@ def _int8_linear_kernel(x_ptr, smooth_ptr, scale_ptr, zp_ptr, w_ptr, wscale_ptr,
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0)
             x = x.to(tl.float32)
             if HAS_SMOOTH:
-                x = x / tl.load(smooth_ptr + rk, mask=mk, other=1.0)
+                x = tl.math.div_rn(x, tl.load(smooth_ptr + rk, mask=mk, other=1.0))
             lo = tl.minimum(lo, tl.min(x, axis=1))
             hi = tl.maximum(hi, tl.max(x, axis=1))
-        scale = tl.maximum((hi - lo) / (qmax - qmin), eps)
-        zp = tl.minimum(tl.maximum(qmin - round_half_even(lo / scale), qmin), qmax).to(tl.int32)
+        scale = tl.maximum(tl.math.div_rn(hi - lo, qmax - qmin), eps)
+        zp = tl.minimum(tl.maximum(qmin - round_half_even(tl.math.div_rn(lo, scale)), qmin), qmax).to(tl.int32)
     else:
         tok = rm % L
         scale = tl.load(scale_ptr + tok, mask=mm, other=1.0)
         zp = tl.load(zp_ptr + tok, mask=mm, other=0)
-    inv = 1.0 / scale
+    inv = tl.math.div_rn(tl.full((BLOCK_M,), 1.0, tl.float32), scale)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         mk = rk < K
         x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=mm[:, None] & mk[None, :], other=0.0).to(tl.float32)
         if HAS_SMOOTH:
-            x = x / tl.load(smooth_ptr + rk, mask=mk, other=1.0)
+            x = tl.math.div_rn(x, tl.load(smooth_ptr + rk, mask=mk, other=1.0))
         q = round_half_even(x * inv[:, None]) + zp[:, None].to(tl.float32)
         q = tl.minimum(tl.maximum(q, qmin), qmax)
         q8 = (q - shift).to(tl.int8)
@@ -95,6 +103,6 @@ def int8_linear_triton(x, smooth, act_scale, act_zero_point, w, w_scale, w_sum, 
         m, n, k, length, w.stride(0), float(act_qmin), float(act_qmax), 128 if act_qmax > 127 else 0,
         torch.finfo(torch.float32).eps,
         HAS_SMOOTH=smooth is not None, HAS_BIAS=bias is not None, W4=w.dtype == torch.uint8, DYNAMIC=dynamic,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **COMPILE_OPTIONS,
     )
     return out.reshape(*x.shape[:-1], n).to(x.dtype)
