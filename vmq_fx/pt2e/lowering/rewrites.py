@@ -228,9 +228,10 @@ def _per_tensor_static(ctx: Lowering, node: fx.Node, layer: QuantizedLinear) -> 
     if not _is(q_x, _qd.quantize_per_tensor.default):
         return None
     x, scale, zp, qmin, qmax = q_x.args[:5]
-    length = x.meta["val"].shape[1]
-    return _int8_linear(ctx, node, layer, x, torch.full((length,), float(scale)),
-                        torch.full((length,), int(zp), dtype=torch.int32), qmin, qmax, *weight, _bias(node))
+    length, device = x.meta["val"].shape[1], x.meta["val"].device
+    return _int8_linear(ctx, node, layer, x, torch.full((length,), float(scale), device=device),
+                        torch.full((length,), int(zp), dtype=torch.int32, device=device), qmin, qmax, *weight,
+                        _bias(node))
 
 
 @rewrite("per-token dynamic")

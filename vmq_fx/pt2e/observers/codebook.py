@@ -90,7 +90,7 @@ def kmeans(x: Tensor, k: int, iters: int = 25, seed: int = 0, max_points: int | 
     gen = torch.Generator().manual_seed(seed)
     if k >= s:
         extra = torch.randint(0, s, (k - s,), generator=gen)
-        return torch.cat([x, x[extra]]), torch.arange(s)
+        return torch.cat([x, x[extra]]), torch.arange(s, device=x.device)
     fit = x if max_points is None or s <= max_points else x[torch.randperm(s, generator=gen)[:max_points]]
     codebook = fit[torch.randperm(len(fit), generator=gen)[:k]].clone()
     for _ in range(iters):
@@ -189,7 +189,7 @@ class VectorQuantizedWeight(FakeQuantizeBase):
             raise NotCalibratedError("VectorQuantizedWeight.initialize: no weight was observed; run calibration")
         w = self._weight.float().flatten(1)
         self.shape = tuple(w.shape)
-        rms = w.pow(2).mean(1).sqrt() if self.use_row_scale else torch.ones(len(w))
+        rms = w.pow(2).mean(1).sqrt() if self.use_row_scale else torch.ones(len(w), device=w.device)
         # the 8-bit code from the start, so the optimization sees the scale the saved model decodes with
         self.row_scale = encode_row_scale(rms.clamp_min(1e-30))
         self._weight = None
@@ -202,7 +202,7 @@ class VectorQuantizedWeight(FakeQuantizeBase):
         self.candidates = cand
         self.logits = nn.Parameter(_ratio_logits(dist))
         self.codes = cand[:, 0].clone()
-        self.confirmed = torch.zeros(len(sub), dtype=torch.bool)
+        self.confirmed = torch.zeros(len(sub), dtype=torch.bool, device=sub.device)
         self.enable_fake_quant()
         self.disable_observer()
 
