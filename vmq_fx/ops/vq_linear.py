@@ -80,9 +80,9 @@ def pack_codes(codes: Tensor, bits: int) -> Tensor:
     rows, per_row = codes.shape
     if bits == 8:
         return codes.to(torch.uint8)
-    stream = ((codes.long()[..., None] >> torch.arange(bits)) & 1).reshape(rows, per_row * bits)
+    stream = ((codes.long()[..., None] >> torch.arange(bits, device=codes.device)) & 1).reshape(rows, per_row * bits)
     stream = torch.nn.functional.pad(stream, (0, -stream.shape[1] % 8))
-    return (stream.reshape(rows, -1, 8) << torch.arange(8)).sum(-1).to(torch.uint8)
+    return (stream.reshape(rows, -1, 8) << torch.arange(8, device=codes.device)).sum(-1).to(torch.uint8)
 
 
 def unpack_codes(packed: Tensor, bits: int, per_row: int) -> Tensor:
