@@ -23,8 +23,11 @@ from pathlib import Path
 
 import torch
 
-import vmq_fx
-from vmq_fx.models import create_model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import vmq_fx  # noqa: E402
+from _util import median_seconds  # noqa: E402
+from vmq_fx.models import create_model  # noqa: E402
 
 RECIPES = {"W8A8": lambda: vmq_fx.recipes.smoothquant_pts(8, 8),
            "VQ 2-bit": lambda: vmq_fx.recipes.vq_kmeans(2, kmeans_iters=3)}
@@ -43,16 +46,6 @@ def _cuda_ms(fn, reps: int) -> float:
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def _cpu_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
@@ -80,7 +73,7 @@ def main():
         sys.exit("bench/gpu_models.py needs a GPU (or --smoke)")
     models = {"vim_fm_tiny": dict(depth=2), "vmamba_fm_tiny": {}} if args.smoke else {m: {} for m in args.models}
     batches = [2] if args.smoke else args.batches
-    timer = _cpu_ms if args.smoke else _cuda_ms
+    timer = (lambda fn, reps: 1e3 * median_seconds(fn, reps, warmup=1)) if args.smoke else _cuda_ms
     name = "CPU (smoke run)" if args.smoke else torch.cuda.get_device_name()
     import triton
 
